@@ -1,0 +1,204 @@
+"""Base text-to-image pipelines: load one from a spec, and fingerprint it.
+
+A *spec* is one of
+- ``"tiny"``: an SD 1.x-shaped pipeline with a few thousand random weights,
+  built from configs with a fixed seed (identical in every process);
+- a local diffusers folder (``model_index.json`` inside);
+- a hub id such as ``runwayml/stable-diffusion-v1-5`` (same loader; offline it
+  fails at once with a one-line message).
+
+The fingerprint identifies the parts a concept depends on (architecture,
+tokenizer, text-encoder weights) so that a concept trained on one base is
+refused by another.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import BadInputError, BaseModelError
+
+BUILTIN_BASES = ("tiny",)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a concept must match in the base it is attached to."""
+
+    architecture: str
+    tokenizer: str
+    text_encoder: str
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def differences(self, other: "Fingerprint") -> list[str]:
+        """Names of the parts that differ from ``other``."""
+        return [k for k, v in asdict(self).items() if getattr(other, k) != v]
+
+
+def _tiny_components():
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tokenizer import SD_VOCAB_SIZE, build_clip_tokenizer
+
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=SD_VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), scheduler=scheduler)
+
+
+def build_tiny():
+    """The ``tiny`` base: SD 1.x classes and shapes in miniature, seeded so every process builds the same weights."""
+    from diffusers import StableDiffusionPipeline
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        parts = _tiny_components()
+    return StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
+def _from_pretrained(source: str, **kwargs):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        source, safety_checker=None, requires_safety_checker=False, **kwargs
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """Load a base pipeline from ``spec`` (``tiny``, a local diffusers folder or a hub id)."""
+    spec = str(spec)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    if spec == "tiny":
+        pipe = build_tiny()
+        if dtype is not None:
+            pipe.to(dtype=dtype)
+    elif Path(spec).exists():
+        path = Path(spec)
+        if not (path / "model_index.json").is_file():
+            raise BadInputError(
+                f"base '{spec}' is not a diffusers pipeline folder (no model_index.json); "
+                "pass a folder saved with pipe.save_pretrained(), a hub id, or 'tiny'"
+            )
+        try:
+            pipe = _from_pretrained(str(path), **kwargs)
+        except Exception as exc:  # diffusers raises many types; one line for the user
+            raise BaseModelError(f"could not load base from '{spec}': {_first_line(exc)}") from exc
+    elif _HUB_ID.match(spec):
+        try:
+            pipe = _from_pretrained(spec, **kwargs)
+        except Exception as exc:
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+            hint = (
+                "the model hub is unreachable (HF_HUB_OFFLINE is set); download the pipeline elsewhere and pass its local folder"
+                if offline
+                else "check the id, your network, or pass a local diffusers folder"
+            )
+            raise BaseModelError(f"could not load base '{spec}' from the model hub: {hint}") from exc
+    else:
+        raise BadInputError(
+            f"base '{spec}' is neither a folder nor a hub id; use one of {', '.join(BUILTIN_BASES)}, "
+            "a local diffusers folder, or a hub id like 'org/model'"
+        )
+    if device is not None:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _hash_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _config_dict(config) -> dict:
+    data = dict(config) if not hasattr(config, "to_dict") else config.to_dict()
+    return {k: v for k, v in data.items() if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
+
+
+def fingerprint(pipe) -> Fingerprint:
+    """Fingerprint of the parts of ``pipe`` a concept depends on.
+
+    Attached concepts do not change it: their extra token rows and wrappers are
+    skipped, so a pipeline fingerprints the same before and after ``attach``.
+    """
+    from .edits.tokens import base_tokenizer
+
+    te = pipe.text_encoder
+    vocab_size = te.config.vocab_size
+    architecture = _hash_json({"unet": _config_dict(pipe.unet.config), "text_encoder": _config_dict(te.config)})
+    tok = base_tokenizer(pipe)
+    vocab = sorted((i, t) for t, i in tok.get_vocab().items() if i < vocab_size)
+    tokenizer = _hash_json(vocab)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(te.state_dict().items()):
+        if "personalize_" in name:
+            continue
+        name = name.replace(".base_layer", "")
+        t = tensor.detach().to("cpu", torch.float16).contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.view(torch.int16).numpy().tobytes())
+    return Fingerprint(architecture=architecture, tokenizer=tokenizer, text_encoder=digest.hexdigest()[:16])

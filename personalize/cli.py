@@ -1,0 +1,264 @@
+"""The ``personalize`` command line: thin — it parses, calls the API, prints with rich.
+
+Every user error becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import BadInputError, PersonalizeError
+
+app = typer.Typer(
+    help="Teach a text-to-image model your own concepts, generate them anywhere, and measure how well it worked.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+BASE_HELP = "Base model: 'tiny' (built-in test model), a local diffusers folder, or a hub id."
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _load_settings(config: Optional[Path], sets: List[str]) -> dict:
+    settings: dict = {}
+    if config is not None:
+        import yaml
+
+        if not config.is_file():
+            raise BadInputError(f"--config '{config}' does not exist; pass a YAML file of settings")
+        try:
+            data = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise BadInputError(f"--config '{config}' is not valid YAML ({exc.__class__.__name__}); fix the file") from exc
+        if not isinstance(data, dict):
+            raise BadInputError(f"--config '{config}' must be a mapping of setting: value")
+        settings.update(data)
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BadInputError(f"--set '{item}' must look like KEY=VALUE, e.g. --set lock=trained")
+        settings[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    return settings
+
+
+@app.command()
+def train(
+    images: Path = typer.Option(..., "--images", help="Folder with 3-15 photos of the concept (png/jpg/webp...)."),
+    superclass: str = typer.Option(..., "--superclass", help="One-token word for what it is: 'teddy', 'teapot', 'dog'."),
+    token: str = typer.Option(..., "--token", help="New placeholder word to use in prompts, e.g. '<my-teddy>'."),
+    out: Path = typer.Option(..., "--out", help="Concept file to write (.safetensors)."),
+    method: str = typer.Option("perfusion", "--method", help="Method (see 'personalize methods')."),
+    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps [default: 250; paper avg 210, max 400]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step [default: 16, as the paper]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for batches, flips, noise [default: 0]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in OUT.ckpt/."),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | fp16 (GPU) | bf16."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save a resumable checkpoint every N steps [default: 50]."),
+    preview_every: Optional[int] = typer.Option(None, "--preview-every", help="Write a preview image to OUT.previews/ every N steps (0 = never)."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="Folder of foreground masks named like the images: weights the loss."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (trainer and method); flags win."),
+    set_: List[str] = typer.Option([], "--set", help="Method or trainer setting KEY=VALUE, e.g. --set lock=trained --set lr_value=0.02."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
+):
+    """Train a concept from a folder of photos and write one .safetensors file.
+
+    [bold]Examples[/bold]
+
+      personalize train --method perfusion --base tiny --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
+
+      personalize train ... --steps 400 --batch-size 8 --set lock=trained   # the paper's trained-K ablation
+
+      personalize train ... --resume        # continue an interrupted run from OUT.ckpt/
+    """
+    from .training import train as run_train
+
+    settings = _load_settings(config, set_)
+    flags = dict(steps=steps, batch_size=batch_size, seed=seed, mixed_precision=mixed_precision,
+                 gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
+                 preview_every=preview_every)
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    path = run_train(base, images, token=token, superclass=superclass, out=out, method=method, masks=masks,
+                     resume=resume, settings=settings, progress=True, device=device)
+    out_console.print(f"wrote concept [bold]{path}[/bold] ({path.stat().st_size:,} bytes)")
+
+
+def _parse_concept_arg(text: str) -> tuple[str, dict]:
+    path, _, rest = text.partition(":")
+    knobs = {}
+    if rest:
+        for part in rest.split(","):
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise BadInputError(f"--concept '{text}': knobs must look like FILE:beta=0.6,tau=0.15")
+            knobs[key.strip()] = _parse_value(value.strip())
+    return path, knobs
+
+
+@app.command()
+def generate(
+    concept: List[str] = typer.Option(..., "--concept", help="Concept file, optionally with knobs: FILE:beta=0.6,tau=0.15."),
+    prompt: str = typer.Option(..., "--prompt", help="Prompt using the concept's token, e.g. 'a <my-teddy> on the beach'."),
+    out: Path = typer.Option(..., "--out", help="Folder for the PNGs and prompts.json."),
+    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    num_images: int = typer.Option(4, "--num-images", min=1, help="Images to generate."),
+    steps: int = typer.Option(50, "--steps", min=1, help="DDIM steps (paper: 50)."),
+    guidance: float = typer.Option(6.0, "--guidance", help="Classifier-free guidance scale (paper: 6)."),
+    seed: int = typer.Option(0, "--seed", help="Image k uses seed SEED+k."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="Perfusion gate threshold: higher = weaker concept, better prompt alignment [concept default, 0.7]."),
+    tau: Optional[float] = typer.Option(None, "--tau", help="Perfusion gate temperature [concept default, 0.15]."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
+):
+    """Generate images of a trained concept in new scenes.
+
+    [bold]Examples[/bold]
+
+      personalize generate --base tiny --concept teddy.safetensors --prompt "a <my-teddy> in the snow" --out samples/
+
+      personalize generate ... --beta 0.8        # favour the prompt over the concept's look
+    """
+    import torch
+
+    from .base import load_base
+    from .compose import attach
+    from .concept import load_concept
+    from .generation import generate as run_generate
+    from .generation import write_images
+
+    parsed = [_parse_concept_arg(c) for c in concept]
+    if len(parsed) > 1:
+        raise BadInputError("several --concept in one generation are not supported yet (composition comes next); pass one")
+    path, knobs = parsed[0]
+    loaded = load_concept(path)
+    for key, value in (("beta", beta), ("tau", tau)):
+        if value is not None:
+            knobs[key] = value
+    pipe = load_base(base, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with attach(pipe, loaded, **knobs):
+        with err_console.status(f"generating {num_images} image(s), {steps} steps"):
+            images = run_generate(pipe, prompt, num_images=num_images, steps=steps, guidance=guidance, seed=seed)
+    paths = write_images(images, prompt, out, seed)
+    out_console.print(f"wrote {len(paths)} image(s) to [bold]{out}[/bold]")
+
+
+@app.command()
+def inspect(
+    file: Path = typer.Argument(..., help="A concept .safetensors file."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+):
+    """Show a concept file's header, tensors and size.
+
+    [bold]Example[/bold]:  personalize inspect teddy.safetensors --json
+    """
+    from .concept import file_summary
+
+    summary = file_summary(file)
+    if as_json:
+        out_console.print_json(json.dumps(summary))
+        return
+    header = summary["header"]
+    out_console.print(f"[bold]{file}[/bold]: {header['method']} concept {header['token']!r} "
+                      f"(superclass {header['superclass']!r}), {summary['file_bytes']:,} bytes")
+    out_console.print(f"base fingerprint {header['base_fingerprint'].get('digest')}  "
+                      f"inference defaults {header.get('inference_defaults')}")
+    prov = header.get("provenance", {})
+    out_console.print(f"trained {prov.get('steps')} steps, seed {prov.get('seed')}, on {prov.get('base')}, "
+                      f"{len(prov.get('images', []))} images, personalize {prov.get('package_version')}")
+    table = Table("tensor", "shape", "dtype", "bytes")
+    for name, t in summary["tensors"].items():
+        table.add_row(name, "x".join(map(str, t["shape"])), t["dtype"], f"{t['bytes']:,}")
+    out_console.print(table)
+
+
+@app.command()
+def covariance(
+    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="Text file, one caption per line [default: built-in corpus]."),
+    recompute: bool = typer.Option(False, "--recompute", help="Ignore the cache and compute again."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda."),
+):
+    """Compute and cache C, the text-encoder covariance Perfusion needs (once per base).
+
+    The built-in corpus is 32 neutral templates x 261 nouns (8,352 captions).
+    Training and generation compute it on first use; run this to do it ahead.
+
+    [bold]Example[/bold]:  personalize covariance --base runwayml/stable-diffusion-v1-5
+    """
+    from rich.progress import Progress
+
+    from .base import load_base
+    from .covariance import builtin_captions, covariance_path, corpus_id, load_or_compute_covariance
+
+    lines = None
+    if captions is not None:
+        if not captions.is_file():
+            raise BadInputError(f"--captions '{captions}' does not exist; pass a text file with one caption per line")
+        lines = [line.strip() for line in captions.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise BadInputError(f"--captions '{captions}' has no captions; put one caption per line")
+    pipe = load_base(base, device=device)
+    total = len(lines if lines is not None else builtin_captions())
+    with Progress(console=err_console) as progress:
+        task = progress.add_task("encoding captions", total=total)
+        C = load_or_compute_covariance(pipe, lines, on_batch=lambda n: progress.advance(task, n), recompute=recompute)
+    out_console.print(f"C {tuple(C.shape)} for corpus {corpus_id(lines)} ({total:,} captions): "
+                      f"{covariance_path(pipe, corpus_id(lines))}")
+
+
+@app.command("methods")
+def list_methods():
+    """List the registered personalization methods and their defaults."""
+    import dataclasses
+
+    from . import methods as registry
+
+    table = Table("method", "description", "sites", "defaults")
+    for name in registry.names():
+        cls = registry.get(name)
+        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Config))
+        table.add_row(name, cls.description, ", ".join(cls.sites), defaults)
+    out_console.print(table)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(args=argv, standalone_mode=False)
+    except PersonalizeError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; 'personalize train ... --resume' continues from the last checkpoint")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors etc. come through standalone_mode=False
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

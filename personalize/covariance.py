@@ -1,0 +1,129 @@
+"""C, the uncentered second moment of text-encoder outputs, and its inverse.
+
+Perfusion measures similarity to a concept's target input in the metric C^-1
+(see ``../shared/reference/perfusion-math.md``). C depends on the base model's
+text encoder and on the caption corpus, so it is computed once per (base
+fingerprint, corpus) and cached on disk.
+
+The built-in corpus is ``CAPTION_TEMPLATES`` × the nouns in
+``personalize/data/nouns.txt``: 32 templates × 261 nouns = 8,352 captions,
+about 90,000 non-padding token vectors. The paper used ~100k captions, but C
+only needs many more samples than its dimension (768 for SD 1.x): ~120
+vectors per dimension keep the estimate well conditioned, and the corpus
+encodes in minutes on a CPU. Pass ``captions`` (one per line) to use your own.
+"""
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from typing import Callable, Sequence
+
+import torch
+
+from .base import fingerprint
+from .paths import atomic_path, cache_dir
+
+CAPTION_TEMPLATES = (
+    "a photo of a {}",
+    "a photo of the {}",
+    "a close-up photo of a {}",
+    "a bright photo of a {}",
+    "a dark photo of the {}",
+    "a blurry photo of a {}",
+    "a cropped photo of the {}",
+    "a good photo of a {}",
+    "a photo of one {}",
+    "a photo of a small {}",
+    "a photo of a large {}",
+    "a rendering of a {}",
+    "a painting of a {}",
+    "a drawing of the {}",
+    "a sketch of a {}",
+    "a cartoon {}",
+    "a {} on a table",
+    "a {} in the garden",
+    "a {} on the beach",
+    "a {} in the snow",
+    "a {} in the city at night",
+    "a red {} next to a blue {}",
+    "a {} and a dog",
+    "two {} side by side",
+    "a {} floating in space",
+    "a watercolor painting of a {}",
+    "an oil painting of a {} in a forest",
+    "a {} wearing a hat",
+    "a {} made of wood",
+    "a toy {} on the floor",
+    "a black and white photo of a {}",
+    "a {} in front of a mountain",
+)
+
+
+def builtin_captions() -> list[str]:
+    nouns = resources.files("personalize").joinpath("data/nouns.txt").read_text().split()
+    return [t.replace("{}", n) for t in CAPTION_TEMPLATES for n in nouns]
+
+
+def corpus_id(captions: Sequence[str] | None) -> str:
+    """``builtin`` or a short hash of a custom caption list."""
+    if captions is None:
+        return "builtin"
+    return "sha256-" + hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def compute_covariance(
+    pipe, captions: Sequence[str], batch_size: int = 64, on_batch: Callable[[int], None] | None = None
+) -> torch.Tensor:
+    """E[e e^T] over every non-padding position (BOS..EOS) of every caption, float64."""
+    te, tok = pipe.text_encoder, pipe.tokenizer
+    device = te.device
+    total, count = None, 0
+    for start in range(0, len(captions), batch_size):
+        batch = list(captions[start : start + batch_size])
+        enc = tok(batch, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        hidden = te(enc.input_ids.to(device))[0].double()
+        mask = enc.attention_mask.to(device).bool()
+        vectors = hidden[mask]
+        outer = vectors.T @ vectors
+        total = outer if total is None else total + outer
+        count += vectors.shape[0]
+        if on_batch is not None:
+            on_batch(len(batch))
+    return (total / count).cpu()
+
+
+def covariance_path(pipe, corpus: str) -> "os.PathLike":
+    return cache_dir("covariance") / f"{fingerprint(pipe).digest}-{corpus}.safetensors"
+
+
+def load_or_compute_covariance(
+    pipe, captions: Sequence[str] | None = None, on_batch: Callable[[int], None] | None = None, recompute: bool = False
+) -> torch.Tensor:
+    """C for this base and corpus, from the cache or computed and cached (float64)."""
+    from safetensors.torch import load_file, save_file
+
+    corpus = corpus_id(captions)
+    path = covariance_path(pipe, corpus)
+    if path.exists() and not recompute:
+        return load_file(str(path))["C"]
+    C = compute_covariance(pipe, captions if captions is not None else builtin_captions(), on_batch=on_batch)
+    with atomic_path(path) as tmp:
+        save_file({"C": C.contiguous()}, str(tmp), metadata={"corpus": corpus})
+    return C
+
+
+def cached_covariance(pipe, corpus: str) -> torch.Tensor | None:
+    """C from the cache only, or None."""
+    from safetensors.torch import load_file
+
+    path = covariance_path(pipe, corpus)
+    return load_file(str(path))["C"] if path.exists() else None
+
+
+def inverse(C: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """C^-1 with a tiny ridge (relative to the mean eigenvalue) so it is positive definite."""
+    C = C.double()
+    d = C.shape[0]
+    eye = torch.eye(d, dtype=C.dtype)
+    return torch.linalg.inv(C + ridge * (torch.trace(C) / d) * eye)

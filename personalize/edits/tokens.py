@@ -1,0 +1,124 @@
+"""The token seam: new token vectors after the frozen vocabulary.
+
+The text encoder's embedding table is never trained or modified. New tokens
+get ids ``V, V+1, ...`` (V = base vocabulary size) in a *copy* of the
+pipeline's tokenizer, and an :class:`ExtendedEmbedding` looks their vectors up
+in Parameters owned by whoever registered them. When the last token is
+removed, the original tokenizer and embedding objects are put back.
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+
+import torch
+from torch import nn
+
+_SITES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class ExtendedEmbedding(nn.Module):
+    """``base_layer`` for ids below its size; registered vectors for the ids after it."""
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__()
+        self.base_layer = base_layer
+        self.extra: list[tuple[int, torch.Tensor]] = []  # (first id, (n, d) tensor), set by TokenSite
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base_layer.num_embeddings + sum(t.shape[0] for _, t in self.extra)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base_layer.embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        size = self.base_layer.num_embeddings
+        out = self.base_layer(ids.clamp(max=size - 1))
+        for first, vectors in self.extra:
+            offset = ids - first
+            hit = (offset >= 0) & (offset < vectors.shape[0])
+            if hit.any():
+                rows = vectors.to(out.dtype)[offset.clamp(0, vectors.shape[0] - 1)]
+                out = torch.where(hit.unsqueeze(-1), rows, out)
+        return out
+
+
+class TokenSite:
+    """All tokens added to one pipeline, in registration order."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.original_tokenizer = pipe.tokenizer
+        self.original_embedding = pipe.text_encoder.get_input_embeddings()
+        self.entries: dict[str, tuple[list[str], torch.Tensor]] = {}
+        self.embedding = ExtendedEmbedding(self.original_embedding)
+
+    @property
+    def base_vocab_size(self) -> int:
+        return self.original_embedding.num_embeddings
+
+    def owner_of(self, token: str) -> str | None:
+        for key, (tokens, _) in self.entries.items():
+            if token.lower() in (t.lower() for t in tokens):
+                return key
+        return None
+
+    def add(self, key: str, tokens: list[str], vectors: torch.Tensor) -> list[int]:
+        """Register ``tokens`` (one row of ``vectors`` each) under ``key``; returns their ids."""
+        if vectors.shape[0] != len(tokens):
+            raise ValueError("one vector per token")
+        for token in tokens:
+            owner = self.owner_of(token)
+            if owner is not None:
+                raise ValueError(f"token {token!r} is already attached (by {owner})")
+        self.entries[key] = (list(tokens), vectors)
+        self._rebuild()
+        return self.ids(key)
+
+    def remove(self, key: str) -> None:
+        self.entries.pop(key, None)
+        self._rebuild()
+
+    def ids(self, key: str) -> list[int]:
+        tokens, _ = self.entries[key]
+        return self.pipe.tokenizer.convert_tokens_to_ids(tokens)
+
+    def _rebuild(self) -> None:
+        te = self.pipe.text_encoder
+        if not self.entries:
+            self.pipe.tokenizer = self.original_tokenizer
+            te.set_input_embeddings(self.original_embedding)
+            _SITES.pop(self.pipe, None)
+            return
+        tokenizer = copy.deepcopy(self.original_tokenizer)
+        extra, next_id = [], len(self.original_tokenizer)
+        for tokens, vectors in self.entries.values():
+            tokenizer.add_tokens(list(tokens))
+            extra.append((next_id, vectors))
+            next_id += len(tokens)
+        if len(tokenizer) != next_id:
+            raise RuntimeError("tokenizer did not assign consecutive ids to the new tokens")
+        self.embedding.extra = extra
+        self.pipe.tokenizer = tokenizer
+        te.set_input_embeddings(self.embedding)
+
+
+def token_site(pipe) -> TokenSite:
+    """The pipeline's token site (created on first use)."""
+    site = _SITES.get(pipe)
+    if site is None:
+        site = TokenSite(pipe)
+        _SITES[pipe] = site
+    return site
+
+
+def base_tokenizer(pipe):
+    """The pipeline's tokenizer without any attached tokens."""
+    site = _SITES.get(pipe)
+    return site.original_tokenizer if site is not None else pipe.tokenizer

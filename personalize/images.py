@@ -1,0 +1,108 @@
+"""Reading a folder of training photos (and optional masks) into tensors.
+
+Odd files are normalised, not rejected: EXIF orientation is applied, RGBA/LA/P
+images are composited onto white, grayscale/CMYK/16-bit become RGB, and
+non-square or tiny images are centre-cropped and resized to the base's
+resolution. A file with an image extension that cannot be decoded is an error
+naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import BadInputError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files of ``folder`` (sorted), or a BadInputError saying what is wrong."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise BadInputError(f"image folder '{folder}' does not exist; pass --images DIR with 3-15 photos of your concept")
+    if not folder.is_dir():
+        raise BadInputError(f"'{folder}' is a file, not a folder; pass --images DIR with the photos inside")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not files:
+        raise BadInputError(
+            f"image folder '{folder}' has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add 3-15 photos of your concept"
+        )
+    return files
+
+
+def _open_rgb(path: Path):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise BadInputError(
+            f"'{path}' is not a readable image ({type(exc).__name__}); remove it from the folder or re-save it as PNG/JPEG"
+        ) from exc
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
+    if img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def _square(img, size: int, resample):
+    from PIL import ImageOps
+
+    return ImageOps.fit(img, (size, size), method=resample, centering=(0.5, 0.5))
+
+
+def load_images(paths: list[Path], size: int) -> torch.Tensor:
+    """(N, 3, size, size) in [-1, 1]."""
+    from PIL import Image
+
+    arrays = [np.asarray(_square(_open_rgb(p), size, Image.Resampling.BICUBIC), dtype=np.float32) for p in paths]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return x / 127.5 - 1.0
+
+
+def load_masks(folder: str | Path, image_paths: list[Path], size: int) -> torch.Tensor:
+    """(N, 1, size, size) soft masks in [0, 1], one per image with the same stem, each normalised by its max."""
+    from PIL import Image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BadInputError(f"mask folder '{folder}' does not exist; pass --masks DIR with one mask per image (same file name)")
+    by_stem = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+    masks = []
+    for path in image_paths:
+        mask_path = by_stem.get(path.stem)
+        if mask_path is None:
+            raise BadInputError(f"no mask for image '{path.name}' in '{folder}'; add '{path.stem}.png' or drop --masks")
+        try:
+            with Image.open(mask_path) as m:
+                gray = _exif(m).convert("L")
+        except OSError as exc:
+            raise BadInputError(f"mask '{mask_path}' is not a readable image; re-save it as PNG") from exc
+        arr = np.asarray(_square(gray, size, Image.Resampling.BILINEAR), dtype=np.float32)
+        masks.append(arr / max(float(arr.max()), 1e-6))
+    return torch.from_numpy(np.stack(masks)).unsqueeze(1)
+
+
+def _exif(img):
+    from PIL import ImageOps
+
+    img.load()
+    return ImageOps.exif_transpose(img)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

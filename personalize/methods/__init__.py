@@ -1,0 +1,37 @@
+"""Method registry: names map lazily to ``module:Class`` so importing the package stays cheap."""
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from ..errors import BadInputError
+
+_REGISTRY: dict[str, str] = {
+    "perfusion": "personalize.methods.perfusion:Perfusion",
+}
+
+
+def register(name: str, target: str) -> None:
+    """Register a method class given as ``"module:Class"``."""
+    if name in _REGISTRY and _REGISTRY[name] != target:
+        raise ValueError(f"method {name!r} is already registered as {_REGISTRY[name]}")
+    _REGISTRY[name] = target
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str):
+    """The method class registered as ``name`` (with a did-you-mean error)."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise BadInputError(f"unknown method '{name}'; {hint}known methods: {', '.join(names())}")
+    module, _, cls = _REGISTRY[name].partition(":")
+    method = getattr(importlib.import_module(module), cls)
+    from .base import Method
+
+    if not (isinstance(method, type) and issubclass(method, Method)):
+        raise TypeError(f"{_REGISTRY[name]} is not a personalize Method")
+    return method

@@ -1,0 +1,371 @@
+"""Perfusion: key-locked, gated rank-1 edits of cross-attention K and V.
+
+Notation (``../shared/reference/perfusion-math.md``, paper Eq. 2-4):
+
+    e        one text-encoder output vector, (..., d_in)
+    W        a frozen projection to_k or to_v, (d_out, d_in)
+    C^-1     inverse uncentered covariance of text-encoder outputs, (d_in, d_in)
+    i*_j     concept j's target input, shared by all layers, (J, d_in)
+    o*_j     concept j's target output in one layer, (J, d_out)
+    s_j(e)   i*_j^T C^-1 e / i*_j^T C^-1 i*_j      (1 at e = i*_j)
+    u_j      C^-1-orthonormal basis of span{i*_j}   (Cholesky of C^-1, then QR)
+    e_perp   e - sum_j u_j (u_j^T C^-1 e)
+    h(e)     W e_perp + sum_j gate_j(e) o*_j,  gate_j = sigmoid((s_j - beta_j) / tau_j)
+             (ungated, beta=None: gate_j = s_j, which for J = 1 is ROME's update)
+
+``W e_perp`` is computed as ``W e - (W U_b)(U_b^T C^-1 e)``: the base layer's
+output plus one (d_out, J) product, never a second matmul over the sequence.
+
+Key-locking: ``o*_K = W_K e_super`` (frozen); ``e_super`` is the mean text-encoder
+output at the superclass word over the neutral templates, so it is recomputed
+from the base model and never stored. ``o*_V`` starts at ``W_V e_super`` and is
+learned, with the concept's token vector. ``i*`` follows an EMA of the concept
+token's encoding (no gradient).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..edits.sites import cross_attention_layers, occupy, site_occupant, vacate
+from ..edits.tokens import token_site
+from ..errors import BadInputError, ConceptFileError
+from ..templates import NEUTRAL_TEMPLATES, word_position
+from .base import Method
+
+_Scalar = float | Sequence[float] | torch.Tensor | None
+
+
+# ----------------------------------------------------------------------------- math
+@dataclass
+class Rank1Projection:
+    """The e-independent part of the J-concept edit: C^-1-orthonormal basis and similarity maps."""
+
+    basis: torch.Tensor  # U_b, (d_in, J): u_j^T C^-1 u_k = delta_jk
+    coeff_map: torch.Tensor  # C^-1 U_b, (d_in, J): e @ coeff_map = U_b^T C^-1 e
+    sim_map: torch.Tensor  # C^-1 i*_j / energy_j, (d_in, J): e @ sim_map = s(e)
+
+    @classmethod
+    def from_targets(cls, i_star: torch.Tensor, C_inv: torch.Tensor) -> "Rank1Projection":
+        i_star = torch.atleast_2d(i_star).double()  # (J, d)
+        C_inv = C_inv.double()
+        upper = torch.linalg.cholesky(C_inv).mT  # C^-1 = U^T U
+        q, _ = torch.linalg.qr(upper @ i_star.T)  # orthonormal basis of {U i*_j}
+        basis = torch.linalg.solve_triangular(upper, q, upper=True)  # u_j = U^-1 q_j
+        c_i = C_inv @ i_star.T  # (d, J)
+        energy = (i_star.T * c_i).sum(0)  # i*_j^T C^-1 i*_j
+        return cls(basis=basis, coeff_map=C_inv @ basis, sim_map=c_i / energy)
+
+    def to(self, dtype: torch.dtype, device=None) -> "Rank1Projection":
+        return Rank1Projection(*(t.to(device=device, dtype=dtype) for t in (self.basis, self.coeff_map, self.sim_map)))
+
+    def similarity(self, e: torch.Tensor) -> torch.Tensor:
+        return e @ self.sim_map
+
+    def apply(
+        self, e: torch.Tensor, We: torch.Tensor, W_basis: torch.Tensor, o_star: torch.Tensor, beta: _Scalar, tau: _Scalar
+    ) -> torch.Tensor:
+        """h(e) given the base output ``We = W e`` and ``W_basis = W U_b`` (d_out, J)."""
+        coeff = e @ self.coeff_map  # (..., J)
+        gate = gate_of(self.similarity(e), beta, tau)
+        return We - coeff @ W_basis.mT + gate @ o_star
+
+
+def gate_of(s: torch.Tensor, beta: _Scalar, tau: _Scalar) -> torch.Tensor:
+    """sigmoid((s - beta) / tau), or s itself when ``beta`` is None (ungated)."""
+    if beta is None:
+        return s
+    beta = torch.as_tensor(beta, dtype=s.dtype, device=s.device)
+    tau = torch.as_tensor(0.1 if tau is None else tau, dtype=s.dtype, device=s.device)
+    return torch.sigmoid((s - beta) / tau)
+
+
+def rank1_edit(
+    e: torch.Tensor,
+    W: torch.Tensor,
+    i_star: torch.Tensor,
+    o_star: torch.Tensor,
+    C_inv: torch.Tensor,
+    beta: _Scalar = None,
+    tau: _Scalar = None,
+) -> torch.Tensor:
+    """Perfusion's (gated) rank-1 edit of ``W`` for J >= 1 concepts, applied to ``e``.
+
+    ``e`` (..., d_in) -> (..., d_out); ``i_star`` (J, d_in) or (d_in,);
+    ``o_star`` (J, d_out) or (d_out,); ``beta``/``tau`` scalars or (J,);
+    ``beta=None`` is the ungated Eq. 2.
+    """
+    proj = Rank1Projection.from_targets(i_star, C_inv).to(e.dtype, e.device)
+    W = W.to(e.dtype)
+    return proj.apply(e, e @ W.mT, W @ proj.basis, torch.atleast_2d(o_star).to(e.dtype), beta, tau)
+
+
+# ----------------------------------------------------------------------------- the edit in the UNet
+class PerfusionGroup:
+    """All Perfusion concepts attached to one UNet; they share one projection (Eq. 4)."""
+
+    KEY = "perfusion"
+
+    def __init__(self, C_inv: torch.Tensor):
+        self.C_inv = C_inv.double()
+        self.concepts: list["Perfusion"] = []
+        self._cache: tuple | None = None
+
+    def projection(self, dtype, device) -> Rank1Projection:
+        key = (tuple((id(c), c.i_star_version) for c in self.concepts), dtype, device)
+        if self._cache is None or self._cache[0] != key:
+            i_stars = torch.stack([c.i_star.detach().double().cpu() for c in self.concepts])
+            self._cache = (key, Rank1Projection.from_targets(i_stars, self.C_inv).to(dtype, device))
+        return self._cache[1]
+
+
+class PerfusionSite:
+    """Occupant of one ``to_k``/``to_v`` site: the J-concept gated edit."""
+
+    order = 0  # Perfusion replaces W e by W e_perp, so it runs before additive deltas
+
+    def __init__(self, group: PerfusionGroup, layer: str, pathway: str):
+        self.group, self.layer, self.pathway = group, layer, pathway
+
+    def __call__(self, wrapper: nn.Module, e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        concepts = self.group.concepts
+        proj = self.group.projection(e.dtype, e.device)
+        W = wrapper.base_layer.weight.to(e.dtype)
+        o_star = torch.stack([c.target_output(self.layer, self.pathway) for c in concepts]).to(e.dtype)
+        beta = [c.beta for c in concepts]
+        tau = [c.tau for c in concepts]
+        if all(b is None for b in beta):
+            beta = None
+        return proj.apply(e, out, W @ proj.basis, o_star, beta, tau)
+
+
+# ----------------------------------------------------------------------------- the method
+@dataclass
+class PerfusionConfig:
+    """Paper defaults (Perfusion §4-5): beta 0.75 / tau 0.10 in training; lr 0.006 / 0.03."""
+
+    lock: str = "local"  # "local" (o*_K frozen at the superclass) or "trained" (ablation)
+    beta_train: float = 0.75
+    tau_train: float = 0.10
+    beta: float = 0.70  # inference default, local lock (paper: 0.6-0.75)
+    tau: float = 0.15
+    lr_embedding: float = 0.006
+    lr_value: float = 0.03
+    ema: float = 0.99
+
+
+class Perfusion(Method):
+    name = "perfusion"
+    description = "Key-locked gated rank-1 edits of cross-attention K/V (~56 KB per concept)"
+    sites = ("tokens", "kv")
+    Config = PerfusionConfig
+    knobs = {"beta": "gate threshold; higher = weaker concept, better text alignment", "tau": "gate temperature"}
+
+    def __init__(self, pipe, token, superclass, config: PerfusionConfig, C_inv: torch.Tensor):
+        super().__init__(pipe, token, superclass, config)
+        if config.lock not in ("local", "trained"):
+            raise BadInputError(f"unknown lock '{config.lock}'; use 'local' or 'trained'")
+        self.C_inv = C_inv
+        self.layers = [name for name, _ in cross_attention_layers(pipe.unet)]
+        device = pipe.unet.device
+        self.e_super = superclass_encoding(pipe, superclass)
+        self.embedding = nn.Parameter(superclass_embedding(pipe, superclass).unsqueeze(0))
+        self.i_star = self.e_super.clone()
+        self.i_star_initialized = False
+        self.i_star_version = 0
+        self.o_v = nn.ParameterDict()
+        self.o_k: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name in self.layers:
+                attn = pipe.unet.get_submodule(name)
+                key = _key(name)
+                self.o_v[key] = nn.Parameter(_project(attn.to_v, self.e_super))
+                o_k = _project(attn.to_k, self.e_super)
+                self.o_k[key] = nn.Parameter(o_k) if config.lock == "trained" else o_k
+        self.to(device)
+        self.beta, self.tau = config.beta_train, config.tau_train
+
+    def to(self, device):
+        self.embedding.data = self.embedding.data.to(device)
+        self.o_v.to(device)
+        self.i_star = self.i_star.to(device)
+        for k, v in self.o_k.items():
+            if isinstance(v, nn.Parameter):
+                v.data = v.data.to(device)
+            else:
+                self.o_k[k] = v.to(device)
+        return self
+
+    # -- construction
+    @classmethod
+    def for_training(cls, pipe, token, superclass, config, C_inv=None) -> "Perfusion":
+        from ..covariance import inverse, load_or_compute_covariance
+
+        C_inv = C_inv if C_inv is not None else inverse(load_or_compute_covariance(pipe))
+        method = cls(pipe, token, superclass, config, C_inv)
+        method.install()
+        return method
+
+    @classmethod
+    def from_concept(cls, pipe, concept, **knobs) -> "Perfusion":
+        from ..covariance import cached_covariance, inverse, load_or_compute_covariance
+
+        unknown = sorted(set(knobs) - set(cls.knobs))
+        if unknown:
+            raise BadInputError(f"perfusion does not take {', '.join(unknown)}; it takes {', '.join(cls.knobs)}")
+        corpus = concept.header.get("covariance", "builtin")
+        C = load_or_compute_covariance(pipe) if corpus == "builtin" else cached_covariance(pipe, corpus)
+        if C is None:
+            raise ConceptFileError(
+                f"concept was trained with a custom caption corpus ({corpus}); "
+                "run 'personalize covariance --base … --captions FILE' with the same captions first"
+            )
+        config = cls.make_config(concept.config)
+        method = cls(pipe, concept.token, concept.superclass, config, inverse(C))
+        method.load_state_tensors(concept.tensors)
+        defaults = concept.inference_defaults
+        method.beta = knobs.get("beta", defaults.get("beta", config.beta))
+        method.tau = knobs.get("tau", defaults.get("tau", config.tau))
+        method.install()
+        return method
+
+    # -- training hooks
+    def param_groups(self) -> list[dict]:
+        groups = [
+            {"params": [self.embedding], "lr": self.config.lr_embedding, "name": "embedding"},
+            {"params": list(self.o_v.values()), "lr": self.config.lr_value, "name": "o_v"},
+        ]
+        if self.config.lock == "trained":
+            groups.append({"params": list(self.o_k.values()), "lr": self.config.lr_value, "name": "o_k"})
+        return groups
+
+    @torch.no_grad()
+    def on_text_encoded(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> None:
+        """i* <- ema * i* + (1 - ema) * mean encoding at the concept token (first batch: set)."""
+        (token_id,) = token_site(self.pipe).ids(self.key)
+        rows, cols = (input_ids == token_id).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return
+        first = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        keep = []
+        for r in range(rows.numel()):  # first occurrence per prompt
+            if not first[rows[r]]:
+                first[rows[r]] = True
+                keep.append(r)
+        e_concept = hidden[rows[keep], cols[keep]].float().mean(0)
+        if not self.i_star_initialized:
+            self.i_star = e_concept.clone()
+            self.i_star_initialized = True
+        else:
+            self.i_star = self.config.ema * self.i_star + (1 - self.config.ema) * e_concept
+        self.i_star_version += 1
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"embedding": self.embedding.detach(), "i_star": self.i_star.detach()}
+        tensors.update({f"o_v.{k}": v.detach() for k, v in self.o_v.items()})
+        if self.config.lock == "trained":
+            tensors.update({f"o_k.{k}": v.detach() for k, v in self.o_k.items()})
+        return {k: v.float().cpu().contiguous() for k, v in tensors.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        expected = set(self.state_tensors())
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if missing or extra:
+            raise ConceptFileError(
+                f"perfusion tensors do not match this base's cross-attention layers "
+                f"(missing {missing[:3]}, unexpected {extra[:3]})"
+            )
+        with torch.no_grad():
+            device = self.embedding.device
+            self.embedding.copy_(tensors["embedding"].to(device))
+            self.i_star = tensors["i_star"].to(device).float().clone()
+            self.i_star_initialized = True
+            self.i_star_version += 1
+            for k, v in self.o_v.items():
+                v.copy_(tensors[f"o_v.{k}"].to(device))
+            for k, v in self.o_k.items():
+                if f"o_k.{k}" in tensors:
+                    v.copy_(tensors[f"o_k.{k}"].to(device))
+
+    def concept_tensors(self) -> dict[str, torch.Tensor]:
+        return self.state_tensors()
+
+    def inference_defaults(self) -> dict[str, Any]:
+        return {"beta": self.config.beta, "tau": self.config.tau}
+
+    # -- the edit
+    def target_output(self, layer: str, pathway: str) -> torch.Tensor:
+        return (self.o_k if pathway == "k" else self.o_v)[_key(layer)]
+
+    @property
+    def key(self) -> str:
+        return f"perfusion:{self.token}"
+
+    def install(self) -> None:
+        if self.installed:
+            return
+        site = token_site(self.pipe)
+        site.add(self.key, [self.token], self.embedding)
+        unet = self.pipe.unet
+        first = site_occupant(unet, f"{self.layers[0]}.to_k", PerfusionGroup.KEY)
+        if first is None:
+            group = PerfusionGroup(self.C_inv)
+            for layer in self.layers:
+                for pathway in ("k", "v"):
+                    occupy(unet, f"{layer}.to_{pathway}", PerfusionGroup.KEY, PerfusionSite(group, layer, pathway))
+        else:
+            group = first.group
+            if not torch.allclose(group.C_inv, self.C_inv.double(), rtol=1e-5, atol=0):
+                site.remove(self.key)
+                raise ConceptFileError("Perfusion concepts attached together must share the same covariance C")
+        group.concepts.append(self)
+        self.group = group
+        self.installed = True
+
+    def remove(self) -> None:
+        if not self.installed:
+            return
+        self.group.concepts.remove(self)
+        if not self.group.concepts:
+            for layer in self.layers:
+                for pathway in ("k", "v"):
+                    vacate(self.pipe.unet, f"{layer}.to_{pathway}", PerfusionGroup.KEY)
+        token_site(self.pipe).remove(self.key)
+        self.installed = False
+
+
+def _key(layer: str) -> str:
+    """Parameter-dict-safe name of a layer (no dots)."""
+    return layer.replace(".", "/")
+
+
+def _project(linear: nn.Module, e: torch.Tensor) -> torch.Tensor:
+    base = getattr(linear, "base_layer", linear)
+    return (base.weight.float() @ e.float().to(base.weight.device)).detach().clone()
+
+
+@torch.no_grad()
+def superclass_encoding(pipe, superclass: str) -> torch.Tensor:
+    """Mean text-encoder output at the superclass word over the neutral templates (e_super)."""
+    from ..templates import fill
+
+    tok = pipe.tokenizer
+    prompts = [fill(t, superclass) for t in NEUTRAL_TEMPLATES]
+    positions = [word_position(tok, t, superclass) for t in NEUTRAL_TEMPLATES]
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    hidden = pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device))[0].float()
+    return torch.stack([hidden[i, p] for i, p in enumerate(positions)]).mean(0)
+
+
+@torch.no_grad()
+def superclass_embedding(pipe, superclass: str) -> torch.Tensor:
+    """The superclass word's input embedding row (the concept token starts there)."""
+    from ..templates import single_token_id
+
+    token_id = single_token_id(pipe.tokenizer, superclass)
+    table = pipe.text_encoder.get_input_embeddings()
+    return table.weight[token_id].detach().float().clone()

@@ -1,0 +1,387 @@
+"""The one trainer every method uses.
+
+It owns everything that is not method-specific: reading the photos, caching
+their VAE latents once (the images never change during a run), sampling
+batches, flips, noise, timesteps and prompt templates from one seeded
+generator, the denoising loss (optionally mask-weighted), accelerate's mixed
+precision, gradient checkpointing, progress, checkpoints with exact resume,
+and RNG-isolated preview images. A method only supplies its trainable state
+(see :class:`personalize.methods.base.Method`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from . import methods as method_registry
+from .base import fingerprint, load_base
+from .concept import Concept, save_concept
+from .errors import BadInputError, CheckpointError
+from .images import file_sha256, list_images, load_images, load_masks
+from .paths import atomic_path
+from .templates import NEUTRAL_TEMPLATES, check_new_token, fill, single_token_id
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by every method (the method's own live in its Config)."""
+
+    steps: int = 250  # Perfusion paper: 210 on average, 400 at most
+    batch_size: int = 16  # Perfusion paper
+    seed: int = 0
+    flip_p: float = 0.5  # paper: horizontal flips with p = 0.5 (set 0 for asymmetric objects)
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50
+    preview_every: int = 0  # 0 = no previews
+    preview_prompt: str = "a photo of a {}"
+    max_grad_norm: float = 1.0
+
+
+def split_overrides(method_cls, overrides: dict[str, Any] | None) -> tuple[dict, dict]:
+    """Split a flat settings dict (e.g. from --config YAML) into trainer and method settings."""
+    overrides = dict(overrides or {})
+    method_settings = overrides.pop(method_cls.name, {}) or {}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    method_fields = {f.name for f in dataclasses.fields(method_cls.Config)}
+    train, unknown = {}, []
+    for key, value in overrides.items():
+        if key in train_fields:
+            train[key] = value
+        elif key in method_fields:
+            method_settings[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        known = sorted(train_fields | method_fields)
+        raise BadInputError(f"unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(known)}")
+    return train, method_settings
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")
+
+
+def preview_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".previews")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, pstate in state["state"].items():
+        for k, v in pstate.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"groups": groups, "scalars": scalars}
+
+
+def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, t in tensors.items():
+        if name.startswith("optim."):
+            _, pid, k = name.split(".", 2)
+            state.setdefault(int(pid), {})[k] = t
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["groups"]})
+
+
+def save_checkpoint(path: Path, step: int, run_id: dict, method, optimizer, generator: torch.Generator) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"method.{k}": v for k, v in method.state_tensors().items()}
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    tensors.update(opt_tensors)
+    tensors["rng.generator"] = generator.get_state()
+    meta = {"step": step, "run": run_id, "optimizer": opt_meta, "i_star_initialized": getattr(method, "i_star_initialized", None)}
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path / "state.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"personalize_checkpoint": json.dumps(meta)})
+
+
+def load_checkpoint(path: Path, run_id: dict, method, optimizer, generator: torch.Generator) -> int:
+    from safetensors import safe_open
+
+    file = path / "state.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"--resume: no checkpoint in '{path}'; run without --resume to start training")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = json.loads(f.metadata()["personalize_checkpoint"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"--resume: checkpoint '{file}' is unreadable; delete '{path}' and start again") from exc
+    differs = [k for k in run_id if meta["run"].get(k) != run_id[k]]
+    if differs:
+        raise CheckpointError(
+            f"--resume: the checkpoint in '{path}' is for a different run ({', '.join(differs)} differ); "
+            "delete it or use the original settings"
+        )
+    method.load_state_tensors({k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
+    if meta.get("i_star_initialized") is not None:
+        method.i_star_initialized = meta["i_star_initialized"]
+    _load_optimizer(optimizer, tensors, meta["optimizer"])
+    generator.set_state(tensors["rng.generator"])
+    return int(meta["step"])
+
+
+# ----------------------------------------------------------------------------- data
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior for each image, already scaled by the VAE's scaling factor."""
+    means, stds = [], []
+    scale = vae.config.scaling_factor
+    for start in range(0, images.shape[0], batch):
+        dist = vae.encode(images[start : start + batch].to(vae.device, vae.dtype)).latent_dist
+        means.append(dist.mean.float() * scale)
+        stds.append(dist.std.float() * scale)
+    return torch.cat(means), torch.cat(stds)
+
+
+class LatentCache:
+    """VAE latents of the training images and their mirror images, computed once per run."""
+
+    def __init__(self, vae, images: torch.Tensor, masks: torch.Tensor | None):
+        both = torch.cat([images, images.flip(-1)])
+        self.mean, self.std = encode_latents(vae, both)
+        self.n = images.shape[0]
+        self.masks = None
+        if masks is not None:
+            size = self.mean.shape[-1]
+            m = F.interpolate(masks, size=(size, size), mode="bilinear", align_corners=False)
+            self.masks = torch.cat([m, m.flip(-1)])
+
+    def sample(self, idx: torch.Tensor, flip: torch.Tensor, generator: torch.Generator):
+        rows = idx + flip.long() * self.n
+        eps = torch.randn(self.mean[rows].shape, generator=generator)
+        latents = self.mean[rows] + self.std[rows] * eps.to(self.mean.device)
+        return latents, (self.masks[rows] if self.masks is not None else None)
+
+
+# ----------------------------------------------------------------------------- the loop
+def _validate_words(pipe, token: str, superclass: str) -> None:
+    from .edits.tokens import base_tokenizer
+
+    tok = base_tokenizer(pipe)
+    single_token_id(tok, superclass)
+    check_new_token(tok, token)
+
+
+def denoising_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    err = (pred.float() - target.float()) ** 2
+    if mask is None:
+        return err.mean()
+    weight = mask.to(err.dtype).expand_as(err)
+    return (err * weight).sum() / weight.sum().clamp_min(1e-8)
+
+
+def train(
+    base,
+    images: str | Path,
+    *,
+    token: str,
+    superclass: str,
+    out: str | Path,
+    method: str = "perfusion",
+    masks: str | Path | None = None,
+    resume: bool = False,
+    settings: dict[str, Any] | None = None,
+    progress: bool = True,
+    callbacks: Iterable[Callable[[int, float], None]] = (),
+    device: str | torch.device | None = None,
+) -> Path:
+    """Train one concept and write its file to ``out``; returns the path.
+
+    ``base`` is a spec (``"tiny"``, a folder, a hub id) or a loaded pipeline.
+    ``settings`` holds :class:`TrainConfig` fields and the method's Config
+    fields (flat, or the latter nested under the method's name).
+    ``callbacks`` are called as ``cb(step, loss)`` after every step.
+    """
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    method_cls = method_registry.get(method)
+    train_over, method_over = split_overrides(method_cls, settings)
+    cfg = TrainConfig(**train_over)
+    mcfg = method_cls.make_config(method_over)
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise BadInputError(f"--mixed-precision must be no, fp16 or bf16, not '{cfg.mixed_precision}'")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise BadInputError("--steps and --batch-size must be at least 1")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise BadInputError(f"--out '{out}' must end in .safetensors")
+    ckpt = checkpoint_dir(out)
+    if resume and not (ckpt / "state.safetensors").is_file():
+        raise CheckpointError(f"--resume: no checkpoint in '{ckpt}'; run without --resume to start training")
+    image_paths = list_images(images)
+
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise BadInputError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 (or no) on a CPU")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(str(device) == "cpu"))
+    device = accelerator.device
+    pipe = load_base(base) if isinstance(base, (str, Path)) else base
+    pipe.to(device)
+    _validate_words(pipe, token, superclass)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pixels = load_images(image_paths, size)
+    mask_tensor = load_masks(masks, image_paths, size) if masks else None
+
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    cache = LatentCache(pipe.vae, pixels, mask_tensor)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+
+    trainable = method_cls.for_training(pipe, token, superclass, mcfg)
+    optimizer = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "name"} for g in trainable.param_groups()], weight_decay=0.0
+    )
+    optimizer = accelerator.prepare(optimizer)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    base_fp = fingerprint(pipe)
+    image_hashes = [file_sha256(p) for p in image_paths]
+    run_id = {
+        "method": method, "token": token, "superclass": superclass, "base": base_fp.digest,
+        "images": image_hashes, "seed": cfg.seed, "batch_size": cfg.batch_size,
+        "config": dataclasses.asdict(mcfg),
+    }
+    start = load_checkpoint(ckpt, run_id, trainable, optimizer, generator) if resume else 0
+
+    placeholder = trainable.placeholder()
+    tokenizer, text_encoder, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    bar = _Progress(progress, cfg.steps, start, f"training {method} {token}")
+    began = time.time()
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            idx = torch.randint(cache.n, (cfg.batch_size,), generator=generator)
+            flip = torch.rand(cfg.batch_size, generator=generator) < cfg.flip_p
+            latents, mask = cache.sample(idx, flip, generator)
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            timesteps = torch.randint(
+                noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator
+            ).to(device)
+            which = torch.randint(len(NEUTRAL_TEMPLATES), (cfg.batch_size,), generator=generator)
+            prompts = [fill(NEUTRAL_TEMPLATES[i], placeholder) for i in which.tolist()]
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+            with accelerator.autocast():
+                hidden = text_encoder(ids)[0]
+                trainable.on_text_encoded(ids, hidden)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                pred = unet(noisy, timesteps, hidden).sample
+            if prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                target = noise
+            loss = denoising_loss(pred, target, mask)
+            accelerator.backward(loss)
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            value = float(loss.detach())
+            bar.update(step, value)
+            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+                save_checkpoint(ckpt, step, run_id, trainable, optimizer, generator)
+            if cfg.preview_every and step % cfg.preview_every == 0:
+                write_preview(pipe, preview_dir(out) / f"step_{step:06d}.png", cfg.preview_prompt.format(token), cfg.seed)
+            for cb in callbacks:
+                cb(step, value)
+    finally:
+        bar.close()
+
+    concept = Concept(
+        header={
+            "method": method,
+            "token": token,
+            "superclass": superclass,
+            "config": dataclasses.asdict(mcfg),
+            "inference_defaults": trainable.inference_defaults(),
+            "base_fingerprint": dict(base_fp.to_dict(), digest=base_fp.digest),
+            "covariance": "builtin",
+            "provenance": {
+                "base": str(base) if isinstance(base, (str, Path)) else type(base).__name__,
+                "steps": cfg.steps,
+                "batch_size": cfg.batch_size,
+                "seed": cfg.seed,
+                "mixed_precision": cfg.mixed_precision,
+                "images": image_hashes,
+                "package_version": _version(),
+                "torch": torch.__version__,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "seconds": round(time.time() - began, 1),
+            },
+        },
+        tensors=trainable.concept_tensors(),
+    )
+    trainable.remove()
+    if cfg.gradient_checkpointing:
+        pipe.unet.disable_gradient_checkpointing()
+    return save_concept(out, concept)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("personalize")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+@torch.no_grad()
+def write_preview(pipe, path: Path, prompt: str, seed: int) -> None:
+    """One preview image from its own generator; the training RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        image = pipe(
+            prompt, num_inference_steps=25, guidance_scale=6.0,
+            generator=torch.Generator().manual_seed(seed), output_type="pil",
+        ).images[0]
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+class _Progress:
+    """A rich progress bar with loss and ETA (silent when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, completed: int, description: str):
+        self.progress = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(description, total=total, completed=completed, loss="-")
+
+    def update(self, step: int, loss: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
