@@ -203,7 +203,7 @@ def train(
     resume: bool = False,
     settings: dict[str, Any] | None = None,
     progress: bool = True,
-    callbacks: Iterable[Callable[[int, float], None]] = (),
+    callbacks: Iterable[Callable[[int, float, Any], None]] = (),
     device: str | torch.device | None = None,
 ) -> Path:
     """Train one concept and write its file to ``out``; returns the path.
@@ -211,7 +211,8 @@ def train(
     ``base`` is a spec (``"tiny"``, a folder, a hub id) or a loaded pipeline.
     ``settings`` holds :class:`TrainConfig` fields and the method's Config
     fields (flat, or the latter nested under the method's name).
-    ``callbacks`` are called as ``cb(step, loss)`` after every step.
+    ``callbacks`` are called as ``cb(step, loss, method)`` after every step
+    (after that step's checkpoint), with the live method object.
     """
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
@@ -253,91 +254,93 @@ def train(
     prediction_type = noise_scheduler.config.prediction_type
 
     trainable = method_cls.for_training(pipe, token, superclass, mcfg)
-    optimizer = torch.optim.AdamW(
-        [{k: v for k, v in g.items() if k != "name"} for g in trainable.param_groups()], weight_decay=0.0
-    )
-    optimizer = accelerator.prepare(optimizer)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    base_fp = fingerprint(pipe)
-    image_hashes = [file_sha256(p) for p in image_paths]
-    run_id = {
-        "method": method, "token": token, "superclass": superclass, "base": base_fp.digest,
-        "images": image_hashes, "seed": cfg.seed, "batch_size": cfg.batch_size,
-        "config": dataclasses.asdict(mcfg),
-    }
-    start = load_checkpoint(ckpt, run_id, trainable, optimizer, generator) if resume else 0
-
-    placeholder = trainable.placeholder()
-    tokenizer, text_encoder, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    bar = _Progress(progress, cfg.steps, start, f"training {method} {token}")
-    began = time.time()
     try:
-        for step in range(start + 1, cfg.steps + 1):
-            idx = torch.randint(cache.n, (cfg.batch_size,), generator=generator)
-            flip = torch.rand(cfg.batch_size, generator=generator) < cfg.flip_p
-            latents, mask = cache.sample(idx, flip, generator)
-            noise = torch.randn(latents.shape, generator=generator).to(device)
-            timesteps = torch.randint(
-                noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator
-            ).to(device)
-            which = torch.randint(len(NEUTRAL_TEMPLATES), (cfg.batch_size,), generator=generator)
-            prompts = [fill(NEUTRAL_TEMPLATES[i], placeholder) for i in which.tolist()]
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(device)
-            with accelerator.autocast():
-                hidden = text_encoder(ids)[0]
-                trainable.on_text_encoded(ids, hidden)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                pred = unet(noisy, timesteps, hidden).sample
-            if prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
-            loss = denoising_loss(pred, target, mask)
-            accelerator.backward(loss)
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = float(loss.detach())
-            bar.update(step, value)
-            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                save_checkpoint(ckpt, step, run_id, trainable, optimizer, generator)
-            if cfg.preview_every and step % cfg.preview_every == 0:
-                write_preview(pipe, preview_dir(out) / f"step_{step:06d}.png", cfg.preview_prompt.format(token), cfg.seed)
-            for cb in callbacks:
-                cb(step, value)
-    finally:
-        bar.close()
-
-    concept = Concept(
-        header={
-            "method": method,
-            "token": token,
-            "superclass": superclass,
+        optimizer = torch.optim.AdamW(
+            [{k: v for k, v in g.items() if k != "name"} for g in trainable.param_groups()], weight_decay=0.0
+        )
+        optimizer = accelerator.prepare(optimizer)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        base_fp = fingerprint(pipe)
+        image_hashes = [file_sha256(p) for p in image_paths]
+        run_id = {
+            "method": method, "token": token, "superclass": superclass, "base": base_fp.digest,
+            "images": image_hashes, "seed": cfg.seed, "batch_size": cfg.batch_size,
             "config": dataclasses.asdict(mcfg),
-            "inference_defaults": trainable.inference_defaults(),
-            "base_fingerprint": dict(base_fp.to_dict(), digest=base_fp.digest),
-            "covariance": "builtin",
-            "provenance": {
-                "base": str(base) if isinstance(base, (str, Path)) else type(base).__name__,
-                "steps": cfg.steps,
-                "batch_size": cfg.batch_size,
-                "seed": cfg.seed,
-                "mixed_precision": cfg.mixed_precision,
-                "images": image_hashes,
-                "package_version": _version(),
-                "torch": torch.__version__,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "seconds": round(time.time() - began, 1),
+        }
+        start = load_checkpoint(ckpt, run_id, trainable, optimizer, generator) if resume else 0
+
+        placeholder = trainable.placeholder()
+        tokenizer, text_encoder, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        bar = _Progress(progress, cfg.steps, start, f"training {method} {token}")
+        began = time.time()
+        try:
+            for step in range(start + 1, cfg.steps + 1):
+                idx = torch.randint(cache.n, (cfg.batch_size,), generator=generator)
+                flip = torch.rand(cfg.batch_size, generator=generator) < cfg.flip_p
+                latents, mask = cache.sample(idx, flip, generator)
+                noise = torch.randn(latents.shape, generator=generator).to(device)
+                timesteps = torch.randint(
+                    noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator
+                ).to(device)
+                which = torch.randint(len(NEUTRAL_TEMPLATES), (cfg.batch_size,), generator=generator)
+                prompts = [fill(NEUTRAL_TEMPLATES[i], placeholder) for i in which.tolist()]
+                ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids.to(device)
+                with accelerator.autocast():
+                    hidden = text_encoder(ids)[0]
+                    trainable.on_text_encoded(ids, hidden)
+                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                    pred = unet(noisy, timesteps, hidden).sample
+                if prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    target = noise
+                loss = denoising_loss(pred, target, mask)
+                accelerator.backward(loss)
+                if cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                value = float(loss.detach())
+                bar.update(step, value)
+                if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+                    save_checkpoint(ckpt, step, run_id, trainable, optimizer, generator)
+                if cfg.preview_every and step % cfg.preview_every == 0:
+                    write_preview(pipe, preview_dir(out) / f"step_{step:06d}.png", cfg.preview_prompt.format(token), cfg.seed)
+                for cb in callbacks:
+                    cb(step, value, trainable)
+        finally:
+            bar.close()
+
+        concept = Concept(
+            header={
+                "method": method,
+                "token": token,
+                "superclass": superclass,
+                "config": dataclasses.asdict(mcfg),
+                "inference_defaults": trainable.inference_defaults(),
+                "base_fingerprint": dict(base_fp.to_dict(), digest=base_fp.digest),
+                "covariance": "builtin",
+                "provenance": {
+                    "base": str(base) if isinstance(base, (str, Path)) else type(base).__name__,
+                    "steps": cfg.steps,
+                    "batch_size": cfg.batch_size,
+                    "seed": cfg.seed,
+                    "mixed_precision": cfg.mixed_precision,
+                    "images": image_hashes,
+                    "package_version": _version(),
+                    "torch": torch.__version__,
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "seconds": round(time.time() - began, 1),
+                },
             },
-        },
-        tensors=trainable.concept_tensors(),
-    )
-    trainable.remove()
-    if cfg.gradient_checkpointing:
-        pipe.unet.disable_gradient_checkpointing()
+            tensors=trainable.concept_tensors(),
+        )
+    finally:
+        trainable.remove()
+        if cfg.gradient_checkpointing:
+            pipe.unet.disable_gradient_checkpointing()
     return save_concept(out, concept)
 
 

@@ -1,0 +1,72 @@
+"""Shared fixtures: offline, a private cache, the tiny base and a folder of photos."""
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Caches (covariance, ...) go to a temp folder shared by the whole test session."""
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("PERSONALIZE_CACHE")
+    os.environ["PERSONALIZE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("PERSONALIZE_CACHE", None)
+    else:
+        os.environ["PERSONALIZE_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def _tiny_master():
+    from personalize.base import load_base
+
+    return load_base("tiny")
+
+
+@pytest.fixture
+def tiny(_tiny_master):
+    """A fresh copy of the tiny base (tests may attach things to it)."""
+    return copy.deepcopy(_tiny_master)
+
+
+def make_photos(folder, n: int = 4, size: int = 40):
+    """A few synthetic photos of 'a green disc' on varied backgrounds."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = Image.new("RGB", (size + 8 * i, size), (200, 40 * i, 60))
+        draw = ImageDraw.Draw(img)
+        draw.ellipse((6 + 2 * i, 6, 30 + 2 * i, 30), fill=(30, 200, 40), outline=(0, 0, 0))
+        img.save(folder / f"photo_{i}.png")
+    return folder
+
+
+@pytest.fixture
+def photos(tmp_path):
+    return make_photos(tmp_path / "photos")
+
+
+FAST = {"steps": 2, "batch_size": 2, "checkpoint_every": 0}
+
+
+@pytest.fixture(scope="session")
+def trained_concept(tmp_path_factory, _tiny_master):
+    """A Perfusion concept trained for a few steps on the tiny base (file path)."""
+    from personalize import train
+
+    root = tmp_path_factory.mktemp("concept")
+    folder = make_photos(root / "photos")
+    pipe = copy.deepcopy(_tiny_master)
+    return train(pipe, folder, token="<disc>", superclass="ball", out=root / "disc.safetensors",
+                 settings={"steps": 4, "batch_size": 2, "checkpoint_every": 0}, progress=False)
