@@ -237,6 +237,22 @@ def list_methods():
     out_console.print(table)
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for the demo's photos, concept, samples and index.html."),
+    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    steps: int = typer.Option(40, "--steps", min=1, help="Training steps."),
+):
+    """Run the whole flow on a built-in base on the CPU: photos -> concept -> new scenes at several beta -> index.html.
+
+    [bold]Example[/bold]:  personalize demo --out demo_out
+    """
+    from .demo import run_demo
+
+    index = run_demo(out, base=base, steps=steps, log=lambda s: out_console.print(s))
+    out_console.print(f"open [bold]{index.resolve()}[/bold]")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

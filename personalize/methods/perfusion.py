@@ -233,6 +233,16 @@ class Perfusion(Method):
         method.install()
         return method
 
+    @staticmethod
+    def concept_shapes(unet, text_dim: int, lock: str = "local") -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the tensors a concept file holds for ``unet`` (works on the meta device)."""
+        shapes: dict[str, tuple[int, ...]] = {"embedding": (1, text_dim), "i_star": (text_dim,)}
+        for name, attn in cross_attention_layers(unet):
+            shapes[f"o_v.{_key(name)}"] = (attn.to_v.out_features,)
+            if lock == "trained":
+                shapes[f"o_k.{_key(name)}"] = (attn.to_k.out_features,)
+        return shapes
+
     # -- training hooks
     def param_groups(self) -> list[dict]:
         groups = [

@@ -1,0 +1,26 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+# Both create .venv with the package installed if it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip 2>/dev/null || true
+	$(PY) -m pip install --quiet -e '.[dev]' 2> $(VENV)/pip-install.log || (cat $(VENV)/pip-install.log; exit 1)
+	$(PY) -c "import personalize, diffusers, peft, open_clip" 
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/personalize demo --out demo_out
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf demo_out .pytest_cache

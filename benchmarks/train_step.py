@@ -1,0 +1,76 @@
+"""Seconds per training step and peak memory, through the real trainer.
+
+CPU: the ``tiny`` base (always). GPU (when CUDA is available): an SD 1.5-shaped
+pipeline with random weights at 512 px. Prints one JSON line per run.
+
+    python benchmarks/train_step.py [--steps 20] [--batch-size 4] [--methods perfusion]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import make_photos  # noqa: E402
+
+from personalize import train  # noqa: E402
+from personalize.base import load_base  # noqa: E402
+
+
+def measure(pipe, base_name: str, method: str, steps: int, batch_size: int, device: str, **settings) -> dict:
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def tick(step, loss, m):
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = make_photos(Path(tmp) / "photos", n=5, size=96)
+        last[0] = time.perf_counter()
+        train(pipe, photos, token="<bench>", superclass="ball", out=Path(tmp) / "c.safetensors", method=method,
+              settings={"steps": steps, "batch_size": batch_size, "checkpoint_every": 0, **settings},
+              progress=False, callbacks=[tick], device=device)
+    warm = times[2:] or times
+    row = {"method": method, "base": base_name, "device": device, "batch_size": batch_size, **settings,
+           "s_per_step": round(sum(warm) / len(warm), 4), "steps_timed": len(warm)}
+    if device == "cuda":
+        row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        row["gpu"] = torch.cuda.get_device_name()
+    else:
+        row["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--methods", default="perfusion")
+    args = parser.parse_args()
+    for method in args.methods.split(","):
+        pipe = load_base("tiny")
+        print(json.dumps(measure(pipe, "tiny", method, args.steps, args.batch_size, "cpu")), flush=True)
+        if torch.cuda.is_available():
+            from personalize.sd_shapes import sd15_pipeline
+
+            for ckpt in (False, True):
+                pipe = sd15_pipeline("cuda")
+                print(json.dumps(measure(pipe, "sd15-random-512px", method, args.steps, 16, "cuda",
+                                         gradient_checkpointing=ckpt, mixed_precision="bf16")), flush=True)
+                del pipe
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
