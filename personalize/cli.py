@@ -253,8 +253,25 @@ def demo(
     out_console.print(f"open [bold]{index.resolve()}[/bold]")
 
 
+def _quiet_libraries() -> None:
+    """Library warnings (hub retries, deprecations) would bury our one-line errors."""
+    import logging
+
+    for name in ("diffusers", "transformers", "huggingface_hub", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.set_verbosity_error()
+        tlog.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
     try:
         app(args=argv, standalone_mode=False)
     except PersonalizeError as exc:
