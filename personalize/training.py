@@ -214,7 +214,6 @@ def train(
     ``callbacks`` are called as ``cb(step, loss, method)`` after every step
     (after that step's checkpoint), with the live method object.
     """
-    from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
     method_cls = method_registry.get(method)
@@ -235,7 +234,7 @@ def train(
 
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise BadInputError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 (or no) on a CPU")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(str(device) == "cpu"))
+    accelerator = _accelerator(cfg.mixed_precision, cpu=(str(device) == "cpu"))
     device = accelerator.device
     pipe = load_base(base) if isinstance(base, (str, Path)) else base
     pipe.to(device)
@@ -342,6 +341,19 @@ def train(
         if cfg.gradient_checkpointing:
             pipe.unet.disable_gradient_checkpointing()
     return save_concept(out, concept)
+
+
+def _accelerator(mixed_precision: str, cpu: bool):
+    """An Accelerator; accelerate keeps process-wide state, so a second run in one process with other
+    settings (e.g. bf16 after fp32, from Python) resets it first."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    except ValueError:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
 def _version() -> str:
