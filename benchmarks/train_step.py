@@ -59,8 +59,13 @@ def main() -> None:
     parser.add_argument("--methods", default="perfusion")
     args = parser.parse_args()
     for method in args.methods.split(","):
-        pipe = load_base("tiny")
-        print(json.dumps(measure(pipe, "tiny", method, args.steps, args.batch_size, "cpu")), flush=True)
+        rows = []
+        for ckpt in (False, True):  # side by side in one run: the ratio is what CPU numbers are good for
+            pipe = load_base("tiny")
+            rows.append(measure(pipe, "tiny", method, args.steps, args.batch_size, "cpu", gradient_checkpointing=ckpt))
+            print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps({"method": method, "base": "tiny", "ratio_checkpointing_over_plain":
+                          round(rows[1]["s_per_step"] / rows[0]["s_per_step"], 3)}), flush=True)
         if torch.cuda.is_available():
             from personalize.sd_shapes import sd15_pipeline
 
