@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from . import methods as method_registry
 from .base import fingerprint, load_base
+from .checkpoints import checkpoint_dir, has_checkpoint, load_checkpoint, save_checkpoint
 from .concept import Concept, save_concept
 from .errors import BadInputError, CheckpointError
 from .images import file_sha256, list_images, load_images, load_masks
@@ -66,79 +66,9 @@ def split_overrides(method_cls, overrides: dict[str, Any] | None) -> tuple[dict,
     return train, method_settings
 
 
-def checkpoint_dir(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(out.name + ".ckpt")
-
-
 def preview_dir(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".previews")
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, pstate in state["state"].items():
-        for k, v in pstate.items():
-            if torch.is_tensor(v):
-                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{k}"] = v
-    groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
-    return tensors, {"groups": groups, "scalars": scalars}
-
-
-def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for name, t in tensors.items():
-        if name.startswith("optim."):
-            _, pid, k = name.split(".", 2)
-            state.setdefault(int(pid), {})[k] = t
-    for key, v in meta["scalars"].items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["groups"]})
-
-
-def save_checkpoint(path: Path, step: int, run_id: dict, method, optimizer, generator: torch.Generator) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {f"method.{k}": v for k, v in method.state_tensors().items()}
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-    tensors.update(opt_tensors)
-    tensors["rng.generator"] = generator.get_state()
-    meta = {"step": step, "run": run_id, "optimizer": opt_meta, "i_star_initialized": getattr(method, "i_star_initialized", None)}
-    path.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path / "state.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"personalize_checkpoint": json.dumps(meta)})
-
-
-def load_checkpoint(path: Path, run_id: dict, method, optimizer, generator: torch.Generator) -> int:
-    from safetensors import safe_open
-
-    file = path / "state.safetensors"
-    if not file.is_file():
-        raise CheckpointError(f"--resume: no checkpoint in '{path}'; run without --resume to start training")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            meta = json.loads(f.metadata()["personalize_checkpoint"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise CheckpointError(f"--resume: checkpoint '{file}' is unreadable; delete '{path}' and start again") from exc
-    differs = [k for k in run_id if meta["run"].get(k) != run_id[k]]
-    if differs:
-        raise CheckpointError(
-            f"--resume: the checkpoint in '{path}' is for a different run ({', '.join(differs)} differ); "
-            "delete it or use the original settings"
-        )
-    method.load_state_tensors({k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
-    if meta.get("i_star_initialized") is not None:
-        method.i_star_initialized = meta["i_star_initialized"]
-    _load_optimizer(optimizer, tensors, meta["optimizer"])
-    generator.set_state(tensors["rng.generator"])
-    return int(meta["step"])
 
 
 # ----------------------------------------------------------------------------- data
@@ -220,20 +150,10 @@ def train(
     train_over, method_over = split_overrides(method_cls, settings)
     cfg = TrainConfig(**train_over)
     mcfg = method_cls.make_config(method_over)
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise BadInputError(f"--mixed-precision must be no, fp16 or bf16, not '{cfg.mixed_precision}'")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise BadInputError("--steps and --batch-size must be at least 1")
     out = Path(out)
-    if out.suffix != ".safetensors":
-        raise BadInputError(f"--out '{out}' must end in .safetensors")
-    ckpt = checkpoint_dir(out)
-    if resume and not (ckpt / "state.safetensors").is_file():
-        raise CheckpointError(f"--resume: no checkpoint in '{ckpt}'; run without --resume to start training")
+    _check_run(cfg, out, resume)
     image_paths = list_images(images)
 
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise BadInputError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 (or no) on a CPU")
     accelerator = _accelerator(cfg.mixed_precision, cpu=(str(device) == "cpu"))
     device = accelerator.device
     pipe = load_base(base) if isinstance(base, (str, Path)) else base
@@ -249,15 +169,13 @@ def train(
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     cache = LatentCache(pipe.vae, pixels, mask_tensor)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = noise_scheduler.config.prediction_type
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     trainable = method_cls.for_training(pipe, token, superclass, mcfg)
     try:
-        optimizer = torch.optim.AdamW(
-            [{k: v for k, v in g.items() if k != "name"} for g in trainable.param_groups()], weight_decay=0.0
-        )
-        optimizer = accelerator.prepare(optimizer)
+        groups = [{k: v for k, v in g.items() if k != "name"} for g in trainable.param_groups()]
+        optimizer = accelerator.prepare(torch.optim.AdamW(groups, weight_decay=0.0))
+        params = [p for g in optimizer.param_groups for p in g["params"]]
         generator = torch.Generator().manual_seed(cfg.seed)
         base_fp = fingerprint(pipe)
         image_hashes = [file_sha256(p) for p in image_paths]
@@ -266,36 +184,16 @@ def train(
             "images": image_hashes, "seed": cfg.seed, "batch_size": cfg.batch_size,
             "config": dataclasses.asdict(mcfg),
         }
+        ckpt = checkpoint_dir(out)
         start = load_checkpoint(ckpt, run_id, trainable, optimizer, generator) if resume else 0
-
-        placeholder = trainable.placeholder()
-        tokenizer, text_encoder, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
-        params = [p for g in optimizer.param_groups for p in g["params"]]
         bar = _Progress(progress, cfg.steps, start, f"training {method} {token}")
         began = time.time()
         try:
             for step in range(start + 1, cfg.steps + 1):
-                idx = torch.randint(cache.n, (cfg.batch_size,), generator=generator)
-                flip = torch.rand(cfg.batch_size, generator=generator) < cfg.flip_p
-                latents, mask = cache.sample(idx, flip, generator)
-                noise = torch.randn(latents.shape, generator=generator).to(device)
-                timesteps = torch.randint(
-                    noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator
-                ).to(device)
-                which = torch.randint(len(NEUTRAL_TEMPLATES), (cfg.batch_size,), generator=generator)
-                prompts = [fill(NEUTRAL_TEMPLATES[i], placeholder) for i in which.tolist()]
-                ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids.to(device)
+                batch = draw_batch(cache, cfg.batch_size, cfg.flip_p, scheduler.config.num_train_timesteps,
+                                   trainable.placeholder(), generator, device)
                 with accelerator.autocast():
-                    hidden = text_encoder(ids)[0]
-                    trainable.on_text_encoded(ids, hidden)
-                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                    pred = unet(noisy, timesteps, hidden).sample
-                if prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                else:
-                    target = noise
-                loss = denoising_loss(pred, target, mask)
+                    loss = denoising_step(pipe, scheduler, trainable, batch)
                 accelerator.backward(loss)
                 if cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -306,33 +204,28 @@ def train(
                 if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                     save_checkpoint(ckpt, step, run_id, trainable, optimizer, generator)
                 if cfg.preview_every and step % cfg.preview_every == 0:
-                    write_preview(pipe, preview_dir(out) / f"step_{step:06d}.png", cfg.preview_prompt.format(token), cfg.seed)
+                    write_preview(pipe, preview_dir(out) / f"step_{step:06d}.png",
+                                  cfg.preview_prompt.format(token), cfg.seed)
                 for cb in callbacks:
                     cb(step, value, trainable)
         finally:
             bar.close()
-
+        provenance = {
+            "base": str(base) if isinstance(base, (str, Path)) else type(base).__name__,
+            "steps": cfg.steps, "batch_size": cfg.batch_size, "seed": cfg.seed,
+            "mixed_precision": cfg.mixed_precision, "images": image_hashes,
+            "package_version": _version(), "torch": torch.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.time() - began, 1),
+        }
         concept = Concept(
             header={
-                "method": method,
-                "token": token,
-                "superclass": superclass,
+                "method": method, "token": token, "superclass": superclass,
                 "config": dataclasses.asdict(mcfg),
                 "inference_defaults": trainable.inference_defaults(),
                 "base_fingerprint": dict(base_fp.to_dict(), digest=base_fp.digest),
-                "covariance": "builtin",
-                "provenance": {
-                    "base": str(base) if isinstance(base, (str, Path)) else type(base).__name__,
-                    "steps": cfg.steps,
-                    "batch_size": cfg.batch_size,
-                    "seed": cfg.seed,
-                    "mixed_precision": cfg.mixed_precision,
-                    "images": image_hashes,
-                    "package_version": _version(),
-                    "torch": torch.__version__,
-                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "seconds": round(time.time() - began, 1),
-                },
+                **trainable.header_fields(),
+                "provenance": provenance,
             },
             tensors=trainable.concept_tensors(),
         )
@@ -341,6 +234,58 @@ def train(
         if cfg.gradient_checkpointing:
             pipe.unet.disable_gradient_checkpointing()
     return save_concept(out, concept)
+
+
+def _check_run(cfg: TrainConfig, out: Path, resume: bool) -> None:
+    """Refuse bad settings before anything is loaded or written."""
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise BadInputError(f"--mixed-precision must be no, fp16 or bf16, not '{cfg.mixed_precision}'")
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise BadInputError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 (or no) on a CPU")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise BadInputError("--steps and --batch-size must be at least 1")
+    if out.suffix != ".safetensors":
+        raise BadInputError(f"--out '{out}' must end in .safetensors")
+    if resume and not has_checkpoint(out):
+        raise CheckpointError(f"--resume: no checkpoint in '{checkpoint_dir(out)}'; run without --resume to start training")
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    mask: torch.Tensor | None
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    prompts: list[str]
+
+
+def draw_batch(cache: "LatentCache", batch_size: int, flip_p: float, num_timesteps: int, placeholder: str,
+               generator: torch.Generator, device) -> Batch:
+    """Everything random about one step, drawn in a fixed order from ``generator``."""
+    idx = torch.randint(cache.n, (batch_size,), generator=generator)
+    flip = torch.rand(batch_size, generator=generator) < flip_p
+    latents, mask = cache.sample(idx, flip, generator)
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(num_timesteps, (batch_size,), generator=generator).to(device)
+    which = torch.randint(len(NEUTRAL_TEMPLATES), (batch_size,), generator=generator)
+    prompts = [fill(NEUTRAL_TEMPLATES[i], placeholder) for i in which.tolist()]
+    return Batch(latents.to(device), None if mask is None else mask.to(device), noise, timesteps, prompts)
+
+
+def denoising_step(pipe, scheduler, method, batch: Batch) -> torch.Tensor:
+    """Encode the prompts (method hook), noise the latents, predict, and return the loss."""
+    tok = pipe.tokenizer
+    ids = tok(batch.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(batch.latents.device)
+    hidden = pipe.text_encoder(ids)[0]
+    method.on_text_encoded(ids, hidden)
+    noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+    pred = pipe.unet(noisy, batch.timesteps, hidden).sample
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
+    else:
+        target = batch.noise
+    return denoising_loss(pred, target, batch.mask)
 
 
 def _accelerator(mixed_precision: str, cpu: bool):

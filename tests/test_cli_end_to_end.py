@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from personalize import train
 from personalize.cli import main
-from personalize.training import checkpoint_dir
+from personalize.checkpoints import checkpoint_dir
 
 
 def run(args, capsys):

@@ -80,6 +80,10 @@ class Method:
     def inference_defaults(self) -> dict[str, Any]:
         return {}
 
+    def header_fields(self) -> dict[str, Any]:
+        """Extra top-level header entries the method needs at attach time."""
+        return {}
+
     # -- the pipeline ------------------------------------------------------------
     def install(self) -> None:
         raise NotImplementedError

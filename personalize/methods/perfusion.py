@@ -307,6 +307,9 @@ class Perfusion(Method):
     def inference_defaults(self) -> dict[str, Any]:
         return {"beta": self.config.beta, "tau": self.config.tau}
 
+    def header_fields(self) -> dict[str, Any]:
+        return {"covariance": "builtin"}
+
     # -- the edit
     def target_output(self, layer: str, pathway: str) -> torch.Tensor:
         return (self.o_k if pathway == "k" else self.o_v)[_key(layer)]

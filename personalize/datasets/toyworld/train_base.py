@@ -1,0 +1,440 @@
+"""Train the toy world's tiny SD-1.x-shaped base model from scratch (CPU, reproducible, resumable).
+
+    python -m personalize.datasets.toyworld.train_base --out ~/.cache/personalize-toyworld/run
+    python -m personalize.datasets.toyworld.train_base --out ~/.cache/personalize-toyworld/run --resume
+
+Phase 1 trains the VAE (AutoencoderKL, 32x32 px -> 16x16x4 latents) on world scenes
+plus generic full-frame textures; phase 2 freezes it and trains the CLIP text
+encoder (full 49,408-token table, real tokenizer ids) and the UNet jointly, with
+v-prediction on SD's scaled_linear schedule, AdamW + warm-up + cosine decay,
+grad clipping, EMA and 10 % caption dropout. Every step's data and noise are
+derived from (seed, phase, step), so ``--resume`` continues exactly.
+Checkpoints (``DIR/checkpoint.pt``) are written atomically every ``--ckpt-every``
+steps; at the end the EMA weights are exported as an fp16 diffusers pipeline
+to ``DIR/pipeline`` (and to ``--export`` if given).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import model as M
+from .world import COLORS, render_array, sample_scene, training_caption
+
+CKPT = "checkpoint.pt"
+
+
+# --------------------------------------------------------------------------- data
+def generic_texture(rng: random.Random, size: int = 32, supersample: int = 4) -> np.ndarray:
+    """A full-frame generic pattern (stripes / checks / dots / blobs, random colours) for VAE training only."""
+    from PIL import Image, ImageDraw
+
+    big = size * supersample
+
+    def col():
+        if rng.random() < 0.5:
+            return rng.choice(list(COLORS.values()) + [(20, 20, 20), (240, 130, 30), (240, 150, 190)])
+        return tuple(rng.randrange(256) for _ in range(3))
+
+    img = Image.new("RGB", (big, big), col())
+    d = ImageDraw.Draw(img)
+    kind = rng.randrange(4)
+    period = rng.uniform(3, 9) * supersample
+    c2 = col()
+    if kind == 0:  # stripes, random angle
+        ang = rng.choice([0, 90, rng.uniform(0, 180)])
+        layer = Image.new("RGB", (big * 2, big * 2), img.getpixel((0, 0)))
+        dl = ImageDraw.Draw(layer)
+        x = rng.uniform(0, period)
+        while x < 2 * big:
+            dl.rectangle((x, 0, x + period / 2, 2 * big), fill=c2)
+            x += period
+        layer = layer.rotate(ang, resample=Image.BILINEAR)
+        img = layer.crop((big // 2, big // 2, big // 2 + big, big // 2 + big))
+    elif kind == 1:  # checks
+        off = rng.uniform(0, period)
+        n = int(big / period) + 2
+        for i in range(-1, n):
+            for j in range(-1, n):
+                if (i + j) % 2:
+                    d.rectangle((off + i * period, off + j * period, off + (i + 1) * period, off + (j + 1) * period), fill=c2)
+    elif kind == 2:  # dots
+        r = period * rng.uniform(0.2, 0.4)
+        off = rng.uniform(0, period)
+        n = int(big / period) + 2
+        for i in range(-1, n):
+            for j in range(-1, n):
+                cx, cy = off + i * period, off + j * period
+                d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=c2)
+    else:  # random blobs / polygons / arcs
+        for _ in range(rng.randint(2, 8)):
+            x0, y0 = rng.uniform(-10, big), rng.uniform(-10, big)
+            w = rng.uniform(2, 16) * supersample
+            shape = rng.randrange(3)
+            if shape == 0:
+                d.ellipse((x0, y0, x0 + w, y0 + w * rng.uniform(0.5, 1.5)), fill=col())
+            elif shape == 1:
+                pts = [(x0 + rng.uniform(0, w), y0 + rng.uniform(0, w)) for _ in range(rng.randint(3, 6))]
+                d.polygon(pts, fill=col())
+            else:
+                d.arc((x0, y0, x0 + w, y0 + w), rng.uniform(0, 360), rng.uniform(0, 360), fill=col(),
+                      width=int(rng.uniform(1, 3) * supersample))
+    return np.asarray(img.resize((size, size), Image.BOX), dtype=np.uint8)
+
+
+def to_tensor(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def vae_batch(seed: int, step: int, batch: int, texture_fraction: float) -> torch.Tensor:
+    rng = random.Random(f"{seed}:vae:{step}")
+    arrays = []
+    for _ in range(batch):
+        if rng.random() < texture_fraction:
+            arrays.append(generic_texture(rng))
+        else:
+            arrays.append(render_array(sample_scene(rng, held_out=False)))
+    return to_tensor(arrays)
+
+
+class CaptionIds:
+    """Caches tokenizer ids (SD pipeline tokenization: pad to 77 with <|endoftext|>, no attention mask)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        out = []
+        for c in captions:
+            ids = self.cache.get(c)
+            if ids is None:
+                ids = self.tok(c, padding="max_length", max_length=self.tok.model_max_length, truncation=True,
+                               return_tensors="pt").input_ids[0]
+                if len(self.cache) < 200_000:
+                    self.cache[c] = ids
+            out.append(ids)
+        return torch.stack(out)
+
+
+def unet_batch(seed: int, step: int, batch: int, dropout: float) -> tuple[torch.Tensor, list[str]]:
+    rng = random.Random(f"{seed}:unet:{step}")
+    arrays, caps = [], []
+    for _ in range(batch):
+        scene = sample_scene(rng, held_out=False)
+        arrays.append(render_array(scene))
+        cap = training_caption(scene, rng)
+        caps.append("" if rng.random() < dropout else cap)
+    return to_tensor(arrays), caps
+
+
+# --------------------------------------------------------------------------- utilities
+def lr_at(step: int, total: int, base: float, warmup: int, final_frac: float = 0.1) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def fmt_time(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Logger:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def ema_update(ema: dict[str, torch.Tensor], module: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                ema[k].mul_(decay).add_(v, alpha=1 - decay)
+            else:
+                ema[k].copy_(v)
+
+
+def param_groups(module: torch.nn.Module, wd: float):
+    decay, no_decay = [], []
+    for n, p in module.named_parameters():
+        (no_decay if (p.ndim < 2 or "embedding" in n) else decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="personalize toyworld train-base", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="work dir (checkpoints, log, exported pipeline)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-6)
+    p.add_argument("--texture-fraction", type=float, default=0.25)
+    p.add_argument("--steps", type=int, default=2400, help="UNet + text encoder steps")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--prediction-type", default="v_prediction", choices=["v_prediction", "epsilon"])
+    p.add_argument("--vae-channels", default=",".join(map(str, M.DEFAULT_ARCH["vae_channels"])),
+                   help="VAE block widths; n blocks -> 2^(n-1)x downsampling")
+    p.add_argument("--unet-channels", default=",".join(map(str, M.DEFAULT_ARCH["unet_channels"])))
+    p.add_argument("--unet-attn", default=",".join(str(int(a)) for a in M.DEFAULT_ARCH["unet_cross_attn"]),
+                   help="per UNet level: 1 = cross-attention block, 0 = plain ResNet block")
+    p.add_argument("--unet-layers", type=int, default=1)
+    p.add_argument("--scale-images", type=int, default=512, help="renders used to set the latent scaling factor")
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--export", default=None, help="also export the fp16 pipeline here (e.g. the package weights dir)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tokenizer = M.build_tokenizer()  # build early: all code this run needs is loaded at start
+    from .concepts import CONCEPTS  # noqa: F401  (used by vae_report)
+    out = Path(os.path.expanduser(args.out))
+    out.mkdir(parents=True, exist_ok=True)
+    log = Logger(out / "train.log")
+    ckpt_path = out / CKPT
+
+    arch = dict(M.DEFAULT_ARCH)
+    arch["vae_channels"] = [int(c) for c in args.vae_channels.split(",")]
+    arch["unet_channels"] = [int(c) for c in args.unet_channels.split(",")]
+    arch["unet_cross_attn"] = [bool(int(a)) for a in args.unet_attn.split(",")]
+    if len(arch["unet_cross_attn"]) != len(arch["unet_channels"]):
+        raise SystemExit("--unet-attn needs one flag per --unet-channels level")
+    arch["unet_layers"] = args.unet_layers
+
+    state = None
+    if args.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=True)
+        saved = state["args"]
+        # the architecture and data recipe come from the checkpoint; schedule lengths may be extended
+        arch = json.loads(state["arch"])
+        for k in ("seed", "vae_batch", "vae_lr", "vae_kl", "texture_fraction", "batch", "lr", "warmup",
+                  "weight_decay", "ema", "caption_dropout", "prediction_type"):
+            setattr(args, k, saved[k])
+        log(f"resuming from {ckpt_path}: phase {state['phase']} step {state['step']}")
+    elif args.resume:
+        log(f"--resume: no checkpoint at {ckpt_path}, starting fresh")
+
+    torch.manual_seed(args.seed)
+    vae, unet, te = M.build_vae(arch), M.build_unet(arch), M.build_text_encoder(arch)
+    log(f"params: vae {M.count_params(vae):,} unet {M.count_params(unet):,} text encoder {M.count_params(te):,}; "
+        f"arch {json.dumps(arch)}")
+    vae_opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(param_groups(unet, args.weight_decay) + param_groups(te, args.weight_decay), lr=args.lr)
+    ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    ema_te = {k: v.detach().clone() for k, v in te.state_dict().items()}
+    phase, step, elapsed = "vae", 0, 0.0
+    scaling = 1.0
+    if state is not None:
+        vae.load_state_dict(state["vae"])
+        unet.load_state_dict(state["unet"])
+        te.load_state_dict(state["te"])
+        vae_opt.load_state_dict(state["vae_opt"])
+        opt.load_state_dict(state["opt"])
+        ema_unet, ema_te = state["ema_unet"], state["ema_te"]
+        phase, step, elapsed, scaling = state["phase"], int(state["step"]), float(state["elapsed"]), float(state["scaling"])
+        torch.set_rng_state(state["torch_rng"])
+
+    run_args = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "export")}
+
+    def save(ph: str, st: int) -> None:
+        atomic_save({
+            "phase": ph, "step": st, "elapsed": elapsed, "scaling": scaling, "arch": json.dumps(arch),
+            "args": run_args, "vae": vae.state_dict(), "vae_opt": vae_opt.state_dict(), "unet": unet.state_dict(),
+            "te": te.state_dict(), "opt": opt.state_dict(), "ema_unet": ema_unet, "ema_te": ema_te,
+            "torch_rng": torch.get_rng_state(),
+        }, ckpt_path)
+
+    # ---------------------------------------------------------------- phase 1: VAE
+    if phase == "vae":
+        vae.train()
+        t0, losses = time.time(), []
+        start = step
+        while step < args.vae_steps:
+            for g in vae_opt.param_groups:
+                g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, 50)
+            x = vae_batch(args.seed, step, args.vae_batch, args.texture_fraction)
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            rec = vae.decode(z).sample
+            kl = post.kl().mean() / x[0].numel()
+            loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + args.vae_kl * kl
+            vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            vae_opt.step()
+            losses.append(F.mse_loss(rec, x).item())
+            step += 1
+            if step % args.log_every == 0 or step == args.vae_steps:
+                dt = time.time() - t0
+                sps = dt / (step - start)
+                log(f"[vae] step {step}/{args.vae_steps} recon-mse {np.mean(losses[-args.log_every:]):.5f} "
+                    f"{sps:.2f} s/step, ETA vae {fmt_time(sps * (args.vae_steps - step))}")
+            if step % args.ckpt_every == 0 and step < args.vae_steps:
+                elapsed_now = elapsed + time.time() - t0
+                elapsed_saved, elapsed = elapsed, elapsed_now
+                save("vae", step)
+                elapsed = elapsed_saved
+        elapsed += time.time() - t0
+        vae.eval()
+        scaling = latent_scaling(vae, args.seed, args.scale_images)
+        vae.register_to_config(scaling_factor=scaling)
+        report = vae_report(vae, out, n=min(128, args.scale_images))
+        log(f"[vae] done: latent scaling factor {scaling:.4f}; {report}")
+        phase, step = "unet", 0
+        save(phase, step)
+    vae.register_to_config(scaling_factor=scaling)
+    vae.eval().requires_grad_(False)
+
+    # ---------------------------------------------------------------- phase 2: text encoder + UNet
+    noise_sched = M.build_training_scheduler(args.prediction_type)
+    ids_of = CaptionIds(tokenizer)
+    unet.train()
+    te.train()
+    params = [p for p in list(unet.parameters()) + list(te.parameters()) if p.requires_grad]
+    t0, losses = time.time(), []
+    start = step
+    while step < args.steps:
+        lr = lr_at(step, args.steps, args.lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, caps = unet_batch(args.seed, step, args.batch, args.caption_dropout)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + 500_000 + step)
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            lat = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * scaling
+        noise = torch.randn(lat.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (lat.shape[0],), generator=gen)
+        noisy = noise_sched.add_noise(lat, noise, t)
+        target = noise_sched.get_velocity(lat, noise, t) if args.prediction_type == "v_prediction" else noise
+        cond = te(ids_of(caps)).last_hidden_state
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_update(ema_unet, unet, args.ema if step >= args.warmup else 0.9)
+        ema_update(ema_te, te, args.ema if step >= args.warmup else 0.9)
+        losses.append(loss.item())
+        step += 1
+        if step % args.log_every == 0 or step == args.steps:
+            dt = time.time() - t0
+            sps = dt / (step - start)
+            log(f"[unet] step {step}/{args.steps} loss {np.mean(losses[-args.log_every:]):.4f} lr {lr:.2e} "
+                f"{sps:.2f} s/step, ETA {fmt_time(sps * (args.steps - step))}, elapsed {fmt_time(elapsed + dt)}")
+        if step % args.ckpt_every == 0 or step == args.steps:
+            elapsed_saved = elapsed
+            elapsed = elapsed + time.time() - t0
+            save("unet", step)
+            elapsed = elapsed_saved
+    elapsed += time.time() - t0
+
+    # ---------------------------------------------------------------- export (EMA weights)
+    unet.load_state_dict(ema_unet)
+    te.load_state_dict(ema_te)
+    unet.eval()
+    te.eval()
+    pipe = M.assemble_pipeline(vae, te, unet, tokenizer, prediction_type=args.prediction_type)
+    info = {
+        "command": "python -m personalize.datasets.toyworld.train_base " + " ".join(
+            sys.argv[1:] if argv is None else list(argv)),
+        "args": run_args,
+        "arch": arch,
+        "seed": args.seed,
+        "git_commit": git_commit(),
+        "train_seconds": round(elapsed, 1),
+        "vae_steps": args.vae_steps,
+        "unet_steps": args.steps,
+        "latent_scaling_factor": scaling,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    dest = M.export_pipeline(pipe, out / "pipeline", info)
+    log(f"exported fp16 pipeline to {dest} ({M.folder_size_mb(dest):.1f} MB); trained {fmt_time(elapsed)}")
+    if args.export:
+        dest2 = M.export_pipeline(pipe, Path(os.path.expanduser(args.export)), info)
+        log(f"exported fp16 pipeline to {dest2}")
+    return dest
+
+
+@torch.no_grad()
+def latent_scaling(vae, seed: int, n: int = 512) -> float:
+    x = vae_batch(seed + 99, 0, n, 0.0)
+    z = vae.encode(x).latent_dist.mean
+    return float(1.0 / z.std())
+
+
+@torch.no_grad()
+def vae_report(vae, out: Path, n: int = 128) -> str:
+    """Recon MSE on fresh world scenes and on the held-out concepts' renders (+ a comparison PNG)."""
+    from PIL import Image
+
+    from .concepts import CONCEPTS, concept_scenes
+    from .world import render_scene
+
+    rng = random.Random("vae-report")
+    world = to_tensor([render_array(sample_scene(rng, held_out=None)) for _ in range(n)])
+    conc = to_tensor([np.asarray(render_scene(s)) for c in CONCEPTS for s in concept_scenes(c)])
+    res = {}
+    for name, x in (("world", world), ("concepts", conc)):
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        res[name] = F.mse_loss(rec, x).item()
+        if name == "concepts":
+            both = torch.cat([x, rec], 3)  # side by side
+            arr = ((both + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            grid = Image.new("RGB", (5 * 66, (len(arr) + 4) // 5 * 33))
+            for i, a in enumerate(arr):
+                grid.paste(Image.fromarray(a), ((i % 5) * 66, (i // 5) * 33))
+            grid.save(out / "vae_concepts_recon.png")
+    return f"recon MSE world {res['world']:.5f}, concepts {res['concepts']:.5f}"
+
+
+if __name__ == "__main__":
+    main()
