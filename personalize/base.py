@@ -173,9 +173,13 @@ def _hash_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# keys that change when a model is saved/loaded or converted, not when its architecture does
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype", "architectures", "name_or_path")
+
+
 def _config_dict(config) -> dict:
     data = dict(config) if not hasattr(config, "to_dict") else config.to_dict()
-    return {k: v for k, v in data.items() if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
+    return {k: v for k, v in data.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
 
 
 def fingerprint(pipe) -> Fingerprint:

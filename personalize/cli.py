@@ -142,6 +142,8 @@ def generate(
     from .generation import generate as run_generate
     from .generation import write_images
 
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out '{out}' is a file; pass a folder for the images")
     parsed = [_parse_concept_arg(c) for c in concept]
     if len(parsed) > 1:
         raise BadInputError("several --concept in one generation are not supported yet (composition comes next); pass one")
@@ -265,6 +267,8 @@ def _quiet_libraries() -> None:
 
         dlog.set_verbosity_error()
         tlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
 

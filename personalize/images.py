@@ -47,7 +47,8 @@ def _open_rgb(path: Path):
         ) from exc
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
+        full = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(255 * arr / full, 0, 255).astype(np.uint8))
     if img.mode == "F":
         img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:

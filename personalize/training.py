@@ -244,6 +244,8 @@ def _check_run(cfg: TrainConfig, out: Path, resume: bool) -> None:
         raise BadInputError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 (or no) on a CPU")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise BadInputError("--steps and --batch-size must be at least 1")
+    if out.is_dir():
+        raise BadInputError(f"--out '{out}' is a folder; pass a file path ending in .safetensors")
     if out.suffix != ".safetensors":
         raise BadInputError(f"--out '{out}' must end in .safetensors")
     if resume and not has_checkpoint(out):
