@@ -9,7 +9,6 @@ export TOKENIZERS_PARALLELISM := false
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip 2>/dev/null || true
 	$(PY) -m pip install --quiet -e '.[dev]' 2> $(VENV)/pip-install.log || (cat $(VENV)/pip-install.log; exit 1)
 	$(PY) -c "import personalize, diffusers, peft, open_clip" 
 	touch $@

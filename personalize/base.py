@@ -1,8 +1,10 @@
 """Base text-to-image pipelines: load one from a spec, and fingerprint it.
 
 A *spec* is one of
-- ``"tiny"``: an SD 1.x-shaped pipeline with a few thousand random weights,
-  built from configs with a fixed seed (identical in every process);
+- ``"tiny"``: an SD 1.x-shaped pipeline with random weights, built from
+  configs with a fixed seed (identical in every process);
+- ``"toy"``: the toy world's trained base, shipped inside the package
+  (``personalize/datasets/toyworld/weights``, see docs/TOYWORLD.md);
 - a local diffusers folder (``model_index.json`` inside);
 - a hub id such as ``runwayml/stable-diffusion-v1-5`` (same loader; offline it
   fails at once with a one-line message).
@@ -24,7 +26,8 @@ import torch
 
 from .errors import BadInputError, BaseModelError
 
-BUILTIN_BASES = ("tiny",)
+BUILTIN_BASES = ("tiny", "toy")
+TOY_WEIGHTS = Path(__file__).resolve().parent / "datasets" / "toyworld" / "weights"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -115,7 +118,9 @@ def build_tiny():
 
 def _from_pretrained(source: str, **kwargs):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as dlog
 
+    dlog.disable_progress_bar()
     pipe = StableDiffusionPipeline.from_pretrained(
         source, safety_checker=None, requires_safety_checker=False, **kwargs
     )
@@ -131,6 +136,13 @@ def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.
         pipe = build_tiny()
         if dtype is not None:
             pipe.to(dtype=dtype)
+    elif spec == "toy":
+        if not (TOY_WEIGHTS / "model_index.json").is_file():
+            raise BaseModelError(
+                "the toy base's weights are not in this installation; build them with 'personalize toyworld train-base'"
+            )
+        pipe = _from_pretrained(str(TOY_WEIGHTS), **kwargs)
+        pipe.to(dtype=dtype or torch.float32)  # shipped as fp16 to stay small; run in fp32 unless asked
     elif Path(spec).exists():
         path = Path(spec)
         if not (path / "model_index.json").is_file():

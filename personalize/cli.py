@@ -255,6 +255,15 @@ def demo(
     out_console.print(f"open [bold]{index.resolve()}[/bold]")
 
 
+def _add_subapps() -> None:
+    from .cli_toyworld import app as toyworld_app
+
+    app.add_typer(toyworld_app, name="toyworld")
+
+
+_add_subapps()
+
+
 def _quiet_libraries() -> None:
     """Library warnings (hub retries, deprecations) would bury our one-line errors."""
     import logging
