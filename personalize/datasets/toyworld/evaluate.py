@@ -127,7 +127,8 @@ def export_from_checkpoint(run_dir: PathLike, dest: PathLike = WEIGHTS_DIR, ema:
     unet.load_state_dict(state["ema_unet"] if ema else state["unet"])
     te.load_state_dict(state["ema_te"] if ema else state["te"])
     pipe = M.assemble_pipeline(vae.eval(), te.eval(), unet.eval(),
-                               prediction_type=state["args"]["prediction_type"])
+                               prediction_type=state["args"]["prediction_type"],
+                               zero_snr=bool(state["args"].get("zero_snr", False)))
     info = {"exported_from": str(run_dir), "phase": state["phase"], "step": int(state["step"]),
             "unet_steps_planned": state["args"]["steps"], "args": state["args"], "arch": arch,
             "seed": state["args"]["seed"], "git_commit": git_commit(), "train_seconds": round(float(state["elapsed"]), 1),

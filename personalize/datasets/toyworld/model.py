@@ -26,8 +26,12 @@ DEFAULT_ARCH: dict = {
 }
 
 
-def scheduler_config(prediction_type: str = "v_prediction") -> dict:
-    return dict(
+def scheduler_config(prediction_type: str = "v_prediction", zero_snr: bool = False) -> dict:
+    """SD 1.x's schedule; ``zero_snr`` rescales it to zero terminal SNR with trailing sampling timesteps
+    (Lin et al. 2024), so the first sampling step sees pure noise and the caption, not low-frequency signal
+    left in the latents at t = T, decides the layout."""
+    extra = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing") if zero_snr else {}
+    return dict(**extra,
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -39,16 +43,16 @@ def scheduler_config(prediction_type: str = "v_prediction") -> dict:
     )
 
 
-def build_scheduler(prediction_type: str = "v_prediction"):
+def build_scheduler(prediction_type: str = "v_prediction", zero_snr: bool = False):
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**scheduler_config(prediction_type))
+    return DDIMScheduler(**scheduler_config(prediction_type, zero_snr))
 
 
-def build_training_scheduler(prediction_type: str = "v_prediction"):
+def build_training_scheduler(prediction_type: str = "v_prediction", zero_snr: bool = False):
     from diffusers import DDPMScheduler
 
-    cfg = scheduler_config(prediction_type)
+    cfg = scheduler_config(prediction_type, zero_snr)
     cfg.pop("set_alpha_to_one")
     return DDPMScheduler(**cfg)
 
@@ -128,7 +132,8 @@ def build_tokenizer():
     return build_clip_tokenizer()
 
 
-def assemble_pipeline(vae, text_encoder, unet, tokenizer=None, prediction_type: str = "v_prediction"):
+def assemble_pipeline(vae, text_encoder, unet, tokenizer=None, prediction_type: str = "v_prediction",
+                      zero_snr: bool = False):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(
@@ -136,7 +141,7 @@ def assemble_pipeline(vae, text_encoder, unet, tokenizer=None, prediction_type: 
         text_encoder=text_encoder,
         tokenizer=tokenizer if tokenizer is not None else build_tokenizer(),
         unet=unet,
-        scheduler=build_scheduler(prediction_type),
+        scheduler=build_scheduler(prediction_type, zero_snr),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -207,7 +207,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-6)
     p.add_argument("--texture-fraction", type=float, default=0.25)
-    p.add_argument("--steps", type=int, default=2400, help="UNet + text encoder steps")
+    p.add_argument("--steps", type=int, default=3200, help="UNet + text encoder steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
@@ -221,6 +221,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--unet-attn", default=",".join(str(int(a)) for a in M.DEFAULT_ARCH["unet_cross_attn"]),
                    help="per UNet level: 1 = cross-attention block, 0 = plain ResNet block")
     p.add_argument("--unet-layers", type=int, default=1)
+    p.add_argument("--latent-scale-mult", type=float, default=0.5,
+                   help="latent scaling factor = mult / std(latents); < 1 lowers every timestep's SNR so that, "
+                        "as with larger images, the text (not the signal leaking through the last timesteps "
+                        "of SD's schedule) decides the layout")
+    p.add_argument("--zero-snr", action="store_true",
+                   help="rescale SD's schedule to zero terminal SNR (+ trailing DDIM timesteps); may be switched on "
+                        "when resuming, to fine-tune a model trained without it")
     p.add_argument("--scale-images", type=int, default=512, help="renders used to set the latent scaling factor")
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=25)
@@ -253,8 +260,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         # the architecture and data recipe come from the checkpoint; schedule lengths may be extended
         arch = json.loads(state["arch"])
         for k in ("seed", "vae_batch", "vae_lr", "vae_kl", "texture_fraction", "batch", "lr", "warmup",
-                  "weight_decay", "ema", "caption_dropout", "prediction_type"):
-            setattr(args, k, saved[k])
+                  "weight_decay", "ema", "caption_dropout", "prediction_type", "latent_scale_mult"):
+            setattr(args, k, saved.get(k, 1.0 if k == "latent_scale_mult" else None))
         log(f"resuming from {ckpt_path}: phase {state['phase']} step {state['step']}")
     elif args.resume:
         log(f"--resume: no checkpoint at {ckpt_path}, starting fresh")
@@ -322,17 +329,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                 elapsed = elapsed_saved
         elapsed += time.time() - t0
         vae.eval()
-        scaling = latent_scaling(vae, args.seed, args.scale_images)
+        scaling = args.latent_scale_mult * latent_scaling(vae, args.seed, args.scale_images)
         vae.register_to_config(scaling_factor=scaling)
         report = vae_report(vae, out, n=min(128, args.scale_images))
-        log(f"[vae] done: latent scaling factor {scaling:.4f}; {report}")
+        log(f"[vae] done: latent scaling factor {scaling:.4f} ({args.latent_scale_mult} / std); {report}")
         phase, step = "unet", 0
         save(phase, step)
     vae.register_to_config(scaling_factor=scaling)
     vae.eval().requires_grad_(False)
 
     # ---------------------------------------------------------------- phase 2: text encoder + UNet
-    noise_sched = M.build_training_scheduler(args.prediction_type)
+    noise_sched = M.build_training_scheduler(args.prediction_type, args.zero_snr)
     ids_of = CaptionIds(tokenizer)
     unet.train()
     te.train()
@@ -380,7 +387,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     te.load_state_dict(ema_te)
     unet.eval()
     te.eval()
-    pipe = M.assemble_pipeline(vae, te, unet, tokenizer, prediction_type=args.prediction_type)
+    pipe = M.assemble_pipeline(vae, te, unet, tokenizer, prediction_type=args.prediction_type,
+                                zero_snr=args.zero_snr)
     info = {
         "command": "python -m personalize.datasets.toyworld.train_base " + " ".join(
             sys.argv[1:] if argv is None else list(argv)),
