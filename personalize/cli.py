@@ -242,16 +242,16 @@ def list_methods():
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for the demo's photos, concept, samples and index.html."),
-    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
-    steps: int = typer.Option(40, "--steps", min=1, help="Training steps."),
+    steps: int = typer.Option(150, "--steps", min=1, help="Training steps."),
 ):
-    """Run the whole flow on a built-in base on the CPU: photos -> concept -> new scenes at several beta -> index.html.
+    """Run the whole flow on the toy world's base on the CPU: a held-out concept's photos -> Perfusion concept ->
+    new scenes at several beta -> ground-truth scores -> index.html.
 
     [bold]Example[/bold]:  personalize demo --out demo_out
     """
     from .demo import run_demo
 
-    index = run_demo(out, base=base, steps=steps, log=lambda s: out_console.print(s))
+    index = run_demo(out, steps=steps, log=lambda s: out_console.print(s))
     out_console.print(f"open [bold]{index.resolve()}[/bold]")
 
 

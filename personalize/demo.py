@@ -1,8 +1,9 @@
-"""``personalize demo``: the whole flow on a built-in base, on a CPU, in about a minute.
+"""``personalize demo``: the whole flow on the toy world's base model, on a CPU, in about a minute.
 
-It writes a few photos of a concept, trains a Perfusion concept on them,
-generates it in new scenes at several β, and writes ``index.html`` (the
-training photos, an image grid per β, the settings) to the output folder.
+It renders a held-out toy concept's example images, trains a Perfusion concept on them on ``--base toy``,
+generates it in new scenes at several β, scores every image with the toy world's ground-truth measurers
+(alignment to the prompt, fidelity to the concept, leakage into prompts without it) and writes
+``index.html`` (photos, image grid, scores table) to the output folder.
 """
 from __future__ import annotations
 
@@ -15,31 +16,9 @@ from typing import Callable
 
 from .paths import atomic_path
 
-SCENES = ("a photo of a {}", "a {} on the beach", "a {} in the snow", "a red {} next to a dog")
+CONCEPT = "striped_star"
+SCENES = 4  # the first SCENES of claims.CONTEXT
 BETAS = (0.5, 0.7, 0.9)
-
-
-def write_demo_photos(folder: Path, n: int = 5) -> Path:
-    """Photos of a striped ball on plain backgrounds, in varied places and sizes."""
-    from PIL import Image, ImageDraw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    backgrounds = [(235, 225, 200), (190, 215, 240), (210, 240, 200), (240, 200, 210), (220, 220, 220)]
-    for i in range(n):
-        size = 128
-        img = Image.new("RGB", (size, size), backgrounds[i % len(backgrounds)])
-        radius = 34 + 6 * (i % 3)
-        cx, cy = 50 + 7 * i, 60 + 5 * ((i * 3) % 4)
-        ball = Image.new("RGB", (size, size))
-        draw = ImageDraw.Draw(ball)
-        for k in range(0, size, 12):
-            draw.rectangle((k, 0, k + 5, size), fill=(220, 40, 40))
-            draw.rectangle((k + 6, 0, k + 11, size), fill=(250, 250, 250))
-        mask = Image.new("L", (size, size), 0)
-        ImageDraw.Draw(mask).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=255)
-        img.paste(ball, (0, 0), mask)
-        img.save(folder / f"ball_{i}.png")
-    return folder
 
 
 def _data_uri(image) -> str:
@@ -48,57 +27,88 @@ def _data_uri(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def run_demo(out: str | Path = "demo_out", base: str = "tiny", steps: int = 40, batch_size: int = 4,
-             sample_steps: int = 25, log: Callable[[str], None] = lambda s: None) -> Path:
-    """Run the demo; returns the path of ``index.html``."""
+def run_demo(out: str | Path = "demo_out", steps: int = 150, batch_size: int = 8, seeds: int = 4,
+             betas=BETAS, log: Callable[[str], None] = lambda s: None) -> Path:
+    """Run the demo on ``--base toy``; returns the path of ``index.html``."""
     from PIL import Image
 
     from .base import load_base
-    from .compose import attach
-    from .generation import generate, write_images
-    from .training import train
+    from .datasets.toyworld import claims, get_concept
 
     out = Path(out)
     began = time.time()
-    photos = write_demo_photos(out / "photos")
-    log(f"wrote {len(list(photos.glob('*.png')))} training photos to {photos}")
-    pipe = load_base(base, device="cpu")
-    token = "<striped-ball>"
-    concept_path = train(pipe, photos, token=token, superclass="ball", out=out / "striped-ball.safetensors",
-                         settings={"steps": steps, "batch_size": batch_size, "checkpoint_every": 0}, progress=True)
-    log(f"trained {concept_path} ({concept_path.stat().st_size:,} bytes)")
-    grid: dict[float, list[tuple[str, object]]] = {}
-    for beta in BETAS:
-        with attach(pipe, concept_path, beta=beta):
-            for scene in SCENES:
-                prompt = scene.format(token)
-                image = generate(pipe, prompt, num_images=1, steps=sample_steps, seed=0)[0]
-                write_images([image], prompt, out / "samples", seed=0, prefix=f"beta{beta}_")
-                grid.setdefault(beta, []).append((prompt, image))
+    spec = get_concept(CONCEPT)
+    pipe = load_base("toy", device="cpu")
+    log(f"toy concept '{CONCEPT}': {spec.description} (superclass '{spec.superclass}')")
+    concept_path = claims.train_toy_concept(pipe, CONCEPT, out / f"{CONCEPT}.safetensors", steps=steps,
+                                            batch_size=batch_size, progress=True)
+    photos = out / f"{CONCEPT}.photos"
+    log(f"trained {concept_path} ({concept_path.stat().st_size:,} bytes) on the photos in {photos}")
+    baseline = claims.superclass_baseline(pipe, CONCEPT, out / "samples", seeds=2 * seeds)
+    reference = claims.no_concept_reference(pipe, out / "samples", seeds=seeds)
+    scores = {}
+    for beta in betas:
+        scores[beta] = claims.measure_concept(pipe, concept_path, CONCEPT, out / "samples" / f"beta{beta}",
+                                              reference=reference, seeds=seeds, recon_seeds=2 * seeds, beta=beta)
+        log(f"β {beta}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in scores[beta].items()))
     seconds = time.time() - began
-    photos_html = "".join(f'<img src="{_data_uri(Image.open(p).convert("RGB"))}" width="96">'
-                          for p in sorted(photos.glob("*.png")))
-    head = "".join(f"<th>{html.escape(s.format(token))}</th>" for s in SCENES)
-    rows = "".join(
-        f"<tr><th>β = {beta}</th>" + "".join(f'<td><img src="{_data_uri(img.resize((128, 128), Image.NEAREST))}"></td>'
-                                             for _, img in grid[beta]) + "</tr>"
-        for beta in BETAS
-    )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>personalize demo</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}td,th{{padding:4px;text-align:center}}
-img{{image-rendering:pixelated;border-radius:4px}}code{{background:#eee;padding:1px 4px}}</style></head><body>
-<h1>personalize demo</h1>
-<p>Base <code>{html.escape(base)}</code>, method <b>Perfusion</b>, token <code>{html.escape(token)}</code>
-(superclass <i>ball</i>), {steps} steps × batch {batch_size}; sampling DDIM {sample_steps} steps, guidance 6, seed 0.
-Whole demo: {seconds:.0f} s on CPU.</p>
-<h2>Training photos</h2><p>{photos_html}</p>
-<h2>Generated: new scenes × β</h2>
-<p>Higher β gates the concept more strictly: weaker concept, closer to the prompt.</p>
-<table><tr><th></th>{head}</tr>{rows}</table>
-<p>Concept file: <code>{html.escape(concept_path.name)}</code> ({concept_path.stat().st_size:,} bytes).
-Images and <code>prompts.json</code> are in <code>samples/</code>.</p>
-</body></html>"""
+    page = _page(out, photos, concept_path, scores, baseline, steps, batch_size, seconds, Image)
     index = out / "index.html"
     with atomic_path(index) as tmp:
         tmp.write_text(page)
     return index
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _page(out: Path, photos: Path, concept_path: Path, scores: dict, baseline: dict, steps: int,
+          batch_size: int, seconds: float, Image) -> str:
+    from .datasets.toyworld import claims, get_concept
+    from .generation import slug
+
+    token = claims.TOKEN
+    scenes = [claims.RECON[0]] + list(claims.CONTEXT[:SCENES])
+
+    def cell(path: Path) -> str:
+        img = Image.open(path).convert("RGB").resize((128, 128), Image.NEAREST)
+        return f'<td><img src="{_data_uri(img)}"></td>'
+
+    photos_html = "".join(f'<img src="{_data_uri(Image.open(p).convert("RGB").resize((96, 96), Image.NEAREST))}">'
+                          for p in sorted(photos.glob("*.png")))
+    head = "".join(f"<th>{html.escape(s.format(token))}</th>" for s in scenes)
+    rows = ""
+    for beta in scores:
+        folder = out / "samples" / f"beta{beta}"
+        cells = [cell(folder / ("recon" if s in claims.RECON else "context") / f"{slug(s.format(token))}_0.png")
+                 for s in scenes]
+        rows += f"<tr><th>β = {beta}</th>{''.join(cells)}</tr>"
+    keys = ("fidelity", "context_alignment", "context_fidelity", "leakage", "no_concept_alignment")
+    table = "".join(f"<tr><th>β = {beta}</th>" + "".join(f"<td>{_fmt(v[k])}</td>" for k in keys) + "</tr>"
+                    for beta, v in scores.items())
+    table += (f"<tr><th>base alone, “a photo of a {html.escape(get_concept(CONCEPT).superclass)}”</th>"
+              f"<td>{_fmt(baseline['fidelity'])}</td><td colspan=4></td></tr>")
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>personalize demo</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}td,th{{padding:4px;text-align:center}}
+img{{image-rendering:pixelated;border-radius:4px;margin:2px}}code{{background:#eee;padding:1px 4px}}
+table.s td{{font-variant-numeric:tabular-nums}}</style></head><body>
+<h1>personalize demo</h1>
+<p>Base <code>toy</code> (the toy world's text-to-image model, shipped in the package), method <b>Perfusion</b>,
+token <code>{html.escape(token)}</code> for the held-out concept <i>{html.escape(CONCEPT)}</i>,
+{steps} steps × batch {batch_size}; sampling DDIM {claims.SAMPLING['steps']} steps, guidance
+{claims.SAMPLING['guidance']}, seed 0. Whole demo: {seconds:.0f} s on CPU.</p>
+<h2>Training photos</h2><p>{photos_html}</p>
+<h2>Generated: new scenes × β</h2>
+<p>Higher β gates the concept more strictly: a weaker concept, closer to the prompt.</p>
+<table><tr><th></th>{head}</tr>{rows}</table>
+<h2>Scores (toy-world ground truth)</h2>
+<table class="s"><tr><th></th><th>fidelity<br>“a photo of a {html.escape(token)}”</th><th>alignment<br>new scenes</th>
+<th>fidelity<br>new scenes</th><th>leakage<br>prompts without it</th><th>alignment<br>prompts without it</th></tr>
+{table}</table>
+<p>alignment: fraction of the prompt's stated attributes (background, shapes, colours, sizes, positions) that hold;
+fidelity: 0–1 match of the object to the concept's pattern and colours; leakage: mean pixel change (0–1) on the
+same seeds versus the base without the concept. See docs/TOYWORLD.md.</p>
+<p>Concept file: <code>{html.escape(concept_path.name)}</code> ({concept_path.stat().st_size:,} bytes).
+Images and <code>prompts.json</code> are in <code>samples/</code>.</p>
+</body></html>"""

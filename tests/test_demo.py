@@ -1,13 +1,23 @@
-"""The demo writes a page with the training photos and a grid of generations."""
+"""The demo trains a toy concept and writes a page with photos, a grid of generations and a scores table."""
 import json
+import re
 
-from personalize.demo import BETAS, SCENES, run_demo
+from personalize.datasets.toyworld import claims
+from personalize.demo import CONCEPT, SCENES, run_demo
 
 
-def test_demo_writes_index_with_grid(tmp_path):
-    index = run_demo(tmp_path / "demo", steps=2, batch_size=2, sample_steps=2)
+def test_demo_writes_index_with_grid_and_scores(tmp_path):
+    out = tmp_path / "demo"
+    betas = (0.7, 1.0)
+    index = run_demo(out, steps=2, batch_size=2, seeds=1, betas=betas)
     page = index.read_text()
-    assert page.count("data:image/png;base64,") == 5 + len(BETAS) * len(SCENES)
-    prompts = json.loads((tmp_path / "demo" / "samples" / "prompts.json").read_text())
-    assert len(prompts) == len(BETAS) * len(SCENES)
-    assert (tmp_path / "demo" / "striped-ball.safetensors").is_file()
+    photos = sorted((out / f"{CONCEPT}.photos").glob("*.png"))
+    assert len(photos) >= 4
+    assert page.count("data:image/png;base64,") == len(photos) + len(betas) * (1 + SCENES)
+    for beta in betas:
+        prompts = json.loads((out / "samples" / f"beta{beta}" / "context" / "prompts.json").read_text())
+        assert sorted(prompts.values()) == sorted(t.format(claims.TOKEN) for t in claims.CONTEXT)
+        # one scores row per beta, with numbers in every column
+        row = re.search(rf"<tr><th>β = {beta}</th>(.*?)</tr>", page.split("Scores")[1]).group(1)
+        assert len(re.findall(r"<td>\d\.\d{3}</td>", row)) == 5
+    assert (out / f"{CONCEPT}.safetensors").is_file()

@@ -1,0 +1,104 @@
+"""The Perfusion paper's claims, measured in the toy world.
+
+One place that trains a toy concept, samples fixed prompt sets with fixed seeds and scores them, so the
+claim tests (tests/test_toyworld_claims.py), the claims benchmark (benchmarks/toyworld_claims.py) and the
+demo all measure the same thing:
+
+- ``RECON``: the concept alone ("a photo of a <tok>"), for fidelity;
+- ``CONTEXT``: the concept in new contexts (another background, position, size, a second object),
+  for alignment (and fidelity) under editing;
+- ``NO_CONCEPT``: prompts that never mention it, for leakage against the same seeds without the concept.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from .concepts import get_concept, render_concept_examples
+from .measure import score_folder
+
+TOKEN = "<tok>"
+RECON = ("a photo of a {}",)
+CONTEXT = (
+    "a {} on the left, on a green background",
+    "a large {} on the right, on a purple background",
+    "a small {} at the top, on a blue background",
+    "a {} at the bottom and a small white circle at the top, on a red background",
+    "a {} on the left and a green triangle on the right, on a white background",
+    "a small {} in the center, on a yellow background",
+)
+NO_CONCEPT = (
+    "a small red circle on the left and a large blue square on the right, on a yellow background",
+    "a large green heart at the top, on a purple background",
+    "a white triangle on the right, on a blue background",
+    "a small yellow star at the bottom, on a green background",
+)
+SAMPLING = {"steps": 25, "guidance": 4.0}
+
+
+def train_toy_concept(pipe, name: str, out: str | Path, *, lock: str = "local", steps: int = 150,
+                      batch_size: int = 8, seed: int = 0, progress: bool = False, token: str = TOKEN) -> Path:
+    """Render ``name``'s example images beside ``out`` and train a Perfusion concept on them."""
+    from personalize.training import train
+
+    out = Path(out)
+    photos = out.with_name(out.stem + ".photos")
+    render_concept_examples(name, photos)
+    settings = {"steps": steps, "batch_size": batch_size, "seed": seed, "checkpoint_every": 0, "lock": lock}
+    return train(pipe, photos, token=token, superclass=get_concept(name).superclass, out=out,
+                 settings=settings, progress=progress)
+
+
+def sample(pipe, templates, folder: str | Path, word: str = TOKEN, seeds: int = 4) -> Path:
+    """Each template filled with ``word``, ``seeds`` images each (seeds 0..seeds-1), into a fresh ``folder``."""
+    from personalize.generation import generate, write_images
+
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    for template in templates:
+        prompt = template.format(word) if "{}" in template else template
+        images = generate(pipe, prompt, num_images=seeds, seed=0, **SAMPLING)
+        write_images(images, prompt, folder, 0)
+    return folder
+
+
+def superclass_baseline(pipe, name: str, work: str | Path, seeds: int = 8) -> dict:
+    """Fidelity of the base alone on "a photo of a <superclass>": what the concept must beat."""
+    sc = get_concept(name).superclass
+    folder = sample(pipe, RECON, Path(work) / "superclass", word=sc, seeds=seeds)
+    return _summary(score_folder(folder, concept=name, placeholder=sc))
+
+
+def no_concept_reference(pipe, work: str | Path, seeds: int = 4) -> Path:
+    """``NO_CONCEPT`` prompts sampled without any concept attached (the leakage reference)."""
+    return sample(pipe, NO_CONCEPT, Path(work) / "reference", seeds=seeds)
+
+
+def measure_concept(pipe, concept, name: str, work: str | Path, *, reference: Optional[Path] = None,
+                    seeds: int = 4, recon_seeds: int = 8, **knobs) -> dict:
+    """Attach ``concept`` (with inference ``knobs``, e.g. beta) and score the three prompt sets.
+
+    Returns {"fidelity": recon fidelity, "context_alignment", "context_fidelity", "leakage" (None without
+    ``reference``), "no_concept_alignment"}.
+    """
+    from personalize.compose import attach
+
+    work = Path(work)
+    with attach(pipe, concept, **knobs):
+        recon = score_folder(sample(pipe, RECON, work / "recon", seeds=recon_seeds), concept=name,
+                             placeholder=TOKEN)
+        context = score_folder(sample(pipe, CONTEXT, work / "context", seeds=seeds), concept=name,
+                               placeholder=TOKEN)
+        other = score_folder(sample(pipe, NO_CONCEPT, work / "no_concept", seeds=seeds), reference=reference)
+    return {"fidelity": recon["fidelity"], "context_alignment": context["alignment"],
+            "context_fidelity": context["fidelity"], "leakage": other["leakage"],
+            "no_concept_alignment": other["alignment"]}
+
+
+def _summary(scores: dict) -> dict:
+    return {k: v for k, v in scores.items() if k != "per_image"}
+
+
+__all__ = ["CONTEXT", "NO_CONCEPT", "RECON", "TOKEN", "measure_concept", "no_concept_reference", "sample",
+           "superclass_baseline", "train_toy_concept"]
