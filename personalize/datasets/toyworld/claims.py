@@ -37,16 +37,18 @@ NO_CONCEPT = (
 SAMPLING = {"steps": 25, "guidance": 4.0}
 
 
-def train_toy_concept(pipe, name: str, out: str | Path, *, lock: str = "local", steps: int = 150,
-                      batch_size: int = 8, seed: int = 0, progress: bool = False, token: str = TOKEN) -> Path:
-    """Render ``name``'s example images beside ``out`` and train a Perfusion concept on them."""
+def train_toy_concept(pipe, name: str, out: str | Path, *, method: str = "perfusion", steps: int = 150,
+                      batch_size: int = 8, seed: int = 0, progress: bool = False, token: str = TOKEN,
+                      **method_settings) -> Path:
+    """Render ``name``'s example images beside ``out`` and train a ``method`` concept on them
+    (``method_settings``: that method's Config fields, e.g. ``lock="trained"`` for Perfusion)."""
     from personalize.training import train
 
     out = Path(out)
     photos = out.with_name(out.stem + ".photos")
     render_concept_examples(name, photos)
-    settings = {"steps": steps, "batch_size": batch_size, "seed": seed, "checkpoint_every": 0, "lock": lock}
-    return train(pipe, photos, token=token, superclass=get_concept(name).superclass, out=out,
+    settings = {"steps": steps, "batch_size": batch_size, "seed": seed, "checkpoint_every": 0, **method_settings}
+    return train(pipe, photos, token=token, superclass=get_concept(name).superclass, out=out, method=method,
                  settings=settings, progress=progress)
 
 
