@@ -76,9 +76,13 @@ class Rank1Projection:
 
 
 def gate_of(s: torch.Tensor, beta: _Scalar, tau: _Scalar) -> torch.Tensor:
-    """sigmoid((s - beta) / tau), or s itself when ``beta`` is None (ungated)."""
+    """sigmoid((s - beta) / tau), or s itself when ``beta`` is None (ungated); per concept, a None in a
+    ``beta`` list leaves that concept ungated."""
     if beta is None:
         return s
+    if isinstance(beta, (list, tuple)) and any(b is None for b in beta):
+        ungated = torch.tensor([b is None for b in beta], device=s.device)
+        return torch.where(ungated, s, gate_of(s, [0.0 if b is None else b for b in beta], tau))
     beta = torch.as_tensor(beta, dtype=s.dtype, device=s.device)
     tau = torch.as_tensor(0.1 if tau is None else tau, dtype=s.dtype, device=s.device)
     return torch.sigmoid((s - beta) / tau)
@@ -137,7 +141,7 @@ class PerfusionSite:
         W = wrapper.base_layer.weight.to(e.dtype)
         o_star = torch.stack([c.target_output(self.layer, self.pathway) for c in concepts]).to(e.dtype)
         beta = [c.beta for c in concepts]
-        tau = [c.tau for c in concepts]
+        tau = [0.1 if c.tau is None else c.tau for c in concepts]
         if all(b is None for b in beta):
             beta = None
         return proj.apply(e, out, W @ proj.basis, o_star, beta, tau)
@@ -163,7 +167,8 @@ class Perfusion(Method):
     description = "Key-locked gated rank-1 edits of cross-attention K/V (~56 KB per concept)"
     sites = ("tokens", "kv")
     Config = PerfusionConfig
-    knobs = {"beta": "gate threshold; higher = weaker concept, better text alignment", "tau": "gate temperature"}
+    knobs = {"beta": "gate threshold; higher = weaker concept, better text alignment", "tau": "gate temperature",
+             "gate": "on (default) or off: off applies the ungated edit of Eq. 2 (an ablation)"}
 
     def __init__(self, pipe, token, superclass, config: PerfusionConfig, C_inv: torch.Tensor):
         super().__init__(pipe, token, superclass, config)
@@ -230,6 +235,11 @@ class Perfusion(Method):
         defaults = concept.inference_defaults
         method.beta = knobs.get("beta", defaults.get("beta", config.beta))
         method.tau = knobs.get("tau", defaults.get("tau", config.tau))
+        gate = knobs.get("gate", True)
+        if str(gate).lower() not in ("true", "on", "1", "false", "off", "0"):
+            raise BadInputError(f"gate={gate!r}: use gate=on or gate=off")
+        if str(gate).lower() in ("false", "off", "0"):
+            method.beta = None
         method.install()
         return method
 
