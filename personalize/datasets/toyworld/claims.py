@@ -41,14 +41,17 @@ def train_toy_concept(pipe, name: str, out: str | Path, *, method: str = "perfus
                       batch_size: int = 8, seed: int = 0, progress: bool = False, token: str = TOKEN,
                       **method_settings) -> Path:
     """Render ``name``'s example images beside ``out`` and train a ``method`` concept on them
-    (``method_settings``: that method's Config fields, e.g. ``lock="trained"`` for Perfusion)."""
+    (``method_settings``: that method's Config fields, e.g. ``lock="trained"`` for Perfusion; a concept that is
+    not mirror-symmetric trains without horizontal flips)."""
     from personalize.training import train
 
     out = Path(out)
     photos = out.with_name(out.stem + ".photos")
     render_concept_examples(name, photos)
-    settings = {"steps": steps, "batch_size": batch_size, "seed": seed, "checkpoint_every": 0, **method_settings}
-    return train(pipe, photos, token=token, superclass=get_concept(name).superclass, out=out, method=method,
+    spec = get_concept(name)
+    settings = {"steps": steps, "batch_size": batch_size, "seed": seed, "checkpoint_every": 0,
+                **({} if spec.mirror_symmetric else {"flip_p": 0.0}), **method_settings}
+    return train(pipe, photos, token=token, superclass=spec.superclass, out=out, method=method,
                  settings=settings, progress=progress)
 
 

@@ -32,6 +32,7 @@ class ConceptSpec:
     description: str
     colors: tuple[tuple[int, int, int], ...]  # the concept's own colours (for fidelity)
     backgrounds: tuple[str, ...]  # world backgrounds its examples use (contrast with its colours)
+    mirror_symmetric: bool = True  # False: a horizontal flip changes it (train with flip_p = 0)
 
 
 CONCEPTS: dict[str, ConceptSpec] = {
@@ -48,7 +49,7 @@ CONCEPTS: dict[str, ConceptSpec] = {
         ConceptSpec("bullseye_circle", "circle", "a circle of concentric red and white rings",
                     (COLORS["red"], WHITE), ("blue", "green", "purple")),
         ConceptSpec("split_triangle", "triangle", "a triangle, left half green and right half yellow",
-                    (COLORS["green"], COLORS["yellow"]), ("blue", "purple", "red")),
+                    (COLORS["green"], COLORS["yellow"]), ("blue", "purple", "red"), mirror_symmetric=False),
         ConceptSpec("striped_heart", "heart", "a heart with vertical purple and yellow stripes",
                     (COLORS["purple"], COLORS["yellow"]), ("blue", "green", "white")),
     )
