@@ -15,6 +15,7 @@ encodes in minutes on a CPU. Pass ``captions`` (one per line) to use your own.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from importlib import resources
 from typing import Callable, Sequence
 
@@ -62,6 +63,39 @@ CAPTION_TEMPLATES = (
 def builtin_captions() -> list[str]:
     nouns = resources.files("personalize").joinpath("data/nouns.txt").read_text().split()
     return [t.replace("{}", n) for t in CAPTION_TEMPLATES for n in nouns]
+
+
+BASE_CORPUS_FILE = "captions.txt"
+
+
+def base_captions(pipe) -> list[str] | None:
+    """The caption corpus a base ships in its own folder (``captions.txt``), or None for the built-in one.
+
+    A base whose text encoder never saw everyday nouns (the toy world's) must estimate C from captions of
+    its own world: the built-in corpus would measure untrained embeddings.
+    """
+    root = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+    path = Path(root) / BASE_CORPUS_FILE if root else None
+    if path is None or not path.is_file():
+        return None
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def default_covariance(pipe) -> tuple[torch.Tensor, str]:
+    """C from the base's own corpus if it ships one, else the built-in corpus; and that corpus's id."""
+    captions = base_captions(pipe)
+    return load_or_compute_covariance(pipe, captions), corpus_id(captions)
+
+
+def covariance_for(pipe, corpus: str) -> torch.Tensor | None:
+    """C for a concept's recorded ``corpus`` id: computed if it is the built-in or the base's own corpus,
+    else only from the cache (a custom corpus computed earlier with ``personalize covariance --captions``)."""
+    if corpus == "builtin":
+        return load_or_compute_covariance(pipe)
+    captions = base_captions(pipe)
+    if captions is not None and corpus_id(captions) == corpus:
+        return load_or_compute_covariance(pipe, captions)
+    return cached_covariance(pipe, corpus)
 
 
 def corpus_id(captions: Sequence[str] | None) -> str:

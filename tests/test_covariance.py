@@ -55,3 +55,28 @@ def test_inverse_is_scale_invariant_in_the_edit(tiny):
     a = rank1_edit(e, W, i_star, o_star, inverse(C), beta=0.7, tau=0.1)
     b = rank1_edit(e, W, i_star, o_star, inverse(10 * C), beta=0.7, tau=0.1)
     assert torch.allclose(a, b, atol=1e-8)
+
+
+def test_a_base_can_ship_its_own_caption_corpus(tmp_path, _tiny_master, photos):
+    """captions.txt in a base's folder replaces the built-in corpus for C, is recorded in the concept header,
+    and is used again (not the built-in corpus) when the concept is attached."""
+    from personalize import attach, load_base, load_concept, train
+    from personalize.covariance import (base_captions, corpus_id, default_covariance, inverse,
+                                        load_or_compute_covariance)
+
+    folder = tmp_path / "base"
+    _tiny_master.save_pretrained(folder)
+    captions = ["a red ball on the left", "a blue cube at the top", "a photo of a ball"] * 5
+    (folder / "captions.txt").write_text("\n".join(captions) + "\n")
+    pipe = load_base(str(folder))
+    assert base_captions(pipe) == captions and base_captions(_tiny_master) is None
+    C, corpus = default_covariance(pipe)
+    assert corpus == corpus_id(captions) != "builtin"
+    assert torch.allclose(C, load_or_compute_covariance(pipe, captions))
+    assert not torch.allclose(C, load_or_compute_covariance(pipe))
+    out = train(pipe, photos, token="<disc>", superclass="ball", out=tmp_path / "c.safetensors",
+                settings={"steps": 1, "batch_size": 1, "checkpoint_every": 0}, progress=False)
+    assert load_concept(out).header["covariance"] == corpus
+    with attach(pipe, out) as handle:
+        C_inv = handle.methods[0].C_inv
+    assert torch.allclose(C_inv.double(), inverse(C).double())

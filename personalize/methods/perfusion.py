@@ -172,6 +172,7 @@ class Perfusion(Method):
 
     def __init__(self, pipe, token, superclass, config: PerfusionConfig, C_inv: torch.Tensor):
         super().__init__(pipe, token, superclass, config)
+        self.corpus = "builtin"  # id of the caption corpus C came from (recorded in the concept header)
         if config.lock not in ("local", "trained"):
             raise BadInputError(f"unknown lock '{config.lock}'; use 'local' or 'trained'")
         self.C_inv = C_inv
@@ -207,23 +208,28 @@ class Perfusion(Method):
 
     # -- construction
     @classmethod
-    def for_training(cls, pipe, token, superclass, config, C_inv=None) -> "Perfusion":
-        from ..covariance import inverse, load_or_compute_covariance
+    def for_training(cls, pipe, token, superclass, config, C_inv=None, corpus: str = "custom") -> "Perfusion":
+        """``C_inv`` defaults to the inverse of the base's default covariance (its own caption corpus if it
+        ships one, else the built-in corpus); ``corpus`` names a given ``C_inv`` in the concept header."""
+        from ..covariance import default_covariance, inverse
 
-        C_inv = C_inv if C_inv is not None else inverse(load_or_compute_covariance(pipe))
+        if C_inv is None:
+            C, corpus = default_covariance(pipe)
+            C_inv = inverse(C)
         method = cls(pipe, token, superclass, config, C_inv)
+        method.corpus = corpus
         method.install()
         return method
 
     @classmethod
     def from_concept(cls, pipe, concept, **knobs) -> "Perfusion":
-        from ..covariance import cached_covariance, inverse, load_or_compute_covariance
+        from ..covariance import covariance_for, inverse
 
         unknown = sorted(set(knobs) - set(cls.knobs))
         if unknown:
             raise BadInputError(f"perfusion does not take {', '.join(unknown)}; it takes {', '.join(cls.knobs)}")
         corpus = concept.header.get("covariance", "builtin")
-        C = load_or_compute_covariance(pipe) if corpus == "builtin" else cached_covariance(pipe, corpus)
+        C = covariance_for(pipe, corpus)
         if C is None:
             raise ConceptFileError(
                 f"concept was trained with a custom caption corpus ({corpus}); "
@@ -231,6 +237,7 @@ class Perfusion(Method):
             )
         config = cls.make_config(concept.config)
         method = cls(pipe, concept.token, concept.superclass, config, inverse(C))
+        method.corpus = corpus
         method.load_state_tensors(concept.tensors)
         defaults = concept.inference_defaults
         method.beta = knobs.get("beta", defaults.get("beta", config.beta))
@@ -242,6 +249,7 @@ class Perfusion(Method):
             method.beta = None
         method.install()
         return method
+
 
     @staticmethod
     def concept_shapes(unet, text_dim: int, lock: str = "local") -> dict[str, tuple[int, ...]]:
@@ -318,7 +326,7 @@ class Perfusion(Method):
         return {"beta": self.config.beta, "tau": self.config.tau}
 
     def header_fields(self) -> dict[str, Any]:
-        return {"covariance": "builtin"}
+        return {"covariance": self.corpus}
 
     # -- the edit
     def target_output(self, layer: str, pathway: str) -> torch.Tensor:

@@ -148,8 +148,23 @@ def assemble_pipeline(vae, text_encoder, unet, tokenizer=None, prediction_type: 
     )
 
 
+CORPUS_SIZE = 4000
+
+
+def caption_corpus(n: int = CORPUS_SIZE, seed: int = 7) -> list[str]:
+    """``n`` captions drawn like the training captions: the base's own corpus for Perfusion's C
+    (shipped as ``captions.txt`` beside the weights; the built-in SD noun corpus means nothing here)."""
+    import random
+
+    from .world import sample_scene, training_caption
+
+    rng = random.Random(seed)
+    return [training_caption(sample_scene(rng), rng) for _ in range(n)]
+
+
 def export_pipeline(pipe, out_dir: os.PathLike | str, info: Optional[dict] = None) -> Path:
-    """save_pretrained ``pipe`` as fp16 safetensors into ``out_dir`` (+ TRAINING.json with ``info``)."""
+    """save_pretrained ``pipe`` as fp16 safetensors into ``out_dir`` (+ TRAINING.json with ``info``, and
+    ``captions.txt``, the base's caption corpus)."""
     import copy
 
     out = Path(out_dir)
@@ -160,6 +175,7 @@ def export_pipeline(pipe, out_dir: os.PathLike | str, info: Optional[dict] = Non
     load_as_float32(out)
     if info is not None:
         (out / "TRAINING.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / "captions.txt").write_text("\n".join(caption_corpus()) + "\n")
     return out
 
 
