@@ -23,6 +23,7 @@ def main() -> None:
     p.add_argument("--concept", default="split_triangle")
     p.add_argument("--betas", default="0.6,0.8,1.0,1.2")
     p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", default=None)
@@ -34,7 +35,7 @@ def main() -> None:
 
     pipe = load_base("toy")
     work = Path(tempfile.mkdtemp(prefix="toy-claims-"))
-    results: dict = {"concept": args.concept, "steps": args.steps, "seeds": args.seeds}
+    results: dict = {"concept": args.concept, "steps": args.steps, "batch": args.batch, "seeds": args.seeds}
     began = time.time()
     results["superclass"] = claims.superclass_baseline(pipe, args.concept, work, seeds=2 * args.seeds)["fidelity"]
     reference = claims.no_concept_reference(pipe, work, seeds=args.seeds)
@@ -42,7 +43,7 @@ def main() -> None:
     for lock in ("local", "trained"):
         t = time.time()
         path = claims.train_toy_concept(pipe, args.concept, work / f"{lock}.safetensors", lock=lock,
-                                        steps=args.steps)
+                                        steps=args.steps, batch_size=args.batch)
         results[f"train_seconds_{lock}"] = round(time.time() - t, 1)
         settings = [("default", {})] + ([("gate off", {"gate": "off"})] + [
             (f"beta {b}", {"beta": float(b)}) for b in args.betas.split(",")] if lock == "local" else [])

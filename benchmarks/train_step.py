@@ -1,9 +1,12 @@
 """Seconds per training step and peak memory, through the real trainer.
 
 CPU: the ``tiny`` base (always). GPU (when CUDA is available): an SD 1.5-shaped
-pipeline with random weights at 512 px. Prints one JSON line per run.
+pipeline with random weights at 512 px, at each method's own default batch size.
+Prints one JSON line per run. Every registered method by default; methods with
+prior preservation train with it on (the photos stand in for the class images, so
+no sampling is timed), i.e. twice the images per step.
 
-    python benchmarks/train_step.py [--steps 20] [--batch-size 4] [--methods perfusion]
+    python benchmarks/train_step.py [--steps 20] [--batch-size 4] [--methods perfusion,dreambooth]
 """
 from __future__ import annotations
 
@@ -37,13 +40,15 @@ def measure(pipe, base_name: str, method: str, steps: int, batch_size: int, devi
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         photos = make_photos(Path(tmp) / "photos", n=5, size=96)
+        settings = {**_prior_settings(method, photos), **settings}
         last[0] = time.perf_counter()
         train(pipe, photos, token="<bench>", superclass="ball", out=Path(tmp) / "c.safetensors", method=method,
               settings={"steps": steps, "batch_size": batch_size, "checkpoint_every": 0, **settings},
               progress=False, callbacks=[tick], device=device)
-    warm = times[2:] or times
-    row = {"method": method, "base": base_name, "device": device, "batch_size": batch_size, **settings,
-           "s_per_step": round(sum(warm) / len(warm), 4), "steps_timed": len(warm)}
+    warm = sorted(times[2:] or times)
+    prior = settings.pop("class_images", None) is not None
+    row = {"method": method, "base": base_name, "device": device, "batch_size": batch_size, "prior": prior, **settings,
+           "s_per_step": round(warm[len(warm) // 2], 4), "steps_timed": len(warm)}  # median: robust to a busy CPU
     if device == "cuda":
         row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
         row["gpu"] = torch.cuda.get_device_name()
@@ -52,13 +57,28 @@ def measure(pipe, base_name: str, method: str, steps: int, batch_size: int, devi
     return row
 
 
+def _prior_settings(method: str, photos: Path) -> dict:
+    """Prior preservation as the method defaults it, with the photos as class images (nothing to sample)."""
+    from personalize.methods import get
+    from personalize.prior import PriorConfig
+
+    config = get(method).make_config()
+    on = isinstance(config, PriorConfig) and config.prior_loss_weight > 0
+    return {"class_images": str(photos)} if on else {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--methods", default="perfusion")
+    parser.add_argument("--methods", default="all", help="comma-separated, or 'all' registered methods")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args()
-    for method in args.methods.split(","):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from personalize.methods import get, names
+
+    for method in (names() if args.methods == "all" else args.methods.split(",")):
         rows = []
         for ckpt in (False, True):  # side by side in one run: the ratio is what CPU numbers are good for
             pipe = load_base("tiny")
@@ -71,7 +91,8 @@ def main() -> None:
 
             for ckpt in (False, True):
                 pipe = sd15_pipeline("cuda")
-                print(json.dumps(measure(pipe, "sd15-random-512px", method, args.steps, 16, "cuda",
+                batch = get(method).train_defaults.get("batch_size", 16)
+                print(json.dumps(measure(pipe, "sd15-random-512px", method, args.steps, batch, "cuda",
                                          gradient_checkpointing=ckpt, mixed_precision="bf16")), flush=True)
                 del pipe
                 torch.cuda.empty_cache()

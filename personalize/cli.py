@@ -26,6 +26,8 @@ out_console = Console()
 err_console = Console(stderr=True)
 
 BASE_HELP = "Base model: 'tiny' (built-in test model), a local diffusers folder, or a hub id."
+METHOD_HELP = ("perfusion | residuals | textual-inversion | dreambooth | dreambooth-lora | custom-diffusion; each "
+               "defaults to its paper's recipe ('personalize methods' lists them all).")
 
 
 def _parse_value(text: str):
@@ -59,14 +61,14 @@ def _load_settings(config: Optional[Path], sets: List[str]) -> dict:
 
 @app.command()
 def train(
-    images: Path = typer.Option(..., "--images", help="Folder with 3-15 photos of the concept (png/jpg/webp...)."),
-    superclass: str = typer.Option(..., "--superclass", help="One-token word for what it is: 'teddy', 'teapot', 'dog'."),
-    token: str = typer.Option(..., "--token", help="New placeholder word to use in prompts, e.g. '<my-teddy>'."),
+    images: List[Path] = typer.Option([], "--images", help="Folder with 3-15 photos of the concept (png/jpg/webp...); repeat with --token/--superclass for a multi-concept run (custom-diffusion)."),
+    superclass: List[str] = typer.Option([], "--superclass", help="One-token word for what it is: 'teddy', 'teapot', 'dog'."),
+    token: List[str] = typer.Option([], "--token", help="New placeholder word to use in prompts, e.g. '<my-teddy>'."),
     out: Path = typer.Option(..., "--out", help="Concept file to write (.safetensors)."),
-    method: str = typer.Option("perfusion", "--method", help="Method (see 'personalize methods')."),
+    method: str = typer.Option("perfusion", "--method", help=METHOD_HELP),
     base: str = typer.Option("tiny", "--base", help=BASE_HELP),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps [default: 250; paper avg 210, max 400]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step [default: 16, as the paper]."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps [default: the method's paper: perfusion 250, residuals 150]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step [default: perfusion 16, residuals 4]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for batches, flips, noise [default: 0]."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in OUT.ckpt/."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | fp16 (GPU) | bf16."),
@@ -76,6 +78,15 @@ def train(
     masks: Optional[Path] = typer.Option(None, "--masks", help="Folder of foreground masks named like the images: weights the loss."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (trainer and method); flags win."),
     set_: List[str] = typer.Option([], "--set", help="Method or trainer setting KEY=VALUE, e.g. --set lock=trained --set lr_value=0.02."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Residuals: the same LoRA rank in every proj_out [default: use --rank-fraction]; dreambooth-lora: LoRA rank (default 4)."),
+    rank_fraction: Optional[float] = typer.Option(None, "--rank-fraction", help="Residuals: rank = round(F x channels) per proj_out [default: 0.05]."),
+    train_token: Optional[bool] = typer.Option(None, "--train-token/--no-train-token", help="Residuals: also train the token's vector (the paper's ablation; overfits) [default: off]."),
+    num_vectors: Optional[int] = typer.Option(None, "--num-vectors", help="Textual inversion: vectors per token (default 1)."),
+    init_word: Optional[str] = typer.Option(None, "--init-word", help="Textual inversion: word the vectors start from (default: the superclass)."),
+    class_images: List[str] = typer.Option([], "--class-images", help="DreamBooth / Custom Diffusion: your folder of class images (one per concept) instead of generating them with the base."),
+    prior_loss_weight: Optional[float] = typer.Option(None, "--prior-loss-weight", help="DreamBooth / Custom Diffusion: weight of the class-image loss, 0 = off (default 1; dreambooth-lora 0)."),
+    num_class_images: Optional[int] = typer.Option(None, "--num-class-images", help="Class images to generate per concept (cached per base and prompt; default 200)."),
+    train_text_encoder: Optional[bool] = typer.Option(None, "--train-text-encoder/--no-train-text-encoder", help="DreamBooth (-LoRA): also train the text encoder (default: off)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
 ):
     """Train a concept from a folder of photos and write one .safetensors file.
@@ -87,6 +98,28 @@ def train(
       personalize train ... --steps 400 --batch-size 8 --set lock=trained   # the paper's trained-K ablation
 
       personalize train ... --resume        # continue an interrupted run from OUT.ckpt/
+
+      personalize train --method residuals --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
+
+      personalize train --method textual-inversion --num-vectors 2 ...     # also: dreambooth, dreambooth-lora
+
+      personalize train --method custom-diffusion --images cat/ --token "<cat>" --superclass cat --images chair/ --token "<chair>" --superclass chair --out both.safetensors
+
+      (or list them in --config as concepts: a list of images / token / superclass mappings)
+
+    [bold]Method defaults[/bold] (each paper's or reference recipe; flags and --set override)
+
+      perfusion: 250 steps, batch 16, lr 0.006 token / 0.03 o*_V, beta 0.75 / tau 0.10
+
+      residuals: 150 steps, batch 4, lr 1e-3, LoRA rank 5% of channels on every proj_out, token frozen
+
+      textual-inversion: 3000 steps, batch 4, lr 5e-4, 1 vector initialised from the superclass
+
+      dreambooth: 800 steps, batch 1, lr 5e-6, prior weight 1 on 200 generated class images; writes OUT.pipeline/
+
+      dreambooth-lora: 500 steps, batch 1, lr 1e-4, LoRA rank 4 on every attention projection, no prior
+
+      custom-diffusion: 250 steps, batch 2, lr 2e-5, K/V deltas + token, prior weight 1 on 200 class images
     """
     from .training import train as run_train
 
@@ -95,9 +128,31 @@ def train(
                  gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
                  preview_every=preview_every)
     settings.update({k: v for k, v in flags.items() if v is not None})
+    method_flags = dict(rank=rank, rank_fraction=rank_fraction, train_token=train_token)
+    method_flags.update(num_vectors=num_vectors, init_word=init_word, prior_loss_weight=prior_loss_weight,
+                        num_class_images=num_class_images, train_text_encoder=train_text_encoder,
+                        class_images=(class_images[0] if len(class_images) == 1 else class_images) or None)
+    settings.update({k: v for k, v in method_flags.items() if v is not None})
+    images, token, superclass = _concept_args(images, token, superclass, settings.pop("concepts", None))
     path = run_train(base, images, token=token, superclass=superclass, out=out, method=method, masks=masks,
                      resume=resume, settings=settings, progress=True, device=device)
     out_console.print(f"wrote concept [bold]{path}[/bold] ({path.stat().st_size:,} bytes)")
+
+
+def _concept_args(images: list, tokens: list, superclasses: list, listed) -> tuple:
+    """--images/--token/--superclass (each once, or repeated per concept), or the YAML ``concepts:`` list."""
+    if listed is not None:
+        if images or tokens or superclasses:
+            raise BadInputError("give the concepts either as --images/--token/--superclass or as 'concepts:' in --config, not both")
+        if not isinstance(listed, list) or not all(isinstance(c, dict) and {"images", "token", "superclass"} <= set(c)
+                                                   for c in listed):
+            raise BadInputError("'concepts:' in --config must be a list of {images: DIR, token: <tok>, superclass: word}")
+        images, tokens, superclasses = ([c[k] for c in listed] for k in ("images", "token", "superclass"))
+    missing = [flag for flag, v in (("--images", images), ("--token", tokens), ("--superclass", superclasses)) if not v]
+    if missing:
+        raise BadInputError(f"missing {', '.join(missing)}: train needs the photos folder, the new token and its superclass")
+    one = lambda v: v[0] if len(v) == 1 else list(v)  # noqa: E731
+    return one(images), one(tokens), one(superclasses)
 
 
 def _parse_concept_arg(text: str) -> tuple[str, dict]:
@@ -124,6 +179,7 @@ def generate(
     seed: int = typer.Option(0, "--seed", help="Image k uses seed SEED+k."),
     beta: Optional[float] = typer.Option(None, "--beta", help="Perfusion gate threshold: higher = weaker concept, better prompt alignment [concept default, 0.7]."),
     tau: Optional[float] = typer.Option(None, "--tau", help="Perfusion gate temperature [concept default, 0.15]."),
+    lag: bool = typer.Option(False, "--lag", help="Residuals: localized attention-guided sampling, the residuals apply only where the concept is attended."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
 ):
     """Generate images of a trained concept in new scenes.
@@ -133,6 +189,8 @@ def generate(
       personalize generate --base tiny --concept teddy.safetensors --prompt "a <my-teddy> in the snow" --out samples/
 
       personalize generate ... --beta 0.8        # favour the prompt over the concept's look
+
+      personalize generate --concept teddy.safetensors --prompt "a photo of a <my-teddy> teddy on the moon" --lag --out samples/
     """
     import torch
 
@@ -152,6 +210,13 @@ def generate(
     for key, value in (("beta", beta), ("tau", tau)):
         if value is not None:
             knobs[key] = value
+    if lag:
+        knobs["lag"] = True
+    if knobs.get("lag"):
+        from .compose import check_lag
+        from .methods import get
+
+        check_lag(loaded, get(loaded.method))
     pipe = load_base(base, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with attach(pipe, loaded, **knobs):
         with err_console.status(f"generating {num_images} image(s), {steps} steps"):
@@ -183,16 +248,83 @@ def inspect(
     prov = header.get("provenance", {})
     out_console.print(f"trained {prov.get('steps')} steps, seed {prov.get('seed')}, on {prov.get('base')}, "
                       f"{len(prov.get('images', []))} images, personalize {prov.get('package_version')}")
+    if "tokens" in header:
+        out_console.print(f"concepts: {', '.join(f'{t} ({s})' for t, s in zip(header['tokens'], header['superclasses']))}")
+    if header.get("composable") is False:
+        out_console.print(f"[bold]not composable[/bold]: a new base (the fine-tuned pipeline in '{header.get('pipeline')}/' "
+                          f"beside this file); attach it alone, or use that folder as --base and write "
+                          f"'{header.get('config', {}).get('identifier', 'sks')}' for the token")
     table = Table("tensor", "shape", "dtype", "bytes")
     for name, t in summary["tensors"].items():
         table.add_row(name, "x".join(map(str, t["shape"])), t["dtype"], f"{t['bytes']:,}")
     out_console.print(table)
 
 
+@app.command("export")
+def export_concept(
+    file: Path = typer.Argument(..., help="A concept .safetensors file."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="residuals: diffusers-lora; textual-inversion: diffusers | a1111; dreambooth-lora: diffusers-lora | kohya; custom-diffusion: diffusers (default: the first)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write."),
+    base: Optional[str] = typer.Option(None, "--base", help="The concept's base; needed by custom-diffusion, whose format stores full K/V weights."),
+):
+    """Write a concept in the format its community's tools load (export.json in the folder says how).
+
+    [bold]Examples[/bold]
+
+      personalize export teddy.safetensors --format diffusers-lora --out teddy-lora/     # residuals, dreambooth-lora
+
+      then, without personalize:  pipe.load_lora_weights("teddy-lora"); pipe.load_textual_inversion("teddy-lora/token.safetensors")
+
+      personalize export ti.safetensors --format diffusers --out ti/       # learned_embeds.safetensors
+
+      personalize export ti.safetensors --format a1111 --out embeddings/  # <token>.pt (string_to_param)
+
+      personalize export lora.safetensors --format kohya --out kohya/     # lora_kohya.safetensors
+
+      personalize export cd.safetensors --base tiny --out cd/             # pytorch_custom_diffusion_weights.safetensors + <token>.safetensors
+
+    DreamBooth (full) needs no export: its OUT.pipeline/ folder is a diffusers pipeline.
+    """
+    from .interop import export_concept
+
+    folder = export_concept(file, out, fmt, base)
+    names = ", ".join(sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")))
+    out_console.print(f"wrote [bold]{folder}[/bold] ({names})")
+
+
+@app.command("import")
+def import_concept(
+    file: Path = typer.Argument(..., help="The foreign weights file (.safetensors; .bin/.pt only with --allow-pickle)."),
+    method: str = typer.Option(..., "--method", help="textual-inversion | dreambooth-lora | custom-diffusion."),
+    out: Path = typer.Option(..., "--out", help="Concept file to write (.safetensors)."),
+    superclass: str = typer.Option(..., "--superclass", help="One-token word for what the concept is."),
+    token: Optional[str] = typer.Option(None, "--token", help="Token to use (default: the one the file names)."),
+    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    embeddings: List[Path] = typer.Option([], "--embeddings", help="custom-diffusion: the modifier token file(s), <token>.safetensors."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read a .bin/.pt pickle (weights only: torch.load(weights_only=True))."),
+    set_: List[str] = typer.Option([], "--set", help="Method setting KEY=VALUE, e.g. --set identifier=ohwx."),
+):
+    """Turn another tool's file into a concept file for this base.
+
+    [bold]Examples[/bold]
+
+      personalize import learned_embeds.safetensors --method textual-inversion --superclass cat --base tiny --out cat.safetensors
+
+      personalize import my_lora.safetensors --method dreambooth-lora --superclass dog --token "<dog>" --set identifier=sks --out dog.safetensors
+
+      personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --method custom-diffusion --superclass cat --out cat.safetensors
+    """
+    from .interop import import_file
+
+    path = import_file(base, file, method=method, out=out, token=token, superclass=superclass, embeddings=embeddings,
+                       allow_pickle=allow_pickle, settings=_load_settings(None, set_))
+    out_console.print(f"wrote concept [bold]{path}[/bold] ({path.stat().st_size:,} bytes)")
+
+
 @app.command()
 def covariance(
     base: str = typer.Option("tiny", "--base", help=BASE_HELP),
-    captions: Optional[Path] = typer.Option(None, "--captions", help="Text file, one caption per line [default: built-in corpus]."),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="Text file, one caption per line [default: the base's own captions.txt if it ships one (the toy base does), else the built-in corpus]."),
     recompute: bool = typer.Option(False, "--recompute", help="Ignore the cache and compute again."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda."),
 ):
@@ -206,7 +338,7 @@ def covariance(
     from rich.progress import Progress
 
     from .base import load_base
-    from .covariance import builtin_captions, covariance_path, corpus_id, load_or_compute_covariance
+    from .covariance import base_captions, builtin_captions, covariance_path, corpus_id, load_or_compute_covariance
 
     lines = None
     if captions is not None:
@@ -216,6 +348,7 @@ def covariance(
         if not lines:
             raise BadInputError(f"--captions '{captions}' has no captions; put one caption per line")
     pipe = load_base(base, device=device)
+    lines = lines if lines is not None else base_captions(pipe)
     total = len(lines if lines is not None else builtin_captions())
     with Progress(console=err_console) as progress:
         task = progress.add_task("encoding captions", total=total)
@@ -234,7 +367,8 @@ def list_methods():
     table = Table("method", "description", "sites", "defaults")
     for name in registry.names():
         cls = registry.get(name)
-        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Config))
+        trainer = [f"{k}={v}" for k, v in cls.train_defaults.items()]
+        defaults = ", ".join(trainer + [f"{f.name}={f.default}" for f in dataclasses.fields(cls.Config)])
         table.add_row(name, cls.description, ", ".join(cls.sites), defaults)
     out_console.print(table)
 

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from . import methods as method_registry
 from .concept import Concept, check_base, load_concept
 from .errors import BadInputError
+from .methods.shared import check_composable
 
 
 class Attachment:
@@ -43,8 +44,22 @@ def _as_concept(item) -> Concept:
     return item if isinstance(item, Concept) else load_concept(Path(item))
 
 
-def attach(pipe, concepts: Concept | str | Path | Sequence, **knobs: Any) -> Attachment:
-    """Attach one concept (a :class:`Concept` or a file path) with inference knobs, e.g. ``beta=0.7``."""
+def check_lag(concept: Concept, method_cls) -> None:
+    """LAG sampling masks personalized residuals; refuse a concept that has none."""
+    if "proj_out" not in method_cls.sites:
+        name = concept.path.name if concept.path is not None else concept.token
+        raise BadInputError(
+            f"--lag needs a concept with personalized residuals, but '{name}' is a {concept.method} concept "
+            "(no residuals); drop --lag or train it with --method residuals"
+        )
+
+
+def attach(pipe, concepts: Concept | str | Path | Sequence, *, lag: bool = False, **knobs: Any) -> Attachment:
+    """Attach one concept (a :class:`Concept` or a file path) with inference knobs, e.g. ``beta=0.7``.
+
+    ``lag=True`` (residuals concepts) turns on localized attention-guided
+    sampling: the residuals apply only where the concept is attended.
+    """
     items = list(concepts) if isinstance(concepts, (list, tuple)) else [concepts]
     if len(items) != 1:
         raise BadInputError(
@@ -52,6 +67,12 @@ def attach(pipe, concepts: Concept | str | Path | Sequence, **knobs: Any) -> Att
         )
     concept = _as_concept(items[0])
     method_cls = method_registry.get(concept.method)
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+    lag = bool(knobs.pop("lag", lag))
+    if lag:
+        check_lag(concept, method_cls)
+        knobs["lag"] = True
     check_base(concept, pipe)
-    method = method_cls.from_concept(pipe, concept, **{k: v for k, v in knobs.items() if v is not None})
+    check_composable(pipe, method_cls, len(items))  # DreamBooth (full) replaces the UNet: it attaches alone
+    method = method_cls.from_concept(pipe, concept, **knobs)
     return Attachment(pipe, [method])

@@ -129,7 +129,7 @@ def compute_covariance(
     return (total / count).cpu()
 
 
-def covariance_path(pipe, corpus: str) -> "os.PathLike":
+def covariance_path(pipe, corpus: str) -> Path:
     return cache_dir("covariance") / f"{fingerprint(pipe).digest}-{corpus}.safetensors"
 
 

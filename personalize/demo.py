@@ -16,9 +16,9 @@ from typing import Callable
 
 from .paths import atomic_path
 
-CONCEPT = "striped_star"
+CONCEPT = "split_triangle"  # its two-colour halves survive the toy VAE best
 SCENES = 4  # the first SCENES of claims.CONTEXT
-BETAS = (0.5, 0.7, 0.9)
+BETAS = (0.6, 0.8, 1.0)
 
 
 def _data_uri(image) -> str:
@@ -100,7 +100,8 @@ token <code>{html.escape(token)}</code> for the held-out concept <i>{html.escape
 {claims.SAMPLING['guidance']}, seed 0. Whole demo: {seconds:.0f} s on CPU.</p>
 <h2>Training photos</h2><p>{photos_html}</p>
 <h2>Generated: new scenes × β</h2>
-<p>Higher β gates the concept more strictly: a weaker concept, closer to the prompt.</p>
+<p>Higher β gates the concept more strictly: a weaker concept, closer to the prompt. (In the toy world the
+fidelity falls with β as the paper says, while alignment stays within sampling noise: docs/TOYWORLD.md.)</p>
 <table><tr><th></th>{head}</tr>{rows}</table>
 <h2>Scores (toy-world ground truth)</h2>
 <table class="s"><tr><th></th><th>fidelity<br>“a photo of a {html.escape(token)}”</th><th>alignment<br>new scenes</th>

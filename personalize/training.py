@@ -15,7 +15,7 @@ import datetime
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +34,8 @@ from .templates import NEUTRAL_TEMPLATES, check_new_token, fill, single_token_id
 class TrainConfig:
     """Settings shared by every method (the method's own live in its Config)."""
 
-    steps: int = 250  # Perfusion paper: 210 on average, 400 at most
-    batch_size: int = 16  # Perfusion paper
+    steps: int = 250  # Perfusion paper: 210 on average, 400 at most (a method may default otherwise)
+    batch_size: int = 16  # Perfusion paper (Method.train_defaults overrides per method)
     seed: int = 0
     flip_p: float = 0.5  # paper: horizontal flips with p = 0.5 (set 0 for asymmetric objects)
     mixed_precision: str = "no"  # no | fp16 | bf16
@@ -66,6 +66,12 @@ def split_overrides(method_cls, overrides: dict[str, Any] | None) -> tuple[dict,
     return train, method_settings
 
 
+def resolve_settings(method_cls, settings: dict[str, Any] | None) -> tuple[TrainConfig, Any]:
+    """The trainer's and the method's configs: TrainConfig defaults < the method's ``train_defaults`` < ``settings``."""
+    train_over, method_over = split_overrides(method_cls, settings)
+    return TrainConfig(**{**method_cls.train_defaults, **train_over}), method_cls.make_config(method_over)
+
+
 def preview_dir(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".previews")
@@ -87,10 +93,12 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 8) -> tuple[torch.Ten
 class LatentCache:
     """VAE latents of the training images and their mirror images, computed once per run."""
 
-    def __init__(self, vae, images: torch.Tensor, masks: torch.Tensor | None):
+    def __init__(self, vae, images: torch.Tensor, masks: torch.Tensor | None, labels: torch.Tensor | None = None):
         both = torch.cat([images, images.flip(-1)])
         self.mean, self.std = encode_latents(vae, both)
         self.n = images.shape[0]
+        # which concept (multi-concept runs) or class prompt (prior images) each image belongs to
+        self.labels = labels if labels is not None else torch.zeros(self.n, dtype=torch.long)
         self.masks = None
         if masks is not None:
             size = self.mean.shape[-1]
@@ -123,10 +131,10 @@ def denoising_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor 
 
 def train(
     base,
-    images: str | Path,
+    images: str | Path | Sequence[str | Path],
     *,
-    token: str,
-    superclass: str,
+    token: str | Sequence[str],
+    superclass: str | Sequence[str],
     out: str | Path,
     method: str = "perfusion",
     masks: str | Path | None = None,
@@ -143,22 +151,31 @@ def train(
     fields (flat, or the latter nested under the method's name).
     ``callbacks`` are called as ``cb(step, loss, method)`` after every step
     (after that step's checkpoint), with the live method object.
+    A ``multi_concept`` method (Custom Diffusion) takes lists: one image
+    folder, token and superclass per concept, trained jointly into one file.
     """
     from diffusers import DDPMScheduler
 
     method_cls = method_registry.get(method)
-    train_over, method_over = split_overrides(method_cls, settings)
-    cfg = TrainConfig(**train_over)
-    mcfg = method_cls.make_config(method_over)
+    cfg, mcfg = resolve_settings(method_cls, settings)
     out = Path(out)
     _check_run(cfg, out, resume)
-    image_paths = list_images(images)
+    folders, tokens, superclasses = _concepts(method_cls, images, token, superclass)
+    per_concept = [list_images(f) for f in folders]
+    image_paths = [p for paths in per_concept for p in paths]
+    if len(folders) == 1:
+        token, superclass = tokens[0], superclasses[0]
+    else:
+        token, superclass = tuple(tokens), tuple(superclasses)
+        if masks:
+            raise BadInputError("--masks works with one concept per run; train with masks one concept at a time")
 
     accelerator = _accelerator(cfg.mixed_precision, cpu=(str(device) == "cpu"))
     device = accelerator.device
     pipe = load_base(base) if isinstance(base, (str, Path)) else base
     pipe.to(device)
-    _validate_words(pipe, token, superclass)
+    for tok, sc in zip(tokens, superclasses):
+        _validate_words(pipe, tok, sc)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     pixels = load_images(image_paths, size)
     mask_tensor = load_masks(masks, image_paths, size) if masks else None
@@ -168,11 +185,13 @@ def train(
         module.eval()
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    cache = LatentCache(pipe.vae, pixels, mask_tensor)
+    labels = torch.tensor([i for i, paths in enumerate(per_concept) for _ in paths])
+    cache = LatentCache(pipe.vae, pixels, mask_tensor, labels)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     trainable = method_cls.for_training(pipe, token, superclass, mcfg)
     try:
+        prior = _prior_data(pipe, trainable, superclasses, size, progress)
         groups = [{k: v for k, v in g.items() if k != "name"} for g in trainable.param_groups()]
         optimizer = accelerator.prepare(torch.optim.AdamW(groups, weight_decay=0.0))
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -180,20 +199,24 @@ def train(
         base_fp = fingerprint(pipe)
         image_hashes = [file_sha256(p) for p in image_paths]
         run_id = {
-            "method": method, "token": token, "superclass": superclass, "base": base_fp.digest,
+            "method": method, "token": _json_words(token), "superclass": _json_words(superclass), "base": base_fp.digest,
             "images": image_hashes, "seed": cfg.seed, "batch_size": cfg.batch_size,
             "config": dataclasses.asdict(mcfg),
         }
         ckpt = checkpoint_dir(out)
         start = load_checkpoint(ckpt, run_id, trainable, optimizer, generator) if resume else 0
-        bar = _Progress(progress, cfg.steps, start, f"training {method} {token}")
+        bar = _Progress(progress, cfg.steps, start, f"training {method} {' '.join(tokens)}")
         began = time.time()
         try:
             for step in range(start + 1, cfg.steps + 1):
                 batch = draw_batch(cache, cfg.batch_size, cfg.flip_p, scheduler.config.num_train_timesteps,
-                                   trainable.placeholder(), generator, device)
+                                   trainable.placeholders(), generator, device, trainable.templates())
+                prior_batch = None if prior is None else draw_batch(
+                    prior.cache, cfg.batch_size, cfg.flip_p, scheduler.config.num_train_timesteps, prior.prompts,
+                    generator, device, ("{}",))
                 with accelerator.autocast():
-                    loss = denoising_step(pipe, scheduler, trainable, batch)
+                    loss = denoising_step(pipe, scheduler, trainable, batch, prior_batch,
+                                          prior.weight if prior else 0.0)
                 accelerator.backward(loss)
                 if cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -205,7 +228,7 @@ def train(
                     save_checkpoint(ckpt, step, run_id, trainable, optimizer, generator)
                 if cfg.preview_every and step % cfg.preview_every == 0:
                     write_preview(pipe, preview_dir(out) / f"step_{step:06d}.png",
-                                  cfg.preview_prompt.format(token), cfg.seed)
+                                  cfg.preview_prompt.format(trainable.placeholder()), cfg.seed)
                 for cb in callbacks:
                     cb(step, value, trainable)
         finally:
@@ -218,22 +241,91 @@ def train(
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.time() - began, 1),
         }
-        concept = Concept(
-            header={
-                "method": method, "token": token, "superclass": superclass,
-                "config": dataclasses.asdict(mcfg),
-                "inference_defaults": trainable.inference_defaults(),
-                "base_fingerprint": dict(base_fp.to_dict(), digest=base_fp.digest),
-                **trainable.header_fields(),
-                "provenance": provenance,
-            },
-            tensors=trainable.concept_tensors(),
-        )
+        header = concept_header(method, token, superclass, mcfg, trainable.inference_defaults(), base_fp,
+                                trainable.header_fields(), provenance)
+        concept = Concept(header=header, tensors=trainable.concept_tensors())
     finally:
         trainable.remove()
         if cfg.gradient_checkpointing:
             pipe.unet.disable_gradient_checkpointing()
+    concept.header.update(trainable.write_artifacts(out))
     return save_concept(out, concept)
+
+
+def _json_words(words):
+    return words if isinstance(words, str) else list(words)
+
+
+def concept_header(method: str, token, superclass, config, defaults: dict, base_fp, extra: dict,
+                   provenance: dict) -> dict[str, Any]:
+    """A concept file's header (multi-concept files name their first token here, all of them in ``extra``)."""
+    first = lambda v: v if isinstance(v, str) else v[0]  # noqa: E731
+    return {
+        "method": method, "token": first(token), "superclass": first(superclass),
+        "config": dataclasses.asdict(config), "inference_defaults": defaults,
+        "base_fingerprint": dict(base_fp.to_dict(), digest=base_fp.digest),
+        **extra, "provenance": provenance,
+    }
+
+
+def _concepts(method_cls, images, token, superclass) -> tuple[list, list[str], list[str]]:
+    """One (folder, token, superclass) per concept; several only for a multi-concept method."""
+    from .methods.shared import as_list, single_tokens, words_of
+
+    folders = as_list(images)
+    tokens, superclasses = words_of(token, superclass)
+    if len(superclasses) == 1 and len(folders) > 1:
+        superclasses = superclasses * len(folders)
+    if not (len(folders) == len(tokens) == len(superclasses)):
+        raise BadInputError(f"{len(folders)} image folders for {len(tokens)} tokens and {len(superclasses)} "
+                            "superclasses; give one --token and --superclass per --images")
+    if len(folders) > 1 and not method_cls.multi_concept:
+        multi = [n for n in method_registry.names() if method_registry.get(n).multi_concept]
+        raise BadInputError(f"{method_cls.name} trains one concept per run; train several jointly with "
+                            f"{', '.join(multi) or 'a multi-concept method'}, or run once per concept")
+    single_tokens(tokens)
+    return folders, tokens, superclasses
+
+
+@dataclass
+class PriorData:
+    cache: "LatentCache"
+    prompts: list[str]  # the class prompt of each label
+    weight: float
+
+
+def _prior_data(pipe, trainable, superclasses: list[str], size: int, progress: bool) -> PriorData | None:
+    """The run's class images (generated by the base and cached, or the user's), encoded once.
+
+    Called once the method is built (so its settings are checked before minutes of sampling); its edits are
+    taken out meanwhile, so the images are the base model's."""
+    spec = type(trainable).prior_spec(trainable.config, list(superclasses))
+    if spec is None:
+        return None
+    trainable.remove()
+    try:
+        return _class_images(pipe, spec, size, progress)
+    finally:
+        trainable.install()
+
+
+def _class_images(pipe, spec, size: int, progress: bool) -> PriorData:
+    from . import prior as prior_images
+
+    todo = prior_images.missing_count(pipe, spec)
+    bar = _Progress(progress and todo > 0, todo, 0, "class images")
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        bar.update(done[0], float("nan"))
+
+    try:
+        paths, labels = prior_images.resolve(pipe, spec, on_image=tick)
+    finally:
+        bar.close()
+    cache = LatentCache(pipe.vae, load_images(paths, size), None, torch.tensor(labels))
+    return PriorData(cache, spec.prompts, spec.weight)
 
 
 def _check_run(cfg: TrainConfig, out: Path, resume: bool) -> None:
@@ -261,21 +353,34 @@ class Batch:
     prompts: list[str]
 
 
-def draw_batch(cache: "LatentCache", batch_size: int, flip_p: float, num_timesteps: int, placeholder: str,
-               generator: torch.Generator, device) -> Batch:
-    """Everything random about one step, drawn in a fixed order from ``generator``."""
+def draw_batch(cache: "LatentCache", batch_size: int, flip_p: float, num_timesteps: int,
+               placeholder: str | Sequence[str], generator: torch.Generator, device,
+               templates: tuple[str, ...] = NEUTRAL_TEMPLATES) -> Batch:
+    """Everything random about one step, drawn in a fixed order from ``generator``.
+
+    ``placeholder`` may be a list: the words of each label (concept) of ``cache``."""
     idx = torch.randint(cache.n, (batch_size,), generator=generator)
     flip = torch.rand(batch_size, generator=generator) < flip_p
     latents, mask = cache.sample(idx, flip, generator)
     noise = torch.randn(latents.shape, generator=generator).to(device)
     timesteps = torch.randint(num_timesteps, (batch_size,), generator=generator).to(device)
-    which = torch.randint(len(NEUTRAL_TEMPLATES), (batch_size,), generator=generator)
-    prompts = [fill(NEUTRAL_TEMPLATES[i], placeholder) for i in which.tolist()]
+    which = torch.randint(len(templates), (batch_size,), generator=generator)
+    words = [placeholder] if isinstance(placeholder, str) else list(placeholder)
+    labels = cache.labels[idx].tolist() if len(words) > 1 else [0] * batch_size
+    prompts = [fill(templates[i], words[label]) for i, label in zip(which.tolist(), labels)]
     return Batch(latents.to(device), None if mask is None else mask.to(device), noise, timesteps, prompts)
 
 
-def denoising_step(pipe, scheduler, method, batch: Batch) -> torch.Tensor:
-    """Encode the prompts (method hook), noise the latents, predict, and return the loss."""
+def denoising_step(pipe, scheduler, method, batch: Batch, prior: Batch | None = None,
+                   prior_weight: float = 0.0) -> torch.Tensor:
+    """Encode the prompts (method hook), noise the latents, predict, and return the loss.
+
+    With a ``prior`` batch (class images, prior preservation) both go through one UNet pass and the loss is
+    ``loss(batch) + prior_weight * loss(prior)``."""
+    n = batch.latents.shape[0]
+    if prior is not None:
+        batch = Batch(torch.cat([batch.latents, prior.latents]), batch.mask, torch.cat([batch.noise, prior.noise]),
+                      torch.cat([batch.timesteps, prior.timesteps]), batch.prompts + prior.prompts)
     tok = pipe.tokenizer
     ids = tok(batch.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids.to(batch.latents.device)
@@ -287,7 +392,9 @@ def denoising_step(pipe, scheduler, method, batch: Batch) -> torch.Tensor:
         target = scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
     else:
         target = batch.noise
-    return denoising_loss(pred, target, batch.mask)
+    if prior is None:
+        return denoising_loss(pred, target, batch.mask)
+    return denoising_loss(pred[:n], target[:n], batch.mask) + prior_weight * denoising_loss(pred[n:], target[n:], None)
 
 
 def _accelerator(mixed_precision: str, cpu: bool):

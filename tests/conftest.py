@@ -70,3 +70,15 @@ def trained_concept(tmp_path_factory, _tiny_master):
     pipe = copy.deepcopy(_tiny_master)
     return train(pipe, folder, token="<disc>", superclass="ball", out=root / "disc.safetensors",
                  settings={"steps": 4, "batch_size": 2, "checkpoint_every": 0}, progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_residuals(tmp_path_factory, _tiny_master):
+    """A Personalized Residuals concept trained for a few steps on the tiny base (file path)."""
+    from personalize import train
+
+    root = tmp_path_factory.mktemp("residuals")
+    folder = make_photos(root / "photos")
+    pipe = copy.deepcopy(_tiny_master)
+    return train(pipe, folder, token="<disc>", superclass="ball", out=root / "disc.safetensors", method="residuals",
+                 settings={"steps": 3, "batch_size": 2, "checkpoint_every": 0}, progress=False)

@@ -396,3 +396,62 @@ def test_process_hub_base_offline_prints_one_line(tmp_path, out):
     proc = _cli_process(train_args(photos, out, base="someone/some-model"))
     check_error(proc.returncode, proc.stderr, "someone/some-model", "offline", "local folder")
     assert_no_train_output(out)
+
+
+# --------------------------------------------------------------------------- residuals: LAG, export, settings
+@pytest.fixture
+def residuals(tmp_path, trained_residuals) -> Path:
+    path = tmp_path / "concepts" / "res.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    shutil.copyfile(trained_residuals, path)
+    return path
+
+
+def test_lag_on_a_concept_without_residuals(capsys, concept, tmp_path):
+    folder = tmp_path / "gen"
+    code, _, err = run_cli(capsys, gen_args(concept, folder, "--lag"))
+    check_error(code, err, "--lag", "disc.safetensors", "perfusion", "--method residuals")
+    assert_no_images(folder)
+
+
+def test_valid_lag_generation(capsys, residuals, tmp_path):
+    folder = tmp_path / "gen"
+    code, _, err = run_cli(capsys, gen_args(residuals, folder, "--lag"))
+    assert code == 0, err
+    assert len(list(folder.glob("*.png"))) == 1
+
+
+def test_export_a_concept_without_residuals(capsys, concept, tmp_path):
+    code, _, err = run_cli(capsys, ["export", concept, "--format", "diffusers-lora", "--out", tmp_path / "lora"])
+    check_error(code, err, "disc.safetensors", "perfusion", "residuals")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_export_unknown_format(capsys, residuals, tmp_path):
+    code, _, err = run_cli(capsys, ["export", residuals, "--format", "kohya", "--out", tmp_path / "lora"])
+    check_error(code, err, "'kohya'", "diffusers-lora")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_export_out_is_a_file(capsys, residuals, tmp_path):
+    target = tmp_path / "lora"
+    target.write_text("notes")
+    code, _, err = run_cli(capsys, ["export", residuals, "--out", target])
+    check_error(code, err, "lora", ("file", "folder"))
+    assert target.read_text() == "notes"
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--rank-fraction", "0"], ["rank_fraction"]),
+    (["--set", "init_token=teddybear"], ["init_token", "teddybear", "single"]),
+], ids=["rank-fraction-0", "multi-token-init"])
+def test_bad_residuals_settings(capsys, photos, out, extra, words):
+    code, _, err = run_cli(capsys, train_args(photos, out, "--method", "residuals", *extra))
+    check_error(code, err, *words)
+    assert_no_train_output(out)
+
+
+def test_residuals_setting_on_perfusion(capsys, photos, out):
+    code, _, err = run_cli(capsys, train_args(photos, out, "--train-token"))
+    check_error(code, err, "unknown setting", "train_token")
+    assert_no_train_output(out)

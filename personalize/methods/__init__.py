@@ -8,6 +8,11 @@ from ..errors import BadInputError
 
 _REGISTRY: dict[str, str] = {
     "perfusion": "personalize.methods.perfusion:Perfusion",
+    "residuals": "personalize.methods.residuals:Residuals",
+    "textual-inversion": "personalize.methods.textual_inversion:TextualInversion",
+    "dreambooth": "personalize.methods.dreambooth:DreamBooth",
+    "dreambooth-lora": "personalize.methods.dreambooth_lora:DreamBoothLora",
+    "custom-diffusion": "personalize.methods.custom_diffusion:CustomDiffusion",
 }
 
 

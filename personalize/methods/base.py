@@ -7,7 +7,9 @@ A method class is built in one of two ways on a pipeline:
   from a concept file and installs it.
 Both end with the same edits in the pipeline, so what was trained is exactly
 what is generated later. The shared trainer only needs ``param_groups``,
-``placeholder``, ``on_text_encoded`` and the state methods.
+``placeholder``, ``templates``, ``on_text_encoded``, the state methods and
+``train_defaults`` (the method's own trainer defaults, e.g. its paper's steps
+and batch size; explicit settings still win).
 """
 from __future__ import annotations
 
@@ -22,10 +24,19 @@ from ..errors import BadInputError
 class Method:
     name: ClassVar[str]
     description: ClassVar[str]
-    sites: ClassVar[tuple[str, ...]]  # "tokens", "kv", "proj_out", "unet"
+    sites: ClassVar[tuple[str, ...]]  # "tokens", "kv", "attention", "proj_out", "unet", "text_encoder"
     Config: ClassVar[type]
     #: knobs ``attach`` accepts, with their meaning (shown in --help and errors)
     knobs: ClassVar[dict[str, str]] = {}
+    #: TrainConfig fields this method defaults differently (explicit settings win)
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    #: several concepts (image folders, tokens) in one run and one file
+    multi_concept: ClassVar[bool] = False
+    #: False when the method replaces the base (DreamBooth): it attaches alone
+    composable: ClassVar[bool] = True
+    #: ``personalize export`` formats: name -> how a stock tool loads it (see ``personalize/interop.py``)
+    export_formats: ClassVar[dict[str, str]] = {}
+    export_needs_base: ClassVar[bool] = False
 
     def __init__(self, pipe, token: str, superclass: str, config):
         self.pipe = pipe
@@ -49,16 +60,41 @@ class Method:
 
     @classmethod
     def for_training(cls, pipe, token: str, superclass: str, config) -> "Method":
-        raise NotImplementedError
+        """Fresh trainable state, installed (methods needing more, e.g. Perfusion's C, override this)."""
+        method = cls(pipe, token, superclass, config)
+        method.install()
+        return method
 
     @classmethod
     def from_concept(cls, pipe, concept, **knobs) -> "Method":
         raise NotImplementedError
 
+    @classmethod
+    def for_import(cls, pipe, found: dict, config) -> "Method":
+        """Build (and install) the method for a converted foreign file (``import_state``'s result)."""
+        return cls.for_training(pipe, found["token"], found["superclass"], config)
+
     # -- training ----------------------------------------------------------------
     def placeholder(self) -> str:
         """The words that stand for the concept in training prompts."""
         return self.token
+
+    def templates(self) -> tuple[str, ...]:
+        """Training prompt templates; ``{}`` is replaced by :meth:`placeholder`."""
+        from ..templates import NEUTRAL_TEMPLATES
+
+        return NEUTRAL_TEMPLATES
+
+    def placeholders(self) -> list[str]:
+        """One placeholder per concept of the run (several only for ``multi_concept`` methods)."""
+        return [self.placeholder()]
+
+    @classmethod
+    def prior_spec(cls, config, superclasses: list[str]):
+        """The class images this run trains on beside the photos (``personalize/prior.py``), or None."""
+        from ..prior import PriorConfig, spec_from_config
+
+        return spec_from_config(config, superclasses) if isinstance(config, PriorConfig) else None
 
     def param_groups(self) -> list[dict]:
         raise NotImplementedError
@@ -82,6 +118,16 @@ class Method:
 
     def header_fields(self) -> dict[str, Any]:
         """Extra top-level header entries the method needs at attach time."""
+        return {}
+
+    def write_artifacts(self, out) -> dict[str, Any]:
+        """After training and ``remove()``: write files beside the concept file ``out`` (DreamBooth's pipeline
+        folder); returns the header entries that name them."""
+        return {}
+
+    @classmethod
+    def export_notes(cls, concept, fmt: str) -> dict[str, Any]:
+        """Extra entries for an export's ``export.json`` (e.g. the prompt word to use)."""
         return {}
 
     # -- the pipeline ------------------------------------------------------------

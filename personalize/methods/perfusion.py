@@ -24,8 +24,7 @@ token's encoding (no gradient).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -36,6 +35,7 @@ from ..edits.tokens import token_site
 from ..errors import BadInputError, ConceptFileError
 from ..templates import NEUTRAL_TEMPLATES, word_position
 from .base import Method
+from .shared import check_knobs
 
 _Scalar = float | Sequence[float] | torch.Tensor | None
 
@@ -225,9 +225,7 @@ class Perfusion(Method):
     def from_concept(cls, pipe, concept, **knobs) -> "Perfusion":
         from ..covariance import covariance_for, inverse
 
-        unknown = sorted(set(knobs) - set(cls.knobs))
-        if unknown:
-            raise BadInputError(f"perfusion does not take {', '.join(unknown)}; it takes {', '.join(cls.knobs)}")
+        check_knobs(cls, knobs)
         corpus = concept.header.get("covariance", "builtin")
         C = covariance_for(pipe, corpus)
         if C is None:

@@ -1,0 +1,230 @@
+"""Capture-only cross-attention maps of chosen prompt tokens, per transformer block.
+
+Nothing here changes a computation; it only reads. While at least one *watcher*
+(e.g. a LAG-sampled concept) is registered on a pipeline:
+
+- a hook on the text encoder records each encoded prompt: its token ids and
+  its output (the rows the UNet will see as ``encoder_hidden_states``);
+- a pre-hook on the UNet matches every batch row to a recorded prompt, asks
+  each watcher which text columns are its own in that row, and lets a row with
+  none (the unconditional half under classifier-free guidance) borrow the maps
+  of the row with identical latents that has some (the conditional half);
+- a pre-hook on every transformer block records its H x W from its
+  ``(N, C, H, W)`` input, so a map is never reshaped by guessing from a
+  sequence length;
+- occupants of each cross-attention's ``to_q`` / ``to_k`` keep the current
+  forward's queries and keys (the attention itself still runs with SDPA).
+
+``token_maps(block, keys)`` then computes ``softmax(q k^T * scale)`` over the
+text columns only, for the source rows only, averages it over heads and the
+block's cross-attention layers and sums it over each watcher's columns.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import BadInputError
+from .sites import occupy, vacate
+
+_MAPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_KEY = "attention-maps"
+Columns = Callable[[list[int]], list[int]]  # token ids of one prompt -> the watcher's column indices
+
+
+def transformer_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, Transformer2DModel)`` for every transformer block of a diffusers UNet, in module order."""
+    from diffusers.models import Transformer2DModel
+
+    return [(n, m) for n, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
+
+
+def block_cross_attentions(block: nn.Module) -> list[nn.Module]:
+    """The cross-attention (``attn2``) of each inner transformer layer of a block."""
+    return [layer.attn2 for layer in block.transformer_blocks if getattr(layer, "attn2", None) is not None]
+
+
+@dataclass
+class Plan:
+    """Which batch row's maps each row uses (``source``) and, per watcher, its columns in each source row."""
+
+    source: list[int | None]
+    columns: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+
+    def sources(self) -> list[int]:
+        return sorted({s for s in self.source if s is not None})
+
+
+class _Capture:
+    """Occupant of ``attn2.to_q`` / ``attn2.to_k``: keeps the output of the current forward."""
+
+    order = 1000  # after every edit of the same site: the maps see the keys the attention sees
+
+    def __init__(self, maps: "AttentionMaps", block: str, attn: nn.Module, slot: int):
+        self.maps, self.block, self.attn, self.slot = maps, block, attn, slot
+
+    def __call__(self, wrapper, x, out):
+        entry = self.maps._captured.setdefault(self.block, {}).setdefault(id(self.attn), [self.attn, None, None])
+        entry[1 + self.slot] = out.detach()
+        return out
+
+
+class AttentionMaps:
+    """The per-pipeline capture store (see the module docstring); get it with :func:`attention_maps`."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.watchers: dict[str, Columns] = {}
+        self.sizes: dict[str, tuple[int, int]] = {}  # block -> (H, W), from its input
+        # the latest (N, H, W) map and mask per block and watcher, kept by lag.block_masks for inspection
+        self.maps: dict[str, dict[str, torch.Tensor]] = {}
+        self.masks: dict[str, dict[str, torch.Tensor]] = {}
+        self.plan: Plan | None = None
+        self._captured: dict[str, dict[int, list]] = {}
+        self._encodings: deque = deque(maxlen=8)
+        self._handles: list = []
+        self._sites: list[str] = []
+
+    # -- watchers ---------------------------------------------------------------------------
+    def watch(self, key: str, columns: Columns) -> None:
+        if not self.watchers:
+            self._install()
+        self.watchers[key] = columns
+
+    def unwatch(self, key: str) -> None:
+        self.watchers.pop(key, None)
+        if not self.watchers:
+            self._uninstall()
+
+    def _install(self) -> None:
+        unet = self.pipe.unet
+        _MAPS[self.pipe] = self
+        names = {id(m): n for n, m in unet.named_modules()}
+        self._handles.append(self.pipe.text_encoder.register_forward_hook(self._on_text, with_kwargs=True))
+        self._handles.append(unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
+        for name, block in transformer_blocks(unet):
+            self._handles.append(block.register_forward_pre_hook(self._size_hook(name), with_kwargs=True))
+            for attn in block_cross_attentions(block):
+                attn_name = names[id(attn)]
+                for slot, proj in enumerate(("to_q", "to_k")):
+                    site = f"{attn_name}.{proj}"
+                    occupy(unet, site, _KEY, _Capture(self, name, attn, slot))
+                    self._sites.append(site)
+
+    def _uninstall(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for site in self._sites:
+            vacate(self.pipe.unet, site, _KEY)
+        self._handles, self._sites = [], []
+        self._captured, self.plan = {}, None
+        self._encodings.clear()
+        _MAPS.pop(self.pipe, None)
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _on_text(self, module, args, kwargs, output) -> None:
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is None:
+            return
+        hidden = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+        self._encodings.append((ids.detach().cpu(), hidden.detach()))
+
+    def _size_hook(self, name: str):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if hidden is not None and hidden.ndim == 4:
+                self.sizes[name] = (int(hidden.shape[-2]), int(hidden.shape[-1]))
+
+        return hook
+
+    @torch.no_grad()
+    def _on_unet(self, module, args, kwargs) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        self._captured = {}
+        self.plan = self._make_plan(sample, context)
+
+    def _make_plan(self, sample: torch.Tensor, context: torch.Tensor) -> Plan:
+        n = context.shape[0]
+        row_ids: list[list[int] | None] = [None] * n
+        for ids, hidden in self._encodings:
+            if hidden.shape[1:] != context.shape[1:]:
+                continue
+            same = (context[:, None] == hidden[None].to(context)).flatten(2).all(-1).cpu()  # (n, rows)
+            for r, j in same.nonzero().tolist():
+                if row_ids[r] is None:
+                    row_ids[r] = ids[j].tolist()
+        if all(ids is None for ids in row_ids):
+            raise BadInputError(
+                "LAG sampling could not read the prompt's tokens: pass the prompt as text "
+                "(not prompt_embeds, and without clip_skip) or attach without lag"
+            )
+        columns = {key: {} for key in self.watchers}
+        for r, ids in enumerate(row_ids):
+            for key, fn in self.watchers.items():
+                cols = fn(ids) if ids is not None else []
+                if cols:
+                    columns[key][r] = cols
+        own = [any(r in c for c in columns.values()) for r in range(n)]
+        same_latents = (sample[:, None] == sample[None]).flatten(2).all(-1).cpu()
+        source: list[int | None] = []
+        for r in range(n):
+            if own[r]:
+                source.append(r)
+            else:
+                partners = [p for p in same_latents[r].nonzero().flatten().tolist() if own[p]]
+                source.append(partners[0] if partners else None)
+        return Plan(source, columns)
+
+    # -- maps -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def token_maps(self, block: str, keys: list[str]) -> torch.Tensor:
+        """(K, N, H, W) cross-attention mass on each watcher's columns in ``block``, this forward."""
+        entries = list(self._captured.pop(block, {}).values())
+        if self.plan is None or block not in self.sizes or not entries:
+            raise RuntimeError(f"no cross-attention was captured for {block} in this forward")
+        h, w = self.sizes[block]
+        plan = self.plan
+        n = len(plan.source)
+        device = entries[0][1].device
+        out = torch.zeros(len(keys), n, h * w, device=device)
+        sources = plan.sources()
+        if not sources:
+            return out.view(len(keys), n, h, w)
+        rows = torch.tensor(sources, device=device)
+        for attn, q, k in entries:
+            if q is None or k is None or q.shape[1] != h * w:
+                raise RuntimeError(f"{block}: captured queries do not match the block's {h}x{w} grid")
+            probs = text_attention(q[rows], k[rows], attn.heads, attn.scale)  # (S, HW, T)
+            for ki, key in enumerate(keys):
+                for si, s in enumerate(sources):
+                    cols = plan.columns.get(key, {}).get(s)
+                    if not cols:
+                        continue
+                    mass = probs[si][:, cols].sum(-1)
+                    for r, src in enumerate(plan.source):
+                        if src == s:
+                            out[ki, r] += mass
+        return (out / len(entries)).view(len(keys), n, h, w)
+
+
+def text_attention(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """softmax over the text columns of (q k^T) * scale, averaged over heads: (B, L, C), (B, T, C) -> (B, L, T)."""
+    b, length, _ = q.shape
+    qh = q.float().view(b, length, heads, -1).transpose(1, 2)
+    kh = k.float().view(b, k.shape[1], heads, -1).transpose(1, 2)
+    return torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1).mean(1)
+
+
+def attention_maps(pipe) -> AttentionMaps:
+    """The pipeline's capture store (created on first use; it installs itself on the first watcher)."""
+    maps = _MAPS.get(pipe)
+    if maps is None:
+        maps = AttentionMaps(pipe)
+        _MAPS[pipe] = maps
+    return maps

@@ -1,0 +1,156 @@
+"""Files other tools read and write: export a concept to them, import them as concepts.
+
+Each method lists its formats (``Method.export_formats``) and converts its own
+tensors (``Method.export`` / ``Method.import_state``); this module does the file
+handling around them:
+
+- foreign files are read as ``.safetensors``; a ``.bin``/``.pt``/``.ckpt`` only
+  with ``allow_pickle=True``, and then with ``torch.load(weights_only=True)``
+  (plain tensors and containers only, no code);
+- every file is written atomically (temp file + rename);
+- an imported concept is built by the method itself on the base (so it
+  attaches exactly like a trained one) and records where it came from.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import methods as method_registry
+from .concept import Concept, load_concept, save_concept
+from .errors import BadInputError
+from .paths import atomic_path
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def read_state(path: str | Path, allow_pickle: bool = False) -> dict[str, Any]:
+    """A foreign weights file as a dict (safetensors; pickles only when allowed, weights-only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"'{path}' does not exist; pass the weights file to import")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise BadInputError(f"'{path}' is not a readable safetensors file ({type(exc).__name__})") from exc
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise BadInputError(f"'{path.name}' is a pickle, which can run code when loaded; convert it to safetensors, "
+                                "or pass --allow-pickle if you trust it (it is then read weights-only)")
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BadInputError(f"'{path.name}' could not be read weights-only ({type(exc).__name__}); "
+                                "it holds more than tensors, so it is refused") from exc
+        if not isinstance(state, dict):
+            raise BadInputError(f"'{path.name}' holds a {type(state).__name__}, not a dict of tensors")
+        return state
+    raise BadInputError(f"'{path.name}': unknown file type; import .safetensors (or .bin/.pt with --allow-pickle)")
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": "pt", **(metadata or {})})
+    return path
+
+
+def write_info(folder: Path, info: dict[str, Any]) -> Path:
+    path = folder / "export.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+    return path
+
+
+def export_concept(concept: Concept | str | Path, out: str | Path, fmt: str | None = None, base=None) -> Path:
+    """Write ``concept`` into the folder ``out`` in ``fmt`` (default: the method's first format); returns the folder.
+
+    ``base`` (a spec or a pipeline) is needed only by formats that store full weights (Custom Diffusion).
+    """
+    concept = concept if isinstance(concept, Concept) else load_concept(Path(concept))
+    if concept.method == "residuals":  # its exporter lives in personalize/export.py
+        from .export import export
+
+        return export(concept, out, fmt or "diffusers-lora")
+    method_cls = method_registry.get(concept.method)
+    formats = method_cls.export_formats
+    if not formats:
+        name = concept.path.name if concept.path is not None else concept.token
+        if concept.method == "dreambooth":
+            raise BadInputError(f"'{name}' is a dreambooth concept: the pipeline folder beside it already is a "
+                                "diffusers pipeline (StableDiffusionPipeline.from_pretrained), nothing to export")
+        exporting = ["residuals"] + [n for n in method_registry.names() if method_registry.get(n).export_formats]
+        raise BadInputError(f"'{name}' is a {concept.method} concept, which has no export format; "
+                            f"these methods export: {', '.join(exporting)}")
+    fmt = fmt or next(iter(formats))
+    if fmt not in formats:
+        raise BadInputError(f"{concept.method} exports as {', '.join(formats)}, not '{fmt}'")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out '{out}' is a file; pass a folder for the exported files")
+    pipe = _pipe(base, concept) if method_cls.export_needs_base else None
+    files = method_cls.export(concept, fmt, out, pipe)
+    write_info(out, {"format": fmt, "method": concept.method, "token": concept.token,
+                     "superclass": concept.superclass, "files": [f.name for f in files],
+                     "how_to_load": formats[fmt], "source": str(concept.path) if concept.path else None,
+                     **method_cls.export_notes(concept, fmt)})
+    return out
+
+
+def import_file(base, path: str | Path, *, method: str, out: str | Path, token: str | None = None,
+                superclass: str | None = None, embeddings: Sequence[str | Path] = (), allow_pickle: bool = False,
+                settings: dict[str, Any] | None = None) -> Path:
+    """Convert a foreign file (``method``'s export format) into a concept file for ``base``; returns ``out``."""
+    from .base import fingerprint, load_base
+    from .images import file_sha256
+    from .methods.shared import words_of
+    from .training import _validate_words, concept_header
+
+    method_cls = method_registry.get(method)
+    if not hasattr(method_cls, "import_state"):
+        raise BadInputError(f"{method} has no import format; importable methods: "
+                            f"{', '.join(n for n in method_registry.names() if hasattr(method_registry.get(n), 'import_state'))}")
+    out = Path(out)
+    if out.suffix != ".safetensors" or out.is_dir():
+        raise BadInputError(f"--out '{out}' must be a file path ending in .safetensors")
+    if not superclass:
+        raise BadInputError("--superclass is required: the one-token word for what the concept is, e.g. 'dog'")
+    state = read_state(path, allow_pickle)
+    extra = [read_state(e, allow_pickle) for e in embeddings]
+    pipe = load_base(base) if isinstance(base, (str, Path)) else base
+    found = method_cls.import_state(pipe, state, token=token, superclass=superclass, embeddings=extra)
+    if not found["token"]:
+        raise BadInputError(f"'{Path(path).name}' does not name its token; pass --token '<name>'")
+    config = method_cls.make_config({**found.get("config", {}), **(settings or {})})
+    tokens, superclasses = found["token"], found["superclass"]
+    for tok, sc in zip(*words_of(tokens, superclasses)):
+        _validate_words(pipe, tok, sc)
+    method_obj = method_cls.for_import(pipe, found, config)
+    try:
+        method_obj.load_state_tensors(found["tensors"])
+        tensors = method_obj.concept_tensors()
+        extras = method_obj.header_fields()
+        defaults = method_obj.inference_defaults()
+    finally:
+        method_obj.remove()
+    sources = [Path(path), *map(Path, embeddings)]
+    provenance = {"imported_from": [p.name for p in sources], "sha256": [file_sha256(p) for p in sources],
+                  "base": str(base) if isinstance(base, (str, Path)) else type(base).__name__}
+    header = concept_header(method, tokens, superclasses, config, defaults, fingerprint(pipe), extras, provenance)
+    return save_concept(out, Concept(header, tensors))
+
+
+def _pipe(base, concept: Concept):
+    from .base import load_base
+
+    if base is None:
+        raise BadInputError(f"exporting a {concept.method} concept needs the base it was trained on: pass --base")
+    return load_base(base) if isinstance(base, (str, Path)) else base

@@ -1,0 +1,210 @@
+"""Custom Diffusion (Kumari et al., CVPR 2023): cross-attention K/V + a modifier token per concept.
+
+    W_K, W_V   every cross-attention's key/value projections (d_out, d_in), frozen
+    dW_K, dW_V what training changes: out = W e + dW e, dW starts at 0, and only
+               dW is stored ("deltas over the base"); gradients through the BOS
+               position are stopped, as in the reference
+    V*_j       one modifier token per concept j, initialised from ``init_words``
+               (the reference's "ktn+pll+ucd"; a word of several tokens starts at
+               the mean of its pieces)
+
+Several concepts train jointly in one run (one image folder, token and
+superclass each): their photos share the K/V deltas, each keeps its token, and
+the prior batch draws from every concept's class images. Recipe (diffusers
+``train_custom_diffusion`` example): lr 1e-5 scaled by batch 2 = 2e-5, 250
+steps (the paper: 500 for two concepts), 200 class images, lambda 1, prompt
+"photo of a V* <class>". Not reproduced: the reference's random-resize
+augmentation with "very small"/"zoomed in" prompts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..edits.deltas import WeightDelta, occupy_all, vacate_all
+from ..edits.sites import cross_attention_layers
+from ..edits.tokens import token_site
+from ..errors import BadInputError
+from ..prior import PriorConfig
+from .base import Method
+from .shared import check_knobs, cpu_float, load_into, single_tokens, word_vector, words_of
+
+WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
+PATHWAYS = ("k", "v")
+
+
+@dataclass
+class CustomDiffusionConfig(PriorConfig):
+    """diffusers train_custom_diffusion example: lr 2e-5 (1e-5 x batch 2), 250 steps, 200 class images, lambda 1,
+    AdamW weight decay 1e-2, modifier tokens initialised from 'ktn+pll+ucd'."""
+
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    init_words: str = "ktn+pll+ucd"  # '+'-separated, one per concept in order
+
+
+class CustomDiffusion(Method):
+    name = "custom-diffusion"
+    description = "Cross-attention K/V deltas + modifier token(s), several concepts in one run (Kumari et al. 2023)"
+    sites = ("tokens", "kv")
+    Config = CustomDiffusionConfig
+    multi_concept = True
+    train_defaults = {"steps": 250, "batch_size": 2}
+    export_formats = {
+        "diffusers": f"{WEIGHTS_FILE} + <token>.safetensors: pipe.unet.load_attn_procs(DIR, weight_name="
+                     f"'{WEIGHTS_FILE}', _pipeline=pipe); pipe.load_textual_inversion(DIR, weight_name='<token>.safetensors')",
+    }
+    export_needs_base = True
+
+    def __init__(self, pipe, token, superclass, config: CustomDiffusionConfig):
+        self.tokens, self.superclasses = words_of(token, superclass)
+        single_tokens(self.tokens)
+        super().__init__(pipe, self.tokens[0], self.superclasses[0], config)
+        inits = [w for w in config.init_words.split("+") if w]
+        if len(inits) < len(self.tokens):
+            raise BadInputError(f"init_words '{config.init_words}' has {len(inits)} word(s) for {len(self.tokens)} "
+                                "concepts; give one per concept, '+'-separated")
+        device = pipe.unet.device
+        self.embedding = nn.Parameter(torch.stack([word_vector(pipe, w) for w in inits[: len(self.tokens)]]).to(device))
+        self.layers = [name for name, _ in cross_attention_layers(pipe.unet)]
+        self.deltas: dict[str, nn.Parameter] = {}
+        for name in self.layers:
+            attn = pipe.unet.get_submodule(name)
+            for p in PATHWAYS:
+                weight = getattr(attn, f"to_{p}").weight
+                self.deltas[f"delta.{name}.to_{p}"] = nn.Parameter(torch.zeros(weight.shape, device=device))
+
+    @classmethod
+    def from_concept(cls, pipe, concept, **knobs) -> "CustomDiffusion":
+        check_knobs(cls, knobs)
+        tokens = concept.header.get("tokens", [concept.token])
+        superclasses = concept.header.get("superclasses", [concept.superclass])
+        method = cls(pipe, tokens, superclasses, cls.make_config(concept.config))
+        method.load_state_tensors(concept.tensors)
+        method.install()
+        return method
+
+    @staticmethod
+    def concept_shapes(unet, text_dim: int, concepts: int = 1) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of a concept file's tensors for ``unet`` (works on the meta device)."""
+        shapes: dict[str, tuple[int, ...]] = {"embedding": (concepts, text_dim)}
+        for name, attn in cross_attention_layers(unet):
+            for p in PATHWAYS:
+                shapes[f"delta.{name}.to_{p}"] = tuple(getattr(attn, f"to_{p}").weight.shape)
+        return shapes
+
+    # -- training
+    def placeholders(self) -> list[str]:
+        return [f"{t} {s}" for t, s in zip(self.tokens, self.superclasses)]
+
+    def placeholder(self) -> str:
+        return self.placeholders()[0]
+
+    def templates(self) -> tuple[str, ...]:
+        return ("photo of a {}",)  # the reference's instance prompt "photo of a <new1> cat"
+
+    def _params(self) -> dict[str, nn.Parameter]:
+        return {"embedding": self.embedding, **self.deltas}
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self._params().values()), "lr": self.config.lr,
+                 "weight_decay": self.config.weight_decay, "name": "kv+token"}]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return cpu_float(self._params())
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        load_into(self._params(), tensors, self.name)
+
+    def header_fields(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "superclasses": self.superclasses} if len(self.tokens) > 1 else {}
+
+    # -- the pipeline
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{'+'.join(self.tokens)}"
+
+    def _site_names(self) -> list[str]:
+        return [f"{layer}.to_{p}" for layer in self.layers for p in PATHWAYS]
+
+    def install(self) -> None:
+        if self.installed:
+            return
+        token_site(self.pipe).add(self.key, self.tokens, self.embedding)
+        try:
+            occupy_all(self.pipe.unet, {n: WeightDelta(self.deltas[f"delta.{n}"], detach_first=True)
+                                        for n in self._site_names()}, self.key)
+        except BaseException:
+            token_site(self.pipe).remove(self.key)
+            raise
+        self.installed = True
+
+    def remove(self) -> None:
+        if self.installed:
+            vacate_all(self.pipe.unet, self._site_names(), self.key)
+            token_site(self.pipe).remove(self.key)
+            self.installed = False
+
+    # -- interop
+    @classmethod
+    def export(cls, concept, fmt: str, folder: Path, pipe=None) -> list[Path]:
+        """diffusers' layout: full K/V weights (W + dW) per cross-attention processor, an empty entry for every
+        other processor (so ``set_attn_processor`` gets all of them), and one textual-inversion file per token."""
+        from ..interop import save_safetensors
+
+        unet = pipe.unet
+        weights = {}
+        cross = dict(cross_attention_layers(unet))
+        for name in unet.attn_processors:
+            layer = name[: -len(".processor")]
+            if layer not in cross:
+                weights[name] = torch.zeros(0)
+                continue
+            for p in PATHWAYS:
+                base = getattr(cross[layer], f"to_{p}")
+                W = getattr(base, "base_layer", base).weight.detach().float().cpu()
+                weights[f"{name}.to_{p}_custom_diffusion.weight"] = W + concept.tensors[f"delta.{layer}.to_{p}"].float()
+        files = [save_safetensors(folder / WEIGHTS_FILE, weights)]
+        tokens = concept.header.get("tokens", [concept.token])
+        for j, token in enumerate(tokens):
+            files.append(save_safetensors(folder / f"{token}.safetensors", {token: concept.tensors["embedding"][j:j + 1]}))
+        return files
+
+    @classmethod
+    def export_notes(cls, concept, fmt: str) -> dict[str, Any]:
+        tokens = concept.header.get("tokens", [concept.token])
+        superclasses = concept.header.get("superclasses", [concept.superclass])
+        return {"prompt": " and ".join(f"a {t} {s}" for t, s in zip(tokens, superclasses))}
+
+    @classmethod
+    def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str, embeddings=None) -> dict[str, Any]:
+        """diffusers' ``pytorch_custom_diffusion_weights`` (full K/V weights -> deltas over this base) plus the
+        modifier tokens' textual-inversion files (``embeddings``)."""
+        from .textual_inversion import _ti_vectors
+
+        if not embeddings:
+            raise BadInputError("pass the modifier token file(s) with --embeddings '<token>.safetensors' "
+                                "(written beside the Custom Diffusion weights)")
+        found = [_ti_vectors(e) for e in embeddings]
+        tokens = [name for name, _ in found]
+        if token and len(tokens) == 1:
+            tokens = [token]
+        vectors = torch.cat([torch.atleast_2d(v).float() for _, v in found])
+        tensors: dict[str, torch.Tensor] = {"embedding": vectors}
+        cross = dict(cross_attention_layers(pipe.unet))
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or value.numel() == 0:
+                continue
+            layer, _, rest = key.partition(".processor.")
+            pathway = {"to_k_custom_diffusion.weight": "k", "to_v_custom_diffusion.weight": "v"}.get(rest)
+            if pathway is None or layer not in cross:
+                raise BadInputError(f"'{key}' is not a cross-attention K/V weight of this base; only Custom Diffusion's "
+                                    "crossattn_kv training is supported")
+            base = getattr(cross[layer], f"to_{pathway}")
+            W = getattr(base, "base_layer", base).weight.detach().float().cpu()
+            tensors[f"delta.{layer}.to_{pathway}"] = value.float() - W
+        return {"token": tokens if len(tokens) > 1 else tokens[0], "superclass": superclass, "tensors": tensors}

@@ -1,0 +1,245 @@
+"""DreamBooth-LoRA: DreamBooth's objective, with peft LoRA layers instead of a full fine-tune.
+
+    sites    to_q, to_k, to_v, to_out.0 of every UNet attention (self and cross);
+             with ``train_text_encoder`` also q/k/v/out_proj of every text-encoder layer
+    dW       lora_B lora_A, rank r (default 4), alpha = r (scale 1), A kaiming-uniform, B = 0
+    out      W x + scale * dW x                      (``scale`` knob at attach time, default 1)
+
+The LoRA layers are peft's, built on stand-ins that share the frozen weights
+(``ResidualBank``), so the UNet's modules and ``state_dict`` stay the base's;
+one additive occupant per site adds the delta. The concept token is the
+DreamBooth identifier (a frozen copy of "sks"). Tensor names are the diffusers
+LoRA layout (``unet.<module>.lora_A.weight`` ...), which is also the export.
+Recipe (diffusers ``train_dreambooth_lora``): rank 4, lr 1e-4, 500 steps at
+batch 1, no prior preservation unless ``prior_loss_weight`` > 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..edits.deltas import ADDITIVE_ORDER, linear_sites, occupy_all, vacate_all
+from ..edits.tokens import token_site
+from ..errors import BadInputError
+from ..prior import PriorConfig
+from .base import Method
+from .dreambooth import IdentifierToken
+from .shared import check_knobs, load_into
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "lora_kohya.safetensors"
+PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # our tensor prefix -> kohya's
+
+
+@dataclass
+class DreamBoothLoraConfig(PriorConfig):
+    """diffusers train_dreambooth_lora: rank 4 (alpha = rank), lr 1e-4, AdamW weight decay 1e-2 (500 steps at
+    batch 1); prior preservation off unless prior_loss_weight > 0."""
+
+    prior_loss_weight: float = 0.0
+    rank: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    train_text_encoder: bool = False  # LoRA on the text encoder's attention too (same lr)
+    identifier: str = "sks"
+
+
+def lora_sites(pipe, train_text_encoder: bool) -> dict[str, list[str]]:
+    """``{"unet": [...], "text_encoder": [...]}``: the Linear layers LoRA goes on, in module order."""
+    from diffusers.models.attention_processor import Attention
+
+    sites = {"unet": linear_sites(pipe.unet, UNET_TARGETS, lambda m: isinstance(m, Attention))}
+    if train_text_encoder:
+        sites["text_encoder"] = linear_sites(pipe.text_encoder, TE_TARGETS,
+                                             lambda m: type(m).__name__.endswith("Attention"))
+    return sites
+
+
+class _Bank:
+    """peft LoRA layers for one pipeline part; tensor names carry the part as prefix (``unet.``/``text_encoder.``)."""
+
+    def __init__(self, part: str, module, ranks: dict[str, int]):
+        from .residuals import ResidualBank
+
+        self.part = part
+        with torch.random.fork_rng(devices=[]):  # the same initial A in every run
+            torch.manual_seed(0)
+            self.bank = ResidualBank(module, ranks)
+
+    def state(self) -> dict[str, torch.nn.Parameter]:
+        """The live LoRA parameters by tensor name (peft's state-dict names with the part as prefix)."""
+        from .residuals import ADAPTER
+
+        return {f"{self.part}.{name}.{ab}.weight": getattr(layer, ab)[ADAPTER].weight
+                for name, layer in self.bank.layers.items() for ab in ("lora_A", "lora_B")}
+
+
+class _LoraSite:
+    order = ADDITIVE_ORDER
+
+    def __init__(self, method: "DreamBoothLora", bank: _Bank, name: str):
+        self.method, self.bank, self.name = method, bank, name
+
+    def __call__(self, wrapper, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out + (self.method.scale * self.bank.bank.delta(self.name, x)).to(out.dtype)
+
+
+class DreamBoothLora(IdentifierToken, Method):
+    name = "dreambooth-lora"
+    description = "DreamBooth with peft LoRA (r=4) on every UNet attention projection; ~3 MB per SD 1.5 concept"
+    sites = ("tokens", "attention", "text_encoder")
+    Config = DreamBoothLoraConfig
+    knobs = {"scale": "LoRA strength: 0 = base model, 1 = as trained (default)"}
+    train_defaults = {"steps": 500, "batch_size": 1}
+    export_formats = {
+        "diffusers-lora": f"{LORA_FILE}: pipe.load_lora_weights(DIR)",
+        "kohya": f"{KOHYA_FILE} (kohya sd-scripts keys): pipe.load_lora_weights(DIR, weight_name='{KOHYA_FILE}')",
+    }
+
+    @classmethod
+    def make_config(cls, overrides=None) -> DreamBoothLoraConfig:
+        config = super().make_config(overrides)
+        if not isinstance(config.rank, int) or config.rank < 1:
+            raise BadInputError(f"rank must be a whole number >= 1, not {config.rank!r}")
+        return config
+
+    def __init__(self, pipe, token, superclass, config: DreamBoothLoraConfig, ranks: dict[str, dict] | None = None):
+        super().__init__(pipe, token, superclass, config)
+        self._init_identifier()
+        if ranks is None:
+            ranks = {part: {n: config.rank for n in names}
+                     for part, names in lora_sites(pipe, config.train_text_encoder).items()}
+        self.banks = {part: _Bank(part, getattr(pipe, part), r) for part, r in ranks.items() if r}
+        self.scale = 1.0
+
+    @classmethod
+    def for_import(cls, pipe, found: dict, config) -> "DreamBoothLora":
+        method = cls(pipe, found["token"], found["superclass"], config, found["ranks"])
+        method.install()
+        return method
+
+    @classmethod
+    def from_concept(cls, pipe, concept, **knobs) -> "DreamBoothLora":
+        check_knobs(cls, knobs)
+        method = cls(pipe, concept.token, concept.superclass, cls.make_config(concept.config), ranks_in(concept.tensors))
+        method.load_state_tensors(concept.tensors)
+        method.scale = float(knobs.get("scale", 1.0))
+        method.install()
+        return method
+
+    @staticmethod
+    def concept_shapes(unet, rank: int = 4) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of a UNet-only concept's tensors for ``unet`` (works on the meta device)."""
+        from diffusers.models.attention_processor import Attention
+
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in linear_sites(unet, UNET_TARGETS, lambda m: isinstance(m, Attention)):
+            layer = unet.get_submodule(name)
+            shapes[f"unet.{name}.lora_A.weight"] = (rank, layer.in_features)
+            shapes[f"unet.{name}.lora_B.weight"] = (layer.out_features, rank)
+        return shapes
+
+    # -- training
+    def _params(self) -> dict[str, torch.nn.Parameter]:
+        return {k: v for bank in self.banks.values() for k, v in bank.state().items()}
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self._params().values()), "lr": self.config.lr,
+                 "weight_decay": self.config.weight_decay, "name": "lora"}]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu().contiguous() for k, v in self._params().items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        load_into(self._params(), tensors, self.name)
+
+    # -- the pipeline
+    def install(self) -> None:
+        if self.installed:
+            return
+        token_site(self.pipe).add(self.key, [self.token], self.vector)
+        for part, bank in self.banks.items():
+            occupy_all(getattr(self.pipe, part), {n: _LoraSite(self, bank, n) for n in bank.bank.layers}, self.key)
+        self.installed = True
+
+    def remove(self) -> None:
+        if not self.installed:
+            return
+        for part, bank in self.banks.items():
+            vacate_all(getattr(self.pipe, part), list(bank.bank.layers), self.key)
+        token_site(self.pipe).remove(self.key)
+        self.installed = False
+
+    # -- interop
+    @classmethod
+    def export(cls, concept, fmt: str, folder: Path, pipe=None) -> list[Path]:
+        from ..interop import save_safetensors
+
+        tensors = {k: v.float() for k, v in concept.tensors.items()}
+        if fmt == "diffusers-lora":
+            return [save_safetensors(folder / LORA_FILE, tensors)]
+        kohya: dict[str, torch.Tensor] = {}
+        for key, a in tensors.items():
+            if key.endswith(".lora_A.weight"):
+                part, module = key[: -len(".lora_A.weight")].split(".", 1)
+                stem = PARTS[part] + module.replace(".", "_")
+                kohya[f"{stem}.lora_down.weight"] = a
+                kohya[f"{stem}.lora_up.weight"] = tensors[key.replace(".lora_A.", ".lora_B.")]
+                kohya[f"{stem}.alpha"] = torch.tensor(float(a.shape[0]))  # alpha = rank: scale 1
+        rank = max(int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_A.weight"))
+        meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
+        return [save_safetensors(folder / KOHYA_FILE, kohya, meta)]
+
+    @classmethod
+    def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str, embeddings=None) -> dict[str, Any]:
+        """A diffusers/peft LoRA (``unet.*.lora_A.weight``) or a kohya one (``lora_unet_*.lora_down.weight``)."""
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if any(k.startswith(tuple(PARTS.values())) for k in tensors):
+            tensors = _from_kohya(pipe, tensors)
+        bad = sorted(k for k in tensors if not (k.startswith(("unet.", "text_encoder.")) and
+                                                 k.endswith((".lora_A.weight", ".lora_B.weight"))))
+        if bad:
+            raise BadInputError(f"not a LoRA this method reads: unexpected tensors {', '.join(bad[:3])}")
+        ranks = ranks_in(tensors)
+        allowed = lora_sites(pipe, True)
+        outside = sorted(n for part, names in ranks.items() for n in names if n not in allowed.get(part, ()))
+        if outside:
+            raise BadInputError(f"the LoRA covers layers other than attention projections ({', '.join(outside[:2])}); "
+                                "only to_q/to_k/to_v/to_out.0 (and the text encoder's q/k/v/out_proj) are supported")
+        config = {"train_text_encoder": bool(ranks.get("text_encoder")),
+                  "rank": max(r for part in ranks.values() for r in part.values())}
+        return {"token": token, "superclass": superclass, "tensors": tensors, "config": config, "ranks": ranks}
+
+
+def ranks_in(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
+    """``{part: {module: rank}}`` from a concept's (or diffusers file's) tensor names."""
+    ranks: dict[str, dict[str, int]] = {"unet": {}}
+    for key, value in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            part, module = key[: -len(".lora_A.weight")].split(".", 1)
+            ranks.setdefault(part, {})[module] = int(value.shape[0])
+    return ranks
+
+
+def _from_kohya(pipe, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """kohya names -> ours, folding alpha / rank into lora_B (our alpha = rank)."""
+    names = {PARTS[part] + n.replace(".", "_"): f"{part}.{n}" for part, ns in lora_sites(pipe, True).items() for n in ns}
+    out = {}
+    for key, down in tensors.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        stem = key[: -len(".lora_down.weight")]
+        if stem not in names:
+            raise BadInputError(f"kohya LoRA layer '{stem}' is not an attention projection of this base; "
+                                "only attention LoRAs are supported")
+        up = tensors[f"{stem}.lora_up.weight"]
+        rank = down.shape[0]
+        alpha = float(tensors[f"{stem}.alpha"]) if f"{stem}.alpha" in tensors else float(rank)
+        out[f"{names[stem]}.lora_A.weight"] = down.float()
+        out[f"{names[stem]}.lora_B.weight"] = up.float() * (alpha / rank)
+    return out

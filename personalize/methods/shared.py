@@ -1,0 +1,112 @@
+"""Small pieces several methods share: knob checks, token vectors, tensor-set checks."""
+from __future__ import annotations
+
+import weakref
+from typing import Iterable, Sequence
+
+import torch
+
+from ..edits.tokens import base_tokenizer
+from ..errors import BadInputError, ConceptFileError
+
+
+def check_knobs(method_cls, knobs: dict) -> None:
+    """Refuse inference knobs the method does not take."""
+    unknown = sorted(set(knobs) - set(method_cls.knobs))
+    if unknown:
+        takes = f"it takes {', '.join(method_cls.knobs)}" if method_cls.knobs else "it takes none"
+        raise BadInputError(f"{method_cls.name} does not take {', '.join(unknown)}; {takes}")
+
+
+def as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def vector_tokens(token: str, n: int) -> list[str]:
+    """The strings of an ``n``-vector token, as diffusers names them: ``<t>``, ``<t>_1``, ... ``<t>_{n-1}``."""
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
+@torch.no_grad()
+def word_vector(pipe, word: str, single: bool = False) -> torch.Tensor:
+    """The base input embedding of ``word``: its row, or the mean of its pieces' rows (``single``: one token only)."""
+    ids = base_tokenizer(pipe)(word, add_special_tokens=False).input_ids
+    if not ids:
+        raise BadInputError(f"'{word}' has no tokens; give a word such as 'sks' or the superclass")
+    if single and len(ids) != 1:
+        raise BadInputError(f"'{word}' is {len(ids)} tokens in this base's tokenizer; pick a single-token word such as 'sks'")
+    table = pipe.text_encoder.get_input_embeddings()
+    table = getattr(table, "base_layer", table)
+    return table.weight[ids].detach().float().mean(0).clone()
+
+
+def expect_tensors(method: str, expected: Iterable[str], tensors: dict) -> None:
+    """The concept's tensor names must be exactly ``expected`` (else: made for another base or another setting)."""
+    expected = set(expected)
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        raise ConceptFileError(
+            f"{method} tensors do not match this base and config (missing {missing[:2]}, unexpected {extra[:2]}); "
+            "use the base it was trained on"
+        )
+
+
+def load_into(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], method: str) -> None:
+    """Copy ``tensors[name]`` into each ``params[name]`` in place, checking shapes."""
+    expect_tensors(method, params, tensors)
+    with torch.no_grad():
+        for name, p in params.items():
+            t = tensors[name]
+            if tuple(t.shape) != tuple(p.shape):
+                raise ConceptFileError(f"{method} tensor {name} is {tuple(t.shape)}, this base needs {tuple(p.shape)}; "
+                                       "use the base it was trained on")
+            p.copy_(t.to(p.device, p.dtype))
+
+
+def cpu_float(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+
+
+def words_of(token, superclass) -> tuple[list[str], list[str]]:
+    """Tokens and superclasses of a run as two lists of the same length."""
+    tokens, superclasses = as_list(token), as_list(superclass)
+    if len(superclasses) == 1 and len(tokens) > 1:
+        superclasses = superclasses * len(tokens)
+    if len(tokens) != len(superclasses):
+        raise BadInputError(f"{len(tokens)} tokens but {len(superclasses)} superclasses; give one superclass per token")
+    return tokens, superclasses
+
+
+def single_tokens(words: Sequence[str]) -> None:
+    if len(set(w.lower() for w in words)) != len(words):
+        raise BadInputError(f"tokens {', '.join(words)} repeat; give each concept its own token")
+
+
+# ----------------------------------------------------------------------------- methods that replace the base
+_REPLACED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pipe -> key of the concept that replaced its UNet
+
+
+def mark_replaced(pipe, key: str | None) -> None:
+    if key is None:
+        _REPLACED.pop(pipe, None)
+    else:
+        _REPLACED[pipe] = key
+
+
+def has_attachments(pipe) -> bool:
+    """Whether any concept (tokens, site occupants, a replaced UNet) is attached to ``pipe``."""
+    from ..edits.sites import SiteWrapper
+
+    if pipe in _REPLACED or base_tokenizer(pipe) is not pipe.tokenizer:
+        return True
+    return any(isinstance(m, SiteWrapper) for part in (pipe.unet, pipe.text_encoder) for m in part.modules())
+
+
+def check_composable(pipe, method_cls, count: int = 1) -> None:
+    """Refuse to attach next to a concept that replaced the base, or such a concept next to anything."""
+    if pipe in _REPLACED:
+        raise BadInputError(f"a DreamBooth concept ({_REPLACED[pipe]}) is attached and replaces the UNet; "
+                            "DreamBooth concepts cannot be composed: detach it first")
+    if not method_cls.composable and (count > 1 or has_attachments(pipe)):
+        raise BadInputError(f"{method_cls.name} concepts replace the UNet and cannot be composed with other concepts; "
+                            "attach it alone (detach the others first)")

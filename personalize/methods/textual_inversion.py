@@ -1,0 +1,144 @@
+"""Textual Inversion (Gal et al., ICLR 2023): only new token vectors train.
+
+    V*_1..V*_n   the concept's n vectors (``num_vectors``), one Parameter (n, d),
+                 registered at the token seam as ``<t>``, ``<t>_1``, ... (diffusers'
+                 multi-vector naming, so a stock pipeline expands ``<t>`` the same way)
+    init         every vector starts at ``init_word``'s embedding (default: the superclass)
+
+The frozen embedding table is never trained or restored; nothing else in the
+pipeline changes. Recipe (diffusers ``textual_inversion`` example): AdamW
+lr 5e-4, weight decay 1e-2, 3000 steps at batch 4, the neutral templates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..edits.tokens import token_site
+from ..errors import BadInputError
+from .base import Method
+from .shared import check_knobs, cpu_float, load_into, vector_tokens, word_vector
+
+DIFFUSERS_FILE = "learned_embeds.safetensors"
+
+
+@dataclass
+class TextualInversionConfig:
+    """diffusers textual_inversion recipe: lr 5e-4, AdamW weight decay 1e-2 (3000 steps at batch 4)."""
+
+    num_vectors: int = 1
+    init_word: str | None = None  # default: the superclass; a multi-token word starts at the mean of its pieces
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+
+
+class TextualInversion(Method):
+    name = "textual-inversion"
+    description = "Only new token vector(s) train (Gal et al. 2022); 3 KB per vector on SD 1.5"
+    sites = ("tokens",)
+    Config = TextualInversionConfig
+    train_defaults = {"steps": 3000, "batch_size": 4}
+    export_formats: ClassVar[dict[str, str]] = {
+        "diffusers": f"{DIFFUSERS_FILE}: pipe.load_textual_inversion(DIR)",
+        "a1111": "<token>.pt (string_to_param, AUTOMATIC1111 embeddings folder; a pickle, written not read)",
+    }
+
+    @classmethod
+    def make_config(cls, overrides=None) -> TextualInversionConfig:
+        config = super().make_config(overrides)
+        if not isinstance(config.num_vectors, int) or config.num_vectors < 1:
+            raise BadInputError(f"num_vectors must be a whole number >= 1, not {config.num_vectors!r}")
+        return config
+
+    def __init__(self, pipe, token, superclass, config: TextualInversionConfig):
+        super().__init__(pipe, token, superclass, config)
+        self.tokens = vector_tokens(token, config.num_vectors)
+        init = word_vector(pipe, config.init_word or superclass)
+        self.embedding = nn.Parameter(init.repeat(config.num_vectors, 1).to(pipe.text_encoder.device))
+
+    @classmethod
+    def from_concept(cls, pipe, concept, **knobs) -> "TextualInversion":
+        check_knobs(cls, knobs)
+        method = cls(pipe, concept.token, concept.superclass, cls.make_config(concept.config))
+        method.load_state_tensors(concept.tensors)
+        method.install()
+        return method
+
+    # -- training
+    def placeholder(self) -> str:
+        return " ".join(self.tokens)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [self.embedding], "lr": self.config.lr, "weight_decay": self.config.weight_decay,
+                 "name": "embedding"}]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return cpu_float({"embedding": self.embedding})
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        load_into({"embedding": self.embedding}, tensors, self.name)
+
+    # -- the pipeline
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.token}"
+
+    def install(self) -> None:
+        if not self.installed:
+            token_site(self.pipe).add(self.key, self.tokens, self.embedding)
+            self.installed = True
+
+    def remove(self) -> None:
+        if self.installed:
+            token_site(self.pipe).remove(self.key)
+            self.installed = False
+
+    # -- interop
+    @classmethod
+    def export(cls, concept, fmt: str, folder: Path, pipe=None) -> list[Path]:
+        from ..interop import save_safetensors
+
+        vectors = concept.tensors["embedding"].float().contiguous()
+        if fmt == "diffusers":
+            return [save_safetensors(folder / DIFFUSERS_FILE, {concept.token: vectors})]
+        path = folder / f"{concept.token}.pt"
+        _save_a1111(path, concept.token, vectors)
+        return [path]
+
+    @classmethod
+    def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str, embeddings=None) -> dict[str, Any]:
+        """``{token: (n, d)}`` (diffusers), ``string_to_param`` (A1111 .pt) or ``emb_params`` (A1111 safetensors)."""
+        name, vectors = _ti_vectors(state)
+        vectors = torch.atleast_2d(vectors).float()
+        return {"token": token or name, "superclass": superclass, "tensors": {"embedding": vectors},
+                "config": {"num_vectors": vectors.shape[0]}}
+
+
+def _ti_vectors(state: dict) -> tuple[str | None, torch.Tensor]:
+    """(token name or None, vectors) from any of the textual-inversion layouts."""
+    if "string_to_param" in state:
+        params = state["string_to_param"]
+        if not isinstance(params, dict) or "*" not in params:
+            raise BadInputError("A1111 embedding has no string_to_param['*']; is it a textual-inversion file?")
+        return state.get("name"), params["*"]
+    if "emb_params" in state:
+        return None, state["emb_params"]
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) != 1:
+        raise BadInputError(f"not a textual-inversion file: expected one token -> vectors entry, found {len(tensors)} "
+                            f"tensors ({', '.join(list(tensors)[:3])})")
+    return next(iter(tensors.items()))
+
+
+def _save_a1111(path: Path, token: str, vectors: torch.Tensor) -> None:
+    """AUTOMATIC1111's embedding layout. It is a pickle by nature; we only write it (reading needs --allow-pickle)."""
+    from ..paths import atomic_path
+
+    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors.clone()}, "name": token,
+            "step": 0, "sd_checkpoint": None, "sd_checkpoint_name": None}
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)

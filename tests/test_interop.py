@@ -1,0 +1,144 @@
+"""Export to, and import from, the formats other tools load: each round-trips through a stock diffusers pipeline
+(the stock loader's images equal ours, same seed) and back into an equal concept."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from personalize import Concept, attach, load_concept, train
+from personalize.interop import export_concept, import_file
+
+FAST = {"steps": 1, "batch_size": 1, "checkpoint_every": 0}
+PROMPT = "a photo of a {} ball on the grass"
+
+
+@pytest.fixture(scope="module")
+def concepts(tmp_path_factory, _tiny_master):
+    """One concept per exportable method, trained one step, then pushed far from the base (so a loader that
+    ignored a tensor would show)."""
+    from conftest import make_photos
+
+    root = tmp_path_factory.mktemp("interop")
+    photos = make_photos(root / "photos", n=2)
+    found = {}
+    for method, extra, push in (("textual-inversion", {"num_vectors": 2}, 3.0),
+                                ("dreambooth-lora", {"train_text_encoder": True}, 30.0),
+                                ("custom-diffusion", {"prior_loss_weight": 0}, 3.0)):
+        path = train(copy.deepcopy(_tiny_master), photos, token="<disc>", superclass="ball",
+                     out=root / f"{method}.safetensors", method=method, settings={**FAST, **extra}, progress=False)
+        concept = load_concept(path)
+        g = torch.Generator().manual_seed(0)
+        tensors = {k: v + push * v.std().clamp_min(1e-3) * torch.randn(v.shape, generator=g)
+                   for k, v in concept.tensors.items()}
+        found[method] = Concept(concept.header, tensors, concept.path)
+    return found
+
+
+def _image(pipe, prompt):
+    return pipe(prompt, num_inference_steps=3, guidance_scale=6.0, output_type="np",
+                generator=torch.Generator().manual_seed(1)).images
+
+
+def _ours(tiny, concept, word="<disc>"):
+    with attach(tiny, concept):
+        return _image(tiny, PROMPT.format(word))
+
+
+def _assert_same(ours, theirs, base, atol=0.0):
+    assert np.abs(ours - theirs).max() <= atol, f"stock loader differs by {np.abs(ours - theirs).max()}"
+    assert np.abs(ours - base).max() > 0.01, "the concept did not change the image"
+
+
+@pytest.mark.parametrize("fmt,load", [
+    ("diffusers", lambda pipe, d: pipe.load_textual_inversion(str(d))),
+    ("a1111", lambda pipe, d: pipe.load_textual_inversion(str(d / "<disc>.pt"))),
+])
+def test_textual_inversion_round_trip(concepts, tiny, tmp_path, fmt, load):
+    concept = concepts["textual-inversion"]
+    folder = export_concept(concept, tmp_path / fmt, fmt)
+    stock = copy.deepcopy(tiny)
+    load(stock, folder)
+    _assert_same(_ours(tiny, concept), _image(stock, PROMPT.format("<disc>")), _image(tiny, PROMPT.format("ball")))
+    file = folder / ("learned_embeds.safetensors" if fmt == "diffusers" else "<disc>.pt")
+    back = load_concept(import_file(tiny, file, method="textual-inversion", superclass="ball",
+                                    out=tmp_path / "back.safetensors", allow_pickle=fmt == "a1111"))
+    assert torch.equal(back.tensors["embedding"], concept.tensors["embedding"])
+    assert back.token == "<disc>" and back.config["num_vectors"] == 2
+
+
+@pytest.mark.parametrize("fmt,weight_name", [("diffusers-lora", None), ("kohya", "lora_kohya.safetensors")])
+def test_dreambooth_lora_round_trip(concepts, tiny, tmp_path, fmt, weight_name):
+    concept = concepts["dreambooth-lora"]
+    folder = export_concept(concept, tmp_path / fmt, fmt)
+    stock = copy.deepcopy(tiny)
+    stock.load_lora_weights(str(folder), **({"weight_name": weight_name} if weight_name else {}))
+    # the concept token is DreamBooth's identifier: "sks" in a stock pipeline
+    _assert_same(_ours(tiny, concept), _image(stock, PROMPT.format("sks")), _image(tiny, PROMPT.format("sks")))
+    file = next(p for p in folder.iterdir() if p.suffix == ".safetensors")
+    back = load_concept(import_file(tiny, file, method="dreambooth-lora", superclass="ball", token="<disc>",
+                                    out=tmp_path / "back.safetensors"))
+    assert back.tensors.keys() == concept.tensors.keys()
+    for k, v in concept.tensors.items():
+        assert torch.allclose(back.tensors[k], v, atol=1e-6), k
+    assert back.config["train_text_encoder"] is True
+
+
+def test_custom_diffusion_round_trip(concepts, tiny, tmp_path):
+    concept = concepts["custom-diffusion"]
+    folder = export_concept(concept, tmp_path / "cd", base=tiny)
+    stock = copy.deepcopy(tiny)
+    # the documented stock path: without _pipeline, load_attn_procs reads the weights but never sets them
+    stock.unet.load_attn_procs(str(folder), weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=stock)
+    stock.load_textual_inversion(str(folder), weight_name="<disc>.safetensors")
+    # diffusers' Custom Diffusion processor computes attention without SDPA and (W + dW) e in one product
+    _assert_same(_ours(tiny, concept), _image(stock, PROMPT.format("<disc>")), _image(tiny, PROMPT.format("ball")),
+                 atol=1e-4)
+    back = load_concept(import_file(tiny, folder / "pytorch_custom_diffusion_weights.safetensors",
+                                    method="custom-diffusion", superclass="ball",
+                                    embeddings=[folder / "<disc>.safetensors"], out=tmp_path / "back.safetensors"))
+    assert back.tensors.keys() == concept.tensors.keys()
+    for k, v in concept.tensors.items():
+        assert torch.allclose(back.tensors[k], v, atol=1e-5), k
+
+
+def test_dreambooth_folder_is_a_stock_pipeline(tiny, photos, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    path = train(tiny, photos, token="<disc>", superclass="ball", out=tmp_path / "db.safetensors", method="dreambooth",
+                 settings={**FAST, "lr": 1e-3, "prior_loss_weight": 0}, progress=False)
+    stock = StableDiffusionPipeline.from_pretrained(str(tmp_path / "db.pipeline"))
+    stock.set_progress_bar_config(disable=True)
+    _assert_same(_ours(tiny, load_concept(path)), _image(stock, PROMPT.format("sks")), _image(tiny, PROMPT.format("sks")))
+
+
+class Payload:
+    """Stands for an object a malicious pickle would bring along."""
+
+
+def test_pickles_need_allow_pickle_and_load_weights_only(tiny, tmp_path):
+    from personalize.errors import BadInputError
+
+    path = tmp_path / "emb.pt"
+    torch.save({"<cat>": torch.randn(1, 32)}, path)
+    with pytest.raises(BadInputError, match="allow-pickle"):
+        import_file(tiny, path, method="textual-inversion", superclass="ball", out=tmp_path / "a.safetensors")
+    assert import_file(tiny, path, method="textual-inversion", superclass="ball", out=tmp_path / "a.safetensors",
+                       allow_pickle=True).is_file()
+
+    # anything beyond tensors and plain containers is refused even with --allow-pickle
+    torch.save({"<cat>": torch.randn(1, 32), "x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(BadInputError, match="weights-only"):
+        import_file(tiny, tmp_path / "evil.pt", method="textual-inversion", superclass="ball",
+                    out=tmp_path / "b.safetensors", allow_pickle=True)
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_lora_scale_knob(concepts, tiny):
+    """scale=0 is the base model exactly; the default (1) is the trained LoRA."""
+    concept = concepts["dreambooth-lora"]
+    base = _image(tiny, PROMPT.format("sks"))
+    with attach(tiny, concept, scale=0.0):
+        off = _image(tiny, PROMPT.format("<disc>"))
+    assert np.array_equal(off, base)
+    assert np.abs(_ours(tiny, concept) - base).max() > 0.01
