@@ -1,4 +1,4 @@
-"""``personalize demo``: the whole flow on the toy world's base model, on a CPU, in about a minute.
+"""``personalize demo``: the whole flow on the toy world's base model, on a CPU, in under two minutes.
 
 It renders a held-out toy concept's example images, trains a Perfusion concept on them on ``--base toy``,
 generates it in new scenes at several β, scores every image with the toy world's ground-truth measurers
