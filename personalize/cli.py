@@ -169,8 +169,8 @@ def _parse_concept_arg(text: str) -> tuple[str, dict]:
 
 @app.command()
 def generate(
-    concept: List[str] = typer.Option(..., "--concept", help="Concept file, optionally with knobs: FILE:beta=0.6,tau=0.15."),
-    prompt: str = typer.Option(..., "--prompt", help="Prompt using the concept's token, e.g. 'a <my-teddy> on the beach'."),
+    concept: List[str] = typer.Option(..., "--concept", help="Concept file, optionally with its own knobs: FILE:beta=0.6,tau=0.15,lag=1,token=<new>. Repeat to compose concepts of any composable methods."),
+    prompt: str = typer.Option(..., "--prompt", help="Prompt using the concepts' tokens, e.g. 'a <my-teddy> on the beach'."),
     out: Path = typer.Option(..., "--out", help="Folder for the PNGs and prompts.json."),
     base: str = typer.Option("tiny", "--base", help=BASE_HELP),
     num_images: int = typer.Option(4, "--num-images", min=1, help="Images to generate."),
@@ -180,9 +180,10 @@ def generate(
     beta: Optional[float] = typer.Option(None, "--beta", help="Perfusion gate threshold: higher = weaker concept, better prompt alignment [concept default, 0.7]."),
     tau: Optional[float] = typer.Option(None, "--tau", help="Perfusion gate temperature [concept default, 0.15]."),
     lag: bool = typer.Option(False, "--lag", help="Residuals: localized attention-guided sampling, the residuals apply only where the concept is attended."),
+    lock: Optional[str] = typer.Option(None, "--lock", help="Perfusion key-locking: local, or global (K reads the prompt with each concept word replaced by its superclass; default beta then 0.5) [local]."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
 ):
-    """Generate images of a trained concept in new scenes.
+    """Generate images of one or several trained concepts in new scenes.
 
     [bold]Examples[/bold]
 
@@ -191,34 +192,24 @@ def generate(
       personalize generate ... --beta 0.8        # favour the prompt over the concept's look
 
       personalize generate --concept teddy.safetensors --prompt "a photo of a <my-teddy> teddy on the moon" --lag --out samples/
+
+      personalize generate --concept teddy.safetensors:beta=0.6 --concept teapot.safetensors:lag=1 --concept style.safetensors \
+          --prompt "a <teddy> pouring tea from a <teapot> teapot, in <watercolor> style" --lock global --out samples/
     """
     import torch
 
     from .base import load_base
-    from .compose import attach
-    from .concept import load_concept
+    from .compose import attach, prepare
     from .generation import generate as run_generate
     from .generation import write_images
 
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out '{out}' is a file; pass a folder for the images")
-    parsed = [_parse_concept_arg(c) for c in concept]
-    if len(parsed) > 1:
-        raise BadInputError("several --concept in one generation are not supported yet (composition comes next); pass one")
-    path, knobs = parsed[0]
-    loaded = load_concept(path)
-    for key, value in (("beta", beta), ("tau", tau)):
-        if value is not None:
-            knobs[key] = value
-    if lag:
-        knobs["lag"] = True
-    if knobs.get("lag"):
-        from .compose import check_lag
-        from .methods import get
-
-        check_lag(loaded, get(loaded.method))
+    items = [_parse_concept_arg(c) for c in concept]
+    shared = dict(beta=beta, tau=tau, lag=lag, lock=lock)
+    prepare(items, **shared)  # refuse a bad composition before loading the base
     pipe = load_base(base, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with attach(pipe, loaded, **knobs):
+    with attach(pipe, items, **shared):
         with err_console.status(f"generating {num_images} image(s), {steps} steps"):
             images = run_generate(pipe, prompt, num_images=num_images, steps=steps, guidance=guidance, seed=seed)
     paths = write_images(images, prompt, out, seed)

@@ -1,13 +1,23 @@
-"""Attaching concepts to a pipeline the user already holds.
+"""Attaching concepts to a pipeline the user already holds, one or several at once.
 
-``attach(pipe, concept)`` checks the concept against the pipeline's base
-fingerprint, rebuilds the method's edits from the file and installs them at
-their seams. The returned :class:`Attachment` removes them again
-(``detach()`` or ``with attach(...):``), leaving the pipeline bit-identical to
-before.
+``attach(pipe, concepts)`` checks the concepts against each other and against
+the pipeline's base fingerprint, rebuilds each method's edits from its file and
+installs them at their seams. The returned :class:`Attachment` removes them
+again (``detach()`` or ``with attach(...):``), leaving the pipeline
+bit-identical to before.
+
+Several concepts may mix any composable methods. Each item is a concept (a
+:class:`Concept` or a file path) or ``(concept, {knob: value})``; keyword
+knobs apply to every concept whose method takes them, an item's own knobs win.
+``token=<new>`` renames a concept's placeholder (to resolve a clash). How the
+seams combine several concepts (one shared Perfusion projection, additive
+deltas after it, residuals summed per block) is in ``docs/ARCHITECTURE.md``;
+every seam combines its occupants in a fixed order, so attach order never
+changes the output.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,6 +25,8 @@ from . import methods as method_registry
 from .concept import Concept, check_base, load_concept
 from .errors import BadInputError
 from .methods.shared import check_composable
+
+_TRUE, _FALSE = ("true", "on", "1", "yes"), ("false", "off", "0", "no", "none")
 
 
 class Attachment:
@@ -40,39 +52,156 @@ class Attachment:
         self.detach()
 
 
+@dataclass
+class Part:
+    """One concept of a composition, with the knobs its method will be built with."""
+
+    concept: Concept
+    method_cls: type
+    knobs: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return _name(self.concept)
+
+
+def _name(concept: Concept) -> str:
+    return concept.path.name if concept.path is not None else concept.token
+
+
 def _as_concept(item) -> Concept:
     return item if isinstance(item, Concept) else load_concept(Path(item))
+
+
+def concept_tokens(concept: Concept) -> list[str]:
+    """The placeholder strings a concept adds (several for a multi-concept Custom Diffusion file)."""
+    return list(concept.header.get("tokens") or [concept.token])
+
+
+def renamed(concept: Concept, token: str) -> Concept:
+    """``concept`` under another placeholder string (``token=<new>``)."""
+    tokens = concept.header.get("tokens")
+    if tokens and len(tokens) > 1:
+        raise BadInputError(f"'{_name(concept)}' holds {len(tokens)} concepts ({', '.join(tokens)}); "
+                            "token= renames single-concept files only")
+    renamed_ = concept.with_token(token)
+    if tokens:
+        renamed_.header["tokens"] = [token]
+    return renamed_
 
 
 def check_lag(concept: Concept, method_cls) -> None:
     """LAG sampling masks personalized residuals; refuse a concept that has none."""
     if "proj_out" not in method_cls.sites:
-        name = concept.path.name if concept.path is not None else concept.token
         raise BadInputError(
-            f"--lag needs a concept with personalized residuals, but '{name}' is a {concept.method} concept "
+            f"--lag needs a concept with personalized residuals, but '{_name(concept)}' is a {concept.method} concept "
             "(no residuals); drop --lag or train it with --method residuals"
         )
 
 
-def attach(pipe, concepts: Concept | str | Path | Sequence, *, lag: bool = False, **knobs: Any) -> Attachment:
-    """Attach one concept (a :class:`Concept` or a file path) with inference knobs, e.g. ``beta=0.7``.
+def _flag(value, what: str) -> bool:
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    text = str(value).lower()
+    if text not in _TRUE + _FALSE:
+        raise BadInputError(f"{what}={value!r}: use {what}=1 or {what}=0")
+    return text in _TRUE
 
-    ``lag=True`` (residuals concepts) turns on localized attention-guided
-    sampling: the residuals apply only where the concept is attended.
-    """
-    items = list(concepts) if isinstance(concepts, (list, tuple)) else [concepts]
-    if len(items) != 1:
-        raise BadInputError(
-            "attaching several concepts at once is not supported yet (it comes with composition); attach one concept"
-        )
-    concept = _as_concept(items[0])
-    method_cls = method_registry.get(concept.method)
+
+def _split(item) -> tuple[Any, dict]:
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict):
+        return item[0], dict(item[1])
+    return item, {}
+
+
+def _items(concepts) -> list:
+    """A list of items; a bare ``(concept, knobs)`` pair is one item."""
+    pair = isinstance(concepts, tuple) and len(concepts) == 2 and isinstance(concepts[1], dict)
+    return list(concepts) if isinstance(concepts, (list, tuple)) and not pair else [concepts]
+
+
+def _part(item) -> Part:
+    source, knobs = _split(item)
+    concept = _as_concept(source)
     knobs = {k: v for k, v in knobs.items() if v is not None}
-    lag = bool(knobs.pop("lag", lag))
-    if lag:
-        check_lag(concept, method_cls)
-        knobs["lag"] = True
-    check_base(concept, pipe)
-    check_composable(pipe, method_cls, len(items))  # DreamBooth (full) replaces the UNet: it attaches alone
-    method = method_cls.from_concept(pipe, concept, **knobs)
-    return Attachment(pipe, [method])
+    token = knobs.pop("token", None)
+    if token is not None:
+        concept = renamed(concept, str(token))
+    return Part(concept, method_registry.get(concept.method), knobs)
+
+
+def _share(parts: list[Part], shared: dict[str, Any]) -> None:
+    """Give each shared knob to every concept that takes it (a lone concept gets all, and refuses what it must)."""
+    for key, value in shared.items():
+        takers = [p for p in parts if len(parts) == 1 or key in p.method_cls.knobs]
+        if not takers:
+            if key == "lag":
+                check_lag(parts[0].concept, parts[0].method_cls)
+            raise BadInputError(f"no concept here takes {key} (methods: {', '.join(sorted({p.concept.method for p in parts}))})")
+        for p in takers:
+            p.knobs.setdefault(key, value)
+
+
+def _check_together(parts: list[Part]) -> None:
+    """Refuse compositions that cannot work, before anything is built."""
+    if len(parts) > 1:
+        for p in parts:
+            if not p.method_cls.composable:
+                raise BadInputError(f"'{p.name}' is a {p.concept.method} concept: it replaces the UNet and cannot be "
+                                    "composed with other concepts; generate with it alone")
+    first = parts[0]
+    for p in parts[1:]:
+        if p.concept.base_fingerprint.differences(first.concept.base_fingerprint):
+            bases = [q.concept.header.get("provenance", {}).get("base", "?") for q in (first, p)]
+            raise BadInputError(f"'{first.name}' and '{p.name}' were trained on different bases ({bases[0]} vs "
+                                f"{bases[1]}); compose concepts of one base")
+    seen: dict[str, Part] = {}
+    for p in parts:
+        for token in concept_tokens(p.concept):
+            if token.lower() in seen:
+                raise BadInputError(f"'{seen[token.lower()].name}' and '{p.name}' both use the token {token}; rename one, "
+                                    f"e.g. --concept {p.name}:token={token.rstrip('>')}2{'>' if token.endswith('>') else ''}")
+            seen[token.lower()] = p
+    corpora = {p.concept.header.get("covariance", "builtin") for p in parts if p.concept.method == "perfusion"}
+    if len(corpora) > 1:
+        raise BadInputError(f"Perfusion concepts composed together must share one covariance C, these use "
+                            f"{', '.join(sorted(corpora))}; re-train them against one caption corpus")
+
+
+def prepare(concepts, **shared: Any) -> list[Part]:
+    """Load and check a composition without a pipeline (the CLI calls this before loading the base)."""
+    parts = [_part(item) for item in _items(concepts)]
+    if not parts:
+        raise BadInputError("no concept given; pass at least one concept file")
+    _share(parts, {k: v for k, v in shared.items() if v is not None and v is not False})
+    for p in parts:
+        if "lag" in p.knobs:
+            if _flag(p.knobs["lag"], "lag"):
+                check_lag(p.concept, p.method_cls)
+                p.knobs["lag"] = True
+            else:
+                del p.knobs["lag"]
+    _check_together(parts)
+    return parts
+
+
+def attach(pipe, concepts: Concept | str | Path | Sequence, *, lag: bool = False, **knobs: Any) -> Attachment:
+    """Attach one or several concepts with inference knobs, e.g. ``beta=0.7`` or ``lock="global"``.
+
+    ``concepts``: a concept or file path, ``(concept, {"beta": 0.6, "token": "<b2>"})``, or a list of these.
+    ``lag=True`` (residuals concepts) turns on localized attention-guided sampling: the residuals apply only
+    where the concept is attended. ``lock="global"`` (Perfusion): K projections read the prompt with each
+    concept word replaced by its superclass word.
+    """
+    parts = prepare(concepts, lag=lag, **knobs)
+    for p in parts:
+        check_base(p.concept, pipe)
+        check_composable(pipe, p.method_cls, len(parts))  # DreamBooth (full) replaces the UNet: it attaches alone
+    methods: list = []
+    try:
+        for p in parts:
+            methods.append(p.method_cls.from_concept(pipe, p.concept, **p.knobs))
+    except BaseException:
+        Attachment(pipe, methods).detach()
+        raise
+    return Attachment(pipe, methods)

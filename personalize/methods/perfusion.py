@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ..edits.sites import cross_attention_layers, occupy, site_occupant, vacate
-from ..edits.tokens import token_site
+from ..edits.key_lock import KeyLock
+from ..edits.tokens import base_tokenizer, token_site
 from ..errors import BadInputError, ConceptFileError
 from ..templates import NEUTRAL_TEMPLATES, word_position
 from .base import Method
@@ -110,7 +111,11 @@ def rank1_edit(
 
 # ----------------------------------------------------------------------------- the edit in the UNet
 class PerfusionGroup:
-    """All Perfusion concepts attached to one UNet; they share one projection (Eq. 4)."""
+    """All Perfusion concepts attached to one UNet; they share one projection (Eq. 4).
+
+    Concepts are kept sorted by token, so the projection (and so the output) does not depend on attach order.
+    While any concept is globally key-locked, the group holds the pipeline's :class:`KeyLock`.
+    """
 
     KEY = "perfusion"
 
@@ -118,6 +123,37 @@ class PerfusionGroup:
         self.C_inv = C_inv.double()
         self.concepts: list["Perfusion"] = []
         self._cache: tuple | None = None
+        self.key_lock: KeyLock | None = None
+
+    def add(self, concept: "Perfusion") -> None:
+        self.concepts = sorted([*self.concepts, concept], key=lambda c: c.token)
+        self.sync_lock(concept)
+
+    def discard(self, concept: "Perfusion") -> None:
+        self.concepts.remove(concept)
+        self.sync_lock(concept)
+
+    def sync_lock(self, concept: "Perfusion") -> None:
+        """Install the key lock with the first globally locked concept, remove it with the last."""
+        wanted = any(c.global_lock for c in self.concepts)
+        if wanted and self.key_lock is None:
+            unet = concept.pipe.unet
+            to_k = [unet.get_submodule(f"{layer}.to_k") for layer in concept.layers]
+            self.key_lock = KeyLock(concept.pipe, to_k, self.lock_replacements).install()
+        elif not wanted and self.key_lock is not None:
+            self.key_lock.remove()
+            self.key_lock = None
+
+    def lock_replacements(self) -> dict[int, int]:
+        """Token id -> superclass token id of every globally locked concept."""
+        from ..templates import single_token_id
+
+        out = {}
+        for c in self.concepts:
+            if c.global_lock:
+                (token_id,) = token_site(c.pipe).ids(c.key)
+                out[token_id] = single_token_id(base_tokenizer(c.pipe), c.superclass)
+        return out
 
     def projection(self, dtype, device) -> Rank1Projection:
         key = (tuple((id(c), c.i_star_version) for c in self.concepts), dtype, device)
@@ -156,6 +192,7 @@ class PerfusionConfig:
     beta_train: float = 0.75
     tau_train: float = 0.10
     beta: float = 0.70  # inference default, local lock (paper: 0.6-0.75)
+    beta_global: float = 0.50  # inference default, global lock (paper: 0.4-0.6)
     tau: float = 0.15
     lr_embedding: float = 0.006
     lr_value: float = 0.03
@@ -168,7 +205,8 @@ class Perfusion(Method):
     sites = ("tokens", "kv")
     Config = PerfusionConfig
     knobs = {"beta": "gate threshold; higher = weaker concept, better text alignment", "tau": "gate temperature",
-             "gate": "on (default) or off: off applies the ungated edit of Eq. 2 (an ablation)"}
+             "gate": "on (default) or off: off applies the ungated edit of Eq. 2 (an ablation)",
+             "lock": "local (default) or global: K reads the prompt with the concept word replaced by its superclass"}
 
     def __init__(self, pipe, token, superclass, config: PerfusionConfig, C_inv: torch.Tensor):
         super().__init__(pipe, token, superclass, config)
@@ -183,6 +221,7 @@ class Perfusion(Method):
         self.i_star = self.e_super.clone()
         self.i_star_initialized = False
         self.i_star_version = 0
+        self.global_lock = False  # inference only: K reads the superclass prompt (edits/key_lock.py)
         self.o_v = nn.ParameterDict()
         self.o_k: dict[str, torch.Tensor] = {}
         with torch.no_grad():
@@ -238,7 +277,12 @@ class Perfusion(Method):
         method.corpus = corpus
         method.load_state_tensors(concept.tensors)
         defaults = concept.inference_defaults
-        method.beta = knobs.get("beta", defaults.get("beta", config.beta))
+        lock = str(knobs.get("lock", "local")).lower()
+        if lock not in ("local", "global"):
+            raise BadInputError(f"lock={knobs['lock']!r}: use lock=local or lock=global")
+        method.global_lock = lock == "global"
+        default_beta = defaults.get("beta_global", config.beta_global) if method.global_lock else defaults.get("beta", config.beta)
+        method.beta = knobs.get("beta", default_beta)
         method.tau = knobs.get("tau", defaults.get("tau", config.tau))
         gate = knobs.get("gate", True)
         if str(gate).lower() not in ("true", "on", "1", "false", "off", "0"):
@@ -321,7 +365,7 @@ class Perfusion(Method):
         return self.state_tensors()
 
     def inference_defaults(self) -> dict[str, Any]:
-        return {"beta": self.config.beta, "tau": self.config.tau}
+        return {"beta": self.config.beta, "beta_global": self.config.beta_global, "tau": self.config.tau}
 
     def header_fields(self) -> dict[str, Any]:
         return {"covariance": self.corpus}
@@ -351,14 +395,14 @@ class Perfusion(Method):
             if not torch.allclose(group.C_inv, self.C_inv.double(), rtol=1e-5, atol=0):
                 site.remove(self.key)
                 raise ConceptFileError("Perfusion concepts attached together must share the same covariance C")
-        group.concepts.append(self)
         self.group = group
+        group.add(self)
         self.installed = True
 
     def remove(self) -> None:
         if not self.installed:
             return
-        self.group.concepts.remove(self)
+        self.group.discard(self)
         if not self.group.concepts:
             for layer in self.layers:
                 for pathway in ("k", "v"):
