@@ -44,10 +44,11 @@ def test_train_inspect_generate(photos, tmp_path, capsys):
     assert prompts == {p.stem: "a <disc> on the beach" for p in pngs}
 
 
-def test_several_concepts_give_a_clear_message(trained_concept, tmp_path, capsys):
+def test_same_token_twice_gives_a_clear_message(trained_concept, tmp_path, capsys):
     code, _, err = run(["generate", "--concept", str(trained_concept), "--concept", str(trained_concept),
                         "--prompt", "x", "--out", str(tmp_path / "o")], capsys)
-    assert code == 2 and "several --concept" in err
+    assert code == 2 and "both use the token <disc>" in err and ":token=" in err
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 
