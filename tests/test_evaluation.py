@@ -216,3 +216,26 @@ def test_local_weights_path(tmp_path, dino):
     from personalize.errors import BaseModelError
     with pytest.raises(BaseModelError):
         DinoEncoder(weights=tmp_path / "missing.pt")
+
+
+def test_toyworld_backend_real_folder(tmp_path):
+    """The toy world's measurers through the metric interface, on fresh renders (no mocks)."""
+    import json
+    import random
+
+    from personalize.datasets.toyworld import world
+
+    rng = random.Random(5)
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    prompts = {}
+    for i in range(3):
+        s = world.sample_scene(rng)
+        world.render_scene(s).save(folder / f"p{i}.png")
+        prompts[f"p{i}"] = world.caption(s)
+    (folder / "prompts.json").write_text(json.dumps(prompts))
+    m = ToyWorldScore("alignment")
+    res = m.update(folder)
+    assert res["n_images"] == 3
+    assert m.compute() == pytest.approx(1.0)
+    assert ToyWorldScore().higher_is_better
