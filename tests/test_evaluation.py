@@ -239,3 +239,20 @@ def test_toyworld_backend_real_folder(tmp_path):
     assert res["n_images"] == 3
     assert m.compute() == pytest.approx(1.0)
     assert ToyWorldScore().higher_is_better
+
+
+def test_score_concept_single_and_multi():
+    from personalize.evaluation import score_concept
+
+    clip = _FakeEncoder({"g1": [1.0, 0.0], "g2": [0.0, 1.0], "r1": [1.0, 0.0], "r2": [0.6, 0.8], "s1": [0.0, 1.0]},
+                        {"a cat": [1.0, 0.0], "a cat and a dog": [0.0, 1.0]})
+    dino = _FakeEncoder({"g1": [1.0, 0.0], "g2": [1.0, 0.0], "r1": [0.0, 1.0], "r2": [0.6, 0.8], "s1": [1.0, 0.0]})
+    single = score_concept(clip, dino, ["g1", "g2"], "a <new1> cat", ["r1", "r2"], token="<new1>")
+    assert single["clip_text"] == pytest.approx((2.5 + 0.0) / 2)
+    assert single["clip_image"] == pytest.approx(0.6)
+    assert single["dino_image"] == pytest.approx(0.3)
+    multi = score_concept(clip, dino, ["g1", "g2"], "a <new1> cat and a <new2> dog",
+                          {"cat": ["r1", "r2"], "dog": ["s1"]})
+    assert multi["clip_text"] == pytest.approx(1.25)
+    assert multi["clip_image"] == {"cat": pytest.approx(0.6), "dog": pytest.approx(0.5)}
+    assert multi["dino_image"] == {"cat": pytest.approx(0.3), "dog": pytest.approx(1.0)}

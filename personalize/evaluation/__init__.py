@@ -1,6 +1,6 @@
 """Scores for generated images: CustomConcept101's CLIP-T / CLIP-I / DINO-I, the Perfusion protocol, leakage."""
 from .metrics import (CLIP_TEXT_FACTOR, ClipImageScore, ClipTextScore, DinoImageScore, LeakageScore, Metric,
-                      ToyWorldScore, remove_token)
+                      ToyWorldScore, remove_token, score_concept)
 from .models import ClipEncoder, DinoEncoder, clip_transform, dino_transform, list_images, load_image
 from .protocol import best_h, class_balanced_mean, harmonic_mean, normalized_text_similarity
 
@@ -16,4 +16,4 @@ def build_metrics(clip_weights=None, dino_weights=None, random_weights: bool = F
 __all__ = ["CLIP_TEXT_FACTOR", "ClipEncoder", "ClipImageScore", "ClipTextScore", "DinoEncoder", "DinoImageScore",
            "LeakageScore", "Metric", "ToyWorldScore", "best_h", "build_metrics", "class_balanced_mean",
            "clip_transform", "dino_transform", "harmonic_mean", "list_images", "load_image",
-           "normalized_text_similarity", "remove_token"]
+           "normalized_text_similarity", "remove_token", "score_concept"]

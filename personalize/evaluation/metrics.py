@@ -190,3 +190,28 @@ class ToyWorldScore(Metric):
             out[k] = float(sum(v * n for v, n in vals) / w) if w else None
         out["n_images"] = sum(r["n_images"] for r in self.results)
         return out[self.key] if self.key else out
+
+
+def score_concept(clip, dino, generated: Sequence[ImageLike], prompts: Union[str, Sequence[str]],
+                  reference, token: Union[None, str, Sequence[str]] = None) -> dict:
+    """CC101's three scores for one concept's generated images.
+
+    ``reference``: the concept's reference images, or for a composition a dict name -> images; image
+    scores are then computed against each concept's references separately ({"clip_image": {name: ...}}).
+    """
+    generated = list(generated)
+    ct = ClipTextScore(clip)
+    ct.update(generated, prompts, token=token)
+    out: dict = {"clip_text": ct.compute(), "n_images": len(generated)}
+    refs = reference if isinstance(reference, dict) else {None: reference}
+    gen_clip, gen_dino = clip.encode_images(generated), dino.encode_images(generated)
+    per: dict = {"clip_image": {}, "dino_image": {}}
+    for name, images in refs.items():
+        images = list(images)
+        if not images:
+            raise BadInputError(f"score_concept: no reference images{'' if name is None else ' for ' + name}")
+        per["clip_image"][name] = float((gen_clip @ clip.encode_images(images).T).mean())
+        per["dino_image"][name] = float((gen_dino @ dino.encode_images(images).T).mean())
+    for key, vals in per.items():
+        out[key] = vals[None] if None in vals else vals
+    return out
