@@ -256,3 +256,13 @@ def test_score_concept_single_and_multi():
     assert multi["clip_text"] == pytest.approx(1.25)
     assert multi["clip_image"] == {"cat": pytest.approx(0.6), "dog": pytest.approx(0.5)}
     assert multi["dino_image"] == {"cat": pytest.approx(0.3), "dog": pytest.approx(1.0)}
+
+
+def test_build_metrics_shares_models():
+    from personalize.evaluation import build_metrics
+
+    m = build_metrics(random_weights=True)
+    assert set(m) == {"clip_text", "clip_image", "dino_image", "leakage_dino"}
+    assert m["clip_text"].clip is m["clip_image"].encoder
+    assert m["dino_image"].encoder is m["leakage_dino"].dino
+    assert all(x.higher_is_better for x in m.values())
