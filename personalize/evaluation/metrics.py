@@ -1,0 +1,217 @@
+"""Metric objects: ``update(...)`` accumulates, ``compute()`` returns a float, ``higher_is_better`` says which way.
+
+- ClipTextScore: mean over images of ``2.5 * max(cos(img, text), 0)``, text = prompt with the learned
+  token removed (CustomConcept101's CLIP-T).
+- ClipImageScore / DinoImageScore: mean of the full cosine matrix between every generated and every
+  reference image (no clipping, no factor).
+- LeakageScore: mean DINO cosine between same-seed image pairs generated with and without the concept.
+- ToyWorldScore: the toy world's ``score_folder`` behind the same interface.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from ..errors import BadInputError
+from .models import ClipEncoder, DinoEncoder, ImageLike
+
+CLIP_TEXT_FACTOR = 2.5
+_TOKEN_RE = re.compile(r"<[^<>\s]+>")
+
+
+def remove_token(prompt: str, token: Union[None, str, Sequence[str]] = None) -> str:
+    """The prompt without the learned token(s): "photo of a <new1> barn" -> "photo of a barn".
+
+    ``token`` None removes every ``<...>`` word; a string or list removes exactly those words.
+    """
+    if token is None:
+        out = _TOKEN_RE.sub(" ", prompt)
+    else:
+        out = prompt
+        for t in [token] if isinstance(token, str) else token:
+            out = re.sub(r"(?<!\S)" + re.escape(t) + r"(?!\S)", " ", out)
+            out = out.replace(t, " ")
+    out = re.sub(r"\s+", " ", out).strip()
+    return re.sub(r"\s+([.,;:!?])", r"\1", out)
+
+
+class Metric:
+    name = "metric"
+    higher_is_better = True
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def compute(self):
+        raise NotImplementedError
+
+
+class ClipTextScore(Metric):
+    """CLIP-T: ``update(images, prompts, token=None)`` with one prompt per image (or one prompt for all)."""
+
+    name = "clip_text"
+    higher_is_better = True
+
+    def __init__(self, clip: ClipEncoder, factor: float = CLIP_TEXT_FACTOR):
+        self.clip, self.factor = clip, factor
+        self.reset()
+
+    def reset(self) -> None:
+        self.scores: list[float] = []
+
+    def update(self, images: Sequence[ImageLike], prompts: Union[str, Sequence[str]],
+               token: Union[None, str, Sequence[str]] = None) -> np.ndarray:
+        images = list(images)
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(images)
+        if len(prompts) != len(images):
+            raise BadInputError(f"{len(images)} images but {len(prompts)} prompts; give one prompt per image")
+        if not images:
+            return np.zeros(0)
+        texts = [remove_token(p, token) for p in prompts]
+        unique = sorted(set(texts))
+        tfeat = dict(zip(unique, self.clip.encode_texts(unique)))
+        ifeat = self.clip.encode_images(images)
+        cos = np.array([float(ifeat[i] @ tfeat[t]) for i, t in enumerate(texts)])
+        scores = self.factor * np.maximum(cos, 0.0)
+        self.scores.extend(scores.tolist())
+        return scores
+
+    def compute(self) -> float:
+        if not self.scores:
+            raise BadInputError("clip_text: no images were scored")
+        return float(np.mean(self.scores))
+
+
+class _AllPairsImageScore(Metric):
+    higher_is_better = True
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.reset()
+
+    def reset(self) -> None:
+        self._gen: list[np.ndarray] = []
+        self._ref: list[np.ndarray] = []
+
+    def update(self, generated: Sequence[ImageLike] = (), reference: Sequence[ImageLike] = ()) -> None:
+        generated, reference = list(generated), list(reference)
+        if generated:
+            self._gen.append(self.encoder.encode_images(generated))
+        if reference:
+            self._ref.append(self.encoder.encode_images(reference))
+
+    def matrix(self) -> np.ndarray:
+        if not self._gen or not self._ref:
+            raise BadInputError(f"{self.name}: needs generated and reference images")
+        return np.concatenate(self._gen) @ np.concatenate(self._ref).T
+
+    def compute(self) -> float:
+        return float(self.matrix().mean())
+
+
+class ClipImageScore(_AllPairsImageScore):
+    """CLIP-I: ``update(generated=[...], reference=[...])``; all-pairs mean cosine."""
+
+    name = "clip_image"
+
+
+class DinoImageScore(_AllPairsImageScore):
+    """DINO-I: ``update(generated=[...], reference=[...])``; all-pairs mean cosine of DINO CLS features."""
+
+    name = "dino_image"
+
+
+class LeakageScore(Metric):
+    """Mean DINO cosine between same-seed pairs with/without the concept (1.0 = no leakage)."""
+
+    name = "leakage_dino"
+    higher_is_better = True
+
+    def __init__(self, dino: DinoEncoder):
+        self.dino = dino
+        self.reset()
+
+    def reset(self) -> None:
+        self.scores: list[float] = []
+
+    def update(self, with_concept: Sequence[ImageLike], without_concept: Sequence[ImageLike]) -> np.ndarray:
+        a, b = list(with_concept), list(without_concept)
+        if len(a) != len(b):
+            raise BadInputError(f"leakage: {len(a)} images with the concept but {len(b)} without; pair them by seed")
+        if not a:
+            return np.zeros(0)
+        sims = np.sum(self.dino.encode_images(a) * self.dino.encode_images(b), axis=1)
+        self.scores.extend(sims.tolist())
+        return sims
+
+    def compute(self) -> float:
+        if not self.scores:
+            raise BadInputError("leakage: no image pairs were scored")
+        return float(np.mean(self.scores))
+
+
+class ToyWorldScore(Metric):
+    """The toy world's measurers: ``update(folder, prompts=None, concept=..., reference=...)`` per folder.
+
+    ``compute()`` returns {"alignment", "fidelity", "leakage", "n_images"}, image-weighted over folders.
+    ``key`` picks one number instead (e.g. "alignment").
+    """
+
+    name = "toyworld"
+    higher_is_better = True  # alignment, fidelity; leakage (mean pixel difference) is lower-is-better
+
+    def __init__(self, key: Optional[str] = None):
+        self.key = key
+        if key == "leakage":
+            self.higher_is_better = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.results: list[dict] = []
+
+    def update(self, folder: Union[str, Path], **kwargs) -> dict:
+        from ..datasets.toyworld.measure import score_folder
+
+        res = score_folder(folder, **kwargs)
+        self.results.append(res)
+        return res
+
+    def compute(self):
+        if not self.results:
+            raise BadInputError("toyworld: no folders were scored")
+        out = {}
+        for k in ("alignment", "fidelity", "leakage"):
+            vals = [(r[k], r["n_images"]) for r in self.results if r[k] is not None]
+            w = sum(n for _, n in vals)
+            out[k] = float(sum(v * n for v, n in vals) / w) if w else None
+        out["n_images"] = sum(r["n_images"] for r in self.results)
+        return out[self.key] if self.key else out
+
+
+def score_concept(clip, dino, generated: Sequence[ImageLike], prompts: Union[str, Sequence[str]],
+                  reference, token: Union[None, str, Sequence[str]] = None) -> dict:
+    """CC101's three scores for one concept's generated images.
+
+    ``reference``: the concept's reference images, or for a composition a dict name -> images; image
+    scores are then computed against each concept's references separately ({"clip_image": {name: ...}}).
+    """
+    generated = list(generated)
+    ct = ClipTextScore(clip)
+    ct.update(generated, prompts, token=token)
+    out: dict = {"clip_text": ct.compute(), "n_images": len(generated)}
+    refs = reference if isinstance(reference, dict) else {None: reference}
+    gen_clip, gen_dino = clip.encode_images(generated), dino.encode_images(generated)
+    per: dict = {"clip_image": {}, "dino_image": {}}
+    for name, images in refs.items():
+        images = list(images)
+        if not images:
+            raise BadInputError(f"score_concept: no reference images{'' if name is None else ' for ' + name}")
+        per["clip_image"][name] = float((gen_clip @ clip.encode_images(images).T).mean())
+        per["dino_image"][name] = float((gen_dino @ dino.encode_images(images).T).mean())
+    for key, vals in per.items():
+        out[key] = vals[None] if None in vals else vals
+    return out

@@ -1,0 +1,158 @@
+"""Feature extractors for the image/text scores: OpenAI CLIP ViT-B/32 (open_clip) and DINO ViT-S/16 (timm).
+
+Weights come from the normal loaders (hub names, ``pretrained="openai"`` / timm hub), from a local
+file (``weights=``), or nowhere (``random_weights=True``: same architecture, random init, for offline
+tests). Preprocessing follows CustomConcept101: CLIP = resize 224 bicubic, center crop 224, CLIP
+mean/std; DINO = resize 256 bicubic, center crop 224, ImageNet mean/std; DINO feature = CLS token.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import BadInputError, BaseModelError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ImageLike = Union[str, Path, Image.Image, np.ndarray]
+
+
+def load_image(item: ImageLike) -> Image.Image:
+    """A PIL RGB image from a path, a PIL image or an HxWx3 uint8 array."""
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    if isinstance(item, np.ndarray):
+        return Image.fromarray(item).convert("RGB")
+    path = Path(item)
+    if not path.is_file():
+        raise BadInputError(f"image not found: {path}")
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def list_images(folder: Union[str, Path]) -> list[Path]:
+    """Sorted image files (.png/.jpg/.jpeg/.webp) directly inside ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BadInputError(f"image folder not found: {folder}")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+
+
+def make_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float]):
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(crop),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def clip_transform():
+    return make_transform(224, 224, CLIP_MEAN, CLIP_STD)
+
+
+def dino_transform():
+    return make_transform(256, 224, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _load_state(model: torch.nn.Module, weights: Union[str, Path]) -> None:
+    path = Path(weights)
+    if not path.is_file():
+        raise BaseModelError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing:
+        raise BaseModelError(f"weights {path} do not fit the model: {len(missing)} missing keys, e.g. {missing[0]}")
+
+
+class ClipEncoder:
+    """Unit-norm CLIP image and text features (open_clip)."""
+
+    def __init__(self, model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai",
+                 weights: Union[None, str, Path] = None, random_weights: bool = False,
+                 device: Union[str, torch.device] = "cpu", batch_size: int = 32):
+        import open_clip
+
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        try:
+            if random_weights or weights is not None:
+                model = open_clip.create_model(model_name, pretrained=None)
+            else:
+                model = open_clip.create_model(model_name, pretrained=pretrained)
+        except Exception as exc:  # hub/network problems -> one line
+            raise BaseModelError(f"could not load CLIP {model_name} ({pretrained}): {exc}; "
+                                 "pass a local file with clip_weights=") from exc
+        if weights is not None:
+            _load_state(model, weights)
+        self.model = model.eval().to(self.device)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.transform = clip_transform()
+
+    @torch.no_grad()
+    def encode_images(self, images: Iterable[ImageLike]) -> np.ndarray:
+        pics = [load_image(i) for i in images]
+        out = []
+        for s in range(0, len(pics), self.batch_size):
+            batch = torch.stack([self.transform(p) for p in pics[s:s + self.batch_size]]).to(self.device)
+            out.append(_normalize(self.model.encode_image(batch).float()).cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return _normalize(self.model.encode_text(tokens).float()).cpu().numpy()
+
+
+class DinoEncoder:
+    """Unit-norm DINO CLS features (timm ``vit_small_patch16_224.dino``)."""
+
+    def __init__(self, model_name: str = "vit_small_patch16_224.dino", weights: Union[None, str, Path] = None,
+                 random_weights: bool = False, device: Union[str, torch.device] = "cpu", batch_size: int = 32):
+        import timm
+
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        pretrained = not random_weights and weights is None
+        try:
+            model = timm.create_model(model_name, pretrained=pretrained, num_classes=0)
+        except Exception as exc:
+            raise BaseModelError(f"could not load DINO {model_name}: {exc}; pass a local file with dino_weights=") from exc
+        if weights is not None:
+            _load_state(model, weights)
+        self.model = model.eval().to(self.device)
+        self.transform = dino_transform()
+
+    @torch.no_grad()
+    def cls_features(self, batch: torch.Tensor) -> torch.Tensor:
+        tokens = self.model.forward_features(batch)
+        return tokens[:, 0]
+
+    @torch.no_grad()
+    def encode_images(self, images: Iterable[ImageLike]) -> np.ndarray:
+        pics = [load_image(i) for i in images]
+        out = []
+        for s in range(0, len(pics), self.batch_size):
+            batch = torch.stack([self.transform(p) for p in pics[s:s + self.batch_size]]).to(self.device)
+            out.append(_normalize(self.cls_features(batch).float()).cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
