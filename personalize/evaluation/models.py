@@ -109,19 +109,24 @@ class ClipEncoder:
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.transform = clip_transform()
 
-    @torch.no_grad()
     def encode_images(self, images: Iterable[ImageLike]) -> np.ndarray:
-        pics = [load_image(i) for i in images]
-        out = []
-        for s in range(0, len(pics), self.batch_size):
-            batch = torch.stack([self.transform(p) for p in pics[s:s + self.batch_size]]).to(self.device)
-            out.append(_normalize(self.model.encode_image(batch).float()).cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+        return _encode_in_batches(self, images, self.model.encode_image)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         tokens = self.tokenizer(list(texts)).to(self.device)
         return _normalize(self.model.encode_text(tokens).float()).cpu().numpy()
+
+
+@torch.no_grad()
+def _encode_in_batches(encoder, images: Iterable[ImageLike], features) -> np.ndarray:
+    """Unit-norm ``features(batch)`` of ``images`` after ``encoder.transform``, ``encoder.batch_size`` at a time."""
+    pics = [load_image(i) for i in images]
+    out = []
+    for s in range(0, len(pics), encoder.batch_size):
+        batch = torch.stack([encoder.transform(p) for p in pics[s:s + encoder.batch_size]]).to(encoder.device)
+        out.append(_normalize(features(batch).float()).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
 class DinoEncoder:
@@ -148,11 +153,5 @@ class DinoEncoder:
         tokens = self.model.forward_features(batch)
         return tokens[:, 0]
 
-    @torch.no_grad()
     def encode_images(self, images: Iterable[ImageLike]) -> np.ndarray:
-        pics = [load_image(i) for i in images]
-        out = []
-        for s in range(0, len(pics), self.batch_size):
-            batch = torch.stack([self.transform(p) for p in pics[s:s + self.batch_size]]).to(self.device)
-            out.append(_normalize(self.cls_features(batch).float()).cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+        return _encode_in_batches(self, images, self.cls_features)
