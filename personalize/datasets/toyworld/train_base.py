@@ -287,9 +287,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
     run_args = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "export")}
 
-    def save(ph: str, st: int) -> None:
+    def save(ph: str, st: int, seconds: float) -> None:
+        """Checkpoint everything; ``seconds`` = training time so far (resumed runs add to it)."""
         atomic_save({
-            "phase": ph, "step": st, "elapsed": elapsed, "scaling": scaling, "arch": json.dumps(arch),
+            "phase": ph, "step": st, "elapsed": seconds, "scaling": scaling, "arch": json.dumps(arch),
             "args": run_args, "vae": vae.state_dict(), "vae_opt": vae_opt.state_dict(), "unet": unet.state_dict(),
             "te": te.state_dict(), "opt": opt.state_dict(), "ema_unet": ema_unet, "ema_te": ema_te,
             "torch_rng": torch.get_rng_state(),
@@ -322,10 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                 log(f"[vae] step {step}/{args.vae_steps} recon-mse {np.mean(losses[-args.log_every:]):.5f} "
                     f"{sps:.2f} s/step, ETA vae {fmt_time(sps * (args.vae_steps - step))}")
             if step % args.ckpt_every == 0 and step < args.vae_steps:
-                elapsed_now = elapsed + time.time() - t0
-                elapsed_saved, elapsed = elapsed, elapsed_now
-                save("vae", step)
-                elapsed = elapsed_saved
+                save("vae", step, elapsed + time.time() - t0)
         elapsed += time.time() - t0
         vae.eval()
         scaling = args.latent_scale_mult * latent_scaling(vae, args.seed, args.scale_images)
@@ -333,7 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         report = vae_report(vae, out, n=min(128, args.scale_images))
         log(f"[vae] done: latent scaling factor {scaling:.4f} ({args.latent_scale_mult} / std); {report}")
         phase, step = "unet", 0
-        save(phase, step)
+        save(phase, step, elapsed)
     vae.register_to_config(scaling_factor=scaling)
     vae.eval().requires_grad_(False)
 
@@ -375,10 +373,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             log(f"[unet] step {step}/{args.steps} loss {np.mean(losses[-args.log_every:]):.4f} lr {lr:.2e} "
                 f"{sps:.2f} s/step, ETA {fmt_time(sps * (args.steps - step))}, elapsed {fmt_time(elapsed + dt)}")
         if step % args.ckpt_every == 0 or step == args.steps:
-            elapsed_saved = elapsed
-            elapsed = elapsed + time.time() - t0
-            save("unet", step)
-            elapsed = elapsed_saved
+            save("unet", step, elapsed + time.time() - t0)
     elapsed += time.time() - t0
 
     # ---------------------------------------------------------------- export (EMA weights)
