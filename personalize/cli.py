@@ -381,9 +381,11 @@ def demo(
 
 
 def _add_subapps() -> None:
+    from .cli_benchmark import app as benchmark_app
     from .cli_toyworld import app as toyworld_app
 
     app.add_typer(toyworld_app, name="toyworld")
+    app.add_typer(benchmark_app, name="benchmark")
 
 
 _add_subapps()

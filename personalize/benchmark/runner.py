@@ -1,0 +1,156 @@
+"""``personalize benchmark run``: work through a spec's rows until none is left.
+
+Any number of processes (``accelerate launch --num_processes N -m personalize.cli benchmark run``) may
+run this loop on one output folder: each claims rows from the shared database, so the pending rows are
+split between them without overlap. Rank 0 draws the progress bar over the whole run.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from .db import BenchmarkDB
+from .plan import build_plan
+from .resources import PeakMemory, git_sha, machine, versions
+from .spec import Spec
+from .work import Worker, pick_device
+
+DB_NAME = "benchmark.sqlite"
+
+
+@dataclass
+class RunSummary:
+    db: Path
+    counts: dict
+    ran: int
+    failures: list
+
+
+def database_path(out: str | Path) -> Path:
+    return Path(out) / DB_NAME
+
+
+def plan_into(spec: Spec, out: str | Path) -> BenchmarkDB:
+    """Create or extend the output folder's database with the spec's rows."""
+    db = BenchmarkDB(database_path(out))
+    db.sync_plan(build_plan(spec), spec.digest(), spec.name)
+    return db
+
+
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+             "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def _leave_process_group() -> tuple[int, int, int]:
+    """This process's (rank, world size, local rank) under ``accelerate launch``/torchrun; then forget them.
+
+    Processes coordinate through the database only. Left in the environment, these variables would make the
+    trainer's Accelerator join a process group and wait in collectives for processes busy with other rows.
+    """
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    for key in DIST_VARS:
+        os.environ.pop(key, None)
+    return rank, world, local
+
+
+def _clean_partial_files(out: Path) -> None:
+    """Temp files of writes a killed process never finished (only when no other process is alive)."""
+    for sub in ("images", "concepts", "data"):
+        for tmp in (out / sub).rglob(".*.tmp") if (out / sub).is_dir() else ():
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def run_benchmark(spec: Spec, out: str | Path, *, progress: bool = True, poll: float = 0.5,
+                  on_row: Optional[Callable[[dict], None]] = None) -> RunSummary:
+    """Run every pending row of ``spec`` under ``out``; finished rows are skipped, failed ones retried."""
+    out = Path(out)
+    rank, world, local_rank = _leave_process_group()
+    device = pick_device(spec.device, local_rank)
+    db = plan_into(spec, out)
+    db.register(rank, {"world_size": world, **machine(device)})
+    db.recover(retry_failed=True)
+    if db.live_workers() == 1:
+        _clean_partial_files(out)
+    worker = Worker(spec, out, device, db)
+    ran = 0
+    bar = _Bar(progress and rank == 0, db)
+    try:
+        while True:
+            row = db.claim()
+            if row is None:
+                if db.counts()["running"] == 0:
+                    break  # nothing runs and nothing can: done (or blocked by failures)
+                db.recover()
+                bar.refresh(None)
+                time.sleep(poll)
+                continue
+            bar.refresh(row["key"])
+            _execute(db, worker, row, device)
+            ran += 1
+            if on_row is not None:
+                on_row(row)
+            bar.refresh(None)
+    finally:
+        bar.close()
+        worker.detach()
+        db.stop_heartbeat()
+    summary = RunSummary(db=db.path, counts=db.counts(), ran=ran, failures=db.failures())
+    db.close()
+    return summary
+
+
+def _execute(db: BenchmarkDB, worker: Worker, row: dict, device: str) -> None:
+    began = time.perf_counter()
+    try:
+        with PeakMemory(device) as mem:
+            result = worker.run(row)
+    except KeyboardInterrupt:
+        db.release(row["key"])
+        raise
+    except Exception as exc:  # one bad row must not stop the run: record it, go on, retry next run
+        worker.detach()
+        db.fail(row["key"], f"{type(exc).__name__}: {exc}".strip()[:2000] + "\n" + traceback.format_exc(limit=3)[-1500:])
+        return
+    provenance = {"git_sha": git_sha(), "versions": versions(), "base_fingerprint": worker.base_fingerprint,
+                  "memory": mem.kind, "worker": db.worker, **machine(device)}
+    db.finish(row["key"], result, time.perf_counter() - began, mem.peak, provenance)
+
+
+class _Bar:
+    """Rows done / total with ETA over the whole run (all processes), drawn by one process."""
+
+    def __init__(self, enabled: bool, db: BenchmarkDB):
+        self.db = db
+        self.progress = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]benchmark[/bold] {task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn(),
+                                     TextColumn("ETA"), TimeRemainingColumn())
+            counts = db.counts()
+            self.task = self.progress.add_task("", total=counts["total"], completed=counts["done"])
+            self.progress.start()
+
+    def refresh(self, current: Optional[str]) -> None:
+        if self.progress is not None:
+            counts = self.db.counts()
+            text = current or ("waiting for other processes" if counts["running"] else "")
+            self.progress.update(self.task, completed=counts["done"], total=counts["total"], description=text[:60])
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.refresh(None)
+            self.progress.stop()
+
+
+__all__ = ["DB_NAME", "RunSummary", "database_path", "plan_into", "run_benchmark"]

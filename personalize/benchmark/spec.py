@@ -1,0 +1,259 @@
+"""The benchmark spec: a YAML file that says what to train, generate and score.
+
+    name: toy-head-to-head
+    base: toy                       # 'tiny', 'toy', a diffusers folder or a hub id
+    evaluator: {backend: toyworld}  # or {backend: clip, clip_weights: PATH, dino_weights: PATH}
+    concepts:
+      - toyworld: [split_triangle, dotted_square]
+      - cc101: /data/customconcept101
+        names: [scene_barn]         # optional subset
+      - folder: photos/teddy
+        superclass: teddy
+    prompts: ["a photo of a {}", "a {} on the beach"]   # optional; {} = the concept's subject
+    seeds: [0, 1]
+    samples_per_prompt: 1
+    sampler: {steps: 25, guidance: 4.0}
+    methods:
+      - method: perfusion
+        train: {steps: 150, batch_size: 8}
+        sweep: {beta: [0.6, 0.7, 0.8], lock: [local, global]}
+      - method: residuals
+        sweep: {lag: [false, true]}
+
+Unknown keys anywhere are errors, so a typo never silently runs the defaults.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import methods as method_registry
+from ..errors import BadInputError
+
+TOP_KEYS = {"name", "base", "device", "evaluator", "concepts", "prompts", "max_prompts", "leakage_prompts",
+            "seeds", "samples_per_prompt", "sampler", "methods"}
+EVALUATOR_KEYS = {"backend", "clip_weights", "dino_weights", "random_weights"}
+SAMPLER_KEYS = {"steps", "guidance"}
+METHOD_KEYS = {"method", "label", "train", "sweep"}
+SOURCE_KEYS = {"toyworld": {"toyworld"}, "cc101": {"cc101", "names", "limit"},
+               "folder": {"folder", "name", "superclass", "token", "prompts"}}
+DEFAULT_LEAKAGE_PROMPTS = ("a photo of a beach at sunset", "a bowl of fruit on a wooden table",
+                           "a city street at night")
+DEFAULT_PROMPTS = ("a photo of a {}", "a {} on the beach", "a {} in a living room", "a painting of a {}")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    label: str
+    method: str
+    train: dict
+    sweep: dict  # knob -> list of values
+
+    def settings(self) -> list[dict]:
+        """Every inference setting of the sweep (the cartesian product), ``[{}]`` without a sweep."""
+        keys = sorted(self.sweep)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.sweep[k] for k in keys))]
+
+
+@dataclass
+class Spec:
+    name: str
+    base: str
+    methods: list[MethodSpec]
+    sources: list[dict]
+    root: Path  # the spec's folder: relative paths in the spec are relative to it
+    device: str = "auto"
+    evaluator: dict = field(default_factory=lambda: {"backend": "clip"})
+    prompts: Optional[list[str]] = None
+    max_prompts: Optional[int] = None
+    leakage_prompts: Optional[list[str]] = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    samples_per_prompt: int = 1
+    sampler: dict = field(default_factory=lambda: {"steps": 50, "guidance": 6.0})
+    raw: dict = field(default_factory=dict)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.root / p)
+
+
+def setting_label(setting: dict) -> str:
+    """"beta=0.7,lock=local" (sorted keys), "default" for no knobs."""
+    return ",".join(f"{k}={_fmt(v)}" for k, v in sorted(setting.items())) or "default"
+
+
+def _fmt(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _unknown(data: dict, allowed: set, where: str) -> None:
+    extra = sorted(set(data) - allowed)
+    if extra:
+        raise BadInputError(f"{where}: unknown key(s) {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _mapping(value, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadInputError(f"{where} must be a mapping (key: value)")
+    return value
+
+
+def _str_list(value, where: str, slot: Optional[bool] = None) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise BadInputError(f"{where} must be a non-empty list of strings")
+    for v in value:
+        if slot is True and "{}" not in v:
+            raise BadInputError(f"{where}: prompt {v!r} has no {{}} slot for the concept")
+        if slot is False and "{}" in v:
+            raise BadInputError(f"{where}: prompt {v!r} must not mention the concept (no {{}})")
+    return list(value)
+
+
+def _positive_int(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadInputError(f"{where} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def _seeds(value) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return list(range(_positive_int(value, "seeds")))
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        raise BadInputError("seeds must be a count (e.g. 2) or a list of whole numbers (e.g. [0, 1])")
+    if len(set(value)) != len(value):
+        raise BadInputError(f"seeds {value} repeat a seed; list each once")
+    return list(value)
+
+
+def _method(entry, i: int) -> MethodSpec:
+    from ..training import resolve_settings
+
+    where = f"methods[{i}]"
+    entry = _mapping(entry, where)
+    _unknown(entry, METHOD_KEYS, where)
+    name = entry.get("method")
+    if not isinstance(name, str):
+        raise BadInputError(f"{where}: 'method' is required (one of {', '.join(method_registry.names())})")
+    try:
+        cls = method_registry.get(name)
+    except BadInputError as exc:
+        raise BadInputError(f"{where}: {exc}") from None
+    train = _mapping(entry.get("train"), f"{where}.train")
+    try:
+        resolve_settings(cls, train)
+    except (BadInputError, TypeError, ValueError) as exc:
+        raise BadInputError(f"{where}.train: {exc}") from None
+    sweep = _mapping(entry.get("sweep"), f"{where}.sweep")
+    for knob, values in sweep.items():
+        if knob not in cls.knobs:
+            known = ", ".join(sorted(cls.knobs)) or "none"
+            raise BadInputError(f"{where}.sweep: {name} has no inference knob {knob!r} (knobs: {known})")
+        if not isinstance(values, list) or not values:
+            raise BadInputError(f"{where}.sweep.{knob} must be a non-empty list of values, e.g. [0.6, 0.7]")
+    label = entry.get("label", cls.name)
+    if not isinstance(label, str) or not label.replace("-", "").replace("_", "").isalnum() or label == "base":
+        raise BadInputError(f"{where}: label {label!r} must be letters, digits, '-' or '_' (and not 'base')")
+    return MethodSpec(label=label, method=cls.name, train=dict(train), sweep={k: list(v) for k, v in sweep.items()})
+
+
+def _source(entry, i: int) -> dict:
+    where = f"concepts[{i}]"
+    entry = _mapping(entry, where)
+    kinds = [k for k in SOURCE_KEYS if k in entry]
+    if len(kinds) != 1:
+        raise BadInputError(f"{where} must have exactly one of toyworld:, cc101:, folder:")
+    kind = kinds[0]
+    _unknown(entry, SOURCE_KEYS[kind], where)
+    if kind == "toyworld":
+        from ..datasets.toyworld.concepts import CONCEPTS
+
+        names = entry["toyworld"]
+        names = list(CONCEPTS) if names == "all" else names
+        if not isinstance(names, list) or not names:
+            raise BadInputError(f"{where}.toyworld must be a list of toy-world concept names or 'all'")
+        bad = [n for n in names if n not in CONCEPTS]
+        if bad:
+            raise BadInputError(f"{where}: unknown toy-world concept(s) {', '.join(map(str, bad))}; known: "
+                                f"{', '.join(CONCEPTS)}")
+        return {"kind": kind, "names": names}
+    if kind == "cc101":
+        if "names" in entry:
+            _str_list(entry["names"], f"{where}.names")
+        if "limit" in entry:
+            _positive_int(entry["limit"], f"{where}.limit")
+        return {"kind": kind, **entry}
+    if not isinstance(entry.get("superclass"), str):
+        raise BadInputError(f"{where}: a folder concept needs 'superclass' (e.g. superclass: teddy)")
+    if "prompts" in entry:
+        _str_list(entry["prompts"], f"{where}.prompts", slot=True)
+    return {"kind": kind, **entry}
+
+
+def parse_spec(data: Any, root: Path, name: str = "benchmark") -> Spec:
+    """Check a spec mapping (from YAML) and return a :class:`Spec`; every problem is one BadInputError line."""
+    data = _mapping(data, "the spec")
+    _unknown(data, TOP_KEYS, "spec")
+    for key in ("base", "concepts", "methods"):
+        if key not in data:
+            raise BadInputError(f"spec: '{key}' is required")
+    if not isinstance(data["base"], str):
+        raise BadInputError("spec: base must be a string ('tiny', 'toy', a diffusers folder or a hub id)")
+    evaluator = _mapping(data.get("evaluator"), "evaluator")
+    _unknown(evaluator, EVALUATOR_KEYS, "evaluator")
+    evaluator = {"backend": "clip", **evaluator}
+    if evaluator["backend"] not in ("clip", "toyworld"):
+        raise BadInputError(f"evaluator.backend must be clip or toyworld, not {evaluator['backend']!r}")
+    sampler = _mapping(data.get("sampler"), "sampler")
+    _unknown(sampler, SAMPLER_KEYS, "sampler")
+    if not isinstance(data["methods"], list) or not data["methods"]:
+        raise BadInputError("spec: methods must be a non-empty list")
+    methods = [_method(m, i) for i, m in enumerate(data["methods"])]
+    labels = [m.label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise BadInputError(f"methods: labels repeat ({', '.join(labels)}); give each entry its own 'label'")
+    if not isinstance(data["concepts"], list) or not data["concepts"]:
+        raise BadInputError("spec: concepts must be a non-empty list")
+    sources = [_source(s, i) for i, s in enumerate(data["concepts"])]
+    if evaluator["backend"] == "toyworld" and any(s["kind"] != "toyworld" for s in sources):
+        raise BadInputError("evaluator.backend toyworld scores toy-world concepts only; use backend: clip")
+    device = data.get("device", "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        raise BadInputError(f"device must be auto, cpu or cuda, not {device!r}")
+    return Spec(
+        name=str(data.get("name", name)), base=data["base"], methods=methods, sources=sources, root=Path(root),
+        device=device, evaluator=evaluator,
+        prompts=_str_list(data["prompts"], "prompts", slot=True) if "prompts" in data else None,
+        max_prompts=_positive_int(data["max_prompts"], "max_prompts") if "max_prompts" in data else None,
+        leakage_prompts=(_str_list(data["leakage_prompts"], "leakage_prompts", slot=False)
+                         if "leakage_prompts" in data else None),
+        seeds=_seeds(data.get("seeds", [0])),
+        samples_per_prompt=_positive_int(data.get("samples_per_prompt", 1), "samples_per_prompt"),
+        sampler={"steps": _positive_int(sampler.get("steps", 50), "sampler.steps"),
+                 "guidance": float(sampler.get("guidance", 6.0))},
+        raw=data,
+    )
+
+
+def load_spec(path: str | Path) -> Spec:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"spec file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise BadInputError(f"{path} is not valid YAML ({exc.__class__.__name__}); fix the file") from None
+    return parse_spec(data, root=path.resolve().parent, name=path.stem)
+
+
+__all__ = ["MethodSpec", "Spec", "load_spec", "parse_spec", "setting_label"]

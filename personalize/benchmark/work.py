@@ -1,0 +1,140 @@
+"""Executing one unit of work: train a concept, generate one prompt x seed x setting, or score.
+
+A :class:`Worker` holds what a process loads once (the base pipeline, the
+evaluator's models) and keeps the last attached concept while consecutive rows
+use it. Every output is written atomically before the row is marked done.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import BadInputError
+from ..paths import atomic_dir, atomic_path
+from .plan import BASE, ConceptEntry, concept_from_payload
+
+
+class Worker:
+    def __init__(self, spec, root: Path, device: str, db):
+        self.spec, self.root, self.device, self.db = spec, Path(root), device, db
+        self._pipe = None
+        self._attached: Optional[tuple] = None  # (key, Attachment)
+        self._encoders: Optional[tuple] = None
+        self.base_fingerprint: Optional[str] = db.meta().get("base_fingerprint")
+
+    # ------------------------------------------------------------------ shared state
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            from ..base import fingerprint, load_base
+
+            self._pipe = load_base(self.spec.base)
+            self._pipe.to(self.device)
+            self._pipe.set_progress_bar_config(disable=True)
+            self.base_fingerprint = fingerprint(self._pipe).digest
+            with self.db.transaction() as c:
+                c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('base_fingerprint', ?)",
+                          (self.base_fingerprint,))
+        return self._pipe
+
+    def detach(self) -> None:
+        if self._attached is not None:
+            self._attached[1].detach()
+            self._attached = None
+
+    def _attach(self, concept_file: Path, setting: dict) -> None:
+        from ..compose import attach
+
+        key = (str(concept_file), tuple(sorted(setting.items())))
+        if self._attached is not None and self._attached[0] == key:
+            return
+        self.detach()
+        self._attached = (key, attach(self.pipe, concept_file, **setting))
+
+    def encoders(self):
+        if self._encoders is None:
+            from ..evaluation import ClipEncoder, DinoEncoder
+
+            ev = self.spec.evaluator
+            random = bool(ev.get("random_weights"))
+            self._encoders = (ClipEncoder(weights=ev.get("clip_weights"), random_weights=random, device=self.device),
+                              DinoEncoder(weights=ev.get("dino_weights"), random_weights=random, device=self.device))
+        return self._encoders
+
+    def photos(self, concept: ConceptEntry) -> Path:
+        if concept.photos:
+            return Path(concept.photos)
+        folder = self.root / "data" / concept.name / "photos"
+        if not folder.is_dir():
+            from ..datasets.toyworld.concepts import render_concept_examples
+
+            with atomic_dir(folder) as tmp:
+                render_concept_examples(concept.name, tmp)
+        return folder
+
+    # ------------------------------------------------------------------ units
+    def run(self, row: dict) -> dict:
+        return {"train": self.train, "generate": self.generate, "score": self.score}[row["kind"]](row)
+
+    def train(self, row: dict) -> dict:
+        from .. import methods as registry
+        from ..checkpoints import checkpoint_dir, has_checkpoint
+        from ..training import resolve_settings, train
+
+        concept = concept_from_payload(row["payload"])
+        out = self.root / row["outputs"][0]
+        settings = {**({} if concept.mirror_symmetric else {"flip_p": 0.0}), **row["payload"]["train"]}
+        counted: dict = {}
+
+        def count(step, loss, method) -> None:
+            if not counted:
+                counted["n"] = sum(p.numel() for g in method.param_groups() for p in g["params"] if p.requires_grad)
+
+        self.detach()
+        path = train(self.pipe, self.photos(concept), token=concept.token, superclass=concept.superclass, out=out,
+                     method=row["method_type"], settings=settings, resume=has_checkpoint(out), progress=False,
+                     callbacks=[count], device="cpu" if self.device == "cpu" else None)
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+        steps = resolve_settings(registry.get(row["method_type"]), row["payload"]["train"])[0].steps
+        return {"file_bytes": path.stat().st_size, "trainable_params": counted.get("n"), "steps": steps}
+
+    def generate(self, row: dict) -> dict:
+        from ..generation import generate
+
+        if row["method"] == BASE:
+            self.detach()
+        else:
+            self._attach(self.root / row["payload"]["concept_file"], row["setting"])
+        sampler = row["payload"]["sampler"]
+        images = generate(self.pipe, row["prompt"], num_images=row["payload"]["samples"], steps=sampler["steps"],
+                          guidance=sampler["guidance"], seed=row["seed"])
+        for image, rel in zip(images, row["outputs"]):
+            with atomic_path(self.root / rel) as tmp:
+                image.save(tmp, format="PNG")
+        return {"n_images": len(images)}
+
+    def score(self, row: dict) -> dict:
+        from .scoring import score_row
+
+        self.detach()
+        return score_row(self, row)
+
+
+def pick_device(spec_device: str, local_rank: int = 0) -> str:
+    """The spec's device; on a GPU machine process ``local_rank`` takes GPU ``local_rank`` (and makes it current,
+    so the trainer's Accelerator lands there too)."""
+    if spec_device == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return f"cuda:{index}"
+    if spec_device == "cuda":
+        raise BadInputError("the spec asks for device: cuda but no GPU is visible; use device: auto or cpu")
+    return "cpu"
+
+
+__all__ = ["Worker", "pick_device"]

@@ -1,0 +1,137 @@
+"""``personalize benchmark ...``: validate a spec, run it (resumable, multi-process), report on it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+app = typer.Typer(help="Head-to-head benchmarks: methods x concepts x prompts x seeds x inference settings, "
+                       "every unit of work a row in SQLite, ending in an HTML report.",
+                  no_args_is_help=True, rich_markup_mode="rich")
+
+SPEC_ARG = typer.Argument(..., help="Benchmark spec (YAML): base, evaluator, concepts, prompts, seeds, sampler, "
+                                    "methods with train settings and inference sweeps.")
+
+
+def _console():
+    from .cli import out_console
+
+    return out_console
+
+
+def _load(spec_path: Path, clip_weights: Optional[Path] = None, dino_weights: Optional[Path] = None):
+    from .benchmark.spec import load_spec
+    from .errors import BadInputError
+
+    spec = load_spec(spec_path)
+    for key, path in (("clip_weights", clip_weights), ("dino_weights", dino_weights)):
+        if path is not None:
+            if not path.is_file():
+                raise BadInputError(f"--{key.replace('_', '-')} '{path}' does not exist; pass a weights file")
+            spec.evaluator[key] = str(path.resolve())
+    return spec
+
+
+@app.command()
+def validate(spec_path: Path = SPEC_ARG):
+    """Check a spec before a long run: unknown keys, methods, knobs, concept folders, prompts.
+
+    Prints what the run would do (rows per kind). Exit code 2 with one line on the first problem.
+
+    [bold]Example[/bold]:  personalize benchmark validate bench.yaml
+    """
+    from collections import Counter
+
+    from .benchmark.plan import build_plan, resolve_concepts
+
+    spec = _load(spec_path)
+    units = build_plan(spec)
+    kinds = Counter(u.kind for u in units)
+    table = Table(title=f"{spec.name}: valid", show_header=True)
+    for col in ("method", "train", "settings"):
+        table.add_column(col)
+    for m in spec.methods:
+        table.add_row(m.label, ", ".join(f"{k}={v}" for k, v in m.train.items()) or "paper defaults",
+                      "; ".join(f"{k}: {v}" for k, v in m.sweep.items()) or "default")
+    console = _console()
+    console.print(table)
+    concepts = resolve_concepts(spec)
+    console.print(f"{len(concepts)} concept(s): {', '.join(c.name for c in concepts)}")
+    console.print(f"rows: {kinds['train']} train, {kinds['generate']} generate, {kinds['score']} score "
+                  f"({len(units)} in all); base {spec.base}; evaluator {spec.evaluator['backend']}")
+
+
+@app.command()
+def run(
+    spec_path: Path = SPEC_ARG,
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (database, concepts, images); default "
+                                                          "'<spec name>_out'. Re-use it to resume."),
+    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local OpenAI CLIP ViT-B/32 weights "
+                                                "(open_clip state dict) instead of downloading them."),
+    dino_weights: Optional[Path] = typer.Option(None, "--dino-weights", help="Local DINO ViT-S/16 weights (timm "
+                                                "state dict) instead of downloading them."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+):
+    """Run (or resume) a benchmark. Every unit of work is a row in OUT/benchmark.sqlite: re-running skips what
+    is done and retries what failed, so a killed run loses nothing it finished.
+
+    Several processes share the rows without overlap:
+    [bold]accelerate launch --num_processes 8 -m personalize.cli benchmark run bench.yaml --out runs/bench[/bold]
+
+    [bold]Example[/bold]:  personalize benchmark run bench.yaml --out runs/bench
+    Then:  personalize benchmark report runs/bench/benchmark.sqlite --out runs/bench/report
+    """
+    from .benchmark.runner import run_benchmark
+
+    spec = _load(spec_path, clip_weights, dino_weights)
+    out = out or Path(f"{spec.name}_out")
+    summary = run_benchmark(spec, out, progress=progress)
+    c = summary.counts
+    console = _console()
+    console.print(f"{c['done']}/{c['total']} rows done ({summary.ran} this run), {c['failed']} failed, "
+                  f"{c['pending']} blocked; database {summary.db}")
+    if summary.failures:
+        for key, error in summary.failures:
+            console.print(f"[red]failed[/red] {key}: {error.splitlines()[0]}", highlight=False)
+        console.print("fix the cause and run the same command again: finished rows are kept, failed ones retried")
+        raise typer.Exit(1)
+    console.print(f"report: personalize benchmark report {summary.db} --out {Path(out) / 'report'}")
+
+
+@app.command()
+def status(db_path: Path = typer.Argument(..., help="A benchmark database (OUT/benchmark.sqlite).")):
+    """Rows per status and the first failures.
+
+    [bold]Example[/bold]:  personalize benchmark status runs/bench/benchmark.sqlite
+    """
+    from .benchmark.db import BenchmarkDB
+
+    db = BenchmarkDB(db_path, create=False)
+    c = db.counts()
+    console = _console()
+    console.print(f"{c['done']}/{c['total']} done, {c['running']} running, {c['pending']} pending, {c['failed']} failed")
+    for key, error in db.failures():
+        console.print(f"[red]failed[/red] {key}: {error.splitlines()[0]}", highlight=False)
+    db.close()
+
+
+@app.command()
+def report(
+    db_path: Path = typer.Argument(..., help="A benchmark database (OUT/benchmark.sqlite)."),
+    out: Path = typer.Option(..., "--out", help="Folder for index.html (self-contained), report.md and plots/."),
+):
+    """Write the report: tables with the best value per column highlighted, image grids (same prompt and seed
+    for every method), CLIP-T vs CLIP-I / DINO Pareto plots, size and time columns.
+
+    [bold]Example[/bold]:  personalize benchmark report runs/bench/benchmark.sqlite --out runs/bench/report
+    """
+    from .benchmark.db import BenchmarkDB
+    from .benchmark.report import write_report
+
+    db = BenchmarkDB(db_path, create=False)
+    rows, meta = db.rows(), db.meta()
+    db.close()
+    index, md = write_report(rows, db_path.resolve().parent, out, title=f"Benchmark: {meta.get('spec_name', '')}")
+    _console().print(f"wrote {index} and {md}")

@@ -1,0 +1,259 @@
+"""The benchmark runner: spec checks, the plan, resumable rows, kill -9, two processes, failures."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from personalize.benchmark.db import BenchmarkDB
+from personalize.benchmark.plan import build_plan
+from personalize.benchmark.runner import run_benchmark
+from personalize.benchmark.spec import parse_spec
+from personalize.cli import main
+from personalize.errors import BadInputError
+
+# the smallest toy-world benchmark that still has every kind of row: 1 concept, 2 settings, 1 prompt, 2 seeds
+SPEC = {
+    "name": "unit",
+    "base": "toy",
+    "device": "cpu",
+    "evaluator": {"backend": "toyworld"},
+    "concepts": [{"toyworld": ["split_triangle"]}],
+    "prompts": ["a {} on the left, on a green background"],
+    "leakage_prompts": ["a white triangle on the right, on a blue background"],
+    "seeds": [0, 1],
+    "sampler": {"steps": 2, "guidance": 4.0},
+    "methods": [{"method": "perfusion", "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 1},
+                 "sweep": {"beta": [0.6, 0.9]}}],
+}
+N_ROWS = 2 + 2 + 1 + 1 + 2 * (2 + 2) + 2  # base leakage, base prompts, base score, train, generate, score
+
+
+def write_spec(folder: Path, **changes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump({**SPEC, **changes}))
+    return path
+
+
+def table(db_path: Path, sql: str) -> list[tuple]:
+    conn = sqlite3.connect(str(db_path))
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def images_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in (root / "images").rglob("*") if p.is_file()}
+
+
+def expected_images(db_path: Path) -> set[str]:
+    return {o for (outs,) in table(db_path, "SELECT outputs FROM units WHERE kind='generate'") for o in json.loads(outs)}
+
+
+# ----------------------------------------------------------------------------- spec
+@pytest.mark.parametrize("change, message", [
+    ({"seedz": [0]}, "unknown key(s) seedz"),
+    ({"evaluator": {"backend": "clip", "clip_weight": "x"}}, "evaluator: unknown key(s) clip_weight"),
+    ({"methods": [{"method": "perfusion", "sweep": {"betta": [0.5]}}]}, "no inference knob 'betta'"),
+    ({"methods": [{"method": "perfusion", "train": {"stepz": 3}}]}, "unknown setting(s) stepz"),
+    ({"methods": [{"method": "perfuson"}]}, "did you mean"),
+    ({"methods": [{"method": "perfusion"}, {"method": "perfusion"}]}, "labels repeat"),
+    ({"concepts": [{"toyworld": ["no_such_concept"]}]}, "unknown toy-world concept"),
+    ({"concepts": [{"folder": "photos"}]}, "needs 'superclass'"),
+    ({"prompts": ["a photo of a dog"]}, "has no {} slot"),
+    ({"leakage_prompts": ["a {} at the top"]}, "must not mention the concept"),
+    ({"seeds": [0, 0]}, "repeat a seed"),
+    ({"sampler": {"steps": 0}}, "sampler.steps must be a whole number"),
+])
+def test_bad_specs_are_refused_with_one_line(tmp_path, change, message):
+    with pytest.raises(BadInputError) as info:
+        parse_spec({**SPEC, **change}, root=tmp_path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_validate_cli_reports_rows_or_fails_in_one_line(tmp_path, capsys):
+    good = write_spec(tmp_path / "good")
+    main(["benchmark", "validate", str(good)])
+    assert f"({N_ROWS} in all)" in capsys.readouterr().out
+    bad = write_spec(tmp_path / "bad", colour="red")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", "validate", str(bad)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown key(s) colour" in err and len(err.splitlines()) == 1
+
+
+def test_plan_rows_keys_and_dependencies(tmp_path):
+    units = build_plan(parse_spec(SPEC, root=tmp_path))
+    assert len(units) == N_ROWS == len({u.key for u in units})
+    by_key = {u.key: u for u in units}
+    for u in units:
+        assert all(d in by_key for d in u.deps)
+    score = by_key["score/perfusion/split_triangle/beta=0.9"]
+    kinds = sorted(by_key[d].kind + ":" + by_key[d].method for d in score.deps)
+    # its 4 generate rows (2 prompt x seed + 2 leakage), the base's score and the 2 base leakage images
+    assert kinds == ["generate:base"] * 2 + ["generate:perfusion"] * 4 + ["score:base"]
+    gen = by_key["generate/perfusion/split_triangle/beta=0.9/p0_s1"]
+    assert gen.deps == ["train/perfusion/split_triangle"] and gen.setting == {"beta": 0.9}
+    assert gen.prompt == "a <tok> on the left, on a green background" and gen.seed == 1
+    base = by_key["generate/base/split_triangle/default/p0_s1"]
+    assert base.prompt == "a triangle on the left, on a green background"  # the superclass in the slot
+    positions = {u.key: i for i, u in enumerate(units)}
+    assert all(positions[d] < positions[u.key] for u in units for d in u.deps)
+
+
+# ----------------------------------------------------------------------------- running
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    spec = parse_spec(SPEC, root=root)
+    summary = run_benchmark(spec, root / "out", progress=False)
+    return spec, root / "out", summary
+
+
+def test_run_fills_every_row_with_results_and_provenance(finished_run):
+    _, out, summary = finished_run
+    assert summary.counts["done"] == summary.counts["total"] == N_ROWS and summary.ran == N_ROWS
+    db = BenchmarkDB(out / "benchmark.sqlite", create=False)
+    rows = {r["key"]: r for r in db.rows()}
+    db.close()
+    for r in rows.values():
+        assert r["status"] == "done" and r["attempts"] == 1 and r["seconds"] > 0 and r["peak_memory"] > 10 * 2**20
+        prov = r["provenance"]
+        assert prov["versions"]["torch"] and prov["device"] == "cpu" and len(prov["base_fingerprint"]) == 16
+        assert "git_sha" in prov
+    train = rows["train/perfusion/split_triangle"]
+    concept_file = out / train["outputs"][0]
+    assert train["result"]["file_bytes"] == concept_file.stat().st_size
+    assert train["result"]["trainable_params"] > 0 and train["result"]["steps"] == 2
+    assert not concept_file.with_name(concept_file.name + ".ckpt").exists()  # checkpoints removed when done
+    assert images_under(out) == expected_images(out / "benchmark.sqlite")
+    for label in ("beta=0.6", "beta=0.9"):
+        res = rows[f"score/perfusion/split_triangle/{label}"]["result"]
+        assert 0 <= res["alignment"] <= 1 and 0 <= res["fidelity"] <= 1 and res["leakage"] >= 0
+        base = rows["score/base/split_triangle/default"]["result"]
+        assert res["alignment_norm"] == pytest.approx(res["alignment"] / base["alignment"])
+
+
+def test_scores_equal_the_toy_measurers_on_the_same_files(finished_run):
+    from personalize.datasets.toyworld.measure import score_folder
+    from personalize.evaluation import harmonic_mean
+
+    _, out, _ = finished_run
+    db = BenchmarkDB(out / "benchmark.sqlite", create=False)
+    rows = db.rows()
+    db.close()
+    gens = [r for r in rows if r["key"].startswith("generate/perfusion/split_triangle/beta=0.6/p")]
+    folder = out / Path(gens[0]["outputs"][0]).parent
+    direct = score_folder(folder, prompts={Path(o).stem: r["prompt"] for r in gens for o in r["outputs"]},
+                          concept="split_triangle", placeholder="<tok>")
+    res = next(r for r in rows if r["key"] == "score/perfusion/split_triangle/beta=0.6")["result"]
+    assert res["fidelity"] == pytest.approx(direct["fidelity"]) and res["alignment"] == pytest.approx(direct["alignment"])
+    assert res["h"] == pytest.approx(harmonic_mean(direct["fidelity"], direct["alignment"]))
+
+
+def test_rerun_skips_finished_rows(finished_run):
+    spec, out, _ = finished_run
+    before = table(out / "benchmark.sqlite", "SELECT key, finished, attempts FROM units ORDER BY key")
+    again = run_benchmark(spec, out, progress=False)
+    assert again.ran == 0
+    assert table(out / "benchmark.sqlite", "SELECT key, finished, attempts FROM units ORDER BY key") == before
+
+
+def test_a_changed_spec_is_refused_not_mixed_in(finished_run):
+    spec, out, _ = finished_run
+    changed = parse_spec({**SPEC, "sampler": {"steps": 3, "guidance": 4.0}}, root=spec.root)
+    with pytest.raises(BadInputError, match="other settings"):
+        run_benchmark(changed, out, progress=False)
+
+
+def test_a_failed_row_is_recorded_blocks_its_dependents_and_is_retried(tmp_path, monkeypatch):
+    from personalize.benchmark import work
+
+    spec = parse_spec(SPEC, root=tmp_path)
+    real = work.Worker.generate
+    victim = "generate/perfusion/split_triangle/beta=0.6/l0_s0"
+
+    def flaky(self, row):
+        if row["key"] == victim:
+            raise RuntimeError("out of memory (simulated)")
+        return real(self, row)
+
+    monkeypatch.setattr(work.Worker, "generate", flaky)
+    first = run_benchmark(spec, tmp_path / "out", progress=False)
+    assert first.counts["failed"] == 1 and first.failures[0][0] == victim
+    assert "out of memory (simulated)" in first.failures[0][1]
+    status = dict(table(tmp_path / "out" / "benchmark.sqlite", "SELECT key, status FROM units"))
+    assert status["score/perfusion/split_triangle/beta=0.6"] == "pending"  # blocked, not run on missing images
+    assert status["score/perfusion/split_triangle/beta=0.9"] == "done"
+    monkeypatch.setattr(work.Worker, "generate", real)
+    second = run_benchmark(spec, tmp_path / "out", progress=False)
+    assert second.ran == 2 and second.counts["done"] == N_ROWS  # the failed row and the score it blocked
+
+
+def _cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "personalize.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_kill_9_at_any_moment_loses_nothing_finished_and_duplicates_nothing(tmp_path):
+    spec_path = write_spec(tmp_path)
+    out = tmp_path / "out"
+    db_path = out / "benchmark.sqlite"
+    proc = _cli("benchmark", "run", str(spec_path), "--out", str(out), "--no-progress")
+    deadline = time.time() + 300
+    done: list = []
+    while time.time() < deadline and proc.poll() is None:
+        if db_path.exists():
+            done = table(db_path, "SELECT key, finished FROM units WHERE status='done'")
+            if len(done) >= 7:  # past training, in the middle of sampling
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed: " + (proc.stdout.read() or "")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = dict(table(db_path, "SELECT key, finished FROM units WHERE status='done'"))
+    assert len(before) >= len(done) and len(before) < N_ROWS
+
+    spec = parse_spec(SPEC, root=tmp_path)
+    summary = run_benchmark(spec, out, progress=False)
+    assert summary.counts["done"] == N_ROWS
+    after = dict(table(db_path, "SELECT key, finished FROM units"))
+    assert all(after[k] == t for k, t in before.items())  # nothing finished was redone
+    attempts = dict(table(db_path, "SELECT key, attempts FROM units"))
+    assert sum(attempts.values()) <= N_ROWS + 1  # at most the row in flight at the kill ran twice
+    assert summary.ran == N_ROWS - len(before)
+    assert images_under(out) == expected_images(db_path)  # no duplicates, no partial files
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+                    reason="accelerate's launcher is not installed")
+def test_accelerate_launch_two_processes_split_rows_without_overlap(tmp_path):
+    spec_path = write_spec(tmp_path)
+    out = tmp_path / "out"
+    launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "personalize.cli", "benchmark",
+           "run", str(spec_path), "--out", str(out), "--no-progress"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    db_path = out / "benchmark.sqlite"
+    rows = table(db_path, "SELECT key, status, attempts, worker FROM units")
+    assert len(rows) == N_ROWS and all(status == "done" and attempts == 1 for _, status, attempts, _ in rows)
+    ranks = dict(table(db_path, "SELECT id, rank FROM workers"))
+    workers_used = {w for *_, w in rows}
+    assert {ranks[w] for w in workers_used} == {0, 1}  # both processes did work, no row twice
+    assert images_under(out) == expected_images(db_path)
