@@ -88,6 +88,10 @@ def train(
     num_class_images: Optional[int] = typer.Option(None, "--num-class-images", help="Class images to generate per concept (cached per base and prompt; default 200)."),
     train_text_encoder: Optional[bool] = typer.Option(None, "--train-text-encoder/--no-train-text-encoder", help="DreamBooth (-LoRA): also train the text encoder (default: off)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
+    validate_every: int = typer.Option(0, "--validate-every", min=0, help="Best-step selection: every N steps (and at the last) sample a few images, score them and keep the step with the best harmonic mean (0 = off: keep the last step)."),
+    evaluator: Optional[str] = typer.Option(None, "--evaluator", help="What --validate-every scores: clip (CLIP-I vs. the photos, CLIP-T) or toyworld:NAME (the toy world's fidelity and alignment for concept NAME) \\[default: clip]."),
+    validation_prompt: List[str] = typer.Option([], "--validation-prompt", help="Prompt to validate with, {} = the concept; repeatable \\[default: 'a photo of a {}', 'a {} on the beach'; toyworld: a toy-world scene]."),
+    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local CLIP ViT-B-32 weights file for --evaluator clip \\[default: open_clip's 'openai' weights from the hub]."),
 ):
     """Train a concept from a folder of photos and write one .safetensors file.
 
@@ -106,6 +110,10 @@ def train(
       personalize train --method custom-diffusion --images cat/ --token "<cat>" --superclass cat --images chair/ --token "<chair>" --superclass chair --out both.safetensors
 
       (or list them in --config as concepts: a list of images / token / superclass mappings)
+
+      personalize train ... --steps 400 --validate-every 50 --clip-weights clip-vit-b-32.safetensors   # keep the best step
+
+      personalize train --base toy ... --validate-every 25 --evaluator toyworld:split_triangle   # toy world: ground-truth scores
 
     [bold]Method defaults[/bold] (each paper's or reference recipe; flags and --set override)
 
@@ -134,9 +142,27 @@ def train(
                         class_images=(class_images[0] if len(class_images) == 1 else class_images) or None)
     settings.update({k: v for k, v in method_flags.items() if v is not None})
     images, token, superclass = _concept_args(images, token, superclass, settings.pop("concepts", None))
+    validation = _validation(validate_every, evaluator, validation_prompt, clip_weights, images, device)
     path = run_train(base, images, token=token, superclass=superclass, out=out, method=method, masks=masks,
-                     resume=resume, settings=settings, progress=True, device=device)
+                     resume=resume, settings=settings, progress=True, device=device, validation=validation)
     out_console.print(f"wrote concept [bold]{path}[/bold] ({path.stat().st_size:,} bytes)")
+
+
+def _validation(every: int, evaluator: Optional[str], prompts: List[str], clip_weights: Optional[Path], images,
+                device: Optional[str]):
+    """The --validate-every validator (None when off); the other validation flags need it."""
+    if not every:
+        if evaluator or prompts or clip_weights:
+            raise BadInputError("--evaluator, --validation-prompt and --clip-weights need --validate-every N (N > 0)")
+        return None
+    if clip_weights is not None and not clip_weights.is_file():
+        raise BadInputError(f"--clip-weights '{clip_weights}' is not a file; pass a CLIP ViT-B-32 state dict (.safetensors)")
+    import torch
+
+    from .evaluation.validation import make_validator
+
+    return make_validator(evaluator or "clip", every, images, prompts=prompts or None, clip_weights=clip_weights,
+                          device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _concept_args(images: list, tokens: list, superclasses: list, listed) -> tuple:
@@ -378,6 +404,15 @@ def demo(
 
     index = run_demo(out, steps=steps, log=lambda s: out_console.print(s))
     out_console.print(f"open [bold]{index.resolve()}[/bold]")
+
+
+def _add_commands() -> None:
+    from .cli_evaluate import evaluate
+
+    app.command()(evaluate)
+
+
+_add_commands()
 
 
 def _add_subapps() -> None:

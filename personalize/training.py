@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,7 @@ def train(
     progress: bool = True,
     callbacks: Iterable[Callable[[int, float, Any], None]] = (),
     device: str | torch.device | None = None,
+    validation=None,
 ) -> Path:
     """Train one concept and write its file to ``out``; returns the path.
 
@@ -153,13 +155,19 @@ def train(
     (after that step's checkpoint), with the live method object.
     A ``multi_concept`` method (Custom Diffusion) takes lists: one image
     folder, token and superclass per concept, trained jointly into one file.
+    ``validation`` (a :class:`personalize.evaluation.validation.Validator`)
+    selects the best step: it is called every ``validation.every`` steps and
+    at the last step, and the state with the highest ``h`` (the earliest on
+    ties) is what the concept file gets; the header's provenance records
+    ``best_step`` and every ``validation`` result. A resumed run tracks the
+    best only from the steps it validates after resuming.
     """
     from diffusers import DDPMScheduler
 
     method_cls = method_registry.get(method)
     cfg, mcfg = resolve_settings(method_cls, settings)
     out = Path(out)
-    _check_run(cfg, out, resume)
+    _check_run(cfg, out, resume, validation)
     folders, tokens, superclasses = _concepts(method_cls, images, token, superclass)
     per_concept = [list_images(f) for f in folders]
     image_paths = [p for paths in per_concept for p in paths]
@@ -205,7 +213,8 @@ def train(
         }
         ckpt = checkpoint_dir(out)
         start = load_checkpoint(ckpt, run_id, trainable, optimizer, generator) if resume else 0
-        bar = _Progress(progress, cfg.steps, start, f"training {method} {' '.join(tokens)}")
+        bar = _Progress(progress, cfg.steps, start, f"training {method} {' '.join(tokens)}", validation is not None)
+        best = _BestKeeper(validation) if validation is not None else None
         began = time.time()
         try:
             for step in range(start + 1, cfg.steps + 1):
@@ -229,8 +238,12 @@ def train(
                 if cfg.preview_every and step % cfg.preview_every == 0:
                     write_preview(pipe, preview_dir(out) / f"step_{step:06d}.png",
                                   cfg.preview_prompt.format(trainable.placeholder()), cfg.seed)
+                if best is not None and step % validation.every == 0:
+                    bar.show_h(best.validate(pipe, trainable, step))
                 for cb in callbacks:
                     cb(step, value, trainable)
+            if best is not None:
+                best.finish(pipe, trainable, cfg.steps)
         finally:
             bar.close()
         provenance = {
@@ -240,6 +253,7 @@ def train(
             "package_version": _version(), "torch": torch.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.time() - began, 1),
+            **(best.provenance() if best is not None else {}),
         }
         header = concept_header(method, token, superclass, mcfg, trainable.inference_defaults(), base_fp,
                                 trainable.header_fields(), provenance)
@@ -328,8 +342,10 @@ def _class_images(pipe, spec, size: int, progress: bool) -> PriorData:
     return PriorData(cache, spec.prompts, spec.weight)
 
 
-def _check_run(cfg: TrainConfig, out: Path, resume: bool) -> None:
+def _check_run(cfg: TrainConfig, out: Path, resume: bool, validation=None) -> None:
     """Refuse bad settings before anything is loaded or written."""
+    if validation is not None and not (isinstance(validation.every, int) and validation.every >= 1):
+        raise BadInputError(f"validation every {validation.every!r} steps: use a positive whole number of steps")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise BadInputError(f"--mixed-precision must be no, fp16 or bf16, not '{cfg.mixed_precision}'")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -431,10 +447,42 @@ def write_preview(pipe, path: Path, prompt: str, seed: int) -> None:
         image.save(tmp, format="PNG")
 
 
+class _BestKeeper:
+    """Best-step selection: each validation result, and a detached copy of the state with the best ``h``."""
+
+    def __init__(self, validator):
+        self.validator = validator
+        self.results: list[dict[str, Any]] = []
+        self.best_step: int | None = None
+        self.best_h = float("-inf")
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def validate(self, pipe, trainable, step: int) -> float | None:
+        scores = self.validator(pipe, trainable, step)
+        finite = lambda v: None if v is None or not math.isfinite(float(v)) else float(v)  # noqa: E731
+        result = {"step": step, **{k: finite(v) for k, v in scores.items()}}  # the header is strict JSON
+        self.results.append(result)
+        h = float("-inf") if result["h"] is None else result["h"]  # a failed (NaN) validation is never the best
+        if self.best_state is None or h > self.best_h:  # ties keep the earlier step
+            self.best_step, self.best_h = step, h
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in trainable.state_tensors().items()}
+        return result["h"]
+
+    def finish(self, pipe, trainable, last_step: int) -> None:
+        """Validate the last step (if not done yet) and put the best state back into ``trainable``."""
+        if not self.results or self.results[-1]["step"] != last_step:
+            self.validate(pipe, trainable, last_step)
+        if self.best_step != last_step:
+            trainable.load_state_tensors(self.best_state)
+
+    def provenance(self) -> dict[str, Any]:
+        return {"best_step": self.best_step, "validation": self.results}
+
+
 class _Progress:
     """A rich progress bar with loss and ETA (silent when disabled)."""
 
-    def __init__(self, enabled: bool, total: int, completed: int, description: str):
+    def __init__(self, enabled: bool, total: int, completed: int, description: str, with_h: bool = False):
         self.progress = None
         if not enabled:
             return
@@ -442,14 +490,20 @@ class _Progress:
 
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=False,
+            TextColumn("loss {task.fields[loss]}"), *([TextColumn("h {task.fields[h]}")] if with_h else []),
+            TimeRemainingColumn(), transient=False,
         )
         self.progress.start()
-        self.task = self.progress.add_task(description, total=total, completed=completed, loss="-")
+        self.task = self.progress.add_task(description, total=total, completed=completed, loss="-", h="-")
 
     def update(self, step: int, loss: float) -> None:
         if self.progress is not None:
             self.progress.update(self.task, completed=step, loss=f"{loss:.4f}")
+
+    def show_h(self, h: float | None) -> None:
+        """The last validation's harmonic mean."""
+        if self.progress is not None:
+            self.progress.update(self.task, h="-" if h is None else f"{h:.4f}")
 
     def close(self) -> None:
         if self.progress is not None:

@@ -82,3 +82,33 @@ def trained_residuals(tmp_path_factory, _tiny_master):
     pipe = copy.deepcopy(_tiny_master)
     return train(pipe, folder, token="<disc>", superclass="ball", out=root / "disc.safetensors", method="residuals",
                  settings={"steps": 3, "batch_size": 2, "checkpoint_every": 0}, progress=False)
+
+
+def _save_random_weights(encoder, path):
+    """A random-init encoder's state dict as fp16 safetensors (what --clip-weights / --dino-weights read)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().half().contiguous() for k, v in encoder.model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def clip_weights_file(tmp_path_factory):
+    """A local CLIP ViT-B-32 weights file (random init, seed 0): the offline stand-in for the 'openai' weights."""
+    from personalize.evaluation import ClipEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = ClipEncoder(random_weights=True)
+    return _save_random_weights(encoder, tmp_path_factory.mktemp("weights") / "clip.safetensors")
+
+
+@pytest.fixture(scope="session")
+def dino_weights_file(tmp_path_factory):
+    """A local DINO ViT-S/16 weights file (random init, seed 0)."""
+    from personalize.evaluation import DinoEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = DinoEncoder(random_weights=True)
+    return _save_random_weights(encoder, tmp_path_factory.mktemp("weights") / "dino.safetensors")

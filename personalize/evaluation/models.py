@@ -7,6 +7,8 @@ mean/std; DINO = resize 256 bicubic, center crop 224, ImageNet mean/std; DINO fe
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -68,19 +70,42 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def _first_line(exc: BaseException, limit: int = 120) -> str:
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else type(exc).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """open_clip logs download failures and 'no pretrained weights' on the root logger; we report our own line."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def _load_state(model: torch.nn.Module, weights: Union[str, Path]) -> None:
     path = Path(weights)
     if not path.is_file():
         raise BaseModelError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BaseModelError(f"could not read weights {path}: {_first_line(exc)}") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise BaseModelError(f"weights {path} do not fit the model (another architecture?): {_first_line(exc)}") from exc
     if missing:
         raise BaseModelError(f"weights {path} do not fit the model: {len(missing)} missing keys, e.g. {missing[0]}")
 
@@ -96,13 +121,11 @@ class ClipEncoder:
         self.device = torch.device(device)
         self.batch_size = batch_size
         try:
-            if random_weights or weights is not None:
-                model = open_clip.create_model(model_name, pretrained=None)
-            else:
-                model = open_clip.create_model(model_name, pretrained=pretrained)
+            with _quiet_root_logger():
+                model = open_clip.create_model(model_name, pretrained=None if random_weights or weights is not None else pretrained)
         except Exception as exc:  # hub/network problems -> one line
-            raise BaseModelError(f"could not load CLIP {model_name} ({pretrained}): {exc}; "
-                                 "pass a local file with clip_weights=") from exc
+            raise BaseModelError(f"could not load CLIP {model_name} ({pretrained} weights; offline?): {_first_line(exc)}; "
+                                 "pass a local weights file (--clip-weights PATH, clip_weights=)") from exc
         if weights is not None:
             _load_state(model, weights)
         self.model = model.eval().to(self.device)
@@ -142,7 +165,8 @@ class DinoEncoder:
         try:
             model = timm.create_model(model_name, pretrained=pretrained, num_classes=0)
         except Exception as exc:
-            raise BaseModelError(f"could not load DINO {model_name}: {exc}; pass a local file with dino_weights=") from exc
+            raise BaseModelError(f"could not load DINO {model_name} (offline?): {_first_line(exc)}; "
+                                 "pass a local weights file (--dino-weights PATH, dino_weights=)") from exc
         if weights is not None:
             _load_state(model, weights)
         self.model = model.eval().to(self.device)

@@ -1,0 +1,79 @@
+"""``personalize evaluate``: CustomConcept101's CLIP-T / CLIP-I / DINO-I for a folder of generated images."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import BadInputError
+
+
+def _weights(flag: str, path: Optional[Path]) -> Optional[Path]:
+    if path is not None and not path.is_file():
+        raise BadInputError(f"{flag} '{path}' is not a file; pass a local weights file (.safetensors)")
+    return path
+
+
+def _samples(folder: Path) -> tuple[list[Path], list[str]]:
+    """The generated images of ``folder`` and their prompts (``prompts.json``: stem -> prompt)."""
+    if not folder.is_dir():
+        raise BadInputError(f"--samples '{folder}' is not a folder; pass the folder 'personalize generate --out' wrote")
+    table = folder / "prompts.json"
+    if not table.is_file():
+        raise BadInputError(f"--samples '{folder}' has no prompts.json; point it at a folder written by 'personalize generate'")
+    try:
+        prompts = json.loads(table.read_text())
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"'{table}' is not valid JSON ({exc.msg}); it maps image stems to prompts") from exc
+    found = [(folder / f"{stem}.png", prompt) for stem, prompt in sorted(prompts.items())
+             if (folder / f"{stem}.png").is_file()]
+    if not found:
+        raise BadInputError(f"--samples '{folder}': none of the {len(prompts)} images prompts.json names is there")
+    return [p for p, _ in found], [t for _, t in found]
+
+
+def evaluate(
+    samples: Path = typer.Option(..., "--samples", help="Folder of generated PNGs + prompts.json, as 'personalize generate' writes."),
+    reference: Path = typer.Option(..., "--reference", help="Folder of the concept's real photos (the training images)."),
+    token: Optional[str] = typer.Option(None, "--token", help="The learned word to drop from prompts for CLIP-T \\[default: every <...> word]."),
+    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local CLIP ViT-B-32 weights file \\[default: open_clip's 'openai' weights from the hub]."),
+    dino_weights: Optional[Path] = typer.Option(None, "--dino-weights", help="Local DINO ViT-S/16 weights file \\[default: timm's vit_small_patch16_224.dino from the hub]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda \\[default: cuda if available]."),
+):
+    """Score generated images the CustomConcept101 way: CLIP-T (2.5 x max(cos, 0) with the prompt minus the token),
+    CLIP-I and DINO-I (all-pairs mean cosine against the reference photos).
+
+    [bold]Examples[/bold]
+
+      personalize evaluate --samples samples/ --reference photos/ --token "<my-teddy>"
+
+      personalize evaluate --samples samples/ --reference photos/ --clip-weights clip.safetensors --dino-weights dino.safetensors --json   # offline
+    """
+    import torch
+
+    from .cli import out_console
+    from .evaluation import ClipEncoder, DinoEncoder, list_images, score_concept
+
+    images, prompts = _samples(samples)
+    if not reference.is_dir():
+        raise BadInputError(f"--reference '{reference}' is not a folder; pass the folder of the concept's photos")
+    references = list_images(reference)
+    if not references:
+        raise BadInputError(f"--reference '{reference}' has no images (.png/.jpg/.jpeg/.webp); pass the concept's photos")
+    clip_weights, dino_weights = _weights("--clip-weights", clip_weights), _weights("--dino-weights", dino_weights)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    clip = ClipEncoder(weights=clip_weights, device=device)
+    dino = DinoEncoder(weights=dino_weights, device=device)
+    scores = score_concept(clip, dino, images, prompts, references, token=token)
+    if as_json:
+        out_console.print_json(json.dumps({**scores, "samples": str(samples), "reference": str(reference)}))
+        return
+    from rich.table import Table
+
+    table = Table("score", "value", title=f"{samples}: {scores['n_images']} images vs. {len(references)} photos")
+    for key, name in (("clip_text", "CLIP-T"), ("clip_image", "CLIP-I"), ("dino_image", "DINO-I")):
+        table.add_row(name, f"{scores[key]:.4f}")
+    out_console.print(table)
