@@ -257,3 +257,75 @@ def test_accelerate_launch_two_processes_split_rows_without_overlap(tmp_path):
     workers_used = {w for *_, w in rows}
     assert {ranks[w] for w in workers_used} == {0, 1}  # both processes did work, no row twice
     assert images_under(out) == expected_images(db_path)
+
+
+def test_report_cli_on_a_real_run(finished_run, tmp_path):
+    _, out, _ = finished_run
+    main(["benchmark", "report", str(out / "benchmark.sqlite"), "--out", str(tmp_path / "report")])
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "perfusion" in page and "beta=0.9" in page and "not generated" not in page  # base leakage cell found
+    assert page.count("data:image/png;base64") >= 1 + 2 * 2  # a plot and the grid's images
+    assert "fidelity" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_status_cli_and_missing_database(finished_run, tmp_path, capsys):
+    _, out, _ = finished_run
+    main(["benchmark", "status", str(out / "benchmark.sqlite")])
+    assert f"{N_ROWS}/{N_ROWS} done" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["benchmark", "report", str(tmp_path / "nope.sqlite"), "--out", str(tmp_path / "r")])
+    assert info.value.code == 2 and not (tmp_path / "r").exists()
+
+
+def test_clip_backend_scores_match_an_independent_computation(tmp_path, clip_weights_file, dino_weights_file):
+    """CLIP/DINO backend (random weights from files, passed like --clip-weights): normalisation, H, leakage."""
+    import numpy as np
+
+    from personalize.evaluation import ClipEncoder, DinoEncoder, harmonic_mean
+
+    spec = parse_spec({**SPEC, "seeds": [0], "evaluator": {"backend": "clip", "clip_weights": str(clip_weights_file),
+                                                           "dino_weights": str(dino_weights_file)},
+                       "methods": [{"method": "perfusion", "train": {"steps": 1, "batch_size": 1}}]}, root=tmp_path)
+    summary = run_benchmark(spec, tmp_path / "out", progress=False)
+    assert summary.counts["done"] == summary.counts["total"]
+    db = BenchmarkDB(tmp_path / "out" / "benchmark.sqlite", create=False)
+    rows = {r["key"]: r for r in db.rows()}
+    db.close()
+    res, base = rows["score/perfusion/split_triangle/default"]["result"], rows["score/base/split_triangle/default"]["result"]
+    if base["clip_text"] > 0:  # random CLIP weights may put every text on the clipped side of zero
+        assert res["clip_text_norm"] == pytest.approx(res["clip_text"] / base["clip_text"])
+    else:
+        assert res["clip_text_norm"] is None
+    text = res["clip_text_norm"] if res["clip_text_norm"] is not None else res["clip_text"]
+    assert res["h"] == pytest.approx(harmonic_mean(res["clip_image"], text))
+    out = tmp_path / "out"
+    with_c = out / rows["generate/perfusion/split_triangle/default/l0_s0"]["outputs"][0]
+    without = out / rows["generate/base/_leakage/default/l0_s0"]["outputs"][0]
+    dino = DinoEncoder(weights=dino_weights_file)
+    a, b = dino.encode_images([with_c]), dino.encode_images([without])
+    assert res["leakage_dino"] == pytest.approx(float(np.sum(a * b)), abs=1e-5)
+    clip = ClipEncoder(weights=clip_weights_file)
+    photos = sorted((out / "data" / "split_triangle" / "photos").glob("*.png"))
+    gen = out / rows["generate/perfusion/split_triangle/default/p0_s0"]["outputs"][0]
+    expected = float((clip.encode_images([gen]) @ clip.encode_images(photos).T).mean())
+    assert res["clip_image"] == pytest.approx(expected, abs=1e-5)
+    text = clip.encode_texts(["a on the left, on a green background"])  # the prompt without <tok>
+    cos = float(clip.encode_images([gen])[0] @ text[0])
+    assert res["clip_text"] == pytest.approx(2.5 * max(cos, 0.0), abs=1e-5)
+
+
+def test_validate_every_selects_the_best_step_in_benchmark_training(tmp_path):
+    from personalize.concept import load_concept
+
+    spec = parse_spec({**SPEC, "seeds": [0], "methods": [
+        {"method": "perfusion", "train": {"steps": 3, "batch_size": 1}, "validate_every": 1}]}, root=tmp_path)
+    summary = run_benchmark(spec, tmp_path / "out", progress=False)
+    assert summary.counts["done"] == summary.counts["total"]
+    db = BenchmarkDB(tmp_path / "out" / "benchmark.sqlite", create=False)
+    train = next(r for r in db.rows() if r["kind"] == "train")
+    db.close()
+    prov = load_concept(tmp_path / "out" / train["outputs"][0]).header["provenance"]
+    history = prov["validation"]
+    assert [h["step"] for h in history] == [1, 2, 3]
+    best = max(history, key=lambda h: h["h"])  # first of the best on ties, like the trainer
+    assert train["result"]["best_step"] == prov["best_step"] == best["step"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from ..errors import BadInputError
@@ -174,7 +173,9 @@ def build_plan(spec: Spec) -> list[Unit]:
             concept_file = f"concepts/{m.label}/{c.name}.safetensors"
             train = Unit(key=f"train/{m.label}/{c.name}", kind="train", method=m.label, method_type=m.method,
                          concept=c.name, concept_class=c.concept_class, outputs=[concept_file],
-                         payload={"concept": asdict(c), "train": m.train, "base": spec.base})
+                         payload={"concept": asdict(c), "train": m.train, "base": spec.base,
+                                  "validate_every": m.validate_every,
+                                  **({"evaluator": _evaluator_id(spec)} if m.validate_every else {})})
             units.append(train)
             for setting in m.settings():
                 payload = {"concept_file": concept_file, "concept": asdict(c)}

@@ -25,8 +25,9 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from ..evaluation.protocol import best_h
 from ..paths import atomic_path
+from .plan import BASE, LEAKAGE_CONCEPT
 
-BASE = "base"
+NOT_METRICS = {"n_images"}  # counts in a score row's result, not scores
 THUMB_PX = 160
 MAX_PROMPTS = 2
 
@@ -83,6 +84,8 @@ METRICS: dict[str, MetricInfo] = {
     "dino_image": MetricInfo("DINO-I", True, _fmt_score),
     "alignment": MetricInfo("alignment", True, _fmt_score),
     "fidelity": MetricInfo("fidelity", True, _fmt_score),
+    "alignment_norm": MetricInfo("alignment / base", True, _fmt_score),
+    "no_concept_alignment": MetricInfo("alignment w/o concept", True, _fmt_score),
     "h": MetricInfo("H", True, _fmt_score),
     "leakage_dino": MetricInfo("no-leak DINO", True, _fmt_score),
     "leakage": MetricInfo("leakage", False, _fmt_score),
@@ -151,7 +154,8 @@ def _group(rows: Iterable[dict], key: Callable[[dict], tuple]) -> dict[tuple, li
 
 def _metric_keys(rows: Iterable[dict]) -> list[str]:
     """Result keys with at least one number: registry order first, then unknown keys alphabetically."""
-    present = {k for r in rows for k, v in (r.get("result") or {}).items() if _number(v) is not None}
+    present = {k for r in rows for k, v in (r.get("result") or {}).items()
+               if _number(v) is not None and k not in NOT_METRICS}
     known = [k for k in METRICS if k in present]
     return known + sorted(present - set(METRICS))
 
@@ -445,6 +449,8 @@ def image_grid(done: list[dict], choice: Optional[dict] = None, limit: int = MAX
 
 def _grid_cell(index: dict, probe: dict, setting: Optional[str]) -> dict:
     row = index.get(_gen_key(probe, setting))
+    if row is None and _is_base(probe["method"]) and probe["purpose"] == "leakage":
+        row = index.get(_gen_key({**probe, "concept": LEAKAGE_CONCEPT}, setting))  # shared by every concept
     outputs = (row or {}).get("outputs") or []
     return {"method": probe["method"], "setting": setting, "prompt": str((row or {}).get("prompt") or ""),
             "path": str(outputs[0]) if outputs else None}

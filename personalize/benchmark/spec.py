@@ -16,6 +16,7 @@
     methods:
       - method: perfusion
         train: {steps: 150, batch_size: 8}
+        validate_every: 50          # optional: keep the step with the best harmonic mean (spec's evaluator)
         sweep: {beta: [0.6, 0.7, 0.8], lock: [local, global]}
       - method: residuals
         sweep: {lag: [false, true]}
@@ -38,7 +39,7 @@ TOP_KEYS = {"name", "base", "device", "evaluator", "concepts", "prompts", "max_p
             "seeds", "samples_per_prompt", "sampler", "methods"}
 EVALUATOR_KEYS = {"backend", "clip_weights", "dino_weights", "random_weights"}
 SAMPLER_KEYS = {"steps", "guidance"}
-METHOD_KEYS = {"method", "label", "train", "sweep"}
+METHOD_KEYS = {"method", "label", "train", "sweep", "validate_every"}
 SOURCE_KEYS = {"toyworld": {"toyworld"}, "cc101": {"cc101", "names", "limit"},
                "folder": {"folder", "name", "superclass", "token", "prompts"}}
 DEFAULT_LEAKAGE_PROMPTS = ("a photo of a beach at sunset", "a bowl of fruit on a wooden table",
@@ -52,6 +53,7 @@ class MethodSpec:
     method: str
     train: dict
     sweep: dict  # knob -> list of values
+    validate_every: int = 0  # > 0: best-step selection with the spec's evaluator (keep the best harmonic mean)
 
     def settings(self) -> list[dict]:
         """Every inference setting of the sweep (the cartesian product), ``[{}]`` without a sweep."""
@@ -78,6 +80,10 @@ class Spec:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def sampler_for_validation(self) -> dict:
+        """Best-step validation samples with the benchmark's own sampler settings."""
+        return {"steps": self.sampler["steps"], "guidance": self.sampler["guidance"]}
 
     def resolve(self, path: str) -> Path:
         p = Path(path).expanduser()
@@ -162,7 +168,11 @@ def _method(entry, i: int) -> MethodSpec:
     label = entry.get("label", cls.name)
     if not isinstance(label, str) or not label.replace("-", "").replace("_", "").isalnum() or label == "base":
         raise BadInputError(f"{where}: label {label!r} must be letters, digits, '-' or '_' (and not 'base')")
-    return MethodSpec(label=label, method=cls.name, train=dict(train), sweep={k: list(v) for k, v in sweep.items()})
+    every = entry.get("validate_every", 0)
+    if every != 0:
+        _positive_int(every, f"{where}.validate_every")
+    return MethodSpec(label=label, method=cls.name, train=dict(train), sweep={k: list(v) for k, v in sweep.items()},
+                      validate_every=every)
 
 
 def _source(entry, i: int) -> dict:

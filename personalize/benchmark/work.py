@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ..concept import load_concept
 from ..errors import BadInputError
 from ..paths import atomic_dir, atomic_path
 from .plan import BASE, ConceptEntry, concept_from_payload
@@ -96,10 +97,26 @@ class Worker:
         self.detach()
         path = train(self.pipe, self.photos(concept), token=concept.token, superclass=concept.superclass, out=out,
                      method=row["method_type"], settings=settings, resume=has_checkpoint(out), progress=False,
-                     callbacks=[count], device="cpu" if self.device == "cpu" else None)
+                     callbacks=[count], device="cpu" if self.device == "cpu" else None,
+                     validation=self.validator(concept, row["payload"].get("validate_every", 0)))
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
         steps = resolve_settings(registry.get(row["method_type"]), row["payload"]["train"])[0].steps
-        return {"file_bytes": path.stat().st_size, "trainable_params": counted.get("n"), "steps": steps}
+        best = load_concept(path).header.get("provenance", {}).get("best_step")
+        return {"file_bytes": path.stat().st_size, "trainable_params": counted.get("n"), "steps": steps,
+                **({"best_step": best} if best is not None else {})}
+
+    def validator(self, concept: ConceptEntry, every: int):
+        """Best-step selection with the spec's evaluator (None when the method does not ask for it)."""
+        if not every:
+            return None
+        from ..evaluation.validation import make_validator
+
+        ev = self.spec.evaluator
+        if ev["backend"] == "toyworld":
+            return make_validator(f"toyworld:{concept.name}", every, None, **self.spec.sampler_for_validation())
+        return make_validator("clip", every, self.photos(concept), clip_weights=ev.get("clip_weights"),
+                              random_weights=bool(ev.get("random_weights")), device=self.device,
+                              **self.spec.sampler_for_validation())
 
     def generate(self, row: dict) -> dict:
         from ..generation import generate
