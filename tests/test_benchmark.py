@@ -329,3 +329,17 @@ def test_validate_every_selects_the_best_step_in_benchmark_training(tmp_path):
     assert [h["step"] for h in history] == [1, 2, 3]
     best = max(history, key=lambda h: h["h"])  # first of the best on ties, like the trainer
     assert train["result"]["best_step"] == prov["best_step"] == best["step"]
+
+
+def test_example_specs_parse_and_the_toy_one_plans():
+    from personalize.benchmark.spec import load_spec
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    cc101 = load_spec(examples / "cc101_benchmark.yaml")
+    assert [m.label for m in cc101.methods][:2] == ["perfusion", "residuals"] and len(cc101.methods[0].settings()) == 6
+    toy = load_spec(examples / "toy_benchmark.yaml")
+    units = build_plan(toy)
+    settings = 6 + 2 + 1
+    per_setting = 7 * 4 + 4 * 4  # 7 claim prompts and 4 leakage prompts, 4 seeds each
+    base = 2 * 7 * 4 + 4 * 4 + 2
+    assert len(units) == 2 * 3 + 2 * settings * (per_setting + 1) + base
