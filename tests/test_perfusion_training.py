@@ -1,7 +1,6 @@
 """What one Perfusion training step may and may not change."""
 import copy
 
-import pytest
 import torch
 
 from personalize import train

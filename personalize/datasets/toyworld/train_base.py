@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import importlib
 import os
 import random
 import subprocess
@@ -238,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     tokenizer = M.build_tokenizer()  # build early: all code this run needs is loaded at start
-    from .concepts import CONCEPTS  # noqa: F401  (used by vae_report)
+    importlib.import_module(f"{__package__}.concepts")  # load now: vae_report uses it late in the run
     out = Path(os.path.expanduser(args.out))
     out.mkdir(parents=True, exist_ok=True)
     log = Logger(out / "train.log")
