@@ -16,9 +16,9 @@ to ``DIR/pipeline`` (and to ``--export`` if given).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
-import importlib
 import os
 import random
 import subprocess
