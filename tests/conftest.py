@@ -92,23 +92,22 @@ def _save_random_weights(encoder, path):
     return path
 
 
-@pytest.fixture(scope="session")
-def clip_weights_file(tmp_path_factory):
-    """A local CLIP ViT-B-32 weights file (random init, seed 0): the offline stand-in for the 'openai' weights."""
-    from personalize.evaluation import ClipEncoder
+def _random_weights_file(encoder_name: str, tmp_path_factory, filename: str):
+    import personalize.evaluation as evaluation
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        encoder = ClipEncoder(random_weights=True)
-    return _save_random_weights(encoder, tmp_path_factory.mktemp("weights") / "clip.safetensors")
+        encoder = getattr(evaluation, encoder_name)(random_weights=True)
+    return _save_random_weights(encoder, tmp_path_factory.mktemp("weights") / filename)
+
+
+@pytest.fixture(scope="session")
+def clip_weights_file(tmp_path_factory):
+    """A local CLIP ViT-B-32 weights file (random init, seed 0): the offline stand-in for the 'openai' weights."""
+    return _random_weights_file("ClipEncoder", tmp_path_factory, "clip.safetensors")
 
 
 @pytest.fixture(scope="session")
 def dino_weights_file(tmp_path_factory):
     """A local DINO ViT-S/16 weights file (random init, seed 0)."""
-    from personalize.evaluation import DinoEncoder
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        encoder = DinoEncoder(random_weights=True)
-    return _save_random_weights(encoder, tmp_path_factory.mktemp("weights") / "dino.safetensors")
+    return _random_weights_file("DinoEncoder", tmp_path_factory, "dino.safetensors")
