@@ -111,3 +111,39 @@ def clip_weights_file(tmp_path_factory):
 def dino_weights_file(tmp_path_factory):
     """A local DINO ViT-S/16 weights file (random init, seed 0)."""
     return _random_weights_file("DinoEncoder", tmp_path_factory, "dino.safetensors")
+
+
+def _cc101_concept(token, cls, d, prompt_file):
+    return {"instance_prompt": f"photo of a {token} {cls}", "class_prompt": cls,
+            "instance_data_dir": f"./benchmark_dataset/{d}", "class_data_dir": f"./regularization/{d}",
+            "prompt_filename": prompt_file}
+
+
+@pytest.fixture()
+def cc101(tmp_path):
+    """A small CustomConcept101 folder in the real layout (3 concept folders, prompts, both json files)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "cc101"
+    (root / "prompts").mkdir(parents=True)
+    for d, n in (("scene_barn", 3), ("pet_cat1", 2), ("furniture_chair1", 2)):
+        folder = root / "benchmark_dataset" / d
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.{'jpg' if i % 2 else 'png'}")
+        (folder / "notes.txt").write_text("not an image")
+    # trailing spaces, CRLF, blank line, no final newline
+    (root / "prompts" / "barn.txt").write_text("{} in snowy ice.  \r\nphoto of a {} at night\n\n{} with a river")
+    (root / "prompts" / "cat.txt").write_text("a {} sleeping \n")
+    (root / "prompts" / "chair.txt").write_text("a {} in a room\n")
+    (root / "prompts" / "pet_furniture.txt").write_text("{0} sitting on {1}   \n{1} next to {0}")
+    json.dump([_cc101_concept("<new1>", "barn", "scene_barn", "prompts/barn.txt"),
+               _cc101_concept("<new1>", "cat", "pet_cat1", "prompts/cat.txt")], open(root / "dataset.json", "w"))
+    json.dump([[_cc101_concept("<new1>", "cat", "pet_cat1", "prompts/cat.txt"),
+                _cc101_concept("<new2>", "chair", "furniture_chair1", "prompts/chair.txt"),
+                {"prompt_filename_compose": "prompts/pet_furniture.txt"}]],
+              open(root / "dataset_multiconcept.json", "w"))
+    return root

@@ -343,3 +343,32 @@ def test_example_specs_parse_and_the_toy_one_plans():
     per_setting = 7 * 4 + 4 * 4  # 7 claim prompts and 4 leakage prompts, 4 seeds each
     base = 2 * 7 * 4 + 4 * 4 + 2
     assert len(units) == 2 * 3 + 2 * settings * (per_setting + 1) + base
+
+
+def test_cc101_and_folder_sources_plan_with_their_prompts_tokens_and_classes(cc101, tmp_path):
+    from conftest import make_photos
+
+    make_photos(tmp_path / "teddy")
+    no_prompts = {k: v for k, v in SPEC.items() if k != "prompts"}  # each source brings its own prompts
+    spec = parse_spec({**no_prompts, "evaluator": {"backend": "clip"}, "concepts": [
+        {"cc101": str(cc101), "names": ["scene_barn"]},
+        {"folder": str(tmp_path / "teddy"), "superclass": "teddy", "token": "<ted>", "prompts": ["a {} at sea"]}]},
+        root=tmp_path)
+    units = build_plan(spec)
+    gens = {u.key: u for u in units if u.kind == "generate"}
+    barn = sorted((u.prompt_index, u.prompt) for u in gens.values()
+                  if u.method == "perfusion" and u.concept == "scene_barn" and u.seed == 0 and u.purpose == "concept"
+                  and u.setting == {"beta": 0.6})
+    assert [p for _, p in barn] == ["<new1> barn in snowy ice.", "photo of a <new1> barn at night",
+                                    "<new1> barn with a river"]
+    assert gens["generate/base/scene_barn/default/p1_s0"].prompt == "photo of a barn at night"
+    assert gens["generate/perfusion/teddy/beta=0.6/p0_s0"].prompt == "a <ted> teddy at sea"
+    classes = {u.concept: u.concept_class for u in units if u.kind == "train"}
+    assert classes == {"scene_barn": "scene", "teddy": "teddy"}
+    leak = [u.prompt for u in units if u.method == "base" and u.purpose == "leakage" and u.seed == 0]
+    assert len(leak) == 1  # the spec's own leakage prompt, shared by both concepts
+    with pytest.raises(BadInputError, match="no concept named 'scene_nope'"):
+        build_plan(parse_spec({**SPEC, "evaluator": {"backend": "clip"},
+                               "concepts": [{"cc101": str(cc101), "names": ["scene_nope"]}]}, root=tmp_path))
+    with pytest.raises(BadInputError, match="scores toy-world concepts only"):
+        parse_spec({**SPEC, "concepts": [{"cc101": str(cc101)}]}, root=tmp_path)

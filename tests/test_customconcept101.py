@@ -2,42 +2,10 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from personalize.datasets.customconcept101 import load_customconcept101, read_prompt_file
 from personalize.errors import BadInputError
-
-
-def _concept(token, cls, d, prompt_file):
-    return {"instance_prompt": f"photo of a {token} {cls}", "class_prompt": cls,
-            "instance_data_dir": f"./benchmark_dataset/{d}", "class_data_dir": f"./regularization/{d}",
-            "prompt_filename": prompt_file}
-
-
-@pytest.fixture()
-def cc101(tmp_path):
-    root = tmp_path / "cc101"
-    (root / "prompts").mkdir(parents=True)
-    for d, n in (("scene_barn", 3), ("pet_cat1", 2), ("furniture_chair1", 2)):
-        folder = root / "benchmark_dataset" / d
-        folder.mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.{'jpg' if i % 2 else 'png'}")
-        (folder / "notes.txt").write_text("not an image")
-    # trailing spaces, CRLF, blank line, no final newline
-    (root / "prompts" / "barn.txt").write_text("{} in snowy ice.  \r\nphoto of a {} at night\n\n{} with a river")
-    (root / "prompts" / "cat.txt").write_text("a {} sleeping \n")
-    (root / "prompts" / "chair.txt").write_text("a {} in a room\n")
-    (root / "prompts" / "pet_furniture.txt").write_text("{0} sitting on {1}   \n{1} next to {0}")
-    json.dump([_concept("<new1>", "barn", "scene_barn", "prompts/barn.txt"),
-               _concept("<new1>", "cat", "pet_cat1", "prompts/cat.txt")], open(root / "dataset.json", "w"))
-    json.dump([[_concept("<new1>", "cat", "pet_cat1", "prompts/cat.txt"),
-                _concept("<new2>", "chair", "furniture_chair1", "prompts/chair.txt"),
-                {"prompt_filename_compose": "prompts/pet_furniture.txt"}]],
-              open(root / "dataset_multiconcept.json", "w"))
-    return root
 
 
 def test_reads_records(cc101):
