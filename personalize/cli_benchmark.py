@@ -77,7 +77,8 @@ def run(
     """Run (or resume) a benchmark. Every unit of work is a row in OUT/benchmark.sqlite: re-running skips what
     is done and retries what failed, so a killed run loses nothing it finished.
 
-    Several processes share the rows without overlap:
+    Several processes share the rows without overlap (one per GPU; on a CPU-only machine add --multi_gpu to get
+    N processes):
     [bold]accelerate launch --num_processes 8 -m personalize.cli benchmark run bench.yaml --out runs/bench[/bold]
 
     [bold]Example[/bold]:  personalize benchmark run bench.yaml --out runs/bench

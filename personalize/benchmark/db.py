@@ -9,6 +9,7 @@ stopped) go back to pending, and failed rows are retried.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -97,22 +98,17 @@ class BenchmarkDB:
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ plumbing
+    @contextlib.contextmanager
     def transaction(self):
-        db = self
-
-        class _Tx:
-            def __enter__(self):
-                db._lock.acquire()
-                db.conn.execute("BEGIN IMMEDIATE")
-                return db.conn
-
-            def __exit__(self, exc_type, *rest):
-                try:
-                    db.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-                finally:
-                    db._lock.release()
-
-        return _Tx()
+        """One write transaction, taken at once (``BEGIN IMMEDIATE``), so claims never interleave."""
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
 
     def close(self) -> None:
         self.stop_heartbeat()
@@ -142,8 +138,7 @@ class BenchmarkDB:
                      u.digest()))
                 c.executemany("INSERT OR IGNORE INTO deps (key, dep) VALUES (?, ?)", [(u.key, d) for d in u.deps])
                 added += 1
-            c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('spec_name', ?)", (spec_name,))
-            c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('spec_digest', ?)", (spec_digest,))
+        self.set_meta(spec_name=spec_name, spec_digest=spec_digest)
         return added
 
     # ------------------------------------------------------------------ workers
@@ -261,6 +256,13 @@ class BenchmarkDB:
     def failures(self, limit: int = 5) -> list[tuple[str, str]]:
         return [(r["key"], r["error"]) for r in
                 self.conn.execute("SELECT key, error FROM units WHERE status='failed' ORDER BY ord LIMIT ?", (limit,))]
+
+    def dependencies(self, key: str) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT dep FROM deps WHERE key=? ORDER BY dep", (key,))]
+
+    def set_meta(self, **values: str) -> None:
+        with self.transaction() as c:
+            c.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(values.items()))
 
     def meta(self) -> dict[str, str]:
         return {r["key"]: r["value"] for r in self.conn.execute("SELECT key, value FROM meta")}

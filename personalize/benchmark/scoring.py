@@ -43,17 +43,13 @@ def score_row(worker, row: dict) -> dict:
     backend = worker.spec.evaluator["backend"]
     db = worker.db
     if row["method"] == BASE:
-        gens = db.rows_by_key(_deps(db, row["key"]))
+        gens = db.rows_by_key(db.dependencies(row["key"]))
         return (_toy_base if backend == "toyworld" else _clip_base)(worker, concept, gens)
     p = row["payload"]
     gens, leaks, base_leaks = (db.rows_by_key(p[k]) for k in ("generated", "leakage", "base_leakage"))
     base = db.result(p["base_score"]) or {}
     score = _toy_method if backend == "toyworld" else _clip_method
     return score(worker, concept, gens, leaks, base_leaks, base)
-
-
-def _deps(db, key: str) -> list[str]:
-    return [r[0] for r in db.conn.execute("SELECT dep FROM deps WHERE key=? ORDER BY dep", (key,))]
 
 
 # ----------------------------------------------------------------------------- CLIP / DINO

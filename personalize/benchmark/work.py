@@ -36,9 +36,7 @@ class Worker:
             self._pipe.to(self.device)
             self._pipe.set_progress_bar_config(disable=True)
             self.base_fingerprint = fingerprint(self._pipe).digest
-            with self.db.transaction() as c:
-                c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('base_fingerprint', ?)",
-                          (self.base_fingerprint,))
+            self.db.set_meta(base_fingerprint=self.base_fingerprint)
         return self._pipe
 
     def detach(self) -> None:
