@@ -39,8 +39,12 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike):
-    """Yield a temporary folder beside ``target``; it replaces ``target`` only if the block succeeds."""
+def atomic_dir(target: str | os.PathLike, replace: bool = True):
+    """Yield a temporary folder beside ``target``; it replaces ``target`` only if the block succeeds.
+
+    With ``replace=False`` a ``target`` that exists when the block ends (another process made it meanwhile)
+    is kept and the new folder dropped: the first writer wins, and no reader sees its folder moved away.
+    """
     import shutil
 
     target = Path(target)
@@ -49,6 +53,14 @@ def atomic_dir(target: str | os.PathLike):
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
+        if not replace:
+            try:
+                os.rename(tmp, target)  # fails when target exists and is not empty
+            except OSError:
+                if not target.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+            return
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.{os.getpid()}.old")

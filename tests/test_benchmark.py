@@ -249,14 +249,21 @@ def test_accelerate_launch_two_processes_split_rows_without_overlap(tmp_path):
            "no", "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "personalize.cli", "benchmark",
            "run", str(spec_path), "--out", str(out), "--no-progress"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     db_path = out / "benchmark.sqlite"
+    assert result.returncode == 0, _launch_failure(result, db_path)
     rows = table(db_path, "SELECT key, status, attempts, worker FROM units")
     assert len(rows) == N_ROWS and all(status == "done" and attempts == 1 for _, status, attempts, _ in rows)
     ranks = dict(table(db_path, "SELECT id, rank FROM workers"))
     workers_used = {w for *_, w in rows}
     assert {ranks[w] for w in workers_used} == {0, 1}  # both processes did work, no row twice
     assert images_under(out) == expected_images(db_path)
+
+
+def _launch_failure(result, db_path: Path) -> str:
+    """What a failed launch says: the failed rows and each rank's own traceback (the launcher's comes last)."""
+    failed = table(db_path, "SELECT key, error FROM units WHERE status='failed'") if db_path.exists() else []
+    own = [part for part in result.stderr.split("Traceback (most recent call last)") if "personalize" in part]
+    return f"failed rows: {failed}\nstdout: {result.stdout[-1500:]}\nrank tracebacks: {[p[-1500:] for p in own]}"
 
 
 def test_report_cli_on_a_real_run(finished_run, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import socket
 import sqlite3
 import threading
@@ -67,10 +68,26 @@ HEARTBEAT = 10.0
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), timeout=120, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=120000")
+    _retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
+    conn.execute("PRAGMA synchronous=NORMAL")
     return conn
+
+
+def _retry_locked(op, deadline: float = 120.0):
+    """Run ``op``, retrying while SQLite answers 'database is locked' without waiting for the lock.
+
+    Switching a new file to WAL needs an exclusive lock, and SQLite refuses at once (the busy timeout does not
+    apply) when two processes open the same new database together, as every rank of a launch does.
+    """
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            return op()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > end:
+                raise
+            time.sleep(0.02 + random.random() * 0.08)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -92,7 +109,10 @@ class BenchmarkDB:
         self.conn = _connect(self.path)
         self._lock = threading.Lock()
         if create:
-            self.conn.executescript(SCHEMA)
+            with self.transaction() as c:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        c.execute(statement)
         self.worker: Optional[str] = None
         self._beat: Optional[threading.Thread] = None
         self._stop = threading.Event()
@@ -177,10 +197,17 @@ class BenchmarkDB:
                 dead.append(w["id"])
         return dead
 
-    def live_workers(self) -> int:
+    def if_alone(self, action) -> bool:
+        """Run ``action()`` if no other live process works on this database; True if it ran.
+
+        It runs under the write lock, so no process can register (and start writing files) meanwhile.
+        """
         with self.transaction() as c:
-            dead = set(self._dead_workers(c))
-            return sum(1 for w in c.execute("SELECT id FROM workers") if w["id"] not in dead)
+            dead = set(self._dead_workers(c)) | {self.worker}
+            if any(w["id"] not in dead for w in c.execute("SELECT id FROM workers")):
+                return False
+            action()
+            return True
 
     def recover(self, retry_failed: bool = False) -> int:
         """Rows held by dead processes (and, with ``retry_failed``, failed rows) back to pending."""

@@ -77,8 +77,7 @@ def run_benchmark(spec: Spec, out: str | Path, *, progress: bool = True, poll: f
     db = plan_into(spec, out)
     db.register(rank, {"world_size": world, **machine(device)})
     db.recover(retry_failed=True)
-    if db.live_workers() == 1:
-        _clean_partial_files(out)
+    db.if_alone(lambda: _clean_partial_files(out))
     worker = Worker(spec, out, device, db)
     ran = 0
     bar = _Bar(progress and rank == 0, db)

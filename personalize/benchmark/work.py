@@ -70,7 +70,7 @@ class Worker:
         if not folder.is_dir():
             from ..datasets.toyworld.concepts import render_concept_examples
 
-            with atomic_dir(folder) as tmp:
+            with atomic_dir(folder, replace=False) as tmp:  # two processes may render it at once
                 render_concept_examples(concept.name, tmp)
         return folder
 
