@@ -246,8 +246,8 @@ def test_accelerate_launch_two_processes_split_rows_without_overlap(tmp_path):
     launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "personalize.cli", "benchmark",
-           "run", str(spec_path), "--out", str(out), "--no-progress"]
+           "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "personalize.cli",
+           "benchmark", "run", str(spec_path), "--out", str(out), "--no-progress"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     db_path = out / "benchmark.sqlite"
     assert result.returncode == 0, _launch_failure(result, db_path)
@@ -257,6 +257,14 @@ def test_accelerate_launch_two_processes_split_rows_without_overlap(tmp_path):
     workers_used = {w for *_, w in rows}
     assert {ranks[w] for w in workers_used} == {0, 1}  # both processes did work, no row twice
     assert images_under(out) == expected_images(db_path)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _launch_failure(result, db_path: Path) -> str:
