@@ -216,10 +216,12 @@ def test_kill_9_at_any_moment_loses_nothing_finished_and_duplicates_nothing(tmp_
     deadline = time.time() + 300
     done: list = []
     while time.time() < deadline and proc.poll() is None:
-        if db_path.exists():
-            done = table(db_path, "SELECT key, finished FROM units WHERE status='done'")
-            if len(done) >= 7:  # past training, in the middle of sampling
-                break
+        try:
+            done = table(db_path, "SELECT key, finished FROM units WHERE status='done'") if db_path.exists() else []
+        except sqlite3.OperationalError:  # the file exists but its tables are still being created
+            done = []
+        if len(done) >= 7:  # past training, in the middle of sampling
+            break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed: " + (proc.stdout.read() or "")
     os.kill(proc.pid, signal.SIGKILL)
