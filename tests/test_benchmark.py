@@ -294,6 +294,20 @@ def test_status_cli_and_missing_database(finished_run, tmp_path, capsys):
     assert info.value.code == 2 and not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("command", ["status", "report"])
+def test_a_file_that_is_not_a_benchmark_database_is_one_line(tmp_path, capsys, command):
+    junk, other = tmp_path / "junk.sqlite", tmp_path / "other.sqlite"
+    junk.write_text("not sqlite at all")
+    sqlite3.connect(str(other)).execute("CREATE TABLE t (a)")
+    for path in (junk, other):
+        extra = ["--out", str(tmp_path / "r")] if command == "report" else []
+        with pytest.raises(SystemExit) as info:
+            main(["benchmark", command, str(path), *extra])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "is not a benchmark database" in err and "Traceback" not in err
+        assert not (tmp_path / "r").exists()
+
+
 def test_clip_backend_scores_match_an_independent_computation(tmp_path, clip_weights_file, dino_weights_file):
     """CLIP/DINO backend (random weights from files, passed like --clip-weights): normalisation, H, leakage."""
     import numpy as np

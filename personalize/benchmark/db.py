@@ -106,7 +106,16 @@ class BenchmarkDB:
         if not create and not self.path.is_file():
             raise BadInputError(f"no benchmark database at {self.path}; run 'personalize benchmark run SPEC.yaml' first")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = _connect(self.path)
+        try:
+            self.conn = _connect(self.path)
+            if not create and not self.conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='units'").fetchone():
+                raise sqlite3.DatabaseError("no units table")
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise BadInputError(f"{self.path} is not a benchmark database (or is still being created); "
+                                "give the OUT/benchmark.sqlite that 'personalize benchmark run' writes") from None
         self._lock = threading.Lock()
         if create:
             with self.transaction() as c:
