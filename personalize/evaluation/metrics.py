@@ -49,7 +49,19 @@ class Metric:
         raise NotImplementedError
 
 
-class ClipTextScore(Metric):
+class _MeanOfScores(Metric):
+    """A metric that keeps one score per image (or image pair) and reports their mean."""
+
+    def reset(self) -> None:
+        self.scores: list[float] = []
+
+    def compute(self) -> float:
+        if not self.scores:
+            raise BadInputError(f"{self.name}: nothing was scored; call update() with images first")
+        return float(np.mean(self.scores))
+
+
+class ClipTextScore(_MeanOfScores):
     """CLIP-T: ``update(images, prompts, token=None)`` with one prompt per image (or one prompt for all)."""
 
     name = "clip_text"
@@ -58,9 +70,6 @@ class ClipTextScore(Metric):
     def __init__(self, clip: ClipEncoder, factor: float = CLIP_TEXT_FACTOR):
         self.clip, self.factor = clip, factor
         self.reset()
-
-    def reset(self) -> None:
-        self.scores: list[float] = []
 
     def update(self, images: Sequence[ImageLike], prompts: Union[str, Sequence[str]],
                token: Union[None, str, Sequence[str]] = None) -> np.ndarray:
@@ -79,11 +88,6 @@ class ClipTextScore(Metric):
         scores = self.factor * np.maximum(cos, 0.0)
         self.scores.extend(scores.tolist())
         return scores
-
-    def compute(self) -> float:
-        if not self.scores:
-            raise BadInputError("clip_text: no images were scored")
-        return float(np.mean(self.scores))
 
 
 class _AllPairsImageScore(Metric):
@@ -125,7 +129,7 @@ class DinoImageScore(_AllPairsImageScore):
     name = "dino_image"
 
 
-class LeakageScore(Metric):
+class LeakageScore(_MeanOfScores):
     """Mean DINO cosine between same-seed pairs with/without the concept (1.0 = no leakage)."""
 
     name = "leakage_dino"
@@ -134,9 +138,6 @@ class LeakageScore(Metric):
     def __init__(self, dino: DinoEncoder):
         self.dino = dino
         self.reset()
-
-    def reset(self) -> None:
-        self.scores: list[float] = []
 
     def update(self, with_concept: Sequence[ImageLike], without_concept: Sequence[ImageLike]) -> np.ndarray:
         a, b = list(with_concept), list(without_concept)
@@ -147,11 +148,6 @@ class LeakageScore(Metric):
         sims = np.sum(self.dino.encode_images(a) * self.dino.encode_images(b), axis=1)
         self.scores.extend(sims.tolist())
         return sims
-
-    def compute(self) -> float:
-        if not self.scores:
-            raise BadInputError("leakage: no image pairs were scored")
-        return float(np.mean(self.scores))
 
 
 class ToyWorldScore(Metric):
