@@ -108,12 +108,70 @@ class LatentCache:
 
     def sample(self, idx: torch.Tensor, flip: torch.Tensor, generator: torch.Generator):
         rows = idx + flip.long() * self.n
-        eps = torch.randn(self.mean[rows].shape, generator=generator)
-        latents = self.mean[rows] + self.std[rows] * eps.to(self.mean.device)
+        eps = torch.randn((rows.shape[0], *self.mean.shape[1:]), generator=generator)
+        at = to_device(rows, self.mean.device)
+        latents = self.mean[at] + self.std[at] * to_device(eps, self.mean.device)
         return latents, (self.masks[rows] if self.masks is not None else None)
 
 
 # ----------------------------------------------------------------------------- the loop
+LOSS_EVERY = 10  # steps between reads of the loss value (each read is a host-device sync)
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device`` without making the host wait: CUDA copies go from pinned memory, asynchronously."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _adamw(groups: list[dict], device) -> torch.optim.Optimizer:
+    """AdamW; the fused CUDA kernel when every parameter is a floating tensor on a GPU."""
+    params = [p for g in groups for p in g["params"]]
+    fused = torch.device(device).type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, weight_decay=0.0, **({"fused": True} if fused else {}))
+
+
+class FrozenInComputeDtype:
+    """Under mixed precision, the frozen weights of the pipeline held in the compute dtype while training.
+
+    Autocast would otherwise cast every frozen fp32 weight at every use (memory traffic, and a second copy
+    of each weight kept for the backward pass). Trainable parameters stay as they are (fp32 master
+    weights). :meth:`restore` puts back the original tensors themselves, so the pipeline is bit-identical
+    after training; the originals wait in CPU memory meanwhile."""
+
+    DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def __init__(self, pipe, trainable: Sequence[torch.Tensor], mixed_precision: str):
+        self.dtype = self.DTYPES.get(mixed_precision)
+        keep = {id(p) for p in trainable}
+        modules = [m for m in (pipe.unet, pipe.text_encoder, pipe.vae) if m is not None]
+        seen: set[int] = set()
+        self.frozen = []
+        for module in modules:
+            for p in module.parameters():
+                if id(p) in keep or id(p) in seen or p.requires_grad or not p.is_floating_point():
+                    continue
+                seen.add(id(p))
+                self.frozen.append(p)
+        self.saved: list[torch.Tensor] | None = None
+
+    def cast(self) -> None:
+        if self.dtype is None or self.saved is not None:
+            return
+        self.saved = []
+        for p in self.frozen:
+            original = p.data
+            p.data = original.to(self.dtype)
+            self.saved.append(original.to("cpu", non_blocking=True) if original.is_cuda else original)
+
+    def restore(self) -> None:
+        if self.saved is None:
+            return
+        for p, original in zip(self.frozen, self.saved):
+            p.data = original.to(p.device)
+        self.saved = None
 def _validate_words(pipe, token: str, superclass: str) -> None:
     from .edits.tokens import base_tokenizer
 
@@ -152,7 +210,9 @@ def train(
     ``settings`` holds :class:`TrainConfig` fields and the method's Config
     fields (flat, or the latter nested under the method's name).
     ``callbacks`` are called as ``cb(step, loss, method)`` after every step
-    (after that step's checkpoint), with the live method object.
+    (after that step's checkpoint), with the live method object; ``loss`` is a
+    0-dim tensor on the training device (``float(loss)`` waits for the device,
+    so the loop itself only reads it every ``LOSS_EVERY`` steps).
     A ``multi_concept`` method (Custom Diffusion) takes lists: one image
     folder, token and superclass per concept, trained jointly into one file.
     ``validation`` (a :class:`personalize.evaluation.validation.Validator`)
@@ -201,8 +261,9 @@ def train(
     try:
         prior = _prior_data(pipe, trainable, superclasses, size, progress)
         groups = [{k: v for k, v in g.items() if k != "name"} for g in trainable.param_groups()]
-        optimizer = accelerator.prepare(torch.optim.AdamW(groups, weight_decay=0.0))
+        optimizer = accelerator.prepare(_adamw(groups, device))
         params = [p for g in optimizer.param_groups for p in g["params"]]
+        frozen = FrozenInComputeDtype(pipe, params, cfg.mixed_precision)
         generator = torch.Generator().manual_seed(cfg.seed)
         base_fp = fingerprint(pipe)
         image_hashes = [file_sha256(p) for p in image_paths]
@@ -217,6 +278,7 @@ def train(
         best = _BestKeeper(validation) if validation is not None else None
         began = time.time()
         try:
+            frozen.cast()
             for step in range(start + 1, cfg.steps + 1):
                 batch = draw_batch(cache, cfg.batch_size, cfg.flip_p, scheduler.config.num_train_timesteps,
                                    trainable.placeholders(), generator, device, trainable.templates())
@@ -231,21 +293,26 @@ def train(
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                value = float(loss.detach())
-                bar.update(step, value)
+                loss = loss.detach()
+                # reading the loss waits for the device: only every LOSS_EVERY steps (and the last)
+                bar.update(step, float(loss) if step % LOSS_EVERY == 0 or step == cfg.steps else None)
                 if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                     save_checkpoint(ckpt, step, run_id, trainable, optimizer, generator)
                 if cfg.preview_every and step % cfg.preview_every == 0:
-                    write_preview(pipe, preview_dir(out) / f"step_{step:06d}.png",
-                                  cfg.preview_prompt.format(trainable.placeholder()), cfg.seed)
+                    with accelerator.autocast():
+                        write_preview(pipe, preview_dir(out) / f"step_{step:06d}.png",
+                                      cfg.preview_prompt.format(trainable.placeholder()), cfg.seed)
                 if best is not None and step % validation.every == 0:
-                    bar.show_h(best.validate(pipe, trainable, step))
+                    with accelerator.autocast():
+                        bar.show_h(best.validate(pipe, trainable, step))
                 for cb in callbacks:
-                    cb(step, value, trainable)
+                    cb(step, loss, trainable)
             if best is not None:
-                best.finish(pipe, trainable, cfg.steps)
+                with accelerator.autocast():
+                    best.finish(pipe, trainable, cfg.steps)
         finally:
             bar.close()
+            frozen.restore()
         provenance = {
             "base": str(base) if isinstance(base, (str, Path)) else type(base).__name__,
             "steps": cfg.steps, "batch_size": cfg.batch_size, "seed": cfg.seed,
@@ -332,7 +399,7 @@ def _class_images(pipe, spec, size: int, progress: bool) -> PriorData:
 
     def tick(n: int) -> None:
         done[0] += n
-        bar.update(done[0], float("nan"))
+        bar.update(done[0])
 
     try:
         paths, labels = prior_images.resolve(pipe, spec, on_image=tick)
@@ -378,13 +445,14 @@ def draw_batch(cache: "LatentCache", batch_size: int, flip_p: float, num_timeste
     idx = torch.randint(cache.n, (batch_size,), generator=generator)
     flip = torch.rand(batch_size, generator=generator) < flip_p
     latents, mask = cache.sample(idx, flip, generator)
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    timesteps = torch.randint(num_timesteps, (batch_size,), generator=generator).to(device)
+    noise = to_device(torch.randn(latents.shape, generator=generator), device)
+    timesteps = to_device(torch.randint(num_timesteps, (batch_size,), generator=generator), device)
     which = torch.randint(len(templates), (batch_size,), generator=generator)
     words = [placeholder] if isinstance(placeholder, str) else list(placeholder)
     labels = cache.labels[idx].tolist() if len(words) > 1 else [0] * batch_size
     prompts = [fill(templates[i], words[label]) for i, label in zip(which.tolist(), labels)]
-    return Batch(latents.to(device), None if mask is None else mask.to(device), noise, timesteps, prompts)
+    return Batch(to_device(latents, device), None if mask is None else to_device(mask, device), noise, timesteps,
+                 prompts)
 
 
 def denoising_step(pipe, scheduler, method, batch: Batch, prior: Batch | None = None,
@@ -398,8 +466,8 @@ def denoising_step(pipe, scheduler, method, batch: Batch, prior: Batch | None = 
         batch = Batch(torch.cat([batch.latents, prior.latents]), batch.mask, torch.cat([batch.noise, prior.noise]),
                       torch.cat([batch.timesteps, prior.timesteps]), batch.prompts + prior.prompts)
     tok = pipe.tokenizer
-    ids = tok(batch.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(batch.latents.device)
+    ids = to_device(tok(batch.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids, batch.latents.device)
     hidden = pipe.text_encoder(ids)[0]
     method.on_text_encoded(ids, hidden)
     noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
@@ -496,8 +564,13 @@ class _Progress:
         self.progress.start()
         self.task = self.progress.add_task(description, total=total, completed=completed, loss="-", h="-")
 
-    def update(self, step: int, loss: float) -> None:
-        if self.progress is not None:
+    def update(self, step: int, loss: float | None = None) -> None:
+        """Show ``step`` done, and ``loss`` when given (else the last one shown stays)."""
+        if self.progress is None:
+            return
+        if loss is None:
+            self.progress.update(self.task, completed=step)
+        else:
             self.progress.update(self.task, completed=step, loss=f"{loss:.4f}")
 
     def show_h(self, h: float | None) -> None:

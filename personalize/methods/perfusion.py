@@ -317,21 +317,23 @@ class Perfusion(Method):
     def on_text_encoded(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> None:
         """i* <- ema * i* + (1 - ema) * mean encoding at the concept token (first batch: set)."""
         (token_id,) = token_site(self.pipe).ids(self.key)
-        rows, cols = (input_ids == token_id).nonzero(as_tuple=True)
-        if rows.numel() == 0:
-            return
-        first = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        keep = []
-        for r in range(rows.numel()):  # first occurrence per prompt
-            if not first[rows[r]]:
-                first[rows[r]] = True
-                keep.append(r)
-        e_concept = hidden[rows[keep], cols[keep]].float().mean(0)
+        hits = input_ids == token_id
+        present = hits.any(dim=1)
+        # the encoding at each prompt's first occurrence, averaged over the prompts that have one; no host
+        # sync (a GPU would otherwise wait here every step) except once, for the first batch
+        first = hits.int().argmax(dim=1)
+        weight = present.float()
+        found = weight.sum()
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), first].float()
+        e_concept = (picked * weight[:, None]).sum(0) / found.clamp_min(1.0)
         if not self.i_star_initialized:
+            if not bool(present.any()):
+                return
             self.i_star = e_concept.clone()
             self.i_star_initialized = True
         else:
-            self.i_star = self.config.ema * self.i_star + (1 - self.config.ema) * e_concept
+            updated = self.config.ema * self.i_star + (1 - self.config.ema) * e_concept
+            self.i_star = torch.where(found > 0, updated, self.i_star)
         self.i_star_version += 1
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

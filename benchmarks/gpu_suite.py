@@ -1,0 +1,405 @@
+"""One-shot GPU suite: real-size speed and memory in one command (issue 15).
+
+    python benchmarks/gpu_suite.py [--out DIR] [--parts train,sample,eval,scripts] [--anchors DIR]
+    python benchmarks/gpu_suite.py --dry-run       # the same code on the CPU with `tiny`, in seconds
+
+Writes one JSON line per measurement to stdout and to ``OUT/gpu_suite.jsonl``:
+
+- ``train``: every registered method's training step through the real trainer
+  on a random SD 1.5-shaped pipeline built in-process (512 px, bf16 mixed
+  precision, the method's own paper batch; prior preservation off so the work
+  equals the diffusers scripts'): median s/step after warm-up, samples/s, peak
+  GPU memory, FLOPs of one real step counted with ``FlopCounterMode``, MFU
+  against the datasheet's dense bf16 peak and against a bf16 matmul measured
+  here; Perfusion's time to a concept at the paper's 210 steps x batch 16.
+- ``sample``: DDIM 50 with classifier-free guidance, batch 1 and 8 (latents
+  out), bare vs with a Perfusion concept vs with a Residuals concept and LAG,
+  runs alternating; overhead ratios.
+- ``eval``: CLIP ViT-B/32 + DINO ViT-S/16 (random weights) throughput from
+  preprocessed tensors in memory and from PNG files decoded by worker processes.
+- ``scripts``: the diffusers example scripts (``--anchors``, the
+  ``perf-anchors`` folder), unmodified, on the same pipeline saved to disk, the
+  same batch and precision, and the ratio of their median step to ours.
+
+``--budget-s`` (default 420) skips what would start after that many seconds, so
+a run on a lent machine always ends inside its limit with what it measured.
+How to carry this to a bare GPU machine: ``benchmarks/README.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATASHEET_BF16_TFLOPS = {"H100": 989.5, "H200": 989.5, "A100": 312.0}  # dense, SXM parts
+PAPER_STEPS, PAPER_BATCH = 210, 16  # Perfusion paper: 210 steps on average at batch 16
+# the diffusers example script timed against each method, and its prompt words
+SCRIPTS = {"dreambooth": "dreambooth", "dreambooth-lora": "dreambooth_lora",
+           "textual-inversion": "textual_inversion", "custom-diffusion": "custom_diffusion"}
+
+
+class Suite:
+    def __init__(self, out: Path, dry_run: bool, budget_s: float):
+        self.out, self.dry = out, dry_run
+        self.device = "cpu" if dry_run or not torch.cuda.is_available() else "cuda"
+        self.began, self.budget = time.perf_counter(), budget_s
+        out.mkdir(parents=True, exist_ok=True)
+        self.log = (out / "gpu_suite.jsonl").open("a")
+        self.peak_tflops = None
+
+    # -- bookkeeping
+    def emit(self, **row) -> dict:
+        row = {"t_s": round(time.perf_counter() - self.began, 1), **row}
+        line = json.dumps(row)
+        print(line, flush=True)
+        self.log.write(line + "\n")
+        self.log.flush()
+        return row
+
+    def in_budget(self, what: str) -> bool:
+        left = self.budget - (time.perf_counter() - self.began)
+        if left <= 0:
+            self.emit(bench="skipped", what=what, reason=f"past --budget-s {self.budget}")
+        return left > 0
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self):
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.device == "cuda" else None
+
+    def pipeline(self, dtype=None):
+        """The base every part uses: SD 1.5-shaped random weights on a GPU, ``tiny`` in a dry run."""
+        if self.dry:
+            from personalize.base import load_base
+
+            pipe = load_base("tiny")
+            return pipe.to(dtype=dtype) if dtype is not None else pipe
+        from personalize.sd_shapes import sd15_pipeline
+
+        torch.manual_seed(0)
+        return sd15_pipeline(self.device, dtype=dtype)
+
+    # -- ceilings
+    def machine(self) -> None:
+        row = {"bench": "machine", "device": self.device, "torch": torch.__version__, "dry_run": self.dry,
+               "commit": _git_commit()}
+        for mod in ("diffusers", "transformers", "peft", "accelerate", "open_clip", "timm"):
+            with contextlib.suppress(Exception):
+                row[mod] = __import__(mod).__version__
+        if self.device == "cuda":
+            name = torch.cuda.get_device_name()
+            row["gpu"] = name
+            row["datasheet_bf16_tflops"] = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
+            n = 8192
+            a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+            b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+            seconds = _median_time(lambda: a @ b, self.sync, warm=3, reps=10)
+            self.peak_tflops = 2 * n**3 / seconds / 1e12
+            row["matmul_bf16_tflops"] = round(self.peak_tflops, 1)
+            del a, b
+        self.machine_row = self.emit(**row)
+
+    # -- training
+    def train(self, methods: list[str], steps: int) -> dict[str, dict]:
+        from personalize import train
+        from personalize.methods import get
+        from personalize.prior import PriorConfig
+        from personalize.training import TrainConfig
+
+        rows = {}
+        for method in methods:
+            if not self.in_budget(f"train {method}"):
+                break
+            cls = get(method)
+            batch = 2 if self.dry else cls.train_defaults.get("batch_size", TrainConfig.batch_size)
+            prior_off = {"prior_loss_weight": 0.0} if issubclass(cls.Config, PriorConfig) else {}
+            rows[method] = self.train_one(train, method, batch, steps, prior_off)
+        return rows
+
+    def train_one(self, train, method: str, batch: int, steps: int, extra: dict) -> dict:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        pipe = self.pipeline()
+        self.reset_peak()
+        stamps: list[float] = []
+        counter = FlopCounterMode(display=False)
+
+        def tick(step, loss, m):
+            self.sync()
+            stamps.append(time.perf_counter())
+            if step == 1:  # count the FLOPs of step 2 exactly, as the trainer runs it (not timed)
+                counter.__enter__()
+            elif step == 2:
+                counter.__exit__(None, None, None)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            photos = _photos(Path(tmp) / "photos", 512 if not self.dry else 64)
+            start = time.perf_counter()
+            error = None
+            try:
+                train(pipe, photos, token="<bench>", superclass="dog", out=Path(tmp) / "c.safetensors",
+                      method=method, progress=False, callbacks=[tick], device=self.device,
+                      settings={"steps": steps, "batch_size": batch, "checkpoint_every": 0,
+                                "mixed_precision": "bf16", **extra})
+            except Exception as exc:  # one method failing must not end the suite
+                error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            end = time.perf_counter()
+        row = {"bench": "train", "method": method, "batch": batch, "res": 512 if not self.dry else 32,
+               "precision": "bf16-mixed", "prior": False}
+        if error or len(stamps) < 5:
+            del pipe
+            return self.emit(**row, error=error or f"only {len(stamps)} steps")
+        deltas = [b - a for a, b in zip(stamps, stamps[1:])][2:]  # steps 4.. (1-3: warm-up, 2: FLOP count)
+        step_s = statistics.median(deltas)
+        flops = counter.get_total_flops()
+        row.update(step_s=round(step_s, 4), samples_per_s=round(batch / step_s, 2), steps_timed=len(deltas),
+                   setup_s=round(stamps[0] - start - deltas[0], 2), finish_s=round(end - stamps[-1], 2),
+                   tflop_per_step=round(flops / 1e12, 3), achieved_tflops=round(flops / step_s / 1e12, 1),
+                   peak_gib=self.peak_gib())
+        datasheet = getattr(self, "machine_row", {}).get("datasheet_bf16_tflops")
+        if datasheet:
+            row["mfu"] = round(flops / step_s / 1e12 / datasheet, 4)
+        if self.peak_tflops:
+            row["of_matmul_ceiling"] = round(flops / step_s / 1e12 / self.peak_tflops, 4)
+        if method == "perfusion" and batch == PAPER_BATCH:
+            row["time_to_concept_210x16_s"] = round(row["setup_s"] + PAPER_STEPS * step_s + row["finish_s"], 1)
+        del pipe
+        return self.emit(**row)
+
+    # -- sampling
+    def sample(self, steps: int, batches: tuple[int, ...], reps: int) -> None:
+        from personalize import attach, train
+
+        if not self.in_budget("sample"):
+            return
+        pipe = self.pipeline()
+        concepts = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            photos = _photos(Path(tmp) / "photos", 64)
+            for method in ("perfusion", "residuals"):
+                concepts[method] = train(pipe, photos, token=f"<{method[:4]}>", superclass="dog",
+                                         out=Path(tmp) / f"{method}.safetensors", method=method, progress=False,
+                                         device=self.device, settings={"steps": 1, "batch_size": 1,
+                                                                       "checkpoint_every": 0})
+            if self.device == "cuda":
+                pipe.to(dtype=torch.float16)  # fp16 inference (a bf16 pipeline's fingerprint differs today)
+            settings = {"bare": (None, {}, "a photo of a dog on the beach"),
+                        "perfusion": (concepts["perfusion"], {}, "a photo of a <perf> on the beach"),
+                        "residuals_lag": (concepts["residuals"], {"lag": True}, "a photo of a <resi> dog on the beach")}
+            for nb in batches:
+                if not self.in_budget(f"sample batch {nb}"):
+                    break
+                times: dict[str, list[float]] = {k: [] for k in settings}
+                for rep in range(reps + 1):  # the first round warms up
+                    for name, (concept, knobs, prompt) in settings.items():
+                        ctx = attach(pipe, concept, **knobs) if concept is not None else contextlib.nullcontext()
+                        with ctx:
+                            t = _time_once(lambda: pipe([prompt] * nb, num_inference_steps=steps, guidance_scale=7.5,
+                                                        output_type="latent",
+                                                        generator=torch.Generator(self.device).manual_seed(0)),
+                                           self.sync)
+                        if rep:
+                            times[name].append(t)
+                med = {k: statistics.median(v) for k, v in times.items()}
+                self.emit(bench="sample", sampler=f"ddim{steps}", cfg=7.5, batch=nb, dtype=str(pipe.unet.dtype),
+                          reps=reps, **{f"{k}_s": round(v, 4) for k, v in med.items()},
+                          images_per_s_bare=round(nb / med["bare"], 2),
+                          perfusion_overhead=round(med["perfusion"] / med["bare"] - 1, 4),
+                          lag_overhead=round(med["residuals_lag"] / med["bare"] - 1, 4), peak_gib=self.peak_gib())
+        del pipe
+
+    # -- evaluator
+    def evaluate(self, n_files: int, workers: int) -> None:
+        from personalize.evaluation.decode import preprocessed_batches
+        from personalize.evaluation.models import ClipEncoder, DinoEncoder
+
+        if not self.in_budget("eval"):
+            return
+        clip = ClipEncoder(random_weights=True, device=self.device)
+        dino = DinoEncoder(random_weights=True, device=self.device)
+        batch = 4 if self.dry else 256
+        dtypes = (torch.float32,) + ((torch.bfloat16,) if self.device == "cuda" else ())
+        for dtype in dtypes:
+            x = torch.randn(batch, 3, 224, 224, device=self.device)
+
+            def both(x=x, dtype=dtype):
+                with torch.inference_mode(), torch.autocast(self.device, dtype=dtype, enabled=dtype != torch.float32):
+                    clip.model.encode_image(x)
+                    dino.cls_features(x)
+
+            s = _median_time(both, self.sync, warm=1 if self.dry else 3, reps=1 if self.dry else 10)
+            self.emit(bench="eval_tensors", models="clip_vitb32+dino_vits16", dtype=str(dtype).split(".")[-1],
+                      batch=batch, images_per_s=round(batch / s, 1))
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = _random_pngs(Path(tmp), n_files, 512 if not self.dry else 64, workers)
+            dtype = dtypes[-1]
+            for nw in sorted({0, workers}) if self.dry else (workers,):
+                start = time.perf_counter()
+                count = 0
+                with torch.inference_mode(), torch.autocast(self.device, dtype=dtype, enabled=dtype != torch.float32):
+                    for c, d in preprocessed_batches(paths, (clip.transform, dino.transform), batch, nw):
+                        clip.model.encode_image(c.to(self.device, non_blocking=True))
+                        dino.cls_features(d.to(self.device, non_blocking=True))
+                        count += c.shape[0]
+                self.sync()
+                s = time.perf_counter() - start
+                self.emit(bench="eval_files", models="clip_vitb32+dino_vits16", dtype=str(dtype).split(".")[-1],
+                          files=count, png_px=512 if not self.dry else 64, workers=nw, batch=batch,
+                          images_per_s=round(count / s, 1))
+
+    # -- the diffusers scripts
+    def scripts(self, anchors: Path, ours: dict[str, dict], steps: int, only: list[str]) -> None:
+        harness = anchors / "run_diffusers_scripts.sh"
+        if not harness.is_file():
+            self.emit(bench="skipped", what="scripts", reason=f"no {harness}")
+            return
+        if not self.in_budget("scripts: save the pipeline"):
+            return
+        model = Path(tempfile.mkdtemp(prefix="sd15_"))
+        try:
+            pipe = self.pipeline()
+            pipe.save_pretrained(model)
+            del pipe
+            self.reset_peak()
+            for method in only:
+                name = SCRIPTS[method]
+                if not self.in_budget(f"script {name}"):
+                    break
+                batch = (ours.get(method) or {}).get("batch") or 1
+                env = {**os.environ, "ONLY": name, "BATCH": str(batch), "STEPS": str(steps),
+                       "RES": "512" if not self.dry else "32", "MP": "bf16" if self.device == "cuda" else "no"}
+                outd = model / f"run_{name}"
+                proc = subprocess.run(["bash", str(harness), str(model), str(anchors / "diffusers-examples"), str(outd)],
+                                      env=env, capture_output=True, text=True)
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(name + " ")), proc.stdout[-300:])
+                fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+                row = {"bench": "diffusers_script", "script": name, "method": method, "batch": batch, "steps": steps}
+                try:
+                    script_s = float(fields["median_step_s"])
+                    row.update(step_s=script_s, peak_gib=fields.get("peak_gib"), wall_s=float(fields["wall_s"]))
+                    if ours.get(method, {}).get("step_s"):
+                        row["ours_step_s"] = ours[method]["step_s"]
+                        row["speedup_ours_vs_script"] = round(script_s / ours[method]["step_s"], 3)
+                except (KeyError, ValueError):
+                    row["error"] = (line + " " + proc.stderr[-300:]).strip()[-600:]
+                self.emit(**row)
+        finally:
+            shutil.rmtree(model, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _time_once(fn, sync) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def _median_time(fn, sync, warm: int = 3, reps: int = 10) -> float:
+    for _ in range(warm):
+        fn()
+    return statistics.median(_time_once(fn, sync) for _ in range(reps))
+
+
+def _photos(folder: Path, size: int) -> Path:
+    """Five synthetic photos (a disc on varied backgrounds)."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(5):
+        img = Image.new("RGB", (size, size), (200, 40 * i, 60))
+        r = size // 4
+        ImageDraw.Draw(img).ellipse((r + 4 * i, r, 3 * r + 4 * i, 3 * r), fill=(30, 200, 40), outline=(0, 0, 0))
+        img.save(folder / f"photo_{i}.png")
+    return folder
+
+
+def _one_png(args) -> str:
+    import numpy as np
+    from PIL import Image
+
+    path, size, seed = args
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (size // 16, size // 16, 3), dtype=np.uint8)  # smooth, like a generated image
+    Image.fromarray(small).resize((size, size), Image.BICUBIC).save(path)
+    return path
+
+
+def _random_pngs(folder: Path, n: int, size: int, workers: int) -> list[Path]:
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(str(folder / f"{i:05d}.png"), size, i) for i in range(n)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            return [Path(p) for p in pool.map(_one_png, jobs, chunksize=16)]
+    return [Path(_one_png(j)) for j in jobs]
+
+
+def _git_commit() -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) or None
+    except Exception:
+        return os.environ.get("SUITE_COMMIT")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from personalize.methods import names
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, the `tiny` base, a few steps: checks the code")
+    parser.add_argument("--out", type=Path, default=Path("gpu_suite_out"))
+    parser.add_argument("--parts", default="train,sample,eval,scripts")
+    parser.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
+    parser.add_argument("--anchors", type=Path, default=ROOT.parent / "shared" / "perf-anchors",
+                        help="the perf-anchors folder (run_diffusers_scripts.sh, diffusers-examples/)")
+    parser.add_argument("--scripts", default=",".join(SCRIPTS), help="methods whose diffusers script is timed")
+    parser.add_argument("--budget-s", type=float, default=420.0)
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    suite = Suite(args.out, args.dry_run, args.budget_s)
+    if suite.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    suite.machine()
+    methods = names() if args.methods == "all" else args.methods.split(",")
+    ours = {}
+    if "train" in parts:
+        ours = suite.train(methods, steps=6 if args.dry_run else 12)
+    if "scripts" in parts:  # right after ours: the ratio is the point
+        suite.scripts(args.anchors, ours, steps=6 if args.dry_run else 12,
+                      only=[m for m in args.scripts.split(",") if m in SCRIPTS])
+    if "sample" in parts:
+        suite.sample(steps=2 if args.dry_run else 50, batches=(1, 2) if args.dry_run else (1, 8),
+                     reps=1 if args.dry_run else 2)
+    if "eval" in parts:
+        suite.evaluate(n_files=16 if args.dry_run else 4096, workers=2 if args.dry_run else args.workers)
+    suite.emit(bench="done", seconds=round(time.perf_counter() - suite.began, 1))
+
+
+if __name__ == "__main__":
+    main()
