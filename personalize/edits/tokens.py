@@ -43,9 +43,9 @@ class ExtendedEmbedding(nn.Module):
         for first, vectors in self.extra:
             offset = ids - first
             hit = (offset >= 0) & (offset < vectors.shape[0])
-            if hit.any():
-                rows = vectors.to(out.dtype)[offset.clamp(0, vectors.shape[0] - 1)]
-                out = torch.where(hit.unsqueeze(-1), rows, out)
+            # no `if hit.any()`: that would make the host wait for the device at every encoding
+            rows = vectors.to(out.dtype)[offset.clamp(0, vectors.shape[0] - 1)]
+            out = torch.where(hit.unsqueeze(-1), rows, out)
         return out
 
 

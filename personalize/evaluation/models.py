@@ -66,6 +66,22 @@ def dino_transform():
     return make_transform(256, 224, IMAGENET_MEAN, IMAGENET_STD)
 
 
+def pixel_transform(resize: int, crop: int):
+    """The geometric half of :func:`make_transform` (PIL -> uint8 CHW tensor): a quarter of the bytes to move
+    between processes; :func:`normalize_pixels` finishes it on any device."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(crop),
+                      T.PILToTensor()])
+
+
+def normalize_pixels(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> normalised float32, exactly as ToTensor + Normalize."""
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x.float() / 255 - m) / s
+
+
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 

@@ -51,10 +51,13 @@ class Rank1Projection:
     sim_map: torch.Tensor  # C^-1 i*_j / energy_j, (d_in, J): e @ sim_map = s(e)
 
     @classmethod
-    def from_targets(cls, i_star: torch.Tensor, C_inv: torch.Tensor) -> "Rank1Projection":
+    def from_targets(cls, i_star: torch.Tensor, C_inv: torch.Tensor,
+                     upper: torch.Tensor | None = None) -> "Rank1Projection":
+        """``upper``: the Cholesky factor U of C^-1 (C^-1 = U^T U), when the caller keeps it."""
         i_star = torch.atleast_2d(i_star).double()  # (J, d)
-        C_inv = C_inv.double()
-        upper = torch.linalg.cholesky(C_inv).mT  # C^-1 = U^T U
+        C_inv = C_inv.double().to(i_star.device)
+        if upper is None:
+            upper = torch.linalg.cholesky(C_inv).mT  # C^-1 = U^T U
         q, _ = torch.linalg.qr(upper @ i_star.T)  # orthonormal basis of {U i*_j}
         basis = torch.linalg.solve_triangular(upper, q, upper=True)  # u_j = U^-1 q_j
         c_i = C_inv @ i_star.T  # (d, J)
@@ -67,26 +70,46 @@ class Rank1Projection:
     def similarity(self, e: torch.Tensor) -> torch.Tensor:
         return e @ self.sim_map
 
-    def apply(
-        self, e: torch.Tensor, We: torch.Tensor, W_basis: torch.Tensor, o_star: torch.Tensor, beta: _Scalar, tau: _Scalar
-    ) -> torch.Tensor:
-        """h(e) given the base output ``We = W e`` and ``W_basis = W U_b`` (d_out, J)."""
+    def apply(self, e: torch.Tensor, We: torch.Tensor, W_basis: torch.Tensor, o_star: torch.Tensor,
+              gate: "Gate | None") -> torch.Tensor:
+        """h(e) given the base output ``We = W e``, ``W_basis = W U_b`` (d_out, J) and the gate (None: ungated)."""
         coeff = e @ self.coeff_map  # (..., J)
-        gate = gate_of(self.similarity(e), beta, tau)
-        return We - coeff @ W_basis.mT + gate @ o_star
+        s = self.similarity(e)
+        return We - coeff @ W_basis.mT + (s if gate is None else gate(s)) @ o_star
+
+
+@dataclass(frozen=True)
+class Gate:
+    """sigmoid((s - beta) / tau) per concept; concepts marked ``ungated`` keep s itself (Eq. 2)."""
+
+    beta: torch.Tensor  # (J,) or ()
+    tau: torch.Tensor
+    ungated: torch.Tensor | None = None  # (J,) bool
+
+    @classmethod
+    def of(cls, beta: _Scalar, tau: _Scalar, dtype: torch.dtype, device) -> "Gate | None":
+        """The gate for ``beta``/``tau`` (scalars, per-concept lists with None for ungated, or tensors); None
+        when ``beta`` is None. Made once and reused: building it copies to the device."""
+        if beta is None:
+            return None
+        ungated = None
+        if isinstance(beta, (list, tuple)):
+            if any(b is None for b in beta):
+                ungated = torch.tensor([b is None for b in beta]).to(device)
+            beta = [0.0 if b is None else b for b in beta]
+        return cls(torch.as_tensor(beta, dtype=dtype).to(device),
+                   torch.as_tensor(0.1 if tau is None else tau, dtype=dtype).to(device), ungated)
+
+    def __call__(self, s: torch.Tensor) -> torch.Tensor:
+        gated = torch.sigmoid((s - self.beta) / self.tau)
+        return gated if self.ungated is None else torch.where(self.ungated, s, gated)
 
 
 def gate_of(s: torch.Tensor, beta: _Scalar, tau: _Scalar) -> torch.Tensor:
     """sigmoid((s - beta) / tau), or s itself when ``beta`` is None (ungated); per concept, a None in a
     ``beta`` list leaves that concept ungated."""
-    if beta is None:
-        return s
-    if isinstance(beta, (list, tuple)) and any(b is None for b in beta):
-        ungated = torch.tensor([b is None for b in beta], device=s.device)
-        return torch.where(ungated, s, gate_of(s, [0.0 if b is None else b for b in beta], tau))
-    beta = torch.as_tensor(beta, dtype=s.dtype, device=s.device)
-    tau = torch.as_tensor(0.1 if tau is None else tau, dtype=s.dtype, device=s.device)
-    return torch.sigmoid((s - beta) / tau)
+    gate = Gate.of(beta, tau, s.dtype, s.device)
+    return s if gate is None else gate(s)
 
 
 def rank1_edit(
@@ -106,7 +129,8 @@ def rank1_edit(
     """
     proj = Rank1Projection.from_targets(i_star, C_inv).to(e.dtype, e.device)
     W = W.to(e.dtype)
-    return proj.apply(e, e @ W.mT, W @ proj.basis, torch.atleast_2d(o_star).to(e.dtype), beta, tau)
+    return proj.apply(e, e @ W.mT, W @ proj.basis, torch.atleast_2d(o_star).to(e.dtype),
+                      Gate.of(beta, tau, e.dtype, e.device))
 
 
 # ----------------------------------------------------------------------------- the edit in the UNet
@@ -123,6 +147,8 @@ class PerfusionGroup:
         self.C_inv = C_inv.double()
         self.concepts: list["Perfusion"] = []
         self._cache: tuple | None = None
+        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (C^-1, its Cholesky U)
+        self._gate: tuple | None = None
         self.key_lock: KeyLock | None = None
 
     def add(self, concept: "Perfusion") -> None:
@@ -156,11 +182,27 @@ class PerfusionGroup:
         return out
 
     def projection(self, dtype, device) -> Rank1Projection:
+        """The shared projection, recomputed only when an i* changed (every step in training), where the i*
+        live (no copy to the host and back); C^-1's Cholesky factor is computed once per device."""
         key = (tuple((id(c), c.i_star_version) for c in self.concepts), dtype, device)
         if self._cache is None or self._cache[0] != key:
-            i_stars = torch.stack([c.i_star.detach().double().cpu() for c in self.concepts])
-            self._cache = (key, Rank1Projection.from_targets(i_stars, self.C_inv).to(dtype, device))
+            i_stars = torch.stack([c.i_star.detach().double() for c in self.concepts])
+            where = str(i_stars.device)
+            if where not in self._factors:
+                C_inv = self.C_inv.to(i_stars.device)
+                self._factors[where] = (C_inv, torch.linalg.cholesky(C_inv).mT)
+            C_inv, upper = self._factors[where]
+            self._cache = (key, Rank1Projection.from_targets(i_stars, C_inv, upper).to(dtype, device))
         return self._cache[1]
+
+    def gate(self, dtype, device) -> Gate | None:
+        """The concepts' gate (betas, taus), rebuilt only when a knob changed."""
+        beta = tuple(c.beta for c in self.concepts)
+        tau = tuple(0.1 if c.tau is None else c.tau for c in self.concepts)
+        key = (beta, tau, dtype, device)
+        if self._gate is None or self._gate[0] != key:
+            self._gate = (key, None if all(b is None for b in beta) else Gate.of(list(beta), list(tau), dtype, device))
+        return self._gate[1]
 
 
 class PerfusionSite:
@@ -170,17 +212,33 @@ class PerfusionSite:
 
     def __init__(self, group: PerfusionGroup, layer: str, pathway: str):
         self.group, self.layer, self.pathway = group, layer, pathway
+        self._w_basis: tuple | None = None  # (projection, W's identity, W U_b)
+        self._o_star: tuple | None = None  # (versions of the o* tensors and dtype, stacked o*, the tensors)
 
     def __call__(self, wrapper: nn.Module, e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        concepts = self.group.concepts
         proj = self.group.projection(e.dtype, e.device)
-        W = wrapper.base_layer.weight.to(e.dtype)
-        o_star = torch.stack([c.target_output(self.layer, self.pathway) for c in concepts]).to(e.dtype)
-        beta = [c.beta for c in concepts]
-        tau = [0.1 if c.tau is None else c.tau for c in concepts]
-        if all(b is None for b in beta):
-            beta = None
-        return proj.apply(e, out, W @ proj.basis, o_star, beta, tau)
+        return proj.apply(e, out, self._weight_basis(wrapper, proj, e.dtype), self._targets(e.dtype),
+                          self.group.gate(e.dtype, e.device))
+
+    def _weight_basis(self, wrapper: nn.Module, proj: Rank1Projection, dtype) -> torch.Tensor:
+        """W U_b, kept while the projection and the (frozen) weight are the same."""
+        weight = wrapper.base_layer.weight
+        ident = (weight.data_ptr(), weight._version, weight.dtype)
+        if self._w_basis is None or self._w_basis[0] is not proj or self._w_basis[1] != ident:
+            self._w_basis = (proj, ident, weight.to(dtype) @ proj.basis)
+        return self._w_basis[2]
+
+    def _targets(self, dtype) -> torch.Tensor:
+        """The concepts' o* stacked (J, d_out); kept between calls unless autograd needs a fresh graph or
+        a tensor changed (an optimizer step or an in-place load bumps its version)."""
+        tensors = [c.target_output(self.layer, self.pathway) for c in self.group.concepts]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return torch.stack(tensors).to(dtype)
+        key = (tuple((id(t), t._version) for t in tensors), dtype)
+        if self._o_star is None or self._o_star[0] != key:
+            # the tensors themselves are kept too, so no id in the key can be reused by a new tensor
+            self._o_star = (key, torch.stack(tensors).detach().to(dtype), tensors)
+        return self._o_star[1]
 
 
 # ----------------------------------------------------------------------------- the method
