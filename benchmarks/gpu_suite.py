@@ -51,8 +51,8 @@ SCRIPTS = {"dreambooth": "dreambooth", "dreambooth-lora": "dreambooth_lora",
 
 
 class Suite:
-    def __init__(self, out: Path, dry_run: bool, budget_s: float):
-        self.out, self.dry = out, dry_run
+    def __init__(self, out: Path, dry_run: bool, budget_s: float, compile_unet: bool = False):
+        self.out, self.dry, self.compile = out, dry_run, compile_unet
         self.device = "cpu" if dry_run or not torch.cuda.is_available() else "cuda"
         self.began, self.budget = time.perf_counter(), budget_s
         out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +146,8 @@ class Suite:
         def tick(step, loss, m):
             self.sync()
             stamps.append(time.perf_counter())
+            if self.compile:  # a dispatch mode around a compiled module would recompile it: count eager runs only
+                return
             if step == 1:  # count the FLOPs of step 2 exactly, as the trainer runs it (not timed)
                 counter.__enter__()
             elif step == 2:
@@ -159,26 +161,28 @@ class Suite:
                 train(pipe, photos, token="<bench>", superclass="dog", out=Path(tmp) / "c.safetensors",
                       method=method, progress=False, callbacks=[tick], device=self.device,
                       settings={"steps": steps, "batch_size": batch, "checkpoint_every": 0,
-                                "mixed_precision": "bf16", **extra})
+                                "mixed_precision": "bf16", "compile": self.compile, **extra})
             except Exception as exc:  # one method failing must not end the suite
                 error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             end = time.perf_counter()
         row = {"bench": "train", "method": method, "batch": batch, "res": 512 if not self.dry else 32,
-               "precision": "bf16-mixed", "prior": False}
+               "precision": "bf16-mixed", "prior": False, "compile": self.compile}
         if error or len(stamps) < 5:
             del pipe
             return self.emit(**row, error=error or f"only {len(stamps)} steps")
         deltas = [b - a for a, b in zip(stamps, stamps[1:])][2:]  # steps 4.. (1-3: warm-up, 2: FLOP count)
         step_s = statistics.median(deltas)
-        flops = counter.get_total_flops()
+        flops = counter.get_total_flops() if not self.compile else 0
         row.update(step_s=round(step_s, 4), samples_per_s=round(batch / step_s, 2), steps_timed=len(deltas),
                    setup_s=round(stamps[0] - start - deltas[0], 2), finish_s=round(end - stamps[-1], 2),
                    tflop_per_step=round(flops / 1e12, 3), achieved_tflops=round(flops / step_s / 1e12, 1),
                    peak_gib=self.peak_gib())
         datasheet = getattr(self, "machine_row", {}).get("datasheet_bf16_tflops")
-        if datasheet:
+        if not flops:
+            row.update(tflop_per_step=None, achieved_tflops=None)
+        elif datasheet:
             row["mfu"] = round(flops / step_s / 1e12 / datasheet, 4)
-        if self.peak_tflops:
+        if self.peak_tflops and flops:
             row["of_matmul_ceiling"] = round(flops / step_s / 1e12 / self.peak_tflops, 4)
         if method == "perfusion" and batch == PAPER_BATCH:
             row["time_to_concept_210x16_s"] = round(row["setup_s"] + PAPER_STEPS * step_s + row["finish_s"], 1)
@@ -383,10 +387,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="the perf-anchors folder (run_diffusers_scripts.sh, diffusers-examples/)")
     parser.add_argument("--scripts", default=",".join(SCRIPTS), help="methods whose diffusers script is timed")
     parser.add_argument("--budget-s", type=float, default=420.0)
+    parser.add_argument("--compile", action="store_true", help="train with torch.compile of the UNet (step 1 compiles)")
     parser.add_argument("--workers", type=int, default=max(1, min(15, (os.cpu_count() or 2) - 1)))
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
-    suite = Suite(args.out, args.dry_run, args.budget_s)
+    suite = Suite(args.out, args.dry_run, args.budget_s, args.compile)
     if suite.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

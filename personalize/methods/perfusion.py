@@ -73,8 +73,8 @@ class Rank1Projection:
     def apply(self, e: torch.Tensor, We: torch.Tensor, W_basis: torch.Tensor, o_star: torch.Tensor,
               gate: "Gate | None") -> torch.Tensor:
         """h(e) given the base output ``We = W e``, ``W_basis = W U_b`` (d_out, J) and the gate (None: ungated)."""
-        coeff = e @ self.coeff_map  # (..., J)
-        s = self.similarity(e)
+        coeff = e @ self.coeff_map.to(e.dtype)  # (..., J)
+        s = e @ self.sim_map.to(e.dtype)
         return We - coeff @ W_basis.mT + (s if gate is None else gate(s)) @ o_star
 
 
@@ -184,6 +184,8 @@ class PerfusionGroup:
     def projection(self, dtype, device) -> Rank1Projection:
         """The shared projection, recomputed only when an i* changed (every step in training), where the i*
         live (no copy to the host and back); C^-1's Cholesky factor is computed once per device."""
+        if torch.compiler.is_compiling() and self._cache is not None:  # traced: no cache logic (it would
+            return self._cache[1]  # recompile every step); refreshed eagerly by Perfusion.on_text_encoded
         key = (tuple((id(c), c.i_star_version) for c in self.concepts), dtype, device)
         if self._cache is None or self._cache[0] != key:
             i_stars = torch.stack([c.i_star.detach().double() for c in self.concepts])
@@ -197,6 +199,8 @@ class PerfusionGroup:
 
     def gate(self, dtype, device) -> Gate | None:
         """The concepts' gate (betas, taus), rebuilt only when a knob changed."""
+        if torch.compiler.is_compiling() and self._gate is not None:
+            return self._gate[1]  # refreshed eagerly, like the projection
         beta = tuple(c.beta for c in self.concepts)
         tau = tuple(0.1 if c.tau is None else c.tau for c in self.concepts)
         key = (beta, tau, dtype, device)
@@ -223,6 +227,8 @@ class PerfusionSite:
     def _weight_basis(self, wrapper: nn.Module, proj: Rank1Projection, dtype) -> torch.Tensor:
         """W U_b, kept while the projection and the (frozen) weight are the same."""
         weight = wrapper.base_layer.weight
+        if torch.compiler.is_compiling():
+            return weight.to(dtype) @ proj.basis.to(dtype)
         ident = (weight.data_ptr(), weight._version, weight.dtype)
         if self._w_basis is None or self._w_basis[0] is not proj or self._w_basis[1] != ident:
             self._w_basis = (proj, ident, weight.to(dtype) @ proj.basis)
@@ -232,7 +238,7 @@ class PerfusionSite:
         """The concepts' o* stacked (J, d_out); kept between calls unless autograd needs a fresh graph or
         a tensor changed (an optimizer step or an in-place load bumps its version)."""
         tensors = [c.target_output(self.layer, self.pathway) for c in self.group.concepts]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return torch.stack(tensors).to(dtype)
         key = (tuple((id(t), t._version) for t in tensors), dtype)
         if self._o_star is None or self._o_star[0] != key:
@@ -393,6 +399,9 @@ class Perfusion(Method):
             updated = self.config.ema * self.i_star + (1 - self.config.ema) * e_concept
             self.i_star = torch.where(found > 0, updated, self.i_star)
         self.i_star_version += 1
+        if self.installed:  # the shared projection and gate now, outside any compiled UNet
+            self.group.projection(hidden.dtype, hidden.device)
+            self.group.gate(hidden.dtype, hidden.device)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"embedding": self.embedding.detach(), "i_star": self.i_star.detach()}
