@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import BadInputError, PersonalizeError
+from .settings import check_options
 
 app = typer.Typer(
     help="Teach a text-to-image model your own concepts, generate them anywhere, and measure how well it worked.",
@@ -131,6 +132,8 @@ def train(
     """
     from .training import train as run_train
 
+    check_options(steps=steps, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,
+                  preview_every=preview_every)  # the method's own flags are checked as its settings
     settings = _load_settings(config, set_)
     flags = dict(steps=steps, batch_size=batch_size, seed=seed, mixed_precision=mixed_precision,
                  gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
@@ -229,6 +232,7 @@ def generate(
     from .generation import generate as run_generate
     from .generation import write_images
 
+    check_options(num_images=num_images, steps=steps, guidance=guidance, seed=seed, beta=beta, tau=tau)
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out '{out}' is a file; pass a folder for the images")
     items = [_parse_concept_arg(c) for c in concept]
@@ -444,28 +448,68 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _error(message: str) -> None:
+    """One line on stderr: ``error: MESSAGE`` (line breaks folded, rich markup in MESSAGE shown as typed)."""
+    from rich.markup import escape
+
+    line = " ".join(str(message).split())
+    err_console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def _usage_error(exc) -> str:
+    """A usage error's message, plus where to read the usage (``personalize train --help``)."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "personalize"
+    return f"{message}; see '{command} --help'"
+
+
+def _click_errors() -> tuple:
+    """(usage-error base class, no-command error class, abort class) of the click typer runs on.
+
+    typer >= 0.2x bundles its own click (``typer._click``), whose exceptions are not ``click``'s; older typer
+    used ``click`` itself."""
+    try:
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
+        return ClickException, NoArgsIsHelpError, typer.Abort
+    except ImportError:  # pragma: no cover - older typer
+        import click
+
+        return (click.exceptions.ClickException, getattr(click.exceptions, "NoArgsIsHelpError", ()),
+                click.exceptions.Abort)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    """The console script: exit 0 on success, 2 with one ``error:`` line on stderr for any bad input or usage
+    (unknown option, missing or malformed value, no command), 1 when a benchmark run ends with failed rows."""
+    usage_error, no_command, abort = _click_errors()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False, prog_name="personalize")
     except PersonalizeError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _error(str(exc))
         sys.exit(2)
+    except no_command as exc:  # bare 'personalize' (or 'personalize benchmark'): the help is on stdout
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path if ctx is not None else "personalize"
+        _error(f"no command given; pick one of the commands above ('{command} COMMAND --help' for its options)")
+        sys.exit(2)
+    except usage_error as exc:  # unknown option or command, bad or missing value
+        _error(_usage_error(exc))
+        sys.exit(2)
+    except abort:
+        _error("aborted")
+        sys.exit(1)
     except KeyboardInterrupt:
+        code = 130
+    # in non-standalone mode typer returns the code of a typer.Exit (a benchmark run with failed rows: 1) and turns
+    # Ctrl-C into 130
+    if code == 130:
         err_console.print("interrupted; 'personalize train ... --resume' continues from the last checkpoint")
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors etc. come through standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

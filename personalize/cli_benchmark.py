@@ -81,13 +81,17 @@ def run(
     N processes):
     [bold]accelerate launch --num_processes 8 -m personalize.cli benchmark run bench.yaml --out runs/bench[/bold]
 
+    [bold]Exit code[/bold]: 0 when every row is done; 1 when rows failed (each is listed; run the same command
+    again to retry them); 2 with one line on stderr for a bad spec or option (nothing is run).
+
     [bold]Example[/bold]:  personalize benchmark run bench.yaml --out runs/bench
     Then:  personalize benchmark report runs/bench/benchmark.sqlite --out runs/bench/report
     """
     from .benchmark.runner import run_benchmark
+    from .paths import inside
 
     spec = _load(spec_path, clip_weights, dino_weights)
-    out = out or Path(f"{spec.name}_out")
+    out = out or inside(Path("."), f"{spec.name}_out")  # the spec's name: a folder here, never elsewhere
     summary = run_benchmark(spec, out, progress=progress)
     c = summary.counts
     console = _console()

@@ -1,6 +1,7 @@
 """``personalize toyworld ...``: the toy world's concepts, renders, measurers and base-model recipe."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -84,13 +85,28 @@ def score(
     _console().print_json(json.dumps(result))
 
 
+@contextlib.contextmanager
+def _one_line_argparse(command: str):
+    """The toy-world scripts parse their own options (argparse): a bad one is our one-line error, not argparse's
+    usage block."""
+    import argparse
+    from unittest import mock
+
+    def error(parser, message):
+        raise BadInputError(f"{message}; see 'personalize toyworld {command} --help'")
+
+    with mock.patch.object(argparse.ArgumentParser, "error", error):
+        yield
+
+
 @app.command("train-base", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_base(ctx: typer.Context):
     """Train the toy base model from scratch (VAE, then text encoder + UNet); resumable. Options: see --help of
     'python -m personalize.datasets.toyworld.train_base'."""
     from .datasets.toyworld.train_base import main as run
 
-    run(list(ctx.args))
+    with _one_line_argparse("train-base"):
+        run(list(ctx.args))
 
 
 @app.command("evaluate-base", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -99,5 +115,7 @@ def evaluate_base(ctx: typer.Context):
     'python -m personalize.datasets.toyworld.evaluate --help'."""
     from .datasets.toyworld.evaluate import main as run
 
-    _console().print_json(json.dumps(run(list(ctx.args)), default=str))
+    with _one_line_argparse("evaluate-base"):
+        result = run(list(ctx.args))
+    _console().print_json(json.dumps(result, default=str))
 

@@ -25,6 +25,8 @@ from . import methods as method_registry
 from .concept import Concept, check_base, load_concept
 from .errors import BadInputError
 from .methods.shared import check_composable
+from .settings import check_knobs
+from .templates import check_token
 
 _TRUE, _FALSE = ("true", "on", "1", "yes"), ("false", "off", "0", "no", "none")
 
@@ -84,7 +86,7 @@ def renamed(concept: Concept, token: str) -> Concept:
     if tokens and len(tokens) > 1:
         raise BadInputError(f"'{_name(concept)}' holds {len(tokens)} concepts ({', '.join(tokens)}); "
                             "token= renames single-concept files only")
-    renamed_ = concept.with_token(token)
+    renamed_ = concept.with_token(check_token(token, f"--concept {_name(concept)}:token="))
     if tokens:
         renamed_.header["tokens"] = [token]
     return renamed_
@@ -175,6 +177,7 @@ def prepare(concepts, **shared: Any) -> list[Part]:
         raise BadInputError("no concept given; pass at least one concept file")
     _share(parts, {k: v for k, v in shared.items() if v is not None and v is not False})
     for p in parts:
+        p.knobs = check_knobs(p.knobs, f"--concept {p.name}:")
         if "lag" in p.knobs:
             if _flag(p.knobs["lag"], "lag"):
                 check_lag(p.concept, p.method_cls)

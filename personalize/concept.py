@@ -19,6 +19,7 @@ import torch
 from .base import Fingerprint, fingerprint
 from .errors import ConceptFileError
 from .paths import atomic_path
+from .templates import check_token
 
 FORMAT_VERSION = 1
 
@@ -94,6 +95,8 @@ def load_concept(path: str | Path) -> Concept:
         raise ConceptFileError(
             f"concept file '{path}' has format version {header['format_version']}; upgrade personalize to read it"
         )
+    for token in [header.get("token"), *(header.get("tokens") or [])]:  # tokens become file names (export)
+        check_token(token, f"concept file '{path}'", "re-train it, or re-import it with a valid --token")
     return Concept(header=header, tensors=tensors, path=path)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .concept import Concept, load_concept
 from .errors import BadInputError
-from .paths import atomic_path
+from .paths import atomic_path, inside
 
 FORMATS = ("diffusers-lora",)
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight name
@@ -42,8 +42,8 @@ def export(concept: Concept | str | Path, out: str | Path, fmt: str = "diffusers
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out '{out}' is a file; pass a folder for the exported LoRA")
-    _write_lora(concept, out / LORA_FILE)
-    _write_token(concept, out / TOKEN_FILE)
+    _write_lora(concept, inside(out, LORA_FILE))
+    _write_token(concept, inside(out, TOKEN_FILE))
     info = {
         "format": fmt, "token": concept.token, "superclass": concept.superclass,
         "prompt": f"a photo of a {concept.token} {concept.superclass}",
@@ -53,7 +53,7 @@ def export(concept: Concept | str | Path, out: str | Path, fmt: str = "diffusers
         "base_fingerprint": concept.header.get("base_fingerprint", {}).get("digest"),
         "load": ["pipe.load_lora_weights(DIR)", f"pipe.load_textual_inversion(DIR/'{TOKEN_FILE}')"],
     }
-    with atomic_path(out / "export.json") as tmp:
+    with atomic_path(inside(out, "export.json")) as tmp:
         tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
     return out
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .paths import atomic_path
+from .paths import atomic_path, inside
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def write_images(images: list, prompt: str, out: str | Path, seed: int, prefix: 
     paths = []
     for k, image in enumerate(images):
         stem = f"{prefix}{slug(prompt)}_{seed + k}"
-        path = out / f"{stem}.png"
+        path = inside(out, f"{stem}.png")
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG")
         mapping[stem] = prompt

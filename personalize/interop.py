@@ -22,7 +22,8 @@ import torch
 from . import methods as method_registry
 from .concept import Concept, load_concept, save_concept
 from .errors import BadInputError
-from .paths import atomic_path
+from .paths import atomic_path, inside
+from .templates import check_token
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -64,7 +65,7 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
 
 
 def write_info(folder: Path, info: dict[str, Any]) -> Path:
-    path = folder / "export.json"
+    path = inside(folder, "export.json")
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
     return path
@@ -111,7 +112,7 @@ def import_file(base, path: str | Path, *, method: str, out: str | Path, token: 
     """Convert a foreign file (``method``'s export format) into a concept file for ``base``; returns ``out``."""
     from .base import fingerprint, load_base
     from .images import file_sha256
-    from .methods.shared import words_of
+    from .methods.shared import as_list, words_of
     from .training import _validate_words, concept_header
 
     method_cls = method_registry.get(method)
@@ -123,12 +124,16 @@ def import_file(base, path: str | Path, *, method: str, out: str | Path, token: 
         raise BadInputError(f"--out '{out}' must be a file path ending in .safetensors")
     if not superclass:
         raise BadInputError("--superclass is required: the one-token word for what the concept is, e.g. 'dog'")
+    if token is not None:
+        check_token(token, "--token")
     state = read_state(path, allow_pickle)
     extra = [read_state(e, allow_pickle) for e in embeddings]
     pipe = load_base(base) if isinstance(base, (str, Path)) else base
     found = method_cls.import_state(pipe, state, token=token, superclass=superclass, embeddings=extra)
     if not found["token"]:
         raise BadInputError(f"'{Path(path).name}' does not name its token; pass --token '<name>'")
+    for tok in as_list(found["token"]):
+        check_token(tok, f"the token in '{Path(path).name}'", "pass --token '<name>' to use another")
     config = method_cls.make_config({**found.get("config", {}), **(settings or {})})
     tokens, superclasses = found["token"], found["superclass"]
     for tok, sc in zip(*words_of(tokens, superclasses)):

@@ -15,6 +15,23 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+def inside(folder: str | os.PathLike, *parts: str) -> Path:
+    """``folder / parts...``, refused (one-line BadInputError) when it would land outside ``folder``.
+
+    Every writer that builds a file name from a string it was given (a token, a concept name) goes through
+    this, so a name such as ``../../x`` cannot write outside the output folder even if it slipped past the
+    checks where names enter (links inside ``folder`` are followed, so they are held to the same rule)."""
+    from .errors import BadInputError
+
+    folder = Path(folder)
+    path = folder.joinpath(*parts)
+    root = folder.resolve()
+    if not parts or not path.resolve().is_relative_to(root) or path.resolve() == root:
+        raise BadInputError(f"refusing to write {str(Path(*parts)) if parts else ''!r}: the name leaves the output "
+                            f"folder '{folder}'; use a plain file name (no '/', '\\' or '..')")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike):
     """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""

@@ -6,7 +6,13 @@ about the scene, so the concept absorbs appearance, not context.
 """
 from __future__ import annotations
 
+import unicodedata
+
 from .errors import BadInputError
+
+TOKEN_MAX = 64
+TOKEN_RULE = (f"a token is 1-{TOKEN_MAX} characters without spaces, control characters, '/', '\\' or '..', "
+              "e.g. '<my-teddy>'")
 
 NEUTRAL_TEMPLATES = (
     "a photo of a {}",
@@ -65,10 +71,50 @@ def single_token_id(tokenizer, word: str) -> int:
     )
 
 
+def shown(text, limit: int = 70) -> str:
+    """``text`` for an error line: quoted, control characters escaped, cut to ``limit`` characters."""
+    text = repr(text)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def token_problem(token) -> str | None:
+    """What is wrong with ``token`` as a placeholder string (None: nothing).
+
+    Tokens become prompt words and file names (``personalize export``: ``<token>.pt``), so one rule holds
+    wherever they enter (train, import, a concept file's header, ``token=`` renames): 1-64 characters, no
+    whitespace, no control or invisible format characters, no path separators, no ``..``.
+    """
+    if not isinstance(token, str):
+        return f"it is a {type(token).__name__}, not text"
+    if not token:
+        return "it is empty"
+    if len(token) > TOKEN_MAX:
+        return f"it is {len(token)} characters long"
+    if any(c.isspace() for c in token):
+        return "it has whitespace"
+    if any(unicodedata.category(c).startswith("C") for c in token):
+        return "it has control characters"
+    if "/" in token or "\\" in token:
+        return "it has a path separator"
+    if ".." in token:
+        return "it has '..'"
+    return None
+
+
+def check_token(token, where: str = "token", fix: str = "") -> str:
+    """``token`` if it follows the token rule (:func:`token_problem`), else a one-line BadInputError.
+
+    ``where`` names the source in the message (``--token``, a concept file ...); ``fix`` is appended."""
+    problem = token_problem(token)
+    if problem:
+        raise BadInputError(f"{where}: {shown(token)} is not a valid token ({problem}); {TOKEN_RULE}"
+                            + (f"; {fix}" if fix else ""))
+    return token
+
+
 def check_new_token(tokenizer, token: str) -> None:
-    """Refuse a placeholder that already means something to the tokenizer."""
-    if not token or any(c.isspace() for c in token):
-        raise BadInputError(f"token '{token}' must be one word without spaces, e.g. '<my-teddy>'")
+    """Refuse a placeholder that breaks the token rule or already means something to the tokenizer."""
+    check_token(token)
     vocab = tokenizer.get_vocab()
     ids = tokenizer(token, add_special_tokens=False).input_ids
     if token.lower() in vocab or token.lower() + "</w>" in vocab or len(ids) == 1:

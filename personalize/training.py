@@ -28,7 +28,7 @@ from .concept import Concept, save_concept
 from .errors import BadInputError, CheckpointError
 from .images import file_sha256, list_images, load_images, load_masks
 from .paths import atomic_path
-from .templates import NEUTRAL_TEMPLATES, check_new_token, fill, single_token_id
+from .templates import NEUTRAL_TEMPLATES, check_new_token, check_token, fill, single_token_id
 
 
 @dataclass
@@ -70,8 +70,11 @@ def split_overrides(method_cls, overrides: dict[str, Any] | None) -> tuple[dict,
 
 def resolve_settings(method_cls, settings: dict[str, Any] | None) -> tuple[TrainConfig, Any]:
     """The trainer's and the method's configs: TrainConfig defaults < the method's ``train_defaults`` < ``settings``."""
+    from .settings import coerce_fields
+
     train_over, method_over = split_overrides(method_cls, settings)
-    return TrainConfig(**{**method_cls.train_defaults, **train_over}), method_cls.make_config(method_over)
+    train_cfg = TrainConfig(**coerce_fields(TrainConfig, {**method_cls.train_defaults, **train_over}))
+    return train_cfg, method_cls.make_config(method_over)
 
 
 def preview_dir(out: str | Path) -> Path:
@@ -366,6 +369,8 @@ def _concepts(method_cls, images, token, superclass) -> tuple[list, list[str], l
         multi = [n for n in method_registry.names() if method_registry.get(n).multi_concept]
         raise BadInputError(f"{method_cls.name} trains one concept per run; train several jointly with "
                             f"{', '.join(multi) or 'a multi-concept method'}, or run once per concept")
+    for tok in tokens:
+        check_token(tok)
     single_tokens(tokens)
     return folders, tokens, superclasses
 

@@ -455,3 +455,412 @@ def test_residuals_setting_on_perfusion(capsys, photos, out):
     code, _, err = run_cli(capsys, train_args(photos, out, "--train-token"))
     check_error(code, err, "unknown setting", "train_token")
     assert_no_train_output(out)
+
+
+# --------------------------------------------------------------------------- usage errors, numbers: one table
+# Every command line below is wrong in one way. Each must end with exit code 2, one line on stderr (no
+# Traceback, no usage block), before any model loads, and leave nothing under OUTDIR. Placeholders: {photos},
+# {out} (a concept file under OUTDIR), {outdir}, {concept} (a trained Perfusion concept, only where needed).
+def _train(*extra, flags=True):
+    """Train arguments; ``flags=False`` leaves out --steps/--batch-size (flags win over --set)."""
+    return ["train", "--base", "tiny", "--images", "{photos}", "--superclass", "ball", "--token", TOKEN,
+            "--out", "{out}", *(["--steps", "1", "--batch-size", "1"] if flags else []), "--checkpoint-every", "0",
+            "--device", "cpu", *extra]
+
+
+def _generate(*extra, concept="{concept}"):
+    return ["generate", "--base", "tiny", "--concept", concept, "--prompt", f"a {TOKEN} on a table",
+            "--out", "{outdir}", "--num-images", "1", "--steps", "1", "--device", "cpu", *extra]
+
+
+USAGE = {
+    # train: options typer parses
+    "train-steps-word": (_train("--steps", "ten"), ["--steps", "integer"]),
+    "train-batch-fraction": (_train("--batch-size", "2.5"), ["--batch-size"]),
+    "train-unknown-option": (_train("--learning-rate", "1"), ["no such option", "--learning-rate"]),
+    "train-missing-out": (["train", "--images", "{photos}", "--token", TOKEN, "--superclass", "ball"],
+                          ["missing option", "--out"]),
+    "train-option-without-value": (_train("--steps"), ["--steps", "requires an argument"]),
+    # train: numeric options checked before work starts
+    "train-steps-negative": (_train("--steps", "-1"), ["--steps", ">= 1", "-1"]),
+    "train-steps-zero": (_train("--steps", "0"), ["--steps", ">= 1"]),
+    "train-batch-zero": (_train("--batch-size", "0"), ["--batch-size", ">= 1"]),
+    "train-seed-negative": (_train("--seed", "-3"), ["--seed", "between 0 and"]),
+    "train-seed-too-big": (_train("--seed", str(2**64)), ["--seed", "between 0 and"]),
+    "train-checkpoint-every-negative": (_train("--checkpoint-every", "-5"), ["--checkpoint-every", ">= 0"]),
+    "train-preview-every-negative": (_train("--preview-every", "-1"), ["--preview-every", ">= 0"]),
+    "train-rank-fraction-nan": (_train("--method", "residuals", "--rank-fraction", "nan"),
+                                ["'rank_fraction'", "finite"]),
+    "train-prior-weight-negative": (_train("--method", "dreambooth", "--prior-loss-weight", "-1"),
+                                    ["'prior_loss_weight'", ">= 0"]),
+    "train-num-class-images-negative": (_train("--method", "dreambooth", "--num-class-images", "-3"),
+                                        ["'num_class_images'", ">= 0"]),
+    "train-num-vectors-zero": (_train("--method", "textual-inversion", "--num-vectors", "0"),
+                               ["'num_vectors'", ">= 1"]),
+    # --set KEY=VALUE: coerced to the field's type, finite, in range
+    "set-steps-word": (_train("--set", "steps=abc", flags=False), ["'steps'", "whole number", "'abc'"]),
+    "set-steps-negative": (_train("--set", "steps=-10", flags=False), ["'steps'", ">= 1"]),
+    "set-batch-fraction": (_train("--set", "batch_size=2.5", flags=False), ["'batch_size'", "whole number"]),
+    "set-seed-list": (_train("--set", "seed=[1,2]"), ["'seed'", "whole number"]),
+    "set-lr-nan": (_train("--set", "lr_value=NaN"), ["'lr_value'", "finite", "nan"]),
+    "set-lr-infinity": (_train("--set", "lr_value=Infinity"), ["'lr_value'", "finite", "inf"]),
+    "set-lr-negative": (_train("--set", "lr_value=-0.01"), ["'lr_value'", "> 0"]),
+    "set-lr-zero": (_train("--set", "lr_embedding=0"), ["'lr_embedding'", "> 0"]),
+    "set-lr-word": (_train("--set", "lr_embedding=fast"), ["'lr_embedding'", "number", "'fast'"]),
+    "set-beta-train-nan": (_train("--set", "beta_train=nan"), ["'beta_train'", "finite"]),
+    "set-tau-train-zero": (_train("--set", "tau_train=0"), ["'tau_train'", "> 0"]),
+    "set-ema-above-one": (_train("--set", "ema=1.5"), ["'ema'", "between 0 and 1"]),
+    "set-flip-p-negative": (_train("--set", "flip_p=-0.5"), ["'flip_p'", "between 0 and 1"]),
+    "set-max-grad-norm-negative": (_train("--set", "max_grad_norm=-1"), ["'max_grad_norm'", ">= 0"]),
+    "set-bool-word": (_train("--set", "gradient_checkpointing=maybe"), ["'gradient_checkpointing'", "true or false"]),
+    "set-text-as-list": (_train("--set", "lock=[1]"), ["'lock'", "text"]),
+    "set-residuals-lr-negative": (_train("--method", "residuals", "--set", "lr=-1e-3"), ["residuals", "'lr'", "> 0"]),
+    "set-ti-weight-decay-nan": (_train("--method", "textual-inversion", "--set", "weight_decay=NaN"),
+                                ["'weight_decay'", ">= 0"]),
+    "set-dreambooth-lr-text-encoder-inf": (_train("--method", "dreambooth", "--set", "lr_text_encoder=-Infinity"),
+                                           ["'lr_text_encoder'", "> 0"]),
+    "set-lora-rank-negative": (_train("--method", "dreambooth-lora", "--set", "rank=-2"), ["'rank'", ">= 0"]),
+    "set-cd-class-guidance-negative": (_train("--method", "custom-diffusion", "--set", "class_guidance=-7"),
+                                       ["'class_guidance'", ">= 0"]),
+    "set-cd-class-steps-zero": (_train("--method", "custom-diffusion", "--set", "class_steps=0"),
+                                ["'class_steps'", ">= 1"]),
+    # generate
+    "generate-num-images-zero": (_generate("--num-images", "0"), ["--num-images"]),
+    "generate-num-images-negative": (_generate("--num-images", "-2"), ["--num-images"]),
+    "generate-num-images-word": (_generate("--num-images", "four"), ["--num-images", "integer"]),
+    "generate-steps-zero": (_generate("--steps", "0"), ["--steps"]),
+    "generate-guidance-nan": (_generate("--guidance", "nan"), ["--guidance", "finite", "nan"]),
+    "generate-guidance-inf": (_generate("--guidance", "inf"), ["--guidance", "finite"]),
+    "generate-guidance-negative": (_generate("--guidance", "-1"), ["--guidance", ">= 0"]),
+    "generate-beta-nan": (_generate("--beta", "nan"), ["--beta", "finite"]),
+    "generate-tau-zero": (_generate("--tau", "0"), ["--tau", "> 0"]),
+    "generate-seed-negative": (_generate("--seed", "-1"), ["--seed", "between 0 and"]),
+    "generate-knob-beta-nan": (_generate(concept="{concept}:beta=NaN"), ["beta", "finite"]),
+    "generate-knob-tau-word": (_generate(concept="{concept}:tau=abc"), ["tau", "number", "'abc'"]),
+    "generate-missing-prompt": (["generate", "--concept", "{concept}", "--out", "{outdir}"],
+                                ["missing option", "--prompt"]),
+    "generate-missing-out": (["generate", "--concept", "{concept}", "--prompt", "a photo"],
+                             ["missing option", "--out"]),
+    "generate-unknown-option": (_generate("--negative-prompt", "x"), ["no such option", "--negative-prompt"]),
+    # export, import, inspect, evaluate, covariance, demo, methods
+    "export-missing-out": (["export", "{concept}"], ["missing option", "--out"]),
+    "export-missing-file": (["export", "--out", "{outdir}"], ["missing argument"]),
+    "export-unknown-option": (["export", "{concept}", "--out", "{outdir}", "--kind", "x"], ["no such option"]),
+    "import-missing-method": (["import", "{photos}", "--out", "{out}", "--superclass", "ball"],
+                              ["missing option", "--method"]),
+    "inspect-missing-file": (["inspect"], ["missing argument"]),
+    "evaluate-missing-reference": (["evaluate", "--samples", "{photos}"], ["missing option", "--reference"]),
+    "covariance-unknown-option": (["covariance", "--corpus", "x"], ["no such option", "--corpus"]),
+    "demo-steps-word": (["demo", "--out", "{outdir}", "--steps", "many"], ["--steps"]),
+    "methods-unknown-option": (["methods", "--json"], ["no such option", "--json"]),
+    # the command itself
+    "no-command": ([], ["no command given"]),
+    "unknown-command": (["trian"], ["no such command", "trian"]),
+    # benchmark and toyworld
+    "benchmark-no-command": (["benchmark"], ["no command given", "benchmark"]),
+    "benchmark-validate-missing-spec": (["benchmark", "validate"], ["missing argument"]),
+    "benchmark-run-unknown-option": (["benchmark", "run", "spec.yaml", "--workers", "2"], ["no such option"]),
+    "benchmark-report-missing-out": (["benchmark", "report", "x.sqlite"], ["missing option", "--out"]),
+    "toyworld-no-command": (["toyworld"], ["no command given", "toyworld"]),
+    "toyworld-render-n-zero": (["toyworld", "render", "striped_star", "--out", "{outdir}", "--n", "0"], ["--n"]),
+    "toyworld-render-missing-name": (["toyworld", "render", "--out", "{outdir}"], ["missing argument"]),
+    "toyworld-score-missing-samples": (["toyworld", "score"], ["missing option", "--samples"]),
+    "toyworld-train-base-unknown-option": (["toyworld", "train-base", "--out", "{outdir}", "--bogus"],
+                                           ["unrecognized arguments", "--bogus", "train-base --help"]),
+    "toyworld-train-base-steps-word": (["toyworld", "train-base", "--out", "{outdir}", "--steps", "ten"],
+                                       ["--steps", "'ten'"]),
+    "toyworld-evaluate-base-unknown-option": (["toyworld", "evaluate-base", "--bogus"],
+                                              ["unrecognized arguments", "evaluate-base --help"]),
+}
+
+
+@pytest.fixture
+def cli_paths(request, tmp_path, photos):
+    """The placeholder values; {concept} only for the cases that name it (it costs a trained concept)."""
+    paths = {"photos": photos, "outdir": tmp_path / "out", "out": tmp_path / "out" / "disc.safetensors"}
+    if any("{concept}" in str(a) for a in USAGE[request.node.callspec.id][0]):
+        paths["concept"] = request.getfixturevalue("concept")
+    return paths
+
+
+@pytest.mark.parametrize("case", list(USAGE), ids=list(USAGE))
+def test_usage_error_is_one_line_exit_2(capsys, monkeypatch, tmp_path, cli_paths, case):
+    import personalize.base
+    import personalize.training
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    for module in (personalize.base, personalize.training):
+        monkeypatch.setattr(module, "load_base", no_model)
+    monkeypatch.chdir(tmp_path)
+    args, words = USAGE[case]
+    code, _, err = run_cli(capsys, [a.format(**cli_paths) if isinstance(a, str) else a for a in args])
+    check_error(code, err, *words)
+    assert not cli_paths["outdir"].exists(), f"{cli_paths['outdir']} was written"
+
+
+def test_no_command_prints_the_help_on_stdout(capsys):
+    code, stdout, err = run_cli(capsys, [])
+    check_error(code, err, "no command given")
+    assert "Usage" in stdout and "train" in stdout and "generate" in stdout
+
+
+def test_help_still_exits_0(capsys):
+    code, stdout, err = run_cli(capsys, ["train", "--help"])
+    assert code == 0, err
+    assert "--steps" in stdout and "error" not in err
+
+
+def test_process_usage_error_prints_one_line(tmp_path):
+    """A real process: typer's bundled click errors become one line, exit 2, no rich traceback box."""
+    proc = _cli_process(["generate", "--concept", "x.safetensors", "--prompt", "p", "--out", tmp_path / "g",
+                         "--num-images", "0"])
+    check_error(proc.returncode, proc.stderr, "--num-images")
+    assert not (tmp_path / "g").exists()
+
+
+# --------------------------------------------------------------------------- --config: the same checks
+@pytest.mark.parametrize("yaml_text, words", [
+    ("steps: abc\n", ["'steps'", "whole number"]),
+    ("lr_value: .nan\n", ["'lr_value'", "finite"]),
+    ("batch_size: -4\n", ["'batch_size'", ">= 1"]),
+    ("perfusion:\n  lr_embedding: .inf\n", ["'lr_embedding'", "finite"]),
+], ids=["steps-word", "lr-nan", "batch-negative", "nested-lr-inf"])
+def test_bad_config_values(capsys, photos, out, tmp_path, yaml_text, words):
+    config = tmp_path / "settings.yaml"
+    config.write_text(yaml_text)
+    args = [a.format(photos=photos, out=out) for a in _train("--config", str(config), flags=False)]
+    code, _, err = run_cli(capsys, args)
+    check_error(code, err, *words)
+    assert_no_train_output(out)
+
+
+def test_set_values_of_the_right_type_still_work(capsys, photos, out):
+    """Control: YAML/JSON spellings of the right type are coerced, not refused (2.0 steps, 'on', 1 for 1.0)."""
+    code, _, err = run_cli(capsys, train_args(photos, out, "--set", "steps=1.0", "--set", "lr_value=1",
+                                              "--set", "gradient_checkpointing=off"))
+    assert code == 0, err
+    assert out.is_file()
+
+
+# --------------------------------------------------------------------------- tokens are file names: one rule
+BAD_TOKENS = {
+    "traversal": ("../../../escaped", "path separator"),
+    "slash": ("<a/b>", "path separator"),
+    "backslash": ("<a\\b>", "path separator"),
+    "dot-dot": ("<a..b>", "'..'"),
+    "tab": ("<a\tb>", "whitespace"),
+    "newline": ("<a\nb>", "whitespace"),
+    "nul": ("<a\x00b>", "control"),
+    "zero-width": ("<a\u200bb>", "control"),
+    "too-long": ("<" + "x" * 70 + ">", "characters long"),
+}
+
+
+def assert_nothing_escaped(root: Path) -> None:
+    """No file named like the traversal token's target anywhere above or inside the test's folder."""
+    found = [p for p in root.parent.parent.rglob("escaped*")] if root.parent.parent.exists() else []
+    assert not found, f"files written outside the output folder: {found}"
+
+
+@pytest.mark.parametrize("token, words", list(BAD_TOKENS.values()), ids=list(BAD_TOKENS))
+def test_train_refuses_a_bad_token(capsys, photos, out, token, words):
+    code, _, err = run_cli(capsys, train_args(photos, out, token=token))
+    check_error(code, err, "not a valid token", words, "1-64 characters")
+    assert_no_train_output(out)
+
+
+def test_train_refuses_a_traversal_token_from_config(capsys, photos, tmp_path, out):
+    config = tmp_path / "concepts.yaml"
+    config.write_text(f"concepts:\n  - {{images: {photos}, token: '<cat>', superclass: ball}}\n"
+                      f"  - {{images: {photos}, token: '../../../escaped', superclass: ball}}\n")
+    args = ["train", "--method", "custom-diffusion", "--base", "tiny", "--out", out, "--config", config,
+            "--steps", "1", "--device", "cpu"]
+    code, _, err = run_cli(capsys, args)
+    check_error(code, err, "'../../../escaped'", "not a valid token")
+    assert_no_train_output(out)
+    assert_nothing_escaped(tmp_path)
+
+
+def _embeds_file(path: Path, dim: int, name: str = "<cat>") -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: torch.randn(1, dim, generator=torch.Generator().manual_seed(0))}, str(path))
+    return path
+
+
+@pytest.fixture
+def text_dim(_tiny_master) -> int:
+    return _tiny_master.text_encoder.get_input_embeddings().weight.shape[1]
+
+
+def _import_args(file, out, *extra):
+    return ["import", file, "--method", "textual-inversion", "--superclass", "ball", "--base", "tiny",
+            "--out", out, *extra]
+
+
+@pytest.mark.parametrize("token, words", list(BAD_TOKENS.values())[:5], ids=list(BAD_TOKENS)[:5])
+def test_import_refuses_a_bad_token_before_reading(capsys, monkeypatch, tmp_path, token, words):
+    import personalize.interop
+
+    monkeypatch.setattr(personalize.interop, "read_state", lambda *a, **k: pytest.fail("the file was read"))
+    out = tmp_path / "out" / "cat.safetensors"
+    code, _, err = run_cli(capsys, _import_args(tmp_path / "embeds.safetensors", out, "--token", token))
+    check_error(code, err, "--token", "not a valid token", words)
+    assert not out.parent.exists()
+
+
+def test_import_refuses_a_traversal_token_named_in_the_file(capsys, tmp_path, text_dim):
+    file = _embeds_file(tmp_path / "in" / "learned_embeds.safetensors", text_dim, name="../../../escaped")
+    out = tmp_path / "out" / "cat.safetensors"
+    code, _, err = run_cli(capsys, _import_args(file, out))
+    check_error(code, err, "learned_embeds.safetensors", "not a valid token", "--token")
+    assert not out.parent.exists()
+    assert_nothing_escaped(tmp_path)
+
+
+def test_import_refuses_a_traversal_name_in_an_a1111_pickle(capsys, tmp_path, text_dim):
+    file = tmp_path / "in" / "evil.pt"
+    file.parent.mkdir()
+    torch.save({"string_to_param": {"*": torch.zeros(1, text_dim)}, "name": "../../../escaped"}, file)
+    out = tmp_path / "out" / "cat.safetensors"
+    code, _, err = run_cli(capsys, _import_args(file, out, "--allow-pickle"))
+    check_error(code, err, "evil.pt", "not a valid token")
+    assert not out.parent.exists()
+
+
+@pytest.fixture
+def ti_concept(capsys, tmp_path, text_dim) -> Path:
+    """A textual-inversion concept imported from a diffusers embeds file (fast: no training)."""
+    out = tmp_path / "concepts" / "cat.safetensors"
+    code, _, err = run_cli(capsys, _import_args(_embeds_file(tmp_path / "in" / "embeds.safetensors", text_dim),
+                                                out))
+    assert code == 0, err
+    return out
+
+
+def _forge_token(path: Path, token: str) -> None:
+    """Rewrite a concept file's header token and re-seal it with a valid checksum (a forged file)."""
+    from personalize.concept import Concept, save_concept
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["personalize"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header["token"] = token
+    save_concept(path, Concept(header, tensors))
+
+
+def test_export_a1111_writes_the_token_file_inside_out(capsys, ti_concept, tmp_path):
+    """Control: a valid token names the A1111 file, inside --out."""
+    folder = tmp_path / "a1111"
+    code, _, err = run_cli(capsys, ["export", ti_concept, "--format", "a1111", "--out", folder])
+    assert code == 0, err
+    assert (folder / "<cat>.pt").is_file()
+
+
+@pytest.mark.parametrize("argv", [
+    ["export", "{file}", "--format", "a1111", "--out", "{out}"],
+    ["export", "{file}", "--format", "diffusers", "--out", "{out}"],
+    ["inspect", "{file}"],
+    ["generate", "--concept", "{file}", "--prompt", "a photo", "--out", "{out}", "--device", "cpu"],
+], ids=["export-a1111", "export-diffusers", "inspect", "generate"])
+def test_forged_header_token_is_refused_on_load(capsys, ti_concept, tmp_path, argv):
+    _forge_token(ti_concept, "../../../escaped")
+    out = tmp_path / "deep" / "er" / "out"
+    code, stdout, err = run_cli(capsys, [a.format(file=ti_concept, out=out) for a in argv])
+    check_error(code, err, "cat.safetensors", "not a valid token", "path separator")
+    assert not out.exists()
+    assert_nothing_escaped(out)
+    assert "escaped" not in stdout
+
+
+def test_export_cannot_write_outside_out_even_past_the_header_check(capsys, monkeypatch, ti_concept, tmp_path):
+    """Defence in depth: if a bad token slipped past every entry check, the writer still refuses the path."""
+    import personalize.concept
+
+    _forge_token(ti_concept, "../../../escaped")
+    monkeypatch.setattr(personalize.concept, "check_token", lambda token, *a, **k: token)
+    out = tmp_path / "a" / "b" / "out"
+    code, _, err = run_cli(capsys, ["export", ti_concept, "--format", "a1111", "--out", out])
+    check_error(code, err, "leaves the output folder", "escaped")
+    assert_nothing_escaped(out)
+    assert not any(p.is_file() for p in tmp_path.rglob("*.pt")), "a .pt file was written"
+
+
+def test_custom_diffusion_export_checks_every_token_file_before_writing(tmp_path):
+    """Its per-token files are checked before the (large) weights file is written: nothing partial is left."""
+    from personalize.concept import Concept
+    from personalize.errors import BadInputError
+    from personalize.methods.custom_diffusion import CustomDiffusion
+
+    concept = Concept({"method": "custom-diffusion", "token": "<a>", "tokens": ["<a>", "../../escaped"],
+                       "superclass": "cat"}, {})
+    folder = tmp_path / "x" / "out"
+    with pytest.raises(BadInputError, match="leaves the output folder"):
+        CustomDiffusion.export(concept, "diffusers", folder, pipe=None)  # refused before the pipe is touched
+    assert not folder.exists()
+    assert_nothing_escaped(folder)
+
+
+def test_rename_knob_refuses_a_traversal_token(capsys, concept, tmp_path):
+    folder = tmp_path / "gen"
+    code, _, err = run_cli(capsys, gen_args(f"{concept}:token=../../x", folder))
+    check_error(code, err, "token=", "not a valid token")
+    assert not folder.exists()
+
+
+# --------------------------------------------------------------------------- benchmark specs and exit codes
+BENCH = {"name": "unit", "base": "toy", "device": "cpu", "evaluator": {"backend": "toyworld"},
+         "concepts": [{"toyworld": ["split_triangle"]}], "prompts": ["a {} on the left"], "seeds": [0],
+         "sampler": {"steps": 2, "guidance": 4.0}, "methods": [{"method": "perfusion", "train": {"steps": 2}}]}
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"sampler": {"steps": 2, "guidance": "strong"}}, ["sampler.guidance", "number"]),
+    ({"sampler": {"steps": 2, "guidance": float("nan")}}, ["sampler.guidance", "finite"]),
+    ({"methods": [{"method": "perfusion", "sweep": {"beta": [0.6, float("nan")]}}]}, ["sweep.beta", "finite"]),
+    ({"methods": [{"method": "perfusion", "sweep": {"tau": [0]}}]}, ["sweep.tau", "> 0"]),
+    ({"methods": [{"method": "perfusion", "train": {"lr_value": -1}}]}, ["'lr_value'", "> 0"]),
+    ({"methods": [{"method": "residuals", "train": {"steps": "many"}}]}, ["'steps'", "whole number"]),
+    ({"evaluator": {"backend": "clip"}, "concepts": [{"folder": "photos", "superclass": "ball",
+                                                      "name": "../../escaped"}]}, ["name", "file name"]),
+    ({"evaluator": {"backend": "clip"}, "concepts": [{"folder": "photos", "superclass": "ball",
+                                                      "token": "../escaped"}]}, ["token", "not a valid token"]),
+], ids=["guidance-word", "guidance-nan", "sweep-beta-nan", "sweep-tau-zero", "train-lr-negative",
+        "train-steps-word", "concept-name-traversal", "concept-token-traversal"])
+@pytest.mark.parametrize("verb", ["validate", "run"])
+def test_bad_benchmark_spec_is_one_line(capsys, monkeypatch, tmp_path, change, words, verb):
+    import yaml
+
+    make_photos(tmp_path / "photos", n=2)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**BENCH, **change}))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs"
+    code, _, err = run_cli(capsys, ["benchmark", verb, spec] + (["--out", out] if verb == "run" else []))
+    check_error(code, err, *words)
+    assert not out.exists()
+    assert_nothing_escaped(tmp_path / "x")
+
+
+def test_benchmark_run_with_failed_rows_exits_1(capsys, monkeypatch, tmp_path):
+    """Failed rows are not a usage error: exit 1 (documented in --help), the failures listed on stdout."""
+    import yaml
+
+    import personalize.benchmark.runner as runner
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(BENCH))
+    db = tmp_path / "out" / "benchmark.sqlite"
+    summary = runner.RunSummary(db=db, counts={"done": 3, "total": 4, "failed": 1, "pending": 0}, ran=4,
+                                failures=[("train/perfusion/split_triangle", "RuntimeError: out of memory\n...")])
+    monkeypatch.setattr(runner, "run_benchmark", lambda *a, **k: summary)
+    code, stdout, err = run_cli(capsys, ["benchmark", "run", spec, "--out", tmp_path / "out"])
+    assert code == 1, (stdout, err)
+    assert "1 failed" in stdout and "out of memory" in stdout
+    assert "Traceback" not in err
+    code, stdout, _ = run_cli(capsys, ["benchmark", "run", "--help"])
+    assert code == 0 and "Exit code" in stdout

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from ..errors import BadInputError
+from ..templates import check_token, shown, token_problem
 from .spec import DEFAULT_LEAKAGE_PROMPTS, DEFAULT_PROMPTS, Spec, setting_label
 
 BASE = "base"
@@ -74,6 +75,12 @@ def resolve_concepts(spec: Spec) -> list[ConceptEntry]:
     out: list[ConceptEntry] = []
     for src in spec.sources:
         out.extend(_SOURCES[src["kind"]](spec, src))
+    for c in out:  # names become folder and file names of the run, tokens are trained and exported
+        name_problem = token_problem(c.name)
+        if name_problem:
+            raise BadInputError(f"concepts: the name {shown(c.name)} cannot be a file name ({name_problem}); give the "
+                                "concept a 'name' of letters, digits, '-' or '_'")
+        check_token(c.token, f"concepts: {c.name}'s token")
     names = [c.name for c in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

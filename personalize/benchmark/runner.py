@@ -37,8 +37,9 @@ def database_path(out: str | Path) -> Path:
 
 def plan_into(spec: Spec, out: str | Path) -> BenchmarkDB:
     """Create or extend the output folder's database with the spec's rows."""
+    units = build_plan(spec)  # a spec the plan refuses leaves no database (nor folder) behind
     db = BenchmarkDB(database_path(out))
-    db.sync_plan(build_plan(spec), spec.digest(), spec.name)
+    db.sync_plan(units, spec.digest(), spec.name)
     return db
 
 

@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 from .. import methods as method_registry
 from ..errors import BadInputError
+from ..settings import check_knobs, coerce
 
 TOP_KEYS = {"name", "base", "device", "evaluator", "concepts", "prompts", "max_prompts", "leakage_prompts",
             "seeds", "samples_per_prompt", "sampler", "methods"}
@@ -165,6 +166,8 @@ def _method(entry, i: int) -> MethodSpec:
             raise BadInputError(f"{where}.sweep: {name} has no inference knob {knob!r} (knobs: {known})")
         if not isinstance(values, list) or not values:
             raise BadInputError(f"{where}.sweep.{knob} must be a non-empty list of values, e.g. [0.6, 0.7]")
+        for value in values:
+            check_knobs({knob: value}, f"{where}.sweep.")
     label = entry.get("label", cls.name)
     if not isinstance(label, str) or not label.replace("-", "").replace("_", "").isalnum() or label == "base":
         raise BadInputError(f"{where}: label {label!r} must be letters, digits, '-' or '_' (and not 'base')")
@@ -248,7 +251,7 @@ def parse_spec(data: Any, root: Path, name: str = "benchmark") -> Spec:
         seeds=_seeds(data.get("seeds", [0])),
         samples_per_prompt=_positive_int(data.get("samples_per_prompt", 1), "samples_per_prompt"),
         sampler={"steps": _positive_int(sampler.get("steps", 50), "sampler.steps"),
-                 "guidance": float(sampler.get("guidance", 6.0))},
+                 "guidance": coerce("guidance", sampler.get("guidance", 6.0), float, "sampler.guidance")},
         raw=data,
     )
 

@@ -14,7 +14,7 @@ import torch
 
 from ..concept import load_concept
 from ..errors import BadInputError
-from ..paths import atomic_dir, atomic_path
+from ..paths import atomic_dir, atomic_path, inside
 from .plan import BASE, ConceptEntry, concept_from_payload
 
 
@@ -66,7 +66,7 @@ class Worker:
     def photos(self, concept: ConceptEntry) -> Path:
         if concept.photos:
             return Path(concept.photos)
-        folder = self.root / "data" / concept.name / "photos"
+        folder = inside(self.root, "data", concept.name, "photos")
         if not folder.is_dir():
             from ..datasets.toyworld.concepts import render_concept_examples
 
@@ -84,7 +84,7 @@ class Worker:
         from ..training import resolve_settings, train
 
         concept = concept_from_payload(row["payload"])
-        out = self.root / row["outputs"][0]
+        out = inside(self.root, row["outputs"][0])
         settings = {**({} if concept.mirror_symmetric else {"flip_p": 0.0}), **row["payload"]["train"]}
         counted: dict = {}
 
@@ -122,12 +122,12 @@ class Worker:
         if row["method"] == BASE:
             self.detach()
         else:
-            self._attach(self.root / row["payload"]["concept_file"], row["setting"])
+            self._attach(inside(self.root, row["payload"]["concept_file"]), row["setting"])
         sampler = row["payload"]["sampler"]
         images = generate(self.pipe, row["prompt"], num_images=row["payload"]["samples"], steps=sampler["steps"],
                           guidance=sampler["guidance"], seed=row["seed"])
         for image, rel in zip(images, row["outputs"]):
-            with atomic_path(self.root / rel) as tmp:
+            with atomic_path(inside(self.root, rel)) as tmp:
                 image.save(tmp, format="PNG")
         return {"n_images": len(images)}
 

@@ -48,7 +48,10 @@ class Method:
     # -- construction -------------------------------------------------------------
     @classmethod
     def make_config(cls, overrides: dict[str, Any] | None = None):
-        """The method's config with ``overrides`` applied; unknown keys are errors."""
+        """The method's config with ``overrides`` applied; unknown keys are errors, and every value is coerced to
+        its field's type and range-checked (``personalize/settings.py``) before anything is built."""
+        from ..settings import coerce_fields
+
         overrides = dict(overrides or {})
         fields = {f.name for f in dataclasses.fields(cls.Config)}
         unknown = sorted(set(overrides) - fields)
@@ -56,7 +59,7 @@ class Method:
             raise BadInputError(
                 f"unknown {cls.name} setting(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
             )
-        return cls.Config(**overrides)
+        return cls.Config(**coerce_fields(cls.Config, overrides, f"{cls.name} "))
 
     @classmethod
     def for_training(cls, pipe, token: str, superclass: str, config) -> "Method":

@@ -155,7 +155,10 @@ class CustomDiffusion(Method):
         """diffusers' layout: full K/V weights (W + dW) per cross-attention processor, an empty entry for every
         other processor (so ``set_attn_processor`` gets all of them), and one textual-inversion file per token."""
         from ..interop import save_safetensors
+        from ..paths import inside
 
+        tokens = concept.header.get("tokens", [concept.token])
+        token_files = [inside(folder, f"{token}.safetensors") for token in tokens]  # checked before any write
         unet = pipe.unet
         weights = {}
         cross = dict(cross_attention_layers(unet))
@@ -168,10 +171,9 @@ class CustomDiffusion(Method):
                 base = getattr(cross[layer], f"to_{p}")
                 W = getattr(base, "base_layer", base).weight.detach().float().cpu()
                 weights[f"{name}.to_{p}_custom_diffusion.weight"] = W + concept.tensors[f"delta.{layer}.to_{p}"].float()
-        files = [save_safetensors(folder / WEIGHTS_FILE, weights)]
-        tokens = concept.header.get("tokens", [concept.token])
-        for j, token in enumerate(tokens):
-            files.append(save_safetensors(folder / f"{token}.safetensors", {token: concept.tensors["embedding"][j:j + 1]}))
+        files = [save_safetensors(inside(folder, WEIGHTS_FILE), weights)]
+        for j, (token, path) in enumerate(zip(tokens, token_files)):
+            files.append(save_safetensors(path, {token: concept.tensors["embedding"][j:j + 1]}))
         return files
 
     @classmethod

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from ..edits.tokens import token_site
-from ..errors import ConceptFileError
+from ..errors import BadInputError, ConceptFileError
+from ..paths import inside
 from ..prior import PriorConfig, weights_digest
 from .base import Method
 from .shared import check_composable, check_knobs, cpu_float, load_into, mark_replaced, word_vector
@@ -186,7 +187,11 @@ def pipeline_folder(concept) -> Path:
     name = concept.header.get("pipeline")
     if concept.path is None or not name:
         raise ConceptFileError("a DreamBooth concept needs its pipeline folder; load it from its file with load_concept")
-    folder = Path(concept.path).parent / name
+    try:
+        folder = inside(Path(concept.path).parent, name)
+    except BadInputError:
+        raise ConceptFileError(f"'{concept.path.name}' names its pipeline folder {name!r}, which is not beside it; "
+                               "re-train it") from None
     if not (folder / "model_index.json").is_file():
         raise ConceptFileError(f"the DreamBooth pipeline folder '{folder}' is missing; keep it beside '{concept.path.name}'")
     return folder

@@ -179,10 +179,11 @@ class DreamBoothLora(IdentifierToken, Method):
     @classmethod
     def export(cls, concept, fmt: str, folder: Path, pipe=None) -> list[Path]:
         from ..interop import save_safetensors
+        from ..paths import inside
 
         tensors = {k: v.float() for k, v in concept.tensors.items()}
         if fmt == "diffusers-lora":
-            return [save_safetensors(folder / LORA_FILE, tensors)]
+            return [save_safetensors(inside(folder, LORA_FILE), tensors)]
         kohya: dict[str, torch.Tensor] = {}
         for key, a in tensors.items():
             if key.endswith(".lora_A.weight"):
@@ -193,7 +194,7 @@ class DreamBoothLora(IdentifierToken, Method):
                 kohya[f"{stem}.alpha"] = torch.tensor(float(a.shape[0]))  # alpha = rank: scale 1
         rank = max(int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_A.weight"))
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
-        return [save_safetensors(folder / KOHYA_FILE, kohya, meta)]
+        return [save_safetensors(inside(folder, KOHYA_FILE), kohya, meta)]
 
     @classmethod
     def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str, embeddings=None) -> dict[str, Any]:

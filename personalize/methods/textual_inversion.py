@@ -101,11 +101,12 @@ class TextualInversion(Method):
     @classmethod
     def export(cls, concept, fmt: str, folder: Path, pipe=None) -> list[Path]:
         from ..interop import save_safetensors
+        from ..paths import inside
 
         vectors = concept.tensors["embedding"].float().contiguous()
         if fmt == "diffusers":
-            return [save_safetensors(folder / DIFFUSERS_FILE, {concept.token: vectors})]
-        path = folder / f"{concept.token}.pt"
+            return [save_safetensors(inside(folder, DIFFUSERS_FILE), {concept.token: vectors})]
+        path = inside(folder, f"{concept.token}.pt")  # the token names the file: it must stay in the folder
         _save_a1111(path, concept.token, vectors)
         return [path]
 
