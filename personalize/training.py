@@ -137,6 +137,27 @@ def _adamw(groups: list[dict], device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, weight_decay=0.0, **({"fused": True} if fused else {}))
 
 
+class TextCache:
+    """Text-encoder outputs per prompt, for runs where nothing trained acts on the text path (the prompts come
+    from a few templates, so after the first steps the text encoder no longer runs)."""
+
+    def __init__(self):
+        self.rows: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def encode(self, text_encoder, prompts: list[str], ids: torch.Tensor) -> torch.Tensor:
+        missing = [i for i, p in enumerate(prompts) if p not in self.rows]
+        if missing:
+            first = {}
+            for i in missing:
+                first.setdefault(prompts[i], i)
+            order = list(first.values())
+            hidden = text_encoder(ids[order])[0]
+            for row, i in zip(hidden, order):
+                self.rows[prompts[i]] = row
+        return torch.stack([self.rows[p] for p in prompts])
+
+
 class FrozenInComputeDtype:
     """Under mixed precision, the frozen weights of the pipeline held in the compute dtype while training.
 
@@ -268,6 +289,7 @@ def train(
         optimizer = accelerator.prepare(_adamw(groups, device))
         params = [p for g in optimizer.param_groups for p in g["params"]]
         frozen = FrozenInComputeDtype(pipe, params, cfg.mixed_precision)
+        texts = TextCache() if trainable.text_path_frozen() else None
         unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet  # the pipeline keeps its own module
         generator = torch.Generator().manual_seed(cfg.seed)
         base_fp = fingerprint(pipe)
@@ -292,7 +314,7 @@ def train(
                     generator, device, ("{}",))
                 with accelerator.autocast():
                     loss = denoising_step(pipe, scheduler, trainable, batch, prior_batch,
-                                          prior.weight if prior else 0.0, unet=unet)
+                                          prior.weight if prior else 0.0, unet=unet, texts=texts)
                 accelerator.backward(loss)
                 if cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -463,12 +485,12 @@ def draw_batch(cache: "LatentCache", batch_size: int, flip_p: float, num_timeste
 
 
 def denoising_step(pipe, scheduler, method, batch: Batch, prior: Batch | None = None,
-                   prior_weight: float = 0.0, unet=None) -> torch.Tensor:
+                   prior_weight: float = 0.0, unet=None, texts: "TextCache | None" = None) -> torch.Tensor:
     """Encode the prompts (method hook), noise the latents, predict, and return the loss.
 
     With a ``prior`` batch (class images, prior preservation) both go through one UNet pass and the loss is
     ``loss(batch) + prior_weight * loss(prior)``. ``unet``: the module to call instead of ``pipe.unet`` (its
-    compiled form)."""
+    compiled form); ``texts``: encodings kept per prompt (when nothing trained acts on the text path)."""
     n = batch.latents.shape[0]
     if prior is not None:
         batch = Batch(torch.cat([batch.latents, prior.latents]), batch.mask, torch.cat([batch.noise, prior.noise]),
@@ -476,7 +498,7 @@ def denoising_step(pipe, scheduler, method, batch: Batch, prior: Batch | None = 
     tok = pipe.tokenizer
     ids = to_device(tok(batch.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                         return_tensors="pt").input_ids, batch.latents.device)
-    hidden = pipe.text_encoder(ids)[0]
+    hidden = pipe.text_encoder(ids)[0] if texts is None else texts.encode(pipe.text_encoder, batch.prompts, ids)
     method.on_text_encoded(ids, hidden)
     noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
     pred = (pipe.unet if unet is None else unet)(noisy, batch.timesteps, hidden).sample

@@ -74,3 +74,86 @@ def test_gpu_suite_dry_run_writes_every_part(tmp_path):
     assert by["eval_tensors"][0]["images_per_s"] > 0
     assert {r["workers"] for r in by["eval_files"]} == {0, 2} and all(r["files"] == 16 for r in by["eval_files"])
     assert by["done"]
+
+
+@pytest.mark.parametrize("method", ["perfusion", "residuals", "textual-inversion", "dreambooth-lora",
+                                    "custom-diffusion"])
+def test_edit_wrappers_trace_without_graph_breaks(tiny, method):
+    """torch.compile sees the UNet with a method's training edits installed as one graph."""
+    from personalize.methods import get
+    from personalize.training import resolve_settings
+
+    cls = get(method)
+    _, config = resolve_settings(cls, {})
+    trainable = cls.for_training(tiny, "<disc>", "ball", config)
+    try:
+        ids = tiny.tokenizer(["a photo of a <disc>"] * 2, padding="max_length", max_length=77,
+                             return_tensors="pt").input_ids
+        hidden = tiny.text_encoder(ids)[0]
+        trainable.on_text_encoded(ids, hidden)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(lambda x, t, c: tiny.unet(x, t, c).sample)(
+            torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), hidden)
+        assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+        assert explained.graph_count == 1
+    finally:
+        trainable.remove()
+        torch._dynamo.reset()
+
+
+def test_compiled_perfusion_training_never_recompiles(tiny, photos, tmp_path, monkeypatch):
+    """Perfusion's i* (and so its projection) changes every step; the compiled UNet must not be retraced."""
+    import functools
+
+    import torch._dynamo
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # trace, no codegen
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    try:
+        train(tiny, photos, token="<disc>", superclass="ball", out=tmp_path / "c.safetensors",
+              settings={**FAST, "steps": 3, "compile": True}, progress=False, device="cpu")
+    finally:
+        torch._dynamo.reset()
+    assert (tmp_path / "c.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method,settings,cached", [
+    ("residuals", {}, True),
+    ("residuals", {"train_token": True}, False),
+    ("dreambooth-lora", {"train_text_encoder": True}, False),
+    ("perfusion", {}, False),
+])
+def test_text_encoder_outputs_are_reused_only_when_the_text_path_is_frozen(tiny, photos, tmp_path, method, settings,
+                                                                            cached):
+    calls = []
+    handle = tiny.text_encoder.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        train(tiny, photos, token="<disc>", superclass="ball", out=tmp_path / "c.safetensors", method=method,
+              settings={**FAST, "steps": 4, "batch_size": 4, "flip_p": 0.0, **settings}, progress=False,
+              device="cpu")
+    finally:
+        handle.remove()
+    training_calls = calls[-4:] if not cached else calls
+    if cached:  # only prompts never seen before are encoded: fewer rows than 4 steps x 4 prompts
+        assert sum(calls) < 16
+    else:
+        assert training_calls == [4, 4, 4, 4]
+
+
+def test_reused_text_encodings_train_the_same_residuals(tiny, photos, tmp_path, monkeypatch):
+    """Caching is an optimisation only: the trained tensors are identical with and without it."""
+    import copy
+
+    from personalize.concept import load_concept
+    from personalize.methods.residuals import Residuals
+
+    fresh = copy.deepcopy(tiny)
+    a = train(tiny, photos, token="<disc>", superclass="ball", out=tmp_path / "a.safetensors", method="residuals",
+              settings={**FAST, "steps": 3}, progress=False, device="cpu")
+    monkeypatch.setattr(Residuals, "text_path_frozen", lambda self: False)
+    b = train(fresh, photos, token="<disc>", superclass="ball", out=tmp_path / "b.safetensors", method="residuals",
+              settings={**FAST, "steps": 3}, progress=False, device="cpu")
+    ta, tb = load_concept(a).tensors, load_concept(b).tensors
+    assert set(ta) == set(tb)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)

@@ -105,6 +105,11 @@ class Method:
     def on_text_encoded(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> None:
         """Called by the trainer after each text encoding, before the UNet."""
 
+    def text_path_frozen(self) -> bool:
+        """True when nothing this method trains acts on the text encoder's output (no token vector, no text
+        encoder weight): the trainer then encodes each distinct prompt once and reuses it."""
+        return False
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything needed to resume or save the concept (trainable and running state)."""
         raise NotImplementedError

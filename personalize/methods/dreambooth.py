@@ -120,6 +120,9 @@ class DreamBooth(IdentifierToken, Method):
                            if ".embeddings." not in f".{n}"})
         return params
 
+    def text_path_frozen(self) -> bool:
+        return not self.config.train_text_encoder
+
     def param_groups(self) -> list[dict]:
         params = self._trainable()
         groups = [{"params": [p for n, p in params.items() if n.startswith("unet.")], "lr": self.config.lr,

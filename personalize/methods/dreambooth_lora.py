@@ -148,6 +148,9 @@ class DreamBoothLora(IdentifierToken, Method):
     def _params(self) -> dict[str, torch.nn.Parameter]:
         return {k: v for bank in self.banks.values() for k, v in bank.state().items()}
 
+    def text_path_frozen(self) -> bool:
+        return not self.config.train_text_encoder
+
     def param_groups(self) -> list[dict]:
         return [{"params": list(self._params().values()), "lr": self.config.lr,
                  "weight_decay": self.config.weight_decay, "name": "lora"}]

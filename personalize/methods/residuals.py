@@ -234,6 +234,9 @@ class Residuals(Method):
     def templates(self) -> tuple[str, ...]:
         return ("a photo of a {}",)
 
+    def text_path_frozen(self) -> bool:
+        return not self.config.train_token
+
     def param_groups(self) -> list[dict]:
         groups = [{"params": self.bank.parameters(), "lr": self.config.lr, "name": "residuals"}]
         if self.config.train_token:
