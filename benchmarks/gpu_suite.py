@@ -294,28 +294,37 @@ class Suite:
                 if not self.in_budget(f"script {name}"):
                     break
                 batch = (ours.get(method) or {}).get("batch") or 1
-                env = {**os.environ, "ONLY": name, "BATCH": str(batch), "STEPS": str(steps),
-                       "RES": "512" if not self.dry else "32", "MP": "bf16" if self.device == "cuda" else "no"}
-                outd = model / f"run_{name}"
-                proc = subprocess.run(["bash", str(harness), str(model), str(anchors / "diffusers-examples"), str(outd)],
-                                      env=env, capture_output=True, text=True)
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(name + " ")), proc.stdout[-300:])
-                fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
-                row = {"bench": "diffusers_script", "script": name, "method": method, "batch": batch, "steps": steps}
-                try:
-                    script_s = float(fields["median_step_s"])
-                    row.update(step_s=script_s, peak_gib=fields.get("peak_gib"), wall_s=float(fields["wall_s"]))
-                    if ours.get(method, {}).get("step_s"):
-                        row["ours_step_s"] = ours[method]["step_s"]
-                        row["speedup_ours_vs_script"] = round(script_s / ours[method]["step_s"], 3)
-                except (KeyError, ValueError):
-                    row["error"] = (line + " " + proc.stderr[-300:]).strip()[-600:]
+                row = {"bench": "diffusers_script", "script": name, "method": method, "batch": batch, "steps": steps,
+                       **run_script(anchors, model, name, batch, steps, 512 if not self.dry else 32,
+                                    "bf16" if self.device == "cuda" else "no")}
+                if "step_s" in row and ours.get(method, {}).get("step_s"):
+                    row["ours_step_s"] = ours[method]["step_s"]
+                    row["speedup_ours_vs_script"] = round(row["step_s"] / ours[method]["step_s"], 3)
                 self.emit(**row)
         finally:
             shutil.rmtree(model, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- helpers
+def run_script(anchors: Path, model: Path, name: str, batch: int, steps: int, res: int, precision: str) -> dict:
+    """One diffusers example script, unmodified, through the perf-anchors harness: its median s/step (steps 5..),
+    peak GPU memory and wall time, or ``error``."""
+    env = {**os.environ, "ONLY": name, "BATCH": str(batch), "STEPS": str(steps), "RES": str(res), "MP": precision}
+    outd = Path(tempfile.mkdtemp(prefix=f"script_{name}_"))
+    try:
+        proc = subprocess.run(["bash", str(anchors / "run_diffusers_scripts.sh"), str(model),
+                               str(anchors / "diffusers-examples"), str(outd)], env=env, capture_output=True, text=True)
+    finally:
+        shutil.rmtree(outd, ignore_errors=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(name + " ")), proc.stdout[-300:])
+    fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+    try:
+        return {"step_s": float(fields["median_step_s"]), "peak_gib": fields.get("peak_gib"),
+                "wall_s": float(fields["wall_s"])}
+    except (KeyError, ValueError):
+        return {"error": (line + " " + proc.stderr[-300:]).strip()[-600:]}
+
+
 def _time_once(fn, sync) -> float:
     sync()
     start = time.perf_counter()
