@@ -105,6 +105,10 @@ def train(
 
       personalize train ... --resume        # continue an interrupted run from OUT.ckpt/
 
+      torchrun --nproc_per_node 4 -m personalize.cli train ... --batch-size 16   # data parallel: 4 processes (GPUs, or CPU cores), 4 rows each
+
+      personalize train ... --mixed-precision bf16 --compile   # GPU: bf16, and torch.compile the UNet (minutes to compile)
+
       personalize train --method residuals --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
 
       personalize train --method textual-inversion --num-vectors 2 ...     # also: dreambooth, dreambooth-lora
@@ -149,7 +153,8 @@ def train(
     validation = _validation(validate_every, evaluator, validation_prompt, clip_weights, images, device)
     path = run_train(base, images, token=token, superclass=superclass, out=out, method=method, masks=masks,
                      resume=resume, settings=settings, progress=True, device=device, validation=validation)
-    out_console.print(f"wrote concept [bold]{path}[/bold] ({path.stat().st_size:,} bytes)")
+    if os.environ.get("RANK", "0") == "0":  # data parallel (accelerate launch / torchrun): the main process says it
+        out_console.print(f"wrote concept [bold]{path}[/bold] ({path.stat().st_size:,} bytes)")
 
 
 def _validation(every: int, evaluator: Optional[str], prompts: List[str], clip_weights: Optional[Path], images,

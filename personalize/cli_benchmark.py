@@ -77,9 +77,10 @@ def run(
     """Run (or resume) a benchmark. Every unit of work is a row in OUT/benchmark.sqlite: re-running skips what
     is done and retries what failed, so a killed run loses nothing it finished.
 
-    Several processes share the rows without overlap (one per GPU; on a CPU-only machine add --multi_gpu to get
-    N processes):
-    [bold]accelerate launch --num_processes 8 -m personalize.cli benchmark run bench.yaml --out runs/bench[/bold]
+    Several processes share the rows without overlap (each row runs whole in one process; one process per GPU,
+    each on the GPU of its LOCAL_RANK; on a CPU-only machine the same command starts N CPU processes):
+    [bold]torchrun --nproc_per_node 8 -m personalize.cli benchmark run bench.yaml --out runs/bench[/bold]
+    ([bold]accelerate launch --num_processes 8 -m personalize.cli ...[/bold] works the same on GPUs.)
 
     [bold]Exit code[/bold]: 0 when every row is done; 1 when rows failed (each is listed; run the same command
     again to retry them); 2 with one line on stderr for a bad spec or option (nothing is run).

@@ -27,6 +27,7 @@ from .checkpoints import checkpoint_dir, has_checkpoint, load_checkpoint, save_c
 from .concept import Concept, save_concept
 from .errors import BadInputError, CheckpointError
 from .images import file_sha256, list_images, load_images, load_masks
+from .parallel import DataParallel
 from .paths import atomic_path
 from .templates import NEUTRAL_TEMPLATES, check_new_token, check_token, fill, single_token_id
 
@@ -265,6 +266,8 @@ def train(
 
     accelerator = _accelerator(cfg.mixed_precision, cpu=(str(device) == "cpu"))
     device = accelerator.device
+    parallel = DataParallel(accelerator, cfg.batch_size)
+    progress = progress and parallel.main
     pipe = load_base(base) if isinstance(base, (str, Path)) else base
     pipe.to(device)
     for tok, sc in zip(tokens, superclasses):
@@ -284,7 +287,8 @@ def train(
 
     trainable = method_cls.for_training(pipe, token, superclass, mcfg)
     try:
-        prior = _prior_data(pipe, trainable, superclasses, size, progress)
+        with parallel.main_first():  # class images are sampled (and cached) once
+            prior = _prior_data(pipe, trainable, superclasses, size, progress)
         groups = [{k: v for k, v in g.items() if k != "name"} for g in trainable.param_groups()]
         optimizer = accelerator.prepare(_adamw(groups, device))
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -314,27 +318,31 @@ def train(
                     generator, device, ("{}",))
                 with accelerator.autocast():
                     loss = denoising_step(pipe, scheduler, trainable, batch, prior_batch,
-                                          prior.weight if prior else 0.0, unet=unet, texts=texts)
+                                          prior.weight if prior else 0.0, unet=unet, texts=texts,
+                                          rows=parallel.rows)
                 accelerator.backward(loss)
+                parallel.average_gradients(params)
                 if cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss.detach()
-                # reading the loss waits for the device: only every LOSS_EVERY steps (and the last)
-                bar.update(step, float(loss) if step % LOSS_EVERY == 0 or step == cfg.steps else None)
-                if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+                # reading the loss waits for the device: only every LOSS_EVERY steps (and the last); data
+                # parallel: the whole batch's loss (every process takes part)
+                read = step % LOSS_EVERY == 0 or step == cfg.steps
+                bar.update(step, float(parallel.mean(loss)) if read else None)
+                if parallel.main and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                     save_checkpoint(ckpt, step, run_id, trainable, optimizer, generator)
-                if cfg.preview_every and step % cfg.preview_every == 0:
+                if parallel.main and cfg.preview_every and step % cfg.preview_every == 0:
                     with accelerator.autocast():
                         write_preview(pipe, preview_dir(out) / f"step_{step:06d}.png",
                                       cfg.preview_prompt.format(trainable.placeholder()), cfg.seed)
-                if best is not None and step % validation.every == 0:
+                if parallel.main and best is not None and step % validation.every == 0:
                     with accelerator.autocast():
                         bar.show_h(best.validate(pipe, trainable, step))
                 for cb in callbacks:
                     cb(step, loss, trainable)
-            if best is not None:
+            if parallel.main and best is not None:
                 with accelerator.autocast():
                     best.finish(pipe, trainable, cfg.steps)
         finally:
@@ -356,8 +364,13 @@ def train(
         trainable.remove()
         if cfg.gradient_checkpointing:
             pipe.unet.disable_gradient_checkpointing()
+    if not parallel.main:  # the main process writes the concept (and its artifacts)
+        parallel.wait()
+        return out
     concept.header.update(trainable.write_artifacts(out))
-    return save_concept(out, concept)
+    path = save_concept(out, concept)
+    parallel.wait()
+    return path
 
 
 def _json_words(words):
@@ -485,12 +498,15 @@ def draw_batch(cache: "LatentCache", batch_size: int, flip_p: float, num_timeste
 
 
 def denoising_step(pipe, scheduler, method, batch: Batch, prior: Batch | None = None,
-                   prior_weight: float = 0.0, unet=None, texts: "TextCache | None" = None) -> torch.Tensor:
+                   prior_weight: float = 0.0, unet=None, texts: "TextCache | None" = None,
+                   rows: Callable[[int], slice] | None = None) -> torch.Tensor:
     """Encode the prompts (method hook), noise the latents, predict, and return the loss.
 
     With a ``prior`` batch (class images, prior preservation) both go through one UNet pass and the loss is
     ``loss(batch) + prior_weight * loss(prior)``. ``unet``: the module to call instead of ``pipe.unet`` (its
-    compiled form); ``texts``: encodings kept per prompt (when nothing trained acts on the text path)."""
+    compiled form); ``texts``: encodings kept per prompt (when nothing trained acts on the text path);
+    ``rows(n)``: the slice of an n-row batch part this process trains on (data parallel: the prompts of the whole
+    batch are still encoded, so the method's text hook sees the same rows in every process)."""
     n = batch.latents.shape[0]
     if prior is not None:
         batch = Batch(torch.cat([batch.latents, prior.latents]), batch.mask, torch.cat([batch.noise, prior.noise]),
@@ -500,6 +516,15 @@ def denoising_step(pipe, scheduler, method, batch: Batch, prior: Batch | None = 
                         return_tensors="pt").input_ids, batch.latents.device)
     hidden = pipe.text_encoder(ids)[0] if texts is None else texts.encode(pipe.text_encoder, batch.prompts, ids)
     method.on_text_encoded(ids, hidden)
+    mask = batch.mask
+    if rows is not None and rows(n) != slice(0, n):  # this process's rows of the photos (and of the class images)
+        mine = torch.arange(batch.latents.shape[0])
+        mine = torch.cat([mine[:n][rows(n)], mine[n:][rows(n)]]) if prior is not None else mine[rows(n)]
+        mine = to_device(mine, batch.latents.device)
+        batch = Batch(batch.latents[mine], None, batch.noise[mine], batch.timesteps[mine], [])
+        hidden = hidden[mine]
+        mask = None if mask is None else mask[rows(n)]
+        n = len(range(n)[rows(n)])
     noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
     pred = (pipe.unet if unet is None else unet)(noisy, batch.timesteps, hidden).sample
     if scheduler.config.prediction_type == "v_prediction":
@@ -507,8 +532,8 @@ def denoising_step(pipe, scheduler, method, batch: Batch, prior: Batch | None = 
     else:
         target = batch.noise
     if prior is None:
-        return denoising_loss(pred, target, batch.mask)
-    return denoising_loss(pred[:n], target[:n], batch.mask) + prior_weight * denoising_loss(pred[n:], target[n:], None)
+        return denoising_loss(pred, target, mask)
+    return denoising_loss(pred[:n], target[:n], mask) + prior_weight * denoising_loss(pred[n:], target[n:], None)
 
 
 def _accelerator(mixed_precision: str, cpu: bool):
