@@ -23,7 +23,8 @@ a refusal whose message is not one line naming the file -- is a failure.
     python benchmarks/fuzz_concepts.py [--n 100000] [--seed 0] [--timeout 5]
 
 Prints one JSON line per mutation kind ({"kind", "n", "same", "different", "refused", "failed"}), then a
-total line with the run's seconds and the first failures (each with the index that reproduces it).
+total line with the run's seconds, the failures counted by type ("crash: KeyError", "unsound: method", ...)
+and the first 20 failures (each with the seed and index that rebuild it: ``mutant(samples, seed, index)``).
 Exit code 1 when anything failed. ``tests/test_concept_fuzz.py`` runs the same generator on 4,000 mutants.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -110,9 +112,16 @@ def sample_concepts(folder: Path) -> list[Sample]:
     samples = []
     for name, (header, tensors) in specs.items():
         path = save_concept(Path(folder) / f"{name}.safetensors", Concept(header, tensors))
+        written = load_concept(path)
+        # safetensors writes its metadata map in a per-process random order; the byte-level mutants need the
+        # same bytes in every run, so the file is rewritten with its header's keys sorted (same content)
+        raw = path.read_bytes()
+        n = struct.unpack("<Q", raw[:8])[0]
+        st_header = json.loads(assemble(json.loads(raw[8:8 + n]), b"")[8:])
+        data = assemble(st_header, raw[8 + n:])
+        path.write_bytes(data)
         concept = load_concept(path)
-        data = path.read_bytes()
-        st_header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
+        assert concept.header == written.header and concept.tensors.keys() == written.tensors.keys()
         samples.append(Sample(name, path, data, concept.header, st_header["__metadata__"]["personalize"],
                               concept.tensors, st_header))
     return samples
@@ -127,7 +136,8 @@ def signed(header_text: str, tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 def assemble(st_header: dict, body: bytes) -> bytes:
-    text = json.dumps(st_header, separators=(",", ":")).encode()
+    """A safetensors file: the length prefix, the header JSON (keys sorted, space-padded to 8 bytes), the data."""
+    text = json.dumps(st_header, separators=(",", ":"), sort_keys=True).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text + body
 
@@ -564,7 +574,13 @@ def run(samples: list[Sample], n: int, seed: int, folder: Path, timeout: float =
             row["failed"] += 1
             failures.append({"index": m.index, "kind": m.kind, "sample": m.sample.name, "note": m.note,
                              "outcome": outcome})
-    return {"counts": counts, "failures": failures, "seconds": round(time.perf_counter() - began, 1)}
+    return {"counts": counts, "failures": failures, "seconds": round(time.perf_counter() - began, 1),
+            "failure_types": dict(Counter(_failure_type(f["outcome"]) for f in failures).most_common())}
+
+
+def _failure_type(outcome: str) -> str:
+    """'crash: KeyError: ...' -> 'crash: KeyError'; 'unsound: method' stays."""
+    return ":".join(outcome.split(":")[:2]) if outcome.startswith("crash") else outcome.split(" (")[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -580,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"kind": kind, **row}))
     total = {k: sum(row[k] for row in result["counts"].values()) for k in ("n", "same", "different", "refused", "failed")}
     print(json.dumps({"kind": "total", **total, "seed": args.seed, "seconds": result["seconds"],
-                      "failures": result["failures"][:20]}))
+                      "failure_types": result["failure_types"], "failures": result["failures"][:20]}))
     return 1 if result["failures"] else 0
 
 
