@@ -157,3 +157,21 @@ def test_reused_text_encodings_train_the_same_residuals(tiny, photos, tmp_path, 
     ta, tb = load_concept(a).tensors, load_concept(b).tensors
     assert set(ta) == set(tb)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize("method", ["perfusion", "residuals", "dreambooth-lora", "custom-diffusion"])
+def test_methods_keep_pytorch_sdpa_attention(tiny, method):
+    """Edits wrap projections; the attention itself stays torch's scaled_dot_product_attention."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from personalize.methods import get
+    from personalize.training import resolve_settings
+
+    cls = get(method)
+    trainable = cls.for_training(tiny, "<disc>", "ball", resolve_settings(cls, {})[1])
+    try:
+        processors = tiny.unet.attn_processors
+        assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values()), \
+            {type(p).__name__ for p in processors.values()}
+    finally:
+        trainable.remove()
