@@ -6,8 +6,8 @@
 Both sides train on the same random SD 1.5-shaped pipeline folder (built once,
 ``unet.sample_size`` set so it trains at ``--res``), the same five photos, batch
 and precision, prior preservation off; runs alternate (ours, script, ours,
-script ...) so a busy machine slows both alike. Each run is its own process, so
-its peak RSS is its own. Prints one JSON line per run and one ratio line per
+script ..., ``--repeats`` rounds; the best of each side counts) so a busy
+machine slows both alike. Each run is its own process, so its peak RSS is its own. Prints one JSON line per run and one ratio line per
 method and precision. Full DreamBooth's script is not run on a machine under
 32 GiB (it was killed by the OOM killer at 24 GiB, ``perf-anchors/README.md``);
 ours is, to show it fits.
@@ -84,6 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--res", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best of each side counts")
     parser.add_argument("--precisions", default="no,bf16")
     parser.add_argument("--methods", default="dreambooth-lora,textual-inversion,custom-diffusion,dreambooth")
     parser.add_argument("--model", type=Path, default=Path(tempfile.gettempdir()) / "sd15_random_256")
@@ -103,22 +104,31 @@ def main() -> None:
             sides = [("ours", None)]
             if method != "dreambooth" or big_enough:
                 sides.append(("script", SCRIPTS[method]))
-            rows = {}
-            for side, script in sides:
-                spec = {"side": side, "method": method, "script": script, "precision": precision, "batch": batch,
-                        "steps": args.steps, "res": args.res, "model": str(model), "anchors": str(args.anchors)}
-                proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
-                                      text=True, cwd=ROOT)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-                row = json.loads(lines[-1]) if lines else {**spec, "error": proc.stderr[-500:], "rc": proc.returncode}
-                row.pop("model", None), row.pop("anchors", None)
-                rows[side] = row
-                print(json.dumps(row), flush=True)
-            if all("step_s" in r for r in rows.values()) and len(rows) == 2:
+            best: dict[str, dict] = {}
+            for _ in range(args.repeats):  # ours, script, ours, script ...: a busy machine slows both alike
+                for side, script in sides:
+                    spec = {"side": side, "method": method, "script": script, "precision": precision,
+                            "batch": batch, "steps": args.steps, "res": args.res, "model": str(model),
+                            "anchors": str(args.anchors)}
+                    row = _run_one(spec)
+                    print(json.dumps(row), flush=True)
+                    if "step_s" in row and ("step_s" not in best.get(side, {}) or row["step_s"] < best[side]["step_s"]):
+                        best[side] = row
+            if len(best) == 2:
                 print(json.dumps({"method": method, "precision": precision, "res": args.res, "batch": batch,
-                                  "speedup_ours_vs_script": round(rows["script"]["step_s"] / rows["ours"]["step_s"], 3),
-                                  "rss_ours_over_script": round(rows["ours"]["peak_rss_gib"] /
-                                                                rows["script"]["peak_rss_gib"], 3)}), flush=True)
+                                  "best_ours_s": best["ours"]["step_s"], "best_script_s": best["script"]["step_s"],
+                                  "speedup_ours_vs_script": round(best["script"]["step_s"] / best["ours"]["step_s"], 3),
+                                  "rss_ours_over_script": round(best["ours"]["peak_rss_gib"] /
+                                                                best["script"]["peak_rss_gib"], 3)}), flush=True)
+
+
+def _run_one(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+                          cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    row = json.loads(lines[-1]) if lines else {**spec, "error": proc.stderr[-500:], "rc": proc.returncode}
+    row.pop("model", None), row.pop("anchors", None)
+    return row
 
 
 if __name__ == "__main__":
