@@ -4,6 +4,7 @@ Every user error becomes one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -72,6 +73,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step [default: perfusion 16, residuals 4]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for batches, flips, noise [default: 0]."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in OUT.ckpt/."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (without it an existing concept file is refused; --resume continues it instead)."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | fp16 (GPU) | bf16."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory."),
     compile_unet: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the UNet: minutes of compiling first, faster steps after (long GPU runs)."),
@@ -135,8 +137,10 @@ def train(
 
       custom-diffusion: 250 steps, batch 2, lr 2e-5, K/V deltas + token, prior weight 1 on 200 class images
     """
+    from .paths import check_output
     from .training import train as run_train
 
+    check_output(out, overwrite=overwrite or resume)  # before minutes of training, not after
     check_options(steps=steps, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,
                   preview_every=preview_every)  # the method's own flags are checked as its settings
     settings = _load_settings(config, set_)
@@ -204,8 +208,8 @@ def _parse_concept_arg(text: str) -> tuple[str, dict]:
 
 @app.command()
 def generate(
-    concept: List[str] = typer.Option(..., "--concept", help="Concept file, optionally with its own knobs: FILE:beta=0.6,tau=0.15,lag=1,token=<new>. Repeat to compose concepts of any composable methods."),
-    prompt: str = typer.Option(..., "--prompt", help="Prompt using the concepts' tokens, e.g. 'a <my-teddy> on the beach'."),
+    concept: List[str] = typer.Option([], "--concept", help="Concept file, optionally with its own knobs: FILE:beta=0.6,tau=0.15,lag=1,token=<new>. Repeat to compose concepts of any composable methods. Leave it out to render the base alone (before/after comparisons)."),
+    prompt: str = typer.Option(..., "--prompt", help="Prompt using the concepts' tokens, e.g. 'a <my-teddy> on the beach'. At most 75 CLIP tokens (the text encoder reads 77 with its start and end markers): a longer prompt is refused, never cut. A prompt without an attached concept's token gets a warning."),
     out: Path = typer.Option(..., "--out", help="Folder for the PNGs and prompts.json."),
     base: str = typer.Option("tiny", "--base", help=BASE_HELP),
     num_images: int = typer.Option(4, "--num-images", min=1, help="Images to generate."),
@@ -216,13 +220,16 @@ def generate(
     tau: Optional[float] = typer.Option(None, "--tau", help="Perfusion gate temperature [concept default, 0.15]."),
     lag: bool = typer.Option(False, "--lag", help="Residuals: localized attention-guided sampling, the residuals apply only where the concept is attended."),
     lock: Optional[str] = typer.Option(None, "--lock", help="Perfusion key-locking: local, or global (K reads the prompt with each concept word replaced by its superclass; default beta then 0.5) [local]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace PNGs of the same prompt and seeds already in OUT (without it they are refused)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
 ):
-    """Generate images of one or several trained concepts in new scenes.
+    """Generate images of one or several trained concepts in new scenes (or of the base alone, without --concept).
 
     [bold]Examples[/bold]
 
       personalize generate --base tiny --concept teddy.safetensors --prompt "a <my-teddy> in the snow" --out samples/
+
+      personalize generate --base tiny --prompt "a teddy in the snow" --out before/    # the base alone, to compare
 
       personalize generate ... --beta 0.8        # favour the prompt over the concept's look
 
@@ -234,22 +241,66 @@ def generate(
     import torch
 
     from .base import load_base
-    from .compose import attach, prepare
     from .generation import generate as run_generate
     from .generation import write_images
+    from .prompts import check_prompt_length
 
     check_options(num_images=num_images, steps=steps, guidance=guidance, seed=seed, beta=beta, tau=tau)
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out '{out}' is a file; pass a folder for the images")
-    items = [_parse_concept_arg(c) for c in concept]
-    shared = dict(beta=beta, tau=tau, lag=lag, lock=lock)
-    prepare(items, **shared)  # refuse a bad composition before loading the base
+    _check_generate_out(out, prompt, seed, num_images, overwrite)
+    attachment = _attachment(concept, prompt, dict(beta=beta, tau=tau, lag=lag, lock=lock))
     pipe = load_base(base, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with attach(pipe, items, **shared):
-        with err_console.status(f"generating {num_images} image(s), {steps} steps"):
-            images = run_generate(pipe, prompt, num_images=num_images, steps=steps, guidance=guidance, seed=seed)
+    with attachment(pipe):
+        check_prompt_length(pipe, prompt)  # the concepts' tokens are in the tokenizer now
+        with _step_bar(f"generating {num_images} image(s)", steps) as on_step:
+            images = run_generate(pipe, prompt, num_images=num_images, steps=steps, guidance=guidance, seed=seed,
+                                  on_step=on_step)
     paths = write_images(images, prompt, out, seed)
     out_console.print(f"wrote {len(paths)} image(s) to [bold]{out}[/bold]")
+
+
+def _check_generate_out(out: Path, prompt: str, seed: int, num_images: int, overwrite: bool) -> None:
+    """Before the base loads: a usable prompt, a writable --out folder, no PNG replaced without --overwrite."""
+    from .generation import image_paths
+    from .paths import check_output, refuse_existing
+    from .prompts import check_prompt_text, read_prompts
+
+    check_prompt_text(prompt)
+    check_output(out, folder=True)
+    if (out / "prompts.json").is_file():
+        read_prompts(out / "prompts.json")  # merged after sampling: refuse a broken one now
+    if not overwrite:
+        refuse_existing(image_paths(prompt, out, seed, num_images))
+
+
+def _attachment(concept_args: List[str], prompt: str, shared: dict):
+    """``attachment(pipe)``: a context attaching the --concept files (checked now, before the base loads), or
+    nothing for the base alone. Warns on stderr when the prompt leaves out a concept's token."""
+    from .compose import attach, concept_tokens, prepare
+    from .prompts import missing_tokens
+
+    if not concept_args:
+        used = [f"--{k}" for k, v in shared.items() if v not in (None, False)]
+        if used:
+            raise BadInputError(f"{', '.join(used)} set a concept's knobs, but no --concept is given; add --concept FILE")
+        return lambda pipe: contextlib.nullcontext()
+    items = [_parse_concept_arg(c) for c in concept_args]
+    parts = prepare(items, **shared)  # refuse a bad composition before loading the base
+    missing = missing_tokens(prompt, [t for p in parts for t in concept_tokens(p.concept)])
+    if missing:
+        _warn(f"the prompt does not contain {', '.join(missing)}, so that concept will not show; "
+              "write its token where it belongs, e.g. 'a photo of a " + missing[0] + "'")
+    return lambda pipe: attach(pipe, items, **shared)
+
+
+@contextlib.contextmanager
+def _step_bar(description: str, total: int):
+    """A per-step progress bar on stderr; yields the ``on_step(n)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                  TimeRemainingColumn(), console=err_console) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.update(task, completed=n)
 
 
 @app.command()
@@ -293,6 +344,7 @@ def export_concept(
     fmt: Optional[str] = typer.Option(None, "--format", help="residuals: diffusers-lora; textual-inversion: diffusers | a1111; dreambooth-lora: diffusers-lora | kohya; custom-diffusion: diffusers (default: the first)."),
     out: Path = typer.Option(..., "--out", help="Folder to write."),
     base: Optional[str] = typer.Option(None, "--base", help="The concept's base; needed by custom-diffusion, whose format stores full K/V weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an OUT folder that is not empty (without it, refused)."),
 ):
     """Write a concept in the format its community's tools load (export.json in the folder says how).
 
@@ -313,7 +365,9 @@ def export_concept(
     DreamBooth (full) needs no export: its OUT.pipeline/ folder is a diffusers pipeline.
     """
     from .interop import export_concept
+    from .paths import check_output
 
+    check_output(out, folder=True, overwrite=overwrite)
     folder = export_concept(file, out, fmt, base)
     names = ", ".join(sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")))
     out_console.print(f"wrote [bold]{folder}[/bold] ({names})")
@@ -330,6 +384,7 @@ def import_concept(
     embeddings: List[Path] = typer.Option([], "--embeddings", help="custom-diffusion: the modifier token file(s), <token>.safetensors."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read a .bin/.pt pickle (weights only: torch.load(weights_only=True))."),
     set_: List[str] = typer.Option([], "--set", help="Method setting KEY=VALUE, e.g. --set identifier=ohwx."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT concept file (without it, refused)."),
 ):
     """Turn another tool's file into a concept file for this base.
 
@@ -342,7 +397,9 @@ def import_concept(
       personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --method custom-diffusion --superclass cat --out cat.safetensors
     """
     from .interop import import_file
+    from .paths import check_output
 
+    check_output(out, overwrite=overwrite)
     path = import_file(base, file, method=method, out=out, token=token, superclass=superclass, embeddings=embeddings,
                        allow_pickle=allow_pickle, settings=_load_settings(None, set_))
     out_console.print(f"wrote concept [bold]{path}[/bold] ({path.stat().st_size:,} bytes)")
@@ -386,7 +443,14 @@ def covariance(
 
 @app.command("methods")
 def list_methods():
-    """List the registered personalization methods and their defaults."""
+    """List the registered personalization methods and their defaults.
+
+    [bold]Examples[/bold]
+
+      personalize methods
+
+      personalize train --method residuals --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors   # then train one
+    """
     import dataclasses
 
     from . import methods as registry
@@ -411,7 +475,9 @@ def demo(
     [bold]Example[/bold]:  personalize demo --out demo_out
     """
     from .demo import run_demo
+    from .paths import check_output
 
+    check_output(out, folder=True)
     index = run_demo(out, steps=steps, log=lambda s: out_console.print(s))
     out_console.print(f"open [bold]{index.resolve()}[/bold]")
 
@@ -439,9 +505,12 @@ _add_subapps()
 def _quiet_libraries() -> None:
     """Library warnings (hub retries, deprecations) would bury our one-line errors."""
     import logging
+    import warnings
 
     for name in ("diffusers", "transformers", "huggingface_hub", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # torch's weights-only reader warns (2 lines) about a plain pickle's protocol before we refuse or read it
+    warnings.filterwarnings("ignore", module=r"torch\._weights_only_unpickler")
     try:
         from diffusers.utils import logging as dlog
         from transformers.utils import logging as tlog
@@ -454,12 +523,22 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _error(message: str) -> None:
-    """One line on stderr: ``error: MESSAGE`` (line breaks folded, rich markup in MESSAGE shown as typed)."""
+def _stderr_line(label: str, message: str) -> None:
+    """One line on stderr: ``LABEL: MESSAGE`` (line breaks folded, rich markup in MESSAGE shown as typed)."""
     from rich.markup import escape
 
     line = " ".join(str(message).split())
-    err_console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
+    err_console.print(f"{label} {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def _warn(message: str) -> None:
+    """``warning: MESSAGE`` on stderr: not an error, the command goes on."""
+    _stderr_line("[yellow]warning:[/yellow]", message)
+
+
+def _error(message: str) -> None:
+    """``error: MESSAGE`` on stderr."""
+    _stderr_line("[red]error:[/red]", message)
 
 
 def _usage_error(exc) -> str:

@@ -8,7 +8,12 @@ import typer
 from rich.table import Table
 
 app = typer.Typer(help="Head-to-head benchmarks: methods x concepts x prompts x seeds x inference settings, "
-                       "every unit of work a row in SQLite, ending in an HTML report.",
+                       "every unit of work a row in SQLite, ending in an HTML report.\n\n"
+                       "[bold]Examples[/bold]\n\n"
+                       "  personalize benchmark validate bench.yaml\n\n"
+                       "  personalize benchmark run bench.yaml --out runs/bench\n\n"
+                       "  personalize benchmark status runs/bench/benchmark.sqlite\n\n"
+                       "  personalize benchmark report runs/bench/benchmark.sqlite --out runs/bench/report",
                   no_args_is_help=True, rich_markup_mode="rich")
 
 SPEC_ARG = typer.Argument(..., help="Benchmark spec (YAML): base, evaluator, concepts, prompts, seeds, sampler, "
@@ -40,7 +45,11 @@ def validate(spec_path: Path = SPEC_ARG):
 
     Prints what the run would do (rows per kind). Exit code 2 with one line on the first problem.
 
-    [bold]Example[/bold]:  personalize benchmark validate bench.yaml
+    [bold]Examples[/bold]
+
+      personalize benchmark validate bench.yaml
+
+      personalize benchmark validate examples/toy_benchmark.yaml   # the toy world's benchmark, runs on a CPU
     """
     from collections import Counter
 
@@ -85,14 +94,22 @@ def run(
     [bold]Exit code[/bold]: 0 when every row is done; 1 when rows failed (each is listed; run the same command
     again to retry them); 2 with one line on stderr for a bad spec or option (nothing is run).
 
-    [bold]Example[/bold]:  personalize benchmark run bench.yaml --out runs/bench
+    [bold]Examples[/bold]
+
+      personalize benchmark run bench.yaml --out runs/bench
+
+      personalize benchmark run bench.yaml --out runs/bench --clip-weights clip.safetensors --dino-weights dino.safetensors   # offline
+
+      torchrun --nproc_per_node 8 -m personalize.cli benchmark run bench.yaml --out runs/bench   # 8 processes
+
     Then:  personalize benchmark report runs/bench/benchmark.sqlite --out runs/bench/report
     """
     from .benchmark.runner import run_benchmark
-    from .paths import inside
+    from .paths import check_output, inside
 
     spec = _load(spec_path, clip_weights, dino_weights)
     out = out or inside(Path("."), f"{spec.name}_out")  # the spec's name: a folder here, never elsewhere
+    check_output(out, folder=True)
     summary = run_benchmark(spec, out, progress=progress)
     c = summary.counts
     console = _console()
@@ -110,7 +127,11 @@ def run(
 def status(db_path: Path = typer.Argument(..., help="A benchmark database (OUT/benchmark.sqlite).")):
     """Rows per status and the first failures.
 
-    [bold]Example[/bold]:  personalize benchmark status runs/bench/benchmark.sqlite
+    [bold]Examples[/bold]
+
+      personalize benchmark status runs/bench/benchmark.sqlite
+
+      watch -n 30 personalize benchmark status runs/bench/benchmark.sqlite   # follow a long run
     """
     from .benchmark.db import BenchmarkDB
 
@@ -131,10 +152,17 @@ def report(
     """Write the report: tables with the best value per column highlighted, image grids (same prompt and seed
     for every method), CLIP-T vs CLIP-I / DINO Pareto plots, size and time columns.
 
-    [bold]Example[/bold]:  personalize benchmark report runs/bench/benchmark.sqlite --out runs/bench/report
+    [bold]Examples[/bold]
+
+      personalize benchmark report runs/bench/benchmark.sqlite --out runs/bench/report
+
+      personalize benchmark report runs/bench/benchmark.sqlite --out report/ && open report/index.html
     """
     from .benchmark.db import BenchmarkDB
     from .benchmark.report import write_report
+    from .paths import check_output
+
+    check_output(out, folder=True)
 
     db = BenchmarkDB(db_path, create=False)
     rows, meta = db.rows(), db.meta()

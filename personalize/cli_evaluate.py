@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .errors import BadInputError
+from .prompts import read_prompts
 
 
 def _weights(flag: str, path: Optional[Path]) -> Optional[Path]:
@@ -23,10 +24,7 @@ def _samples(folder: Path) -> tuple[list[Path], list[str]]:
     table = folder / "prompts.json"
     if not table.is_file():
         raise BadInputError(f"--samples '{folder}' has no prompts.json; point it at a folder written by 'personalize generate'")
-    try:
-        prompts = json.loads(table.read_text())
-    except json.JSONDecodeError as exc:
-        raise BadInputError(f"'{table}' is not valid JSON ({exc.msg}); it maps image stems to prompts") from exc
+    prompts = read_prompts(table)
     found = [(folder / f"{stem}.png", prompt) for stem, prompt in sorted(prompts.items())
              if (folder / f"{stem}.png").is_file()]
     if not found:

@@ -35,7 +35,14 @@ def _concept_name(name: str) -> str:
 
 @app.command()
 def concepts(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
-    """List the held-out concepts (never seen by the toy base) with their superclass words."""
+    """List the held-out concepts (never seen by the toy base) with their superclass words.
+
+    [bold]Examples[/bold]
+
+      personalize toyworld concepts
+
+      personalize toyworld concepts --json
+    """
     from .datasets.toyworld import list_concepts
 
     rows = list_concepts()
@@ -57,10 +64,18 @@ def render(
 ):
     """Render a concept's example images.
 
-    [bold]Example[/bold]:  personalize toyworld render striped_star --out photos/ && personalize train --base toy --images photos/ --superclass star --token "<s>" --out s.safetensors
+    [bold]Examples[/bold]
+
+      personalize toyworld render striped_star --out photos/
+
+      personalize toyworld render striped_star --out photos/ && personalize train --base toy --images photos/ --superclass star --token "<s>" --out s.safetensors
+
+      personalize toyworld render split_triangle --out more/ --n 12 --seed 1   # other layouts
     """
     from .datasets.toyworld import render_concept_examples
+    from .paths import check_output
 
+    check_output(out, folder=True)
     paths = render_concept_examples(_concept_name(name), out, n=n, seed=seed)
     _console().print(f"wrote {len(paths)} images to [bold]{out}[/bold]")
 
@@ -72,7 +87,14 @@ def score(
     reference: Optional[Path] = typer.Option(None, "--reference", help="Same stems generated without the concept (enables leakage)."),
     per_image: bool = typer.Option(False, "--per-image", help="Include every image's checks."),
 ):
-    """Score generated images against the toy world's ground truth; prints JSON (alignment, fidelity, leakage)."""
+    """Score generated images against the toy world's ground truth; prints JSON (alignment, fidelity, leakage).
+
+    [bold]Examples[/bold]
+
+      personalize toyworld score --samples samples/
+
+      personalize toyworld score --samples samples/ --concept striped_star --reference base_samples/ --per-image
+    """
     from .datasets.toyworld import score_folder
 
     if not (samples / "prompts.json").is_file():
@@ -102,7 +124,14 @@ def _one_line_argparse(command: str):
 @app.command("train-base", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_base(ctx: typer.Context):
     """Train the toy base model from scratch (VAE, then text encoder + UNet); resumable. Options: see --help of
-    'python -m personalize.datasets.toyworld.train_base'."""
+    'python -m personalize.datasets.toyworld.train_base'.
+
+    [bold]Examples[/bold]
+
+      personalize toyworld train-base --out runs/toybase --threads 8
+
+      personalize toyworld train-base --out runs/toybase --resume --export weights/   # continue, then export
+    """
     from .datasets.toyworld.train_base import main as run
 
     with _one_line_argparse("train-base"):
@@ -112,7 +141,14 @@ def train_base(ctx: typer.Context):
 @app.command("evaluate-base", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def evaluate_base(ctx: typer.Context):
     """Sample the base on held-out captions and score them; export weights from a run. Options: see
-    'python -m personalize.datasets.toyworld.evaluate --help'."""
+    'python -m personalize.datasets.toyworld.evaluate --help'.
+
+    [bold]Examples[/bold]
+
+      personalize toyworld evaluate-base --n 200 --grid grid.png
+
+      personalize toyworld evaluate-base --pipeline runs/toybase/pipeline --json scores.json
+    """
     from .datasets.toyworld.evaluate import main as run
 
     with _one_line_argparse("evaluate-base"):

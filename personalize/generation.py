@@ -8,22 +8,36 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
 from .paths import atomic_path, inside
+from .prompts import check_prompt_length, check_prompt_text, read_prompts
 
 
 @torch.no_grad()
 def generate(pipe, prompt: str, num_images: int = 1, steps: int = 50, guidance: float = 6.0, seed: int = 0,
-             negative_prompt: str | None = None) -> list:
-    """``num_images`` PIL images; image k uses seed ``seed + k`` so any single image can be reproduced."""
+             negative_prompt: str | None = None, on_step: Optional[Callable[[int], None]] = None) -> list:
+    """``num_images`` PIL images; image k uses seed ``seed + k`` so any single image can be reproduced.
+
+    An empty prompt, or one longer than the text encoder reads, is refused (``personalize/prompts.py``).
+    ``on_step(n)`` is called after each of the ``steps`` denoising steps (n = 1..steps)."""
+    check_prompt_text(prompt, "prompt")
+    check_prompt_length(pipe, prompt, "prompt")
     device = pipe.unet.device
     gen_device = "cpu" if device.type == "mps" else device
     generators = [torch.Generator(gen_device).manual_seed(seed + k) for k in range(num_images)]
+    extra = {}
+    if on_step is not None:
+        def step_end(_pipe, i, _t, tensors):
+            on_step(i + 1)
+            return tensors
+
+        extra["callback_on_step_end"] = step_end
     return pipe(
         prompt, num_images_per_prompt=num_images, num_inference_steps=steps, guidance_scale=guidance,
-        generator=generators, negative_prompt=negative_prompt, output_type="pil",
+        generator=generators, negative_prompt=negative_prompt, output_type="pil", **extra,
     ).images
 
 
@@ -31,20 +45,22 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
 
 
+def image_paths(prompt: str, out: str | Path, seed: int, num_images: int, prefix: str = "") -> list[Path]:
+    """Where :func:`write_images` puts ``num_images`` images of ``prompt``: ``<prefix><prompt-slug>_<seed+k>.png``."""
+    return [inside(out, f"{prefix}{slug(prompt)}_{seed + k}.png") for k in range(num_images)]
+
+
 def write_images(images: list, prompt: str, out: str | Path, seed: int, prefix: str = "") -> list[Path]:
     """Write PNGs atomically as ``<prefix><prompt-slug>_<seed>.png`` and merge ``prompts.json``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prompts_file = out / "prompts.json"
-    mapping = json.loads(prompts_file.read_text()) if prompts_file.exists() else {}
-    paths = []
-    for k, image in enumerate(images):
-        stem = f"{prefix}{slug(prompt)}_{seed + k}"
-        path = inside(out, f"{stem}.png")
+    mapping = read_prompts(prompts_file) if prompts_file.exists() else {}
+    paths = image_paths(prompt, out, seed, len(images), prefix)
+    for image, path in zip(images, paths):
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG")
-        mapping[stem] = prompt
-        paths.append(path)
+        mapping[path.stem] = prompt
     with atomic_path(prompts_file) as tmp:
         tmp.write_text(json.dumps(mapping, indent=2, sort_keys=True))
     return paths

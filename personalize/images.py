@@ -4,11 +4,15 @@ Odd files are normalised, not rejected: EXIF orientation is applied, RGBA/LA/P
 images are composited onto white, grayscale/CMYK/16-bit become RGB, and
 non-square or tiny images are centre-cropped and resized to the base's
 resolution. A file with an image extension that cannot be decoded is an error
-naming the file.
+naming the file, and so is one whose header claims more pixels than Pillow's
+decompression-bomb limit. Scoring opens images with the same :func:`open_rgb`,
+so a photo is oriented the same way for training and for the scores.
 """
 from __future__ import annotations
 
 import hashlib
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,17 +38,40 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def _open_rgb(path: Path):
+def open_image(path: str | Path):
+    """The image at ``path``, decoded and turned upright by its EXIF orientation (any mode).
+
+    The one way images are opened, for training and for scoring alike. Refused (one-line BadInputError naming the
+    file): a file that does not decode, and one whose header claims more pixels than Pillow's decompression-bomb
+    limit (``PIL.Image.MAX_IMAGE_PIXELS``), which could exhaust memory."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not warned
+            with Image.open(path) as img:
+                img.load()
+                return ImageOps.exif_transpose(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(claimed.group(1)):,} pixels" if claimed else "too many pixels"
+        raise BadInputError(f"'{path}' claims {size}, over the {Image.MAX_IMAGE_PIXELS:,} an image may have "
+                            "(a decompression bomb or a huge scan); downscale it or remove it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadInputError(
             f"'{path}' is not a readable image ({type(exc).__name__}); remove it from the folder or re-save it as PNG/JPEG"
         ) from exc
+
+
+def open_rgb(path: str | Path):
+    """:func:`open_image` as 8-bit RGB (:func:`to_rgb`)."""
+    return to_rgb(open_image(path))
+
+
+def to_rgb(img):
+    """8-bit RGB: 16-bit and float images scaled, transparency composited onto white, every other mode converted."""
+    from PIL import Image
+
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         full = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
@@ -70,7 +97,7 @@ def load_images(paths: list[Path], size: int) -> torch.Tensor:
     """(N, 3, size, size) in [-1, 1]."""
     from PIL import Image
 
-    arrays = [np.asarray(_square(_open_rgb(p), size, Image.Resampling.BICUBIC), dtype=np.float32) for p in paths]
+    arrays = [np.asarray(_square(open_rgb(p), size, Image.Resampling.BICUBIC), dtype=np.float32) for p in paths]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return x / 127.5 - 1.0
 
@@ -88,21 +115,10 @@ def load_masks(folder: str | Path, image_paths: list[Path], size: int) -> torch.
         mask_path = by_stem.get(path.stem)
         if mask_path is None:
             raise BadInputError(f"no mask for image '{path.name}' in '{folder}'; add '{path.stem}.png' or drop --masks")
-        try:
-            with Image.open(mask_path) as m:
-                gray = _exif(m).convert("L")
-        except OSError as exc:
-            raise BadInputError(f"mask '{mask_path}' is not a readable image; re-save it as PNG") from exc
+        gray = open_image(mask_path).convert("L")
         arr = np.asarray(_square(gray, size, Image.Resampling.BILINEAR), dtype=np.float32)
         masks.append(arr / max(float(arr.max()), 1e-6))
     return torch.from_numpy(np.stack(masks)).unsqueeze(1)
-
-
-def _exif(img):
-    from PIL import ImageOps
-
-    img.load()
-    return ImageOps.exif_transpose(img)
 
 
 def file_sha256(path: Path) -> str:

@@ -1,10 +1,17 @@
-"""Where the package keeps caches, and atomic writes."""
+"""Where the package keeps caches, output checks, and atomic writes."""
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
+from typing import Iterable
+
+STALE_AFTER_S = 3600.0  # a leftover temp that names no live process here is stale once untouched this long
 
 
 def cache_dir(*parts: str) -> Path:
@@ -32,12 +39,129 @@ def inside(folder: str | os.PathLike, *parts: str) -> Path:
     return path
 
 
+# ----------------------------------------------------------------------------------------------- output checks
+def check_output(path: str | os.PathLike, *, folder: bool = False, overwrite: bool = True,
+                 flag: str = "--out") -> Path:
+    """Refuse, before any work, an output that could not be written (one-line BadInputError); returns the path.
+
+    ``folder``: the output is a folder (else a file). Refused: a file where a folder goes or the reverse; a
+    path under a regular file; a location this process cannot create files in (probed with a temp file,
+    removed at once). ``overwrite=False`` also refuses an existing file, or a folder that is not empty."""
+    from .errors import BadInputError
+
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise BadInputError(f"{flag} '{path}' is a file; pass a folder for the output")
+        if not folder and path.is_dir():
+            raise BadInputError(f"{flag} '{path}' is a folder; pass a file path")
+        if not overwrite and (not folder or any(path.iterdir())):
+            refuse_existing([path], flag)
+    where = path if path.is_dir() else path.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise BadInputError(f"{flag} '{path}' cannot be created: '{where}' is a file, not a folder; "
+                            "pass a path in a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".personalize-probe.", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BadInputError(f"{flag} '{path}' cannot be written: no new file can be made in '{where}' "
+                            f"({exc.strerror or type(exc).__name__}); pass a folder you can write to") from exc
+    return path
+
+
+def refuse_existing(paths: Iterable[str | os.PathLike], flag: str = "--out") -> None:
+    """One-line BadInputError naming the first of ``paths`` that exists (none exist: nothing happens)."""
+    from .errors import BadInputError
+
+    found = [Path(p) for p in paths if os.path.lexists(p)]
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise BadInputError(f"{flag}: '{found[0]}'{more} already exists; pass --overwrite to replace it, "
+                            f"or choose another {flag}")
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+def _owner() -> str:
+    """``<pid>@<host>``: who writes a temp file (so a leftover of a killed writer can be told from a live one)."""
+    return f"{os.getpid()}@{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())[:32]}"
+
+
+def _is_stale(entry: os.DirEntry, owner: str | None) -> bool:
+    if owner is not None:
+        pid, _, host = owner.partition("@")
+        if host == _owner().partition("@")[2]:
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return True
+            except (OSError, OverflowError, ValueError):
+                return False
+            return False
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
+    except OSError:
+        return False
+
+
+def _temp_owner(name: str, prefix: str) -> tuple[bool, str | None]:
+    """Whether ``name`` is a temp of the target with temp ``prefix`` (``.NAME.``), and its writer (None: unknown)."""
+    if not name.startswith(prefix):
+        return False, None
+    core = name[len(prefix):]
+    if core.endswith(".tmp"):  # .NAME.<pid>@<host>.<random>.tmp, or an older .NAME.<random>.tmp
+        parts = core[:-4].split(".")
+        if len(parts) == 2 and "@" in parts[0]:
+            return True, parts[0]
+        return len(parts) == 1 and re.fullmatch(r"[a-z0-9_]{8}", parts[0]) is not None, None
+    if core.endswith(".old"):  # atomic_dir's moved-away folder: .NAME.<pid>@<host>.old, or an older .NAME.<pid>.old
+        part = core[:-4]
+        return ("@" in part and "." not in part) or part.isdigit(), part if "@" in part else None
+    return False, None
+
+
+def clean_stale_temps(target: str | os.PathLike) -> list[Path]:
+    """Remove what killed atomic writes of ``target`` left beside it; returns what was removed.
+
+    A temp names its writer (``.NAME.<pid>@<host>.<random>.tmp``): it is stale when that process is gone (a
+    writer on this host), or (another host's, or an older temp that names no writer) once untouched for
+    ``STALE_AFTER_S``. A live writer's temp is never touched."""
+    target = Path(target)
+    prefix, removed = f".{target.name}.", []
+    try:
+        entries = [e for e in os.scandir(target.parent) if e.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for entry in entries:
+        ours, owner = _temp_owner(entry.name, prefix)
+        if not ours or not _is_stale(entry, owner):
+            continue
+        path = Path(entry.path)
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.{_owner()}."
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike):
-    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.
+
+    Stale temps of ``target`` left by killed writers are removed first (:func:`clean_stale_temps`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    clean_stale_temps(target)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -61,12 +185,12 @@ def atomic_dir(target: str | os.PathLike, replace: bool = True):
 
     With ``replace=False`` a ``target`` that exists when the block ends (another process made it meanwhile)
     is kept and the new folder dropped: the first writer wins, and no reader sees its folder moved away.
+    Stale temps of ``target`` left by killed writers are removed first (:func:`clean_stale_temps`).
     """
-    import shutil
-
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    clean_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
@@ -80,7 +204,7 @@ def atomic_dir(target: str | os.PathLike, replace: bool = True):
             return
         old = None
         if target.exists():
-            old = target.with_name(f".{target.name}.{os.getpid()}.old")
+            old = target.with_name(f".{target.name}.{_owner()}.old")
             os.replace(target, old)
         os.replace(tmp, target)
         if old is not None:

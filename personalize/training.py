@@ -436,7 +436,7 @@ def _class_images(pipe, spec, size: int, progress: bool) -> PriorData:
     from . import prior as prior_images
 
     todo = prior_images.missing_count(pipe, spec)
-    bar = _Progress(progress and todo > 0, todo, 0, "class images")
+    bar = _Progress(progress and todo > 0, todo, 0, "class images", with_loss=False)
     done = [0]
 
     def tick(n: int) -> None:
@@ -603,18 +603,21 @@ class _BestKeeper:
 
 
 class _Progress:
-    """A rich progress bar with loss and ETA (silent when disabled)."""
+    """A rich progress bar on stderr with loss (``with_loss``) and ETA (silent when disabled)."""
 
-    def __init__(self, enabled: bool, total: int, completed: int, description: str, with_h: bool = False):
+    def __init__(self, enabled: bool, total: int, completed: int, description: str, with_h: bool = False,
+                 with_loss: bool = True):
         self.progress = None
         if not enabled:
             return
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), *([TextColumn("h {task.fields[h]}")] if with_h else []),
-            TimeRemainingColumn(), transient=False,
+            *([TextColumn("loss {task.fields[loss]}")] if with_loss else []),
+            *([TextColumn("h {task.fields[h]}")] if with_h else []),
+            TimeRemainingColumn(), transient=False, console=Console(stderr=True),
         )
         self.progress.start()
         self.task = self.progress.add_task(description, total=total, completed=completed, loss="-", h="-")

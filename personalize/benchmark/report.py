@@ -456,19 +456,28 @@ def _grid_cell(index: dict, probe: dict, setting: Optional[str]) -> dict:
             "path": str(outputs[0]) if outputs else None}
 
 
-def _thumbnail_uri(path: Path) -> Optional[str]:
-    """The image at ``path`` shrunk to a thumbnail, as a PNG data URI; None if it cannot be read."""
+def _thumbnail(path: Path) -> Optional[tuple[str, bool]]:
+    """The image at ``path`` as a thumbnail PNG data URI, and whether it was enlarged; None if it cannot be read.
+
+    A large image is shrunk (smoothly) to 2x the cell; a small one (the toy world's 32 px) is enlarged by a whole
+    factor with nearest-neighbour, so its pixels stay sharp squares (the page also shows it ``pixelated``)."""
     from PIL import Image
 
+    from ..errors import PersonalizeError
+    from ..images import open_rgb
+
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((THUMB_PX * 2, THUMB_PX * 2))
-            buf = io.BytesIO()
-            im.save(buf, format="PNG", optimize=True)
-    except (OSError, ValueError):
+        im = open_rgb(path)
+    except PersonalizeError:
         return None
-    return _data_uri(buf.getvalue())
+    factor = (THUMB_PX * 2) // max(im.size)
+    if factor >= 2:
+        im = im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST)
+    else:
+        im.thumbnail((THUMB_PX * 2, THUMB_PX * 2))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return _data_uri(buf.getvalue()), factor >= 2
 
 
 def _data_uri(png: bytes) -> str:
@@ -507,6 +516,7 @@ table.grid th.rowhead{width:190px;font-weight:400;font-size:12.5px;background:#f
 figure{margin:0 auto;width:160px}
 figure img,.missing{width:160px;height:160px;display:block;border-radius:4px;object-fit:contain;
  background:#eee}
+figure img.px{image-rendering:crisp-edges;image-rendering:pixelated}
 .missing{display:flex;align-items:center;justify-content:center;text-align:center;color:#8a8f98;
  font-size:12px;background:repeating-linear-gradient(45deg,#f3f4f6 0 8px,#e8eaee 8px 16px)}
 figcaption{font-size:11.5px;color:#4b5563;margin-top:4px;text-align:center;word-wrap:break-word}
@@ -562,10 +572,12 @@ def _html_tables(summary: dict) -> str:
 
 
 def _html_figure(cell: dict, root: Path, row_prompt: str) -> str:
-    uri = _thumbnail_uri(root / cell["path"]) if cell["path"] else None
+    thumb = _thumbnail(root / cell["path"]) if cell["path"] else None
     alt = f"{cell['method']}: {cell['prompt']}"
-    if uri:
-        image = f'<img src="{uri}" alt="{_esc(alt)}" title="{_esc(cell["path"])}">'
+    if thumb:
+        uri, enlarged = thumb
+        pixelated = ' class="px"' if enlarged else ""
+        image = f'<img{pixelated} src="{uri}" alt="{_esc(alt)}" title="{_esc(cell["path"])}">'
     else:
         missing = "image missing" if cell["path"] else "not generated"
         image = f'<div class="missing">{missing}</div>'

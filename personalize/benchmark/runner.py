@@ -121,7 +121,9 @@ def _execute(db: BenchmarkDB, worker: Worker, row: dict, device: str) -> None:
         return
     provenance = {"git_sha": git_sha(), "versions": versions(), "base_fingerprint": worker.base_fingerprint,
                   "memory": mem.kind, "worker": db.worker, **machine(device)}
-    db.finish(row["key"], result, time.perf_counter() - began, mem.peak, provenance)
+    # a resumed train row adds the time its killed attempts spent up to the checkpoint it resumed from
+    seconds = time.perf_counter() - began + float(result.get("earlier_seconds") or 0.0)
+    db.finish(row["key"], result, seconds, mem.peak, provenance)
 
 
 class _Bar:
@@ -131,12 +133,13 @@ class _Bar:
         self.db = db
         self.progress = None
         if enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
                 TimeRemainingColumn
 
             self.progress = Progress(TextColumn("[bold]benchmark[/bold] {task.description}"), BarColumn(),
                                      MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn(),
-                                     TextColumn("ETA"), TimeRemainingColumn())
+                                     TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
             counts = db.counts()
             self.task = self.progress.add_task("", total=counts["total"], completed=counts["done"])
             self.progress.start()

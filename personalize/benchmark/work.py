@@ -6,7 +6,9 @@ use it. Every output is written atomically before the row is marked done.
 """
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -86,21 +88,31 @@ class Worker:
         concept = concept_from_payload(row["payload"])
         out = inside(self.root, row["outputs"][0])
         settings = {**({} if concept.mirror_symmetric else {"flip_p": 0.0}), **row["payload"]["train"]}
+        method_cls = registry.get(row["method_type"])
+        cfg, mcfg = resolve_settings(method_cls, settings)
+        resume = has_checkpoint(out)
+        clock = TrainClock(checkpoint_dir(out), cfg.checkpoint_every, cfg.steps, resume)
         counted: dict = {}
 
-        def count(step, loss, method) -> None:
-            if not counted:
-                counted["n"] = sum(p.numel() for g in method.param_groups() for p in g["params"] if p.requires_grad)
+        def on_step(step, loss, method) -> None:
+            counted.setdefault("n", trainable_params(method))
+            clock.tick(step)
 
         self.detach()
         path = train(self.pipe, self.photos(concept), token=concept.token, superclass=concept.superclass, out=out,
-                     method=row["method_type"], settings=settings, resume=has_checkpoint(out), progress=False,
-                     callbacks=[count], device="cpu" if self.device == "cpu" else None,
+                     method=row["method_type"], settings=settings, resume=resume, progress=False,
+                     callbacks=[on_step], device="cpu" if self.device == "cpu" else None,
                      validation=self.validator(concept, row["payload"].get("validate_every", 0)))
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
-        steps = resolve_settings(registry.get(row["method_type"]), row["payload"]["train"])[0].steps
+        if "n" not in counted:  # resumed at the last step: no step ran, so count on a fresh build of the method
+            method = method_cls.for_training(self.pipe, concept.token, concept.superclass, mcfg)
+            try:
+                counted["n"] = trainable_params(method)
+            finally:
+                method.remove()
         best = load_concept(path).header.get("provenance", {}).get("best_step")
-        return {"file_bytes": path.stat().st_size, "trainable_params": counted.get("n"), "steps": steps,
+        return {"file_bytes": path.stat().st_size, "trainable_params": counted["n"], "steps": cfg.steps,
+                **({"earlier_seconds": round(clock.earlier, 3)} if clock.earlier else {}),
                 **({"best_step": best} if best is not None else {})}
 
     def validator(self, concept: ConceptEntry, every: int):
@@ -138,6 +150,37 @@ class Worker:
         return score_row(self, row)
 
 
+def trainable_params(method) -> int:
+    """How many numbers ``method`` trains (its param groups' parameters that take gradients)."""
+    return sum(p.numel() for g in method.param_groups() for p in g["params"] if p.requires_grad)
+
+
+class TrainClock:
+    """Training time across a killed run and its resumes.
+
+    Each time the trainer writes a checkpoint (every ``every`` steps and at the last) the time so far is saved
+    beside it (``OUT.ckpt/seconds.json``); a resumed run starts from the time saved with the checkpoint it
+    resumes from (``earlier``), which the runner adds to the row's time."""
+
+    FILE = "seconds.json"
+
+    def __init__(self, ckpt: Path, every: int, steps: int, resume: bool):
+        self.file, self.every, self.steps = Path(ckpt) / self.FILE, every, steps
+        self.earlier = self._saved() if resume else 0.0
+        self.began = time.perf_counter()
+
+    def _saved(self) -> float:
+        try:
+            return max(float(json.loads(self.file.read_text())["seconds"]), 0.0)
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0
+
+    def tick(self, step: int) -> None:
+        if self.every and (step % self.every == 0 or step == self.steps):
+            with atomic_path(self.file) as tmp:
+                tmp.write_text(json.dumps({"step": step, "seconds": self.earlier + time.perf_counter() - self.began}))
+
+
 def pick_device(spec_device: str, local_rank: int = 0) -> str:
     """The spec's device; on a GPU machine process ``local_rank`` takes GPU ``local_rank`` (and makes it current,
     so the trainer's Accelerator lands there too)."""
@@ -152,4 +195,4 @@ def pick_device(spec_device: str, local_rank: int = 0) -> str:
     return "cpu"
 
 
-__all__ = ["Worker", "pick_device"]
+__all__ = ["TrainClock", "Worker", "pick_device", "trainable_params"]

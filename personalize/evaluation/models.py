@@ -27,16 +27,20 @@ ImageLike = Union[str, Path, Image.Image, np.ndarray]
 
 
 def load_image(item: ImageLike) -> Image.Image:
-    """A PIL RGB image from a path, a PIL image or an HxWx3 uint8 array."""
+    """A PIL RGB image from a path, a PIL image or an HxWx3 uint8 array.
+
+    A path is opened as training opens photos (:func:`personalize.images.open_rgb`: EXIF orientation applied,
+    transparency onto white; a file that does not decode or claims too many pixels is a one-line error)."""
+    from ..images import open_rgb, to_rgb
+
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        return to_rgb(item)
     if isinstance(item, np.ndarray):
-        return Image.fromarray(item).convert("RGB")
+        return to_rgb(Image.fromarray(item))
     path = Path(item)
     if not path.is_file():
         raise BadInputError(f"image not found: {path}")
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return open_rgb(path)
 
 
 def list_images(folder: Union[str, Path]) -> list[Path]:

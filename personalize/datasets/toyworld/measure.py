@@ -14,7 +14,6 @@ object's sub-pixel bbox.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -61,7 +60,9 @@ class DetectedScene:
 
 def _as_array(image) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
-        image = Image.open(image)
+        from ...images import open_rgb
+
+        image = open_rgb(image)  # a file that does not decode: a one-line error naming it
     if isinstance(image, Image.Image):
         if image.size != (32, 32):
             image = image.convert("RGB").resize((32, 32), Image.BOX)
@@ -313,8 +314,9 @@ def concept_fidelity(arr: np.ndarray, obj: DetectedObject, concept: str, scene: 
 def load_prompts(folder: PathLike, prompts: Union[None, PathLike, dict] = None) -> dict[str, str]:
     if isinstance(prompts, dict):
         return dict(prompts)
-    path = Path(prompts) if prompts is not None else Path(folder) / "prompts.json"
-    return json.loads(Path(path).read_text())
+    from ...prompts import read_prompts
+
+    return read_prompts(Path(prompts) if prompts is not None else Path(folder) / "prompts.json")
 
 
 def score_folder(folder: PathLike, prompts: Union[None, PathLike, dict] = None, concept: Optional[str] = None,

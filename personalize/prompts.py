@@ -1,0 +1,71 @@
+"""The prompt rules, checked wherever a prompt is given, and a generation folder's ``prompts.json``.
+
+- A prompt must say something: an empty (or blank) one is refused.
+- The text encoder reads 77 CLIP tokens, the start and end markers included, so 75 of the prompt's own. Cut
+  silently, a longer prompt would lose its last words, a concept's token among them; it is refused instead,
+  whether or not a concept's token is past the cut (the message says when one is).
+- A prompt naming none of the attached concepts' tokens is allowed (the base alone, for comparison), but the
+  CLI warns: the concept would not show.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from .errors import BadInputError
+
+MAX_TOKENS = 77  # CLIP's context, start and end markers included
+
+
+def check_prompt_text(prompt: str, flag: str = "--prompt") -> str:
+    """Refuse an empty or blank prompt."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadInputError(f"{flag} is empty; describe the image, e.g. 'a photo of a <my-teddy> on the beach'")
+    return prompt
+
+
+def missing_tokens(prompt: str, tokens: Sequence[str]) -> list[str]:
+    """The concept ``tokens`` the prompt does not contain (added tokens match case-insensitively)."""
+    lowered = prompt.lower()
+    return [t for t in tokens if t.lower() not in lowered]
+
+
+def check_prompt_length(pipe, prompt: str, flag: str = "--prompt") -> None:
+    """Refuse a prompt longer than the text encoder reads (as the pipeline tokenizes it, concepts attached)."""
+    tokenizer = pipe.tokenizer
+    if hasattr(pipe, "maybe_convert_prompt"):  # a multi-vector token <t> becomes '<t> <t>_1 ...', as when sampling
+        prompt = pipe.maybe_convert_prompt(prompt, tokenizer)
+    limit = min(int(getattr(tokenizer, "model_max_length", MAX_TOKENS) or MAX_TOKENS), MAX_TOKENS)
+    ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
+    if len(ids) <= limit:
+        return
+    dropped = ids[limit - 1:-1]  # what a cut to ``limit`` would lose (the end marker stays)
+    concepts = _added_tokens(pipe, dropped)
+    lost = f", so the concept token {', '.join(concepts)} would be lost" if concepts else ""
+    raise BadInputError(f"{flag} is {len(ids) - 2} tokens, more than the {limit - 2} the text encoder reads; the "
+                        f"words after '{tokenizer.decode(ids[limit - 3:limit - 1]).strip()}' would be cut{lost}; "
+                        "shorten the prompt")
+
+
+def _added_tokens(pipe, ids: Sequence[int]) -> list[str]:
+    """The attached concepts' tokens among ``ids`` (ids past the base vocabulary)."""
+    from .edits.tokens import base_tokenizer
+
+    base_size = len(base_tokenizer(pipe))
+    return sorted({t for i, t in zip(ids, pipe.tokenizer.convert_ids_to_tokens(list(ids))) if i >= base_size})
+
+
+def read_prompts(path: str | Path) -> dict[str, str]:
+    """A ``prompts.json`` (image stem -> prompt), or a one-line BadInputError saying what is wrong with it."""
+    path = Path(path)
+    try:
+        table = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"'{path}' is not valid JSON ({type(exc).__name__}); it maps image stems to prompts, "
+                            "as 'personalize generate' writes it") from exc
+    if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in table.items()):
+        kind = type(table).__name__ if not isinstance(table, dict) else "mapping with values that are not text"
+        raise BadInputError(f"'{path}' is a {kind}; it must map image stems to prompts "
+                            '({"stem": "a photo of ..."}), as \'personalize generate\' writes it')
+    return table
