@@ -142,3 +142,66 @@ def test_lora_scale_knob(concepts, tiny):
         off = _image(tiny, PROMPT.format("<disc>"))
     assert np.array_equal(off, base)
     assert np.abs(_ours(tiny, concept) - base).max() > 0.01
+
+
+# --------------------------------------------------------------------------- files other tools wrote
+LATENTS = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+
+
+@torch.no_grad()
+def _outputs(pipe, prompt="a photo of a ball"):
+    """The text encoding of ``prompt`` and the UNet's output on fixed latents: what every LoRA layer acts on."""
+    emb = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+    return emb, pipe.unet(LATENTS.to(emb.dtype), torch.tensor([10]), emb).sample
+
+
+def _assert_outputs_close(ours, theirs, base, atol=1e-5):
+    for a, b, c, what in zip(ours, theirs, base, ("text encoding", "UNet output")):
+        assert torch.allclose(a, b, rtol=1e-4, atol=atol), f"{what}: stock loader differs by {(a - b).abs().max()}"
+        assert (b - c).abs().max() > 0.01, f"the concept did not change the {what}"
+
+
+@pytest.fixture(scope="module")
+def peft_lora(tmp_path_factory, _tiny_master):
+    """A LoRA written by diffusers' own save path from peft layers, alpha != rank: UNet attention r=4 alpha=1,
+    text-encoder q/v r=2 alpha=3 (the configs go into the file's lora_adapter_metadata)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    src = copy.deepcopy(_tiny_master)
+    unet_cfg = LoraConfig(r=4, lora_alpha=1, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                          init_lora_weights=False)
+    te_cfg = LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        src.unet.add_adapter(unet_cfg)
+        inject_adapter_in_model(te_cfg, src.text_encoder)
+    folder = tmp_path_factory.mktemp("peft-lora")
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(src.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(src.text_encoder),
+        unet_lora_adapter_metadata=unet_cfg.to_dict(), text_encoder_lora_adapter_metadata=te_cfg.to_dict())
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+
+
+def test_stock_lora_loads_over_an_attached_lora_concept(concepts, peft_lora, tiny, tmp_path):
+    """pipe.load_lora_weights on a pipeline with a dreambooth-lora concept attached (UNet and text encoder):
+    peft wraps our site wrappers, both deltas apply (equal to loading both LoRAs with stock diffusers), and
+    detaching leaves exactly the stock LoRA."""
+    concept = concepts["dreambooth-lora"]
+    both = copy.deepcopy(tiny)
+    both.load_lora_weights(str(export_concept(concept, tmp_path / "lora")), adapter_name="concept")
+    both.load_lora_weights(str(peft_lora.parent), adapter_name="other")
+    both.set_adapters(["concept", "other"])
+    stock_only = copy.deepcopy(tiny)
+    stock_only.load_lora_weights(str(peft_lora.parent), adapter_name="other")
+
+    handle = attach(tiny, concept)
+    tiny.load_lora_weights(str(peft_lora.parent), adapter_name="other")
+    _assert_outputs_close(_outputs(tiny), _outputs(both), _outputs(stock_only))
+    handle.detach()
+    after = _outputs(tiny)
+    for a, b in zip(after, _outputs(stock_only)):
+        assert torch.equal(a, b)
