@@ -55,6 +55,17 @@ def read_state(path: str | Path, allow_pickle: bool = False) -> dict[str, Any]:
     raise BadInputError(f"'{path.name}': unknown file type; import .safetensors (or .bin/.pt with --allow-pickle)")
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's ``__metadata__`` (a diffusers LoRA keeps its peft config there); ``{}`` for pickles."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     from safetensors.torch import save_file
 
@@ -129,7 +140,8 @@ def import_file(base, path: str | Path, *, method: str, out: str | Path, token: 
     state = read_state(path, allow_pickle)
     extra = [read_state(e, allow_pickle) for e in embeddings]
     pipe = load_base(base) if isinstance(base, (str, Path)) else base
-    found = method_cls.import_state(pipe, state, token=token, superclass=superclass, embeddings=extra)
+    found = method_cls.import_state(pipe, state, token=token, superclass=superclass, embeddings=extra,
+                                    metadata=read_metadata(path))
     if not found["token"]:
         raise BadInputError(f"'{Path(path).name}' does not name its token; pass --token '<name>'")
     for tok in as_list(found["token"]):

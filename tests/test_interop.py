@@ -184,6 +184,54 @@ def peft_lora(tmp_path_factory, _tiny_master):
     return folder / "pytorch_lora_weights.safetensors"
 
 
+KOHYA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+@pytest.fixture(scope="module")
+def kohya_lora(tmp_path_factory, _tiny_master):
+    """A kohya sd-scripts LoRA (rank 4, alpha 1) on every layer its SD 1.x network covers: attention, proj_in /
+    proj_out (1x1 convs here), feed-forward, and the text encoder's attention and MLP."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(4)
+    tensors = {}
+    for prefix, module in (("lora_unet_", _tiny_master.unet), ("lora_te_", _tiny_master.text_encoder)):
+        for name, layer in module.named_modules():
+            if not name.endswith(KOHYA_LAYERS):
+                continue
+            if prefix == "lora_te_" and not name.startswith("text_model."):
+                name = "text_model." + name  # kohya's names; diffusers drops the prefix for a flattened CLIPTextModel
+            stem = prefix + name.replace(".", "_")
+            conv = isinstance(layer, torch.nn.Conv2d)
+            n_in, n_out = (layer.in_channels, layer.out_channels) if conv else (layer.in_features, layer.out_features)
+            tail = (1, 1) if conv else ()
+            tensors[f"{stem}.lora_down.weight"] = 0.3 * torch.randn(4, n_in, *tail, generator=g)
+            tensors[f"{stem}.lora_up.weight"] = 0.3 * torch.randn(n_out, 4, *tail, generator=g)
+            tensors[f"{stem}.alpha"] = torch.tensor(1.0)
+    path = tmp_path_factory.mktemp("kohya") / "kohya_lora.safetensors"
+    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_alpha": "1"})
+    return path
+
+
+@pytest.mark.parametrize("which", ["peft_lora", "kohya_lora"])
+def test_imported_lora_equals_the_stock_loader(request, tiny, tmp_path, which):
+    """alpha != rank is kept (diffusers' adapter metadata, kohya's .alpha), and kohya's proj_in/proj_out/feed-forward
+    and text-encoder MLP layers import: the imported concept's text encoding and UNet output equal
+    pipe.load_lora_weights' on the same file."""
+    file = request.getfixturevalue(which)
+    stock = copy.deepcopy(tiny)
+    stock.load_lora_weights(str(file.parent), weight_name=file.name)
+    path = import_file(tiny, file, method="dreambooth-lora", superclass="ball", token="<disc>",
+                       out=tmp_path / "lora.safetensors")
+    concept = load_concept(path)
+    if which == "kohya_lora":
+        assert any(".proj_in." in k for k in concept.tensors) and any(".ff.net.2." in k for k in concept.tensors)
+        assert any(".fc1." in k for k in concept.tensors)
+    base = _outputs(tiny)
+    with attach(tiny, concept):
+        ours = _outputs(tiny)
+    _assert_outputs_close(ours, _outputs(stock), base)
 
 
 def test_stock_lora_loads_over_an_attached_lora_concept(concepts, peft_lora, tiny, tmp_path):

@@ -183,7 +183,8 @@ class CustomDiffusion(Method):
         return {"prompt": " and ".join(f"a {t} {s}" for t, s in zip(tokens, superclasses))}
 
     @classmethod
-    def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str, embeddings=None) -> dict[str, Any]:
+    def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str, embeddings=None,
+                     metadata=None) -> dict[str, Any]:
         """diffusers' ``pytorch_custom_diffusion_weights`` (full K/V weights -> deltas over this base) plus the
         modifier tokens' textual-inversion files (``embeddings``)."""
         from .textual_inversion import _ti_vectors
