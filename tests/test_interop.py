@@ -253,3 +253,33 @@ def test_stock_lora_loads_over_an_attached_lora_concept(concepts, peft_lora, tin
     after = _outputs(tiny)
     for a, b in zip(after, _outputs(stock_only)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_concepts_attach_to_half_precision_copies(concepts, tiny, tmp_path, dtype):
+    """A concept made on the fp32 base attaches to fp16/bf16 copies of it (the fingerprint compares at the coarser
+    precision) and equals diffusers' own loader on the same copy."""
+    concept = concepts["textual-inversion"]
+    folder = export_concept(concept, tmp_path / "ti", "diffusers")
+    stock = copy.deepcopy(tiny).to(dtype=dtype)
+    stock.load_textual_inversion(str(folder))
+    ours = copy.deepcopy(tiny).to(dtype=dtype)
+    base = _outputs(ours, PROMPT.format("ball"))
+    with attach(ours, concept):
+        got = _outputs(ours, PROMPT.format("<disc>"))
+    _assert_outputs_close(got, _outputs(stock, PROMPT.format("<disc>")), base)
+
+
+def test_concepts_attach_next_to_a_stock_textual_inversion(concepts, tiny, tmp_path):
+    """A pipeline holding a diffusers textual inversion (a grown vocabulary) takes concepts: a dreambooth-lora
+    concept attached there equals the stock LoRA export loaded next to the same embedding."""
+    concept = concepts["dreambooth-lora"]
+    emb = torch.randn(1, 32, generator=torch.Generator().manual_seed(6))
+    stock = copy.deepcopy(tiny)
+    stock.load_textual_inversion(emb, token="<x>")
+    stock.load_lora_weights(str(export_concept(concept, tmp_path / "lora")))
+    tiny.load_textual_inversion(emb, token="<x>")
+    base = _outputs(tiny, "a <x> ball")
+    with attach(tiny, concept):
+        ours = _outputs(tiny, "a <x> ball")
+    _assert_outputs_close(ours, _outputs(stock, "a <x> ball"), base)
