@@ -255,6 +255,42 @@ def test_stock_lora_loads_over_an_attached_lora_concept(concepts, peft_lora, tin
         assert torch.equal(a, b)
 
 
+def test_custom_diffusion_import_keeps_each_superclass(concepts, tiny, tmp_path, capsys):
+    """Two modifier tokens imported with two --superclass flags keep one each, and the imported concept equals
+    diffusers' own Custom Diffusion loader on the same files."""
+    from test_bad_input import run_cli
+
+    one = concepts["custom-diffusion"]
+    g = torch.Generator().manual_seed(5)
+    two = Concept(dict(one.header, tokens=["<disc>", "<mug>"], superclasses=["ball", "cup"]),
+                  dict(one.tensors, embedding=torch.cat([one.tensors["embedding"], torch.randn(1, 32, generator=g)])))
+    folder = export_concept(two, tmp_path / "cd", base=tiny)
+    weights = folder / "pytorch_custom_diffusion_weights.safetensors"
+    stock = copy.deepcopy(tiny)
+    stock.unet.load_attn_procs(str(folder), weight_name=weights.name, _pipeline=stock)
+    for token in ("<disc>", "<mug>"):
+        stock.load_textual_inversion(str(folder), weight_name=f"{token}.safetensors")
+
+    out = tmp_path / "back.safetensors"
+    code, _, err = run_cli(capsys, ["import", weights, "--method", "custom-diffusion", "--base", "tiny",
+                                    "--embeddings", folder / "<disc>.safetensors", "--superclass", "ball",
+                                    "--embeddings", folder / "<mug>.safetensors", "--superclass", "cup", "--out", out])
+    assert code == 0, err
+    back = load_concept(out)
+    assert back.header["tokens"] == ["<disc>", "<mug>"] and back.header["superclasses"] == ["ball", "cup"]
+    assert back.superclass == "ball"
+    prompt = "a <disc> ball next to a <mug> cup"
+    base = _outputs(tiny, "a ball next to a cup")
+    with attach(tiny, back):
+        ours = _outputs(tiny, prompt)
+    _assert_outputs_close(ours, _outputs(stock, prompt), base, atol=1e-4)  # diffusers' processor skips SDPA
+
+    with pytest.raises(Exception, match="one --superclass per --embeddings"):
+        import_file(tiny, weights, method="custom-diffusion", superclass=["ball", "cup", "hat"],
+                    embeddings=[folder / "<disc>.safetensors", folder / "<mug>.safetensors"],
+                    out=tmp_path / "bad.safetensors")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_concepts_attach_to_half_precision_copies(concepts, tiny, tmp_path, dtype):
     """A concept made on the fp32 base attaches to fp16/bf16 copies of it (the fingerprint compares at the coarser
