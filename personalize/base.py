@@ -9,46 +9,24 @@ A *spec* is one of
 - a hub id such as ``runwayml/stable-diffusion-v1-5`` (same loader; offline it
   fails at once with a one-line message).
 
-The fingerprint identifies the parts a concept depends on (architecture,
-tokenizer, text-encoder weights) so that a concept trained on one base is
-refused by another.
+The fingerprint (``personalize/fingerprint.py``, re-exported here) identifies
+the parts a concept depends on (architecture, tokenizer, text-encoder weights)
+so that a concept trained on one base is refused by another.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import BadInputError, BaseModelError
+from .fingerprint import Fingerprint, fingerprint  # noqa: F401  (re-exported: the base's identity)
 
 BUILTIN_BASES = ("tiny", "toy")
 TOY_WEIGHTS = Path(__file__).resolve().parent / "datasets" / "toyworld" / "weights"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """What a concept must match in the base it is attached to."""
-
-    architecture: str
-    tokenizer: str
-    text_encoder: str
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def differences(self, other: "Fingerprint") -> list[str]:
-        """Names of the parts that differ from ``other``."""
-        return [k for k, v in asdict(self).items() if getattr(other, k) != v]
 
 
 def _tiny_components():
@@ -179,42 +157,3 @@ def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def _hash_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# keys that change when a model is saved/loaded or converted, not when its architecture does
-_VOLATILE_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype", "architectures", "name_or_path")
-
-
-def _config_dict(config) -> dict:
-    data = dict(config) if not hasattr(config, "to_dict") else config.to_dict()
-    return {k: v for k, v in data.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
-
-
-def fingerprint(pipe) -> Fingerprint:
-    """Fingerprint of the parts of ``pipe`` a concept depends on.
-
-    Attached concepts do not change it: their extra token rows and wrappers are
-    skipped, so a pipeline fingerprints the same before and after ``attach``.
-    """
-    from .edits.tokens import base_tokenizer
-
-    te = pipe.text_encoder
-    vocab_size = te.config.vocab_size
-    architecture = _hash_json({"unet": _config_dict(pipe.unet.config), "text_encoder": _config_dict(te.config)})
-    tok = base_tokenizer(pipe)
-    vocab = sorted((i, t) for t, i in tok.get_vocab().items() if i < vocab_size)
-    tokenizer = _hash_json(vocab)
-    digest = hashlib.sha256()
-    for name, tensor in sorted(te.state_dict().items()):
-        if "personalize_" in name:
-            continue
-        name = name.replace(".base_layer", "")
-        t = tensor.detach().to("cpu", torch.float16).contiguous()
-        digest.update(name.encode())
-        digest.update(str(tuple(t.shape)).encode())
-        digest.update(t.view(torch.int16).numpy().tobytes())
-    return Fingerprint(architecture=architecture, tokenizer=tokenizer, text_encoder=digest.hexdigest()[:16])

@@ -378,7 +378,7 @@ def import_concept(
     file: Path = typer.Argument(..., help="The foreign weights file (.safetensors; .bin/.pt only with --allow-pickle)."),
     method: str = typer.Option(..., "--method", help="textual-inversion | dreambooth-lora | custom-diffusion."),
     out: Path = typer.Option(..., "--out", help="Concept file to write (.safetensors)."),
-    superclass: str = typer.Option(..., "--superclass", help="One-token word for what the concept is."),
+    superclass: List[str] = typer.Option(..., "--superclass", help="One-token word for what the concept is; custom-diffusion: one per --embeddings file, in the same order (or one for all)."),
     token: Optional[str] = typer.Option(None, "--token", help="Token to use (default: the one the file names)."),
     base: str = typer.Option("tiny", "--base", help=BASE_HELP),
     embeddings: List[Path] = typer.Option([], "--embeddings", help="custom-diffusion: the modifier token file(s), <token>.safetensors."),
@@ -395,6 +395,8 @@ def import_concept(
       personalize import my_lora.safetensors --method dreambooth-lora --superclass dog --token "<dog>" --set identifier=sks --out dog.safetensors
 
       personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --method custom-diffusion --superclass cat --out cat.safetensors
+
+      personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --superclass cat --embeddings "<new2>.safetensors" --superclass chair --method custom-diffusion --out two.safetensors
     """
     from .interop import import_file
     from .paths import check_output

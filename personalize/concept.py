@@ -40,6 +40,7 @@ MAX_INT_DIGITS = 100
 REQUIRED = {"format_version": "integer", "method": "string", "token": "string", "superclass": "string",
             "config": "object", "inference_defaults": "object", "base_fingerprint": "object", "provenance": "object"}
 FINGERPRINT_FIELDS = ("architecture", "tokenizer", "text_encoder")
+OPTIONAL_FINGERPRINT_FIELDS = ("text_encoder_bf16", "precision", "text_encoder_sample")  # newer files; absent in older ones
 
 
 @dataclass
@@ -57,7 +58,8 @@ class Concept:
     @property
     def base_fingerprint(self) -> Fingerprint:
         fp = self.header["base_fingerprint"]
-        return Fingerprint(fp["architecture"], fp["tokenizer"], fp["text_encoder"])
+        return Fingerprint(fp["architecture"], fp["tokenizer"], fp["text_encoder"],
+                           **{k: fp[k] for k in OPTIONAL_FINGERPRINT_FIELDS if k in fp})
 
     def with_token(self, token: str) -> "Concept":
         """A copy that uses another placeholder string (to resolve clashes)."""
@@ -240,7 +242,8 @@ def validate_header(header: Any) -> None:
     Required: ``format_version`` (int, 1..FORMAT_VERSION; a newer one raises :class:`NewerFormatError`),
     ``method`` (a registered method), ``token`` (non-empty str), ``superclass`` (str), ``config``,
     ``inference_defaults``, ``provenance`` (objects), ``base_fingerprint`` (an object with the string fields
-    architecture, tokenizer, text_encoder and optionally digest). Method extras, when present:
+    architecture, tokenizer, text_encoder and optionally digest, text_encoder_bf16, precision,
+    text_encoder_sample). Method extras, when present:
     ``covariance`` (``builtin`` or ``sha256-<16 hex>``), ``tokens``/``superclasses`` (lists of strings of
     one length, together), ``pipeline`` (a folder name, no path), ``pipeline_digest`` (str),
     ``composable`` (bool). Other keys may hold any JSON value.
@@ -266,7 +269,7 @@ def validate_header(header: Any) -> None:
     if not header["token"]:
         raise HeaderError("header field 'token' is empty")
     fp = header["base_fingerprint"]
-    for key in FINGERPRINT_FIELDS + (("digest",) if "digest" in fp else ()):
+    for key in FINGERPRINT_FIELDS + tuple(k for k in ("digest",) + OPTIONAL_FINGERPRINT_FIELDS if k in fp):
         if not isinstance(fp.get(key), str):
             what = "missing" if key not in fp else f"{_json_type(fp[key])} {_short(fp[key])}, not a string"
             raise HeaderError(f"header field 'base_fingerprint.{key}' is {what}")
@@ -343,6 +346,11 @@ def check_base(concept: Concept, pipe) -> None:
         what = ", ".join({"architecture": "UNet/text-encoder architecture", "tokenizer": "tokenizer vocabulary",
                           "text_encoder": "text-encoder weights"}[d] for d in differs)
         base = concept.header.get("provenance", {}).get("base", "another base")
+        if differs == ["text_encoder"] and here.precision == "bf16" and not concept.base_fingerprint.text_encoder_bf16:
+            raise ConceptFileError(
+                f"concept '{concept.path or concept.token}' was written by an older personalize, whose fingerprint "
+                "holds fp16-rounded text-encoder weights that a bf16 pipeline cannot reproduce; attach it to an "
+                "fp32 or fp16 copy of the base (or re-save it: import/train it again)")
         raise ConceptFileError(
             f"concept '{concept.path or concept.token}' was trained on {base}, not this base ({what} differ); "
             "use the base it was trained on or re-train it"

@@ -55,6 +55,17 @@ def read_state(path: str | Path, allow_pickle: bool = False) -> dict[str, Any]:
     raise BadInputError(f"'{path.name}': unknown file type; import .safetensors (or .bin/.pt with --allow-pickle)")
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's ``__metadata__`` (a diffusers LoRA keeps its peft config there); ``{}`` for pickles."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     from safetensors.torch import save_file
 
@@ -107,9 +118,11 @@ def export_concept(concept: Concept | str | Path, out: str | Path, fmt: str | No
 
 
 def import_file(base, path: str | Path, *, method: str, out: str | Path, token: str | None = None,
-                superclass: str | None = None, embeddings: Sequence[str | Path] = (), allow_pickle: bool = False,
-                settings: dict[str, Any] | None = None) -> Path:
-    """Convert a foreign file (``method``'s export format) into a concept file for ``base``; returns ``out``."""
+                superclass: str | Sequence[str] | None = None, embeddings: Sequence[str | Path] = (),
+                allow_pickle: bool = False, settings: dict[str, Any] | None = None) -> Path:
+    """Convert a foreign file (``method``'s export format) into a concept file for ``base``; returns ``out``.
+
+    ``superclass``: one word, or (multi-concept methods, e.g. Custom Diffusion) one per concept in the file."""
     from .base import fingerprint, load_base
     from .images import file_sha256
     from .methods.shared import as_list, words_of
@@ -122,14 +135,18 @@ def import_file(base, path: str | Path, *, method: str, out: str | Path, token: 
     out = Path(out)
     if out.suffix != ".safetensors" or out.is_dir():
         raise BadInputError(f"--out '{out}' must be a file path ending in .safetensors")
-    if not superclass:
+    superclasses = as_list(superclass) if superclass else []
+    if not superclasses or not all(superclasses):
         raise BadInputError("--superclass is required: the one-token word for what the concept is, e.g. 'dog'")
+    if len(superclasses) > 1 and not method_cls.multi_concept:
+        raise BadInputError(f"{method} concepts have one superclass; pass --superclass once")
     if token is not None:
         check_token(token, "--token")
     state = read_state(path, allow_pickle)
     extra = [read_state(e, allow_pickle) for e in embeddings]
     pipe = load_base(base) if isinstance(base, (str, Path)) else base
-    found = method_cls.import_state(pipe, state, token=token, superclass=superclass, embeddings=extra)
+    found = method_cls.import_state(pipe, state, token=token, embeddings=extra, metadata=read_metadata(path),
+                                    superclass=superclasses[0] if len(superclasses) == 1 else superclasses)
     if not found["token"]:
         raise BadInputError(f"'{Path(path).name}' does not name its token; pass --token '<name>'")
     for tok in as_list(found["token"]):

@@ -263,7 +263,77 @@ def test_fingerprint_round_trips_through_a_dict(_tiny_master):
     fp = fingerprint(_tiny_master)
     again = Fingerprint(**fp.to_dict())
     assert again == fp and again.digest == fp.digest
-    assert set(fp.to_dict()) == {"architecture", "tokenizer", "text_encoder"}
+    assert set(fp.to_dict()) == {"architecture", "tokenizer", "text_encoder", "text_encoder_bf16", "precision",
+                                 "text_encoder_sample"}
     assert len(fp.digest) == 16 and int(fp.digest, 16) >= 0
+    # the digest covers the original three fields only, so it did not change when the others were added
+    assert Fingerprint(fp.architecture, fp.tokenizer, fp.text_encoder).digest == fp.digest
     other = Fingerprint(fp.architecture, "0" * 16, "1" * 16)
     assert fp.differences(other) == ["tokenizer", "text_encoder"]
+
+
+def _copies(pipe) -> dict[str, object]:
+    import copy
+
+    return {"fp32": pipe, "fp16": copy.deepcopy(pipe).to(dtype=torch.float16),
+            "bf16": copy.deepcopy(pipe).to(dtype=torch.bfloat16)}
+
+
+def test_fp32_fp16_and_bf16_copies_have_one_fingerprint(_tiny_master):
+    """fp16 and bf16 copies of fp32 weights round apart (so their bf16 hashes differ), yet every pair matches;
+    fp32/fp16 pipelines keep the fingerprint (and digest) they always had."""
+    fps = {k: fingerprint(p) for k, p in _copies(_tiny_master).items()}
+    assert {fp.precision for fp in fps.values()} == {"fp32", "fp16", "bf16"}
+    for a in fps.values():
+        for b in fps.values():
+            assert a.differences(b) == []
+    assert fps["fp16"].text_encoder == fps["fp32"].text_encoder and fps["fp16"].digest == fps["fp32"].digest
+    assert fps["bf16"].text_encoder_bf16 == fps["fp32"].text_encoder_bf16 != fps["fp16"].text_encoder_bf16
+
+
+def test_changed_weights_are_seen_at_every_precision(_tiny_master):
+    copies = _copies(_tiny_master)
+    fp32 = fingerprint(copies["fp32"])
+    for dtype in ("fp16", "bf16"):  # one weight, by more than the precision
+        with torch.no_grad():
+            _param(copies[dtype].text_encoder, "layers.0.mlp.fc1.weight")[0, 0] += 0.5
+        assert fingerprint(copies[dtype]).differences(fp32) == ["text_encoder"], dtype
+    fp16, bf16 = _copies(_tiny_master)["fp16"], copies["bf16"]
+    with torch.no_grad():  # fp16 against bf16 compares 256 sampled weights: a change of many weights shows
+        for p in fp16.text_encoder.parameters():
+            p.mul_(1.05)
+    assert fingerprint(fp16).differences(fingerprint(bf16)) == ["text_encoder"]
+
+
+def test_old_fingerprints_match_fp32_and_fp16_but_not_bf16(_tiny_master):
+    """A concept file written before the bf16 fields existed: checked by its fp16 hash as before; a bf16 pipeline
+    cannot reproduce that hash, and says so."""
+    from personalize import Concept
+    from personalize.concept import check_base
+    from personalize.errors import ConceptFileError
+
+    fp = fingerprint(_tiny_master)
+    old = Fingerprint(fp.architecture, fp.tokenizer, fp.text_encoder)
+    header = {"method": "textual-inversion", "token": "<t>", "superclass": "ball", "config": {},
+              "base_fingerprint": dict(old.to_dict(), digest=old.digest)}
+    concept = Concept(header, {})
+    copies = _copies(_tiny_master)
+    for dtype in ("fp32", "fp16"):
+        check_base(concept, copies[dtype])
+    with pytest.raises(ConceptFileError, match="older personalize.*fp32 or fp16 copy"):
+        check_base(concept, copies["bf16"])
+
+
+def test_stock_textual_inversion_and_lora_leave_the_fingerprint(tiny, _tiny_master):
+    """Tokens a stock load_textual_inversion adds (it grows the tokenizer, the table and config.vocab_size, which
+    stays grown after unloading) and a stock text-encoder LoRA are not the base."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    fp = fingerprint(_tiny_master)
+    tiny.load_textual_inversion(torch.randn(1, 32), token="<x>")
+    assert tiny.text_encoder.config.vocab_size == 49409
+    assert fingerprint(tiny) == fp
+    tiny.unload_textual_inversion()
+    assert fingerprint(tiny) == fp
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), tiny.text_encoder)
+    assert fingerprint(tiny) == fp

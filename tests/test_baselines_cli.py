@@ -141,7 +141,10 @@ def test_bad_export(capsys, ti_concept, tmp_path, args, words):
      ["cd.safetensors", "--method", "custom-diffusion"], ["--embeddings"]),
     (lambda p: __import__("safetensors.torch").torch.save_file({"a": torch.ones(1)}, str(p / "p.safetensors")),
      ["p.safetensors", "--method", "perfusion"], ["perfusion has no import format", "textual-inversion"]),
-], ids=["pickle", "not-ti", "junk", "not-lora", "cd-no-embeddings", "perfusion"])
+    (lambda p: __import__("safetensors.torch").torch.save_file({"<t>": torch.ones(1, 32)}, str(p / "t.safetensors")),
+     ["t.safetensors", "--method", "textual-inversion", "--superclass", "cup"],
+     ["textual-inversion concepts have one superclass", "--superclass once"]),
+], ids=["pickle", "not-ti", "junk", "not-lora", "cd-no-embeddings", "perfusion", "two-superclasses"])
 def test_bad_import(capsys, tmp_path, make, args, words):
     make(tmp_path)
     out = tmp_path / "out" / "c.safetensors"

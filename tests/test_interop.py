@@ -142,3 +142,180 @@ def test_lora_scale_knob(concepts, tiny):
         off = _image(tiny, PROMPT.format("<disc>"))
     assert np.array_equal(off, base)
     assert np.abs(_ours(tiny, concept) - base).max() > 0.01
+
+
+# --------------------------------------------------------------------------- files other tools wrote
+LATENTS = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+
+
+@torch.no_grad()
+def _outputs(pipe, prompt="a photo of a ball"):
+    """The text encoding of ``prompt`` and the UNet's output on fixed latents: what every LoRA layer acts on."""
+    emb = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+    return emb, pipe.unet(LATENTS.to(emb.dtype), torch.tensor([10]), emb).sample
+
+
+def _assert_outputs_close(ours, theirs, base, atol=1e-5):
+    for a, b, c, what in zip(ours, theirs, base, ("text encoding", "UNet output")):
+        assert torch.allclose(a, b, rtol=1e-4, atol=atol), f"{what}: stock loader differs by {(a - b).abs().max()}"
+        assert (b - c).abs().max() > 0.01, f"the concept did not change the {what}"
+
+
+@pytest.fixture(scope="module")
+def peft_lora(tmp_path_factory, _tiny_master):
+    """A LoRA written by diffusers' own save path from peft layers, alpha != rank: UNet attention r=4 alpha=1,
+    text-encoder q/v r=2 alpha=3 (the configs go into the file's lora_adapter_metadata)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    src = copy.deepcopy(_tiny_master)
+    unet_cfg = LoraConfig(r=4, lora_alpha=1, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                          init_lora_weights=False)
+    te_cfg = LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        src.unet.add_adapter(unet_cfg)
+        inject_adapter_in_model(te_cfg, src.text_encoder)
+    folder = tmp_path_factory.mktemp("peft-lora")
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(src.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(src.text_encoder),
+        unet_lora_adapter_metadata=unet_cfg.to_dict(), text_encoder_lora_adapter_metadata=te_cfg.to_dict())
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+KOHYA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+@pytest.fixture(scope="module")
+def kohya_lora(tmp_path_factory, _tiny_master):
+    """A kohya sd-scripts LoRA (rank 4, alpha 1) on every layer its SD 1.x network covers: attention, proj_in /
+    proj_out (1x1 convs here), feed-forward, and the text encoder's attention and MLP."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(4)
+    tensors = {}
+    for prefix, module in (("lora_unet_", _tiny_master.unet), ("lora_te_", _tiny_master.text_encoder)):
+        for name, layer in module.named_modules():
+            if not name.endswith(KOHYA_LAYERS):
+                continue
+            if prefix == "lora_te_" and not name.startswith("text_model."):
+                name = "text_model." + name  # kohya's names; diffusers drops the prefix for a flattened CLIPTextModel
+            stem = prefix + name.replace(".", "_")
+            conv = isinstance(layer, torch.nn.Conv2d)
+            n_in, n_out = (layer.in_channels, layer.out_channels) if conv else (layer.in_features, layer.out_features)
+            tail = (1, 1) if conv else ()
+            tensors[f"{stem}.lora_down.weight"] = 0.3 * torch.randn(4, n_in, *tail, generator=g)
+            tensors[f"{stem}.lora_up.weight"] = 0.3 * torch.randn(n_out, 4, *tail, generator=g)
+            tensors[f"{stem}.alpha"] = torch.tensor(1.0)
+    path = tmp_path_factory.mktemp("kohya") / "kohya_lora.safetensors"
+    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_alpha": "1"})
+    return path
+
+
+@pytest.mark.parametrize("which", ["peft_lora", "kohya_lora"])
+def test_imported_lora_equals_the_stock_loader(request, tiny, tmp_path, which):
+    """alpha != rank is kept (diffusers' adapter metadata, kohya's .alpha), and kohya's proj_in/proj_out/feed-forward
+    and text-encoder MLP layers import: the imported concept's text encoding and UNet output equal
+    pipe.load_lora_weights' on the same file."""
+    file = request.getfixturevalue(which)
+    stock = copy.deepcopy(tiny)
+    stock.load_lora_weights(str(file.parent), weight_name=file.name)
+    path = import_file(tiny, file, method="dreambooth-lora", superclass="ball", token="<disc>",
+                       out=tmp_path / "lora.safetensors")
+    concept = load_concept(path)
+    if which == "kohya_lora":
+        assert any(".proj_in." in k for k in concept.tensors) and any(".ff.net.2." in k for k in concept.tensors)
+        assert any(".fc1." in k for k in concept.tensors)
+    base = _outputs(tiny)
+    with attach(tiny, concept):
+        ours = _outputs(tiny)
+    _assert_outputs_close(ours, _outputs(stock), base)
+
+
+def test_stock_lora_loads_over_an_attached_lora_concept(concepts, peft_lora, tiny, tmp_path):
+    """pipe.load_lora_weights on a pipeline with a dreambooth-lora concept attached (UNet and text encoder):
+    peft wraps our site wrappers, both deltas apply (equal to loading both LoRAs with stock diffusers), and
+    detaching leaves exactly the stock LoRA."""
+    concept = concepts["dreambooth-lora"]
+    both = copy.deepcopy(tiny)
+    both.load_lora_weights(str(export_concept(concept, tmp_path / "lora")), adapter_name="concept")
+    both.load_lora_weights(str(peft_lora.parent), adapter_name="other")
+    both.set_adapters(["concept", "other"])
+    stock_only = copy.deepcopy(tiny)
+    stock_only.load_lora_weights(str(peft_lora.parent), adapter_name="other")
+
+    handle = attach(tiny, concept)
+    tiny.load_lora_weights(str(peft_lora.parent), adapter_name="other")
+    _assert_outputs_close(_outputs(tiny), _outputs(both), _outputs(stock_only))
+    handle.detach()
+    after = _outputs(tiny)
+    for a, b in zip(after, _outputs(stock_only)):
+        assert torch.equal(a, b)
+
+
+def test_custom_diffusion_import_keeps_each_superclass(concepts, tiny, tmp_path, capsys):
+    """Two modifier tokens imported with two --superclass flags keep one each, and the imported concept equals
+    diffusers' own Custom Diffusion loader on the same files."""
+    from test_bad_input import run_cli
+
+    one = concepts["custom-diffusion"]
+    g = torch.Generator().manual_seed(5)
+    two = Concept(dict(one.header, tokens=["<disc>", "<mug>"], superclasses=["ball", "cup"]),
+                  dict(one.tensors, embedding=torch.cat([one.tensors["embedding"], torch.randn(1, 32, generator=g)])))
+    folder = export_concept(two, tmp_path / "cd", base=tiny)
+    weights = folder / "pytorch_custom_diffusion_weights.safetensors"
+    stock = copy.deepcopy(tiny)
+    stock.unet.load_attn_procs(str(folder), weight_name=weights.name, _pipeline=stock)
+    for token in ("<disc>", "<mug>"):
+        stock.load_textual_inversion(str(folder), weight_name=f"{token}.safetensors")
+
+    out = tmp_path / "back.safetensors"
+    code, _, err = run_cli(capsys, ["import", weights, "--method", "custom-diffusion", "--base", "tiny",
+                                    "--embeddings", folder / "<disc>.safetensors", "--superclass", "ball",
+                                    "--embeddings", folder / "<mug>.safetensors", "--superclass", "cup", "--out", out])
+    assert code == 0, err
+    back = load_concept(out)
+    assert back.header["tokens"] == ["<disc>", "<mug>"] and back.header["superclasses"] == ["ball", "cup"]
+    assert back.superclass == "ball"
+    prompt = "a <disc> ball next to a <mug> cup"
+    base = _outputs(tiny, "a ball next to a cup")
+    with attach(tiny, back):
+        ours = _outputs(tiny, prompt)
+    _assert_outputs_close(ours, _outputs(stock, prompt), base, atol=1e-4)  # diffusers' processor skips SDPA
+
+    with pytest.raises(Exception, match="one --superclass per --embeddings"):
+        import_file(tiny, weights, method="custom-diffusion", superclass=["ball", "cup", "hat"],
+                    embeddings=[folder / "<disc>.safetensors", folder / "<mug>.safetensors"],
+                    out=tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_concepts_attach_to_half_precision_copies(concepts, tiny, tmp_path, dtype):
+    """A concept made on the fp32 base attaches to fp16/bf16 copies of it (the fingerprint compares at the coarser
+    precision) and equals diffusers' own loader on the same copy."""
+    concept = concepts["textual-inversion"]
+    folder = export_concept(concept, tmp_path / "ti", "diffusers")
+    stock = copy.deepcopy(tiny).to(dtype=dtype)
+    stock.load_textual_inversion(str(folder))
+    ours = copy.deepcopy(tiny).to(dtype=dtype)
+    base = _outputs(ours, PROMPT.format("ball"))
+    with attach(ours, concept):
+        got = _outputs(ours, PROMPT.format("<disc>"))
+    _assert_outputs_close(got, _outputs(stock, PROMPT.format("<disc>")), base)
+
+
+def test_concepts_attach_next_to_a_stock_textual_inversion(concepts, tiny, tmp_path):
+    """A pipeline holding a diffusers textual inversion (a grown vocabulary) takes concepts: a dreambooth-lora
+    concept attached there equals the stock LoRA export loaded next to the same embedding."""
+    concept = concepts["dreambooth-lora"]
+    emb = torch.randn(1, 32, generator=torch.Generator().manual_seed(6))
+    stock = copy.deepcopy(tiny)
+    stock.load_textual_inversion(emb, token="<x>")
+    stock.load_lora_weights(str(export_concept(concept, tmp_path / "lora")))
+    tiny.load_textual_inversion(emb, token="<x>")
+    base = _outputs(tiny, "a <x> ball")
+    with attach(tiny, concept):
+        ours = _outputs(tiny, "a <x> ball")
+    _assert_outputs_close(ours, _outputs(stock, "a <x> ball"), base)

@@ -53,9 +53,9 @@ def vacate_all(root: nn.Module, names, key: str) -> None:
 
 
 def linear_sites(root: nn.Module, suffixes: tuple[str, ...], within: Callable[[nn.Module], bool]) -> list[str]:
-    """Names of the Linear modules (wrapped or not) called one of ``suffixes`` inside the modules of ``root``
-    for which ``within`` holds (e.g. diffusers ``Attention``), in module order."""
-    from .sites import SiteWrapper
+    """Names of the Linear modules (wrapped or not, by us or by peft) called one of ``suffixes`` inside the modules
+    of ``root`` for which ``within`` holds (e.g. diffusers ``Attention``), in module order."""
+    from .sites import inner_layer
 
     scopes = [(n, m) for n, m in root.named_modules() if within(m)]
     names = []
@@ -63,7 +63,6 @@ def linear_sites(root: nn.Module, suffixes: tuple[str, ...], within: Callable[[n
         for sub, child in module.named_modules():
             if not sub or "base_layer" in sub.split("."):
                 continue
-            base = child.base_layer if isinstance(child, SiteWrapper) else child
-            if isinstance(base, nn.Linear) and any(sub == s or sub.endswith("." + s) for s in suffixes):
+            if isinstance(inner_layer(child), nn.Linear) and any(sub == s or sub.endswith("." + s) for s in suffixes):
                 names.append(f"{scope}.{sub}" if scope else sub)
     return list(dict.fromkeys(names))

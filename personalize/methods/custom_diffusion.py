@@ -31,7 +31,7 @@ from ..edits.tokens import token_site
 from ..errors import BadInputError
 from ..prior import PriorConfig
 from .base import Method
-from .shared import check_knobs, cpu_float, load_into, single_tokens, word_vector, words_of
+from .shared import as_list, check_knobs, cpu_float, load_into, single_tokens, word_vector, words_of
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
 PATHWAYS = ("k", "v")
@@ -183,9 +183,11 @@ class CustomDiffusion(Method):
         return {"prompt": " and ".join(f"a {t} {s}" for t, s in zip(tokens, superclasses))}
 
     @classmethod
-    def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str, embeddings=None) -> dict[str, Any]:
+    def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str | list[str], embeddings=None,
+                     metadata=None) -> dict[str, Any]:
         """diffusers' ``pytorch_custom_diffusion_weights`` (full K/V weights -> deltas over this base) plus the
-        modifier tokens' textual-inversion files (``embeddings``)."""
+        modifier tokens' textual-inversion files (``embeddings``); ``superclass``: one for every concept, or one
+        per token file, in order."""
         from .textual_inversion import _ti_vectors
 
         if not embeddings:
@@ -195,6 +197,10 @@ class CustomDiffusion(Method):
         tokens = [name for name, _ in found]
         if token and len(tokens) == 1:
             tokens = [token]
+        superclasses = as_list(superclass)
+        if len(superclasses) != len(tokens) and len(superclasses) != 1:
+            raise BadInputError(f"{len(superclasses)} superclasses for {len(tokens)} modifier tokens "
+                                f"({', '.join(tokens)}); pass one --superclass per --embeddings file, in the same order")
         vectors = torch.cat([torch.atleast_2d(v).float() for _, v in found])
         tensors: dict[str, torch.Tensor] = {"embedding": vectors}
         cross = dict(cross_attention_layers(pipe.unet))
@@ -209,4 +215,6 @@ class CustomDiffusion(Method):
             base = getattr(cross[layer], f"to_{pathway}")
             W = getattr(base, "base_layer", base).weight.detach().float().cpu()
             tensors[f"delta.{layer}.to_{pathway}"] = value.float() - W
-        return {"token": tokens if len(tokens) > 1 else tokens[0], "superclass": superclass, "tensors": tensors}
+        if len(tokens) == 1:
+            return {"token": tokens[0], "superclass": superclasses[0], "tensors": tensors}
+        return {"token": tokens, "superclass": words_of(tokens, superclasses)[1], "tensors": tensors}

@@ -10,6 +10,9 @@ The LoRA layers are peft's, built on stand-ins that share the frozen weights
 one additive occupant per site adds the delta. The concept token is the
 DreamBooth identifier (a frozen copy of "sks"). Tensor names are the diffusers
 LoRA layout (``unet.<module>.lora_A.weight`` ...), which is also the export.
+An imported LoRA (``lora_files.read_lora``) may cover any Linear/Conv2d layer
+(kohya files also cover ``proj_in``/``proj_out`` and the feed-forward layers);
+its alpha / r is folded into lora_B, so every concept has alpha = rank.
 Recipe (diffusers ``train_dreambooth_lora``): rank 4, lr 1e-4, 500 steps at
 batch 1, no prior preservation unless ``prior_loss_weight`` > 0.
 """
@@ -200,21 +203,15 @@ class DreamBoothLora(IdentifierToken, Method):
         return [save_safetensors(inside(folder, KOHYA_FILE), kohya, meta)]
 
     @classmethod
-    def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str, embeddings=None) -> dict[str, Any]:
-        """A diffusers/peft LoRA (``unet.*.lora_A.weight``) or a kohya one (``lora_unet_*.lora_down.weight``)."""
-        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        if any(k.startswith(tuple(PARTS.values())) for k in tensors):
-            tensors = _from_kohya(pipe, tensors)
-        bad = sorted(k for k in tensors if not (k.startswith(("unet.", "text_encoder.")) and
-                                                 k.endswith((".lora_A.weight", ".lora_B.weight"))))
-        if bad:
-            raise BadInputError(f"not a LoRA this method reads: unexpected tensors {', '.join(bad[:3])}")
+    def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str, embeddings=None,
+                     metadata: dict | None = None) -> dict[str, Any]:
+        """A diffusers/peft LoRA (``unet.*.lora_A.weight``, alpha from the file's adapter metadata) or a kohya one
+        (``lora_unet_*.lora_down.weight`` + ``.alpha``), read as ``pipe.load_lora_weights`` reads it
+        (``lora_files.read_lora``): any Linear/Conv2d layers, each layer's alpha / r folded into lora_B."""
+        from .lora_files import read_lora
+
+        tensors = read_lora(pipe, state, metadata)
         ranks = ranks_in(tensors)
-        allowed = lora_sites(pipe, True)
-        outside = sorted(n for part, names in ranks.items() for n in names if n not in allowed.get(part, ()))
-        if outside:
-            raise BadInputError(f"the LoRA covers layers other than attention projections ({', '.join(outside[:2])}); "
-                                "only to_q/to_k/to_v/to_out.0 (and the text encoder's q/k/v/out_proj) are supported")
         config = {"train_text_encoder": bool(ranks.get("text_encoder")),
                   "rank": max(r for part in ranks.values() for r in part.values())}
         return {"token": token, "superclass": superclass, "tensors": tensors, "config": config, "ranks": ranks}
@@ -228,22 +225,3 @@ def ranks_in(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
             part, module = key[: -len(".lora_A.weight")].split(".", 1)
             ranks.setdefault(part, {})[module] = int(value.shape[0])
     return ranks
-
-
-def _from_kohya(pipe, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """kohya names -> ours, folding alpha / rank into lora_B (our alpha = rank)."""
-    names = {PARTS[part] + n.replace(".", "_"): f"{part}.{n}" for part, ns in lora_sites(pipe, True).items() for n in ns}
-    out = {}
-    for key, down in tensors.items():
-        if not key.endswith(".lora_down.weight"):
-            continue
-        stem = key[: -len(".lora_down.weight")]
-        if stem not in names:
-            raise BadInputError(f"kohya LoRA layer '{stem}' is not an attention projection of this base; "
-                                "only attention LoRAs are supported")
-        up = tensors[f"{stem}.lora_up.weight"]
-        rank = down.shape[0]
-        alpha = float(tensors[f"{stem}.alpha"]) if f"{stem}.alpha" in tensors else float(rank)
-        out[f"{names[stem]}.lora_A.weight"] = down.float()
-        out[f"{names[stem]}.lora_B.weight"] = up.float() * (alpha / rank)
-    return out

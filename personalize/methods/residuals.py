@@ -46,8 +46,7 @@ def layer_ranks(unet: nn.Module, rank_fraction: float = 0.05, rank: int = 0) -> 
     """``{proj_out name: r_i}`` for every transformer block: ``rank`` if > 0, else round(fraction * m_i), >= 1."""
     ranks = {}
     for name, block in transformer_blocks(unet):
-        layer = getattr(block.proj_out, "base_layer", block.proj_out)
-        m = layer.weight.shape[0]
+        m = block.proj_out.weight.shape[0]
         r = rank if rank > 0 else max(1, round(rank_fraction * m))
         ranks[f"{name}.proj_out"] = min(r, m)
     if not ranks:
@@ -59,11 +58,11 @@ def _stand_in(layer: nn.Module) -> nn.Module:
     """A frozen copy of ``layer``'s shape whose weight shares storage with it (no memory, no side effects)."""
     if isinstance(layer, nn.Conv2d):
         stand_in = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                             layer.padding, bias=False, device="meta")
+                             layer.padding, layer.dilation, layer.groups, bias=False, device="meta")
     elif isinstance(layer, nn.Linear):
         stand_in = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
     else:
-        raise BadInputError(f"proj_out is a {type(layer).__name__}; residuals support Conv2d and Linear")
+        raise BadInputError(f"a {type(layer).__name__} layer; LoRA layers go on Conv2d and Linear layers only")
     stand_in.weight = nn.Parameter(layer.weight.detach(), requires_grad=False)
     return stand_in
 
@@ -78,10 +77,13 @@ def lora_config(ranks: dict[str, int]):
 
 
 class ResidualBank:
-    """peft LoRA layers for the ``proj_out`` layers in ``ranks``, kept outside the UNet."""
+    """peft LoRA layers for the layers in ``ranks`` (``proj_out`` here; any Linear/Conv2d for DreamBooth-LoRA), kept
+    outside the model; ``config`` (default: :func:`lora_config`, scale 1) is the peft ``LoraConfig`` to inject."""
 
-    def __init__(self, unet: nn.Module, ranks: dict[str, int]):
+    def __init__(self, unet: nn.Module, ranks: dict[str, int], config=None):
         from peft import inject_adapter_in_model
+
+        from ..edits.sites import inner_layer
 
         self.ranks = dict(ranks)
         self.root = nn.Module()
@@ -92,9 +94,8 @@ class ResidualBank:
                 if not hasattr(parent, part):
                     parent.add_module(part, nn.Module())
                 parent = getattr(parent, part)
-            layer = unet.get_submodule(name)
-            parent.add_module(leaf, _stand_in(getattr(layer, "base_layer", layer)))
-        self.config = lora_config(self.ranks)
+            parent.add_module(leaf, _stand_in(inner_layer(unet.get_submodule(name))))
+        self.config = config if config is not None else lora_config(self.ranks)
         inject_adapter_in_model(self.config, self.root, adapter_name=ADAPTER)
         self.layers = {name: self.root.get_submodule(name) for name in self.ranks}
         for p in self.parameters():  # trainables stay fp32 whatever the base's dtype

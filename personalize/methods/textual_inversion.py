@@ -111,7 +111,8 @@ class TextualInversion(Method):
         return [path]
 
     @classmethod
-    def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str, embeddings=None) -> dict[str, Any]:
+    def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str, embeddings=None,
+                     metadata=None) -> dict[str, Any]:
         """``{token: (n, d)}`` (diffusers), ``string_to_param`` (A1111 .pt) or ``emb_params`` (A1111 safetensors)."""
         name, vectors = _ti_vectors(state)
         vectors = torch.atleast_2d(vectors).float()

@@ -1,0 +1,135 @@
+"""LoRA files read the way the stock diffusers loader reads them (``pipe.load_lora_weights``).
+
+diffusers decides what a file means: ``StableDiffusionPipeline.lora_state_dict``
+converts kohya / A1111 keys (``lora_unet_*.lora_down.weight`` + ``.alpha``) to
+its own and collects the kohya alphas, the file's ``lora_adapter_metadata``
+(written by ``save_lora_weights(..., unet_lora_adapter_metadata=...)``) holds
+the peft ``LoraConfig`` of a diffusers/peft LoRA, and ``_create_lora_config``
+turns either into the config the loader injects. peft then resolves each
+layer's rank and alpha from that config on a mirror of the covered layers, so
+every layer's scale (alpha / r, or alpha / sqrt(r) with rsLoRA) is the one the
+stock loader would apply. :func:`read_lora` folds that scale into ``lora_B``
+and returns the pairs in our concept layout (``<part>.<module>.lora_A.weight``,
+alpha = rank), for any Linear or Conv2d layer the file covers (attention,
+``proj_in``/``proj_out``, feed-forward, text-encoder MLP ...).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..errors import BadInputError
+
+PARTS = ("unet", "text_encoder")
+PAIR = (".lora_A.weight", ".lora_B.weight")
+TE_RANKED = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")  # load_lora_into_text_encoder's layers
+
+
+def read_lora(pipe, state: dict, metadata: dict | None = None) -> dict[str, torch.Tensor]:
+    """``{"<part>.<module>.lora_A.weight": A, "...lora_B.weight": scale * B}`` for ``pipe``, as diffusers would load
+    ``state`` (a LoRA file's tensors; ``metadata`` its safetensors metadata)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    try:
+        converted, alphas = StableDiffusionPipeline.lora_state_dict(tensors)
+    except (ValueError, KeyError) as exc:
+        raise BadInputError(f"not a LoRA diffusers reads: {_first_line(exc)}") from exc
+    outside = sorted(k for k in converted if not k.startswith(tuple(p + "." for p in PARTS)) or "lora" not in k)
+    if outside:
+        raise BadInputError(f"not a LoRA this method reads: unexpected tensors {', '.join(outside[:3])}")
+    raw = (metadata or {}).get(LORA_ADAPTER_METADATA_KEY)
+    adapter = json.loads(raw) if raw else None
+    if adapter and alphas:
+        raise BadInputError("the file has both kohya alphas and diffusers adapter metadata; diffusers refuses it too")
+    out: dict[str, torch.Tensor] = {}
+    for part in PARTS:
+        pairs = {_strip(k, part): v for k, v in converted.items() if k.startswith(part + ".")}
+        if pairs:
+            part_alphas = {_strip(k, part): v for k, v in (alphas or {}).items() if k.startswith(part + ".")}
+            part_meta = {_strip(k, part): v for k, v in adapter.items() if k.startswith(part + ".")} if adapter else None
+            out.update(_part_pairs(pipe, part, pairs, part_alphas, part_meta))
+    if not out:
+        raise BadInputError("the file holds no LoRA pairs for the UNet or the text encoder")
+    return out
+
+
+def _strip(key: str, part: str) -> str:
+    return key[len(part) + 1:]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _part_pairs(pipe, part: str, pairs: dict, alphas: dict, meta: dict | None) -> dict[str, torch.Tensor]:
+    """One part's pairs in peft layout, scaled as ``load_lora_into_unet`` / ``load_lora_into_text_encoder`` would."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils.peft_utils import _create_lora_config
+
+    module = getattr(pipe, part)
+    if part == "unet":
+        if "lora_A" not in next(iter(pairs)):
+            pairs = convert_unet_state_dict_to_peft(pairs)
+    else:
+        pairs = convert_state_dict_to_peft(convert_state_dict_to_diffusers(pairs))
+        if not hasattr(module, "text_model"):  # transformers 5 flattens CLIPTextModel
+            pairs = {k.removeprefix("text_model."): v for k, v in pairs.items()}
+    if any("lora_magnitude_vector" in k or k.endswith(".bias") for k in pairs):
+        raise BadInputError("the LoRA is a DoRA or has LoRA biases; only plain LoRA pairs are supported")
+    bad = sorted(k for k in pairs if not k.endswith(PAIR))
+    if bad:
+        raise BadInputError(f"not a LoRA this method reads: unexpected tensors {', '.join(bad[:3])}")
+    ranks = {k: v.shape[0] for k, v in pairs.items() if k.endswith(PAIR[0])}
+    names = sorted(k[: -len(PAIR[0])] for k in ranks)
+    _check_layers(part, module, names, pairs)
+    if part == "unet":  # the ranks as each loader collects them (they seed LoraConfig's r and rank_pattern)
+        rank_keys = {f"^{n}{PAIR[1]}": int(pairs[n + PAIR[1]].shape[1]) for n in names}
+    else:
+        rank_keys = {f"{n}{PAIR[1]}": int(pairs[n + PAIR[1]].shape[1]) for n in names if n.endswith(TE_RANKED)}
+    if not rank_keys and not meta:
+        raise BadInputError(f"diffusers cannot load this {part} LoRA: it covers none of {', '.join(TE_RANKED)}")
+    config = _create_lora_config(pairs, alphas or None, meta, rank_keys, is_unet=part == "unet",
+                                 model_state_dict=module.state_dict() if part == "unet" else None)
+    if config.use_dora or config.lora_bias:
+        raise BadInputError("the LoRA's config asks for DoRA or LoRA biases; only plain LoRA pairs are supported")
+    config.target_modules = set(names)  # the loader injects where the file has tensors (state_dict=...)
+    scales = _scales(module, names, config, {n: ranks[n + PAIR[0]] for n in names})
+    out = {}
+    for n in names:
+        out[f"{part}.{n}{PAIR[0]}"] = pairs[n + PAIR[0]].float()
+        out[f"{part}.{n}{PAIR[1]}"] = pairs[n + PAIR[1]].float() * scales[n]
+    return out
+
+
+def _check_layers(part: str, module, names: list[str], pairs: dict) -> None:
+    from torch import nn
+
+    from ..edits.sites import inner_layer
+
+    for name in names:
+        try:
+            layer = inner_layer(module.get_submodule(name))
+        except AttributeError:
+            raise BadInputError(f"the LoRA covers '{part}.{name}', which this base does not have; "
+                                "use the base it was made for") from None
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)) or getattr(layer, "groups", 1) != 1:
+            raise BadInputError(f"the LoRA covers '{part}.{name}', a {type(layer).__name__}; "
+                                "LoRA is supported on Linear and Conv2d layers")
+
+
+def _scales(module, names: list[str], config, ranks: dict[str, int]) -> dict[str, float]:
+    """Each layer's LoRA scale as peft sets it from ``config`` (on stand-ins, so ``module`` is not touched)."""
+    from .residuals import ADAPTER, ResidualBank
+
+    with torch.random.fork_rng(devices=[]):  # peft initialises the stand-ins' LoRA weights
+        bank = ResidualBank(module, ranks, config)
+    found = {n: (getattr(bank.layers[n], "r", {}).get(ADAPTER), getattr(bank.layers[n], "scaling", {}).get(ADAPTER))
+             for n in names}
+    wrong = sorted(n for n, (r, _) in found.items() if r != ranks[n])
+    if wrong:
+        raise BadInputError(f"the LoRA's config gives {wrong[0]} rank {found[wrong[0]][0]}, its tensors "
+                            f"rank {ranks[wrong[0]]}; diffusers could not load it either")
+    return {n: float(scale) for n, (_, scale) in found.items()}
