@@ -21,9 +21,9 @@ def test_class_images_are_generated_once_per_base_and_prompt(tiny, photos, tmp_p
 
     real_step = training.denoising_step
 
-    def spy(pipe, scheduler, method, batch, prior=None, weight=0.0):
+    def spy(pipe, scheduler, method, batch, prior=None, weight=0.0, **options):
         seen.update(prompts=prior.prompts, weight=weight)
-        return real_step(pipe, scheduler, method, batch, prior, weight)
+        return real_step(pipe, scheduler, method, batch, prior, weight, **options)
 
     monkeypatch.setattr(training, "denoising_step", spy)
     settings = {"steps": 1, "batch_size": 1, "checkpoint_every": 0, "prior_loss_weight": 0.5,
