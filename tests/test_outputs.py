@@ -20,14 +20,7 @@ from PIL import Image
 from conftest import make_photos
 from test_bad_input import BENCH, TOKEN, _cli_process, assert_no_train_output, check_error, gen_args, run_cli, \
     train_args
-
-
-@pytest.fixture
-def concept(tmp_path, trained_concept) -> Path:
-    path = tmp_path / "concepts" / "disc.safetensors"
-    path.parent.mkdir()
-    shutil.copyfile(trained_concept, path)
-    return path
+from test_bad_input import concept  # noqa: F401  (the fixture: a private copy of the trained concept)
 
 
 @pytest.fixture
