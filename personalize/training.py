@@ -28,6 +28,7 @@ from .concept import Concept, save_concept
 from .errors import BadInputError, CheckpointError
 from .images import file_sha256, list_images, load_images, load_masks
 from .parallel import DataParallel
+from .transfer import to_device
 from .paths import atomic_path
 from .templates import NEUTRAL_TEMPLATES, check_new_token, check_token, fill, single_token_id
 
@@ -121,14 +122,6 @@ class LatentCache:
 
 # ----------------------------------------------------------------------------- the loop
 LOSS_EVERY = 10  # steps between reads of the loss value (each read is a host-device sync)
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """``t`` on ``device`` without making the host wait: CUDA copies go from pinned memory, asynchronously."""
-    device = torch.device(device)
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def _adamw(groups: list[dict], device) -> torch.optim.Optimizer:

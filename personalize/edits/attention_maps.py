@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInputError
+from ..transfer import to_device
 from .sites import occupy, vacate
 
 _MAPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -65,8 +66,6 @@ class Plan:
         counts in each source row (K, S, length) and which source each batch row reads (n, S)."""
         cache_key = (tuple(keys), str(device), length)
         if cache_key not in self._tensors:
-            from ..training import to_device
-
             sources = self.sources()
             columns = torch.zeros(len(keys), len(sources), length)
             for ki, key in enumerate(keys):
