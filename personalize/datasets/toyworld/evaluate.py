@@ -86,7 +86,8 @@ def save_grid(folder: PathLike, path: PathLike, n: int = 32, cols: int = 8, scal
 
 
 def evaluate_base(pipeline: Union[None, PathLike, object] = None, n: int = 200, out_dir: Optional[PathLike] = None,
-                  steps: int = 25, guidance: float = 4.0, seed: int = 0, grid: Optional[PathLike] = None) -> dict:
+                  steps: int = 25, guidance: float = 4.0, seed: int = 0, grid: Optional[PathLike] = None,
+                  batch_size: int = 50) -> dict:
     """Sample the base model on ``n`` held-out captions and score them with the measurers.
 
     Returns score_folder's dict (per_attribute: background/shape/color/size/position accuracies) plus
@@ -100,7 +101,8 @@ def evaluate_base(pipeline: Union[None, PathLike, object] = None, n: int = 200, 
         tmp = tempfile.TemporaryDirectory()
         out_dir = tmp.name
     t0 = time.time()
-    folder = sample_prompts(pipe, heldout_prompts(n), out_dir, steps=steps, guidance=guidance, seed=seed)
+    folder = sample_prompts(pipe, heldout_prompts(n), out_dir, steps=steps, guidance=guidance, seed=seed,
+                            batch_size=batch_size)
     result = score_folder(folder)
     result["settings"] = {"n": n, "steps": steps, "guidance": guidance, "seed": seed,
                           "sample_seconds": round(time.time() - t0, 1)}

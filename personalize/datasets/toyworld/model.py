@@ -12,11 +12,11 @@ VOCAB_SIZE = 49408  # full SD 1.x CLIP vocabulary: real token ids work unchanged
 MAX_LENGTH = 77
 
 DEFAULT_ARCH: dict = {
-    "vae_channels": [32, 64, 64],  # 3 blocks -> 4x downsampling: 32x32 px -> 8x8x4 latents
+    "vae_channels": [32, 64],  # 2 blocks -> 2x downsampling: 32x32 px -> 16x16x4 latents
     "vae_layers": 1,
     "latent_channels": 4,
-    "unet_channels": [32, 64],
-    "unet_cross_attn": [True, True],  # cross-attention at 8x8 and 4x4
+    "unet_channels": [32, 64, 64],
+    "unet_cross_attn": [False, True, True],  # transformer blocks at 8x8 and 4x4 (16x16: ResNet only)
     "unet_layers": 1,
     "unet_heads": 4,
     "text_hidden": 128,
