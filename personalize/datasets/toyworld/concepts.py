@@ -38,7 +38,7 @@ class ConceptSpec:
 CONCEPTS: dict[str, ConceptSpec] = {
     c.name: c
     for c in (
-        ConceptSpec("striped_star", "star", "a star with horizontal red and white stripes",
+        ConceptSpec("striped_star", "star", "a star with a wide white horizontal band across red",
                     (COLORS["red"], WHITE), ("blue", "green", "purple")),
         ConceptSpec("dotted_square", "square", "a blue square with white polka dots",
                     (COLORS["blue"], WHITE), ("yellow", "red", "green")),
@@ -80,8 +80,8 @@ def concept_texture(name: str, size: int, box: tuple[float, float, float, float]
     c1, c2 = spec.colors
     img = Image.new("RGB", (size, size), c1)
     d = ImageDraw.Draw(img)
-    if name == "striped_star":  # 5 horizontal bands
-        n = 5
+    if name == "striped_star":  # 3 horizontal bands (v1 had 5: too fine for 16x16 latents)
+        n = 3
         for i in range(1, n, 2):
             d.rectangle((0, y0 + i * h / n, size, y0 + (i + 1) * h / n - 1), fill=c2)
     elif name == "striped_heart":  # 5 vertical bands
@@ -101,12 +101,12 @@ def concept_texture(name: str, size: int, box: tuple[float, float, float, float]
                 if (i + j) % 2:
                     d.rectangle((x0 + i * w / n, y0 + j * h / n, x0 + (i + 1) * w / n - 1, y0 + (j + 1) * h / n - 1),
                                 fill=c2)
-    elif name == "smiley_circle":
-        r = 0.09 * w
-        for fx in (0.33, 0.67):
-            cx, cy = x0 + fx * w, y0 + 0.36 * h
+    elif name == "smiley_circle":  # v2: larger eyes and a thicker mouth, so they survive 16x16 latents
+        r = 0.12 * w
+        for fx in (0.32, 0.68):
+            cx, cy = x0 + fx * w, y0 + 0.35 * h
             d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=c2)
-        d.arc((x0 + 0.24 * w, y0 + 0.3 * h, x1 - 0.24 * w, y1 - 0.2 * h), 20, 160, fill=c2, width=max(1, int(0.1 * w)))
+        d.arc((x0 + 0.2 * w, y0 + 0.22 * h, x1 - 0.2 * w, y1 - 0.16 * h), 20, 160, fill=c2, width=max(1, int(0.14 * w)))
     elif name == "bullseye_circle":  # red, white, red rings
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         for frac, col in ((0.5, c1), (0.34, c2), (0.17, c1)):

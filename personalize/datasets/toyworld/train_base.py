@@ -596,3 +596,51 @@ def vae_report(vae, out: Path, n: int = 128) -> str:
 
 if __name__ == "__main__":
     main()
+
+
+def finetune_decoder(pipeline_dir: os.PathLike | str, out_dir: os.PathLike | str, steps: int, batch: int = 32,
+                     lr: float = 2e-4, texture_fraction: float = 0.5, seed: int = 1, log=None) -> Path:
+    """Fine-tune only the VAE decoder of a trained pipeline (the encoder, hence every latent the UNet was
+    trained on, stays bit-identical): sharper fine textures without retraining the UNet. Saves the fp16
+    VAE to ``out_dir`` (diffusers ``AutoencoderKL`` folder) every 200 steps and at the end."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(Path(pipeline_dir) / "vae", torch_dtype=torch.float32)
+    vae.requires_grad_(False)
+    dec = [vae.decoder, vae.post_quant_conv]
+    for m in dec:
+        m.requires_grad_(True).train()
+    params = [p for m in dec for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    out = Path(out_dir)
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, 20)
+        x = vae_batch(seed, step, batch, texture_fraction)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + 900_000 + step)
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if log and (step + 1) % 25 == 0:
+            log(f"[decoder] step {step + 1}/{steps} loss {loss.item():.5f} {(time.time() - t0) / (step + 1):.2f} s/step")
+        if (step + 1) % 200 == 0 or step + 1 == steps:
+            vae.eval()
+            half = AutoencoderKL.from_config(vae.config)
+            half.load_state_dict(vae.state_dict())
+            tmp = out.with_name(out.name + ".tmp")
+            half.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+            for m in dec:
+                m.train()
+    return out
