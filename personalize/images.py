@@ -38,6 +38,42 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
+CAPTION_MAX = 300
+
+
+def load_captions(image_paths: list[Path], token: str | tuple[str, ...] | list[str]) -> list[str | None]:
+    """Per-image caption templates from ``IMAGE.txt`` sidecars (None where an image has none).
+
+    A caption names the concept with ``{}`` (or with its token, which becomes ``{}``), e.g.
+    ``a {} on the left, on a green background``: the run trains on it instead of the method's neutral
+    templates, so the concept absorbs its appearance and the caption explains the rest of the scene.
+    An image with a caption is never mirrored (a caption may say "left").
+    """
+    tokens = [token] if isinstance(token, str) else list(token)
+    out: list[str | None] = []
+    for path in image_paths:
+        side = path.with_suffix(".txt")
+        if not side.is_file():
+            out.append(None)
+            continue
+        try:
+            text = " ".join(side.read_text(encoding="utf-8").split())
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInputError(f"caption '{side}' is unreadable ({e.__class__.__name__}); save it as UTF-8 text") from None
+        if not text or len(text) > CAPTION_MAX:
+            raise BadInputError(f"caption '{side}' must hold 1-{CAPTION_MAX} characters; it has {len(text)}")
+        if "{}" not in text:
+            for t in tokens:
+                if t in text:
+                    text = text.replace(t, "{}")
+                    break
+        if text.count("{}") != 1 or "{" in text.replace("{}", "") or "}" in text.replace("{}", ""):
+            raise BadInputError(f"caption '{side}' must name the concept exactly once, as {{}} or as the token "
+                                f"(e.g. 'a {{}} on a beach'); it reads {text[:60]!r}")
+        out.append(text)
+    return out
+
+
 def open_image(path: str | Path):
     """The image at ``path``, decoded and turned upright by its EXIF orientation (any mode).
 

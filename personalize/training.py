@@ -26,7 +26,7 @@ from .base import fingerprint, load_base
 from .checkpoints import checkpoint_dir, has_checkpoint, load_checkpoint, save_checkpoint
 from .concept import Concept, save_concept
 from .errors import BadInputError, CheckpointError
-from .images import file_sha256, list_images, load_images, load_masks
+from .images import file_sha256, list_images, load_captions, load_images, load_masks
 from .parallel import DataParallel
 from .transfer import to_device
 from .paths import atomic_path
@@ -100,10 +100,13 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 8) -> tuple[torch.Ten
 class LatentCache:
     """VAE latents of the training images and their mirror images, computed once per run."""
 
-    def __init__(self, vae, images: torch.Tensor, masks: torch.Tensor | None, labels: torch.Tensor | None = None):
+    def __init__(self, vae, images: torch.Tensor, masks: torch.Tensor | None, labels: torch.Tensor | None = None,
+                 captions: Sequence[str | None] | None = None):
         both = torch.cat([images, images.flip(-1)])
         self.mean, self.std = encode_latents(vae, both)
         self.n = images.shape[0]
+        # per-image caption templates (``IMAGE.txt``), None where the method's templates apply
+        self.captions = list(captions) if captions is not None and any(c is not None for c in captions) else None
         # which concept (multi-concept runs) or class prompt (prior images) each image belongs to
         self.labels = labels if labels is not None else torch.zeros(self.n, dtype=torch.long)
         self.masks = None
@@ -266,6 +269,7 @@ def train(
     for tok, sc in zip(tokens, superclasses):
         _validate_words(pipe, tok, sc)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    captions = load_captions(image_paths, tokens)
     pixels = load_images(image_paths, size)
     mask_tensor = load_masks(masks, image_paths, size) if masks else None
 
@@ -275,7 +279,7 @@ def train(
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     labels = torch.tensor([i for i, paths in enumerate(per_concept) for _ in paths])
-    cache = LatentCache(pipe.vae, pixels, mask_tensor, labels)
+    cache = LatentCache(pipe.vae, pixels, mask_tensor, labels, captions)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     trainable = method_cls.for_training(pipe, token, superclass, mcfg)
@@ -295,6 +299,7 @@ def train(
             "method": method, "token": _json_words(token), "superclass": _json_words(superclass), "base": base_fp.digest,
             "images": image_hashes, "seed": cfg.seed, "batch_size": cfg.batch_size,
             "config": dataclasses.asdict(mcfg),
+            **({"captions": captions} if any(c is not None for c in captions) else {}),
         }
         ckpt = checkpoint_dir(out)
         start = load_checkpoint(ckpt, run_id, trainable, optimizer, generator) if resume else 0
@@ -479,6 +484,8 @@ def draw_batch(cache: "LatentCache", batch_size: int, flip_p: float, num_timeste
     ``placeholder`` may be a list: the words of each label (concept) of ``cache``."""
     idx = torch.randint(cache.n, (batch_size,), generator=generator)
     flip = torch.rand(batch_size, generator=generator) < flip_p
+    if cache.captions is not None:  # a captioned image is never mirrored: its caption may say "left"
+        flip &= torch.tensor([cache.captions[i] is None for i in idx.tolist()])
     latents, mask = cache.sample(idx, flip, generator)
     noise = to_device(torch.randn(latents.shape, generator=generator), device)
     timesteps = to_device(torch.randint(num_timesteps, (batch_size,), generator=generator), device)
@@ -486,6 +493,9 @@ def draw_batch(cache: "LatentCache", batch_size: int, flip_p: float, num_timeste
     words = [placeholder] if isinstance(placeholder, str) else list(placeholder)
     labels = cache.labels[idx].tolist() if len(words) > 1 else [0] * batch_size
     prompts = [fill(templates[i], words[label]) for i, label in zip(which.tolist(), labels)]
+    if cache.captions is not None:
+        prompts = [p if cache.captions[i] is None else fill(cache.captions[i], words[label])
+                   for p, i, label in zip(prompts, idx.tolist(), labels)]
     return Batch(to_device(latents, device), None if mask is None else to_device(mask, device), noise, timesteps,
                  prompts)
 

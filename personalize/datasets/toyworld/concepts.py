@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 from PIL import Image, ImageDraw
 
-from .world import COLORS, POSITIONS, Scene, SceneObject, render_scene
+from .world import COLORS, POSITION_PHRASES, POSITIONS, Scene, SceneObject, render_scene
 
 BLACK = (20, 20, 20)
 WHITE = (245, 245, 245)
@@ -143,15 +143,31 @@ def concept_scenes(name: str, n: int = N_EXAMPLES, seed: int = 0) -> list[Scene]
     return scenes
 
 
+def example_caption(scene: Scene) -> str:
+    """The caption template of an example scene: where the concept is and on what (``{}`` = the concept),
+    e.g. ``a {} on the left, on a blue background``."""
+    obj = scene.objects[0]
+    return f"a {{}} {POSITION_PHRASES[obj.position]}, on a {scene.background} background"
+
+
 def render_concept_examples(name: str, out_dir: Union[str, os.PathLike], n: int = N_EXAMPLES, seed: int = 0,
-                            resolution: int = 32) -> list[Path]:
-    """Render concept ``name``'s example images into ``out_dir`` as PNGs; returns their paths."""
+                            resolution: int = 32, captions: bool = True) -> list[Path]:
+    """Render concept ``name``'s example images into ``out_dir`` as PNGs; returns their paths.
+
+    ``captions``: beside each image an ``IMAGE.txt`` caption stating its position and background (the
+    trainer's per-image captions), so a trained concept takes its appearance and leaves the scene to the
+    prompt (docs/TOYWORLD.md measures the difference)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, scene in enumerate(concept_scenes(name, n, seed)):
         p = out / f"{name}_{i:02d}.png"
         render_scene(scene, resolution=resolution).save(p)
+        side = p.with_suffix(".txt")
+        if captions:
+            side.write_text(example_caption(scene) + "\n")
+        elif side.exists():
+            side.unlink()
         paths.append(p)
     return paths
 
@@ -160,6 +176,6 @@ def describe(name: str) -> str:
     return get_concept(name).description
 
 
-__all__ = ["CONCEPTS", "ConceptSpec", "concept_object", "concept_scenes", "concept_texture", "get_concept",
+__all__ = ["CONCEPTS", "ConceptSpec", "concept_object", "concept_scenes", "concept_texture", "example_caption", "get_concept",
            "list_concepts", "render_concept_examples", "describe"]
 _ = math  # keep import (used by future textures)
