@@ -23,11 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+from ..evaluation.bootstrap import LEVEL, diff_ci, mean_ci
 from ..evaluation.protocol import best_h
 from ..paths import atomic_path
 from .plan import BASE, LEAKAGE_CONCEPT
 
 NOT_METRICS = {"n_images"}  # counts in a score row's result, not scores
+CI_TEXT = (f"{LEVEL:.0%} bootstrap confidence interval (images resampled within each concept, "
+           "2,000 replicates; shown where the score rows keep per-image values).")
+VS_BASE_TEXT = ("Method minus the base alone (the superclass word instead of the concept), mean over the same "
+                f"concepts, with the {LEVEL:.0%} bootstrap interval of the difference; significant: every "
+                "interval excludes 0.")
+VS_BASE_NOTE = f'<p class="note">{VS_BASE_TEXT}</p>'
 THUMB_PX = 160
 MAX_PROMPTS = 2
 
@@ -110,6 +117,13 @@ def format_value(key: str, value: Optional[float]) -> str:
     return "–" if value is None else metric_info(key).fmt(value)
 
 
+def format_cell(key: str, row: dict) -> str:
+    """A table cell: the value, then its confidence interval when the row has one."""
+    text = format_value(key, row["values"].get(key))
+    ci = (row.get("ci") or {}).get(key)
+    return text if ci is None else f"{text} [{format_value(key, ci[0])}, {format_value(key, ci[1])}]"
+
+
 # ----------------------------------------------------------------------------------------------- helpers
 
 
@@ -185,15 +199,58 @@ def _best_indices(rows: list[dict], key: str) -> list[int]:
     return [i for i, v in cands if v == best]
 
 
+def _samples(group: list[dict], key: str) -> Optional[list[list[float]]]:
+    """Per-concept lists of per-image values of ``key`` (score rows' ``samples``), None if any row lacks them."""
+    out = []
+    for r in group:
+        values = ((r.get("result") or {}).get("samples") or {}).get(key)
+        if not isinstance(values, list) or not values:
+            return None
+        out.append([float(v) for v in values])
+    return out
+
+
 def _results_table(scores: list[dict]) -> dict:
     keys = _metric_keys(scores)
     rows = []
     for (method, setting), group in _group(scores, lambda r: (r.get("method"), setting_label(r))).items():
         concepts = {r.get("concept") for r in group}
+        ci = {k: mean_ci(s) for k in keys if (s := _samples(group, k)) is not None}
         rows.append({"method": method, "setting": setting, "cells": [method, setting, str(len(concepts))],
-                     "reference": _is_base(method),
+                     "reference": _is_base(method), "ci": {k: v for k, v in ci.items() if v is not None},
                      "values": {k: _mean(_result(r, k) for r in group) for k in keys}})
     return _table(["method", "setting", "concepts"], keys, rows)
+
+
+def _vs_base_table(scores: list[dict]) -> Optional[dict]:
+    """Per (method, setting): the difference from the base alone on the same concepts, with its bootstrap
+    interval; "significant" when the interval excludes 0 for every key."""
+    base = {r.get("concept"): r for r in scores if _is_base(r.get("method"))}
+    rows = []
+    keys = [k for k in ("fidelity", "alignment", "clip_image", "dino_image") if _samples(list(base.values()), k)]
+    if not base or not keys:
+        return None
+    for (method, setting), group in _group(scores, lambda r: (r.get("method"), setting_label(r))).items():
+        paired = [r for r in group if r.get("concept") in base]
+        if _is_base(method) or not paired:
+            continue
+        values, ci = {}, {}
+        for k in keys:
+            mine, ref = _samples(paired, k), _samples([base[r.get("concept")] for r in paired], k)
+            if mine is None or ref is None:
+                continue
+            values[k] = sum(sum(m) / len(m) - sum(b) / len(b) for m, b in zip(mine, ref)) / len(mine)
+            ci[k] = diff_ci(mine, ref)
+        if not ci or any(v is None for v in ci.values()):
+            continue
+        sig = all(lo > 0 or hi < 0 for lo, hi in ci.values())
+        rows.append({"method": method, "setting": setting, "reference": False, "ci": ci, "values": values,
+                     "cells": [method, setting, str(len(paired)), "yes" if sig else "no"]})
+    if not rows:
+        return None
+    table = _table(["method", "setting", "concepts", "significant"], keys, rows)
+    table["best"] = {k: [] for k in keys}  # differences, not scores: nothing highlighted
+    return table
 
 
 def _best_h_keys(scores: list[dict]) -> Optional[tuple[str, str]]:
@@ -290,6 +347,7 @@ def summarize(rows: list[dict]) -> dict:
         "counts": _counts(rows),
         "provenance": _provenance(done or rows),
         "results": _results_table(scores) if scores else None,
+        "vs_base": _vs_base_table(scores),
         "best_h": _best_h_table(scores),
         "cost": _cost_table(done),
         "failed": [r for r in rows if r.get("status") == "failed"],
@@ -541,7 +599,7 @@ def _html_table(table: dict) -> str:
         for k in table["keys"]:
             best = " best" if i in table["best"][k] else ""
             cells += (f'<td class="num{best}" data-key="{_esc(k)}">'
-                      f"{_esc(format_value(k, row['values'].get(k)))}</td>")
+                      f"{_esc(format_cell(k, row))}</td>")
         attrs = ' class="ref"' if row["reference"] else ""
         body.append(f"<tr{attrs}>{cells}</tr>")
     return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
@@ -553,13 +611,15 @@ def _html_section(title: str, body: str) -> str:
 
 
 def _html_tables(summary: dict) -> str:
-    note = ('<p class="note">Means over concepts. Best value per column highlighted (↑ higher is better, '
-            '↓ lower); the base model (<i>base</i>) is a reference and is not ranked.</p>')
+    note = ('<p class="note">Means over concepts; [brackets]: ' + CI_TEXT + ' Best value per column highlighted '
+            '(↑ higher is better, ↓ lower); the base model (<i>base</i>) is a reference and is not ranked.</p>')
     if summary["results"] is None:
         results = "<p>No score rows yet: nothing to compare.</p>"
     else:
         results = _html_table(summary["results"]) + note
     parts = [_html_section("Results per method and setting", results)]
+    if summary.get("vs_base"):
+        parts.append(_html_section("Difference from the base alone", _html_table(summary["vs_base"]) + VS_BASE_NOTE))
     if summary["best_h"]:
         parts.append(_html_section("Best H per method", _html_table(summary["best_h"]) + (
             '<p class="note">Per class, the setting with the best harmonic mean H of image and text '
@@ -674,7 +734,7 @@ def _md_table(table: dict) -> str:
     for i, row in enumerate(table["rows"]):
         cells = [_md(c) for c in row["cells"]]
         for k in table["keys"]:
-            value = _md(format_value(k, row["values"].get(k)))
+            value = _md(format_cell(k, row))
             cells.append(f"**{value}**" if i in table["best"][k] else value)
         if row["reference"]:
             cells[0] = f"{cells[0]} (reference)"
@@ -707,7 +767,11 @@ def _render_md(title: str, summary: dict, grid: dict, plots: list[Plot], root: P
     if summary["results"] is None:
         lines.append("No score rows yet: nothing to compare.")
     else:
-        lines += [_md_table(summary["results"]), "", "Means over concepts; best per column in **bold**."]
+        lines += [_md_table(summary["results"]), "", f"Means over concepts; \\[brackets\\]: {CI_TEXT} "
+                  "Best per column in **bold**."]
+    if summary.get("vs_base"):
+        lines += ["", "## Difference from the base alone", "", _md_table(summary["vs_base"]), "",
+                  VS_BASE_TEXT]
     for name, key in (("Best H per method", "best_h"), ("Cost per method", "cost")):
         if summary[key]:
             lines += ["", f"## {name}", "", _md_table(summary[key])]

@@ -85,7 +85,15 @@ def _toy_base(worker, concept, gens: list[dict]) -> dict:
 
     folder, prompts = _stems(gens)
     res = score_folder(worker.root / folder, prompts=prompts, concept=concept.name, placeholder=concept.superclass)
-    return {"alignment": res["alignment"], "fidelity": res["fidelity"], "n_images": res["n_images"]}
+    return {"alignment": res["alignment"], "fidelity": res["fidelity"], "n_images": res["n_images"],
+            "samples": _per_image(res)}
+
+
+def _per_image(res: dict) -> dict[str, list[float]]:
+    """Per-image values of the means (for the report's bootstrap confidence intervals)."""
+    images = res["per_image"].values()
+    return {"alignment": [e["alignment"] for e in images if e.get("alignment") is not None],
+            "fidelity": [e["fidelity"] or 0.0 for e in images if "fidelity" in e]}
 
 
 def _toy_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
@@ -100,7 +108,8 @@ def _toy_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
     return {"alignment": res["alignment"], "fidelity": res["fidelity"],
             "alignment_norm": res["alignment"] / base_align if base_align > 0 and res["alignment"] is not None else None,
             "leakage": other["leakage"], "no_concept_alignment": other["alignment"],
-            "h": harmonic_mean(res["fidelity"] or 0.0, res["alignment"] or 0.0), "n_images": res["n_images"]}
+            "h": harmonic_mean(res["fidelity"] or 0.0, res["alignment"] or 0.0), "n_images": res["n_images"],
+            "samples": _per_image(res)}
 
 
 __all__ = ["score_row"]
