@@ -17,7 +17,7 @@ from typing import Callable
 from .paths import atomic_path
 
 CONCEPT = "split_triangle"  # its two-colour halves survive the toy VAE best
-SCENES = 4  # the first SCENES of claims.CONTEXT
+SCENES = 4  # the first SCENES of claims.context_prompts(CONCEPT)
 BETAS = (0.6, 0.8, 1.0)
 
 
@@ -69,7 +69,7 @@ def _page(out: Path, photos: Path, concept_path: Path, scores: dict, baseline: d
     from .generation import slug
 
     token = claims.TOKEN
-    scenes = [claims.RECON[0]] + list(claims.CONTEXT[:SCENES])
+    scenes = [claims.RECON[0]] + list(claims.context_prompts(CONCEPT)[:SCENES])
 
     def cell(path: Path) -> str:
         img = Image.open(path).convert("RGB").resize((128, 128), Image.NEAREST)

@@ -16,7 +16,7 @@ def test_demo_writes_index_with_grid_and_scores(tmp_path):
     assert page.count("data:image/png;base64,") == len(photos) + len(betas) * (1 + SCENES)
     for beta in betas:
         prompts = json.loads((out / "samples" / f"beta{beta}" / "context" / "prompts.json").read_text())
-        assert sorted(prompts.values()) == sorted(t.format(claims.TOKEN) for t in claims.CONTEXT)
+        assert sorted(prompts.values()) == sorted(t.format(claims.TOKEN) for t in claims.context_prompts(CONCEPT))
         # one scores row per beta, with numbers in every column
         row = re.search(rf"<tr><th>β = {beta}</th>(.*?)</tr>", page.split("Scores")[1]).group(1)
         assert len(re.findall(r"<td>\d\.\d{3}</td>", row)) == 5

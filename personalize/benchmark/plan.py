@@ -89,13 +89,13 @@ def resolve_concepts(spec: Spec) -> list[ConceptEntry]:
 
 
 def _toyworld(spec: Spec, src: dict) -> list[ConceptEntry]:
-    from ..datasets.toyworld.claims import CONTEXT, RECON, TOKEN
+    from ..datasets.toyworld.claims import RECON, TOKEN, context_prompts
     from ..datasets.toyworld.concepts import get_concept
 
-    templates = tuple(spec.prompts or (RECON + CONTEXT))
     out = []
     for name in src["names"]:
         c = get_concept(name)
+        templates = tuple(spec.prompts or (RECON + context_prompts(name)))
         out.append(ConceptEntry(name=name, superclass=c.superclass, concept_class=c.superclass, token=TOKEN,
                                 subject=TOKEN, templates=templates, source="toyworld",
                                 mirror_symmetric=c.mirror_symmetric))

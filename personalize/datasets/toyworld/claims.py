@@ -6,7 +6,8 @@ demo all measure the same thing:
 
 - ``RECON``: the concept alone ("a photo of a <tok>"), for fidelity;
 - ``CONTEXT``: the concept in new contexts (another background, position, size, a second object),
-  for alignment (and fidelity) under editing;
+  for alignment (and fidelity) under editing; ``context_prompts(name)`` swaps a background that shares a
+  colour with the concept for one that contrasts with it;
 - ``NO_CONCEPT``: prompts that never mention it, for leakage against the same seeds without the concept.
 """
 from __future__ import annotations
@@ -28,6 +29,29 @@ CONTEXT = (
     "a {} on the left and a green triangle on the right, on a white background",
     "a small {} in the center, on a yellow background",
 )
+def context_prompts(name: str) -> tuple[str, ...]:
+    """``CONTEXT`` for concept ``name``: a background that shares a colour with the concept (a green-and-yellow
+    triangle "on a green background") becomes the first of the concept's own contrasting backgrounds that
+    the prompt does not use yet, so that no prompt asks for an object the measurers cannot see whole."""
+    import re
+
+    from .measure import FG_THRESHOLD
+    from .world import COLORS
+
+    spec = get_concept(name)
+    clash = {bg for bg, rgb in COLORS.items()
+             if any(sum((a - b) ** 2 for a, b in zip(rgb, c)) ** 0.5 < FG_THRESHOLD for c in spec.colors)}
+    out = []
+    for template in CONTEXT:
+        m = re.search(r"on a (\w+) background", template)
+        if m and m.group(1) in clash:
+            used = set(re.findall(r"\b(\w+)\b", template))
+            bg = next(b for b in spec.backgrounds if b not in used and b not in clash)
+            template = template[:m.start(1)] + bg + template[m.end(1):]
+        out.append(template)
+    return tuple(out)
+
+
 NO_CONCEPT = (
     "a small red circle on the left and a large blue square on the right, on a yellow background",
     "a large green heart at the top, on a purple background",
@@ -93,7 +117,7 @@ def measure_concept(pipe, concept, name: str, work: str | Path, *, reference: Op
     with attach(pipe, concept, **knobs):
         recon = score_folder(sample(pipe, RECON, work / "recon", seeds=recon_seeds), concept=name,
                              placeholder=TOKEN)
-        context = score_folder(sample(pipe, CONTEXT, work / "context", seeds=seeds), concept=name,
+        context = score_folder(sample(pipe, context_prompts(name), work / "context", seeds=seeds), concept=name,
                                placeholder=TOKEN)
         other = score_folder(sample(pipe, NO_CONCEPT, work / "no_concept", seeds=seeds), reference=reference)
     return {"fidelity": recon["fidelity"], "context_alignment": context["alignment"],
@@ -105,5 +129,5 @@ def _summary(scores: dict) -> dict:
     return {k: v for k, v in scores.items() if k != "per_image"}
 
 
-__all__ = ["CONTEXT", "NO_CONCEPT", "RECON", "TOKEN", "measure_concept", "no_concept_reference", "sample",
+__all__ = ["CONTEXT", "NO_CONCEPT", "RECON", "TOKEN", "context_prompts", "measure_concept", "no_concept_reference", "sample",
            "superclass_baseline", "train_toy_concept"]
