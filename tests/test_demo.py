@@ -13,7 +13,9 @@ def test_demo_writes_index_with_grid_and_scores(tmp_path):
     page = index.read_text()
     photos = sorted((out / f"{CONCEPT}.photos").glob("*.png"))
     assert len(photos) >= 4
-    assert page.count("data:image/png;base64,") == len(photos) + len(betas) * (1 + SCENES)
+    # the photos, then one row for the base alone and one per beta: "a photo of" + SCENES new scenes each
+    assert page.count("data:image/png;base64,") == len(photos) + (1 + len(betas)) * (1 + SCENES)
+    assert re.search(r'<tr class="base"><th>base alone', page)
     for beta in betas:
         prompts = json.loads((out / "samples" / f"beta{beta}" / "context" / "prompts.json").read_text())
         assert sorted(prompts.values()) == sorted(t.format(claims.TOKEN) for t in claims.context_prompts(CONCEPT))
