@@ -128,7 +128,9 @@ def train_base(ctx: typer.Context):
 
     [bold]Examples[/bold]
 
-      personalize toyworld train-base --out runs/toybase --threads 8
+      personalize toyworld train-base --out runs/toybase --workers 8          # the shipped recipe (~7 min on a GPU)
+
+      personalize toyworld train-base --out runs/toybase --device cpu --minutes 90 --threads 2   # fit a CPU budget
 
       personalize toyworld train-base --out runs/toybase --resume --export weights/   # continue, then export
     """

@@ -1,4 +1,4 @@
-"""Train the toy world's tiny SD-1.x-shaped base model from scratch (CPU, reproducible, resumable).
+"""Train the toy world's tiny SD-1.x-shaped base model from scratch (GPU or CPU, reproducible, resumable).
 
     python -m personalize.datasets.toyworld.train_base --out ~/.cache/personalize-toyworld/run
     python -m personalize.datasets.toyworld.train_base --out ~/.cache/personalize-toyworld/run --resume
@@ -9,6 +9,9 @@ encoder (full 49,408-token table, real tokenizer ids) and the UNet jointly, with
 v-prediction on SD's scaled_linear schedule, AdamW + warm-up + cosine decay,
 grad clipping, EMA and 10 % caption dropout. Every step's data and noise are
 derived from (seed, phase, step), so ``--resume`` continues exactly.
+The defaults are the recipe of the shipped weights (docs/TOYWORLD.md): about 7 minutes on one
+H200 with ``--workers 8``; on a 2-core CPU the same steps would take hours (``--minutes`` fits phase 2
+to a time budget instead).
 Checkpoints (``DIR/checkpoint.pt``) are written atomically every ``--ckpt-every``
 steps; at the end the EMA weights are exported as an fp16 diffusers pipeline
 to ``DIR/pipeline`` (and to ``--export`` if given).
@@ -240,25 +243,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when available)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     p.add_argument("--workers", type=int, default=0,
                    help="DataLoader processes rendering batches ahead (0 = in the training process); the data "
                         "are the same either way")
-    p.add_argument("--vae-steps", type=int, default=900)
-    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--vae-batch", type=int, default=128)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-6)
     p.add_argument("--vae-from", default=None,
                    help="take the trained VAE (and its latent scaling) from another run's DIR/checkpoint.pt and "
                         "skip phase 1")
     p.add_argument("--texture-fraction", type=float, default=0.25)
-    p.add_argument("--steps", type=int, default=2600, help="UNet + text encoder steps")
+    p.add_argument("--steps", type=int, default=3762, help="UNet + text encoder steps")
     p.add_argument("--minutes", type=float, default=0.0,
                    help="instead of --steps: after 100 timed steps, set the step count so phase 2 lasts about "
                         "this long (the cosine schedule follows the new length)")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
