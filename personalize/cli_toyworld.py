@@ -61,8 +61,11 @@ def render(
     out: Path = typer.Option(..., "--out", help="Folder for the example PNGs (an ordinary --images folder)."),
     n: int = typer.Option(5, "--n", min=1, max=12, help="How many examples."),
     seed: int = typer.Option(0, "--seed", help="Layout seed."),
+    captions: bool = typer.Option(True, "--captions/--no-captions",
+                                  help="Write IMAGE.txt beside each image: its position and background, the "
+                                       "concept as {} (the trainer's per-image captions)."),
 ):
-    """Render a concept's example images.
+    """Render a concept's example images (and their captions).
 
     [bold]Examples[/bold]
 
@@ -76,8 +79,8 @@ def render(
     from .paths import check_output
 
     check_output(out, folder=True)
-    paths = render_concept_examples(_concept_name(name), out, n=n, seed=seed)
-    _console().print(f"wrote {len(paths)} images to [bold]{out}[/bold]")
+    paths = render_concept_examples(_concept_name(name), out, n=n, seed=seed, captions=captions)
+    _console().print(f"wrote {len(paths)} images{' and captions' if captions else ''} to [bold]{out}[/bold]")
 
 
 @app.command()
