@@ -16,7 +16,7 @@ from personalize.datasets.toyworld import claims
 
 pytestmark = pytest.mark.skipif(not (TOY_WEIGHTS / "model_index.json").exists(), reason="toy weights not built")
 
-CONCEPT = "split_triangle"  # the held-out texture that survives the 8x8-latent VAE best (docs/TOYWORLD.md)
+CONCEPT = "split_triangle"  # the held-out texture that survives the VAE best (docs/TOYWORLD.md)
 SWEEP = (0.6, 0.8, 1.0, 1.2)  # inference beta; the trained concept's default sits inside it
 
 
@@ -83,9 +83,10 @@ def _seed_to_seed(folder):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "not reproduced by this criterion: with the concept attached, prompts without it move by 0.0099 mean "
-    "pixel difference, 32% of the 0.031 between two seeds of one prompt (the toy's images are mostly flat "
-    "background), not <= 25%; the ungated edit leaks about as little (0.011); see docs/TOYWORLD.md"))
+    "not reproduced by this criterion (v2 base, 2026-11-30): with the concept attached, prompts without it "
+    "move by 0.0157 mean pixel difference, 62% of the 0.0254 between two seeds of one prompt, not <= 25%. The "
+    "gate does act (the ungated edit leaks 0.026, 1.7x more), but the toy's images are mostly flat background, "
+    "so two seeds differ little and the yardstick is small; see docs/TOYWORLD.md"))
 def test_claim3_gating_preserves_the_prior(measured, reference):
     """Prompts without the concept (some with its superclass word) change little with it attached:
     far less than the difference between two seeds of the same prompt."""
@@ -95,14 +96,15 @@ def test_claim3_gating_preserves_the_prior(measured, reference):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "not reproduced in the toy world: fidelity falls monotonically with beta (0.273, 0.194, 0.192, 0.190 at "
-    "beta 0.6-1.2) but context alignment stays flat within sampling noise (0.668, 0.685, 0.671, 0.685); "
-    "see docs/TOYWORLD.md"))
+    "reproduced from beta 0.6 to 1.0 but not over the whole sweep (v2 base, 2026-11-30): fidelity 0.587, 0.420, "
+    "0.368, 0.379 and context alignment 0.903, 0.969, 1.000, 0.969 at beta 0.6, 0.8, 1.0, 1.2; at 1.2 the gate "
+    "is nearly closed and both move by sampling noise (one image of 24), breaking strict monotonicity; see "
+    "docs/TOYWORLD.md"))
 def test_claim4_beta_spans_the_tradeoff(measured):
     """Raising beta lowers fidelity and raises alignment, monotonically over a small sweep."""
     rows = [measured(beta=b) for b in SWEEP]
     fid = [r["fidelity"] for r in rows]
     align = [r["context_alignment"] for r in rows]
-    assert all(a >= b for a, b in zip(fid, fid[1:])), fid
-    assert all(a <= b for a, b in zip(align, align[1:])), align
+    assert all(a >= b for a, b in zip(fid, fid[1:])), (fid, align)
+    assert all(a <= b for a, b in zip(align, align[1:])), (fid, align)
     assert fid[0] > fid[-1] and align[-1] > align[0], (fid, align)
