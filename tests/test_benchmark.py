@@ -366,10 +366,11 @@ def test_example_specs_parse_and_the_toy_one_plans():
     assert [m.label for m in cc101.methods][:2] == ["perfusion", "residuals"] and len(cc101.methods[0].settings()) == 6
     toy = load_spec(examples / "toy_benchmark.yaml")
     units = build_plan(toy)
-    settings = 6 + 2 + 1
+    concepts, trainings = 4, 4  # perfusion (local), perfusion-trained-k, residuals, textual-inversion
+    settings = 3 + 3 + 2 + 1
     per_setting = 7 * 4 + 4 * 4  # 7 claim prompts and 4 leakage prompts, 4 seeds each
-    base = 2 * 7 * 4 + 4 * 4 + 2
-    assert len(units) == 2 * 3 + 2 * settings * (per_setting + 1) + base
+    base = concepts * (7 * 4 + 1) + 4 * 4  # each concept's superclass prompts + score; shared leakage prompts
+    assert len(units) == concepts * trainings + concepts * settings * (per_setting + 1) + base
 
 
 def test_cc101_and_folder_sources_plan_with_their_prompts_tokens_and_classes(cc101, tmp_path):
