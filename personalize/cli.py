@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .demo import STEPS as DEMO_STEPS
 from .errors import BadInputError, PersonalizeError
 from .settings import check_options
 
@@ -469,7 +470,7 @@ def list_methods():
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for the demo's photos, concept, samples and index.html."),
-    steps: int = typer.Option(300, "--steps", min=1, help="Training steps (x batch 8)."),
+    steps: int = typer.Option(DEMO_STEPS, "--steps", min=1, help="Training steps (x batch 8)."),
 ):
     """Run the whole flow on the toy world's base on the CPU: a held-out concept's photos -> Perfusion concept ->
     new scenes at several beta -> ground-truth scores -> index.html.
