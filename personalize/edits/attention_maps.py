@@ -3,8 +3,9 @@
 Nothing here changes a computation; it only reads. While at least one *watcher*
 (e.g. a LAG-sampled concept) is registered on a pipeline:
 
-- a hook on the text encoder records each encoded prompt: its token ids and
-  its output (the rows the UNet will see as ``encoder_hidden_states``);
+- the pipeline's prompt-row matcher (``prompt_rows.py``) records each encoded
+  prompt: its token ids and its output (the rows the UNet will see as
+  ``encoder_hidden_states``);
 - a pre-hook on the UNet matches every batch row to a recorded prompt, asks
   each watcher which text columns are its own in that row, and lets a row with
   none (the unconditional half under classifier-free guidance) borrow the maps
@@ -21,8 +22,6 @@ block's cross-attention layers and sums it over each watcher's columns.
 """
 from __future__ import annotations
 
-import weakref
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,9 +30,10 @@ from torch import nn
 
 from ..errors import BadInputError
 from ..transfer import to_device
+from .prompt_rows import prompt_rows
 from .sites import occupy, vacate
+from .state import pipeline_state, release
 
-_MAPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _KEY = "attention-maps"
 Columns = Callable[[list[int]], list[int]]  # token ids of one prompt -> the watcher's column indices
 
@@ -107,7 +107,6 @@ class AttentionMaps:
         self.plan: Plan | None = None
         self._plan_key: tuple | None = None
         self._captured: dict[str, dict[int, list]] = {}
-        self._encodings: deque = deque(maxlen=8)
         self._handles: list = []
         self._sites: list[str] = []
 
@@ -126,9 +125,8 @@ class AttentionMaps:
 
     def _install(self) -> None:
         unet = self.pipe.unet
-        _MAPS[self.pipe] = self
         names = {id(m): n for n, m in unet.named_modules()}
-        self._handles.append(self.pipe.text_encoder.register_forward_hook(self._on_text, with_kwargs=True))
+        prompt_rows(self.pipe).subscribe(_KEY)
         self._handles.append(unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
         for name, block in transformer_blocks(unet):
             self._handles.append(block.register_forward_pre_hook(self._size_hook(name), with_kwargs=True))
@@ -146,17 +144,13 @@ class AttentionMaps:
             vacate(self.pipe.unet, site, _KEY)
         self._handles, self._sites = [], []
         self._captured, self.plan, self._plan_key = {}, None, None
-        self._encodings.clear()
-        _MAPS.pop(self.pipe, None)
+        prompt_rows(self.pipe).unsubscribe(_KEY)
+        state = pipeline_state(self.pipe, create=False)
+        if state is not None and state.attention_maps is self:
+            state.attention_maps = None
+            release(self.pipe)
 
     # -- hooks ------------------------------------------------------------------------------
-    def _on_text(self, module, args, kwargs, output) -> None:
-        ids = args[0] if args else kwargs.get("input_ids")
-        if ids is None:
-            return
-        hidden = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
-        self._encodings.append((ids.detach().cpu(), hidden.detach()))
-
     def _size_hook(self, name: str):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs.get("hidden_states")
@@ -172,7 +166,7 @@ class AttentionMaps:
         self._captured = {}
         # one plan per prompt batch: the pipeline passes the same context tensor at every denoising step,
         # and building a plan waits for the device (it compares rows), so it is reused while nothing changed
-        reuse = (context, context._version, tuple(sample.shape), tuple(self.watchers), len(self._encodings))
+        reuse = (context, context._version, tuple(sample.shape), tuple(self.watchers), prompt_rows(self.pipe).version)
         if self.plan is None or self._plan_key is None or not _same_key(self._plan_key, reuse):
             self.plan = self._make_plan(sample, context)
             self._plan_key = reuse
@@ -180,13 +174,8 @@ class AttentionMaps:
     def _make_plan(self, sample: torch.Tensor, context: torch.Tensor) -> Plan:
         n = context.shape[0]
         row_ids: list[list[int] | None] = [None] * n
-        for ids, hidden in self._encodings:
-            if hidden.shape[1:] != context.shape[1:]:
-                continue
-            same = (context[:, None] == hidden[None].to(context)).flatten(2).all(-1).cpu()  # (n, rows)
-            for r, j in same.nonzero().tolist():
-                if row_ids[r] is None:
-                    row_ids[r] = ids[j].tolist()
+        for r, (encoded, j) in prompt_rows(self.pipe).match(context).items():
+            row_ids[r] = encoded.ids[j].tolist()
         if all(ids is None for ids in row_ids):
             raise BadInputError(
                 "LAG sampling could not read the prompt's tokens: pass the prompt as text "
@@ -249,8 +238,7 @@ def text_attention(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float) -
 
 def attention_maps(pipe) -> AttentionMaps:
     """The pipeline's capture store (created on first use; it installs itself on the first watcher)."""
-    maps = _MAPS.get(pipe)
-    if maps is None:
-        maps = AttentionMaps(pipe)
-        _MAPS[pipe] = maps
-    return maps
+    state = pipeline_state(pipe)
+    if state.attention_maps is None:
+        state.attention_maps = AttentionMaps(pipe)
+    return state.attention_maps

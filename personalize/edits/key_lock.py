@@ -2,11 +2,11 @@
 
 While installed on a pipeline:
 
-- a hook on the text encoder encodes every prompt a second time with each
-  locked concept's token id replaced by its superclass word's id (one token
-  each, so positions line up) and keeps both encodings;
+- the pipeline's prompt-row matcher (``prompt_rows.py``) encodes every prompt
+  a second time with each locked concept's token id replaced by its superclass
+  word's id (one token each, so positions line up) and keeps both encodings;
 - a pre-hook on the UNet matches each row of ``encoder_hidden_states`` to a
-  kept encoding (exact equality, as the attention-map capture does) and builds
+  kept encoding (the same matcher LAG's attention maps use) and builds
   the K context: the superclass encoding where the row had a locked token,
   the row itself elsewhere;
 - a pre-hook on every cross-attention ``to_k`` swaps its input for that K
@@ -15,36 +15,27 @@ While installed on a pipeline:
 """
 from __future__ import annotations
 
-from collections import deque
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import BadInputError
+from .prompt_rows import prompt_rows
 
 Replacements = Callable[[], dict[int, int]]  # locked token id -> superclass token id
-
-
-def rows_matching(context: torch.Tensor, hidden: torch.Tensor) -> list[tuple[int, int]]:
-    """``(row of context, row of hidden)`` pairs whose encodings are identical."""
-    if hidden.shape[1:] != context.shape[1:]:
-        return []
-    same = (context[:, None] == hidden[None].to(context)).flatten(2).all(-1)
-    return [tuple(p) for p in same.nonzero().tolist()]
+_KEY = "key-lock"
 
 
 class KeyLock:
     def __init__(self, pipe, to_k: list[nn.Module], replacements: Replacements):
         self.pipe, self.to_k, self.replacements = pipe, to_k, replacements
-        self._encodings: deque = deque(maxlen=8)  # (original, superclass) encodings of recent prompts
         self._context: tuple[torch.Tensor, torch.Tensor] | None = None  # (UNet context, K context)
-        self._busy = False
         self._handles: list = []
 
     def install(self) -> "KeyLock":
-        self._handles = [self.pipe.text_encoder.register_forward_hook(self._on_text, with_kwargs=True),
-                         self.pipe.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True)]
+        prompt_rows(self.pipe).subscribe(_KEY, self._superclass_encoding)
+        self._handles = [self.pipe.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True)]
         self._handles += [m.register_forward_pre_hook(self._on_key) for m in self.to_k]
         return self
 
@@ -52,41 +43,28 @@ class KeyLock:
         for handle in self._handles:
             handle.remove()
         self._handles, self._context = [], None
-        self._encodings.clear()
+        prompt_rows(self.pipe).unsubscribe(_KEY)
 
-    @torch.no_grad()
-    def _on_text(self, module, args, kwargs, output) -> None:
-        if self._busy:
-            return
-        ids = args[0] if args else kwargs.get("input_ids")
-        if ids is None:
-            return
-        hidden = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+    def _superclass_encoding(self, module, args, kwargs, ids, hidden) -> torch.Tensor:
+        """The prompt batch encoded again with every locked token id replaced by its superclass word's id."""
         swapped = ids.clone()
         for token_id, super_id in self.replacements().items():
             swapped[ids == token_id] = super_id
-        locked = hidden
-        if not torch.equal(swapped, ids):
-            self._busy = True
-            try:
-                again = module(swapped, *args[1:], **kwargs)
-            finally:
-                self._busy = False
-            locked = again[0] if isinstance(again, (tuple, list)) else again.last_hidden_state
-        self._encodings.append((hidden.detach(), locked.detach()))
+        if torch.equal(swapped, ids):
+            return hidden.detach()
+        again = module(swapped, *args[1:], **kwargs)
+        return (again[0] if isinstance(again, (tuple, list)) else again.last_hidden_state).detach()
 
     @torch.no_grad()
     def _on_unet(self, module, args, kwargs) -> None:
         context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
-        keys, matched = context.clone(), set()
-        for hidden, locked in self._encodings:
-            for r, j in rows_matching(context, hidden):
-                if r not in matched:
-                    keys[r] = locked[j].to(keys)
-                    matched.add(r)
+        matched = prompt_rows(self.pipe).match(context, need=_KEY)
         if not matched:
             raise BadInputError("global key-locking could not read the prompt's tokens: pass the prompt as text "
                                 "(not prompt_embeds, and without clip_skip) or use lock=local")
+        keys = context.clone()
+        for r, (encoded, j) in matched.items():
+            keys[r] = encoded.extras[_KEY][j].to(keys)
         self._context = (context, keys)
 
     def _on_key(self, module, args):

@@ -9,12 +9,11 @@ removed, the original tokenizer and embedding objects are put back.
 from __future__ import annotations
 
 import copy
-import weakref
 
 import torch
 from torch import nn
 
-_SITES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+from .state import pipeline_state, release
 
 
 class ExtendedEmbedding(nn.Module):
@@ -94,7 +93,10 @@ class TokenSite:
         if not self.entries:
             self.pipe.tokenizer = self.original_tokenizer
             te.set_input_embeddings(self.original_embedding)
-            _SITES.pop(self.pipe, None)
+            state = pipeline_state(self.pipe, create=False)
+            if state is not None and state.tokens is self:
+                state.tokens = None
+                release(self.pipe)
             return
         tokenizer = copy.deepcopy(self.original_tokenizer)
         extra, next_id = [], len(self.original_tokenizer)
@@ -111,14 +113,14 @@ class TokenSite:
 
 def token_site(pipe) -> TokenSite:
     """The pipeline's token site (created on first use)."""
-    site = _SITES.get(pipe)
-    if site is None:
-        site = TokenSite(pipe)
-        _SITES[pipe] = site
-    return site
+    state = pipeline_state(pipe)
+    if state.tokens is None:
+        state.tokens = TokenSite(pipe)
+    return state.tokens
 
 
 def base_tokenizer(pipe):
     """The pipeline's tokenizer without any attached tokens."""
-    site = _SITES.get(pipe)
+    state = pipeline_state(pipe, create=False)
+    site = state.tokens if state is not None else None
     return site.original_tokenizer if site is not None else pipe.tokenizer

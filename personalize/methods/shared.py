@@ -1,11 +1,11 @@
 """Small pieces several methods share: knob checks, token vectors, tensor-set checks."""
 from __future__ import annotations
 
-import weakref
 from typing import Iterable, Sequence
 
 import torch
 
+from ..edits.state import pipeline_state, release
 from ..edits.tokens import base_tokenizer
 from ..errors import BadInputError, ConceptFileError
 
@@ -83,29 +83,32 @@ def single_tokens(words: Sequence[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- methods that replace the base
-_REPLACED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pipe -> key of the concept that replaced its UNet
-
-
 def mark_replaced(pipe, key: str | None) -> None:
-    if key is None:
-        _REPLACED.pop(pipe, None)
-    else:
-        _REPLACED[pipe] = key
+    """Record (``key``) or clear (None) the concept that swapped the pipeline's UNet."""
+    state = pipeline_state(pipe, create=key is not None)
+    if state is not None:
+        state.replaced_by = key
+        release(pipe)
+
+
+def replaced_by(pipe) -> str | None:
+    state = pipeline_state(pipe, create=False)
+    return state.replaced_by if state is not None else None
 
 
 def has_attachments(pipe) -> bool:
     """Whether any concept (tokens, site occupants, a replaced UNet) is attached to ``pipe``."""
     from ..edits.sites import SiteWrapper
 
-    if pipe in _REPLACED or base_tokenizer(pipe) is not pipe.tokenizer:
+    if replaced_by(pipe) or base_tokenizer(pipe) is not pipe.tokenizer:
         return True
     return any(isinstance(m, SiteWrapper) for part in (pipe.unet, pipe.text_encoder) for m in part.modules())
 
 
 def check_composable(pipe, method_cls, count: int = 1) -> None:
     """Refuse to attach next to a concept that replaced the base, or such a concept next to anything."""
-    if pipe in _REPLACED:
-        raise BadInputError(f"a DreamBooth concept ({_REPLACED[pipe]}) is attached and replaces the UNet; "
+    if replaced_by(pipe):
+        raise BadInputError(f"a DreamBooth concept ({replaced_by(pipe)}) is attached and replaces the UNet; "
                             "DreamBooth concepts cannot be composed: detach it first")
     if not method_cls.composable and (count > 1 or has_attachments(pipe)):
         raise BadInputError(f"{method_cls.name} concepts replace the UNet and cannot be composed with other concepts; "
