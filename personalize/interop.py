@@ -88,18 +88,13 @@ def export_concept(concept: Concept | str | Path, out: str | Path, fmt: str | No
     ``base`` (a spec or a pipeline) is needed only by formats that store full weights (Custom Diffusion).
     """
     concept = concept if isinstance(concept, Concept) else load_concept(Path(concept))
-    if concept.method == "residuals":  # its exporter lives in personalize/export.py
-        from .export import export
-
-        return export(concept, out, fmt or "diffusers-lora")
     method_cls = method_registry.get(concept.method)
     formats = method_cls.export_formats
     if not formats:
         name = concept.path.name if concept.path is not None else concept.token
-        if concept.method == "dreambooth":
-            raise BadInputError(f"'{name}' is a dreambooth concept: the pipeline folder beside it already is a "
-                                "diffusers pipeline (StableDiffusionPipeline.from_pretrained), nothing to export")
-        exporting = ["residuals"] + [n for n in method_registry.names() if method_registry.get(n).export_formats]
+        if method_cls.no_export_reason:
+            raise BadInputError(f"'{name}' is a {concept.method} concept: {method_cls.no_export_reason}")
+        exporting = [n for n in method_registry.names() if method_registry.get(n).export_formats]
         raise BadInputError(f"'{name}' is a {concept.method} concept, which has no export format; "
                             f"these methods export: {', '.join(exporting)}")
     fmt = fmt or next(iter(formats))

@@ -9,7 +9,8 @@ import torch
 
 from personalize import attach, load_concept, train
 from personalize.concept import Concept
-from personalize.edits.sites import SiteWrapper, cross_attention_layers, site_occupant
+from personalize.edits.placement import cross_attention_layers
+from personalize.edits.sites import SiteWrapper, site_occupant
 from personalize.errors import BadInputError
 from personalize.methods.perfusion import PerfusionGroup, _key, rank1_edit
 
@@ -83,7 +84,7 @@ def test_two_perfusion_concepts_share_one_projection_and_each_target_maps_to_its
         groups = {id(site_occupant(tiny.unet, f"{n}.to_{p}", PerfusionGroup.KEY).group) for n in layers for p in "kv"}
         assert len(groups) == 1
         group = site_occupant(tiny.unet, f"{layers[0]}.to_v", PerfusionGroup.KEY).group
-        assert [c.token for c in group.concepts] == ["<cube>", "<disc>"]
+        assert [c.token for c in group.members] == ["<cube>", "<disc>"]
         assert group.projection(torch.float32, "cpu").basis.shape[1] == 2
         for concept in (first, second):
             i_star = concept.tensors["i_star"].view(1, 1, -1)

@@ -5,7 +5,8 @@ import torch
 
 from personalize import attach, load_concept
 from personalize.concept import Concept
-from personalize.edits.attention_maps import attention_maps, transformer_blocks
+from personalize.edits.attention_maps import attention_maps
+from personalize.edits.placement import transformer_blocks
 from personalize.edits.sites import SiteWrapper
 from personalize.errors import BadInputError
 from personalize.lag import exclusive_masks

@@ -192,9 +192,9 @@ def test_python_end_to_end(tiny, trained_residuals, tmp_path):
 # --------------------------------------------------------------------------- export
 def test_export_loads_into_a_stock_pipeline(tiny, trained_residuals, tmp_path):
     from personalize.base import load_base
-    from personalize.export import export
+    from personalize.interop import export_concept
 
-    folder = export(trained_residuals, tmp_path / "lora")
+    folder = export_concept(trained_residuals, tmp_path / "lora")
     assert {p.name for p in folder.iterdir()} == {"pytorch_lora_weights.safetensors", "token.safetensors",
                                                    "export.json"}
     with attach(tiny, trained_residuals):

@@ -30,24 +30,13 @@ from torch import nn
 
 from ..errors import BadInputError
 from ..transfer import to_device
+from .placement import block_cross_attentions, transformer_blocks
 from .prompt_rows import prompt_rows
 from .sites import occupy, vacate
 from .state import pipeline_state, release
 
 _KEY = "attention-maps"
 Columns = Callable[[list[int]], list[int]]  # token ids of one prompt -> the watcher's column indices
-
-
-def transformer_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, Transformer2DModel)`` for every transformer block of a diffusers UNet, in module order."""
-    from diffusers.models import Transformer2DModel
-
-    return [(n, m) for n, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
-
-
-def block_cross_attentions(block: nn.Module) -> list[nn.Module]:
-    """The cross-attention (``attn2``) of each inner transformer layer of a block."""
-    return [layer.attn2 for layer in block.transformer_blocks if getattr(layer, "attn2", None) is not None]
 
 
 @dataclass

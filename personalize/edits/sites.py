@@ -19,7 +19,7 @@ first. The stock LoRA's delta is then added to the output of our occupants.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -121,10 +121,18 @@ def site_occupant(root: nn.Module, name: str, key: str):
     return module._occupants.get(key) if isinstance(module, SiteWrapper) else None
 
 
-def cross_attention_layers(unet: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, attention)`` for every cross-attention module of a diffusers UNet, in module order."""
-    from diffusers.models.attention_processor import Attention
+def occupy_all(root: nn.Module, occupants: dict[str, Callable], key: str) -> None:
+    """Register each ``occupants[site name]`` under ``key``; on failure, undo the ones already placed."""
+    placed = []
+    try:
+        for name, occupant in occupants.items():
+            occupy(root, name, key, occupant)
+            placed.append(name)
+    except BaseException:
+        vacate_all(root, placed, key)
+        raise
 
-    for name, module in unet.named_modules():
-        if isinstance(module, Attention) and getattr(module, "is_cross_attention", False):
-            yield name, module
+
+def vacate_all(root: nn.Module, names, key: str) -> None:
+    for name in names:
+        vacate(root, name, key)

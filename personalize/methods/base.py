@@ -14,7 +14,7 @@ and batch size; explicit settings still win).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -24,8 +24,12 @@ from ..errors import BadInputError
 class Method:
     name: ClassVar[str]
     description: ClassVar[str]
-    sites: ClassVar[tuple[str, ...]]  # "tokens", "kv", "attention", "proj_out", "unet", "text_encoder"
+    #: the seams it edits: "tokens" and site kinds of ``edits/placement.py`` ("kv", "attention", "proj_out",
+    #: "text_attention"), or "unet" (the whole UNet swapped)
+    sites: ClassVar[tuple[str, ...]]
     Config: ClassVar[type]
+    #: the ``edits.groups.SiteGroup`` its concepts share (one occupant per site for all of them), if any
+    Group: ClassVar[type | None] = None
     #: knobs ``attach`` accepts, with their meaning (shown in --help and errors)
     knobs: ClassVar[dict[str, str]] = {}
     #: TrainConfig fields this method defaults differently (explicit settings win)
@@ -37,6 +41,8 @@ class Method:
     #: ``personalize export`` formats: name -> how a stock tool loads it (see ``personalize/interop.py``)
     export_formats: ClassVar[dict[str, str]] = {}
     export_needs_base: ClassVar[bool] = False
+    #: why a method without export formats needs none (shown instead of the list of exporting methods)
+    no_export_reason: ClassVar[str] = ""
 
     def __init__(self, pipe, token: str, superclass: str, config):
         self.pipe = pipe
@@ -44,6 +50,8 @@ class Method:
         self.superclass = superclass
         self.config = config
         self.installed = False
+        self.group = None  # the SiteGroup joined while installed
+        self._placed: list[tuple[str, list[str]]] = []  # (pipeline part, site names) of own occupants
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -139,8 +147,73 @@ class Method:
         return {}
 
     # -- the pipeline ------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        """The concept's name at every seam (token site entries, occupant keys)."""
+        return f"{self.name}:{self.token}"
+
+    def token_vectors(self) -> tuple[list[str], torch.Tensor]:
+        """The strings this concept adds at the token seam and their vectors (one row each)."""
+        return [self.token], self.embedding
+
+    def occupants(self) -> dict[str, dict[str, Callable]]:
+        """This concept's own occupants, ``{pipeline part: {site name: occupant}}`` (additive edits); the site
+        names come from ``edits.placement.site_names``."""
+        return {}
+
+    def new_group(self):
+        """A new instance of :attr:`Group` for this pipeline (the first concept of the method to attach)."""
+        return self.Group(self.pipe)
+
+    def on_install(self) -> None:
+        """After the seams are occupied (e.g. register with the attention-map capture)."""
+
+    def on_remove(self) -> None:
+        """Before the seams are vacated."""
+
     def install(self) -> None:
-        raise NotImplementedError
+        """Occupy the seams: tokens, own occupants, the group; all or nothing."""
+        from ..edits.groups import join, leave
+        from ..edits.sites import occupy_all, vacate_all
+        from ..edits.tokens import token_site
+
+        if self.installed:
+            return
+        tokens, vectors = self.token_vectors()
+        token_site(self.pipe).add(self.key, tokens, vectors)
+        try:
+            for part, occupants in self.occupants().items():
+                occupy_all(getattr(self.pipe, part), occupants, self.key)
+                self._placed.append((part, list(occupants)))
+            if self.Group is not None:
+                self.group = join(self.pipe, self.Group.KEY, self.new_group, self)
+            self.installed = True
+            self.on_install()
+        except BaseException:
+            self.installed = False
+            if self.group is not None:
+                leave(self.pipe, self.group, self)
+                self.group = None
+            for part, names in self._placed:
+                vacate_all(getattr(self.pipe, part), names, self.key)
+            self._placed = []
+            token_site(self.pipe).remove(self.key)
+            raise
 
     def remove(self) -> None:
-        raise NotImplementedError
+        """Vacate everything :meth:`install` occupied; the last concept out restores the original modules."""
+        from ..edits.groups import leave
+        from ..edits.sites import vacate_all
+        from ..edits.tokens import token_site
+
+        if not self.installed:
+            return
+        self.on_remove()
+        if self.group is not None:
+            leave(self.pipe, self.group, self)
+            self.group = None
+        for part, names in self._placed:
+            vacate_all(getattr(self.pipe, part), names, self.key)
+        self._placed = []
+        token_site(self.pipe).remove(self.key)
+        self.installed = False

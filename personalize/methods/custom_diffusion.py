@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..edits.deltas import WeightDelta, occupy_all, vacate_all
-from ..edits.sites import cross_attention_layers
-from ..edits.tokens import token_site
+from ..edits.deltas import WeightDelta
+from ..edits.placement import cross_attention_layers, site_names
 from ..errors import BadInputError
 from ..prior import PriorConfig
 from .base import Method
@@ -70,13 +69,10 @@ class CustomDiffusion(Method):
                                 "concepts; give one per concept, '+'-separated")
         device = pipe.unet.device
         self.embedding = nn.Parameter(torch.stack([word_vector(pipe, w) for w in inits[: len(self.tokens)]]).to(device))
-        self.layers = [name for name, _ in cross_attention_layers(pipe.unet)]
-        self.deltas: dict[str, nn.Parameter] = {}
-        for name in self.layers:
-            attn = pipe.unet.get_submodule(name)
-            for p in PATHWAYS:
-                weight = getattr(attn, f"to_{p}").weight
-                self.deltas[f"delta.{name}.to_{p}"] = nn.Parameter(torch.zeros(weight.shape, device=device))
+        self._sites = site_names(pipe.unet, "kv")  # <cross-attention>.to_k / .to_v
+        self.deltas: dict[str, nn.Parameter] = {
+            f"delta.{name}": nn.Parameter(torch.zeros(pipe.unet.get_submodule(name).weight.shape, device=device))
+            for name in self._sites}
 
     @classmethod
     def from_concept(cls, pipe, concept, **knobs) -> "CustomDiffusion":
@@ -128,26 +124,11 @@ class CustomDiffusion(Method):
     def key(self) -> str:
         return f"{self.name}:{'+'.join(self.tokens)}"
 
-    def _site_names(self) -> list[str]:
-        return [f"{layer}.to_{p}" for layer in self.layers for p in PATHWAYS]
+    def token_vectors(self) -> tuple[list[str], torch.Tensor]:
+        return self.tokens, self.embedding
 
-    def install(self) -> None:
-        if self.installed:
-            return
-        token_site(self.pipe).add(self.key, self.tokens, self.embedding)
-        try:
-            occupy_all(self.pipe.unet, {n: WeightDelta(self.deltas[f"delta.{n}"], detach_first=True)
-                                        for n in self._site_names()}, self.key)
-        except BaseException:
-            token_site(self.pipe).remove(self.key)
-            raise
-        self.installed = True
-
-    def remove(self) -> None:
-        if self.installed:
-            vacate_all(self.pipe.unet, self._site_names(), self.key)
-            token_site(self.pipe).remove(self.key)
-            self.installed = False
+    def occupants(self) -> dict[str, dict]:
+        return {"unet": {n: WeightDelta(self.deltas[f"delta.{n}"], detach_first=True) for n in self._sites}}
 
     # -- interop
     @classmethod
@@ -188,12 +169,12 @@ class CustomDiffusion(Method):
         """diffusers' ``pytorch_custom_diffusion_weights`` (full K/V weights -> deltas over this base) plus the
         modifier tokens' textual-inversion files (``embeddings``); ``superclass``: one for every concept, or one
         per token file, in order."""
-        from .textual_inversion import _ti_vectors
+        from .token_files import ti_vectors
 
         if not embeddings:
             raise BadInputError("pass the modifier token file(s) with --embeddings '<token>.safetensors' "
                                 "(written beside the Custom Diffusion weights)")
-        found = [_ti_vectors(e) for e in embeddings]
+        found = [ti_vectors(e) for e in embeddings]
         tokens = [name for name, _ in found]
         if token and len(tokens) == 1:
             tokens = [token]

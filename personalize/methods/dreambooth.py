@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from ..edits.tokens import token_site
 from ..errors import BadInputError, ConceptFileError
 from ..paths import inside
 from ..prior import PriorConfig, weights_digest
 from .base import Method
-from .shared import check_composable, check_knobs, cpu_float, load_into, mark_replaced, word_vector
+from .identifier import IdentifierToken
+from .shared import check_composable, check_knobs, cpu_float, load_into, mark_replaced
 
 
 @dataclass
@@ -45,36 +45,14 @@ class DreamBoothConfig(PriorConfig):
     identifier: str = "sks"  # one rare token of the base vocabulary; the concept token copies its embedding
 
 
-class IdentifierToken:
-    """The concept token as DreamBooth's identifier: a frozen copy of the ``identifier`` word's embedding."""
-
-    def _init_identifier(self) -> None:
-        vector = word_vector(self.pipe, self.config.identifier, single=True)
-        self.vector = vector.unsqueeze(0).to(self.pipe.text_encoder.device)
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}:{self.token}"
-
-    def placeholder(self) -> str:
-        return f"{self.token} {self.superclass}"
-
-    def templates(self) -> tuple[str, ...]:
-        return ("a photo of a {}",)  # the reference's instance prompt "a photo of [V] [class]"
-
-    @classmethod
-    def export_notes(cls, concept, fmt: str) -> dict[str, Any]:
-        word = concept.config.get("identifier", "sks")
-        return {"prompt": f"a photo of a {word} {concept.superclass}",
-                "note": f"write '{word}' where personalize prompts use '{concept.token}'"}
-
-
 class DreamBooth(IdentifierToken, Method):
     name = "dreambooth"
     description = "Full UNet fine-tune with prior preservation (Ruiz et al. 2023); a new base (3.4 GB UNet), not composable"
     sites = ("tokens", "unet", "text_encoder")
     Config = DreamBoothConfig
     composable = False
+    no_export_reason = ("the pipeline folder beside it already is a diffusers pipeline "
+                        "(StableDiffusionPipeline.from_pretrained), nothing to export")
     train_defaults = {"steps": 800, "batch_size": 1, "checkpoint_every": 200}
 
     def __init__(self, pipe, token, superclass, config: DreamBoothConfig, unet=None, text_encoder=None):
@@ -159,6 +137,7 @@ class DreamBooth(IdentifierToken, Method):
 
     # -- the pipeline
     def install(self) -> None:
+        """Swap the trained UNet (and text encoder) in, then add the identifier token (``Method.install``)."""
         if self.installed:
             return
         check_composable(self.pipe, type(self))
@@ -167,18 +146,22 @@ class DreamBooth(IdentifierToken, Method):
         if self.text_encoder is not None:
             self.replaced["text_encoder"] = self.pipe.text_encoder
             self.pipe.text_encoder = self.text_encoder
-        token_site(self.pipe).add(self.key, [self.token], self.vector)
+        try:
+            super().install()
+        except BaseException:
+            self._put_back()
+            raise
         mark_replaced(self.pipe, self.key)
-        self.installed = True
 
     def remove(self) -> None:
-        if not self.installed:
-            return
-        token_site(self.pipe).remove(self.key)
+        if self.installed:
+            super().remove()
+            self._put_back()
+            mark_replaced(self.pipe, None)
+
+    def _put_back(self) -> None:
         for name, module in self.replaced.items():
             setattr(self.pipe, name, module)
-        mark_replaced(self.pipe, None)
-        self.installed = False
 
 
 def pipeline_dir(out: str | Path) -> Path:

@@ -6,7 +6,7 @@
     out      W x + scale * dW x                      (``scale`` knob at attach time, default 1)
 
 The LoRA layers are peft's, built on stand-ins that share the frozen weights
-(``ResidualBank``), so the UNet's modules and ``state_dict`` stay the base's;
+(``edits/lora_bank.py``), so the UNet's modules and ``state_dict`` stay the base's;
 one additive occupant per site adds the delta. The concept token is the
 DreamBooth identifier (a frozen copy of "sks"). Tensor names are the diffusers
 LoRA layout (``unet.<module>.lora_A.weight`` ...), which is also the export.
@@ -24,16 +24,15 @@ from typing import Any
 
 import torch
 
-from ..edits.deltas import ADDITIVE_ORDER, linear_sites, occupy_all, vacate_all
-from ..edits.tokens import token_site
+from ..edits.deltas import ADDITIVE_ORDER
+from ..edits.lora_bank import ADAPTER, LoraBank
+from ..edits.placement import site_names
 from ..errors import BadInputError
 from ..prior import PriorConfig
 from .base import Method
-from .dreambooth import IdentifierToken
+from .identifier import IdentifierToken
 from .shared import check_knobs, load_into
 
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
 PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # our tensor prefix -> kohya's
@@ -54,12 +53,9 @@ class DreamBoothLoraConfig(PriorConfig):
 
 def lora_sites(pipe, train_text_encoder: bool) -> dict[str, list[str]]:
     """``{"unet": [...], "text_encoder": [...]}``: the Linear layers LoRA goes on, in module order."""
-    from diffusers.models.attention_processor import Attention
-
-    sites = {"unet": linear_sites(pipe.unet, UNET_TARGETS, lambda m: isinstance(m, Attention))}
+    sites = {"unet": site_names(pipe.unet, "attention")}
     if train_text_encoder:
-        sites["text_encoder"] = linear_sites(pipe.text_encoder, TE_TARGETS,
-                                             lambda m: type(m).__name__.endswith("Attention"))
+        sites["text_encoder"] = site_names(pipe.text_encoder, "text_attention")
     return sites
 
 
@@ -67,16 +63,14 @@ class _Bank:
     """peft LoRA layers for one pipeline part; tensor names carry the part as prefix (``unet.``/``text_encoder.``)."""
 
     def __init__(self, part: str, module, ranks: dict[str, int]):
-        from .residuals import ResidualBank
 
         self.part = part
         with torch.random.fork_rng(devices=[]):  # the same initial A in every run
             torch.manual_seed(0)
-            self.bank = ResidualBank(module, ranks)
+            self.bank = LoraBank(module, ranks)
 
     def state(self) -> dict[str, torch.nn.Parameter]:
         """The live LoRA parameters by tensor name (peft's state-dict names with the part as prefix)."""
-        from .residuals import ADAPTER
 
         return {f"{self.part}.{name}.{ab}.weight": getattr(layer, ab)[ADAPTER].weight
                 for name, layer in self.bank.layers.items() for ab in ("lora_A", "lora_B")}
@@ -138,10 +132,8 @@ class DreamBoothLora(IdentifierToken, Method):
     @staticmethod
     def concept_shapes(unet, rank: int = 4) -> dict[str, tuple[int, ...]]:
         """Names and shapes of a UNet-only concept's tensors for ``unet`` (works on the meta device)."""
-        from diffusers.models.attention_processor import Attention
-
         shapes: dict[str, tuple[int, ...]] = {}
-        for name in linear_sites(unet, UNET_TARGETS, lambda m: isinstance(m, Attention)):
+        for name in site_names(unet, "attention"):
             layer = unet.get_submodule(name)
             shapes[f"unet.{name}.lora_A.weight"] = (rank, layer.in_features)
             shapes[f"unet.{name}.lora_B.weight"] = (layer.out_features, rank)
@@ -165,21 +157,8 @@ class DreamBoothLora(IdentifierToken, Method):
         load_into(self._params(), tensors, self.name)
 
     # -- the pipeline
-    def install(self) -> None:
-        if self.installed:
-            return
-        token_site(self.pipe).add(self.key, [self.token], self.vector)
-        for part, bank in self.banks.items():
-            occupy_all(getattr(self.pipe, part), {n: _LoraSite(self, bank, n) for n in bank.bank.layers}, self.key)
-        self.installed = True
-
-    def remove(self) -> None:
-        if not self.installed:
-            return
-        for part, bank in self.banks.items():
-            vacate_all(getattr(self.pipe, part), list(bank.bank.layers), self.key)
-        token_site(self.pipe).remove(self.key)
-        self.installed = False
+    def occupants(self) -> dict[str, dict]:
+        return {part: {n: _LoraSite(self, bank, n) for n in bank.bank.layers} for part, bank in self.banks.items()}
 
     # -- interop
     @classmethod

@@ -122,10 +122,10 @@ def _check_layers(part: str, module, names: list[str], pairs: dict) -> None:
 
 def _scales(module, names: list[str], config, ranks: dict[str, int]) -> dict[str, float]:
     """Each layer's LoRA scale as peft sets it from ``config`` (on stand-ins, so ``module`` is not touched)."""
-    from .residuals import ADAPTER, ResidualBank
+    from ..edits.lora_bank import ADAPTER, LoraBank
 
     with torch.random.fork_rng(devices=[]):  # peft initialises the stand-ins' LoRA weights
-        bank = ResidualBank(module, ranks, config)
+        bank = LoraBank(module, ranks, config)
     found = {n: (getattr(bank.layers[n], "r", {}).get(ADAPTER), getattr(bank.layers[n], "scaling", {}).get(ADAPTER))
              for n in names}
     wrong = sorted(n for n, (r, _) in found.items() if r != ranks[n])

@@ -30,8 +30,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..edits.sites import cross_attention_layers, occupy, site_occupant, vacate
+from ..edits.groups import SiteGroup
 from ..edits.key_lock import KeyLock
+from ..edits.placement import cross_attention_layers, site_names
 from ..edits.tokens import base_tokenizer, token_site
 from ..errors import BadInputError, ConceptFileError
 from ..templates import NEUTRAL_TEMPLATES, word_position
@@ -134,38 +135,40 @@ def rank1_edit(
 
 
 # ----------------------------------------------------------------------------- the edit in the UNet
-class PerfusionGroup:
+class PerfusionGroup(SiteGroup):
     """All Perfusion concepts attached to one UNet; they share one projection (Eq. 4).
 
-    Concepts are kept sorted by token, so the projection (and so the output) does not depend on attach order.
-    While any concept is globally key-locked, the group holds the pipeline's :class:`KeyLock`.
+    Members are kept sorted by token (``edits/groups.py``), so the projection (and so the output) does not
+    depend on attach order. While any concept is globally key-locked, the group holds the pipeline's
+    :class:`KeyLock`.
     """
 
     KEY = "perfusion"
+    KIND = "kv"
 
-    def __init__(self, C_inv: torch.Tensor):
+    def __init__(self, pipe, C_inv: torch.Tensor):
+        super().__init__(pipe)
         self.C_inv = C_inv.double()
-        self.concepts: list["Perfusion"] = []
         self._cache: tuple | None = None
         self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (C^-1, its Cholesky U)
         self._gate: tuple | None = None
         self.key_lock: KeyLock | None = None
 
-    def add(self, concept: "Perfusion") -> None:
-        self.concepts = sorted([*self.concepts, concept], key=lambda c: c.token)
-        self.sync_lock(concept)
+    def occupant(self, site: str) -> "PerfusionSite":
+        layer, _, proj = site.rpartition(".")
+        return PerfusionSite(self, layer, proj[-1])
 
-    def discard(self, concept: "Perfusion") -> None:
-        self.concepts.remove(concept)
-        self.sync_lock(concept)
+    def admit(self, concept: "Perfusion") -> None:
+        if not torch.allclose(self.C_inv, concept.C_inv.double().to(self.C_inv.device), rtol=1e-5, atol=0):
+            raise ConceptFileError("Perfusion concepts attached together must share the same covariance C")
 
-    def sync_lock(self, concept: "Perfusion") -> None:
+    def changed(self) -> None:
         """Install the key lock with the first globally locked concept, remove it with the last."""
-        wanted = any(c.global_lock for c in self.concepts)
+        wanted = any(c.global_lock for c in self.members)
         if wanted and self.key_lock is None:
-            unet = concept.pipe.unet
-            to_k = [unet.get_submodule(f"{layer}.to_k") for layer in concept.layers]
-            self.key_lock = KeyLock(concept.pipe, to_k, self.lock_replacements).install()
+            unet = self.pipe.unet
+            to_k = [unet.get_submodule(f"{layer}.to_k") for layer in site_names(unet, "cross_attention")]
+            self.key_lock = KeyLock(self.pipe, to_k, self.lock_replacements).install()
         elif not wanted and self.key_lock is not None:
             self.key_lock.remove()
             self.key_lock = None
@@ -175,7 +178,7 @@ class PerfusionGroup:
         from ..templates import single_token_id
 
         out = {}
-        for c in self.concepts:
+        for c in self.members:
             if c.global_lock:
                 (token_id,) = token_site(c.pipe).ids(c.key)
                 out[token_id] = single_token_id(base_tokenizer(c.pipe), c.superclass)
@@ -186,9 +189,9 @@ class PerfusionGroup:
         live (no copy to the host and back); C^-1's Cholesky factor is computed once per device."""
         if torch.compiler.is_compiling() and self._cache is not None:  # traced: no cache logic (it would
             return self._cache[1]  # recompile every step); refreshed eagerly by Perfusion.on_text_encoded
-        key = (tuple((id(c), c.i_star_version) for c in self.concepts), dtype, device)
+        key = (tuple((id(c), c.i_star_version) for c in self.members), dtype, device)
         if self._cache is None or self._cache[0] != key:
-            i_stars = torch.stack([c.i_star.detach().double() for c in self.concepts])
+            i_stars = torch.stack([c.i_star.detach().double() for c in self.members])
             where = str(i_stars.device)
             if where not in self._factors:
                 C_inv = self.C_inv.to(i_stars.device)
@@ -201,8 +204,8 @@ class PerfusionGroup:
         """The concepts' gate (betas, taus), rebuilt only when a knob changed."""
         if torch.compiler.is_compiling() and self._gate is not None:
             return self._gate[1]  # refreshed eagerly, like the projection
-        beta = tuple(c.beta for c in self.concepts)
-        tau = tuple(0.1 if c.tau is None else c.tau for c in self.concepts)
+        beta = tuple(c.beta for c in self.members)
+        tau = tuple(0.1 if c.tau is None else c.tau for c in self.members)
         key = (beta, tau, dtype, device)
         if self._gate is None or self._gate[0] != key:
             self._gate = (key, None if all(b is None for b in beta) else Gate.of(list(beta), list(tau), dtype, device))
@@ -237,7 +240,7 @@ class PerfusionSite:
     def _targets(self, dtype) -> torch.Tensor:
         """The concepts' o* stacked (J, d_out); kept between calls unless autograd needs a fresh graph or
         a tensor changed (an optimizer step or an in-place load bumps its version)."""
-        tensors = [c.target_output(self.layer, self.pathway) for c in self.group.concepts]
+        tensors = [c.target_output(self.layer, self.pathway) for c in self.group.members]
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return torch.stack(tensors).to(dtype)
         key = (tuple((id(t), t._version) for t in tensors), dtype)
@@ -268,6 +271,7 @@ class Perfusion(Method):
     description = "Key-locked gated rank-1 edits of cross-attention K/V (~56 KB per concept)"
     sites = ("tokens", "kv")
     Config = PerfusionConfig
+    Group = PerfusionGroup
     knobs = {"beta": "gate threshold; higher = weaker concept, better text alignment", "tau": "gate temperature",
              "gate": "on (default) or off: off applies the ungated edit of Eq. 2 (an ablation)",
              "lock": "local (default) or global: K reads the prompt with the concept word replaced by its superclass"}
@@ -278,7 +282,7 @@ class Perfusion(Method):
         if config.lock not in ("local", "trained"):
             raise BadInputError(f"unknown lock '{config.lock}'; use 'local' or 'trained'")
         self.C_inv = C_inv
-        self.layers = [name for name, _ in cross_attention_layers(pipe.unet)]
+        self.layers = site_names(pipe.unet, "cross_attention")
         device = pipe.unet.device
         self.e_super = superclass_encoding(pipe, superclass)
         self.embedding = nn.Parameter(superclass_embedding(pipe, superclass).unsqueeze(0))
@@ -443,41 +447,8 @@ class Perfusion(Method):
     def target_output(self, layer: str, pathway: str) -> torch.Tensor:
         return (self.o_k if pathway == "k" else self.o_v)[_key(layer)]
 
-    @property
-    def key(self) -> str:
-        return f"perfusion:{self.token}"
-
-    def install(self) -> None:
-        if self.installed:
-            return
-        site = token_site(self.pipe)
-        site.add(self.key, [self.token], self.embedding)
-        unet = self.pipe.unet
-        first = site_occupant(unet, f"{self.layers[0]}.to_k", PerfusionGroup.KEY)
-        if first is None:
-            group = PerfusionGroup(self.C_inv)
-            for layer in self.layers:
-                for pathway in ("k", "v"):
-                    occupy(unet, f"{layer}.to_{pathway}", PerfusionGroup.KEY, PerfusionSite(group, layer, pathway))
-        else:
-            group = first.group
-            if not torch.allclose(group.C_inv, self.C_inv.double(), rtol=1e-5, atol=0):
-                site.remove(self.key)
-                raise ConceptFileError("Perfusion concepts attached together must share the same covariance C")
-        self.group = group
-        group.add(self)
-        self.installed = True
-
-    def remove(self) -> None:
-        if not self.installed:
-            return
-        self.group.discard(self)
-        if not self.group.concepts:
-            for layer in self.layers:
-                for pathway in ("k", "v"):
-                    vacate(self.pipe.unet, f"{layer}.to_{pathway}", PerfusionGroup.KEY)
-        token_site(self.pipe).remove(self.key)
-        self.installed = False
+    def new_group(self) -> PerfusionGroup:
+        return PerfusionGroup(self.pipe, self.C_inv)
 
 
 def _key(layer: str) -> str:

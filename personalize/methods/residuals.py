@@ -19,134 +19,54 @@ of the UNet's ``proj_out`` layers (stand-ins sharing the frozen weights), so
 the UNet's modules, ``state_dict`` and ``requires_grad`` flags are never
 touched; one :class:`ResidualSite` per ``proj_out`` adds every attached
 concept's masked delta. Concept tensors are peft's state dict with a
-``unet.`` prefix: the diffusers LoRA layout (``personalize/export.py``).
+``unet.`` prefix: the diffusers LoRA layout, which is also the export.
 """
 from __future__ import annotations
 
-import collections
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..edits.attention_maps import attention_maps, transformer_blocks
-from ..edits.sites import occupy, site_occupant, vacate
+from ..edits.attention_maps import attention_maps
+from ..edits.groups import SiteGroup
+from ..edits.lora_bank import PREFIX, LoraBank, lora_config
+from ..edits.placement import site_names
 from ..edits.tokens import base_tokenizer, token_site
 from ..errors import BadInputError, ConceptFileError
 from .base import Method
-from .shared import check_knobs
+from .shared import check_knobs, word_vector
 
-ADAPTER = "residual"
-PREFIX = "unet."
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight name
+TOKEN_FILE = "token.safetensors"
 
 
 # ----------------------------------------------------------------------------- the LoRA layers
 def layer_ranks(unet: nn.Module, rank_fraction: float = 0.05, rank: int = 0) -> dict[str, int]:
     """``{proj_out name: r_i}`` for every transformer block: ``rank`` if > 0, else round(fraction * m_i), >= 1."""
     ranks = {}
-    for name, block in transformer_blocks(unet):
-        m = block.proj_out.weight.shape[0]
+    for name in site_names(unet, "proj_out"):
+        m = unet.get_submodule(name).weight.shape[0]
         r = rank if rank > 0 else max(1, round(rank_fraction * m))
-        ranks[f"{name}.proj_out"] = min(r, m)
+        ranks[name] = min(r, m)
     if not ranks:
         raise BadInputError("this UNet has no transformer blocks with a proj_out; residuals need an SD-style UNet")
     return ranks
 
 
-def _stand_in(layer: nn.Module) -> nn.Module:
-    """A frozen copy of ``layer``'s shape whose weight shares storage with it (no memory, no side effects)."""
-    if isinstance(layer, nn.Conv2d):
-        stand_in = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                             layer.padding, layer.dilation, layer.groups, bias=False, device="meta")
-    elif isinstance(layer, nn.Linear):
-        stand_in = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
-    else:
-        raise BadInputError(f"a {type(layer).__name__} layer; LoRA layers go on Conv2d and Linear layers only")
-    stand_in.weight = nn.Parameter(layer.weight.detach(), requires_grad=False)
-    return stand_in
-
-
-def lora_config(ranks: dict[str, int]):
-    """The peft LoraConfig for ``ranks`` (alpha = rank everywhere, i.e. scale 1; no dropout, no bias)."""
-    from peft import LoraConfig
-
-    common = collections.Counter(ranks.values()).most_common(1)[0][0]
-    return LoraConfig(r=common, lora_alpha=common, target_modules=sorted(ranks), rank_pattern=dict(ranks),
-                      alpha_pattern=dict(ranks), lora_dropout=0.0, bias="none")
-
-
-class ResidualBank:
-    """peft LoRA layers for the layers in ``ranks`` (``proj_out`` here; any Linear/Conv2d for DreamBooth-LoRA), kept
-    outside the model; ``config`` (default: :func:`lora_config`, scale 1) is the peft ``LoraConfig`` to inject."""
-
-    def __init__(self, unet: nn.Module, ranks: dict[str, int], config=None):
-        from peft import inject_adapter_in_model
-
-        from ..edits.sites import inner_layer
-
-        self.ranks = dict(ranks)
-        self.root = nn.Module()
-        for name in self.ranks:
-            parent = self.root
-            *path, leaf = name.split(".")
-            for part in path:
-                if not hasattr(parent, part):
-                    parent.add_module(part, nn.Module())
-                parent = getattr(parent, part)
-            parent.add_module(leaf, _stand_in(inner_layer(unet.get_submodule(name))))
-        self.config = config if config is not None else lora_config(self.ranks)
-        inject_adapter_in_model(self.config, self.root, adapter_name=ADAPTER)
-        self.layers = {name: self.root.get_submodule(name) for name in self.ranks}
-        for p in self.parameters():  # trainables stay fp32 whatever the base's dtype
-            p.data = p.data.float()
-
-    def parameters(self) -> list[nn.Parameter]:
-        pairs = [(layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]) for layer in self.layers.values()]
-        return [p for pair in pairs for module in pair for p in module.parameters()]
-
-    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """dW_i x for the ``proj_out`` called ``name`` (same layout as x; computed in fp32)."""
-        layer = self.layers[name]
-        a, b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
-        return b(a(x.to(a.weight.dtype))) * layer.scaling[ADAPTER]
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        from peft import get_peft_model_state_dict
-
-        tensors = get_peft_model_state_dict(self.root, adapter_name=ADAPTER)
-        return {PREFIX + k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        from peft import set_peft_model_state_dict
-
-        expected = set(self.state_dict())
-        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        if missing or extra:
-            raise ConceptFileError(f"residual tensors do not match this base's proj_out layers "
-                                   f"(missing {missing[:2]}, unexpected {extra[:2]}); use the base it was trained on")
-        device = self.parameters()[0].device
-        state = {k[len(PREFIX):]: v.to(device, torch.float32) for k, v in tensors.items()}
-        with torch.no_grad():
-            set_peft_model_state_dict(self.root, state, adapter_name=ADAPTER)
-
-    @staticmethod
-    def ranks_in(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
-        """The per-layer ranks stored in a concept's tensors."""
-        suffix = ".lora_A.weight"
-        return {k[len(PREFIX):-len(suffix)]: v.shape[0] for k, v in tensors.items()
-                if k.startswith(PREFIX) and k.endswith(suffix)}
-
-
 # ----------------------------------------------------------------------------- the proj_out site
-class ResidualGroup:
-    """All residual concepts attached to one UNet."""
+class ResidualGroup(SiteGroup):
+    """All residual concepts attached to one UNet: one :class:`ResidualSite` per ``proj_out``."""
 
     KEY = "residuals"
+    KIND = "proj_out"
 
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.concepts: list["Residuals"] = []
+    def occupant(self, site: str) -> "ResidualSite":
+        return ResidualSite(self, site[: -len(".proj_out")])
 
 
 class ResidualSite:
@@ -160,7 +80,7 @@ class ResidualSite:
     def __call__(self, wrapper: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         from ..lag import block_masks
 
-        concepts = sorted(self.group.concepts, key=lambda c: c.token)  # attach order never matters
+        concepts = self.group.members  # sorted by token: attach order never matters
         lagged = [c.key for c in concepts if c.lag]
         masks = block_masks(self.group.pipe, self.block, lagged, x) if lagged else {}
         for c in concepts:
@@ -186,8 +106,13 @@ class Residuals(Method):
     description = "Low-rank residuals on every transformer proj_out, optional LAG sampling (~5 MB per SD 1.5 concept)"
     sites = ("tokens", "proj_out")
     Config = ResidualsConfig
+    Group = ResidualGroup
     knobs = {"lag": "localized attention-guided sampling: apply the residuals only where the concept is attended"}
     train_defaults = {"steps": 150, "batch_size": 4}
+    export_formats = {
+        "diffusers-lora": f"{LORA_FILE} + {TOKEN_FILE}: pipe.load_lora_weights(DIR); "
+                          f"pipe.load_textual_inversion(DIR/'{TOKEN_FILE}') (the residuals without LAG)",
+    }
 
     @classmethod
     def make_config(cls, overrides=None) -> ResidualsConfig:
@@ -207,8 +132,8 @@ class Residuals(Method):
         ranks = ranks or layer_ranks(unet, config.rank_fraction, config.rank)
         with torch.random.fork_rng(devices=[]):  # the same initial A_i in every run
             torch.manual_seed(0)
-            self.bank = ResidualBank(unet, ranks)
-        vector = rare_token_embedding(pipe, config.init_token).to(unet.device)
+            self.bank = LoraBank(unet, ranks)
+        vector = word_vector(pipe, config.init_token, single=True, what="init_token").to(unet.device)
         self.embedding = nn.Parameter(vector.unsqueeze(0), requires_grad=config.train_token)
         self.lag = False
 
@@ -217,7 +142,7 @@ class Residuals(Method):
     def from_concept(cls, pipe, concept, **knobs) -> "Residuals":
         check_knobs(cls, knobs)
         config = cls.make_config(concept.config)
-        ranks = ResidualBank.ranks_in(concept.tensors)
+        ranks = LoraBank.ranks_in(concept.tensors)
         expected = set(layer_ranks(pipe.unet))
         if set(ranks) != expected:
             raise ConceptFileError("concept's residual layers do not match this base's proj_out layers; "
@@ -260,13 +185,10 @@ class Residuals(Method):
     @staticmethod
     def trainable_count(unet, rank_fraction: float = 0.05, rank: int = 0) -> int:
         """Trainable residual parameters for ``unet`` (works on the meta device)."""
-        bank = ResidualBank(unet, layer_ranks(unet, rank_fraction, rank))
+        bank = LoraBank(unet, layer_ranks(unet, rank_fraction, rank))
         return sum(p.numel() for p in bank.parameters())
 
     # -- the pipeline
-    @property
-    def key(self) -> str:
-        return f"residuals:{self.token}"
 
     def lag_columns(self, ids: list[int]) -> list[int]:
         """Positions of V* in a prompt's token ids, each with the macro-class word right after it."""
@@ -279,43 +201,34 @@ class Residuals(Method):
                     cols.append(p + 1)
         return cols
 
-    def install(self) -> None:
-        if self.installed:
-            return
-        token_site(self.pipe).add(self.key, [self.token], self.embedding)
-        unet = self.pipe.unet
-        blocks = [name for name, _ in transformer_blocks(unet)]
-        first = site_occupant(unet, f"{blocks[0]}.proj_out", ResidualGroup.KEY)
-        if first is None:
-            group = ResidualGroup(self.pipe)
-            for block in blocks:
-                occupy(unet, f"{block}.proj_out", ResidualGroup.KEY, ResidualSite(group, block))
-        else:
-            group = first.group
-        group.concepts.append(self)
-        self.group = group
+    def on_install(self) -> None:
         if self.lag:
             attention_maps(self.pipe).watch(self.key, self.lag_columns)
-        self.installed = True
 
-    def remove(self) -> None:
-        if not self.installed:
-            return
+    def on_remove(self) -> None:
         if self.lag:
             attention_maps(self.pipe).unwatch(self.key)
-        self.group.concepts.remove(self)
-        if not self.group.concepts:
-            for block, _ in transformer_blocks(self.pipe.unet):
-                vacate(self.pipe.unet, f"{block}.proj_out", ResidualGroup.KEY)
-        token_site(self.pipe).remove(self.key)
-        self.installed = False
 
 
-@torch.no_grad()
-def rare_token_embedding(pipe, word: str) -> torch.Tensor:
-    """The input embedding of ``word``, which must be one token of the base tokenizer."""
-    ids = base_tokenizer(pipe)(word, add_special_tokens=False).input_ids
-    if len(ids) != 1:
-        raise BadInputError(f"init_token '{word}' is {len(ids)} tokens; pick a single rarely used token such as 'httr'")
-    table = pipe.text_encoder.get_input_embeddings()
-    return table.weight[ids[0]].detach().float().clone()
+    # -- interop
+    @classmethod
+    def export(cls, concept, fmt: str, folder: Path, pipe=None) -> list[Path]:
+        """diffusers' LoRA layout (the concept's own tensor names ``unet.<block>.proj_out.lora_A.weight``, the peft
+        LoraConfig under ``lora_adapter_metadata``: per-layer rank, alpha = rank) and V* as a textual inversion."""
+        from ..interop import save_safetensors
+        from ..paths import inside
+
+        config = lora_config(LoraBank.ranks_in(concept.tensors)).to_dict()
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        meta = {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in config.items()}, sort_keys=True,
+                                                    default=str)}
+        lora = {k: v for k, v in concept.tensors.items() if k.startswith(PREFIX)}
+        return [save_safetensors(inside(folder, LORA_FILE), lora, meta),
+                save_safetensors(inside(folder, TOKEN_FILE), {concept.token: concept.tensors["embedding"]})]
+
+    @classmethod
+    def export_notes(cls, concept, fmt: str) -> dict[str, Any]:
+        return {"prompt": f"a photo of a {concept.token} {concept.superclass}",
+                "token_trained": bool(concept.config.get("train_token", False)),
+                "init_token": concept.config.get("init_token"),
+                "base_fingerprint": concept.header.get("base_fingerprint", {}).get("digest")}

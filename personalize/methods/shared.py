@@ -28,13 +28,15 @@ def vector_tokens(token: str, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def word_vector(pipe, word: str, single: bool = False) -> torch.Tensor:
-    """The base input embedding of ``word``: its row, or the mean of its pieces' rows (``single``: one token only)."""
+def word_vector(pipe, word: str, single: bool = False, what: str = "") -> torch.Tensor:
+    """The base input embedding of ``word``: its row, or the mean of its pieces' rows (``single``: one token only;
+    ``what`` names the setting in the error)."""
     ids = base_tokenizer(pipe)(word, add_special_tokens=False).input_ids
     if not ids:
         raise BadInputError(f"'{word}' has no tokens; give a word such as 'sks' or the superclass")
     if single and len(ids) != 1:
-        raise BadInputError(f"'{word}' is {len(ids)} tokens in this base's tokenizer; pick a single-token word such as 'sks'")
+        raise BadInputError(f"{what + ' ' if what else ''}'{word}' is {len(ids)} tokens in this base's tokenizer; "
+                            "pick a single-token, rarely used word such as 'sks' or 'httr'")
     table = pipe.text_encoder.get_input_embeddings()
     table = getattr(table, "base_layer", table)
     return table.weight[ids].detach().float().mean(0).clone()

@@ -18,10 +18,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..edits.tokens import token_site
 from ..errors import BadInputError
 from .base import Method
 from .shared import check_knobs, cpu_float, load_into, vector_tokens, word_vector
+from .token_files import ti_vectors
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
 
@@ -83,19 +83,8 @@ class TextualInversion(Method):
         load_into({"embedding": self.embedding}, tensors, self.name)
 
     # -- the pipeline
-    @property
-    def key(self) -> str:
-        return f"{self.name}:{self.token}"
-
-    def install(self) -> None:
-        if not self.installed:
-            token_site(self.pipe).add(self.key, self.tokens, self.embedding)
-            self.installed = True
-
-    def remove(self) -> None:
-        if self.installed:
-            token_site(self.pipe).remove(self.key)
-            self.installed = False
+    def token_vectors(self) -> tuple[list[str], torch.Tensor]:
+        return self.tokens, self.embedding
 
     # -- interop
     @classmethod
@@ -114,26 +103,10 @@ class TextualInversion(Method):
     def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str, embeddings=None,
                      metadata=None) -> dict[str, Any]:
         """``{token: (n, d)}`` (diffusers), ``string_to_param`` (A1111 .pt) or ``emb_params`` (A1111 safetensors)."""
-        name, vectors = _ti_vectors(state)
+        name, vectors = ti_vectors(state)
         vectors = torch.atleast_2d(vectors).float()
         return {"token": token or name, "superclass": superclass, "tensors": {"embedding": vectors},
                 "config": {"num_vectors": vectors.shape[0]}}
-
-
-def _ti_vectors(state: dict) -> tuple[str | None, torch.Tensor]:
-    """(token name or None, vectors) from any of the textual-inversion layouts."""
-    if "string_to_param" in state:
-        params = state["string_to_param"]
-        if not isinstance(params, dict) or "*" not in params:
-            raise BadInputError("A1111 embedding has no string_to_param['*']; is it a textual-inversion file?")
-        return state.get("name"), params["*"]
-    if "emb_params" in state:
-        return None, state["emb_params"]
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if len(tensors) != 1:
-        raise BadInputError(f"not a textual-inversion file: expected one token -> vectors entry, found {len(tensors)} "
-                            f"tensors ({', '.join(list(tensors)[:3])})")
-    return next(iter(tensors.items()))
 
 
 def _save_a1111(path: Path, token: str, vectors: torch.Tensor) -> None:

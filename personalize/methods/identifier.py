@@ -1,0 +1,33 @@
+"""DreamBooth's identifier token, shared by DreamBooth and DreamBooth-LoRA: the concept token is a *frozen* copy
+of a rare word's embedding (``identifier``, default "sks"), so "a photo of a <tok> dog" here is "a photo of a
+sks dog" in any stock pipeline holding the same weights."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .shared import word_vector
+
+
+class IdentifierToken:
+    """The concept token as DreamBooth's identifier: a frozen copy of the ``identifier`` word's embedding."""
+
+    def _init_identifier(self) -> None:
+        vector = word_vector(self.pipe, self.config.identifier, single=True)
+        self.vector = vector.unsqueeze(0).to(self.pipe.text_encoder.device)
+
+    def token_vectors(self) -> tuple[list[str], torch.Tensor]:
+        return [self.token], self.vector
+
+    def placeholder(self) -> str:
+        return f"{self.token} {self.superclass}"
+
+    def templates(self) -> tuple[str, ...]:
+        return ("a photo of a {}",)  # the reference's instance prompt "a photo of [V] [class]"
+
+    @classmethod
+    def export_notes(cls, concept, fmt: str) -> dict[str, Any]:
+        word = concept.config.get("identifier", "sks")
+        return {"prompt": f"a photo of a {word} {concept.superclass}",
+                "note": f"write '{word}' where personalize prompts use '{concept.token}'"}
