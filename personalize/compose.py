@@ -25,10 +25,8 @@ from . import methods as method_registry
 from .concept import Concept, check_base, load_concept
 from .errors import BadInputError
 from .methods.shared import check_composable
-from .settings import check_knobs
+from .knobs import parse as parse_knobs
 from .templates import check_token
-
-_TRUE, _FALSE = ("true", "on", "1", "yes"), ("false", "off", "0", "no", "none")
 
 
 class Attachment:
@@ -41,6 +39,18 @@ class Attachment:
     @property
     def tokens(self) -> list[str]:
         return [m.token for m in self.methods]
+
+    def set(self, **knobs: Any) -> "Attachment":
+        """Change inference knobs in place, e.g. ``handle.set(beta=0.6)`` or ``handle.set(lag=False)``: each knob
+        goes to every attached concept whose method takes it (a lone concept gets all, and refuses what it
+        does not take). Every value is checked before anything changes; nothing is rebuilt (Perfusion keeps
+        its C^-1 and projection, only the gate changes)."""
+        plan = _assign(self.methods, knobs, lambda m: type(m), lambda m: m.token)
+        for method, values in plan:
+            parse_knobs(type(method), values, f"{method.token}: ")
+        for method, values in plan:
+            method.set_knobs(f"{method.token}: ", **values)
+        return self
 
     def detach(self) -> None:
         for m in reversed(self.methods):
@@ -101,15 +111,6 @@ def check_lag(concept: Concept, method_cls) -> None:
         )
 
 
-def _flag(value, what: str) -> bool:
-    if isinstance(value, bool) or value is None:
-        return bool(value)
-    text = str(value).lower()
-    if text not in _TRUE + _FALSE:
-        raise BadInputError(f"{what}={value!r}: use {what}=1 or {what}=0")
-    return text in _TRUE
-
-
 def _split(item) -> tuple[Any, dict]:
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict):
         return item[0], dict(item[1])
@@ -132,16 +133,30 @@ def _part(item) -> Part:
     return Part(concept, method_registry.get(concept.method), knobs)
 
 
-def _share(parts: list[Part], shared: dict[str, Any]) -> None:
-    """Give each shared knob to every concept that takes it (a lone concept gets all, and refuses what it must)."""
-    for key, value in shared.items():
-        takers = [p for p in parts if len(parts) == 1 or key in p.method_cls.knobs]
+def _assign(items: list, knobs: dict[str, Any], cls_of, name_of) -> list[tuple[Any, dict]]:
+    """``[(item, {knob: value})]``: each knob for every item whose method takes it (a lone item gets all, and
+    refuses what it must); a knob no item takes is refused."""
+    out: list[tuple[Any, dict]] = [(item, {}) for item in items]
+    for key, value in knobs.items():
+        takers = [values for item, values in out if len(items) == 1 or key in cls_of(item).knobs]
         if not takers:
             if key == "lag":
-                check_lag(parts[0].concept, parts[0].method_cls)
-            raise BadInputError(f"no concept here takes {key} (methods: {', '.join(sorted({p.concept.method for p in parts}))})")
-        for p in takers:
-            p.knobs.setdefault(key, value)
+                raise BadInputError(f"--lag needs a concept with personalized residuals, but none of "
+                                    f"{', '.join(map(name_of, items))} has residuals; drop --lag")
+            methods = ", ".join(sorted({cls_of(item).name for item in items}))
+            raise BadInputError(f"no concept here takes {key} (methods: {methods})")
+        for values in takers:
+            values[key] = value
+    return out
+
+
+def _share(parts: list[Part], shared: dict[str, Any]) -> None:
+    """Give each shared knob to every concept that takes it; an item's own knobs win."""
+    if len(parts) == 1 and "lag" in shared:
+        check_lag(parts[0].concept, parts[0].method_cls)
+    for part, values in _assign(parts, shared, lambda p: p.method_cls, lambda p: p.name):
+        for key, value in values.items():
+            part.knobs.setdefault(key, value)
 
 
 def _check_together(parts: list[Part]) -> None:
@@ -175,15 +190,12 @@ def prepare(concepts, **shared: Any) -> list[Part]:
     parts = [_part(item) for item in _items(concepts)]
     if not parts:
         raise BadInputError("no concept given; pass at least one concept file")
-    _share(parts, {k: v for k, v in shared.items() if v is not None and v is not False})
+    # ``lag=False`` is attach()'s default, not a request; any other given knob (gate=False too) is one
+    _share(parts, {k: v for k, v in shared.items() if v is not None and not (k == "lag" and v is False)})
     for p in parts:
-        p.knobs = check_knobs(p.knobs, f"--concept {p.name}:")
-        if "lag" in p.knobs:
-            if _flag(p.knobs["lag"], "lag"):
-                check_lag(p.concept, p.method_cls)
-                p.knobs["lag"] = True
-            else:
-                del p.knobs["lag"]
+        if "lag" in p.knobs and "lag" not in p.method_cls.knobs:
+            check_lag(p.concept, p.method_cls)
+        p.knobs = parse_knobs(p.method_cls, p.knobs, f"--concept {p.name}:")
     _check_together(parts)
     return parts
 

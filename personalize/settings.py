@@ -1,8 +1,9 @@
 """Setting values checked before any work starts: each coerced to its declared type, finite, and in range.
 
 One mechanism for every number or flag a user can give: ``--set KEY=VALUE`` and ``--config`` YAML (trainer
-and method settings, checked against the dataclass field's annotated type), inference knobs
-(``--concept FILE:beta=0.6``) and the CLI's own numeric options (``--guidance``, ``--beta`` ...). The ranges
+and method settings, checked against the dataclass field's annotated type) and the CLI's own numeric
+options (``--guidance``, ``--beta`` ...). Inference knobs (``--concept FILE:beta=0.6``) are typed per method
+in ``personalize/knobs.py``, which uses :func:`coerce` for their values. The ranges
 depend on the name only (:func:`bound`), so a new setting called ``lr_something`` or ``steps`` is checked
 without any code here.
 """
@@ -24,8 +25,6 @@ NON_NEGATIVE = frozenset({"checkpoint_every", "preview_every", "num_class_images
 #: in [0, 1]
 UNIT = frozenset({"flip_p", "ema"})
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed's limit
-#: inference knobs that are numbers (any finite value unless their name has a range above)
-NUMERIC_KNOBS = frozenset({"beta", "tau", "scale"})
 
 _TRUE, _FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
 
@@ -112,12 +111,6 @@ def coerce(name: str, value, annotation, label: str | None = None):
     if isinstance(number, int) and not isinstance(number, bool):
         number = float(number)
     return check_number(name, number, label)
-
-
-def check_knobs(knobs: dict[str, Any], where: str) -> dict[str, Any]:
-    """Inference knobs with the numeric ones (:data:`NUMERIC_KNOBS`) coerced to finite, in-range floats."""
-    return {key: coerce(key, value, float, f"{where}{key}") if key in NUMERIC_KNOBS and value is not None else value
-            for key, value in knobs.items()}
 
 
 def check_options(**values) -> None:

@@ -34,7 +34,8 @@ from typing import Any, Optional
 
 from .. import methods as method_registry
 from ..errors import BadInputError
-from ..settings import check_knobs, coerce
+from ..knobs import parse as parse_knobs
+from ..settings import coerce
 
 TOP_KEYS = {"name", "base", "device", "evaluator", "concepts", "prompts", "max_prompts", "leakage_prompts",
             "seeds", "samples_per_prompt", "sampler", "methods"}
@@ -167,7 +168,7 @@ def _method(entry, i: int) -> MethodSpec:
         if not isinstance(values, list) or not values:
             raise BadInputError(f"{where}.sweep.{knob} must be a non-empty list of values, e.g. [0.6, 0.7]")
         for value in values:
-            check_knobs({knob: value}, f"{where}.sweep.")
+            parse_knobs(cls, {knob: value}, f"{where}.sweep.")
     label = entry.get("label", cls.name)
     if not isinstance(label, str) or not label.replace("-", "").replace("_", "").isalnum() or label == "base":
         raise BadInputError(f"{where}: label {label!r} must be letters, digits, '-' or '_' (and not 'base')")

@@ -47,13 +47,18 @@ class Worker:
             self._attached = None
 
     def _attach(self, concept_file: Path, setting: dict) -> None:
+        """The concept attached with ``setting``; a sweep over one concept attaches it once and changes its
+        knobs in place (``Attachment.set``; knobs of the previous setting that this one lacks go back to
+        their defaults)."""
         from ..compose import attach
 
-        key = (str(concept_file), tuple(sorted(setting.items())))
-        if self._attached is not None and self._attached[0] == key:
-            return
-        self.detach()
-        self._attached = (key, attach(self.pipe, concept_file, **setting))
+        if self._attached is not None and self._attached[0][0] == str(concept_file):
+            previous = dict(self._attached[0][1])
+            handle = self._attached[1].set(**{**{k: None for k in previous if k not in setting}, **setting})
+        else:
+            self.detach()
+            handle = attach(self.pipe, concept_file, **setting)
+        self._attached = ((str(concept_file), tuple(sorted(setting.items()))), handle)
 
     def encoders(self):
         if self._encoders is None:

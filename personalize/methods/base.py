@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from ..errors import BadInputError
+from ..knobs import NoKnobs, describe, parse
 
 
 class Method:
@@ -30,7 +31,9 @@ class Method:
     Config: ClassVar[type]
     #: the ``edits.groups.SiteGroup`` its concepts share (one occupant per site for all of them), if any
     Group: ClassVar[type | None] = None
-    #: knobs ``attach`` accepts, with their meaning (shown in --help and errors)
+    #: the inference knobs ``attach`` / ``handle.set`` accept, a dataclass of ``knobs.knob`` fields
+    Knobs: ClassVar[type] = NoKnobs
+    #: ``{knob: help}``, derived from :attr:`Knobs` (shown in --help, ``personalize methods`` and errors)
     knobs: ClassVar[dict[str, str]] = {}
     #: TrainConfig fields this method defaults differently (explicit settings win)
     train_defaults: ClassVar[dict[str, Any]] = {}
@@ -44,6 +47,10 @@ class Method:
     #: why a method without export formats needs none (shown instead of the list of exporting methods)
     no_export_reason: ClassVar[str] = ""
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.knobs = describe(cls.Knobs)
+
     def __init__(self, pipe, token: str, superclass: str, config):
         self.pipe = pipe
         self.token = token
@@ -51,6 +58,8 @@ class Method:
         self.config = config
         self.installed = False
         self.group = None  # the SiteGroup joined while installed
+        self.knob_values = self.Knobs()  # the inference knobs in effect (``set_knobs``)
+        self.concept_defaults: dict[str, Any] = {}  # the concept header's inference_defaults
         self._placed: list[tuple[str, list[str]]] = []  # (pipeline part, site names) of own occupants
 
     # -- construction -------------------------------------------------------------
@@ -78,7 +87,21 @@ class Method:
 
     @classmethod
     def from_concept(cls, pipe, concept, **knobs) -> "Method":
-        raise NotImplementedError
+        """The concept's edits, installed, with inference ``knobs`` (checked before anything is built)."""
+        parse(cls, knobs)
+        method = cls.rebuild(pipe, concept)
+        method.concept_defaults = dict(concept.inference_defaults)
+        method.set_knobs(**knobs)
+        method.install()
+        return method
+
+    @classmethod
+    def rebuild(cls, pipe, concept) -> "Method":
+        """The method's state rebuilt from a concept file, not installed (methods whose files need more
+        than token, superclass, config and tensors override this)."""
+        method = cls(pipe, concept.token, concept.superclass, cls.make_config(concept.config))
+        method.load_state_tensors(concept.tensors)
+        return method
 
     @classmethod
     def for_import(cls, pipe, found: dict, config) -> "Method":
@@ -131,6 +154,23 @@ class Method:
 
     def inference_defaults(self) -> dict[str, Any]:
         return {}
+
+    def training_knobs(self) -> dict[str, Any]:
+        """The knobs under which attaching reproduces the pipeline as it was during training (Perfusion: the
+        training gate); the method contract test uses them."""
+        return {}
+
+    # -- inference knobs ---------------------------------------------------------------
+    def set_knobs(self, where: str = "", **values: Any) -> None:
+        """Change inference knobs in place (installed or not): parsed and range-checked by ``knobs.parse``,
+        then applied by :meth:`knobs_changed`; nothing changes if any value is refused."""
+        parsed = parse(type(self), values, where)
+        old = self.knob_values
+        self.knob_values = dataclasses.replace(old, **parsed)
+        self.knobs_changed(old)
+
+    def knobs_changed(self, old) -> None:
+        """Apply ``self.knob_values`` (``old``: the values before)."""
 
     def header_fields(self) -> dict[str, Any]:
         """Extra top-level header entries the method needs at attach time."""

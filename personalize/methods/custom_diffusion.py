@@ -30,7 +30,7 @@ from ..edits.placement import cross_attention_layers, site_names
 from ..errors import BadInputError
 from ..prior import PriorConfig
 from .base import Method
-from .shared import as_list, check_knobs, cpu_float, load_into, single_tokens, word_vector, words_of
+from .shared import as_list, cpu_float, load_into, single_tokens, word_vector, words_of
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
 PATHWAYS = ("k", "v")
@@ -75,13 +75,11 @@ class CustomDiffusion(Method):
             for name in self._sites}
 
     @classmethod
-    def from_concept(cls, pipe, concept, **knobs) -> "CustomDiffusion":
-        check_knobs(cls, knobs)
+    def rebuild(cls, pipe, concept) -> "CustomDiffusion":
         tokens = concept.header.get("tokens", [concept.token])
         superclasses = concept.header.get("superclasses", [concept.superclass])
         method = cls(pipe, tokens, superclasses, cls.make_config(concept.config))
         method.load_state_tensors(concept.tensors)
-        method.install()
         return method
 
     @staticmethod

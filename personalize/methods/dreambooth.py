@@ -30,7 +30,7 @@ from ..paths import inside
 from ..prior import PriorConfig, weights_digest
 from .base import Method
 from .identifier import IdentifierToken
-from .shared import check_composable, check_knobs, cpu_float, load_into, mark_replaced
+from .shared import check_composable, cpu_float, load_into, mark_replaced
 
 
 @dataclass
@@ -74,8 +74,7 @@ class DreamBooth(IdentifierToken, Method):
         return method
 
     @classmethod
-    def from_concept(cls, pipe, concept, **knobs) -> "DreamBooth":
-        check_knobs(cls, knobs)
+    def rebuild(cls, pipe, concept) -> "DreamBooth":
         config = cls.make_config(concept.config)
         folder = pipeline_folder(concept)
         dtype, device = pipe.unet.dtype, pipe.unet.device
@@ -86,9 +85,7 @@ class DreamBooth(IdentifierToken, Method):
         if _digest(unet, te) != concept.header.get("pipeline_digest"):
             raise ConceptFileError(f"the pipeline folder '{folder}' is not the one this concept file was written with; "
                                    "re-train, or copy the file and its folder together")
-        method = cls(pipe, concept.token, concept.superclass, config, unet=unet, text_encoder=te)
-        method.install()
-        return method
+        return cls(pipe, concept.token, concept.superclass, config, unet=unet, text_encoder=te)
 
     # -- training
     def _trainable(self) -> dict[str, torch.nn.Parameter]:

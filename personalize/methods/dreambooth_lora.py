@@ -28,10 +28,11 @@ from ..edits.deltas import ADDITIVE_ORDER
 from ..edits.lora_bank import ADAPTER, LoraBank
 from ..edits.placement import site_names
 from ..errors import BadInputError
+from ..knobs import knob
 from ..prior import PriorConfig
 from .base import Method
 from .identifier import IdentifierToken
-from .shared import check_knobs, load_into
+from .shared import load_into
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -49,6 +50,11 @@ class DreamBoothLoraConfig(PriorConfig):
     weight_decay: float = 0.01
     train_text_encoder: bool = False  # LoRA on the text encoder's attention too (same lr)
     identifier: str = "sks"
+
+
+@dataclass
+class DreamBoothLoraKnobs:
+    scale: float = knob(1.0, "LoRA strength: 0 = the base model, 1 = as trained (default)", low=-10, high=10)
 
 
 def lora_sites(pipe, train_text_encoder: bool) -> dict[str, list[str]]:
@@ -91,7 +97,7 @@ class DreamBoothLora(IdentifierToken, Method):
     description = "DreamBooth with peft LoRA (r=4) on every UNet attention projection; ~3 MB per SD 1.5 concept"
     sites = ("tokens", "attention", "text_encoder")
     Config = DreamBoothLoraConfig
-    knobs = {"scale": "LoRA strength: 0 = base model, 1 = as trained (default)"}
+    Knobs = DreamBoothLoraKnobs
     train_defaults = {"steps": 500, "batch_size": 1}
     export_formats = {
         "diffusers-lora": f"{LORA_FILE}: pipe.load_lora_weights(DIR)",
@@ -121,13 +127,13 @@ class DreamBoothLora(IdentifierToken, Method):
         return method
 
     @classmethod
-    def from_concept(cls, pipe, concept, **knobs) -> "DreamBoothLora":
-        check_knobs(cls, knobs)
+    def rebuild(cls, pipe, concept) -> "DreamBoothLora":
         method = cls(pipe, concept.token, concept.superclass, cls.make_config(concept.config), ranks_in(concept.tensors))
         method.load_state_tensors(concept.tensors)
-        method.scale = float(knobs.get("scale", 1.0))
-        method.install()
         return method
+
+    def knobs_changed(self, old) -> None:
+        self.scale = self.knob_values.scale
 
     @staticmethod
     def concept_shapes(unet, rank: int = 4) -> dict[str, tuple[int, ...]]:

@@ -35,9 +35,9 @@ from ..edits.key_lock import KeyLock
 from ..edits.placement import cross_attention_layers, site_names
 from ..edits.tokens import base_tokenizer, token_site
 from ..errors import BadInputError, ConceptFileError
+from ..knobs import knob
 from ..templates import NEUTRAL_TEMPLATES, word_position
 from .base import Method
-from .shared import check_knobs
 
 _Scalar = float | Sequence[float] | torch.Tensor | None
 
@@ -266,15 +266,23 @@ class PerfusionConfig:
     ema: float = 0.99
 
 
+@dataclass
+class PerfusionKnobs:
+    beta: float | None = knob(None, "gate threshold; higher = weaker concept, better text alignment (s = 1 at the "
+                                    "concept; default: the concept's beta, or beta_global with lock=global)")
+    tau: float | None = knob(None, "gate temperature (default: the concept's tau)", low=0, low_open=True)
+    gate: bool = knob(True, "on (default) or off: off applies the ungated edit of Eq. 2 (an ablation)")
+    lock: str = knob("local", "local (default) or global: K reads the prompt with the concept word replaced by its "
+                              "superclass", choices=("local", "global"))
+
+
 class Perfusion(Method):
     name = "perfusion"
     description = "Key-locked gated rank-1 edits of cross-attention K/V (~56 KB per concept)"
     sites = ("tokens", "kv")
     Config = PerfusionConfig
     Group = PerfusionGroup
-    knobs = {"beta": "gate threshold; higher = weaker concept, better text alignment", "tau": "gate temperature",
-             "gate": "on (default) or off: off applies the ungated edit of Eq. 2 (an ablation)",
-             "lock": "local (default) or global: K reads the prompt with the concept word replaced by its superclass"}
+    Knobs = PerfusionKnobs
 
     def __init__(self, pipe, token, superclass, config: PerfusionConfig, C_inv: torch.Tensor):
         super().__init__(pipe, token, superclass, config)
@@ -329,37 +337,25 @@ class Perfusion(Method):
         return method
 
     @classmethod
-    def from_concept(cls, pipe, concept, **knobs) -> "Perfusion":
-        from ..covariance import covariance_for, inverse
-
-        check_knobs(cls, knobs)
+    def rebuild(cls, pipe, concept) -> "Perfusion":
         corpus = concept.header.get("covariance", "builtin")
-        C = covariance_for(pipe, corpus)
-        if C is None:
-            raise ConceptFileError(
-                f"concept was trained with a custom caption corpus ({corpus}); "
-                "run 'personalize covariance --base … --captions FILE' with the same captions first"
-            )
-        config = cls.make_config(concept.config)
-        method = cls(pipe, concept.token, concept.superclass, config, inverse(C))
+        method = cls(pipe, concept.token, concept.superclass, cls.make_config(concept.config), _inverse_for(pipe, corpus))
         method.corpus = corpus
         method.load_state_tensors(concept.tensors)
-        defaults = concept.inference_defaults
-        lock = str(knobs.get("lock", "local")).lower()
-        if lock not in ("local", "global"):
-            raise BadInputError(f"lock={knobs['lock']!r}: use lock=local or lock=global")
-        method.global_lock = lock == "global"
-        default_beta = defaults.get("beta_global", config.beta_global) if method.global_lock else defaults.get("beta", config.beta)
-        method.beta = knobs.get("beta", default_beta)
-        method.tau = knobs.get("tau", defaults.get("tau", config.tau))
-        gate = knobs.get("gate", True)
-        if str(gate).lower() not in ("true", "on", "1", "false", "off", "0"):
-            raise BadInputError(f"gate={gate!r}: use gate=on or gate=off")
-        if str(gate).lower() in ("false", "off", "0"):
-            method.beta = None
-        method.install()
         return method
 
+    def training_knobs(self) -> dict[str, Any]:
+        return {"beta": self.config.beta_train, "tau": self.config.tau_train}
+
+    def knobs_changed(self, old) -> None:
+        """beta, tau, gate and lock, also while attached (the group rebuilds its gate and key lock)."""
+        k, defaults, config = self.knob_values, self.concept_defaults, self.config
+        self.global_lock = k.lock == "global"
+        default_beta = defaults.get("beta_global", config.beta_global) if self.global_lock else defaults.get("beta", config.beta)
+        self.beta = None if not k.gate else (default_beta if k.beta is None else k.beta)
+        self.tau = defaults.get("tau", config.tau) if k.tau is None else k.tau
+        if self.installed and self.group is not None:
+            self.group.changed()
 
     @staticmethod
     def concept_shapes(unet, text_dim: int, lock: str = "local") -> dict[str, tuple[int, ...]]:
@@ -449,6 +445,24 @@ class Perfusion(Method):
 
     def new_group(self) -> PerfusionGroup:
         return PerfusionGroup(self.pipe, self.C_inv)
+
+
+def _inverse_for(pipe, corpus: str) -> torch.Tensor:
+    """C^-1 of the caption corpus ``corpus`` on this base, computed once per pipeline while anything is attached
+    (every concept of a composition, and every ``handle.set``, reuses it)."""
+    from ..covariance import covariance_for, inverse
+    from ..edits.state import pipeline_state
+
+    cache = pipeline_state(pipe).cache
+    if ("C_inv", corpus) not in cache:
+        C = covariance_for(pipe, corpus)
+        if C is None:
+            raise ConceptFileError(
+                f"concept was trained with a custom caption corpus ({corpus}); "
+                "run 'personalize covariance --base … --captions FILE' with the same captions first"
+            )
+        cache[("C_inv", corpus)] = inverse(C)
+    return cache[("C_inv", corpus)]
 
 
 def _key(layer: str) -> str:

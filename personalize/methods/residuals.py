@@ -37,8 +37,9 @@ from ..edits.lora_bank import PREFIX, LoraBank, lora_config
 from ..edits.placement import site_names
 from ..edits.tokens import base_tokenizer, token_site
 from ..errors import BadInputError, ConceptFileError
+from ..knobs import knob
 from .base import Method
-from .shared import check_knobs, word_vector
+from .shared import word_vector
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight name
@@ -101,13 +102,19 @@ class ResidualsConfig:
     init_token: str = "httr"  # a late BPE merge, i.e. a rarely used token; V* starts at its embedding
 
 
+@dataclass
+class ResidualsKnobs:
+    lag: bool | None = knob(None, "localized attention-guided sampling: apply the residuals only where the concept "
+                                  "is attended (default: off)")
+
+
 class Residuals(Method):
     name = "residuals"
     description = "Low-rank residuals on every transformer proj_out, optional LAG sampling (~5 MB per SD 1.5 concept)"
     sites = ("tokens", "proj_out")
     Config = ResidualsConfig
     Group = ResidualGroup
-    knobs = {"lag": "localized attention-guided sampling: apply the residuals only where the concept is attended"}
+    Knobs = ResidualsKnobs
     train_defaults = {"steps": 150, "batch_size": 4}
     export_formats = {
         "diffusers-lora": f"{LORA_FILE} + {TOKEN_FILE}: pipe.load_lora_weights(DIR); "
@@ -139,8 +146,7 @@ class Residuals(Method):
 
     # -- construction
     @classmethod
-    def from_concept(cls, pipe, concept, **knobs) -> "Residuals":
-        check_knobs(cls, knobs)
+    def rebuild(cls, pipe, concept) -> "Residuals":
         config = cls.make_config(concept.config)
         ranks = LoraBank.ranks_in(concept.tensors)
         expected = set(layer_ranks(pipe.unet))
@@ -149,9 +155,18 @@ class Residuals(Method):
                                    "use the base it was trained on")
         method = cls(pipe, concept.token, concept.superclass, config, ranks)
         method.load_state_tensors(concept.tensors)
-        method.lag = bool(knobs.get("lag", concept.inference_defaults.get("lag", False)))
-        method.install()
         return method
+
+    def knobs_changed(self, old) -> None:
+        """``lag`` on or off, also while attached (the attention-map capture starts or stops watching)."""
+        lag = self.knob_values.lag
+        lag = bool(self.concept_defaults.get("lag", False)) if lag is None else lag
+        if lag != self.lag and self.installed:
+            if lag:
+                attention_maps(self.pipe).watch(self.key, self.lag_columns)
+            else:
+                attention_maps(self.pipe).unwatch(self.key)
+        self.lag = lag
 
     # -- training hooks
     def placeholder(self) -> str:

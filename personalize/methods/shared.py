@@ -10,14 +10,6 @@ from ..edits.tokens import base_tokenizer
 from ..errors import BadInputError, ConceptFileError
 
 
-def check_knobs(method_cls, knobs: dict) -> None:
-    """Refuse inference knobs the method does not take."""
-    unknown = sorted(set(knobs) - set(method_cls.knobs))
-    if unknown:
-        takes = f"it takes {', '.join(method_cls.knobs)}" if method_cls.knobs else "it takes none"
-        raise BadInputError(f"{method_cls.name} does not take {', '.join(unknown)}; {takes}")
-
-
 def as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import BadInputError
 from .base import Method
-from .shared import check_knobs, cpu_float, load_into, vector_tokens, word_vector
+from .shared import cpu_float, load_into, vector_tokens, word_vector
 from .token_files import ti_vectors
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
@@ -59,14 +59,6 @@ class TextualInversion(Method):
         self.tokens = vector_tokens(token, config.num_vectors)
         init = word_vector(pipe, config.init_word or superclass)
         self.embedding = nn.Parameter(init.repeat(config.num_vectors, 1).to(pipe.text_encoder.device))
-
-    @classmethod
-    def from_concept(cls, pipe, concept, **knobs) -> "TextualInversion":
-        check_knobs(cls, knobs)
-        method = cls(pipe, concept.token, concept.superclass, cls.make_config(concept.config))
-        method.load_state_tensors(concept.tensors)
-        method.install()
-        return method
 
     # -- training
     def placeholder(self) -> str:

@@ -1,0 +1,163 @@
+"""The contract every registered method keeps, checked for each name in ``methods.names()``: a new method gets
+these tests without writing them.
+
+- attach -> detach restores the pipeline bit for bit (modules, weights, tokenizer, output);
+- save -> load -> attach reproduces the image of the trained pipeline (with the method's training knobs);
+- attach order does not change a composition (or, for a method that replaces the base, composing is refused);
+- every knob: a bad value is refused in one line naming the knob, before anything is attached;
+- every knob: ``handle.set(knob=v)`` on an attached concept equals attaching with ``knob=v``.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from personalize import attach, load_concept, methods, train
+from personalize.edits.state import pipeline_state
+from personalize.errors import BadInputError
+from personalize.knobs import specs
+
+NAMES = methods.names()
+PROMPT = "a photo of a {} ball on the grass"
+SETTINGS = {"steps": 2, "batch_size": 1, "checkpoint_every": 0}
+EXTRA = {"dreambooth": {"prior_loss_weight": 0.0}, "custom-diffusion": {"prior_loss_weight": 0.0}}
+
+
+def image(pipe, tokens=("<disc>",)):
+    prompt = PROMPT.format(" and a ".join(tokens))
+    return pipe(prompt, num_inference_steps=2, guidance_scale=6.0, output_type="np",
+                generator=torch.Generator().manual_seed(5)).images
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, _tiny_master):
+    """Each method trained two steps; with the image its live pipeline rendered at the last step."""
+    from conftest import make_photos
+
+    root = tmp_path_factory.mktemp("contract")
+    photos = make_photos(root / "photos", n=2)
+    found = {}
+    for name in NAMES:
+        seen = {}
+
+        def render(step, loss, method, seen=seen):
+            if step == SETTINGS["steps"]:
+                with torch.no_grad():
+                    seen["image"] = image(method.pipe)
+                seen["knobs"] = method.training_knobs()
+
+        path = train(copy.deepcopy(_tiny_master), photos, token="<disc>", superclass="ball",
+                     out=root / f"{name}.safetensors", method=name, settings={**SETTINGS, **EXTRA.get(name, {})},
+                     callbacks=[render], progress=False)
+        found[name] = (path, seen["image"], seen["knobs"])
+    return found
+
+
+def snapshot(pipe):
+    """Everything attaching may touch: module objects, tensors, tokenizer and embedding objects."""
+    parts = (pipe.unet, pipe.text_encoder)
+    return ([id(m) for part in parts for m in part.modules()],
+            {f"{i}.{k}": v.clone() for i, part in enumerate(parts) for k, v in part.state_dict().items()},
+            id(pipe.tokenizer), id(pipe.text_encoder.get_input_embeddings()), len(pipe.tokenizer))
+
+
+def valid_value(spec):
+    """A valid value of a knob that differs from its default."""
+    if spec.kind is bool:
+        return not spec.default if spec.default is not None else True
+    if spec.kind is str:
+        return next(c for c in spec.choices if c != spec.default)
+    if spec.low is not None and spec.high is not None:
+        return (spec.low + spec.high) / 3
+    return (spec.low or 0) + 0.3
+
+
+def bad_values(spec):
+    if spec.kind is bool:
+        return ["maybe"]
+    if spec.kind is str:
+        return ["bogus"]
+    out = ["abc", float("nan"), float("inf")]
+    if spec.low is not None:
+        out.append(spec.low - 1)
+    if spec.high is not None:
+        out.append(spec.high + 1)
+    return out
+
+
+KNOBS = [(name, knob) for name in NAMES for knob in specs(methods.get(name).Knobs)]
+
+
+def test_every_method_is_covered():
+    assert {"perfusion", "residuals", "textual-inversion", "dreambooth", "dreambooth-lora",
+            "custom-diffusion"} <= set(NAMES)
+    assert {k for _, k in KNOBS} >= {"beta", "tau", "gate", "lock", "lag", "scale"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_attach_then_detach_restores_the_pipeline_bit_for_bit(name, trained, tiny):
+    path, _, _ = trained[name]
+    before, base_image = snapshot(tiny), image(tiny)
+    with attach(tiny, path):
+        assert not np.array_equal(image(tiny), base_image), "the concept changed nothing"
+    after = snapshot(tiny)
+    assert after[0] == before[0] and after[2:] == before[2:]
+    assert after[1].keys() == before[1].keys() and all(torch.equal(after[1][k], v) for k, v in before[1].items())
+    assert np.array_equal(image(tiny), base_image)
+    assert pipeline_state(tiny, create=False) is None  # nothing of ours is left on the pipeline
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_load_attach_reproduces_the_trained_pipeline(name, trained, tiny):
+    path, trained_image, knobs = trained[name]
+    with attach(tiny, load_concept(path), **knobs):
+        np.testing.assert_allclose(image(tiny), trained_image, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_attach_order_does_not_change_a_composition(name, trained, tiny):
+    partners = [m for m in ("textual-inversion", "residuals", "perfusion") if m != name][:2]
+    items = [trained[name][0]] + [(trained[m][0], {"token": f"<p{i}>"}) for i, m in enumerate(partners)]
+    tokens = ("<disc>", "<p0>", "<p1>")
+    if not methods.get(name).composable:
+        with pytest.raises(BadInputError, match="cannot be composed") as err:
+            attach(tiny, items)
+        assert "\n" not in str(err.value) and pipeline_state(tiny, create=False) is None
+        return
+    outputs = []
+    for order in (items, items[::-1], [items[1], items[0], items[2]]):
+        with attach(tiny, order):
+            outputs.append(image(tiny, tokens))
+    assert all(np.array_equal(outputs[0], o) for o in outputs[1:])
+
+
+@pytest.mark.parametrize("name,knob", KNOBS)
+def test_a_bad_knob_value_is_refused_in_one_line(name, knob, trained, tiny):
+    spec = specs(methods.get(name).Knobs)[knob]
+    for bad in bad_values(spec):
+        with pytest.raises(BadInputError) as err:
+            attach(tiny, trained[name][0], **{knob: bad})
+        message = str(err.value)
+        assert knob in message and "\n" not in message, message
+        assert pipeline_state(tiny, create=False) is None  # refused before anything was attached
+    with attach(tiny, trained[name][0]) as handle, pytest.raises(BadInputError, match=knob):
+        handle.set(**{knob: bad_values(spec)[0]})
+
+
+@pytest.mark.parametrize("name,knob", KNOBS)
+def test_set_in_place_equals_attaching_with_the_knob(name, knob, trained, tiny):
+    path = trained[name][0]
+    value = valid_value(specs(methods.get(name).Knobs)[knob])
+    with attach(tiny, path, **{knob: value}):
+        fresh = image(tiny)
+    with attach(tiny, path) as handle:
+        default = image(tiny)
+        handle.set(**{knob: value})
+        changed = image(tiny)
+        handle.set(**{knob: None})
+        back = image(tiny)
+    assert np.array_equal(changed, fresh)
+    assert np.array_equal(back, default)
