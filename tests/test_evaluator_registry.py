@@ -112,3 +112,19 @@ def test_unknown_backend_in_a_spec_lists_the_registered_ones(tmp_path, fake_back
     assert len(message.splitlines()) == 1
     assert "did you mean 'toyworld'" in message and "clip, toyworld, fake" in message, message
     assert parse_spec({**spec, "evaluator": {"backend": "fake"}}, tmp_path).evaluator == {"backend": "fake"}
+
+
+def test_builtin_factories_resolve_and_metric_objects_agree_with_the_specs():
+    from personalize.benchmark.scoring import CLIP_SCORER, TOY_SCORER, Scorer
+    from personalize.evaluation.validation import clip_validator, toyworld_validator
+
+    clip, toy = registry.get("clip"), registry.get("toyworld")
+    assert (clip.load("validator"), toy.load("validator")) == (clip_validator, toyworld_validator)
+    assert (clip.load("scorer"), toy.load("scorer")) == (CLIP_SCORER, TOY_SCORER)
+    for backend in registry.backends():
+        assert isinstance(backend.load("scorer"), Scorer) and callable(backend.load("metric_objects"))
+    metrics = toy.load("metric_objects")()
+    assert set(metrics) <= {m.name for m in toy.metrics}
+    for name, metric in metrics.items():
+        assert metric.higher_is_better == registry.higher_is_better(name), name
+    assert (clip.evaluator_for("teddy"), toy.evaluator_for("teddy")) == ("clip", "toyworld:teddy")
