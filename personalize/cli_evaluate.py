@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .errors import BadInputError
-from .prompts import read_prompts
+from .samples import read_samples
 
 
 def _weights(flag: str, path: Optional[Path]) -> Optional[Path]:
@@ -19,16 +19,7 @@ def _weights(flag: str, path: Optional[Path]) -> Optional[Path]:
 
 def _samples(folder: Path) -> tuple[list[Path], list[str]]:
     """The generated images of ``folder`` and their prompts (``prompts.json``: stem -> prompt)."""
-    if not folder.is_dir():
-        raise BadInputError(f"--samples '{folder}' is not a folder; pass the folder 'personalize generate --out' wrote")
-    table = folder / "prompts.json"
-    if not table.is_file():
-        raise BadInputError(f"--samples '{folder}' has no prompts.json; point it at a folder written by 'personalize generate'")
-    prompts = read_prompts(table)
-    found = [(folder / f"{stem}.png", prompt) for stem, prompt in sorted(prompts.items())
-             if (folder / f"{stem}.png").is_file()]
-    if not found:
-        raise BadInputError(f"--samples '{folder}': none of the {len(prompts)} images prompts.json names is there")
+    found = read_samples(folder, flag="--samples", need_images=True)
     return [p for p, _ in found], [t for _, t in found]
 
 

@@ -99,9 +99,9 @@ def score(
       personalize toyworld score --samples samples/ --concept striped_star --reference base_samples/ --per-image
     """
     from .datasets.toyworld import score_folder
+    from .samples import prompt_table
 
-    if not (samples / "prompts.json").is_file():
-        raise BadInputError(f"'{samples}' has no prompts.json; point --samples at a folder written by 'personalize generate'")
+    prompt_table(samples, flag="--samples")  # a folder with a readable prompts.json, or a one-line error now
     if reference is not None and not reference.is_dir():
         raise BadInputError(f"--reference '{reference}' is not a folder")
     result = score_folder(samples, concept=_concept_name(concept) if concept else None, reference=reference)

@@ -368,3 +368,53 @@ def test_missing_mask_names_the_image(tmp_path):
 def test_missing_mask_folder(tmp_path):
     with pytest.raises(BadInputError, match="mask folder"):
         load_masks(tmp_path / "nope", [tmp_path / "a.jpg"], 4)
+
+
+# --------------------------------------------------------------------------- scoring reads images as training does
+def _odd_pngs(tmp_path):
+    """A 16-bit grayscale PNG, an EXIF-rotated PNG and an RGBA PNG with transparent pixels, all asymmetric."""
+    deep = np.zeros((24, 32), dtype=np.uint16)
+    deep[:, 8:16], deep[:, 16:24], deep[:, 24:] = 16384, 40000, 65535
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    halves("RGB", (40, 20), RED, BLUE).save(tmp_path / "rotated.png", exif=exif.tobytes())
+    rgba = halves("RGBA", (32, 16), (0, 0, 255, 0), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 255, 0, 128))
+    rgba.save(tmp_path / "alpha.png")
+    return [tmp_path / "deep.png", tmp_path / "rotated.png", tmp_path / "alpha.png"]
+
+
+def test_scoring_reads_odd_pngs_the_way_training_does(tmp_path):
+    """CLIP/DINO scoring (load_image, the decode workers), the toy world's measurer and the report's thumbnails
+    see the same upright, 8-bit, white-composited RGB pixels as training's open_rgb / load_images."""
+    import base64
+    import io
+
+    from PIL import ImageOps
+
+    from personalize.benchmark.report.grid import _thumbnail
+    from personalize.datasets.toyworld.measure import _as_array
+    from personalize.evaluation.decode import preprocessed_batches
+    from personalize.evaluation.models import load_image
+    from personalize.images import open_rgb
+
+    paths = _odd_pngs(tmp_path)
+    for path in paths:
+        train = open_rgb(path)
+        expected = np.asarray(train)
+        assert train.mode == "RGB" and expected.dtype == np.uint8
+        assert np.array_equal(np.asarray(load_image(path)), expected)
+        (decoded,) = next(iter(preprocessed_batches([path], [lambda im: torch.from_numpy(np.asarray(im).copy())])))
+        assert np.array_equal(decoded[0].numpy(), expected)
+        assert np.array_equal(_as_array(path), _as_array(train))
+        uri, _ = _thumbnail(path)
+        with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as thumb:
+            assert thumb.convert("RGB").resize(train.size, Image.Resampling.NEAREST).tobytes() == train.tobytes()
+        x = load_images([path], 16)[0]  # training's tensors: the same picture, centre-cropped and resized
+        square = np.asarray(ImageOps.fit(train, (16, 16), method=Image.Resampling.BICUBIC), dtype=np.float32)
+        assert torch.allclose(x, torch.from_numpy(square).permute(2, 0, 1) / 127.5 - 1, atol=1e-5)
+    deep, rotated, alpha = (np.asarray(open_rgb(p)) for p in paths)
+    assert deep[0, :, 0].tolist() == [0] * 8 + [63] * 8 + [155] * 8 + [255] * 8  # scaled from 16 bits, not clipped
+    assert rotated.shape == (40, 20, 3) and rotated[0, 0].tolist() == list(RED)  # upright: stored left on top
+    assert alpha[5, 5].tolist() == [255, 255, 255] and alpha[5, 20].tolist() == list(RED)  # transparent -> white

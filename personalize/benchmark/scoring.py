@@ -11,7 +11,9 @@ pixel difference on leakage prompts, lower is better) and ``h`` (harmonic mean o
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..evaluation import LeakageScore, harmonic_mean, list_images, normalized_text_similarity, score_concept
 from .plan import BASE, concept_from_payload
@@ -38,18 +40,27 @@ def _pairs(worker, rows: list[dict], reference_rows: list[dict]) -> tuple[list[P
     return with_c, without
 
 
+@dataclass(frozen=True)
+class Scorer:
+    """A backend's benchmark scorer (registered in :mod:`personalize.evaluation.registry`)."""
+
+    base: Callable  # (worker, concept, gens) -> result of the base's score row
+    method: Callable  # (worker, concept, gens, leaks, base_leaks, base_result) -> result of a method's score row
+
+
 def score_row(worker, row: dict) -> dict:
+    from ..evaluation.registry import get
+
     concept = concept_from_payload(row["payload"])
-    backend = worker.spec.evaluator["backend"]
+    scorer = get(worker.spec.evaluator["backend"]).load("scorer")
     db = worker.db
     if row["method"] == BASE:
         gens = db.rows_by_key(db.dependencies(row["key"]))
-        return (_toy_base if backend == "toyworld" else _clip_base)(worker, concept, gens)
+        return scorer.base(worker, concept, gens)
     p = row["payload"]
     gens, leaks, base_leaks = (db.rows_by_key(p[k]) for k in ("generated", "leakage", "base_leakage"))
     base = db.result(p["base_score"]) or {}
-    score = _toy_method if backend == "toyworld" else _clip_method
-    return score(worker, concept, gens, leaks, base_leaks, base)
+    return scorer.method(worker, concept, gens, leaks, base_leaks, base)
 
 
 # ----------------------------------------------------------------------------- CLIP / DINO
@@ -112,4 +123,7 @@ def _toy_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
             "samples": _per_image(res)}
 
 
-__all__ = ["score_row"]
+CLIP_SCORER = Scorer(_clip_base, _clip_method)
+TOY_SCORER = Scorer(_toy_base, _toy_method)
+
+__all__ = ["CLIP_SCORER", "Scorer", "TOY_SCORER", "score_row"]

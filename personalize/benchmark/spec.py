@@ -34,12 +34,12 @@ from typing import Any, Optional
 
 from .. import methods as method_registry
 from ..errors import BadInputError
+from ..evaluation import registry as evaluators
 from ..knobs import parse as parse_knobs
 from ..settings import coerce
 
 TOP_KEYS = {"name", "base", "device", "evaluator", "concepts", "prompts", "max_prompts", "leakage_prompts",
             "seeds", "samples_per_prompt", "sampler", "methods"}
-EVALUATOR_KEYS = {"backend", "clip_weights", "dino_weights", "random_weights"}
 SAMPLER_KEYS = {"steps", "guidance"}
 METHOD_KEYS = {"method", "label", "train", "sweep", "validate_every"}
 SOURCE_KEYS = {"toyworld": {"toyworld"}, "cc101": {"cc101", "names", "limit"},
@@ -212,6 +212,11 @@ def _source(entry, i: int) -> dict:
     return {"kind": kind, **entry}
 
 
+def evaluator_keys() -> set[str]:
+    """The keys an ``evaluator:`` mapping may have: ``backend`` and every registered backend's options."""
+    return {"backend"}.union(*(b.options for b in evaluators.backends()))
+
+
 def parse_spec(data: Any, root: Path, name: str = "benchmark") -> Spec:
     """Check a spec mapping (from YAML) and return a :class:`Spec`; every problem is one BadInputError line."""
     data = _mapping(data, "the spec")
@@ -222,10 +227,9 @@ def parse_spec(data: Any, root: Path, name: str = "benchmark") -> Spec:
     if not isinstance(data["base"], str):
         raise BadInputError("spec: base must be a string ('tiny', 'toy', a diffusers folder or a hub id)")
     evaluator = _mapping(data.get("evaluator"), "evaluator")
-    _unknown(evaluator, EVALUATOR_KEYS, "evaluator")
+    _unknown(evaluator, evaluator_keys(), "evaluator")
     evaluator = {"backend": "clip", **evaluator}
-    if evaluator["backend"] not in ("clip", "toyworld"):
-        raise BadInputError(f"evaluator.backend must be clip or toyworld, not {evaluator['backend']!r}")
+    backend = evaluators.get(evaluator["backend"], "evaluator.backend")
     sampler = _mapping(data.get("sampler"), "sampler")
     _unknown(sampler, SAMPLER_KEYS, "sampler")
     if not isinstance(data["methods"], list) or not data["methods"]:
@@ -237,8 +241,10 @@ def parse_spec(data: Any, root: Path, name: str = "benchmark") -> Spec:
     if not isinstance(data["concepts"], list) or not data["concepts"]:
         raise BadInputError("spec: concepts must be a non-empty list")
     sources = [_source(s, i) for i, s in enumerate(data["concepts"])]
-    if evaluator["backend"] == "toyworld" and any(s["kind"] != "toyworld" for s in sources):
-        raise BadInputError("evaluator.backend toyworld scores toy-world concepts only; use backend: clip")
+    if backend.sources is not None and any(s["kind"] not in backend.sources for s in sources):
+        others = [b.name for b in evaluators.backends() if b.sources is None]
+        raise BadInputError(f"evaluator.backend {backend.name} scores {backend.sources_text or 'its own concepts'} "
+                            f"only; use backend: {' or '.join(others)}")
     device = data.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise BadInputError(f"device must be auto, cpu or cuda, not {device!r}")

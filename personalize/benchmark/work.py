@@ -126,10 +126,12 @@ class Worker:
             return None
         from ..evaluation.validation import make_validator
 
+        from ..evaluation.registry import get
+
         ev = self.spec.evaluator
-        if ev["backend"] == "toyworld":
-            return make_validator(f"toyworld:{concept.name}", every, None, **self.spec.sampler_for_validation())
-        return make_validator("clip", every, self.photos(concept), clip_weights=ev.get("clip_weights"),
+        backend = get(ev["backend"])
+        photos = self.photos(concept) if backend.argument is None else None  # an argument names the concept
+        return make_validator(backend.evaluator_for(concept.name), every, photos, clip_weights=ev.get("clip_weights"),
                               random_weights=bool(ev.get("random_weights")), device=self.device,
                               **self.spec.sampler_for_validation())
 

@@ -1,4 +1,5 @@
-"""Metric objects: ``update(...)`` accumulates, ``compute()`` returns a float, ``higher_is_better`` says which way.
+"""Metric objects: ``update(...)`` accumulates, ``compute()`` returns a float, ``higher_is_better`` says which way
+(from the metric's spec in :mod:`.registry`).
 
 - ClipTextScore: mean over images of ``2.5 * max(cos(img, text), 0)``, text = prompt with the learned
   token removed (CustomConcept101's CLIP-T).
@@ -40,7 +41,14 @@ def remove_token(prompt: str, token: Union[None, str, Sequence[str]] = None) -> 
 
 class Metric:
     name = "metric"
-    higher_is_better = True
+
+    @property
+    def higher_is_better(self) -> bool:
+        """The registered direction of the metric ``name`` (see :mod:`.registry`); True for an unregistered one."""
+        from .registry import higher_is_better
+
+        direction = higher_is_better(self.name)
+        return True if direction is None else direction
 
     def reset(self) -> None:
         raise NotImplementedError
@@ -65,7 +73,6 @@ class ClipTextScore(_MeanOfScores):
     """CLIP-T: ``update(images, prompts, token=None)`` with one prompt per image (or one prompt for all)."""
 
     name = "clip_text"
-    higher_is_better = True
 
     def __init__(self, clip: ClipEncoder, factor: float = CLIP_TEXT_FACTOR):
         self.clip, self.factor = clip, factor
@@ -91,8 +98,6 @@ class ClipTextScore(_MeanOfScores):
 
 
 class _AllPairsImageScore(Metric):
-    higher_is_better = True
-
     def __init__(self, encoder):
         self.encoder = encoder
         self.reset()
@@ -133,7 +138,6 @@ class LeakageScore(_MeanOfScores):
     """Mean DINO cosine between same-seed pairs with/without the concept (1.0 = no leakage)."""
 
     name = "leakage_dino"
-    higher_is_better = True
 
     def __init__(self, dino: DinoEncoder):
         self.dino = dino
@@ -158,13 +162,18 @@ class ToyWorldScore(Metric):
     """
 
     name = "toyworld"
-    higher_is_better = True  # alignment, fidelity; leakage (mean pixel difference) is lower-is-better
 
     def __init__(self, key: Optional[str] = None):
         self.key = key
-        if key == "leakage":
-            self.higher_is_better = False
         self.reset()
+
+    @property
+    def higher_is_better(self) -> bool:
+        """``key``'s registered direction (leakage, a mean pixel difference, is lower-is-better); without a key,
+        True: the dict's alignment and fidelity."""
+        from .registry import higher_is_better
+
+        return True if self.key is None else higher_is_better(self.key) is not False
 
     def reset(self) -> None:
         self.results: list[dict] = []
@@ -186,6 +195,11 @@ class ToyWorldScore(Metric):
             out[k] = float(sum(v * n for v, n in vals) / w) if w else None
         out["n_images"] = sum(r["n_images"] for r in self.results)
         return out[self.key] if self.key else out
+
+
+def toyworld_metrics(**options) -> dict:
+    """The ``toyworld`` backend's metric objects (see :mod:`.registry`): one ToyWorldScore per number."""
+    return {key: ToyWorldScore(key) for key in ("alignment", "fidelity", "leakage")}
 
 
 def score_concept(clip, dino, generated: Sequence[ImageLike], prompts: Union[str, Sequence[str]],

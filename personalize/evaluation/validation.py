@@ -168,20 +168,32 @@ def _reference_files(reference_images) -> list[Path]:
     return files
 
 
+def clip_validator(argument: None, every: int, reference_images, prompts: Optional[Sequence[str]] = None,
+                   clip_weights: Union[None, str, Path] = None, random_weights: bool = False,
+                   device: Union[str, torch.device] = "cpu", **sampling) -> ClipValidator:
+    """The ``clip`` backend's validator factory (see :mod:`.registry`)."""
+    return ClipValidator(every, _reference_files(reference_images), prompts or DEFAULT_PROMPTS,
+                         clip_weights=clip_weights, random_weights=random_weights, device=device, **sampling)
+
+
+def toyworld_validator(concept_name: str, every: int, reference_images, prompts: Optional[Sequence[str]] = None,
+                       clip_weights=None, random_weights: bool = False, device=None, **sampling) -> ToyWorldValidator:
+    """The ``toyworld:<concept>`` backend's validator factory (no reference images or models: ground truth)."""
+    return ToyWorldValidator(concept_name, every, prompts or TOY_PROMPTS, **sampling)
+
+
 def make_validator(evaluator: str, every: int, reference_images, prompts: Optional[Sequence[str]] = None,
                    clip_weights: Union[None, str, Path] = None, random_weights: bool = False,
                    device: Union[str, torch.device] = "cpu", **sampling) -> Validator:
-    """A validator from its name: ``"clip"`` or ``"toyworld:<concept>"`` (``reference_images``: the
-    training photos, a folder or a list; ``sampling``: num_seeds, steps, guidance, seed)."""
-    kind, _, name = str(evaluator).partition(":")
-    if kind == "clip" and not name:
-        return ClipValidator(every, _reference_files(reference_images), prompts or DEFAULT_PROMPTS,
-                             clip_weights=clip_weights, random_weights=random_weights, device=device, **sampling)
-    if kind == "toyworld" and name:
-        return ToyWorldValidator(name, every, prompts or TOY_PROMPTS, **sampling)
-    raise BadInputError(f"--evaluator '{evaluator}': use 'clip' or 'toyworld:<concept>' "
-                        "(e.g. toyworld:split_triangle; 'personalize toyworld concepts' lists them)")
+    """A validator from its name: a registered backend, e.g. ``"clip"`` or ``"toyworld:<concept>"``
+    (``reference_images``: the training photos, a folder or a list; ``sampling``: num_seeds, steps, guidance,
+    seed). An unknown name is a one-line BadInputError listing the registered backends."""
+    from .registry import parse
+
+    backend, argument = parse(evaluator)
+    return backend.load("validator")(argument, every, reference_images, prompts, clip_weights=clip_weights,
+                                     random_weights=random_weights, device=device, **sampling)
 
 
 __all__ = ["ClipValidator", "DEFAULT_PROMPTS", "Sample", "SamplingValidator", "TOY_PROMPTS", "ToyWorldValidator",
-           "Validator", "isolated_rng", "make_validator"]
+           "Validator", "clip_validator", "isolated_rng", "make_validator", "toyworld_validator"]

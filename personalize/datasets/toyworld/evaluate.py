@@ -65,20 +65,21 @@ def save_grid(folder: PathLike, path: PathLike, n: int = 32, cols: int = 8, scal
     """A small PNG grid: for each held-out caption, the true render (left) beside the sample (right)."""
     from PIL import Image
 
-    folder = Path(folder)
-    prompts = json.loads((folder / "prompts.json").read_text())
-    stems = sorted(prompts)[:n]
-    scenes = heldout_scenes(len(stems), seed) if with_truth else None
+    from ...images import open_rgb
+    from ...samples import read_samples
+
+    samples = read_samples(folder)[:n]
+    scenes = heldout_scenes(len(samples), seed) if with_truth else None
     cell = 32 * (2 if with_truth else 1) + 2
-    rows = (len(stems) + cols - 1) // cols
+    rows = (len(samples) + cols - 1) // cols
     grid = Image.new("RGB", (cols * cell, rows * 34), (0, 0, 0))
-    for i, s in enumerate(stems):
+    for i, (png, _) in enumerate(samples):
         x, y = (i % cols) * cell, (i // cols) * 34
         if with_truth:
             grid.paste(render_scene(scenes[i]), (x, y))
-            grid.paste(Image.open(folder / f"{s}.png").convert("RGB"), (x + 32, y))
+            grid.paste(open_rgb(png), (x + 32, y))
         else:
-            grid.paste(Image.open(folder / f"{s}.png").convert("RGB"), (x, y))
+            grid.paste(open_rgb(png), (x, y))
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     grid.save(path, optimize=True)

@@ -312,11 +312,9 @@ def concept_fidelity(arr: np.ndarray, obj: DetectedObject, concept: str, scene: 
 
 
 def load_prompts(folder: PathLike, prompts: Union[None, PathLike, dict] = None) -> dict[str, str]:
-    if isinstance(prompts, dict):
-        return dict(prompts)
-    from ...prompts import read_prompts
+    from ...samples import prompt_table
 
-    return read_prompts(Path(prompts) if prompts is not None else Path(folder) / "prompts.json")
+    return prompt_table(folder, prompts)
 
 
 def score_folder(folder: PathLike, prompts: Union[None, PathLike, dict] = None, concept: Optional[str] = None,
@@ -333,18 +331,18 @@ def score_folder(folder: PathLike, prompts: Union[None, PathLike, dict] = None, 
     fidelity = mean concept fidelity over images whose prompt mentions the concept (None without ``concept``);
     leakage = mean |image - reference| / 255 over prompts that do not mention the concept (None without ``reference``).
     """
+    from ...samples import read_samples
+
     folder = Path(folder)
-    table = load_prompts(folder, prompts)
+    samples = read_samples(folder, prompts)
     if concept is not None and superclass is None:
         from .concepts import get_concept
 
         superclass = get_concept(concept).superclass
     per_image, aligns, fids, leaks = {}, [], [], []
     attr_hits: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES}
-    for stem, prompt in sorted(table.items()):
-        path = folder / f"{stem}.png"
-        if not path.exists():
-            continue
+    for path, prompt in samples:
+        stem = path.stem
         parsed = parse_prompt(prompt, placeholder, superclass)
         res = score_image(path, parsed, concept=concept)
         entry = {"prompt": prompt, "alignment": res["alignment"],
