@@ -35,7 +35,6 @@ app.add_typer(toyworld.app, name="toyworld")
 app.add_typer(benchmark.app, name="benchmark")
 
 
-
 def _quiet_libraries() -> None:
     """Library warnings (hub retries, deprecations) would bury our one-line errors."""
     import logging
@@ -55,7 +54,6 @@ def _quiet_libraries() -> None:
         tlog.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
-
 
 
 def _usage_error(exc) -> str:

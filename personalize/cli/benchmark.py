@@ -22,7 +22,6 @@ SPEC_ARG = typer.Argument(..., help="Benchmark spec (YAML): base, evaluator, con
                                     "methods with train settings and inference sweeps.")
 
 
-
 def _load(spec_path: Path, clip_weights: Optional[Path] = None, dino_weights: Optional[Path] = None):
     from ..benchmark.spec import load_spec
     from ..errors import BadInputError

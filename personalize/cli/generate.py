@@ -14,6 +14,8 @@ from .console import BASE_HELP, _parse_value, _step_bar, _warn, out_console
 
 
 def _parse_concept_arg(text: str) -> tuple[str, dict]:
+    """``FILE:beta=0.6,lag=1,token=<x>`` -> ``(FILE, {knob: value})``, each value JSON-parsed where it can be; the
+    values are checked where they are used (:func:`personalize.compose.prepare`), not here."""
     path, _, rest = text.partition(":")
     knobs = {}
     if rest:
@@ -23,8 +25,6 @@ def _parse_concept_arg(text: str) -> tuple[str, dict]:
                 raise BadInputError(f"--concept '{text}': knobs must look like FILE:beta=0.6,tau=0.15")
             knobs[key.strip()] = _parse_value(value.strip())
     return path, knobs
-
-
 
 
 def generate(
@@ -110,5 +110,3 @@ def _attachment(concept_args: List[str], prompt: str, shared: dict):
         _warn(f"the prompt does not contain {', '.join(missing)}, so that concept will not show; "
               "write its token where it belongs, e.g. 'a photo of a " + missing[0] + "'")
     return lambda pipe: attach(pipe, items, **shared)
-
-

@@ -18,7 +18,6 @@ app = typer.Typer(help="The toy world: a procedural image world, its held-out co
                   no_args_is_help=True, rich_markup_mode="rich")
 
 
-
 def _concept_name(name: str) -> str:
     import difflib
 
@@ -157,7 +156,6 @@ def evaluate_base(ctx: typer.Context):
     with _one_line_argparse("evaluate-base"):
         result = run(list(ctx.args))
     out_console.print_json(json.dumps(result, default=str))
-
 
 
 def demo(

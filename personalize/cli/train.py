@@ -122,4 +122,3 @@ def _concept_args(images: list, tokens: list, superclasses: list, listed) -> tup
         raise BadInputError(f"missing {', '.join(missing)}: train needs the photos folder, the new token and its superclass")
     one = lambda v: v[0] if len(v) == 1 else list(v)  # noqa: E731
     return one(images), one(tokens), one(superclasses)
-
