@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,12 +27,17 @@ from .paths import atomic_path, cache_dir
 class PriorConfig:
     """Prior-preservation settings shared by DreamBooth and Custom Diffusion (DreamBooth paper defaults)."""
 
-    prior_loss_weight: float = 1.0  # lambda; 0 = no prior preservation
-    num_class_images: int = 200
-    class_prompt: str = "a photo of a {}"  # {} = the superclass
-    class_images: Any = None  # your own folder of class images (one folder per concept when several)
-    class_steps: int = 50  # sampler steps when generating class images
-    class_guidance: float = 7.5
+    prior_loss_weight: float = field(default=1.0, metadata={
+        "help": "weight of the class-image loss (lambda), 0 = off", "flag": True})
+    num_class_images: int = field(default=200, metadata={
+        "help": "class images to generate per concept (cached per base and prompt)", "flag": True})
+    class_prompt: str = field(default="a photo of a {}", metadata={
+        "help": "prompt of the class images, {} = the superclass"})
+    class_images: Any = field(default=None, metadata={
+        "help": "your own folder of class images (one per concept) instead of generating them with the base",
+        "flag": "multiple"})
+    class_steps: int = field(default=50, metadata={"help": "sampler steps when generating class images"})
+    class_guidance: float = field(default=7.5, metadata={"help": "guidance scale when generating class images"})
 
 
 @dataclass

@@ -37,17 +37,24 @@ from .templates import NEUTRAL_TEMPLATES, check_new_token, check_token, fill, si
 class TrainConfig:
     """Settings shared by every method (the method's own live in its Config)."""
 
-    steps: int = 250  # Perfusion paper: 210 on average, 400 at most (a method may default otherwise)
-    batch_size: int = 16  # Perfusion paper (Method.train_defaults overrides per method)
-    seed: int = 0
-    flip_p: float = 0.5  # paper: horizontal flips with p = 0.5 (set 0 for asymmetric objects)
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 50
-    preview_every: int = 0  # 0 = no previews
-    preview_prompt: str = "a photo of a {}"
-    max_grad_norm: float = 1.0
-    compile: bool = False  # torch.compile the UNet for this run (minutes of compiling; pays off on long GPU runs)
+    steps: int = dataclasses.field(default=250, metadata={
+        "help": "optimizer steps (Perfusion paper: 210 on average, 400 at most)", "flag": True})
+    batch_size: int = dataclasses.field(default=16, metadata={"help": "images per step", "flag": True})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed for batches, flips, noise", "flag": True})
+    flip_p: float = dataclasses.field(default=0.5, metadata={
+        "help": "probability of a horizontal flip (paper: 0.5; 0 for asymmetric objects)"})
+    mixed_precision: str = dataclasses.field(default="no", metadata={"help": "no | fp16 (GPU) | bf16", "flag": True})
+    gradient_checkpointing: bool = dataclasses.field(default=False, metadata={
+        "help": "trade compute for memory", "flag": True})
+    checkpoint_every: int = dataclasses.field(default=50, metadata={
+        "help": "save a resumable checkpoint every N steps (0 = never)", "flag": True})
+    preview_every: int = dataclasses.field(default=0, metadata={
+        "help": "write a preview image to OUT.previews/ every N steps (0 = never)", "flag": True})
+    preview_prompt: str = dataclasses.field(default="a photo of a {}", metadata={
+        "help": "prompt of the previews, {} = the concept"})
+    max_grad_norm: float = dataclasses.field(default=1.0, metadata={"help": "gradient clipping norm"})
+    compile: bool = dataclasses.field(default=False, metadata={
+        "help": "torch.compile the UNet: minutes of compiling first, faster steps after (long GPU runs)", "flag": True})
 
 
 def split_overrides(method_cls, overrides: dict[str, Any] | None) -> tuple[dict, dict]:

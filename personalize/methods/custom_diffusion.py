@@ -18,7 +18,7 @@ augmentation with "very small"/"zoomed in" prompts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,10 @@ class CustomDiffusionConfig(PriorConfig):
     """diffusers train_custom_diffusion example: lr 2e-5 (1e-5 x batch 2), 250 steps, 200 class images, lambda 1,
     AdamW weight decay 1e-2, modifier tokens initialised from 'ktn+pll+ucd'."""
 
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    init_words: str = "ktn+pll+ucd"  # '+'-separated, one per concept in order
+    lr: float = field(default=2e-5, metadata={"help": "learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    init_words: str = field(default="ktn+pll+ucd", metadata={
+        "help": "words the modifier tokens start from, '+'-separated, one per concept in order"})
 
 
 class CustomDiffusion(Method):

@@ -19,7 +19,7 @@ any other concept.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +38,12 @@ class DreamBoothConfig(PriorConfig):
     """diffusers DreamBooth README with prior preservation: lr 5e-6 (800 steps at batch 1), 200 class images,
     lambda 1, AdamW weight decay 1e-2; identifier 'sks'."""
 
-    lr: float = 5e-6
-    weight_decay: float = 0.01
-    train_text_encoder: bool = False
-    lr_text_encoder: float = 5e-6
-    identifier: str = "sks"  # one rare token of the base vocabulary; the concept token copies its embedding
+    lr: float = field(default=5e-6, metadata={"help": "learning rate of the UNet"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    train_text_encoder: bool = field(default=False, metadata={"help": "also train the text encoder", "flag": True})
+    lr_text_encoder: float = field(default=5e-6, metadata={"help": "learning rate of the text encoder"})
+    identifier: str = field(default="sks", metadata={
+        "help": "one rare token of the base vocabulary; the concept token copies its embedding"})
 
 
 class DreamBooth(IdentifierToken, Method):

@@ -18,7 +18,7 @@ batch 1, no prior preservation unless ``prior_loss_weight`` > 0.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +44,15 @@ class DreamBoothLoraConfig(PriorConfig):
     """diffusers train_dreambooth_lora: rank 4 (alpha = rank), lr 1e-4, AdamW weight decay 1e-2 (500 steps at
     batch 1); prior preservation off unless prior_loss_weight > 0."""
 
-    prior_loss_weight: float = 0.0
-    rank: int = 4
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    train_text_encoder: bool = False  # LoRA on the text encoder's attention too (same lr)
-    identifier: str = "sks"
+    prior_loss_weight: float = field(default=0.0, metadata={
+        "help": "weight of the class-image loss (lambda), 0 = off", "flag": True})
+    rank: int = field(default=4, metadata={"help": "LoRA rank on every attention projection", "flag": True})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    train_text_encoder: bool = field(default=False, metadata={
+        "help": "LoRA on the text encoder's attention too (same lr)", "flag": True})
+    identifier: str = field(default="sks", metadata={
+        "help": "one rare token of the base vocabulary; the concept token copies its embedding"})
 
 
 @dataclass

@@ -24,7 +24,7 @@ token's encoding (no gradient).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -255,15 +255,18 @@ class PerfusionSite:
 class PerfusionConfig:
     """Paper defaults (Perfusion §4-5): beta 0.75 / tau 0.10 in training; lr 0.006 / 0.03."""
 
-    lock: str = "local"  # "local" (o*_K frozen at the superclass) or "trained" (ablation)
-    beta_train: float = 0.75
-    tau_train: float = 0.10
-    beta: float = 0.70  # inference default, local lock (paper: 0.6-0.75)
-    beta_global: float = 0.50  # inference default, global lock (paper: 0.4-0.6)
-    tau: float = 0.15
-    lr_embedding: float = 0.006
-    lr_value: float = 0.03
-    ema: float = 0.99
+    lock: str = field(default="local", metadata={
+        "help": "key locking in training: local (o*_K frozen at the superclass) or trained (the paper's ablation)"})
+    beta_train: float = field(default=0.75, metadata={"help": "gate threshold while training"})
+    tau_train: float = field(default=0.10, metadata={"help": "gate temperature while training"})
+    beta: float = field(default=0.70, metadata={
+        "help": "inference default gate threshold, local lock (paper: 0.6-0.75)"})
+    beta_global: float = field(default=0.50, metadata={
+        "help": "inference default gate threshold, global lock (paper: 0.4-0.6)"})
+    tau: float = field(default=0.15, metadata={"help": "inference default gate temperature"})
+    lr_embedding: float = field(default=0.006, metadata={"help": "learning rate of the token embedding"})
+    lr_value: float = field(default=0.03, metadata={"help": "learning rate of o*_V"})
+    ema: float = field(default=0.99, metadata={"help": "EMA decay of the superclass key i*"})
 
 
 @dataclass

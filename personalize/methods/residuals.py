@@ -24,7 +24,7 @@ concept's masked delta. Concept tensors are peft's state dict with a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +95,15 @@ class ResidualSite:
 class ResidualsConfig:
     """Paper defaults (§4.1): r_i = 0.05 m_i, lr 1e-3 (150 steps at batch 4: ``train_defaults``), token frozen."""
 
-    rank_fraction: float = 0.05
-    rank: int = 0  # > 0: this rank in every layer instead of rank_fraction
-    train_token: bool = False  # the paper's ablation: training V* overfits
-    lr: float = 1e-3
-    init_token: str = "httr"  # a late BPE merge, i.e. a rarely used token; V* starts at its embedding
+    rank_fraction: float = field(default=0.05, metadata={
+        "help": "rank = round(F x channels) per proj_out", "flag": True})
+    rank: int = field(default=0, metadata={
+        "help": "> 0: the same LoRA rank in every proj_out instead of --rank-fraction", "flag": True})
+    train_token: bool = field(default=False, metadata={
+        "help": "also train the token's vector V* (the paper's ablation; overfits)", "flag": True})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    init_token: str = field(default="httr", metadata={
+        "help": "single token V* starts at (a late BPE merge, i.e. a rarely used token)"})
 
 
 @dataclass

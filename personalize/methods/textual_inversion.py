@@ -11,7 +11,7 @@ lr 5e-4, weight decay 1e-2, 3000 steps at batch 4, the neutral templates.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,10 +30,12 @@ DIFFUSERS_FILE = "learned_embeds.safetensors"
 class TextualInversionConfig:
     """diffusers textual_inversion recipe: lr 5e-4, AdamW weight decay 1e-2 (3000 steps at batch 4)."""
 
-    num_vectors: int = 1
-    init_word: str | None = None  # default: the superclass; a multi-token word starts at the mean of its pieces
-    lr: float = 5e-4
-    weight_decay: float = 0.01
+    num_vectors: int = field(default=1, metadata={"help": "vectors per token", "flag": True})
+    init_word: str | None = field(default=None, metadata={
+        "help": "word the vectors start from (None: the superclass); a multi-token word starts at its pieces' mean",
+        "flag": True})
+    lr: float = field(default=5e-4, metadata={"help": "learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
 
 
 class TextualInversion(Method):

@@ -1,4 +1,5 @@
-"""``personalize toyworld ...``: the toy world's concepts, renders, measurers and base-model recipe."""
+"""``personalize toyworld ...``: the toy world's concepts, renders, measurers and base-model recipe; and
+``personalize demo``, the whole flow on the toy world."""
 from __future__ import annotations
 
 import contextlib
@@ -9,22 +10,18 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .errors import BadInputError
+from ..demo import STEPS as DEMO_STEPS
+from ..errors import BadInputError
+from .console import out_console
 
 app = typer.Typer(help="The toy world: a procedural image world, its held-out concepts, measurers and base model.",
                   no_args_is_help=True, rich_markup_mode="rich")
 
 
-def _console():
-    from .cli import out_console
-
-    return out_console
-
-
 def _concept_name(name: str) -> str:
     import difflib
 
-    from .datasets.toyworld import CONCEPTS
+    from ..datasets.toyworld import CONCEPTS
 
     if name not in CONCEPTS:
         close = difflib.get_close_matches(name, list(CONCEPTS), n=1)
@@ -43,16 +40,16 @@ def concepts(as_json: bool = typer.Option(False, "--json", help="Print as JSON."
 
       personalize toyworld concepts --json
     """
-    from .datasets.toyworld import list_concepts
+    from ..datasets.toyworld import list_concepts
 
     rows = list_concepts()
     if as_json:
-        _console().print_json(json.dumps(rows))
+        out_console.print_json(json.dumps(rows))
         return
     table = Table("name", "superclass", "description")
     for row in rows:
         table.add_row(row["name"], row["superclass"], row["description"])
-    _console().print(table)
+    out_console.print(table)
 
 
 @app.command()
@@ -75,12 +72,12 @@ def render(
 
       personalize toyworld render split_triangle --out more/ --n 12 --seed 1   # other layouts
     """
-    from .datasets.toyworld import render_concept_examples
-    from .paths import check_output
+    from ..datasets.toyworld import render_concept_examples
+    from ..paths import check_output
 
     check_output(out, folder=True)
     paths = render_concept_examples(_concept_name(name), out, n=n, seed=seed, captions=captions)
-    _console().print(f"wrote {len(paths)} images{' and captions' if captions else ''} to [bold]{out}[/bold]")
+    out_console.print(f"wrote {len(paths)} images{' and captions' if captions else ''} to [bold]{out}[/bold]")
 
 
 @app.command()
@@ -98,8 +95,8 @@ def score(
 
       personalize toyworld score --samples samples/ --concept striped_star --reference base_samples/ --per-image
     """
-    from .datasets.toyworld import score_folder
-    from .samples import prompt_table
+    from ..datasets.toyworld import score_folder
+    from ..samples import prompt_table
 
     prompt_table(samples, flag="--samples")  # a folder with a readable prompts.json, or a one-line error now
     if reference is not None and not reference.is_dir():
@@ -107,7 +104,7 @@ def score(
     result = score_folder(samples, concept=_concept_name(concept) if concept else None, reference=reference)
     if not per_image:
         result.pop("per_image", None)
-    _console().print_json(json.dumps(result))
+    out_console.print_json(json.dumps(result))
 
 
 @contextlib.contextmanager
@@ -137,7 +134,7 @@ def train_base(ctx: typer.Context):
 
       personalize toyworld train-base --out runs/toybase --resume --export weights/   # continue, then export
     """
-    from .datasets.toyworld.train_base import main as run
+    from ..datasets.toyworld.train_base import main as run
 
     with _one_line_argparse("train-base"):
         run(list(ctx.args))
@@ -154,9 +151,25 @@ def evaluate_base(ctx: typer.Context):
 
       personalize toyworld evaluate-base --pipeline runs/toybase/pipeline --json scores.json
     """
-    from .datasets.toyworld.evaluate import main as run
+    from ..datasets.toyworld.evaluate import main as run
 
     with _one_line_argparse("evaluate-base"):
         result = run(list(ctx.args))
-    _console().print_json(json.dumps(result, default=str))
+    out_console.print_json(json.dumps(result, default=str))
 
+
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for the demo's photos, concept, samples and index.html."),
+    steps: int = typer.Option(DEMO_STEPS, "--steps", min=1, help="Training steps (x batch 8)."),
+):
+    """Run the whole flow on the toy world's base on the CPU: a held-out concept's photos -> Perfusion concept ->
+    new scenes at several beta -> ground-truth scores -> index.html.
+
+    [bold]Example[/bold]:  personalize demo --out demo_out
+    """
+    from ..demo import run_demo
+    from ..paths import check_output
+
+    check_output(out, folder=True)
+    index = run_demo(out, steps=steps, log=lambda s: out_console.print(s))
+    out_console.print(f"open [bold]{index.resolve()}[/bold]")

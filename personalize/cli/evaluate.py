@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from .errors import BadInputError
-from .samples import read_samples
+from ..errors import BadInputError
+from ..samples import read_samples
+from .console import out_console
 
 
 def _weights(flag: str, path: Optional[Path]) -> Optional[Path]:
@@ -43,8 +44,7 @@ def evaluate(
     """
     import torch
 
-    from .cli import out_console
-    from .evaluation import ClipEncoder, DinoEncoder, list_images, score_concept
+    from ..evaluation import ClipEncoder, DinoEncoder, list_images, score_concept
 
     images, prompts = _samples(samples)
     if not reference.is_dir():

@@ -7,6 +7,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from .console import out_console
+
 app = typer.Typer(help="Head-to-head benchmarks: methods x concepts x prompts x seeds x inference settings, "
                        "every unit of work a row in SQLite, ending in an HTML report.\n\n"
                        "[bold]Examples[/bold]\n\n"
@@ -20,15 +22,9 @@ SPEC_ARG = typer.Argument(..., help="Benchmark spec (YAML): base, evaluator, con
                                     "methods with train settings and inference sweeps.")
 
 
-def _console():
-    from .cli import out_console
-
-    return out_console
-
-
 def _load(spec_path: Path, clip_weights: Optional[Path] = None, dino_weights: Optional[Path] = None):
-    from .benchmark.spec import load_spec
-    from .errors import BadInputError
+    from ..benchmark.spec import load_spec
+    from ..errors import BadInputError
 
     spec = load_spec(spec_path)
     for key, path in (("clip_weights", clip_weights), ("dino_weights", dino_weights)):
@@ -53,7 +49,7 @@ def validate(spec_path: Path = SPEC_ARG):
     """
     from collections import Counter
 
-    from .benchmark.plan import build_plan, resolve_concepts
+    from ..benchmark.plan import build_plan, resolve_concepts
 
     spec = _load(spec_path)
     units = build_plan(spec)
@@ -64,11 +60,10 @@ def validate(spec_path: Path = SPEC_ARG):
     for m in spec.methods:
         table.add_row(m.label, ", ".join(f"{k}={v}" for k, v in m.train.items()) or "paper defaults",
                       "; ".join(f"{k}: {v}" for k, v in m.sweep.items()) or "default")
-    console = _console()
-    console.print(table)
+    out_console.print(table)
     concepts = resolve_concepts(spec)
-    console.print(f"{len(concepts)} concept(s): {', '.join(c.name for c in concepts)}")
-    console.print(f"rows: {kinds['train']} train, {kinds['generate']} generate, {kinds['score']} score "
+    out_console.print(f"{len(concepts)} concept(s): {', '.join(c.name for c in concepts)}")
+    out_console.print(f"rows: {kinds['train']} train, {kinds['generate']} generate, {kinds['score']} score "
                   f"({len(units)} in all); base {spec.base}; evaluator {spec.evaluator['backend']}")
 
 
@@ -104,23 +99,22 @@ def run(
 
     Then:  personalize benchmark report runs/bench/benchmark.sqlite --out runs/bench/report
     """
-    from .benchmark.runner import run_benchmark
-    from .paths import check_output, inside
+    from ..benchmark.runner import run_benchmark
+    from ..paths import check_output, inside
 
     spec = _load(spec_path, clip_weights, dino_weights)
     out = out or inside(Path("."), f"{spec.name}_out")  # the spec's name: a folder here, never elsewhere
     check_output(out, folder=True)
     summary = run_benchmark(spec, out, progress=progress)
     c = summary.counts
-    console = _console()
-    console.print(f"{c['done']}/{c['total']} rows done ({summary.ran} this run), {c['failed']} failed, "
+    out_console.print(f"{c['done']}/{c['total']} rows done ({summary.ran} this run), {c['failed']} failed, "
                   f"{c['pending']} blocked; database {summary.db}")
     if summary.failures:
         for key, error in summary.failures:
-            console.print(f"[red]failed[/red] {key}: {error.splitlines()[0]}", highlight=False)
-        console.print("fix the cause and run the same command again: finished rows are kept, failed ones retried")
+            out_console.print(f"[red]failed[/red] {key}: {error.splitlines()[0]}", highlight=False)
+        out_console.print("fix the cause and run the same command again: finished rows are kept, failed ones retried")
         raise typer.Exit(1)
-    console.print(f"report: personalize benchmark report {summary.db} --out {Path(out) / 'report'}")
+    out_console.print(f"report: personalize benchmark report {summary.db} --out {Path(out) / 'report'}")
 
 
 @app.command()
@@ -133,14 +127,13 @@ def status(db_path: Path = typer.Argument(..., help="A benchmark database (OUT/b
 
       watch -n 30 personalize benchmark status runs/bench/benchmark.sqlite   # follow a long run
     """
-    from .benchmark.db import BenchmarkDB
+    from ..benchmark.db import BenchmarkDB
 
     db = BenchmarkDB(db_path, create=False)
     c = db.counts()
-    console = _console()
-    console.print(f"{c['done']}/{c['total']} done, {c['running']} running, {c['pending']} pending, {c['failed']} failed")
+    out_console.print(f"{c['done']}/{c['total']} done, {c['running']} running, {c['pending']} pending, {c['failed']} failed")
     for key, error in db.failures():
-        console.print(f"[red]failed[/red] {key}: {error.splitlines()[0]}", highlight=False)
+        out_console.print(f"[red]failed[/red] {key}: {error.splitlines()[0]}", highlight=False)
     db.close()
 
 
@@ -158,9 +151,9 @@ def report(
 
       personalize benchmark report runs/bench/benchmark.sqlite --out report/ && open report/index.html
     """
-    from .benchmark.db import BenchmarkDB
-    from .benchmark.report import write_report
-    from .paths import check_output
+    from ..benchmark.db import BenchmarkDB
+    from ..benchmark.report import write_report
+    from ..paths import check_output
 
     check_output(out, folder=True)
 
@@ -168,4 +161,4 @@ def report(
     rows, meta = db.rows(), db.meta()
     db.close()
     index, md = write_report(rows, db_path.resolve().parent, out, title=f"Benchmark: {meta.get('spec_name', '')}")
-    _console().print(f"wrote {index} and {md}")
+    out_console.print(f"wrote {index} and {md}")

@@ -1,0 +1,4 @@
+"""``python -m personalize.cli ...`` (what torchrun / accelerate launch start in every process)."""
+from .app import main
+
+main()

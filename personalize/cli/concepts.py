@@ -1,0 +1,202 @@
+"""Commands on concept files and the method registry: ``inspect``, ``export``, ``import``, ``covariance``,
+``methods``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import BadInputError
+from .console import BASE_HELP, _load_settings, err_console, out_console
+
+
+def inspect(
+    file: Path = typer.Argument(..., help="A concept .safetensors file."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+):
+    """Show a concept file's header, tensors and size.
+
+    [bold]Example[/bold]:  personalize inspect teddy.safetensors --json
+    """
+    from ..concept import file_summary
+
+    summary = file_summary(file)
+    if as_json:
+        out_console.print_json(json.dumps(summary))
+        return
+    header = summary["header"]
+    out_console.print(f"[bold]{file}[/bold]: {header['method']} concept {header['token']!r} "
+                      f"(superclass {header['superclass']!r}), {summary['file_bytes']:,} bytes")
+    out_console.print(f"base fingerprint {header['base_fingerprint'].get('digest')}  "
+                      f"inference defaults {header.get('inference_defaults')}")
+    prov = header.get("provenance", {})
+    out_console.print(f"trained {prov.get('steps')} steps, seed {prov.get('seed')}, on {prov.get('base')}, "
+                      f"{len(prov.get('images', []))} images, personalize {prov.get('package_version')}")
+    if "tokens" in header:
+        out_console.print(f"concepts: {', '.join(f'{t} ({s})' for t, s in zip(header['tokens'], header['superclasses']))}")
+    if header.get("composable") is False:
+        out_console.print(f"[bold]not composable[/bold]: a new base (the fine-tuned pipeline in '{header.get('pipeline')}/' "
+                          f"beside this file); attach it alone, or use that folder as --base and write "
+                          f"'{header.get('config', {}).get('identifier', 'sks')}' for the token")
+    table = Table("tensor", "shape", "dtype", "bytes")
+    for name, t in summary["tensors"].items():
+        table.add_row(name, "x".join(map(str, t["shape"])), t["dtype"], f"{t['bytes']:,}")
+    out_console.print(table)
+
+
+def export_concept(
+    file: Path = typer.Argument(..., help="A concept .safetensors file."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="residuals: diffusers-lora; textual-inversion: diffusers | a1111; dreambooth-lora: diffusers-lora | kohya; custom-diffusion: diffusers (default: the first)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write."),
+    base: Optional[str] = typer.Option(None, "--base", help="The concept's base; needed by custom-diffusion, whose format stores full K/V weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an OUT folder that is not empty (without it, refused)."),
+):
+    """Write a concept in the format its community's tools load (export.json in the folder says how).
+
+    [bold]Examples[/bold]
+
+      personalize export teddy.safetensors --format diffusers-lora --out teddy-lora/     # residuals, dreambooth-lora
+
+      then, without personalize:  pipe.load_lora_weights("teddy-lora"); pipe.load_textual_inversion("teddy-lora/token.safetensors")
+
+      personalize export ti.safetensors --format diffusers --out ti/       # learned_embeds.safetensors
+
+      personalize export ti.safetensors --format a1111 --out embeddings/  # <token>.pt (string_to_param)
+
+      personalize export lora.safetensors --format kohya --out kohya/     # lora_kohya.safetensors
+
+      personalize export cd.safetensors --base tiny --out cd/             # pytorch_custom_diffusion_weights.safetensors + <token>.safetensors
+
+    DreamBooth (full) needs no export: its OUT.pipeline/ folder is a diffusers pipeline.
+    """
+    from ..interop import export_concept
+    from ..paths import check_output
+
+    check_output(out, folder=True, overwrite=overwrite)
+    folder = export_concept(file, out, fmt, base)
+    names = ", ".join(sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")))
+    out_console.print(f"wrote [bold]{folder}[/bold] ({names})")
+
+
+def import_concept(
+    file: Path = typer.Argument(..., help="The foreign weights file (.safetensors; .bin/.pt only with --allow-pickle)."),
+    method: str = typer.Option(..., "--method", help="textual-inversion | dreambooth-lora | custom-diffusion."),
+    out: Path = typer.Option(..., "--out", help="Concept file to write (.safetensors)."),
+    superclass: List[str] = typer.Option(..., "--superclass", help="One-token word for what the concept is; custom-diffusion: one per --embeddings file, in the same order (or one for all)."),
+    token: Optional[str] = typer.Option(None, "--token", help="Token to use (default: the one the file names)."),
+    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    embeddings: List[Path] = typer.Option([], "--embeddings", help="custom-diffusion: the modifier token file(s), <token>.safetensors."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read a .bin/.pt pickle (weights only: torch.load(weights_only=True))."),
+    set_: List[str] = typer.Option([], "--set", help="Method setting KEY=VALUE, e.g. --set identifier=ohwx."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT concept file (without it, refused)."),
+):
+    """Turn another tool's file into a concept file for this base.
+
+    [bold]Examples[/bold]
+
+      personalize import learned_embeds.safetensors --method textual-inversion --superclass cat --base tiny --out cat.safetensors
+
+      personalize import my_lora.safetensors --method dreambooth-lora --superclass dog --token "<dog>" --set identifier=sks --out dog.safetensors
+
+      personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --method custom-diffusion --superclass cat --out cat.safetensors
+
+      personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --superclass cat --embeddings "<new2>.safetensors" --superclass chair --method custom-diffusion --out two.safetensors
+    """
+    from ..interop import import_file
+    from ..paths import check_output
+
+    check_output(out, overwrite=overwrite)
+    path = import_file(base, file, method=method, out=out, token=token, superclass=superclass, embeddings=embeddings,
+                       allow_pickle=allow_pickle, settings=_load_settings(None, set_))
+    out_console.print(f"wrote concept [bold]{path}[/bold] ({path.stat().st_size:,} bytes)")
+
+
+def covariance(
+    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="Text file, one caption per line [default: the base's own captions.txt if it ships one (the toy base does), else the built-in corpus]."),
+    recompute: bool = typer.Option(False, "--recompute", help="Ignore the cache and compute again."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda."),
+):
+    """Compute and cache C, the text-encoder covariance Perfusion needs (once per base).
+
+    The built-in corpus is 32 neutral templates x 261 nouns (8,352 captions).
+    Training and generation compute it on first use; run this to do it ahead.
+
+    [bold]Example[/bold]:  personalize covariance --base runwayml/stable-diffusion-v1-5
+    """
+    from rich.progress import Progress
+
+    from ..base import load_base
+    from ..covariance import base_captions, builtin_captions, covariance_path, corpus_id, load_or_compute_covariance
+
+    lines = None
+    if captions is not None:
+        if not captions.is_file():
+            raise BadInputError(f"--captions '{captions}' does not exist; pass a text file with one caption per line")
+        lines = [line.strip() for line in captions.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise BadInputError(f"--captions '{captions}' has no captions; put one caption per line")
+    pipe = load_base(base, device=device)
+    lines = lines if lines is not None else base_captions(pipe)
+    total = len(lines if lines is not None else builtin_captions())
+    with Progress(console=err_console) as progress:
+        task = progress.add_task("encoding captions", total=total)
+        C = load_or_compute_covariance(pipe, lines, on_batch=lambda n: progress.advance(task, n), recompute=recompute)
+    out_console.print(f"C {tuple(C.shape)} for corpus {corpus_id(lines)} ({total:,} captions): "
+                      f"{covariance_path(pipe, corpus_id(lines))}")
+
+
+def list_methods(
+    name: Optional[str] = typer.Argument(None, help="A method: list its settings (--set KEY=VALUE, or the flag where "
+                                                    "there is one) with defaults and help, and its inference knobs."),
+):
+    """List the registered personalization methods and their defaults; with NAME, that method's settings and knobs.
+
+    [bold]Examples[/bold]
+
+      personalize methods
+
+      personalize methods residuals     # every setting of one method: default, flag, what it does; its knobs
+
+      personalize train --method residuals --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors   # then train one
+    """
+    from .. import methods as registry
+    from .flags import fmt, method_fields
+
+    if name is not None:
+        _method_settings(registry.get(name))
+        return
+    table = Table("method", "description", "sites", "defaults")
+    for name in registry.names():
+        cls = registry.get(name)
+        trainer = [f"{k}={fmt(v)}" for k, v in cls.train_defaults.items()]
+        defaults = ", ".join(trainer + [f"{f.name}={fmt(f.default)}" for f in method_fields(cls)])
+        table.add_row(name, cls.description, ", ".join(cls.sites), defaults)
+    out_console.print(table)
+
+
+def _method_settings(cls) -> None:
+    """``personalize methods NAME``: the method's and the trainer's settings, then its inference knobs."""
+    import dataclasses
+
+    from ..training import TrainConfig
+    from .flags import fmt, method_fields, trainer_defaults
+
+    table = Table("setting", "default", "flag", "help", title=f"{cls.name}: {cls.description}")
+    defaults = trainer_defaults(cls)
+    rows = [(f, fmt(f.default)) for f in method_fields(cls)]
+    rows += [(f, fmt(defaults[f.name])) for f in dataclasses.fields(TrainConfig)]
+    for field, default in rows:
+        flag = field.metadata.get("flag")
+        table.add_row(field.name, default, "--" + field.name.replace("_", "-") if flag else "--set",
+                      escape(field.metadata.get("help", "")))
+    out_console.print(table)
+    if cls.knobs:
+        knobs = Table("knob", "help", title="inference knobs: generate --concept FILE:KNOB=VALUE,...")
+        for knob, text in cls.knobs.items():
+            knobs.add_row(knob, escape(text))
+        out_console.print(knobs)

@@ -1,0 +1,112 @@
+"""``personalize generate``: one or several concepts (``--concept FILE:knob=value,...``) in new scenes, or the
+base alone."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import BadInputError
+from ..settings import check_options
+from .console import BASE_HELP, _parse_value, _step_bar, _warn, out_console
+
+
+def _parse_concept_arg(text: str) -> tuple[str, dict]:
+    """``FILE:beta=0.6,lag=1,token=<x>`` -> ``(FILE, {knob: value})``, each value JSON-parsed where it can be; the
+    values are checked where they are used (:func:`personalize.compose.prepare`), not here."""
+    path, _, rest = text.partition(":")
+    knobs = {}
+    if rest:
+        for part in rest.split(","):
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise BadInputError(f"--concept '{text}': knobs must look like FILE:beta=0.6,tau=0.15")
+            knobs[key.strip()] = _parse_value(value.strip())
+    return path, knobs
+
+
+def generate(
+    concept: List[str] = typer.Option([], "--concept", help="Concept file, optionally with its own knobs: FILE:beta=0.6,tau=0.15,lag=1,token=<new>. Repeat to compose concepts of any composable methods. Leave it out to render the base alone (before/after comparisons)."),
+    prompt: str = typer.Option(..., "--prompt", help="Prompt using the concepts' tokens, e.g. 'a <my-teddy> on the beach'. At most 75 CLIP tokens (the text encoder reads 77 with its start and end markers): a longer prompt is refused, never cut. A prompt without an attached concept's token gets a warning."),
+    out: Path = typer.Option(..., "--out", help="Folder for the PNGs and prompts.json."),
+    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    num_images: int = typer.Option(4, "--num-images", min=1, help="Images to generate."),
+    steps: int = typer.Option(50, "--steps", min=1, help="DDIM steps (paper: 50)."),
+    guidance: float = typer.Option(6.0, "--guidance", help="Classifier-free guidance scale (paper: 6)."),
+    seed: int = typer.Option(0, "--seed", help="Image k uses seed SEED+k."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="Perfusion gate threshold: higher = weaker concept, better prompt alignment [concept default, 0.7]."),
+    tau: Optional[float] = typer.Option(None, "--tau", help="Perfusion gate temperature [concept default, 0.15]."),
+    lag: bool = typer.Option(False, "--lag", help="Residuals: localized attention-guided sampling, the residuals apply only where the concept is attended."),
+    lock: Optional[str] = typer.Option(None, "--lock", help="Perfusion key-locking: local, or global (K reads the prompt with each concept word replaced by its superclass; default beta then 0.5) [local]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace PNGs of the same prompt and seeds already in OUT (without it they are refused)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
+):
+    """Generate images of one or several trained concepts in new scenes (or of the base alone, without --concept).
+
+    [bold]Examples[/bold]
+
+      personalize generate --base tiny --concept teddy.safetensors --prompt "a <my-teddy> in the snow" --out samples/
+
+      personalize generate --base tiny --prompt "a teddy in the snow" --out before/    # the base alone, to compare
+
+      personalize generate ... --beta 0.8        # favour the prompt over the concept's look
+
+      personalize generate --concept teddy.safetensors --prompt "a photo of a <my-teddy> teddy on the moon" --lag --out samples/
+
+      personalize generate --concept teddy.safetensors:beta=0.6 --concept teapot.safetensors:lag=1 --concept style.safetensors \
+          --prompt "a <teddy> pouring tea from a <teapot> teapot, in <watercolor> style" --lock global --out samples/
+    """
+    import torch
+
+    from ..base import load_base
+    from ..generation import generate as run_generate
+    from ..generation import write_images
+    from ..prompts import check_prompt_length
+
+    check_options(num_images=num_images, steps=steps, guidance=guidance, seed=seed, beta=beta, tau=tau)
+    _check_generate_out(out, prompt, seed, num_images, overwrite)
+    attachment = _attachment(concept, prompt, dict(beta=beta, tau=tau, lag=lag, lock=lock))
+    pipe = load_base(base, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with attachment(pipe):
+        check_prompt_length(pipe, prompt)  # the concepts' tokens are in the tokenizer now
+        with _step_bar(f"generating {num_images} image(s)", steps) as on_step:
+            images = run_generate(pipe, prompt, num_images=num_images, steps=steps, guidance=guidance, seed=seed,
+                                  on_step=on_step)
+    paths = write_images(images, prompt, out, seed)
+    out_console.print(f"wrote {len(paths)} image(s) to [bold]{out}[/bold]")
+
+
+def _check_generate_out(out: Path, prompt: str, seed: int, num_images: int, overwrite: bool) -> None:
+    """Before the base loads: a usable prompt, a writable --out folder, no PNG replaced without --overwrite."""
+    from ..generation import image_paths
+    from ..paths import check_output, refuse_existing
+    from ..prompts import check_prompt_text, read_prompts
+
+    check_prompt_text(prompt)
+    check_output(out, folder=True)
+    if (out / "prompts.json").is_file():
+        read_prompts(out / "prompts.json")  # merged after sampling: refuse a broken one now
+    if not overwrite:
+        refuse_existing(image_paths(prompt, out, seed, num_images))
+
+
+def _attachment(concept_args: List[str], prompt: str, shared: dict):
+    """``attachment(pipe)``: a context attaching the --concept files (checked now, before the base loads), or
+    nothing for the base alone. Warns on stderr when the prompt leaves out a concept's token."""
+    from ..compose import attach, concept_tokens, prepare
+    from ..prompts import missing_tokens
+
+    if not concept_args:
+        used = [f"--{k}" for k, v in shared.items() if v not in (None, False)]
+        if used:
+            raise BadInputError(f"{', '.join(used)} set a concept's knobs, but no --concept is given; add --concept FILE")
+        return lambda pipe: contextlib.nullcontext()
+    items = [_parse_concept_arg(c) for c in concept_args]
+    parts = prepare(items, **shared)  # refuse a bad composition before loading the base
+    missing = missing_tokens(prompt, [t for p in parts for t in concept_tokens(p.concept)])
+    if missing:
+        _warn(f"the prompt does not contain {', '.join(missing)}, so that concept will not show; "
+              "write its token where it belongs, e.g. 'a photo of a " + missing[0] + "'")
+    return lambda pipe: attach(pipe, items, **shared)

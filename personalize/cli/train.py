@@ -1,0 +1,124 @@
+"""``personalize train``: a folder of photos -> one concept file. The trainer's and the methods' own flags are
+derived from their Config dataclasses (:mod:`.flags`)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .. import methods as registry
+from ..errors import BadInputError
+from ..settings import check_options
+from . import flags as derived
+from .console import BASE_HELP, _load_settings, out_console
+
+METHOD_HELP = (f"{' | '.join(registry.names())}; each defaults to its paper's or reference recipe "
+               "('personalize methods' lists them all, 'personalize methods NAME' a method's settings).")
+TRAINER_FLAGS = derived.trainer_flags()
+METHOD_FLAGS = derived.method_flags()
+
+
+def train(
+    images: List[Path] = typer.Option([], "--images", help="Folder with 3-15 photos of the concept (png/jpg/webp...); an optional caption beside a photo (photo.txt, the concept written as {} or as the token, e.g. 'a {} on a beach') replaces the neutral training prompts for it. Repeat with --token/--superclass for a multi-concept run (custom-diffusion)."),
+    superclass: List[str] = typer.Option([], "--superclass", help="One-token word for what it is: 'teddy', 'teapot', 'dog'."),
+    token: List[str] = typer.Option([], "--token", help="New placeholder word to use in prompts, e.g. '<my-teddy>'."),
+    out: Path = typer.Option(..., "--out", help="Concept file to write (.safetensors)."),
+    method: str = typer.Option("perfusion", "--method", help=METHOD_HELP),
+    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in OUT.ckpt/."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (without it an existing concept file is refused; --resume continues it instead)."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="Folder of foreground masks named like the images: weights the loss."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (trainer and method); flags win."),
+    set_: List[str] = typer.Option([], "--set", help="Method or trainer setting KEY=VALUE, e.g. --set lock=trained --set lr_value=0.02."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
+    validate_every: int = typer.Option(0, "--validate-every", min=0, help="Best-step selection: every N steps (and at the last) sample a few images, score them and keep the step with the best harmonic mean (0 = off: keep the last step)."),
+    evaluator: Optional[str] = typer.Option(None, "--evaluator", help="What --validate-every scores: clip (CLIP-I vs. the photos, CLIP-T) or toyworld:NAME (the toy world's fidelity and alignment for concept NAME) \\[default: clip]."),
+    validation_prompt: List[str] = typer.Option([], "--validation-prompt", help="Prompt to validate with, {} = the concept; repeatable \\[default: 'a photo of a {}', 'a {} on the beach'; toyworld: a toy-world scene]."),
+    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local CLIP ViT-B-32 weights file for --evaluator clip \\[default: open_clip's 'openai' weights from the hub]."),
+    **flags,
+):
+    """Train a concept from a folder of photos and write one .safetensors file.
+
+    [bold]Examples[/bold]
+
+      personalize train --method perfusion --base tiny --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
+
+      personalize train ... --steps 400 --batch-size 8 --set lock=trained   # the paper's trained-K ablation
+
+      personalize train ... --resume        # continue an interrupted run from OUT.ckpt/
+
+      torchrun --nproc_per_node 4 -m personalize.cli train ... --batch-size 16   # data parallel: 4 processes (GPUs, or CPU cores), 4 rows each
+
+      personalize train ... --mixed-precision bf16 --compile   # GPU: bf16, and torch.compile the UNet (minutes to compile)
+
+      personalize train --method residuals --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
+
+      personalize train --method textual-inversion --num-vectors 2 ...     # also: dreambooth, dreambooth-lora
+
+      personalize train --method custom-diffusion --images cat/ --token "<cat>" --superclass cat --images chair/ --token "<chair>" --superclass chair --out both.safetensors
+
+      (or list them in --config as concepts: a list of images / token / superclass mappings)
+
+      personalize train ... --steps 400 --validate-every 50 --clip-weights clip-vit-b-32.safetensors   # keep the best step
+
+      personalize train --base toy ... --validate-every 25 --evaluator toyworld:split_triangle   # toy world: ground-truth scores
+
+    [bold]Method defaults[/bold] (each paper's or reference recipe; flags and --set override)
+
+METHOD_DEFAULTS
+    """
+    from ..paths import check_output
+    from ..training import train as run_train
+
+    check_output(out, overwrite=overwrite or resume)  # before minutes of training, not after
+    trainer = derived.given(TRAINER_FLAGS, flags)
+    check_options(**{k: v for k, v in trainer.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    # the method's own flags are checked as its settings
+    settings = _load_settings(config, set_)
+    settings.update(trainer)
+    settings.update(derived.given(METHOD_FLAGS, flags))
+    images, token, superclass = _concept_args(images, token, superclass, settings.pop("concepts", None))
+    validation = _validation(validate_every, evaluator, validation_prompt, clip_weights, images, device)
+    path = run_train(base, images, token=token, superclass=superclass, out=out, method=method, masks=masks,
+                     resume=resume, settings=settings, progress=True, device=device, validation=validation)
+    if os.environ.get("RANK", "0") == "0":  # data parallel (accelerate launch / torchrun): the main process says it
+        out_console.print(f"wrote concept [bold]{path}[/bold] ({path.stat().st_size:,} bytes)")
+
+
+train.__doc__ = train.__doc__.replace("METHOD_DEFAULTS", derived.defaults_summary(indent="      "))
+derived.with_flags(train, {"base": TRAINER_FLAGS, "set_": METHOD_FLAGS})
+
+
+def _validation(every: int, evaluator: Optional[str], prompts: List[str], clip_weights: Optional[Path], images,
+                device: Optional[str]):
+    """The --validate-every validator (None when off); the other validation flags need it."""
+    if not every:
+        if evaluator or prompts or clip_weights:
+            raise BadInputError("--evaluator, --validation-prompt and --clip-weights need --validate-every N (N > 0)")
+        return None
+    if clip_weights is not None and not clip_weights.is_file():
+        raise BadInputError(f"--clip-weights '{clip_weights}' is not a file; pass a CLIP ViT-B-32 state dict (.safetensors)")
+    import torch
+
+    from ..evaluation.validation import make_validator
+
+    return make_validator(evaluator or "clip", every, images, prompts=prompts or None, clip_weights=clip_weights,
+                          device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _concept_args(images: list, tokens: list, superclasses: list, listed) -> tuple:
+    """--images/--token/--superclass (each once, or repeated per concept), or the YAML ``concepts:`` list."""
+    if listed is not None:
+        if images or tokens or superclasses:
+            raise BadInputError("give the concepts either as --images/--token/--superclass or as 'concepts:' in --config, not both")
+        if not isinstance(listed, list) or not all(isinstance(c, dict) and {"images", "token", "superclass"} <= set(c)
+                                                   for c in listed):
+            raise BadInputError("'concepts:' in --config must be a list of {images: DIR, token: <tok>, superclass: word}")
+        images, tokens, superclasses = ([c[k] for c in listed] for k in ("images", "token", "superclass"))
+    missing = [flag for flag, v in (("--images", images), ("--token", tokens), ("--superclass", superclasses)) if not v]
+    if missing:
+        raise BadInputError(f"missing {', '.join(missing)}: train needs the photos folder, the new token and its superclass")
+    one = lambda v: v[0] if len(v) == 1 else list(v)  # noqa: E731
+    return one(images), one(tokens), one(superclasses)
