@@ -179,10 +179,8 @@ def _check_together(parts: list[Part]) -> None:
                 raise BadInputError(f"'{seen[token.lower()].name}' and '{p.name}' both use the token {token}; rename one, "
                                     f"e.g. --concept {p.name}:token={token.rstrip('>')}2{'>' if token.endswith('>') else ''}")
             seen[token.lower()] = p
-    corpora = {p.concept.header.get("covariance", "builtin") for p in parts if p.concept.method == "perfusion"}
-    if len(corpora) > 1:
-        raise BadInputError(f"Perfusion concepts composed together must share one covariance C, these use "
-                            f"{', '.join(sorted(corpora))}; re-train them against one caption corpus")
+    for method_cls in {p.method_cls for p in parts}:
+        method_cls.check_together([p.concept for p in parts if p.method_cls is method_cls])
 
 
 def prepare(concepts, **shared: Any) -> list[Part]:

@@ -96,6 +96,11 @@ class Method:
         return method
 
     @classmethod
+    def check_together(cls, concepts: list) -> None:
+        """Refuse (one line) concept files of this method that cannot be attached together; called by
+        ``compose.prepare`` before any pipeline is loaded."""
+
+    @classmethod
     def rebuild(cls, pipe, concept) -> "Method":
         """The method's state rebuilt from a concept file, not installed (methods whose files need more
         than token, superclass, config and tensors override this)."""

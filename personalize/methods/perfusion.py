@@ -340,6 +340,13 @@ class Perfusion(Method):
         return method
 
     @classmethod
+    def check_together(cls, concepts: list) -> None:
+        corpora = {c.header.get("covariance", "builtin") for c in concepts}
+        if len(corpora) > 1:
+            raise BadInputError(f"Perfusion concepts composed together must share one covariance C, these use "
+                                f"{', '.join(sorted(corpora))}; re-train them against one caption corpus")
+
+    @classmethod
     def rebuild(cls, pipe, concept) -> "Perfusion":
         corpus = concept.header.get("covariance", "builtin")
         method = cls(pipe, concept.token, concept.superclass, cls.make_config(concept.config), _inverse_for(pipe, corpus))
