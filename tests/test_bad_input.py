@@ -586,12 +586,12 @@ def cli_paths(request, tmp_path, photos):
 @pytest.mark.parametrize("case", list(USAGE), ids=list(USAGE))
 def test_usage_error_is_one_line_exit_2(capsys, monkeypatch, tmp_path, cli_paths, case):
     import personalize.base
-    import personalize.training
+    import personalize.training.loop
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was refused")
 
-    for module in (personalize.base, personalize.training):
+    for module in (personalize.base, personalize.training.loop):
         monkeypatch.setattr(module, "load_base", no_model)
     monkeypatch.chdir(tmp_path)
     args, words = USAGE[case]

@@ -21,16 +21,16 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import methods as method_registry
-from .base import fingerprint, load_base
-from .checkpoints import checkpoint_dir, has_checkpoint, load_checkpoint, save_checkpoint
-from .concept import Concept, save_concept
-from .errors import BadInputError, CheckpointError
-from .images import file_sha256, list_images, load_captions, load_images, load_masks
-from .parallel import DataParallel
-from .transfer import to_device
-from .paths import atomic_path
-from .templates import NEUTRAL_TEMPLATES, check_new_token, check_token, fill, single_token_id
+from .. import methods as method_registry
+from ..base import fingerprint, load_base
+from ..checkpoints import checkpoint_dir, has_checkpoint, load_checkpoint, save_checkpoint
+from ..concept import Concept, save_concept
+from ..errors import BadInputError, CheckpointError
+from ..images import file_sha256, list_images, load_captions, load_images, load_masks
+from ..parallel import DataParallel
+from ..transfer import to_device
+from ..paths import atomic_path
+from ..templates import NEUTRAL_TEMPLATES, check_new_token, check_token, fill, single_token_id
 
 
 @dataclass
@@ -72,7 +72,7 @@ def split_overrides(method_cls, overrides: dict[str, Any] | None) -> tuple[dict,
 
 def resolve_settings(method_cls, settings: dict[str, Any] | None) -> tuple[TrainConfig, Any]:
     """The trainer's and the method's configs: TrainConfig defaults < the method's ``train_defaults`` < ``settings``."""
-    from .settings import coerce_fields
+    from ..settings import coerce_fields
 
     train_over, method_over = split_overrides(method_cls, settings)
     train_cfg = TrainConfig(**coerce_fields(TrainConfig, {**method_cls.train_defaults, **train_over}))
@@ -195,7 +195,7 @@ class FrozenInComputeDtype:
             p.data = original.to(p.device)
         self.saved = None
 def _validate_words(pipe, token: str, superclass: str) -> None:
-    from .edits.tokens import base_tokenizer
+    from ..edits.tokens import base_tokenizer
 
     tok = base_tokenizer(pipe)
     single_token_id(tok, superclass)
@@ -389,7 +389,7 @@ def concept_header(method: str, token, superclass, config, defaults: dict, base_
 
 def _concepts(method_cls, images, token, superclass) -> tuple[list, list[str], list[str]]:
     """One (folder, token, superclass) per concept; several only for a multi-concept method."""
-    from .methods.shared import as_list, single_tokens, words_of
+    from ..methods.shared import as_list, single_tokens, words_of
 
     folders = as_list(images)
     tokens, superclasses = words_of(token, superclass)
@@ -431,7 +431,7 @@ def _prior_data(pipe, trainable, superclasses: list[str], size: int, progress: b
 
 
 def _class_images(pipe, spec, size: int, progress: bool) -> PriorData:
-    from . import prior as prior_images
+    from .. import prior as prior_images
 
     todo = prior_images.missing_count(pipe, spec)
     bar = _Progress(progress and todo > 0, todo, 0, "class images", with_loss=False)
