@@ -15,7 +15,7 @@ if ! $PY -c "import diffusers, open_clip" 2>/dev/null; then
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi -L 2>/dev/null | tee "$W/gpu.txt"
-TB="$PY -m personalize.datasets.toyworld.train_base --device auto --threads 2"
+TB="$PY -m personalize.toybase.train --device auto --threads 2"
 $TB --out "$W/vae" --workers 8 --vae-steps ${VAE_STEPS:-3000} --vae-batch ${VAE_BATCH:-128} --steps 0 --log-every 250 \
     --ckpt-every 100000 2>&1 | tail -n 20 || exit 1
 COMMON="--vae-from $W/vae --workers 4 --batch ${BATCH:-256} --warmup 500 --minutes $MINUTES --eval-n ${EVAL_N:-200} \

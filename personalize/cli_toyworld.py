@@ -127,7 +127,7 @@ def _one_line_argparse(command: str):
 @app.command("train-base", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_base(ctx: typer.Context):
     """Train the toy base model from scratch (VAE, then text encoder + UNet); resumable. Options: see --help of
-    'python -m personalize.datasets.toyworld.train_base'.
+    'python -m personalize.toybase.train'.
 
     [bold]Examples[/bold]
 
@@ -137,7 +137,7 @@ def train_base(ctx: typer.Context):
 
       personalize toyworld train-base --out runs/toybase --resume --export weights/   # continue, then export
     """
-    from .datasets.toyworld.train_base import main as run
+    from .toybase.train import main as run
 
     with _one_line_argparse("train-base"):
         run(list(ctx.args))
@@ -146,7 +146,7 @@ def train_base(ctx: typer.Context):
 @app.command("evaluate-base", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def evaluate_base(ctx: typer.Context):
     """Sample the base on held-out captions and score them; export weights from a run. Options: see
-    'python -m personalize.datasets.toyworld.evaluate --help'.
+    'python -m personalize.toybase.evaluate --help'.
 
     [bold]Examples[/bold]
 
@@ -154,7 +154,7 @@ def evaluate_base(ctx: typer.Context):
 
       personalize toyworld evaluate-base --pipeline runs/toybase/pipeline --json scores.json
     """
-    from .datasets.toyworld.evaluate import main as run
+    from .toybase.evaluate import main as run
 
     with _one_line_argparse("evaluate-base"):
         result = run(list(ctx.args))

@@ -122,7 +122,7 @@ def test_concepts_listed_and_rendered(tmp_path):
 
 
 def test_training_data_never_contains_concept_appearances():
-    from personalize.datasets.toyworld.train_base import unet_batch
+    from personalize.toybase.train import unet_batch
 
     rng = random.Random(4)
     assert all(o.appearance is None for _ in range(200) for o in world.sample_scene(rng).objects)
@@ -142,7 +142,7 @@ def test_train_base_resume_is_exact_and_exports_sd_pipeline(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from personalize.datasets.toyworld import train_base
+    from personalize.toybase import train as train_base
 
     straight = train_base.main(_tiny_args(tmp_path / "a", 2))
     train_base.main(_tiny_args(tmp_path / "b", 1))
@@ -179,7 +179,7 @@ def test_train_base_resume_is_exact_and_exports_sd_pipeline(tmp_path):
     assert pipe("a red star", num_inference_steps=2).images[0].size == (32, 32)
 
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "personalize" / "datasets" / "toyworld" / "weights"
+WEIGHTS = Path(__file__).resolve().parents[1] / "personalize" / "toybase" / "weights"
 
 
 @pytest.mark.skipif(not (WEIGHTS / "model_index.json").exists(), reason="toy-world weights not exported yet")

@@ -1,7 +1,7 @@
 """Train the toy world's tiny SD-1.x-shaped base model from scratch (GPU or CPU, reproducible, resumable).
 
-    python -m personalize.datasets.toyworld.train_base --out ~/.cache/personalize-toyworld/run
-    python -m personalize.datasets.toyworld.train_base --out ~/.cache/personalize-toyworld/run --resume
+    python -m personalize.toybase.train --out ~/.cache/personalize-toyworld/run
+    python -m personalize.toybase.train --out ~/.cache/personalize-toyworld/run --resume
 
 Phase 1 trains the VAE (AutoencoderKL, 32x32 px -> 16x16x4 latents) on world scenes
 plus generic full-frame textures; phase 2 freezes it and trains the CLIP text
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import model as M
-from .world import COLORS, render_array, sample_scene, training_caption
+from ..datasets.toyworld.world import COLORS, render_array, sample_scene, training_caption
 
 CKPT = "checkpoint.pt"
 
@@ -311,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     tokenizer = M.build_tokenizer()  # build early: all code this run needs is loaded at start
-    importlib.import_module(f"{__package__}.concepts")  # load now: vae_report uses it late in the run
+    importlib.import_module("personalize.datasets.toyworld.concepts")  # load now: vae_report uses it late in the run
     out = Path(os.path.expanduser(args.out))
     out.mkdir(parents=True, exist_ok=True)
     log = Logger(out / "train.log")
@@ -512,7 +512,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     pipe = M.assemble_pipeline(vae.cpu(), te.cpu(), unet.cpu(), tokenizer, prediction_type=args.prediction_type,
                                 zero_snr=args.zero_snr)
     info = {
-        "command": "python -m personalize.datasets.toyworld.train_base " + " ".join(
+        "command": "python -m personalize.toybase.train " + " ".join(
             sys.argv[1:] if argv is None else list(argv)),
         "args": run_args,
         "arch": arch,
@@ -576,8 +576,8 @@ def vae_report(vae, out: Path, n: int = 128) -> str:
     """Recon MSE on fresh world scenes and on the held-out concepts' renders (+ a comparison PNG)."""
     from PIL import Image
 
-    from .concepts import CONCEPTS, concept_scenes
-    from .world import render_scene
+    from ..datasets.toyworld.concepts import CONCEPTS, concept_scenes
+    from ..datasets.toyworld.world import render_scene
 
     rng = random.Random("vae-report")
     world = to_tensor([render_array(sample_scene(rng, held_out=None)) for _ in range(n)])

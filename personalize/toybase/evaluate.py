@@ -1,8 +1,8 @@
 """Sample the toy-world base model on held-out captions, score it, and export its weights.
 
-    python -m personalize.datasets.toyworld.evaluate --pipeline personalize/datasets/toyworld/weights --n 200
-    python -m personalize.datasets.toyworld.evaluate --export-from ~/.cache/personalize-toyworld/run \
-        --to personalize/datasets/toyworld/weights
+    python -m personalize.toybase.evaluate --pipeline personalize/toybase/weights --n 200
+    python -m personalize.toybase.evaluate --export-from ~/.cache/personalize-toyworld/run \
+        --to personalize/toybase/weights
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import model as M
-from .measure import score_folder
-from .world import caption, heldout_scenes, render_scene
+from ..datasets.toyworld.measure import score_folder
+from ..datasets.toyworld.world import caption, heldout_scenes, render_scene
 
 PathLike = Union[str, os.PathLike]
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -119,7 +119,7 @@ def export_from_checkpoint(run_dir: PathLike, dest: PathLike = WEIGHTS_DIR, ema:
     Use it on an unfinished run; a finished run has already exported ``run_dir/pipeline``
     (copy that with ``copy_pipeline``).
     """
-    from .train_base import CKPT, git_commit
+    from .train import CKPT, git_commit
 
     state = torch.load(Path(run_dir).expanduser() / CKPT, weights_only=True)
     arch = json.loads(state["arch"])
