@@ -2,7 +2,8 @@
 
     from personalize.datasets.toyworld import list_concepts, render_concept_examples, score_folder
 
-The tiny base model trained on it lives in :mod:`personalize.toybase`. See docs/TOYWORLD.md.
+The tiny base model trained on it lives in :mod:`personalize.toybase`; the Perfusion claims measured in it in
+:mod:`personalize.claims`. See docs/TOYWORLD.md.
 """
 from .captions import parse_prompt
 from .concepts import CONCEPTS, get_concept, list_concepts, render_concept_examples
