@@ -3,7 +3,7 @@
     python benchmarks/toyworld_baselines.py [--concept split_triangle] [--steps 150] [--recipe] [--methods all]
 
 Each method trains on the same rendered photos of one held-out concept with the same steps, batch size and seed
-(its own learning rates and losses; ``--recipe``: each method's own default steps and batch size instead), then the fixed prompt sets of personalize/datasets/toyworld/claims.py are
+(its own learning rates and losses; ``--recipe``: each method's own default steps and batch size instead), then the fixed prompt sets of personalize/claims.py are
 sampled and scored exactly as for Perfusion's claims. Methods with prior preservation sample ``--class-images``
 class images from the toy base (cached). CPU-sized budgets, so these are not the methods' paper settings.
 """
@@ -33,7 +33,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from personalize import load_base
-    from personalize.datasets.toyworld import claims
+    from personalize import claims
     from personalize.methods import get, names
     from personalize.prior import PriorConfig
     from personalize.training import TrainConfig

@@ -3,7 +3,7 @@
     python benchmarks/toyworld_claims.py [--concept split_triangle] [--betas 0.6,0.8,1.0,1.2] [--json out.json]
 
 Trains one concept with local key-locking and one with trained K (the ablation) on the shipped `toy` base,
-then samples the fixed prompt sets of personalize/datasets/toyworld/claims.py: the superclass baseline,
+then samples the fixed prompt sets of personalize/claims.py: the superclass baseline,
 each lock at its default beta, the ungated edit, and a beta sweep. Same code path as
 tests/test_toyworld_claims.py.
 """
@@ -31,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from personalize import load_base
-    from personalize.datasets.toyworld import claims
+    from personalize import claims
 
     pipe = load_base("toy")
     work = Path(tempfile.mkdtemp(prefix="toy-claims-"))

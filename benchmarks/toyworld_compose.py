@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from personalize import attach, load_base
-from personalize.datasets.toyworld.claims import SAMPLING, train_toy_concept
+from personalize.claims import SAMPLING, train_toy_concept
 from personalize.datasets.toyworld.measure import score_image
 from personalize.generation import generate
 

@@ -15,14 +15,15 @@ if ! $PY -c "import diffusers, open_clip" 2>/dev/null; then
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi -L 2>/dev/null | tee "$W/gpu.txt"
-TB="$PY -m personalize.datasets.toyworld.train_base --device auto --threads 2"
-$TB --out "$W/vae" --workers 8 --vae-steps ${VAE_STEPS:-3000} --vae-batch ${VAE_BATCH:-128} --steps 0 --log-every 250 \
+# personalize toyworld train-base, run by $PY (the console script may not be installed there)
+tb() { $PY -c "from personalize.cli import main; main()" toyworld train-base --device auto --threads 2 "$@"; }
+tb --out "$W/vae" --workers 8 --vae-steps ${VAE_STEPS:-3000} --vae-batch ${VAE_BATCH:-128} --steps 0 --log-every 250 \
     --ckpt-every 100000 2>&1 | tail -n 20 || exit 1
 COMMON="--vae-from $W/vae --workers 4 --batch ${BATCH:-256} --warmup 500 --minutes $MINUTES --eval-n ${EVAL_N:-200} \
         --eval-every ${EVAL_EVERY:-6000} --log-every 500 --ckpt-every 100000"
-$TB --out "$W/A" $COMMON --unet-attn 1,1,1 > "$W/A.log" 2>&1 &
-$TB --out "$W/B" $COMMON --unet-attn 0,1,1 > "$W/B.log" 2>&1 &
-$TB --out "$W/C" $COMMON --unet-attn 1,1,1 --min-snr 5 > "$W/C.log" 2>&1 &
+tb --out "$W/A" $COMMON --unet-attn 1,1,1 > "$W/A.log" 2>&1 &
+tb --out "$W/B" $COMMON --unet-attn 0,1,1 > "$W/B.log" 2>&1 &
+tb --out "$W/C" $COMMON --unet-attn 1,1,1 --min-snr 5 > "$W/C.log" 2>&1 &
 wait
 for v in A B C; do
   grep -E "\[eval\]|s/step:|exported|Error|error" "$W/$v.log" | sed "s/^/$v /"

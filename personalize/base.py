@@ -4,7 +4,7 @@ A *spec* is one of
 - ``"tiny"``: an SD 1.x-shaped pipeline with random weights, built from
   configs with a fixed seed (identical in every process);
 - ``"toy"``: the toy world's trained base, shipped inside the package
-  (``personalize/datasets/toyworld/weights``, see docs/TOYWORLD.md);
+  (``personalize/toybase/weights``, see docs/TOYWORLD.md);
 - a local diffusers folder (``model_index.json`` inside);
 - a hub id such as ``runwayml/stable-diffusion-v1-5`` (same loader; offline it
   fails at once with a one-line message).
@@ -25,7 +25,7 @@ from .errors import BadInputError, BaseModelError
 from .fingerprint import Fingerprint, fingerprint  # noqa: F401  (re-exported: the base's identity)
 
 BUILTIN_BASES = ("tiny", "toy")
-TOY_WEIGHTS = Path(__file__).resolve().parent / "datasets" / "toyworld" / "weights"
+TOY_WEIGHTS = Path(__file__).resolve().parent / "toybase" / "weights"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -28,24 +28,27 @@ def has_checkpoint(out: str | Path) -> bool:
     return (checkpoint_dir(out) / STATE_FILE).is_file()
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_tensors(optimizer, prefix: str = "optim.") -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state flattened for safetensors: its tensors (``PREFIX<param id>.<name>``, on the CPU) and
+    the JSON-able rest (scalars and param groups)."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, pstate in state["state"].items():
         for k, v in pstate.items():
             if torch.is_tensor(v):
-                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"{prefix}{pid}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{k}"] = v
     groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
     return tensors, {"groups": groups, "scalars": scalars}
 
 
-def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def load_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "optim.") -> None:
+    """Restore what :func:`optimizer_tensors` flattened (``tensors`` may hold other entries too)."""
     state: dict[int, dict] = {}
     for name, t in tensors.items():
-        if name.startswith("optim."):
-            _, pid, k = name.split(".", 2)
+        if name.startswith(prefix):
+            pid, k = name[len(prefix):].split(".", 1)
             state.setdefault(int(pid), {})[k] = t
     for key, v in meta["scalars"].items():
         pid, k = key.split(".", 1)
@@ -57,7 +60,7 @@ def save_checkpoint(path: Path, step: int, run_id: dict, method, optimizer, gene
     from safetensors.torch import save_file
 
     tensors = {f"method.{k}": v for k, v in method.state_tensors().items()}
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    opt_tensors, opt_meta = optimizer_tensors(optimizer)
     tensors.update(opt_tensors)
     tensors["rng.generator"] = generator.get_state()
     meta = {"step": step, "run": run_id, "optimizer": opt_meta, "i_star_initialized": getattr(method, "i_star_initialized", None)}
@@ -87,6 +90,6 @@ def load_checkpoint(path: Path, run_id: dict, method, optimizer, generator: torc
     method.load_state_tensors({k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
     if meta.get("i_star_initialized") is not None:
         method.i_star_initialized = meta["i_star_initialized"]
-    _load_optimizer(optimizer, tensors, meta["optimizer"])
+    load_optimizer(optimizer, tensors, meta["optimizer"])
     generator.set_state(tensors["rng.generator"])
     return int(meta["step"])

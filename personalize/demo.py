@@ -35,8 +35,9 @@ def run_demo(out: str | Path = "demo_out", steps: int = STEPS, batch_size: int =
     """Run the demo on ``--base toy``; returns the path of ``index.html``."""
     from PIL import Image
 
+    from . import claims
     from .base import load_base
-    from .datasets.toyworld import claims, get_concept
+    from .datasets.toyworld import get_concept
 
     out = Path(out)
     began = time.time()
@@ -71,7 +72,8 @@ def _fmt(v) -> str:
 
 def _page(out: Path, photos: Path, concept_path: Path, scores: dict, baseline: dict, steps: int,
           batch_size: int, seconds: float, Image) -> str:
-    from .datasets.toyworld import claims, get_concept
+    from . import claims
+    from .datasets.toyworld import get_concept
     from .generation import slug
 
     token = claims.TOKEN

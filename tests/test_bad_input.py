@@ -566,11 +566,15 @@ USAGE = {
     "toyworld-render-missing-name": (["toyworld", "render", "--out", "{outdir}"], ["missing argument"]),
     "toyworld-score-missing-samples": (["toyworld", "score"], ["missing option", "--samples"]),
     "toyworld-train-base-unknown-option": (["toyworld", "train-base", "--out", "{outdir}", "--bogus"],
-                                           ["unrecognized arguments", "--bogus", "train-base --help"]),
+                                           ["no such option", "--bogus", "train-base --help"]),
     "toyworld-train-base-steps-word": (["toyworld", "train-base", "--out", "{outdir}", "--steps", "ten"],
-                                       ["--steps", "'ten'"]),
+                                       ["--steps", "integer"]),
+    "toyworld-train-base-attn-levels": (["toyworld", "train-base", "--out", "{outdir}", "--unet-attn", "1"],
+                                        ["--unet-attn", "--unet-channels"]),
+    "toyworld-train-base-prediction-type": (["toyworld", "train-base", "--out", "{outdir}", "--prediction-type", "x"],
+                                            ["--prediction-type", "v_prediction", "'x'"]),
     "toyworld-evaluate-base-unknown-option": (["toyworld", "evaluate-base", "--bogus"],
-                                              ["unrecognized arguments", "evaluate-base --help"]),
+                                              ["no such option", "evaluate-base --help"]),
 }
 
 
@@ -586,12 +590,12 @@ def cli_paths(request, tmp_path, photos):
 @pytest.mark.parametrize("case", list(USAGE), ids=list(USAGE))
 def test_usage_error_is_one_line_exit_2(capsys, monkeypatch, tmp_path, cli_paths, case):
     import personalize.base
-    import personalize.training
+    import personalize.training.loop
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was refused")
 
-    for module in (personalize.base, personalize.training):
+    for module in (personalize.base, personalize.training.loop):
         monkeypatch.setattr(module, "load_base", no_model)
     monkeypatch.chdir(tmp_path)
     args, words = USAGE[case]

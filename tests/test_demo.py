@@ -2,7 +2,7 @@
 import json
 import re
 
-from personalize.datasets.toyworld import claims
+from personalize import claims
 from personalize.demo import CONCEPT, SCENES, run_demo
 
 

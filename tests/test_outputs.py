@@ -26,12 +26,12 @@ from test_bad_input import concept  # noqa: F401  (the fixture: a private copy o
 def no_model(monkeypatch):
     """Fail the test if a model loads: the refusal must come before any work."""
     import personalize.base
-    import personalize.training
+    import personalize.training.loop
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad output was refused")
 
-    for module in (personalize.base, personalize.training):
+    for module in (personalize.base, personalize.training.loop):
         monkeypatch.setattr(module, "load_base", refuse)
 
 

@@ -46,7 +46,7 @@ def test_errors_are_one_line(tmp_path, case, words):
 
 
 def test_the_toy_world_measurer_and_grid_read_through_it(tmp_path):
-    from personalize.datasets.toyworld.evaluate import save_grid
+    from personalize.toybase.evaluate import save_grid
     from personalize.datasets.toyworld.measure import load_prompts, score_folder
 
     folder = _folder(tmp_path, {"b": "a green square", "a": "a red circle", "gone": "a blue star"}, ["a", "b"])

@@ -1,7 +1,7 @@
 """The Perfusion paper's four claims, reproduced in the toy world on the shipped `toy` base (CPU).
 
 Two concepts are trained once for the module (local key-locking and the trained-K ablation, ~20 s each);
-every measurement samples fixed prompt sets with fixed seeds (see personalize/datasets/toyworld/claims.py)
+every measurement samples fixed prompt sets with fixed seeds (see personalize/claims.py)
 and scores them with the ground-truth measurers. Thresholds state the claims; they were not tuned to the
 numbers (docs/TOYWORLD.md lists the measured values).
 """
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from personalize.base import TOY_WEIGHTS
-from personalize.datasets.toyworld import claims
+from personalize import claims
 
 pytestmark = pytest.mark.skipif(not (TOY_WEIGHTS / "model_index.json").exists(), reason="toy weights not built")
 

@@ -122,7 +122,7 @@ def test_concepts_listed_and_rendered(tmp_path):
 
 
 def test_training_data_never_contains_concept_appearances():
-    from personalize.datasets.toyworld.train_base import unet_batch
+    from personalize.toybase.data import unet_batch
 
     rng = random.Random(4)
     assert all(o.appearance is None for _ in range(200) for o in world.sample_scene(rng).objects)
@@ -131,10 +131,11 @@ def test_training_data_never_contains_concept_appearances():
     assert not any("<" in c for c in caps)
 
 
-def _tiny_args(out, steps):
-    return ["--out", str(out), "--vae-steps", "2", "--vae-batch", "4", "--steps", str(steps), "--batch", "4",
-            "--warmup", "1", "--ckpt-every", "1", "--log-every", "1", "--unet-channels", "32,32", "--unet-attn", "0,1",
-            "--vae-channels", "16,16", "--scale-images", "16"]
+def _tiny_recipe(steps):
+    from personalize.toybase.recipe import BaseRecipe
+
+    return BaseRecipe(vae_steps=2, vae_batch=4, steps=steps, batch=4, warmup=1, ckpt_every=1, log_every=1,
+                      unet_channels="32,32", unet_attn="0,1", vae_channels="16,16", scale_images=16)
 
 
 def test_train_base_resume_is_exact_and_exports_sd_pipeline(tmp_path):
@@ -142,13 +143,15 @@ def test_train_base_resume_is_exact_and_exports_sd_pipeline(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from personalize.datasets.toyworld import train_base
+    from personalize.toybase import checkpoint
+    from personalize.toybase.train import train_base
 
-    straight = train_base.main(_tiny_args(tmp_path / "a", 2))
-    train_base.main(_tiny_args(tmp_path / "b", 1))
-    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    straight = train_base(_tiny_recipe(2), out=tmp_path / "a")
+    train_base(_tiny_recipe(1), out=tmp_path / "b")
+    state = checkpoint.read(tmp_path / "b")  # safetensors + a JSON sidecar: nothing pickled
     assert state["phase"] == "unet" and state["step"] == 1
-    resumed = train_base.main(_tiny_args(tmp_path / "b", 2) + ["--resume"])
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoint").iterdir()) == ["state.json", "state.safetensors"]
+    resumed = train_base(_tiny_recipe(2), out=tmp_path / "b", resume=True)
     assert "resuming from" in (tmp_path / "b" / "train.log").read_text()
     wa = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
     wb = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
@@ -179,7 +182,51 @@ def test_train_base_resume_is_exact_and_exports_sd_pipeline(tmp_path):
     assert pipe("a red star", num_inference_steps=2).images[0].size == (32, 32)
 
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "personalize" / "datasets" / "toyworld" / "weights"
+def test_train_base_cli_resumes_inside_the_vae_phase_and_exports_an_unfinished_run(tmp_path, capsys):
+    """'personalize toyworld train-base' (the recipe's options) stopped inside phase 1 and resumed gives the VAE of
+    an uninterrupted run; 'evaluate-base --export-from' exports a run's checkpoint."""
+    import torch
+    from safetensors.torch import load_file
+
+    from personalize.cli import main
+    from personalize.toybase import checkpoint
+
+    def cli(out, vae_steps, *extra):
+        main(["toyworld", "train-base", "--out", str(out), "--vae-steps", str(vae_steps), "--vae-batch", "4",
+              "--steps", "0", "--batch", "4", "--warmup", "1", "--ckpt-every", "1", "--log-every", "1",
+              "--unet-channels", "32,32", "--unet-attn", "0,1", "--vae-channels", "16,16", "--scale-images", "16",
+              *extra])
+
+    cli(tmp_path / "a", 3)
+    with pytest.raises(StopIteration):  # stop the run inside phase 1, after its step-2 checkpoint
+        from personalize.toybase import train as T
+
+        real = T.step_loader
+
+        def two_batches(dataset, start, workers):
+            batches = real(dataset, start, workers)
+            return iter([next(batches) for _ in range(2)])
+
+        mp = pytest.MonkeyPatch()
+        mp.setattr(T, "step_loader", two_batches)
+        try:
+            cli(tmp_path / "b", 3)
+        finally:
+            mp.undo()
+    assert checkpoint.read(tmp_path / "b")["phase"] == "vae" and checkpoint.read(tmp_path / "b")["step"] == 2
+    cli(tmp_path / "b", 3, "--resume")
+    assert "[vae] step 3/3" in capsys.readouterr().out  # the CLI prints the log lines
+    a, b = checkpoint.read(tmp_path / "a"), checkpoint.read(tmp_path / "b")
+    assert a["scaling"] == b["scaling"] and all(torch.equal(a["vae"][k], b["vae"][k]) for k in a["vae"])
+
+    main(["toyworld", "evaluate-base", "--export-from", str(tmp_path / "b"), "--to", str(tmp_path / "exported")])
+    info = json.loads((tmp_path / "exported" / "TRAINING.json").read_text())
+    assert info["phase"] == "unet" and info["exported_from"] == str(tmp_path / "b")
+    vae = load_file(tmp_path / "exported" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, b["vae"][k].half()) for k, v in vae.items())
+
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "personalize" / "toybase" / "weights"
 
 
 @pytest.mark.skipif(not (WEIGHTS / "model_index.json").exists(), reason="toy-world weights not exported yet")

@@ -89,7 +89,7 @@ def resolve_concepts(spec: Spec) -> list[ConceptEntry]:
 
 
 def _toyworld(spec: Spec, src: dict) -> list[ConceptEntry]:
-    from ..datasets.toyworld.claims import RECON, TOKEN, context_prompts
+    from ..claims import RECON, TOKEN, context_prompts
     from ..datasets.toyworld.concepts import get_concept
 
     out = []
@@ -132,7 +132,7 @@ def leakage_prompts(spec: Spec) -> list[str]:
     if spec.leakage_prompts:
         return list(spec.leakage_prompts)
     if all(s["kind"] == "toyworld" for s in spec.sources):
-        from ..datasets.toyworld.claims import NO_CONCEPT
+        from ..claims import NO_CONCEPT
 
         return list(NO_CONCEPT)
     return list(DEFAULT_LEAKAGE_PROMPTS)

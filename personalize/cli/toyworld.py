@@ -2,7 +2,6 @@
 ``personalize demo``, the whole flow on the toy world."""
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -107,24 +106,37 @@ def score(
     out_console.print_json(json.dumps(result))
 
 
-@contextlib.contextmanager
-def _one_line_argparse(command: str):
-    """The toy-world scripts parse their own options (argparse): a bad one is our one-line error, not argparse's
-    usage block."""
-    import argparse
-    from unittest import mock
+def _train_base_signature():
+    """train-base's options: the run's own (--out, --resume, ...) and one per recipe setting (BaseRecipe's fields,
+    with their defaults and help)."""
+    import dataclasses
+    import inspect
+    import typing
 
-    def error(parser, message):
-        raise BadInputError(f"{message}; see 'personalize toyworld {command} --help'")
+    from ..toybase.recipe import BaseRecipe
 
-    with mock.patch.object(argparse.ArgumentParser, "error", error):
-        yield
+    def option(name, annotation, default, help):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                 default=typer.Option(default, "--" + name.replace("_", "-"), help=help or None))
+
+    params = [
+        option("out", Path, ..., "Work folder (checkpoints, log, exported pipeline)."),
+        option("resume", bool, False, "Continue from the work folder's checkpoint."),
+        option("device", str, "auto", "cpu, cuda, or auto (cuda when available)."),
+        option("workers", int, 0, "DataLoader processes rendering batches ahead (0 = in the training process); "
+                                  "the data are the same either way."),
+        option("export", Optional[Path], None, "Also export the fp16 pipeline here (e.g. the package weights dir)."),
+    ]
+    hints = typing.get_type_hints(BaseRecipe)
+    params += [option(f.name, hints[f.name], f.default, f.metadata.get("help")) for f in dataclasses.fields(BaseRecipe)]
+    return inspect.Signature(params)
 
 
-@app.command("train-base", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def train_base(ctx: typer.Context):
-    """Train the toy base model from scratch (VAE, then text encoder + UNet); resumable. Options: see --help of
-    'python -m personalize.datasets.toyworld.train_base'.
+RUN_OPTIONS = ("out", "resume", "device", "workers", "export")
+
+
+def train_base(**options):
+    """Train the toy base model from scratch (VAE, then text encoder + UNet); resumable.
 
     [bold]Examples[/bold]
 
@@ -134,28 +146,57 @@ def train_base(ctx: typer.Context):
 
       personalize toyworld train-base --out runs/toybase --resume --export weights/   # continue, then export
     """
-    from ..datasets.toyworld.train_base import main as run
+    from ..toybase.recipe import BaseRecipe
+    from ..toybase.train import train_base as run
 
-    with _one_line_argparse("train-base"):
-        run(list(ctx.args))
+    run_options = {k: options.pop(k) for k in RUN_OPTIONS}
+    run(BaseRecipe(**options), **run_options, log=lambda line: out_console.print(line, markup=False, highlight=False))
 
 
-@app.command("evaluate-base", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def evaluate_base(ctx: typer.Context):
-    """Sample the base on held-out captions and score them; export weights from a run. Options: see
-    'python -m personalize.datasets.toyworld.evaluate --help'.
+train_base.__signature__ = _train_base_signature()
+app.command("train-base")(train_base)
+
+
+@app.command("evaluate-base")
+def evaluate_base(
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="Diffusers folder [default: the shipped weights]."),
+    n: int = typer.Option(200, "--n", help="Held-out captions to sample."),
+    steps: int = typer.Option(25, "--steps", help="Sampling steps."),
+    guidance: float = typer.Option(4.0, "--guidance", help="Guidance scale."),
+    seed: int = typer.Option(0, "--seed", help="Image i uses seed + i."),
+    samples: Optional[Path] = typer.Option(None, "--samples", help="Keep the samples in this folder."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Save a truth|sample grid PNG here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the scores here."),
+    threads: int = typer.Option(1, "--threads", help="torch.set_num_threads"),
+    export_from: Optional[Path] = typer.Option(None, "--export-from", help="Training work folder: export its checkpoint instead."),
+    to: Optional[Path] = typer.Option(None, "--to", help="Export destination [default: the package weights folder]."),
+):
+    """Sample the base on held-out captions and score them; or export weights from a run.
 
     [bold]Examples[/bold]
 
       personalize toyworld evaluate-base --n 200 --grid grid.png
 
       personalize toyworld evaluate-base --pipeline runs/toybase/pipeline --json scores.json
-    """
-    from ..datasets.toyworld.evaluate import main as run
 
-    with _one_line_argparse("evaluate-base"):
-        result = run(list(ctx.args))
-    out_console.print_json(json.dumps(result, default=str))
+      personalize toyworld evaluate-base --export-from runs/toybase --to weights/   # an unfinished run's EMA weights
+    """
+    import torch
+
+    from ..toybase import evaluate as E
+    from ..toybase.model import folder_size_mb
+
+    torch.set_num_threads(threads)
+    if export_from is not None:
+        dest = E.export_from_checkpoint(export_from, to if to is not None else E.WEIGHTS_DIR)
+        out_console.print(f"exported to {dest} ({folder_size_mb(dest):.1f} MB)")
+        out_console.print_json(json.dumps({"exported": str(dest)}))
+        return
+    res = E.evaluate_base(pipeline, n=n, out_dir=samples, steps=steps, guidance=guidance, seed=seed, grid=grid)
+    summary = {k: v for k, v in res.items() if k != "per_image"}
+    if json_out is not None:
+        json_out.write_text(json.dumps(summary, indent=2) + "\n")
+    out_console.print_json(json.dumps(summary, default=str))
 
 
 def demo(

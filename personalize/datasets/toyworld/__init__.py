@@ -1,10 +1,9 @@
-"""The toy world: procedural scenes, held-out concepts, measurers and a tiny SD-1.x-shaped base model.
+"""The toy world: procedural scenes, held-out concepts, caption parsing and measurers (data only).
 
     from personalize.datasets.toyworld import list_concepts, render_concept_examples, score_folder
-    from personalize.datasets.toyworld.evaluate import load_base_pipeline, evaluate_base, export_from_checkpoint
-    from personalize.datasets.toyworld.train_base import main as train_base_main
 
-See docs/TOYWORLD.md.
+The tiny base model trained on it lives in :mod:`personalize.toybase`; the Perfusion claims measured in it in
+:mod:`personalize.claims`. See docs/TOYWORLD.md.
 """
 from .captions import parse_prompt
 from .concepts import CONCEPTS, get_concept, list_concepts, render_concept_examples

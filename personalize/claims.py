@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .concepts import get_concept, render_concept_examples
-from .measure import score_folder
+from .datasets.toyworld.concepts import get_concept, render_concept_examples
+from .datasets.toyworld.measure import score_folder
 
 TOKEN = "<tok>"
 RECON = ("a photo of a {}",)
@@ -35,8 +35,8 @@ def context_prompts(name: str) -> tuple[str, ...]:
     the prompt does not use yet, so that no prompt asks for an object the measurers cannot see whole."""
     import re
 
-    from .measure import FG_THRESHOLD
-    from .world import COLORS
+    from .datasets.toyworld.measure import FG_THRESHOLD
+    from .datasets.toyworld.world import COLORS
 
     spec = get_concept(name)
     clash = {bg for bg, rgb in COLORS.items()
@@ -67,7 +67,7 @@ def train_toy_concept(pipe, name: str, out: str | Path, *, method: str = "perfus
     """Render ``name``'s example images beside ``out`` and train a ``method`` concept on them
     (``method_settings``: that method's Config fields, e.g. ``lock="trained"`` for Perfusion; a concept that is
     not mirror-symmetric trains without horizontal flips)."""
-    from personalize.training import train
+    from .training import train
 
     out = Path(out)
     photos = out.with_name(out.stem + ".photos")
@@ -81,7 +81,7 @@ def train_toy_concept(pipe, name: str, out: str | Path, *, method: str = "perfus
 
 def sample(pipe, templates, folder: str | Path, word: str = TOKEN, seeds: int = 4) -> Path:
     """Each template filled with ``word``, ``seeds`` images each (seeds 0..seeds-1), into a fresh ``folder``."""
-    from personalize.generation import generate, write_images
+    from .generation import generate, write_images
 
     folder = Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
@@ -111,7 +111,7 @@ def measure_concept(pipe, concept, name: str, work: str | Path, *, reference: Op
     Returns {"fidelity": recon fidelity, "context_alignment", "context_fidelity", "leakage" (None without
     ``reference``), "no_concept_alignment"}.
     """
-    from personalize.compose import attach
+    from .compose import attach
 
     work = Path(work)
     with attach(pipe, concept, **knobs):

@@ -1,24 +1,24 @@
 """Sample the toy-world base model on held-out captions, score it, and export its weights.
 
-    python -m personalize.datasets.toyworld.evaluate --pipeline personalize/datasets/toyworld/weights --n 200
-    python -m personalize.datasets.toyworld.evaluate --export-from ~/.cache/personalize-toyworld/run \
-        --to personalize/datasets/toyworld/weights
+    personalize toyworld evaluate-base --pipeline personalize/toybase/weights --n 200
+    personalize toyworld evaluate-base --export-from ~/.cache/personalize-toyworld/run --to personalize/toybase/weights
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 
+from ..datasets.toyworld.measure import score_folder
+from ..datasets.toyworld.world import caption, heldout_scenes, render_scene
+from ..paths import atomic_dir
+from . import checkpoint as C
 from . import model as M
-from .measure import score_folder
-from .world import caption, heldout_scenes, render_scene
 
 PathLike = Union[str, os.PathLike]
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -65,8 +65,8 @@ def save_grid(folder: PathLike, path: PathLike, n: int = 32, cols: int = 8, scal
     """A small PNG grid: for each held-out caption, the true render (left) beside the sample (right)."""
     from PIL import Image
 
-    from ...images import open_rgb
-    from ...samples import read_samples
+    from ..images import open_rgb
+    from ..samples import read_samples
 
     samples = read_samples(folder)[:n]
     scenes = heldout_scenes(len(samples), seed) if with_truth else None
@@ -115,15 +115,15 @@ def evaluate_base(pipeline: Union[None, PathLike, object] = None, n: int = 200, 
 
 
 def export_from_checkpoint(run_dir: PathLike, dest: PathLike = WEIGHTS_DIR, ema: bool = True) -> Path:
-    """Export the (EMA) weights of ``run_dir/checkpoint.pt`` as an fp16 diffusers pipeline into ``dest``.
+    """Export the (EMA) weights of ``run_dir``'s checkpoint as an fp16 diffusers pipeline into ``dest``.
 
     Use it on an unfinished run; a finished run has already exported ``run_dir/pipeline``
     (copy that with ``copy_pipeline``).
     """
-    from .train_base import CKPT, git_commit
+    from .recipe import git_commit
 
-    state = torch.load(Path(run_dir).expanduser() / CKPT, weights_only=True)
-    arch = json.loads(state["arch"])
+    state = C.read(run_dir)
+    arch = state["arch"]
     vae, unet, te = M.build_vae(arch), M.build_unet(arch), M.build_text_encoder(arch)
     vae.load_state_dict(state["vae"])
     vae.register_to_config(scaling_factor=float(state["scaling"]))
@@ -140,41 +140,9 @@ def export_from_checkpoint(run_dir: PathLike, dest: PathLike = WEIGHTS_DIR, ema:
 
 
 def copy_pipeline(src: PathLike, dest: PathLike = WEIGHTS_DIR) -> Path:
+    """Copy a finished run's ``pipeline`` folder to ``dest`` (replacing it atomically)."""
     dest = Path(dest)
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(Path(src).expanduser(), dest)
-    M.load_as_float32(dest)
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(Path(src).expanduser(), tmp, dirs_exist_ok=True)
+        M.load_as_float32(tmp)
     return dest
-
-
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    p = argparse.ArgumentParser(prog="personalize toyworld evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--pipeline", default=None, help="diffusers folder (default: the shipped weights)")
-    p.add_argument("--n", type=int, default=200)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples", default=None, help="keep the samples in this folder")
-    p.add_argument("--grid", default=None, help="save a truth|sample grid PNG here")
-    p.add_argument("--json", default=None, help="write the scores here")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--export-from", default=None, help="training work dir: export its checkpoint instead")
-    p.add_argument("--to", default=str(WEIGHTS_DIR), help="export destination")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.export_from:
-        dest = export_from_checkpoint(args.export_from, args.to)
-        print(f"exported to {dest} ({M.folder_size_mb(dest):.1f} MB)")
-        return {"exported": str(dest)}
-    res = evaluate_base(args.pipeline, n=args.n, out_dir=args.samples, steps=args.steps, guidance=args.guidance,
-                        seed=args.seed, grid=args.grid)
-    summary = {k: v for k, v in res.items() if k != "per_image"}
-    print(json.dumps(summary, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    return res
-
-
-if __name__ == "__main__":
-    main()

@@ -156,7 +156,7 @@ def caption_corpus(n: int = CORPUS_SIZE, seed: int = 7) -> list[str]:
     (shipped as ``captions.txt`` beside the weights; the built-in SD noun corpus means nothing here)."""
     import random
 
-    from .world import sample_scene, training_caption
+    from ..datasets.toyworld.world import sample_scene, training_caption
 
     rng = random.Random(seed)
     return [training_caption(sample_scene(rng), rng) for _ in range(n)]

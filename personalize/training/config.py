@@ -1,0 +1,61 @@
+"""The trainer's own settings (:class:`TrainConfig`) and how a run's settings are resolved."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import BadInputError
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by every method (the method's own live in its Config)."""
+
+    steps: int = dataclasses.field(default=250, metadata={
+        "help": "optimizer steps (Perfusion paper: 210 on average, 400 at most)", "flag": True})
+    batch_size: int = dataclasses.field(default=16, metadata={"help": "images per step", "flag": True})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed for batches, flips, noise", "flag": True})
+    flip_p: float = dataclasses.field(default=0.5, metadata={
+        "help": "probability of a horizontal flip (paper: 0.5; 0 for asymmetric objects)"})
+    mixed_precision: str = dataclasses.field(default="no", metadata={"help": "no | fp16 (GPU) | bf16", "flag": True})
+    gradient_checkpointing: bool = dataclasses.field(default=False, metadata={
+        "help": "trade compute for memory", "flag": True})
+    checkpoint_every: int = dataclasses.field(default=50, metadata={
+        "help": "save a resumable checkpoint every N steps (0 = never)", "flag": True})
+    preview_every: int = dataclasses.field(default=0, metadata={
+        "help": "write a preview image to OUT.previews/ every N steps (0 = never)", "flag": True})
+    preview_prompt: str = dataclasses.field(default="a photo of a {}", metadata={
+        "help": "prompt of the previews, {} = the concept"})
+    max_grad_norm: float = dataclasses.field(default=1.0, metadata={"help": "gradient clipping norm"})
+    compile: bool = dataclasses.field(default=False, metadata={
+        "help": "torch.compile the UNet: minutes of compiling first, faster steps after (long GPU runs)", "flag": True})
+
+
+def split_overrides(method_cls, overrides: dict[str, Any] | None) -> tuple[dict, dict]:
+    """Split a flat settings dict (e.g. from --config YAML) into trainer and method settings."""
+    overrides = dict(overrides or {})
+    method_settings = overrides.pop(method_cls.name, {}) or {}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    method_fields = {f.name for f in dataclasses.fields(method_cls.Config)}
+    train, unknown = {}, []
+    for key, value in overrides.items():
+        if key in train_fields:
+            train[key] = value
+        elif key in method_fields:
+            method_settings[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        known = sorted(train_fields | method_fields)
+        raise BadInputError(f"unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(known)}")
+    return train, method_settings
+
+
+def resolve_settings(method_cls, settings: dict[str, Any] | None) -> tuple[TrainConfig, Any]:
+    """The trainer's and the method's configs: TrainConfig defaults < the method's ``train_defaults`` < ``settings``."""
+    from ..settings import coerce_fields
+
+    train_over, method_over = split_overrides(method_cls, settings)
+    train_cfg = TrainConfig(**coerce_fields(TrainConfig, {**method_cls.train_defaults, **train_over}))
+    return train_cfg, method_cls.make_config(method_over)

@@ -1,0 +1,334 @@
+"""The one trainer every method uses.
+
+It owns everything that is not method-specific: reading the photos, caching
+their VAE latents once (the images never change during a run), sampling
+batches, flips, noise, timesteps and prompt templates from one seeded
+generator, the denoising loss (optionally mask-weighted), accelerate's mixed
+precision, gradient checkpointing, progress, checkpoints with exact resume,
+and RNG-isolated preview images. A method only supplies its trainable state
+(see :class:`personalize.methods.base.Method`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .. import methods as method_registry
+from ..base import fingerprint, load_base
+from ..checkpoints import checkpoint_dir, has_checkpoint, load_checkpoint, save_checkpoint
+from ..concept import Concept, save_concept
+from ..errors import BadInputError, CheckpointError
+from ..images import file_sha256, list_images, load_captions, load_images, load_masks
+from ..parallel import DataParallel
+from ..paths import atomic_path
+from ..templates import check_new_token, check_token, single_token_id
+from .best import _BestKeeper, _Progress
+from .cache import LatentCache, PriorData, draw_batch
+from .config import TrainConfig, resolve_settings
+from .fast_path import FrozenInComputeDtype, TextCache, _adamw
+from .step import denoising_step
+
+
+def preview_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".previews")
+
+
+LOSS_EVERY = 10  # steps between reads of the loss value (each read is a host-device sync)
+
+
+def _validate_words(pipe, token: str, superclass: str) -> None:
+    from ..edits.tokens import base_tokenizer
+
+    tok = base_tokenizer(pipe)
+    single_token_id(tok, superclass)
+    check_new_token(tok, token)
+
+
+def train(
+    base,
+    images: str | Path | Sequence[str | Path],
+    *,
+    token: str | Sequence[str],
+    superclass: str | Sequence[str],
+    out: str | Path,
+    method: str = "perfusion",
+    masks: str | Path | None = None,
+    resume: bool = False,
+    settings: dict[str, Any] | None = None,
+    progress: bool = True,
+    callbacks: Iterable[Callable[[int, float, Any], None]] = (),
+    device: str | torch.device | None = None,
+    validation=None,
+) -> Path:
+    """Train one concept and write its file to ``out``; returns the path.
+
+    ``base`` is a spec (``"tiny"``, a folder, a hub id) or a loaded pipeline.
+    ``settings`` holds :class:`TrainConfig` fields and the method's Config
+    fields (flat, or the latter nested under the method's name).
+    ``callbacks`` are called as ``cb(step, loss, method)`` after every step
+    (after that step's checkpoint), with the live method object; ``loss`` is a
+    0-dim tensor on the training device (``float(loss)`` waits for the device,
+    so the loop itself only reads it every ``LOSS_EVERY`` steps).
+    A ``multi_concept`` method (Custom Diffusion) takes lists: one image
+    folder, token and superclass per concept, trained jointly into one file.
+    ``validation`` (a :class:`personalize.evaluation.validation.Validator`)
+    selects the best step: it is called every ``validation.every`` steps and
+    at the last step, and the state with the highest ``h`` (the earliest on
+    ties) is what the concept file gets; the header's provenance records
+    ``best_step`` and every ``validation`` result. A resumed run tracks the
+    best only from the steps it validates after resuming.
+    """
+    from diffusers import DDPMScheduler
+
+    method_cls = method_registry.get(method)
+    cfg, mcfg = resolve_settings(method_cls, settings)
+    out = Path(out)
+    _check_run(cfg, out, resume, validation)
+    folders, tokens, superclasses = _concepts(method_cls, images, token, superclass)
+    per_concept = [list_images(f) for f in folders]
+    image_paths = [p for paths in per_concept for p in paths]
+    if len(folders) == 1:
+        token, superclass = tokens[0], superclasses[0]
+    else:
+        token, superclass = tuple(tokens), tuple(superclasses)
+        if masks:
+            raise BadInputError("--masks works with one concept per run; train with masks one concept at a time")
+
+    accelerator = _accelerator(cfg.mixed_precision, cpu=(str(device) == "cpu"))
+    device = accelerator.device
+    parallel = DataParallel(accelerator, cfg.batch_size)
+    progress = progress and parallel.main
+    pipe = load_base(base) if isinstance(base, (str, Path)) else base
+    pipe.to(device)
+    for tok, sc in zip(tokens, superclasses):
+        _validate_words(pipe, tok, sc)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    captions = load_captions(image_paths, tokens)
+    pixels = load_images(image_paths, size)
+    mask_tensor = load_masks(masks, image_paths, size) if masks else None
+
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    labels = torch.tensor([i for i, paths in enumerate(per_concept) for _ in paths])
+    cache = LatentCache(pipe.vae, pixels, mask_tensor, labels, captions)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    trainable = method_cls.for_training(pipe, token, superclass, mcfg)
+    try:
+        with parallel.main_first():  # class images are sampled (and cached) once
+            prior = _prior_data(pipe, trainable, superclasses, size, progress)
+        groups = [{k: v for k, v in g.items() if k != "name"} for g in trainable.param_groups()]
+        optimizer = accelerator.prepare(_adamw(groups, device))
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        frozen = FrozenInComputeDtype(pipe, params, cfg.mixed_precision)
+        texts = TextCache() if trainable.text_path_frozen() else None
+        unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet  # the pipeline keeps its own module
+        generator = torch.Generator().manual_seed(cfg.seed)
+        base_fp = fingerprint(pipe)
+        image_hashes = [file_sha256(p) for p in image_paths]
+        run_id = {
+            "method": method, "token": _json_words(token), "superclass": _json_words(superclass), "base": base_fp.digest,
+            "images": image_hashes, "seed": cfg.seed, "batch_size": cfg.batch_size,
+            "config": dataclasses.asdict(mcfg),
+            **({"captions": captions} if any(c is not None for c in captions) else {}),
+        }
+        ckpt = checkpoint_dir(out)
+        start = load_checkpoint(ckpt, run_id, trainable, optimizer, generator) if resume else 0
+        bar = _Progress(progress, cfg.steps, start, f"training {method} {' '.join(tokens)}", validation is not None)
+        best = _BestKeeper(validation) if validation is not None else None
+        began = time.time()
+        try:
+            frozen.cast()
+            for step in range(start + 1, cfg.steps + 1):
+                batch = draw_batch(cache, cfg.batch_size, cfg.flip_p, scheduler.config.num_train_timesteps,
+                                   trainable.placeholders(), generator, device, trainable.templates())
+                prior_batch = None if prior is None else draw_batch(
+                    prior.cache, cfg.batch_size, cfg.flip_p, scheduler.config.num_train_timesteps, prior.prompts,
+                    generator, device, ("{}",))
+                with accelerator.autocast():
+                    loss = denoising_step(pipe, scheduler, trainable, batch, prior_batch,
+                                          prior.weight if prior else 0.0, unet=unet, texts=texts,
+                                          rows=parallel.rows)
+                accelerator.backward(loss)
+                parallel.average_gradients(params)
+                if cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss.detach()
+                # reading the loss waits for the device: only every LOSS_EVERY steps (and the last); data
+                # parallel: the whole batch's loss (every process takes part)
+                read = step % LOSS_EVERY == 0 or step == cfg.steps
+                bar.update(step, float(parallel.mean(loss)) if read else None)
+                if parallel.main and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+                    save_checkpoint(ckpt, step, run_id, trainable, optimizer, generator)
+                if parallel.main and cfg.preview_every and step % cfg.preview_every == 0:
+                    with accelerator.autocast():
+                        write_preview(pipe, preview_dir(out) / f"step_{step:06d}.png",
+                                      cfg.preview_prompt.format(trainable.placeholder()), cfg.seed)
+                if parallel.main and best is not None and step % validation.every == 0:
+                    with accelerator.autocast():
+                        bar.show_h(best.validate(pipe, trainable, step))
+                for cb in callbacks:
+                    cb(step, loss, trainable)
+            if parallel.main and best is not None:
+                with accelerator.autocast():
+                    best.finish(pipe, trainable, cfg.steps)
+        finally:
+            bar.close()
+            frozen.restore()
+        provenance = {
+            "base": str(base) if isinstance(base, (str, Path)) else type(base).__name__,
+            "steps": cfg.steps, "batch_size": cfg.batch_size, "seed": cfg.seed,
+            "mixed_precision": cfg.mixed_precision, "images": image_hashes,
+            "package_version": _version(), "torch": torch.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.time() - began, 1),
+            **(best.provenance() if best is not None else {}),
+        }
+        header = concept_header(method, token, superclass, mcfg, trainable.inference_defaults(), base_fp,
+                                trainable.header_fields(), provenance)
+        concept = Concept(header=header, tensors=trainable.concept_tensors())
+    finally:
+        trainable.remove()
+        if cfg.gradient_checkpointing:
+            pipe.unet.disable_gradient_checkpointing()
+    if not parallel.main:  # the main process writes the concept (and its artifacts)
+        parallel.wait()
+        return out
+    concept.header.update(trainable.write_artifacts(out))
+    path = save_concept(out, concept)
+    parallel.wait()
+    return path
+
+
+def _json_words(words):
+    return words if isinstance(words, str) else list(words)
+
+
+def concept_header(method: str, token, superclass, config, defaults: dict, base_fp, extra: dict,
+                   provenance: dict) -> dict[str, Any]:
+    """A concept file's header (multi-concept files name their first token here, all of them in ``extra``)."""
+    first = lambda v: v if isinstance(v, str) else v[0]  # noqa: E731
+    return {
+        "method": method, "token": first(token), "superclass": first(superclass),
+        "config": dataclasses.asdict(config), "inference_defaults": defaults,
+        "base_fingerprint": dict(base_fp.to_dict(), digest=base_fp.digest),
+        **extra, "provenance": provenance,
+    }
+
+
+def _concepts(method_cls, images, token, superclass) -> tuple[list, list[str], list[str]]:
+    """One (folder, token, superclass) per concept; several only for a multi-concept method."""
+    from ..methods.shared import as_list, single_tokens, words_of
+
+    folders = as_list(images)
+    tokens, superclasses = words_of(token, superclass)
+    if len(superclasses) == 1 and len(folders) > 1:
+        superclasses = superclasses * len(folders)
+    if not (len(folders) == len(tokens) == len(superclasses)):
+        raise BadInputError(f"{len(folders)} image folders for {len(tokens)} tokens and {len(superclasses)} "
+                            "superclasses; give one --token and --superclass per --images")
+    if len(folders) > 1 and not method_cls.multi_concept:
+        multi = [n for n in method_registry.names() if method_registry.get(n).multi_concept]
+        raise BadInputError(f"{method_cls.name} trains one concept per run; train several jointly with "
+                            f"{', '.join(multi) or 'a multi-concept method'}, or run once per concept")
+    for tok in tokens:
+        check_token(tok)
+    single_tokens(tokens)
+    return folders, tokens, superclasses
+
+
+def _prior_data(pipe, trainable, superclasses: list[str], size: int, progress: bool) -> PriorData | None:
+    """The run's class images (generated by the base and cached, or the user's), encoded once.
+
+    Called once the method is built (so its settings are checked before minutes of sampling); its edits are
+    taken out meanwhile, so the images are the base model's."""
+    spec = type(trainable).prior_spec(trainable.config, list(superclasses))
+    if spec is None:
+        return None
+    trainable.remove()
+    try:
+        return _class_images(pipe, spec, size, progress)
+    finally:
+        trainable.install()
+
+
+def _class_images(pipe, spec, size: int, progress: bool) -> PriorData:
+    from .. import prior as prior_images
+
+    todo = prior_images.missing_count(pipe, spec)
+    bar = _Progress(progress and todo > 0, todo, 0, "class images", with_loss=False)
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        bar.update(done[0])
+
+    try:
+        paths, labels = prior_images.resolve(pipe, spec, on_image=tick)
+    finally:
+        bar.close()
+    cache = LatentCache(pipe.vae, load_images(paths, size), None, torch.tensor(labels))
+    return PriorData(cache, spec.prompts, spec.weight)
+
+
+def _check_run(cfg: TrainConfig, out: Path, resume: bool, validation=None) -> None:
+    """Refuse bad settings before anything is loaded or written."""
+    if validation is not None and not (isinstance(validation.every, int) and validation.every >= 1):
+        raise BadInputError(f"validation every {validation.every!r} steps: use a positive whole number of steps")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise BadInputError(f"--mixed-precision must be no, fp16 or bf16, not '{cfg.mixed_precision}'")
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise BadInputError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 (or no) on a CPU")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise BadInputError("--steps and --batch-size must be at least 1")
+    if out.is_dir():
+        raise BadInputError(f"--out '{out}' is a folder; pass a file path ending in .safetensors")
+    if out.suffix != ".safetensors":
+        raise BadInputError(f"--out '{out}' must end in .safetensors")
+    if resume and not has_checkpoint(out):
+        raise CheckpointError(f"--resume: no checkpoint in '{checkpoint_dir(out)}'; run without --resume to start training")
+
+
+def _accelerator(mixed_precision: str, cpu: bool):
+    """An Accelerator; accelerate keeps process-wide state, so a second run in one process with other
+    settings (e.g. bf16 after fp32, from Python) resets it first."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    except ValueError:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("personalize")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+@torch.no_grad()
+def write_preview(pipe, path: Path, prompt: str, seed: int) -> None:
+    """One preview image from its own generator; the training RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        image = pipe(
+            prompt, num_inference_steps=25, guidance_scale=6.0,
+            generator=torch.Generator().manual_seed(seed), output_type="pil",
+        ).images[0]
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
