@@ -30,7 +30,7 @@ class LagClock:
     """Adds up the time spent in LAG's own functions (maps + masks per block, the per-call row plan)."""
 
     def __init__(self):
-        import personalize.lag as lag
+        import personalize.edits.lag as lag
         from personalize.edits.attention_maps import AttentionMaps
 
         self.seconds = 0.0

@@ -104,7 +104,7 @@ def renamed(concept: Concept, token: str) -> Concept:
 
 def check_lag(concept: Concept, method_cls) -> None:
     """LAG sampling masks personalized residuals; refuse a concept that has none."""
-    if "proj_out" not in method_cls.sites:
+    if "lag" not in method_cls.knobs:
         raise BadInputError(
             f"--lag needs a concept with personalized residuals, but '{_name(concept)}' is a {concept.method} concept "
             "(no residuals); drop --lag or train it with --method residuals"

@@ -75,16 +75,18 @@ def _page(out: Path, photos: Path, concept_path: Path, scores: dict, baseline: d
     from . import claims
     from .datasets.toyworld import get_concept
     from .generation import slug
+    from .images import open_rgb
 
     token = claims.TOKEN
     scenes = [claims.RECON[0]] + list(claims.context_prompts(CONCEPT)[:SCENES])
 
-    def cell(path: Path) -> str:
-        img = Image.open(path).convert("RGB").resize((128, 128), Image.NEAREST)
-        return f'<td><img src="{_data_uri(img)}"></td>'
+    def thumb(path: Path, size: int) -> str:
+        return _data_uri(open_rgb(path).resize((size, size), Image.NEAREST))
 
-    photos_html = "".join(f'<img src="{_data_uri(Image.open(p).convert("RGB").resize((96, 96), Image.NEAREST))}">'
-                          for p in sorted(photos.glob("*.png")))
+    def cell(path: Path) -> str:
+        return f'<td><img src="{thumb(path, 128)}"></td>'
+
+    photos_html = "".join(f'<img src="{thumb(p, 96)}">' for p in sorted(photos.glob("*.png")))
     head = "".join(f"<th>{html.escape(s.format(token))}</th>" for s in scenes)
     sc = get_concept(CONCEPT).superclass
     base_cells = [cell(out / "samples" / ("superclass" if s in claims.RECON else "base_context")

@@ -66,15 +66,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": "pt", **(metadata or {})})
-    return path
-
-
 def write_info(folder: Path, info: dict[str, Any]) -> Path:
     path = inside(folder, "export.json")
     with atomic_path(path) as tmp:

@@ -50,7 +50,10 @@ class KnobSpec:
         if value is None:
             return self.default
         if self.kind is bool:
-            return coerce(self.name, value, bool, label)
+            try:
+                return coerce(self.name, value, bool, label)
+            except BadInputError:
+                raise BadInputError(f"{label}={value!r}: use {self.name}=on or {self.name}=off") from None
         if self.kind is str:
             text = str(value).strip().lower()
             if text not in self.choices:

@@ -212,3 +212,13 @@ def atomic_dir(target: str | os.PathLike, replace: bool = True):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` (contiguous CPU copies) to ``path`` atomically, with safetensors ``metadata``."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": "pt", **(metadata or {})})
+    return path

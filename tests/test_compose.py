@@ -12,7 +12,8 @@ from personalize.concept import Concept
 from personalize.edits.placement import cross_attention_layers
 from personalize.edits.sites import SiteWrapper, site_occupant
 from personalize.errors import BadInputError
-from personalize.methods.perfusion import PerfusionGroup, _key, rank1_edit
+from personalize.methods.perfusion import PerfusionGroup, _key
+from personalize.methods.rank1 import rank1_edit
 
 BOTH = "a photo of a <disc> next to a <cube> on the grass"
 NEITHER = "a photo of a ball next to a cup on the grass"

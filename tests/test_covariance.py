@@ -46,7 +46,7 @@ def test_cache_is_keyed_by_base_and_corpus(tiny):
 
 
 def test_inverse_is_scale_invariant_in_the_edit(tiny):
-    from personalize.methods.perfusion import rank1_edit
+    from personalize.methods.rank1 import rank1_edit
 
     C = load_or_compute_covariance(tiny, ["a photo of a cat", "a dog", "a red cup on a table"] * 3)
     g = torch.Generator().manual_seed(0)

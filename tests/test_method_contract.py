@@ -91,10 +91,15 @@ def bad_values(spec):
 KNOBS = [(name, knob) for name in NAMES for knob in specs(methods.get(name).Knobs)]
 
 
-def test_every_method_is_covered():
+def test_every_method_is_covered_and_names_real_seams():
+    from personalize.edits.placement import SEAMS
+
     assert {"perfusion", "residuals", "textual-inversion", "dreambooth", "dreambooth-lora",
             "custom-diffusion"} <= set(NAMES)
     assert {k for _, k in KNOBS} >= {"beta", "tau", "gate", "lock", "lag", "scale"}
+    for name in NAMES:
+        cls = methods.get(name)
+        assert "tokens" in cls.sites and set(cls.sites) <= set(SEAMS), (name, cls.sites)
 
 
 @pytest.mark.parametrize("name", NAMES)

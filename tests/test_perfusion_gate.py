@@ -4,7 +4,7 @@ import torch
 
 from personalize import attach
 from personalize.errors import BadInputError
-from personalize.methods.perfusion import gate_of, rank1_edit
+from personalize.methods.rank1 import gate_of, rank1_edit
 
 
 def test_gate_of_mixes_gated_and_ungated_concepts():

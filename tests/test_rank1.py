@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from personalize.methods.perfusion import Rank1Projection, rank1_edit
+from personalize.methods.rank1 import Rank1Projection, rank1_edit
 
 D_IN, D_OUT = 12, 7
 

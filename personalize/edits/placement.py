@@ -27,6 +27,8 @@ from .sites import inner_layer
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 KINDS = ("cross_attention", "kv", "proj_out", "attention", "text_attention", "transformer")
+#: every seam a method may name in ``Method.sites``: the token seam, the site kinds, whole-module swaps
+SEAMS = ("tokens", *KINDS, "unet", "text_encoder")
 
 
 def cross_attention_layers(unet: nn.Module) -> Iterator[tuple[str, nn.Module]]:

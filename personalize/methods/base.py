@@ -218,8 +218,8 @@ class Method:
 
     def install(self) -> None:
         """Occupy the seams: tokens, own occupants, the group; all or nothing."""
-        from ..edits.groups import join, leave
-        from ..edits.sites import occupy_all, vacate_all
+        from ..edits.groups import join
+        from ..edits.sites import occupy_all
         from ..edits.tokens import token_site
 
         if self.installed:
@@ -235,25 +235,21 @@ class Method:
             self.installed = True
             self.on_install()
         except BaseException:
-            self.installed = False
-            if self.group is not None:
-                leave(self.pipe, self.group, self)
-                self.group = None
-            for part, names in self._placed:
-                vacate_all(getattr(self.pipe, part), names, self.key)
-            self._placed = []
-            token_site(self.pipe).remove(self.key)
+            self._vacate()
             raise
 
     def remove(self) -> None:
         """Vacate everything :meth:`install` occupied; the last concept out restores the original modules."""
+        if self.installed:
+            self.on_remove()
+            self._vacate()
+
+    def _vacate(self) -> None:
         from ..edits.groups import leave
         from ..edits.sites import vacate_all
         from ..edits.tokens import token_site
 
-        if not self.installed:
-            return
-        self.on_remove()
+        self.installed = False
         if self.group is not None:
             leave(self.pipe, self.group, self)
             self.group = None
@@ -261,4 +257,3 @@ class Method:
             vacate_all(getattr(self.pipe, part), names, self.key)
         self._placed = []
         token_site(self.pipe).remove(self.key)
-        self.installed = False

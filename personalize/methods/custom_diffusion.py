@@ -134,8 +134,7 @@ class CustomDiffusion(Method):
     def export(cls, concept, fmt: str, folder: Path, pipe=None) -> list[Path]:
         """diffusers' layout: full K/V weights (W + dW) per cross-attention processor, an empty entry for every
         other processor (so ``set_attn_processor`` gets all of them), and one textual-inversion file per token."""
-        from ..interop import save_safetensors
-        from ..paths import inside
+        from ..paths import inside, save_safetensors
 
         tokens = concept.header.get("tokens", [concept.token])
         token_files = [inside(folder, f"{token}.safetensors") for token in tokens]  # checked before any write

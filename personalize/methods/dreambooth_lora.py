@@ -98,7 +98,7 @@ class _LoraSite:
 class DreamBoothLora(IdentifierToken, Method):
     name = "dreambooth-lora"
     description = "DreamBooth with peft LoRA (r=4) on every UNet attention projection; ~3 MB per SD 1.5 concept"
-    sites = ("tokens", "attention", "text_encoder")
+    sites = ("tokens", "attention", "text_attention")
     Config = DreamBoothLoraConfig
     Knobs = DreamBoothLoraKnobs
     train_defaults = {"steps": 500, "batch_size": 1}
@@ -172,8 +172,7 @@ class DreamBoothLora(IdentifierToken, Method):
     # -- interop
     @classmethod
     def export(cls, concept, fmt: str, folder: Path, pipe=None) -> list[Path]:
-        from ..interop import save_safetensors
-        from ..paths import inside
+        from ..paths import inside, save_safetensors
 
         tensors = {k: v.float() for k, v in concept.tensors.items()}
         if fmt == "diffusers-lora":

@@ -79,7 +79,7 @@ class ResidualSite:
         self.group, self.block, self.layer = group, block, f"{block}.proj_out"
 
     def __call__(self, wrapper: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        from ..lag import block_masks
+        from ..edits.lag import block_masks
 
         concepts = self.group.members  # sorted by token: attach order never matters
         lagged = [c.key for c in concepts if c.lag]
@@ -234,8 +234,7 @@ class Residuals(Method):
     def export(cls, concept, fmt: str, folder: Path, pipe=None) -> list[Path]:
         """diffusers' LoRA layout (the concept's own tensor names ``unet.<block>.proj_out.lora_A.weight``, the peft
         LoraConfig under ``lora_adapter_metadata``: per-layer rank, alpha = rank) and V* as a textual inversion."""
-        from ..interop import save_safetensors
-        from ..paths import inside
+        from ..paths import inside, save_safetensors
 
         config = lora_config(LoraBank.ranks_in(concept.tensors)).to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}

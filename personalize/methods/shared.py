@@ -91,12 +91,9 @@ def replaced_by(pipe) -> str | None:
 
 
 def has_attachments(pipe) -> bool:
-    """Whether any concept (tokens, site occupants, a replaced UNet) is attached to ``pipe``."""
-    from ..edits.sites import SiteWrapper
-
-    if replaced_by(pipe) or base_tokenizer(pipe) is not pipe.tokenizer:
-        return True
-    return any(isinstance(m, SiteWrapper) for part in (pipe.unet, pipe.text_encoder) for m in part.modules())
+    """Whether any concept is attached to ``pipe`` (every concept adds a token; the pipeline state knows)."""
+    state = pipeline_state(pipe, create=False)
+    return state is not None and not state.empty()
 
 
 def check_composable(pipe, method_cls, count: int = 1) -> None:

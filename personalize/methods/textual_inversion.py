@@ -83,8 +83,7 @@ class TextualInversion(Method):
     # -- interop
     @classmethod
     def export(cls, concept, fmt: str, folder: Path, pipe=None) -> list[Path]:
-        from ..interop import save_safetensors
-        from ..paths import inside
+        from ..paths import inside, save_safetensors
 
         vectors = concept.tensors["embedding"].float().contiguous()
         if fmt == "diffusers":

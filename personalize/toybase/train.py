@@ -172,9 +172,8 @@ def train_base(recipe: Optional[BaseRecipe] = None, *, out: os.PathLike | str, r
             losses.append(mse.detach())
             step += 1
             if step % args.log_every == 0 or step == args.vae_steps:
-                dt = time.time() - t0
-                sps = dt / (step - start)
-                log(f"[vae] step {step}/{args.vae_steps} recon-mse {torch.stack(losses[-args.log_every:]).mean():.5f} "
+                sps = (time.time() - t0) / (step - start)
+                log(f"[vae] step {step}/{args.vae_steps} recon-mse {_recent(losses, args):.5f} "
                     f"{sps:.3f} s/step, ETA vae {fmt_time(sps * (args.vae_steps - step))}")
             if step % args.ckpt_every == 0 and step < args.vae_steps:
                 save("vae", step, elapsed + time.time() - t0)
@@ -249,9 +248,8 @@ def train_base(recipe: Optional[BaseRecipe] = None, *, out: os.PathLike | str, r
         if step % args.log_every == 0 or step == args.steps:
             dt = time.time() - t0
             sps = dt / (step - start)
-            log(f"[unet] step {step}/{args.steps} loss {torch.stack(losses[-args.log_every:]).mean():.4f} "
-                f"lr {lr:.2e} {sps:.3f} s/step, ETA {fmt_time(sps * (args.steps - step))}, "
-                f"elapsed {fmt_time(elapsed + dt)}")
+            log(f"[unet] step {step}/{args.steps} loss {_recent(losses, args):.4f} lr {lr:.2e} {sps:.3f} s/step, "
+                f"ETA {fmt_time(sps * (args.steps - step))}, elapsed {fmt_time(elapsed + dt)}")
             del losses[:-args.log_every]
         if step % args.ckpt_every == 0 or step == args.steps:
             save("unet", step, elapsed + time.time() - t0)
@@ -313,3 +311,8 @@ def _evaluate_ema(args, arch, vae, unet, te, ema_unet, ema_te, tokenizer, device
     pipe.set_progress_bar_config(disable=True)
     res = evaluate_base(pipe, n=args.eval_n, batch_size=256 if device.type == "cuda" else 50)
     return {k: v for k, v in res.items() if k in ("alignment", "per_attribute", "settings")}
+
+
+def _recent(losses: list, args: BaseRecipe) -> float:
+    """The mean loss over the last logging interval."""
+    return float(torch.stack(losses[-args.log_every:]).mean())

@@ -1,13 +1,4 @@
-"""The one trainer every method uses.
-
-It owns everything that is not method-specific: reading the photos, caching
-their VAE latents once (the images never change during a run), sampling
-batches, flips, noise, timesteps and prompt templates from one seeded
-generator, the denoising loss (optionally mask-weighted), accelerate's mixed
-precision, gradient checkpointing, progress, checkpoints with exact resume,
-and RNG-isolated preview images. A method only supplies its trainable state
-(see :class:`personalize.methods.base.Method`).
-"""
+"""``train()``: the training loop of every method (the package docstring says what the trainer owns)."""
 from __future__ import annotations
 
 import dataclasses

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .edits.attention_maps import attention_maps
+from .attention_maps import attention_maps
 
 
 def exclusive_masks(attention: torch.Tensor) -> torch.Tensor:
