@@ -216,6 +216,10 @@ def test_local_weights_path(tmp_path, dino):
     from personalize.errors import BaseModelError
     with pytest.raises(BaseModelError):
         DinoEncoder(weights=tmp_path / "missing.pt")
+    pickled = tmp_path / "dino.pt"
+    torch.save(dict(dino.model.state_dict()), pickled)
+    with pytest.raises(BaseModelError, match="pickles are never loaded"):
+        DinoEncoder(weights=pickled)
 
 
 def test_toyworld_backend_real_folder(tmp_path):

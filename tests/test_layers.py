@@ -84,3 +84,31 @@ def test_the_checker_sees_imports():
     assert {"concept", "methods", "knobs", "errors"} <= found
     found = {t for path, unit in _modules() if path.name == "residuals.py" for t in _imports(path)}
     assert "edits" in found  # relative imports two levels up, and function-local ones
+
+
+def _cli_siblings(path: Path) -> set[str]:
+    """The other ``cli/`` modules ``path`` imports (``from .x import``, ``from . import x``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+    return names
+
+
+def test_the_cli_package_has_console_at_the_bottom_and_no_circles():
+    graph = {p.stem: _cli_siblings(p) - {p.stem} for p in (ROOT / "cli").glob("*.py")}
+    assert graph["console"] == set()
+    assert "app" not in set().union(*(deps for name, deps in graph.items() if name != "__main__"
+                                     and name != "__init__"))
+    done: set[str] = set()
+
+    def visit(node, path):
+        assert node not in path, f"import circle in personalize/cli: {' -> '.join([*path, node])}"
+        if node in done:
+            return
+        for nxt in graph.get(node, ()):
+            visit(nxt, [*path, node])
+        done.add(node)
+
+    for node in graph:
+        visit(node, [])

@@ -111,13 +111,13 @@ def _load_state(model: torch.nn.Module, weights: Union[str, Path]) -> None:
     path = Path(weights)
     if not path.is_file():
         raise BaseModelError(f"weights file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise BaseModelError(f"weights {path} are not a .safetensors file; pickles are never loaded: convert it "
+                             "(safetensors.torch.save_file(torch.load(f, weights_only=True), 'weights.safetensors'))")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = load_file(str(path))
     except Exception as exc:
         raise BaseModelError(f"could not read weights {path}: {_first_line(exc)}") from exc
     if isinstance(state, dict) and "state_dict" in state:
