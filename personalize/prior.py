@@ -25,12 +25,14 @@ from .paths import atomic_path, cache_dir
 
 @dataclass
 class PriorConfig:
-    """Prior-preservation settings shared by DreamBooth and Custom Diffusion (DreamBooth paper defaults)."""
+    """Prior-preservation settings shared by DreamBooth and Custom Diffusion (the diffusers train_dreambooth and
+    train_custom_diffusion READMEs: lambda 1.0, 200 class images)."""
 
     prior_loss_weight: float = field(default=1.0, metadata={
-        "help": "weight of the class-image loss (lambda), 0 = off", "flag": True})
+        "help": "weight of the class-image loss (lambda), 0 = off (DreamBooth / Custom Diffusion READMEs: 1.0)",
+        "flag": True})
     num_class_images: int = field(default=200, metadata={
-        "help": "class images to generate per concept (cached per base and prompt)", "flag": True})
+        "help": "class images to generate per concept, cached per base and prompt (the READMEs: 200)", "flag": True})
     class_prompt: str = field(default="a photo of a {}", metadata={
         "help": "prompt of the class images, {} = the superclass"})
     class_images: Any = field(default=None, metadata={

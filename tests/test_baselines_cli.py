@@ -34,10 +34,10 @@ def test_methods_lists_every_method_with_its_defaults(capsys, monkeypatch):
     code, out, err = run_cli(capsys, ["methods"])
     assert code == 0, err
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") >= 4}
-    expected = {"textual-inversion": ("num_vectors=1", "steps=3000", "lr=0.0005"),
+    expected = {"textual-inversion": ("num_vectors=1", "steps=3000", "lr=0.002"),
                 "dreambooth": ("steps=800", "prior_loss_weight=1.0", "identifier=sks", "lr=5e-06"),
                 "dreambooth-lora": ("rank=4", "prior_loss_weight=0.0", "lr=0.0001"),
-                "custom-diffusion": ("steps=250", "lr=2e-05", "init_words=ktn+pll+ucd"),
+                "custom-diffusion": ("steps=250", "lr=4e-05", "init_words=ktn+pll+ucd"),
                 "perfusion": ("lr_value=0.03",), "residuals": ()}
     for name, defaults in expected.items():
         assert name in rows, f"{name} not listed"

@@ -50,7 +50,7 @@ def test_train_validates_with_local_clip_weights(photos, tmp_path, capsys, clip_
     (["--validate-every", "1", "--evaluator", "toyworld:nope"], ["unknown toy-world concept 'nope'"]),
     (["--validate-every", "1", "--validation-prompt", "no placeholder"], ["no {}"]),
     (["--validate-every", "1", "--clip-weights", "missing.safetensors"], ["--clip-weights", "not a file"]),
-    (["--evaluator", "clip"], ["need --validate-every"]),
+    (["--validate-every", "0", "--evaluator", "clip"], ["--validate-every 0", "drop --evaluator"]),
 ])
 def test_train_refuses_bad_validation_flags(photos, tmp_path, capsys, extra, words):
     out = tmp_path / "bad.safetensors"

@@ -16,7 +16,8 @@
     methods:
       - method: perfusion
         train: {steps: 150, batch_size: 8}
-        validate_every: 50          # optional: keep the step with the best harmonic mean (spec's evaluator)
+        validate_every: 25          # keep the step with the best harmonic mean (spec's evaluator); default: the
+                                    # method's reference (perfusion 25, its paper; others 0 = the last step)
         sweep: {beta: [0.6, 0.7, 0.8], lock: [local, global]}
       - method: residuals
         sweep: {lag: [false, true]}
@@ -55,7 +56,8 @@ class MethodSpec:
     method: str
     train: dict
     sweep: dict  # knob -> list of values
-    validate_every: int = 0  # > 0: best-step selection with the spec's evaluator (keep the best harmonic mean)
+    validate_every: int = 0  # > 0: best-step selection with the spec's evaluator (keep the best harmonic mean);
+    # a spec entry without it gets the method's ``validate_every`` (Perfusion's paper: 25)
 
     def settings(self) -> list[dict]:
         """Every inference setting of the sweep (the cartesian product), ``[{}]`` without a sweep."""
@@ -172,7 +174,7 @@ def _method(entry, i: int) -> MethodSpec:
     label = entry.get("label", cls.name)
     if not isinstance(label, str) or not label.replace("-", "").replace("_", "").isalnum() or label == "base":
         raise BadInputError(f"{where}: label {label!r} must be letters, digits, '-' or '_' (and not 'base')")
-    every = entry.get("validate_every", 0)
+    every = entry.get("validate_every", cls.validate_every)
     if every != 0:
         _positive_int(every, f"{where}.validate_every")
     return MethodSpec(label=label, method=cls.name, train=dict(train), sweep={k: list(v) for k, v in sweep.items()},

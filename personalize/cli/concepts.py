@@ -170,13 +170,18 @@ def list_methods(
     if name is not None:
         _method_settings(registry.get(name))
         return
-    table = Table("method", "description", "sites", "defaults")
+    table = Table("method", "description (recipe: where the defaults come from)", "sites", "defaults")
     for name in registry.names():
         cls = registry.get(name)
         trainer = [f"{k}={fmt(v)}" for k, v in cls.train_defaults.items()]
         defaults = ", ".join(trainer + [f"{f.name}={fmt(f.default)}" for f in method_fields(cls)])
-        table.add_row(name, cls.description, ", ".join(cls.sites), defaults)
+        table.add_row(name, escape(_described(cls)), ", ".join(cls.sites), escape(defaults))
     out_console.print(table)
+
+
+def _described(cls) -> str:
+    """The method's description and, on the next line, its recipe (the source of its defaults)."""
+    return f"{cls.description}\nrecipe: {cls.recipe}" if cls.recipe else cls.description
 
 
 def _method_settings(cls) -> None:
@@ -195,6 +200,8 @@ def _method_settings(cls) -> None:
         table.add_row(field.name, default, "--" + field.name.replace("_", "-") if flag else "--set",
                       escape(field.metadata.get("help", "")))
     out_console.print(table)
+    if cls.recipe:
+        out_console.print(escape(f"recipe: {cls.recipe}"))
     if cls.knobs:
         knobs = Table("knob", "help", title="inference knobs: generate --concept FILE:KNOB=VALUE,...")
         for knob, text in cls.knobs.items():

@@ -33,9 +33,9 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (trainer and method); flags win."),
     set_: List[str] = typer.Option([], "--set", help="Method or trainer setting KEY=VALUE, e.g. --set lock=trained --set lr_value=0.02."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
-    validate_every: int = typer.Option(0, "--validate-every", min=0, help="Best-step selection: every N steps (and at the last) sample a few images, score them and keep the step with the best harmonic mean (0 = off: keep the last step)."),
+    validate_every: Optional[int] = typer.Option(None, "--validate-every", min=0, help="Best-step selection: every N steps (and at the last) sample a few images, score them and keep the step with the best harmonic mean (0 = off: keep the last step) \\[default: 25 (Perfusion §4.4) when --evaluator, --validation-prompt or --clip-weights is given, else off]."),
     evaluator: Optional[str] = typer.Option(None, "--evaluator", help="What --validate-every scores: clip (CLIP-I vs. the photos, CLIP-T) or toyworld:NAME (the toy world's fidelity and alignment for concept NAME) \\[default: clip]."),
-    validation_prompt: List[str] = typer.Option([], "--validation-prompt", help="Prompt to validate with, {} = the concept; repeatable \\[default: 'a photo of a {}', 'a {} on the beach'; toyworld: a toy-world scene]."),
+    validation_prompt: List[str] = typer.Option([], "--validation-prompt", help="Prompt to validate with, {} = the concept; repeatable \\[default: 8 prompts as Perfusion §4.4 ('a photo of a {}', 'a {} on the beach', ...), one sample each; toyworld: toy-world scenes]."),
     clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local CLIP ViT-B-32 weights file for --evaluator clip \\[default: open_clip's 'openai' weights from the hub]."),
     **flags,
 ):
@@ -61,7 +61,7 @@ def train(
 
       (or list them in --config as concepts: a list of images / token / superclass mappings)
 
-      personalize train ... --steps 400 --validate-every 50 --clip-weights clip-vit-b-32.safetensors   # keep the best step
+      personalize train ... --clip-weights clip-vit-b-32.safetensors   # keep the best step (validated every 25 steps)
 
       personalize train --base toy ... --validate-every 25 --evaluator toyworld:split_triangle   # toy world: ground-truth scores
 
@@ -91,12 +91,19 @@ train.__doc__ = train.__doc__.replace("METHOD_DEFAULTS", derived.defaults_summar
 derived.with_flags(train, {"base": TRAINER_FLAGS, "set_": METHOD_FLAGS})
 
 
-def _validation(every: int, evaluator: Optional[str], prompts: List[str], clip_weights: Optional[Path], images,
-                device: Optional[str]):
-    """The --validate-every validator (None when off); the other validation flags need it."""
+def _validation(every: Optional[int], evaluator: Optional[str], prompts: List[str], clip_weights: Optional[Path],
+                images, device: Optional[str]):
+    """The --validate-every validator (None when off): an evaluator configured without --validate-every validates
+    on Perfusion's schedule (every 25 steps); --validate-every 0 with an evaluator flag is refused."""
+    from ..evaluation.validation import VALIDATE_EVERY
+
+    configured = bool(evaluator or prompts or clip_weights)
+    if every is None:
+        every = VALIDATE_EVERY if configured else 0
     if not every:
-        if evaluator or prompts or clip_weights:
-            raise BadInputError("--evaluator, --validation-prompt and --clip-weights need --validate-every N (N > 0)")
+        if configured:
+            raise BadInputError("--validate-every 0 turns validation off: drop --evaluator, --validation-prompt and "
+                                "--clip-weights, or give --validate-every N (N > 0)")
         return None
     if clip_weights is not None and not clip_weights.is_file():
         raise BadInputError(f"--clip-weights '{clip_weights}' is not a file; pass a CLIP ViT-B-32 state dict (.safetensors)")

@@ -12,6 +12,11 @@ Both validators here sample a few images (prompts × seeds, DDIM) from their own
   CustomConcept101's "photo of a <new1> cat" with the token removed; ``h`` = their harmonic mean.
 - :class:`ToyWorldValidator`: the toy world's ground-truth measurers; ``h`` = harmonic mean of
   fidelity and alignment.
+
+The defaults are Perfusion's schedule (paper §4.4: "a validation set of 8 prompts, sampled every 25 training
+steps", keep the step with the best harmonic mean of CLIP-I and CLIP-T): :data:`VALIDATE_EVERY` = 25,
+:data:`DEFAULT_PROMPTS` 8 prompts (the paper does not list its 8; these are CustomConcept101-style: neutral,
+backgrounds, styles), one sample each.
 """
 from __future__ import annotations
 
@@ -28,7 +33,12 @@ from ..errors import BadInputError
 from ..templates import fill
 from .protocol import harmonic_mean
 
-DEFAULT_PROMPTS = ("a photo of a {}", "a {} on the beach")
+#: Perfusion §4.4: validate every 25 steps (the default wherever an evaluator is configured)
+VALIDATE_EVERY = 25
+#: Perfusion §4.4: 8 validation prompts (its list is unpublished: 2 neutral, 4 backgrounds, 2 styles)
+DEFAULT_PROMPTS = ("a photo of a {}", "a {} on the beach", "a {} in the snow", "a {} in a living room",
+                   "a {} with a city in the background", "a {} in the jungle", "a watercolor painting of a {}",
+                   "a pencil sketch of a {}")
 TOY_PROMPTS = ("a photo of a {}", "a {} on the left, on a green background")
 
 
@@ -70,7 +80,7 @@ def _concept_words(method) -> list[tuple[str, str]]:
 class SamplingValidator(Validator):
     """Samples ``prompts`` × ``num_seeds`` images (seeds ``seed``...) with the live concept; subclasses score them."""
 
-    def __init__(self, every: int, prompts: Sequence[str], num_seeds: int = 2, steps: int = 25,
+    def __init__(self, every: int, prompts: Sequence[str], num_seeds: int = 1, steps: int = 25,
                  guidance: float = 6.0, seed: int = 0):
         if every < 1:
             raise BadInputError(f"validation every {every} steps: use a positive number of steps")
@@ -195,5 +205,5 @@ def make_validator(evaluator: str, every: int, reference_images, prompts: Option
                                      random_weights=random_weights, device=device, **sampling)
 
 
-__all__ = ["ClipValidator", "DEFAULT_PROMPTS", "Sample", "SamplingValidator", "TOY_PROMPTS", "ToyWorldValidator",
+__all__ = ["ClipValidator", "DEFAULT_PROMPTS", "VALIDATE_EVERY", "Sample", "SamplingValidator", "TOY_PROMPTS", "ToyWorldValidator",
            "Validator", "clip_validator", "isolated_rng", "make_validator", "toyworld_validator"]

@@ -37,6 +37,12 @@ class Method:
     knobs: ClassVar[dict[str, str]] = {}
     #: TrainConfig fields this method defaults differently (explicit settings win)
     train_defaults: ClassVar[dict[str, Any]] = {}
+    #: where the defaults come from (paper or reference script, the effective learning rate spelled out);
+    #: shown by ``personalize methods``
+    recipe: ClassVar[str] = ""
+    #: the reference's best-step schedule: validate every N steps and keep the best harmonic mean (0 = keep the
+    #: last step); the default of a benchmark spec's ``validate_every``
+    validate_every: ClassVar[int] = 0
     #: several concepts (image folders, tokens) in one run and one file
     multi_concept: ClassVar[bool] = False
     #: False when the method replaces the base (DreamBooth): it attaches alone

@@ -11,9 +11,10 @@
 Several concepts train jointly in one run (one image folder, token and
 superclass each): their photos share the K/V deltas, each keeps its token, and
 the prior batch draws from every concept's class images. Recipe (diffusers
-``train_custom_diffusion`` example): lr 1e-5 scaled by batch 2 = 2e-5, 250
-steps (the paper: 500 for two concepts), 200 class images, lambda 1, prompt
-"photo of a V* <class>". Not reproduced: the reference's random-resize
+``train_custom_diffusion`` README): lr 1e-5 with ``--scale_lr`` at batch 2 =
+2e-5, doubled by the script under prior preservation = 4e-5; 250 steps (the
+paper: 500 for two concepts), 200 class images, lambda 1, gradients clipped at
+1.0, prompt "photo of a V* <class>". Not reproduced: the reference's random-resize
 augmentation with "very small"/"zoomed in" prompts.
 """
 from __future__ import annotations
@@ -38,11 +39,14 @@ PATHWAYS = ("k", "v")
 
 @dataclass
 class CustomDiffusionConfig(PriorConfig):
-    """diffusers train_custom_diffusion example: lr 2e-5 (1e-5 x batch 2), 250 steps, 200 class images, lambda 1,
-    AdamW weight decay 1e-2, modifier tokens initialised from 'ktn+pll+ucd'."""
+    """diffusers train_custom_diffusion README: lr 1e-5 x --scale_lr (batch 2) x 2 under prior preservation = 4e-5,
+    250 steps, 200 class images, lambda 1, AdamW weight decay 1e-2, clipping at 1.0, modifier tokens initialised
+    from 'ktn+pll+ucd'."""
 
-    lr: float = field(default=2e-5, metadata={"help": "learning rate"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    lr: float = field(default=4e-5, metadata={
+        "help": "learning rate (train_custom_diffusion README: 1e-5 --scale_lr x batch 2 = 2e-5, doubled with prior "
+                "preservation = 4e-5; set 2e-5 with prior_loss_weight=0)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (train_custom_diffusion.py)"})
     init_words: str = field(default="ktn+pll+ucd", metadata={
         "help": "words the modifier tokens start from, '+'-separated, one per concept in order"})
 
@@ -53,7 +57,10 @@ class CustomDiffusion(Method):
     sites = ("tokens", "kv")
     Config = CustomDiffusionConfig
     multi_concept = True
-    train_defaults = {"steps": 250, "batch_size": 2}
+    train_defaults = {"steps": 250, "batch_size": 2, "max_grad_norm": 1.0}
+    recipe = ("diffusers train_custom_diffusion README: batch 2, lr 1e-5 with --scale_lr = 1e-5 x 1 x 2 = 2e-5, "
+              "x 2 under prior preservation (train_custom_diffusion.py) = 4e-5 effective; 250 steps, 200 class "
+              "images, lambda 1, AdamW weight decay 1e-2, gradients clipped at 1.0 (--max_grad_norm)")
     export_formats = {
         "diffusers": f"{WEIGHTS_FILE} + <token>.safetensors: pipe.unet.load_attn_procs(DIR, weight_name="
                      f"'{WEIGHTS_FILE}', _pipeline=pipe); pipe.load_textual_inversion(DIR, weight_name='<token>.safetensors')",

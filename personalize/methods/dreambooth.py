@@ -35,13 +35,15 @@ from .shared import check_composable, cpu_float, load_into, mark_replaced
 
 @dataclass
 class DreamBoothConfig(PriorConfig):
-    """diffusers DreamBooth README with prior preservation: lr 5e-6 (800 steps at batch 1), 200 class images,
-    lambda 1, AdamW weight decay 1e-2; identifier 'sks'."""
+    """diffusers DreamBooth README with prior preservation: lr 5e-6 (800 steps at batch 1, no --scale_lr), 200 class
+    images, lambda 1, AdamW weight decay 1e-2, clipping at 1.0; identifier 'sks'."""
 
-    lr: float = field(default=5e-6, metadata={"help": "learning rate of the UNet"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    lr: float = field(default=5e-6, metadata={
+        "help": "learning rate of the UNet (train_dreambooth README: 5e-6 at batch 1, not scaled)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (train_dreambooth.py)"})
     train_text_encoder: bool = field(default=False, metadata={"help": "also train the text encoder", "flag": True})
-    lr_text_encoder: float = field(default=5e-6, metadata={"help": "learning rate of the text encoder"})
+    lr_text_encoder: float = field(default=5e-6, metadata={
+        "help": "learning rate of the text encoder (train_dreambooth.py: the same --learning_rate)"})
     identifier: str = field(default="sks", metadata={
         "help": "one rare token of the base vocabulary; the concept token copies its embedding"})
 
@@ -54,7 +56,10 @@ class DreamBooth(IdentifierToken, Method):
     composable = False
     no_export_reason = ("the pipeline folder beside it already is a diffusers pipeline "
                         "(StableDiffusionPipeline.from_pretrained), nothing to export")
-    train_defaults = {"steps": 800, "batch_size": 1, "checkpoint_every": 200}
+    train_defaults = {"steps": 800, "batch_size": 1, "checkpoint_every": 200, "max_grad_norm": 1.0}
+    recipe = ("diffusers train_dreambooth README (prior preservation): batch 1, lr 5e-6 without --scale_lr = 5e-6 "
+              "effective, 800 steps, 200 class images, lambda 1, AdamW weight decay 1e-2, gradients clipped at 1.0 "
+              "(--max_grad_norm)")
 
     def __init__(self, pipe, token, superclass, config: DreamBoothConfig, unet=None, text_encoder=None):
         super().__init__(pipe, token, superclass, config)

@@ -13,8 +13,9 @@ LoRA layout (``unet.<module>.lora_A.weight`` ...), which is also the export.
 An imported LoRA (``lora_files.read_lora``) may cover any Linear/Conv2d layer
 (kohya files also cover ``proj_in``/``proj_out`` and the feed-forward layers);
 its alpha / r is folded into lora_B, so every concept has alpha = rank.
-Recipe (diffusers ``train_dreambooth_lora``): rank 4, lr 1e-4, 500 steps at
-batch 1, no prior preservation unless ``prior_loss_weight`` > 0.
+Recipe (diffusers ``train_dreambooth_lora`` README): rank 4, lr 1e-4 (not
+scaled), 500 steps at batch 1, gradients clipped at 1.0, no prior preservation
+unless ``prior_loss_weight`` > 0.
 """
 from __future__ import annotations
 
@@ -41,14 +42,15 @@ PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # our tensor prefix 
 
 @dataclass
 class DreamBoothLoraConfig(PriorConfig):
-    """diffusers train_dreambooth_lora: rank 4 (alpha = rank), lr 1e-4, AdamW weight decay 1e-2 (500 steps at
-    batch 1); prior preservation off unless prior_loss_weight > 0."""
+    """diffusers train_dreambooth_lora README: rank 4 (alpha = rank), lr 1e-4, AdamW weight decay 1e-2 (500 steps at
+    batch 1, clipping at 1.0); prior preservation off unless prior_loss_weight > 0."""
 
     prior_loss_weight: float = field(default=0.0, metadata={
         "help": "weight of the class-image loss (lambda), 0 = off", "flag": True})
     rank: int = field(default=4, metadata={"help": "LoRA rank on every attention projection", "flag": True})
-    lr: float = field(default=1e-4, metadata={"help": "learning rate"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    lr: float = field(default=1e-4, metadata={
+        "help": "learning rate (train_dreambooth_lora README: 1e-4 at batch 1, not scaled)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (train_dreambooth_lora.py)"})
     train_text_encoder: bool = field(default=False, metadata={
         "help": "LoRA on the text encoder's attention too (same lr)", "flag": True})
     identifier: str = field(default="sks", metadata={
@@ -101,7 +103,10 @@ class DreamBoothLora(IdentifierToken, Method):
     sites = ("tokens", "attention", "text_attention")
     Config = DreamBoothLoraConfig
     Knobs = DreamBoothLoraKnobs
-    train_defaults = {"steps": 500, "batch_size": 1}
+    train_defaults = {"steps": 500, "batch_size": 1, "max_grad_norm": 1.0}
+    recipe = ("diffusers train_dreambooth_lora README: rank 4, batch 1, lr 1e-4 without --scale_lr = 1e-4 "
+              "effective, 500 steps, no prior preservation, AdamW weight decay 1e-2, gradients clipped at 1.0 "
+              "(--max_grad_norm)")
     export_formats = {
         "diffusers-lora": f"{LORA_FILE}: pipe.load_lora_weights(DIR)",
         "kohya": f"{KOHYA_FILE} (kohya sd-scripts keys): pipe.load_lora_weights(DIR, weight_name='{KOHYA_FILE}')",

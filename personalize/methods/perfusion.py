@@ -159,7 +159,7 @@ class PerfusionSite:
 # ----------------------------------------------------------------------------- the method
 @dataclass
 class PerfusionConfig:
-    """Paper defaults (Perfusion §4-5): beta 0.75 / tau 0.10 in training; lr 0.006 / 0.03."""
+    """Paper defaults (Perfusion §4-5): beta 0.75 / tau 0.10 in training; lr 0.006 / 0.03 (the recipe: ``recipe``)."""
 
     lock: str = field(default="local", metadata={
         "help": "key locking in training: local (o*_K frozen at the superclass) or trained (the paper's ablation)"})
@@ -170,8 +170,10 @@ class PerfusionConfig:
     beta_global: float = field(default=0.50, metadata={
         "help": "inference default gate threshold, global lock (paper: 0.4-0.6)"})
     tau: float = field(default=0.15, metadata={"help": "inference default gate temperature"})
-    lr_embedding: float = field(default=0.006, metadata={"help": "learning rate of the token embedding"})
-    lr_value: float = field(default=0.03, metadata={"help": "learning rate of o*_V"})
+    lr_embedding: float = field(default=0.006, metadata={
+        "help": "learning rate of the token embedding (paper §4.4: 0.006 at batch 16, not scaled)"})
+    lr_value: float = field(default=0.03, metadata={
+        "help": "learning rate of o*_V (paper §4.4: 0.03 at batch 16, not scaled)"})
     ema: float = field(default=0.99, metadata={"help": "EMA decay of the superclass key i*"})
 
 
@@ -192,6 +194,10 @@ class Perfusion(Method):
     Config = PerfusionConfig
     Group = PerfusionGroup
     Knobs = PerfusionKnobs
+    train_defaults = {"steps": 250, "batch_size": 16, "max_grad_norm": None}
+    recipe = ("Perfusion paper §4.4: batch 16, lr 0.03 (o*_V) / 0.006 (embedding) = the effective rates, no "
+              "clipping listed (none); 8 validation prompts every 25 steps, best harmonic mean kept (with an evaluator)")
+    validate_every = 25
 
     def __init__(self, pipe, token, superclass, config: PerfusionConfig, C_inv: torch.Tensor):
         super().__init__(pipe, token, superclass, config)

@@ -93,7 +93,8 @@ class ResidualSite:
 # ----------------------------------------------------------------------------- the method
 @dataclass
 class ResidualsConfig:
-    """Paper defaults (§4.1): r_i = 0.05 m_i, lr 1e-3 (150 steps at batch 4: ``train_defaults``), token frozen."""
+    """Paper defaults (§4.1): r_i = 0.05 m_i, lr 1e-3 (150 steps at batch 4, no clipping: ``train_defaults``),
+    token frozen."""
 
     rank_fraction: float = field(default=0.05, metadata={
         "help": "rank = round(F x channels) per proj_out", "flag": True})
@@ -101,7 +102,7 @@ class ResidualsConfig:
         "help": "> 0: the same LoRA rank in every proj_out instead of --rank-fraction", "flag": True})
     train_token: bool = field(default=False, metadata={
         "help": "also train the token's vector V* (the paper's ablation; overfits)", "flag": True})
-    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate (paper §4.1: 1.0e-3 at batch 4, not scaled)"})
     init_token: str = field(default="httr", metadata={
         "help": "single token V* starts at (a late BPE merge, i.e. a rarely used token)"})
 
@@ -119,7 +120,10 @@ class Residuals(Method):
     Config = ResidualsConfig
     Group = ResidualGroup
     Knobs = ResidualsKnobs
-    train_defaults = {"steps": 150, "batch_size": 4}
+    train_defaults = {"steps": 150, "batch_size": 4, "max_grad_norm": None}
+    recipe = ("Personalized Residuals paper §4.1: rank 0.05 x channels, 150 iterations at batch 4, lr 1e-3 "
+              "(= the effective rate, nothing scaled), token frozen, no regularisation images; the paper lists no "
+              "gradient clipping, so none")
     export_formats = {
         "diffusers-lora": f"{LORA_FILE} + {TOKEN_FILE}: pipe.load_lora_weights(DIR); "
                           f"pipe.load_textual_inversion(DIR/'{TOKEN_FILE}') (the residuals without LAG)",

@@ -27,7 +27,10 @@ class TrainConfig:
         "help": "write a preview image to OUT.previews/ every N steps (0 = never)", "flag": True})
     preview_prompt: str = dataclasses.field(default="a photo of a {}", metadata={
         "help": "prompt of the previews, {} = the concept"})
-    max_grad_norm: float = dataclasses.field(default=1.0, metadata={"help": "gradient clipping norm"})
+    max_grad_norm: float | None = dataclasses.field(default=1.0, metadata={
+        "help": "clip the gradient's global norm at this value; 0 or None = no clipping (each method sets its "
+                "reference's: the diffusers DreamBooth / Custom Diffusion scripts clip at 1.0, textual_inversion.py "
+                "does not)"})
     compile: bool = dataclasses.field(default=False, metadata={
         "help": "torch.compile the UNet: minutes of compiling first, faster steps after (long GPU runs)", "flag": True})
 

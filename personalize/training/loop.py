@@ -151,7 +151,7 @@ def train(
                                           rows=parallel.rows)
                 accelerator.backward(loss)
                 parallel.average_gradients(params)
-                if cfg.max_grad_norm:
+                if cfg.max_grad_norm:  # 0 / None: no clipping (the method's reference does not clip)
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
