@@ -277,3 +277,20 @@ def test_a_worker_on_another_host_is_dead_once_its_heartbeat_is_stale(target, mo
     assert db.if_alone(lambda: None) is True
     other.close()
     db.close()
+
+
+def test_benchmark_run_status_and_report_on_postgres(postgres_server, tmp_path, capsys):
+    """The real runner and CLI on a PostgreSQL queue: no SQLite file, status and report read the server."""
+    from test_benchmark import N_ROWS, write_spec
+
+    from personalize.cli import main
+
+    url, out = postgres_server.new_database(), tmp_path / "out"
+    main(["benchmark", "run", str(write_spec(tmp_path)), "--out", str(out), "--db", url, "--no-progress"])
+    said = " ".join(capsys.readouterr().out.split())  # as one line, however the console wrapped it
+    assert f"{N_ROWS}/{N_ROWS} rows done" in said and f"--run-dir {out}" in said
+    assert not (out / "benchmark.sqlite").exists() and (out / "images").is_dir()
+    main(["benchmark", "status", url])
+    assert f"{N_ROWS}/{N_ROWS} done" in capsys.readouterr().out
+    main(["benchmark", "report", url, "--out", str(tmp_path / "report")])  # the run folder: the recorded --out
+    assert "beta=0.9" in (tmp_path / "report" / "index.html").read_text()

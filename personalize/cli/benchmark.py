@@ -100,12 +100,13 @@ def run(
     ([bold]accelerate launch --num_processes 8 -m personalize.cli ...[/bold] works the same on GPUs.)
 
     [bold]Several machines[/bold]: put the queue in PostgreSQL with [bold]--db postgresql://user@host/dbname[/bold]
-    (one empty database per run; pip install 'psycopg[binary]') and OUT on a folder every machine mounts (NFS is
-    fine for the outputs; SQLite itself is refused on a network filesystem). On each machine R of M:
-    [bold]accelerate launch --multi_gpu --num_machines M --machine_rank R --num_processes 8*M --main_process_ip
-    HOST0 -m personalize.cli benchmark run bench.yaml --out /shared/bench --db postgresql://...[/bold]
-    Processes only meet in the database, so machines may also join or leave at any time; rows of a machine that
-    died go back to the queue once its heartbeat is 2 minutes old.
+    (one empty database per run; pip install 'psycopg\\[binary]') and OUT on a folder every machine mounts (NFS
+    is fine for the outputs; SQLite itself is refused on a network filesystem). Processes meet only in the
+    database, so each machine may simply run its own launch, joining or leaving at any time:
+    [bold]accelerate launch --num_processes 8 -m personalize.cli benchmark run bench.yaml --out /shared/bench
+    --db postgresql://...[/bold]; one launch across nodes works too ([bold]accelerate launch --num_machines M
+    --machine_rank R --main_process_ip HOST0 --num_processes 8*M -m personalize.cli ...[/bold] on each machine R).
+    Rows of a machine that died go back to the queue once its heartbeat is 2 minutes old.
 
     [bold]Exit code[/bold]: 0 when every row is done; 1 when rows failed (each is listed; run the same command
     again to retry them); 2 with one line on stderr for a bad spec or option (nothing is run).
