@@ -109,7 +109,8 @@ def run_benchmark(spec: Spec, out: str | Path, *, db_url: Optional[str] = None, 
         bar.close()
         worker.detach()
         db.stop_heartbeat()
-    summary = RunSummary(db=db.path if db_url is None else db.where, counts=db.counts(), ran=ran, failures=db.failures())
+    summary = RunSummary(db=db.path if db_url is None else db.where, counts=db.counts(), ran=ran,
+                         failures=db.failures())
     db.close()
     return summary
 

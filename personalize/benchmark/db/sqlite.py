@@ -47,7 +47,8 @@ class BenchmarkDB(BenchmarkQueue):
     def __init__(self, path: str | Path, create: bool = True, mounts: Optional[str | Path] = None):
         self.path = Path(path)
         if not create and not self.path.is_file():
-            raise BadInputError(f"no benchmark database at {self.path}; run 'personalize benchmark run SPEC.yaml' first")
+            raise BadInputError(f"no benchmark database at {self.path}; "
+                                "run 'personalize benchmark run SPEC.yaml' first")
         fstype = network_filesystem(self.path.parent, mounts)
         if fstype:
             raise BadInputError(f"{self.path} is on a network filesystem ({fstype}) where SQLite's locks are "
