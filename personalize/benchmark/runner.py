@@ -3,6 +3,10 @@
 Any number of processes (``accelerate launch --num_processes N -m personalize.cli benchmark run``) may
 run this loop on one output folder: each claims rows from the shared database, so the pending rows are
 split between them without overlap. Rank 0 draws the progress bar over the whole run.
+
+The database is ``OUT/benchmark.sqlite`` unless ``db`` gives a ``postgresql://`` URL: then processes on several
+machines (``accelerate launch --num_machines M --machine_rank R …`` on each) share one queue, and OUT must be
+the same shared folder on every machine (rows read the files other rows wrote).
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .db import BenchmarkDB
+from .db import BenchmarkQueue, open_db
 from .plan import build_plan
 from .resources import PeakMemory, git_sha, machine, versions
 from .spec import Spec
@@ -25,7 +29,7 @@ DB_NAME = "benchmark.sqlite"
 
 @dataclass
 class RunSummary:
-    db: Path
+    db: str | Path  # the SQLite file, or the PostgreSQL URL without its password
     counts: dict
     ran: int
     failures: list
@@ -35,11 +39,11 @@ def database_path(out: str | Path) -> Path:
     return Path(out) / DB_NAME
 
 
-def plan_into(spec: Spec, out: str | Path) -> BenchmarkDB:
-    """Create or extend the output folder's database with the spec's rows."""
+def plan_into(spec: Spec, out: str | Path, db_url: Optional[str] = None) -> BenchmarkQueue:
+    """Create or extend the run's database (``db_url``, or the output folder's SQLite file) with the spec's rows."""
     units = build_plan(spec)  # a spec the plan refuses leaves no database (nor folder) behind
-    db = BenchmarkDB(database_path(out))
-    db.sync_plan(units, spec.digest(), spec.name)
+    db = open_db(db_url or database_path(out))
+    db.sync_plan(units, spec.digest(), spec.name, out=str(Path(out).resolve()))
     return db
 
 
@@ -69,13 +73,16 @@ def _clean_partial_files(out: Path) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def run_benchmark(spec: Spec, out: str | Path, *, progress: bool = True, poll: float = 0.5,
-                  on_row: Optional[Callable[[dict], None]] = None) -> RunSummary:
-    """Run every pending row of ``spec`` under ``out``; finished rows are skipped, failed ones retried."""
+def run_benchmark(spec: Spec, out: str | Path, *, db_url: Optional[str] = None, progress: bool = True,
+                  poll: float = 0.5, on_row: Optional[Callable[[dict], None]] = None) -> RunSummary:
+    """Run every pending row of ``spec`` under ``out``; finished rows are skipped, failed ones retried.
+
+    ``db_url``: a ``postgresql://`` URL for the queue instead of ``out/benchmark.sqlite`` (several machines).
+    """
     out = Path(out)
     rank, world, local_rank = _leave_process_group()
     device = pick_device(spec.device, local_rank)
-    db = plan_into(spec, out)
+    db = plan_into(spec, out, db_url)
     db.register(rank, {"world_size": world, **machine(device)})
     db.recover(retry_failed=True)
     db.if_alone(lambda: _clean_partial_files(out))
@@ -102,12 +109,13 @@ def run_benchmark(spec: Spec, out: str | Path, *, progress: bool = True, poll: f
         bar.close()
         worker.detach()
         db.stop_heartbeat()
-    summary = RunSummary(db=db.path, counts=db.counts(), ran=ran, failures=db.failures())
+    summary = RunSummary(db=db.path if db_url is None else db.where, counts=db.counts(), ran=ran,
+                         failures=db.failures())
     db.close()
     return summary
 
 
-def _execute(db: BenchmarkDB, worker: Worker, row: dict, device: str) -> None:
+def _execute(db: BenchmarkQueue, worker: Worker, row: dict, device: str) -> None:
     began = time.perf_counter()
     try:
         with PeakMemory(device) as mem:
@@ -129,7 +137,7 @@ def _execute(db: BenchmarkDB, worker: Worker, row: dict, device: str) -> None:
 class _Bar:
     """Rows done / total with ETA over the whole run (all processes), drawn by one process."""
 
-    def __init__(self, enabled: bool, db: BenchmarkDB):
+    def __init__(self, enabled: bool, db: BenchmarkQueue):
         self.db = db
         self.progress = None
         if enabled:

@@ -10,7 +10,8 @@ from rich.table import Table
 from .console import out_console
 
 app = typer.Typer(help="Head-to-head benchmarks: methods x concepts x prompts x seeds x inference settings, "
-                       "every unit of work a row in SQLite, ending in an HTML report.\n\n"
+                       "every unit of work a row in SQLite (or PostgreSQL for several machines), ending in an "
+                       "HTML report.\n\n"
                        "[bold]Examples[/bold]\n\n"
                        "  personalize benchmark validate bench.yaml\n\n"
                        "  personalize benchmark run bench.yaml --out runs/bench\n\n"
@@ -18,8 +19,17 @@ app = typer.Typer(help="Head-to-head benchmarks: methods x concepts x prompts x 
                        "  personalize benchmark report runs/bench/benchmark.sqlite --out runs/bench/report",
                   no_args_is_help=True, rich_markup_mode="rich")
 
+DB_ARG = typer.Argument(..., help="The run's database: OUT/benchmark.sqlite, or the postgresql:// URL given to "
+                                  "'benchmark run --db'.")
 SPEC_ARG = typer.Argument(..., help="Benchmark spec (YAML): base, evaluator, concepts, prompts, seeds, sampler, "
                                     "methods with train settings and inference sweeps.")
+
+
+def _open(database: str):
+    """The queue of a finished or running benchmark: a SQLite file or a postgresql:// URL."""
+    from ..benchmark.db import open_db
+
+    return open_db(database, create=False)
 
 
 def _load(spec_path: Path, clip_weights: Optional[Path] = None, dino_weights: Optional[Path] = None):
@@ -76,6 +86,9 @@ def run(
                                                 "(open_clip state dict) instead of downloading them."),
     dino_weights: Optional[Path] = typer.Option(None, "--dino-weights", help="Local DINO ViT-S/16 weights (timm "
                                                 "state dict) instead of downloading them."),
+    db: Optional[str] = typer.Option(None, "--db", help="postgresql://user@host/dbname: keep the row queue in "
+                                     "PostgreSQL so processes on several machines share it (OUT must then be one "
+                                     "shared folder). Default: OUT/benchmark.sqlite."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ):
     """Run (or resume) a benchmark. Every unit of work is a row in OUT/benchmark.sqlite: re-running skips what
@@ -85,6 +98,15 @@ def run(
     each on the GPU of its LOCAL_RANK; on a CPU-only machine the same command starts N CPU processes):
     [bold]torchrun --nproc_per_node 8 -m personalize.cli benchmark run bench.yaml --out runs/bench[/bold]
     ([bold]accelerate launch --num_processes 8 -m personalize.cli ...[/bold] works the same on GPUs.)
+
+    [bold]Several machines[/bold]: put the queue in PostgreSQL with [bold]--db postgresql://user@host/dbname[/bold]
+    (one empty database per run; pip install 'psycopg\\[binary]') and OUT on a folder every machine mounts (NFS
+    is fine for the outputs; SQLite itself is refused on a network filesystem). Processes meet only in the
+    database, so each machine may simply run its own launch, joining or leaving at any time:
+    [bold]accelerate launch --num_processes 8 -m personalize.cli benchmark run bench.yaml --out /shared/bench
+    --db postgresql://...[/bold]; one launch across nodes works too ([bold]accelerate launch --num_machines M
+    --machine_rank R --main_process_ip HOST0 --num_processes 8*M -m personalize.cli ...[/bold] on each machine R).
+    Rows of a machine that died go back to the queue once its heartbeat is 2 minutes old.
 
     [bold]Exit code[/bold]: 0 when every row is done; 1 when rows failed (each is listed; run the same command
     again to retry them); 2 with one line on stderr for a bad spec or option (nothing is run).
@@ -97,15 +119,22 @@ def run(
 
       torchrun --nproc_per_node 8 -m personalize.cli benchmark run bench.yaml --out runs/bench   # 8 processes
 
+      personalize benchmark run bench.yaml --out /shared/bench --db postgresql://bench@db-host/bench1   # any machine
+
     Then:  personalize benchmark report runs/bench/benchmark.sqlite --out runs/bench/report
     """
+    from ..benchmark.db import is_postgres_url
     from ..benchmark.runner import run_benchmark
+    from ..errors import BadInputError
     from ..paths import check_output, inside
 
+    if db is not None and not is_postgres_url(db):
+        raise BadInputError(f"--db takes a postgresql://user@host/dbname URL, not '{db}'; without --db the queue is "
+                            "OUT/benchmark.sqlite")
     spec = _load(spec_path, clip_weights, dino_weights)
     out = out or inside(Path("."), f"{spec.name}_out")  # the spec's name: a folder here, never elsewhere
     check_output(out, folder=True)
-    summary = run_benchmark(spec, out, progress=progress)
+    summary = run_benchmark(spec, out, db_url=db, progress=progress)
     c = summary.counts
     out_console.print(f"{c['done']}/{c['total']} rows done ({summary.ran} this run), {c['failed']} failed, "
                   f"{c['pending']} blocked; database {summary.db}")
@@ -114,11 +143,12 @@ def run(
             out_console.print(f"[red]failed[/red] {key}: {error.splitlines()[0]}", highlight=False)
         out_console.print("fix the cause and run the same command again: finished rows are kept, failed ones retried")
         raise typer.Exit(1)
-    out_console.print(f"report: personalize benchmark report {summary.db} --out {Path(out) / 'report'}")
+    run_dir = f" --run-dir {out}" if db else ""
+    out_console.print(f"report: personalize benchmark report {summary.db}{run_dir} --out {Path(out) / 'report'}")
 
 
 @app.command()
-def status(db_path: Path = typer.Argument(..., help="A benchmark database (OUT/benchmark.sqlite).")):
+def status(database: str = DB_ARG):
     """Rows per status and the first failures.
 
     [bold]Examples[/bold]
@@ -126,10 +156,10 @@ def status(db_path: Path = typer.Argument(..., help="A benchmark database (OUT/b
       personalize benchmark status runs/bench/benchmark.sqlite
 
       watch -n 30 personalize benchmark status runs/bench/benchmark.sqlite   # follow a long run
-    """
-    from ..benchmark.db import BenchmarkDB
 
-    db = BenchmarkDB(db_path, create=False)
+      personalize benchmark status postgresql://bench@db-host/bench1   # a run over several machines
+    """
+    db = _open(database)
     c = db.counts()
     out_console.print(f"{c['done']}/{c['total']} done, {c['running']} running, {c['pending']} pending, {c['failed']} failed")
     for key, error in db.failures():
@@ -139,8 +169,11 @@ def status(db_path: Path = typer.Argument(..., help="A benchmark database (OUT/b
 
 @app.command()
 def report(
-    db_path: Path = typer.Argument(..., help="A benchmark database (OUT/benchmark.sqlite)."),
+    database: str = DB_ARG,
     out: Path = typer.Option(..., "--out", help="Folder for index.html (self-contained), report.md and plots/."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="The run's output folder (images, concepts); "
+                                           "default: the SQLite file's folder, or for PostgreSQL the --out the "
+                                           "run was given, if it exists here."),
 ):
     """Write the report: tables with the best value per column highlighted, image grids (same prompt and seed
     for every method), CLIP-T vs CLIP-I / DINO Pareto plots, size and time columns.
@@ -150,15 +183,24 @@ def report(
       personalize benchmark report runs/bench/benchmark.sqlite --out runs/bench/report
 
       personalize benchmark report runs/bench/benchmark.sqlite --out report/ && open report/index.html
+
+      personalize benchmark report postgresql://bench@db-host/bench1 --run-dir /shared/bench --out report/
     """
-    from ..benchmark.db import BenchmarkDB
+    from ..benchmark.db import is_postgres_url
     from ..benchmark.report import write_report
+    from ..errors import BadInputError
     from ..paths import check_output
 
     check_output(out, folder=True)
 
-    db = BenchmarkDB(db_path, create=False)
+    db = _open(database)
     rows, meta = db.rows(), db.meta()
     db.close()
-    index, md = write_report(rows, db_path.resolve().parent, out, title=f"Benchmark: {meta.get('spec_name', '')}")
+    if run_dir is None:
+        recorded = meta.get("out") if is_postgres_url(database) else str(Path(database).resolve().parent)
+        run_dir = Path(recorded) if recorded else None
+    if run_dir is None or not run_dir.is_dir():
+        raise BadInputError(f"the run's output folder '{run_dir}' is not here; pass --run-dir with the folder "
+                            "given to 'benchmark run --out'")
+    index, md = write_report(rows, run_dir.resolve(), out, title=f"Benchmark: {meta.get('spec_name', '')}")
     out_console.print(f"wrote {index} and {md}")
