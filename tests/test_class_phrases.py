@@ -36,6 +36,7 @@ NAMES = methods.names()
 NO_PRIOR = {"dreambooth": {"prior_loss_weight": 0.0}, "custom-diffusion": {"prior_loss_weight": 0.0}}
 PHRASES = sorted({c.class_phrase for c in cc101_concepts()})
 SAMPLE = "penguin plushie"  # 3 tokens: penguin + plu + shie
+IMPORTED = {"textual-inversion": "learned_embeds.safetensors", "dreambooth-lora": "pytorch_lora_weights.safetensors"}
 
 
 def _generate(pipe, prompt):
@@ -57,6 +58,18 @@ def test_the_cc101_list_has_101_concepts_24_of_them_with_multi_token_classes(_ti
     several = [c for c in concepts if len(phrase_ids(tok, c.class_phrase)) > 1]
     assert len(several) == 24  # the count: these could not be trained before
     assert len(PHRASES) == 59
+
+
+def test_the_cc101_list_is_package_data():
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["personalize"]
+    data = root / "personalize" / "datasets" / "customconcept101_concepts.json"
+    assert data.is_file()
+    assert any(fnmatch.fnmatch("datasets/customconcept101_concepts.json", p) for p in patterns)
 
 
 # --------------------------------------------------------------------------- every phrase, every method
@@ -145,7 +158,7 @@ def phrase_concepts(tmp_path_factory, _tiny_master):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_a_phrase_concept_trains_saves_attaches_and_exports(name, phrase_concepts, tiny, tmp_path):
-    from personalize.interop import export_concept
+    from personalize.interop import export_concept, import_file
 
     concept = load_concept(phrase_concepts[name])
     assert concept.superclass == SAMPLE
@@ -155,6 +168,10 @@ def test_a_phrase_concept_trains_saves_attaches_and_exports(name, phrase_concept
     if methods.get(name).export_formats:
         folder = export_concept(concept, tmp_path / "export", base=tiny if name == "custom-diffusion" else None)
         assert (folder / "export.json").is_file()
+    if name in IMPORTED:  # and back, with the phrase as superclass
+        back = import_file(tiny, folder / IMPORTED[name], method=name, out=tmp_path / "back.safetensors",
+                           token="<b>", superclass=SAMPLE)
+        assert load_concept(back).superclass == SAMPLE
 
 
 def test_phrase_concepts_compose_with_the_global_lock_and_lag(phrase_concepts, tiny):
