@@ -187,7 +187,7 @@ def test_phrase_concepts_compose_with_the_global_lock_and_lag(phrase_concepts, t
     assert cols == list(range(start, start + 4))  # V*, penguin, plu, shie
 
 
-# --------------------------------------------------------------------------- Perfusion: equivalence and the phrase rules
+# --------------------------------------------------------------------------- Perfusion: equivalence, phrase rules
 def _old_e_super(pipe, word):
     """The single-word formula: mean encoding at the word's position over the neutral templates."""
     tok = pipe.tokenizer
