@@ -108,7 +108,7 @@ def import_file(base, path: str | Path, *, method: str, out: str | Path, token: 
                 allow_pickle: bool = False, settings: dict[str, Any] | None = None) -> Path:
     """Convert a foreign file (``method``'s export format) into a concept file for ``base``; returns ``out``.
 
-    ``superclass``: one word, or (multi-concept methods, e.g. Custom Diffusion) one per concept in the file."""
+    ``superclass``: one word or class phrase, or (multi-concept methods, e.g. Custom Diffusion) one per concept in the file."""
     from .base import fingerprint, load_base
     from .images import file_sha256
     from .methods.shared import as_list, words_of
@@ -123,7 +123,8 @@ def import_file(base, path: str | Path, *, method: str, out: str | Path, token: 
         raise BadInputError(f"--out '{out}' must be a file path ending in .safetensors")
     superclasses = as_list(superclass) if superclass else []
     if not superclasses or not all(superclasses):
-        raise BadInputError("--superclass is required: the one-token word for what the concept is, e.g. 'dog'")
+        raise BadInputError("--superclass is required: what the concept is, a word or class phrase, e.g. 'dog' or "
+                            "'penguin plushie'")
     if len(superclasses) > 1 and not method_cls.multi_concept:
         raise BadInputError(f"{method} concepts have one superclass; pass --superclass once")
     if token is not None:

@@ -1,4 +1,4 @@
-"""Neutral training prompts and token bookkeeping.
+"""Neutral training prompts, class phrases and token bookkeeping.
 
 The neutral context templates follow the style of the CLIP ImageNet templates
 the Perfusion paper samples from (§4.5): they name the object and nothing else
@@ -56,19 +56,31 @@ def word_position(tokenizer, template: str, word: str) -> int:
     return 1 + n_prefix
 
 
-def single_token_id(tokenizer, word: str) -> int:
-    """The id of ``word`` if it is exactly one token, else a BadInputError with alternatives."""
-    ids = tokenizer(word, add_special_tokens=False).input_ids
-    if len(ids) == 1:
-        return ids[0]
+PHRASE_MAX = 16  # tokens: every method's prompts ("a photo of a V* <phrase>", the class prompts) keep room in CLIP's 75
+
+
+def phrase_ids(tokenizer, phrase: str) -> list[int]:
+    """The token ids of a class phrase ("dog", "penguin plushie", "teddybear" = teddy + bear), >= 1 of them.
+
+    CLIP's BPE splits on whitespace first, so the phrase has the same ids alone and inside any prompt."""
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise BadInputError(f"superclass {shown(phrase)} is empty; give the class in a few words, e.g. 'dog' or "
+                            "'penguin plushie'")
+    if any(unicodedata.category(c).startswith("C") for c in phrase):
+        raise BadInputError(f"superclass {shown(phrase)} has control characters; give plain words, e.g. 'dog'")
+    ids = tokenizer(phrase, add_special_tokens=False).input_ids
     if not ids:
-        raise BadInputError(f"superclass '{word}' is empty; give a single common word such as 'dog' or 'teapot'")
-    pieces = [p.replace("</w>", "") for p in tokenizer.convert_ids_to_tokens(ids)]
-    options = [p for p in dict.fromkeys(pieces) if p.isalpha() and len(tokenizer(p, add_special_tokens=False).input_ids) == 1]
-    hint = f"try {' or '.join(repr(o) for o in options)}" if options else "use a shorter, common word"
-    raise BadInputError(
-        f"superclass '{word}' is {len(ids)} tokens ({' + '.join(pieces)}), it must be one token; {hint}"
-    )
+        raise BadInputError(f"superclass {shown(phrase)} has no tokens; give the class in a few words, e.g. 'dog'")
+    if len(ids) > PHRASE_MAX:
+        raise BadInputError(f"superclass {shown(phrase)} is {len(ids)} tokens, at most {PHRASE_MAX} fit every "
+                            "method's prompts; shorten it to the class, e.g. 'penguin plushie'")
+    return ids
+
+
+def phrase_last_position(tokenizer, template: str, phrase: str) -> int:
+    """Index (BOS counted) of the *last* token of ``phrase`` in ``fill(template, phrase)`` (for a one-token phrase,
+    :func:`word_position`)."""
+    return word_position(tokenizer, template, phrase) + len(phrase_ids(tokenizer, phrase)) - 1
 
 
 def shown(text, limit: int = 70) -> str:

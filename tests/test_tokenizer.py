@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from personalize.errors import BadInputError
-from personalize.templates import NEUTRAL_TEMPLATES, check_new_token, fill, single_token_id, word_position
+from personalize.templates import (NEUTRAL_TEMPLATES, PHRASE_MAX, check_new_token, fill, phrase_ids,
+                                  phrase_last_position, word_position)
 from personalize.tokenizer import MAX_LENGTH, SD_VOCAB_SIZE, build_clip_tokenizer, token_pieces
 
 BOS, EOS = 49406, 49407
@@ -88,7 +89,7 @@ def test_token_pieces(tok):
 def test_word_position_for_a_photo_of_a(tok):
     assert word_position(tok, "a photo of a {}", "dog") == 5
     ids = tok(fill("a photo of a {}", "dog")).input_ids
-    assert ids[5] == single_token_id(tok, "dog") == 1929
+    assert ids[5] == phrase_ids(tok, "dog")[0] == 1929
 
 
 @pytest.mark.parametrize("template", NEUTRAL_TEMPLATES)
@@ -115,39 +116,32 @@ def test_fill_replaces_the_slot():
     assert all("{}" in t for t in NEUTRAL_TEMPLATES)
 
 
-def test_single_token_id(tok):
-    assert single_token_id(tok, "dog") == 1929
-    assert single_token_id(tok, "teddy") == tok("teddy", add_special_tokens=False).input_ids[0]
-    assert single_token_id(tok, "Dog") == 1929
+def test_phrase_ids(tok):
+    assert phrase_ids(tok, "dog") == phrase_ids(tok, "Dog") == [1929]
+    assert tok.convert_ids_to_tokens(phrase_ids(tok, "teddybear")) == ["teddy", "bear</w>"]
+    assert tok.convert_ids_to_tokens(phrase_ids(tok, "penguin plushie")) == ["penguin</w>", "plu", "shie</w>"]
 
 
-def test_single_token_id_suggests_the_pieces(tok):
-    with pytest.raises(BadInputError) as info:
-        single_token_id(tok, "teddybear")
-    message = str(info.value)
-    assert "teddybear" in message and "one token" in message
-    assert "'teddy'" in message and "'bear'" in message
-    # what it suggests really are single tokens
-    assert single_token_id(tok, "teddy") and single_token_id(tok, "bear")
+@pytest.mark.parametrize("template", NEUTRAL_TEMPLATES[:5] + ("{} on the beach", "a photo of a {} on the beach"))
+@pytest.mark.parametrize("phrase", ["dog", "teddybear", "penguin plushie", "kids table chair"])
+def test_a_phrase_has_the_same_ids_inside_a_prompt_and_its_last_position(tok, template, phrase):
+    """CLIP's BPE splits on whitespace first: the phrase's ids alone are the ids in the prompt."""
+    ids = tok(fill(template, phrase)).input_ids
+    first, last = word_position(tok, template, phrase), phrase_last_position(tok, template, phrase)
+    assert ids[first:last + 1] == phrase_ids(tok, phrase)
+    if phrase == "dog":
+        assert first == last
 
 
-@pytest.mark.parametrize("word", ["teddy-bear", "teddy_bear", "teapot2"])
-def test_single_token_id_suggests_only_words(tok, word):
-    """Punctuation and digit pieces are not offered as a superclass."""
-    with pytest.raises(BadInputError) as info:
-        single_token_id(tok, word)
-    message = str(info.value)
-    suggested = message.split("try", 1)[1]
-    assert "'teddy'" in suggested or "'teapot'" in suggested
-    for junk in ("'-'", "'_'", "'2'"):
-        assert junk not in suggested
+@pytest.mark.parametrize("phrase", ["", "   ", None, "dog\n", "dog\x00"])
+def test_phrase_ids_refuses_empty_and_control_characters(tok, phrase):
+    with pytest.raises(BadInputError, match="empty|control"):
+        phrase_ids(tok, phrase)
 
 
-def test_single_token_id_multi_word_and_empty(tok):
-    with pytest.raises(BadInputError, match="tokens"):
-        single_token_id(tok, "teddy bear")
-    with pytest.raises(BadInputError, match="empty"):
-        single_token_id(tok, "")
+def test_phrase_ids_refuses_a_sentence(tok):
+    with pytest.raises(BadInputError, match=f"at most {PHRASE_MAX}"):
+        phrase_ids(tok, " ".join(["dog"] * (PHRASE_MAX + 1)))
 
 
 @pytest.mark.parametrize("token", ["dog", "Dog", "sks", "teddy", "<|endoftext|>"])

@@ -86,7 +86,7 @@ def import_concept(
     file: Path = typer.Argument(..., help="The foreign weights file (.safetensors; .bin/.pt only with --allow-pickle)."),
     method: str = typer.Option(..., "--method", help="textual-inversion | dreambooth-lora | custom-diffusion."),
     out: Path = typer.Option(..., "--out", help="Concept file to write (.safetensors)."),
-    superclass: List[str] = typer.Option(..., "--superclass", help="One-token word for what the concept is; custom-diffusion: one per --embeddings file, in the same order (or one for all)."),
+    superclass: List[str] = typer.Option(..., "--superclass", help="What the concept is, a word or class phrase ('dog', 'penguin plushie'); custom-diffusion: one per --embeddings file, in the same order (or one for all)."),
     token: Optional[str] = typer.Option(None, "--token", help="Token to use (default: the one the file names)."),
     base: str = typer.Option("tiny", "--base", help=BASE_HELP),
     embeddings: List[Path] = typer.Option([], "--embeddings", help="custom-diffusion: the modifier token file(s), <token>.safetensors."),

@@ -8,6 +8,11 @@ Layout::
     <root>/benchmark_dataset/<concept_dir>/*.jpg|png
 
 Prompt slots are filled with "<token> <class>", e.g. "<new1> barn".
+
+The public list of the 101 concepts (names, categories, class phrases, instance
+prompts, prompt files; no images) ships as ``customconcept101_concepts.json``,
+read by :func:`cc101_concepts`; it was built from the dataset's public
+``customconcept101/dataset.json`` (adobe-research/custom-diffusion).
 """
 from __future__ import annotations
 
@@ -96,6 +101,25 @@ class CustomConcept101:
         return out
 
 
+@dataclass(frozen=True)
+class CC101Entry:
+    """One concept of CustomConcept101's public list (no images)."""
+
+    name: str             # its benchmark_dataset folder, e.g. "plushie_penguin"
+    category: str         # the folder's prefix, e.g. "plushie"
+    class_phrase: str     # the dataset's class_prompt, e.g. "penguin plushie" (one or several CLIP tokens)
+    instance_prompt: str  # e.g. "photo of a <new1> penguin plushie"
+    prompt_file: str      # e.g. "prompts/plushie.txt"
+
+
+def cc101_concepts() -> list[CC101Entry]:
+    """The 101 concepts of CustomConcept101 in ``dataset.json`` order, from the package data."""
+    from importlib.resources import files
+
+    data = json.loads(files(__package__).joinpath("customconcept101_concepts.json").read_text(encoding="utf-8"))
+    return [CC101Entry(**entry) for entry in data["concepts"]]
+
+
 def _resolve(root: Path, rel: str) -> Path:
     return (root / rel).resolve() if not Path(rel).is_absolute() else Path(rel)
 
@@ -180,5 +204,5 @@ def load_customconcept101(root: Union[str, Path], multiconcept: bool = True,
     return data
 
 
-__all__ = ["CATEGORIES", "CC101Composition", "CC101Concept", "CustomConcept101", "load_customconcept101",
-           "read_prompt_file"]
+__all__ = ["CATEGORIES", "CC101Composition", "CC101Concept", "CC101Entry", "CustomConcept101", "cc101_concepts",
+           "load_customconcept101", "read_prompt_file"]

@@ -3,8 +3,14 @@
 While installed on a pipeline:
 
 - the pipeline's prompt-row matcher (``prompt_rows.py``) encodes every prompt
-  a second time with each locked concept's token id replaced by its superclass
-  word's id (one token each, so positions line up) and keeps both encodings;
+  a second time with each locked concept's token replaced by its superclass
+  phrase's tokens and keeps both encodings. A phrase of n tokens moves the
+  positions after it by n - 1, so the second encoding is read back through a
+  position map (:func:`expand`): the concept's position reads the phrase's last
+  token (in a causal text encoder the one that has seen the whole phrase), every
+  other position its own token; past CLIP's 77 positions the tail is cut, and a
+  position whose token was cut reads the last one. With one-token phrases the
+  map is the identity, i.e. the prompt with the ids swapped in place;
 - a pre-hook on the UNet matches each row of ``encoder_hidden_states`` to a
   kept encoding (the same matcher LAG's attention maps use) and builds
   the K context: the superclass encoding where the row had a locked token,
@@ -23,7 +29,7 @@ from torch import nn
 from ..errors import BadInputError
 from .prompt_rows import prompt_rows
 
-Replacements = Callable[[], dict[int, int]]  # locked token id -> superclass token id
+Replacements = Callable[[], dict[int, list[int]]]  # locked token id -> its superclass phrase's ids
 _KEY = "key-lock"
 
 
@@ -46,14 +52,17 @@ class KeyLock:
         prompt_rows(self.pipe).unsubscribe(_KEY)
 
     def _superclass_encoding(self, module, args, kwargs, ids, hidden) -> torch.Tensor:
-        """The prompt batch encoded again with every locked token id replaced by its superclass word's id."""
-        swapped = ids.clone()
-        for token_id, super_id in self.replacements().items():
-            swapped[ids == token_id] = super_id
+        """The prompt batch encoded again with every locked token replaced by its superclass phrase, read back at
+        the positions of the prompt as written (:func:`expand`)."""
+        replacements = self.replacements()
+        expanded = [expand(row, replacements, ids.shape[1]) for row in ids.tolist()]
+        swapped = torch.tensor([new for new, _ in expanded], dtype=ids.dtype, device=ids.device)
         if torch.equal(swapped, ids):
             return hidden.detach()
         again = module(swapped, *args[1:], **kwargs)
-        return (again[0] if isinstance(again, (tuple, list)) else again.last_hidden_state).detach()
+        again = (again[0] if isinstance(again, (tuple, list)) else again.last_hidden_state).detach()
+        where = torch.tensor([w for _, w in expanded], device=again.device)
+        return again.gather(1, where[..., None].expand(-1, -1, again.shape[-1]))
 
     @torch.no_grad()
     def _on_unet(self, module, args, kwargs) -> None:
@@ -75,3 +84,13 @@ class KeyLock:
         if x is context or (x.shape == context.shape and torch.equal(x, context)):
             return (keys, *args[1:])
         return None
+
+
+def expand(ids: list[int], replacements: dict[int, list[int]], length: int) -> tuple[list[int], list[int]]:
+    """``ids`` with each replaced token spelled out as its phrase, cut to ``length``, and for every position of
+    ``ids`` the position to read in the result: the phrase's last token for a replaced token, else its own."""
+    new, where = [], []
+    for token in ids:
+        new.extend(replacements.get(token, (token,)))
+        where.append(len(new) - 1)
+    return new[:length], [min(w, length - 1) for w in where]

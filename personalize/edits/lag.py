@@ -1,9 +1,10 @@
 """Localized attention-guided (LAG) sampling: where each concept's residual applies.
 
 Personalized Residuals §3.3, Eq. 3. In transformer block i, at every denoising
-step, ``A_i`` is the cross-attention mass of the concept token plus its
-macro-class token (``edits/attention_maps.py`` captures it), ``M_i`` is ``A_i``
-binarised at its median, and the block's output is
+step, ``A_i`` is the cross-attention mass of the concept token plus every token
+of its macro class right after it (:func:`concept_columns`: "V* penguin plushie"
+sums V*, penguin, plu and shie; ``edits/attention_maps.py`` captures the maps),
+``M_i`` is ``A_i`` binarised at its median, and the block's output is
 
     (1 - M_i) * base(h) + M_i * personalized(h)  =  base(h) + M_i * delta(h)
 
@@ -22,6 +23,20 @@ from __future__ import annotations
 import torch
 
 from .attention_maps import attention_maps
+
+
+def concept_columns(ids: list[int], token_id: int, macro_ids: list[int]) -> list[int]:
+    """The text columns a concept's LAG map sums in a prompt's token ids: each position of its token, and after it
+    the positions of the macro-class phrase ``macro_ids`` when the whole phrase follows (as in training,
+    "a photo of a V* <macro class>")."""
+    n = len(macro_ids)
+    cols = []
+    for p, i in enumerate(ids):
+        if i == token_id:
+            cols.append(p)
+            if list(ids[p + 1:p + 1 + n]) == list(macro_ids):
+                cols.extend(range(p + 1, p + 1 + n))
+    return cols
 
 
 def exclusive_masks(attention: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,20 @@ Notation (``../shared/reference/perfusion-math.md``, paper Eq. 2-4):
 output plus one (d_out, J) product, never a second matmul over the sequence.
 
 Key-locking: ``o*_K = W_K e_super`` (frozen); ``e_super`` is the mean text-encoder
-output at the superclass word over the neutral templates, so it is recomputed
+output at the superclass over the neutral templates, so it is recomputed
 from the base model and never stored. ``o*_V`` starts at ``W_V e_super`` and is
 learned, with the concept's token vector. ``i*`` follows an EMA of the concept
 token's encoding (no gradient).
+
+Class phrases ("penguin plushie", "teddybear" = teddy + bear): the concept stays
+one new token; (1) its vector starts at the mean of the phrase's input embeddings
+(the paper: the superclass word's row, which the mean is for a one-token class);
+(2) ``e_super`` is read at the phrase's *last* token: CLIP's text encoder is
+causal, so only that position has attended to the whole phrase, and it is the
+head noun of English class phrases ("penguin *plushie*"); (3) global key-locking
+re-encodes the prompt with the token replaced by the whole phrase and gives K,
+at the token's position, the phrase's last token (``edits/key_lock.py``). One-token
+classes get exactly the single-word rules; the gate's i*/o* math is unchanged.
 """
 from __future__ import annotations
 
@@ -36,9 +46,10 @@ from ..edits.placement import cross_attention_layers, site_names
 from ..edits.tokens import base_tokenizer, token_site
 from ..errors import BadInputError, ConceptFileError
 from ..knobs import knob
-from ..templates import NEUTRAL_TEMPLATES, word_position
+from ..templates import NEUTRAL_TEMPLATES, phrase_last_position
 from .base import Method
 from .rank1 import Gate, Rank1Projection
+from .shared import word_vector
 
 # ----------------------------------------------------------------------------- the edit in the UNet
 class PerfusionGroup(SiteGroup):
@@ -79,15 +90,15 @@ class PerfusionGroup(SiteGroup):
             self.key_lock.remove()
             self.key_lock = None
 
-    def lock_replacements(self) -> dict[int, int]:
-        """Token id -> superclass token id of every globally locked concept."""
-        from ..templates import single_token_id
+    def lock_replacements(self) -> dict[int, list[int]]:
+        """Token id -> the superclass phrase's token ids, for every globally locked concept."""
+        from ..templates import phrase_ids
 
         out = {}
         for c in self.members:
             if c.global_lock:
                 (token_id,) = token_site(c.pipe).ids(c.key)
-                out[token_id] = single_token_id(base_tokenizer(c.pipe), c.superclass)
+                out[token_id] = phrase_ids(base_tokenizer(c.pipe), c.superclass)
         return out
 
     def projection(self, dtype, device) -> Rank1Projection:
@@ -208,7 +219,7 @@ class Perfusion(Method):
         self.layers = site_names(pipe.unet, "cross_attention")
         device = pipe.unet.device
         self.e_super = superclass_encoding(pipe, superclass)
-        self.embedding = nn.Parameter(superclass_embedding(pipe, superclass).unsqueeze(0))
+        self.embedding = nn.Parameter(word_vector(pipe, superclass).unsqueeze(0))  # the phrase's mean row
         self.i_star = self.e_super.clone()
         self.i_star_initialized = False
         self.i_star_version = 0
@@ -399,22 +410,13 @@ def _project(linear: nn.Module, e: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def superclass_encoding(pipe, superclass: str) -> torch.Tensor:
-    """Mean text-encoder output at the superclass word over the neutral templates (e_super)."""
+    """e_super: the mean text-encoder output at the superclass phrase's last token over the neutral templates (the
+    module docstring says why the last)."""
     from ..templates import fill
 
     tok = pipe.tokenizer
     prompts = [fill(t, superclass) for t in NEUTRAL_TEMPLATES]
-    positions = [word_position(tok, t, superclass) for t in NEUTRAL_TEMPLATES]
+    positions = [phrase_last_position(tok, t, superclass) for t in NEUTRAL_TEMPLATES]
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
     hidden = pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device))[0].float()
     return torch.stack([hidden[i, p] for i, p in enumerate(positions)]).mean(0)
-
-
-@torch.no_grad()
-def superclass_embedding(pipe, superclass: str) -> torch.Tensor:
-    """The superclass word's input embedding row (the concept token starts there)."""
-    from ..templates import single_token_id
-
-    token_id = single_token_id(pipe.tokenizer, superclass)
-    table = pipe.text_encoder.get_input_embeddings()
-    return table.weight[token_id].detach().float().clone()

@@ -12,7 +12,10 @@ Notation (Ham et al. 2024, §3.2-3.3):
 
 The token ``V*`` starts as a rarely used token's embedding and is frozen unless
 ``train_token`` (the paper's ablation shows training it overfits). Training
-prompt: "a photo of a V* <macro class>"; no regularisation images.
+prompt: "a photo of a V* <macro class>", the macro class a phrase of any number
+of tokens ("a photo of a V* penguin plushie", as the paper trains CustomConcept101);
+no regularisation images. LAG sums the maps of V* and every macro-class token
+right after it (:meth:`Residuals.lag_columns`).
 
 The LoRA layers are made by peft (``inject_adapter_in_model``) on a *mirror*
 of the UNet's ``proj_out`` layers (stand-ins sharing the frozen weights), so
@@ -139,10 +142,9 @@ class Residuals(Method):
 
     def __init__(self, pipe, token, superclass, config: ResidualsConfig, ranks: dict[str, int] | None = None):
         super().__init__(pipe, token, superclass, config)
-        from ..templates import single_token_id
+        from ..templates import phrase_ids
 
-        tokenizer = base_tokenizer(pipe)
-        self.macro_id = single_token_id(tokenizer, superclass)
+        self.macro_ids = phrase_ids(base_tokenizer(pipe), superclass)  # the macro class: one token or several
         unet = pipe.unet
         ranks = ranks or layer_ranks(unet, config.rank_fraction, config.rank)
         with torch.random.fork_rng(devices=[]):  # the same initial A_i in every run
@@ -214,15 +216,12 @@ class Residuals(Method):
     # -- the pipeline
 
     def lag_columns(self, ids: list[int]) -> list[int]:
-        """Positions of V* in a prompt's token ids, each with the macro-class word right after it."""
+        """Positions of V* in a prompt's token ids, each with its macro-class phrase's positions when the whole
+        phrase follows it (``edits.lag.concept_columns``; the paper sums V* and all macro-class tokens)."""
+        from ..edits.lag import concept_columns
+
         (token_id,) = token_site(self.pipe).ids(self.key)
-        cols = []
-        for p, i in enumerate(ids):
-            if i == token_id:
-                cols.append(p)
-                if p + 1 < len(ids) and ids[p + 1] == self.macro_id:
-                    cols.append(p + 1)
-        return cols
+        return concept_columns(ids, token_id, self.macro_ids)
 
     def on_install(self) -> None:
         if self.lag:

@@ -3,7 +3,9 @@
     V*_1..V*_n   the concept's n vectors (``num_vectors``), one Parameter (n, d),
                  registered at the token seam as ``<t>``, ``<t>_1``, ... (diffusers'
                  multi-vector naming, so a stock pipeline expands ``<t>`` the same way)
-    init         every vector starts at ``init_word``'s embedding (default: the superclass)
+    init         every vector starts at ``init_word``'s embedding (default: the superclass); a word or
+                 class phrase of several tokens ("penguin plushie") starts at the mean of its pieces'
+                 rows (the reference scripts accept only a one-token initializer)
 
 The frozen embedding table is never trained or restored; nothing else in the
 pipeline changes. Recipe (diffusers ``textual_inversion`` README): batch 1 x 4

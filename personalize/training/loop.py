@@ -17,7 +17,7 @@ from ..errors import BadInputError, CheckpointError
 from ..images import file_sha256, list_images, load_captions, load_images, load_masks
 from ..parallel import DataParallel
 from ..paths import atomic_path
-from ..templates import check_new_token, check_token, single_token_id
+from ..templates import check_new_token, check_token, phrase_ids
 from .best import _BestKeeper, _Progress
 from .cache import LatentCache, PriorData, draw_batch
 from .config import TrainConfig, resolve_settings
@@ -37,7 +37,7 @@ def _validate_words(pipe, token: str, superclass: str) -> None:
     from ..edits.tokens import base_tokenizer
 
     tok = base_tokenizer(pipe)
-    single_token_id(tok, superclass)
+    phrase_ids(tok, superclass)  # a class phrase of one or more tokens ("dog", "penguin plushie")
     check_new_token(tok, token)
 
 
