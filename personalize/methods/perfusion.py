@@ -192,6 +192,8 @@ class Perfusion(Method):
     Config = PerfusionConfig
     Group = PerfusionGroup
     Knobs = PerfusionKnobs
+    # §4.4: the loss is weighted by a zero-shot soft mask of the superclass (§5.3: it raises text similarity)
+    train_defaults = {"masks": "auto"}
 
     def __init__(self, pipe, token, superclass, config: PerfusionConfig, C_inv: torch.Tensor):
         super().__init__(pipe, token, superclass, config)
