@@ -28,7 +28,7 @@ from .paths import atomic_path, cache_dir
 DEFAULT_SEGMENTER = "CIDAS/clipseg-rd64-refined"
 RECIPE = "clipseg sigmoid, bilinear to the photo, / max; v1"  # part of every cache key
 BATCH = 8
-GET_WEIGHTS = (f"download {DEFAULT_SEGMENTER} to a folder (huggingface-cli download {DEFAULT_SEGMENTER} "
+GET_WEIGHTS = (f"download {DEFAULT_SEGMENTER} to a folder (hf download {DEFAULT_SEGMENTER} "
                "--local-dir clipseg) and pass --segmenter clipseg, or pass --masks none")
 _FILES = (".json", ".txt", ".safetensors")  # what a segmenter folder's identity and download cover
 
@@ -50,7 +50,9 @@ def resolve_segmenter(spec: str | os.PathLike = DEFAULT_SEGMENTER) -> Path:
 
             folder = Path(snapshot_download(spec, allow_patterns=[f"*{s}" for s in _FILES]))
         except Exception as exc:  # offline, unknown id, network: one line for the user
-            raise BaseModelError(f"segmenter '{spec}' is not reachable ({_first_line(exc)[:80]}); {GET_WEIGHTS}") from None
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+            why = "HF_HUB_OFFLINE is set and it is not in the hub cache" if offline else _first_line(exc)[:100]
+            raise BaseModelError(f"segmenter '{spec}' is not reachable ({why}); {GET_WEIGHTS}") from None
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         raise BaseModelError(f"segmenter '{spec}' has no config.json and .safetensors weights in '{folder}' "
                              f"(pickled weights are never loaded); {GET_WEIGHTS}")
