@@ -159,7 +159,7 @@ class Suite:
             error = None
             try:
                 train(pipe, photos, token="<bench>", superclass="dog", out=Path(tmp) / "c.safetensors",
-                      method=method, progress=False, callbacks=[tick], device=self.device,
+                      method=method, progress=False, callbacks=[tick], device=self.device, masks="none",
                       settings={"steps": steps, "batch_size": batch, "checkpoint_every": 0,
                                 "mixed_precision": "bf16", "compile": self.compile, **extra})
             except Exception as exc:  # one method failing must not end the suite
@@ -201,7 +201,7 @@ class Suite:
             photos = _photos(Path(tmp) / "photos", 64)
             for method in ("perfusion", "residuals"):
                 concepts[method] = train(pipe, photos, token=f"<{method[:4]}>", superclass="dog",
-                                         out=Path(tmp) / f"{method}.safetensors", method=method, progress=False,
+                                         out=Path(tmp) / f"{method}.safetensors", method=method, progress=False, masks="none",
                                          device=self.device, settings={"steps": 1, "batch_size": 1,
                                                                        "checkpoint_every": 0})
             if self.device == "cuda":

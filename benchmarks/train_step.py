@@ -44,7 +44,7 @@ def measure(pipe, base_name: str, method: str, steps: int, batch_size: int, devi
         last[0] = time.perf_counter()
         train(pipe, photos, token="<bench>", superclass="ball", out=Path(tmp) / "c.safetensors", method=method,
               settings={"steps": steps, "batch_size": batch_size, "checkpoint_every": 0, **settings},
-              progress=False, callbacks=[tick], device=device)
+              masks="none", progress=False, callbacks=[tick], device=device)
     warm = sorted(times[2:] or times)
     prior = settings.pop("class_images", None) is not None
     row = {"method": method, "base": base_name, "device": device, "batch_size": batch_size, "prior": prior, **settings,

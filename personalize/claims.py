@@ -63,20 +63,29 @@ SAMPLING = {"steps": 25, "guidance": 4.0}
 
 def train_toy_concept(pipe, name: str, out: str | Path, *, method: str = "perfusion", steps: int = 150,
                       batch_size: int = 8, seed: int = 0, progress: bool = False, token: str = TOKEN,
-                      **method_settings) -> Path:
+                      masks: str = "default", **method_settings) -> Path:
     """Render ``name``'s example images beside ``out`` and train a ``method`` concept on them
     (``method_settings``: that method's Config fields, e.g. ``lock="trained"`` for Perfusion; a concept that is
-    not mirror-symmetric trains without horizontal flips)."""
-    from .training import train
+    not mirror-symmetric trains without horizontal flips).
+
+    ``masks``: ``"exact"`` weights the loss with the renderer's exact masks of the concept (rendered into
+    ``OUT.masks/``); ``"default"`` does so where the method's default is ``auto`` (Perfusion: the toy world is
+    its own zero-shot segmenter, with no segmentation error) and trains unmasked otherwise; or ``"none"``."""
+    from . import methods as registry
+    from .training import TrainConfig, train
 
     out = Path(out)
     photos = out.with_name(out.stem + ".photos")
-    render_concept_examples(name, photos)
+    if masks == "default":
+        default = registry.get(method).train_defaults.get("masks", TrainConfig.masks)
+        masks = "exact" if default == "auto" else "none"
+    mask_dir = out.with_name(out.stem + ".masks") if masks == "exact" else None
+    render_concept_examples(name, photos, masks_dir=mask_dir)
     spec = get_concept(name)
     settings = {"steps": steps, "batch_size": batch_size, "seed": seed, "checkpoint_every": 0,
                 **({} if spec.mirror_symmetric else {"flip_p": 0.0}), **method_settings}
     return train(pipe, photos, token=token, superclass=spec.superclass, out=out, method=method,
-                 settings=settings, progress=progress)
+                 masks=mask_dir if mask_dir is not None else masks, settings=settings, progress=progress)
 
 
 def sample(pipe, templates, folder: str | Path, word: str = TOKEN, seeds: int = 4) -> Path:

@@ -110,7 +110,8 @@ table.s td{{font-variant-numeric:tabular-nums}}</style></head><body>
 <h1>personalize demo</h1>
 <p>Base <code>toy</code> (the toy world's text-to-image model, shipped in the package), method <b>Perfusion</b>,
 token <code>{html.escape(token)}</code> for the held-out concept <i>{html.escape(CONCEPT)}</i>,
-{steps} steps × batch {batch_size}; sampling DDIM {claims.SAMPLING['steps']} steps, guidance
+{steps} steps × batch {batch_size}, the loss weighted by the renderer's exact mask of the concept
+(the paper's §4.4 masked loss, with a perfect segmenter); sampling DDIM {claims.SAMPLING['steps']} steps, guidance
 {claims.SAMPLING['guidance']}, seed 0. Whole demo: {seconds:.0f} s on CPU.</p>
 <h2>Training photos</h2><p>{photos_html}</p>
 <h2>Generated: the base alone, then the concept at each β</h2>

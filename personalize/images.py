@@ -140,19 +140,39 @@ def load_images(paths: list[Path], size: int) -> torch.Tensor:
 
 def load_masks(folder: str | Path, image_paths: list[Path], size: int) -> torch.Tensor:
     """(N, 1, size, size) soft masks in [0, 1], one per image with the same stem, each normalised by its max."""
-    from PIL import Image
+    return stack_masks(find_masks(folder, image_paths), size)
 
+
+def find_masks(folder: str | Path, image_paths: list[Path]) -> list[Path]:
+    """The mask file of each image in ``folder`` (same stem, any image extension), or a one-line BadInputError."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise BadInputError(f"mask folder '{folder}' does not exist; pass --masks DIR with one mask per image (same file name)")
+        raise BadInputError(f"mask folder '{folder}' does not exist; pass --masks DIR with one mask per image (same file "
+                            "name), --masks auto (segmented from the photos) or --masks none")
     by_stem = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
-    masks = []
+    found = []
     for path in image_paths:
         mask_path = by_stem.get(path.stem)
         if mask_path is None:
-            raise BadInputError(f"no mask for image '{path.name}' in '{folder}'; add '{path.stem}.png' or drop --masks")
-        gray = open_image(mask_path).convert("L")
-        arr = np.asarray(_square(gray, size, Image.Resampling.BILINEAR), dtype=np.float32)
+            raise BadInputError(f"no mask for image '{path.name}' in '{folder}'; add '{path.stem}.png' or pass --masks none")
+        found.append(mask_path)
+    return found
+
+
+def stack_masks(mask_paths: list[Path], size: int) -> torch.Tensor:
+    """(N, 1, size, size): each mask file centre-cropped and resized as its photo is (:func:`load_images`), then
+    divided by its maximum. 8-bit masks are read as 8-bit; 16-bit (``I;16``) and float masks keep their precision."""
+    from PIL import Image
+
+    masks = []
+    for mask_path in mask_paths:
+        img = open_image(mask_path)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            full = 65535.0 if img.mode != "F" else 1.0
+            img = Image.fromarray(np.asarray(img, dtype=np.float32) / full)  # mode F
+        else:
+            img = img.convert("L")
+        arr = np.asarray(_square(img, size, Image.Resampling.BILINEAR), dtype=np.float32)
         masks.append(arr / max(float(arr.max()), 1e-6))
     return torch.from_numpy(np.stack(masks)).unsqueeze(1)
 

@@ -52,12 +52,39 @@ def make_photos(folder, n: int = 4, size: int = 40):
     return folder
 
 
+def make_segmenter(folder, seed: int = 0):
+    """A tiny random CLIPSeg (transformers config + the offline CLIP tokenizer), saved like a hub download: what
+    ``--segmenter DIR`` reads. Random weights give arbitrary but deterministic soft masks."""
+    from transformers import CLIPImageProcessor, CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor
+
+    from personalize.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    small = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2}
+    config = CLIPSegConfig(
+        text_config={**small, "num_hidden_layers": 2, "vocab_size": 49408, "max_position_embeddings": 77},
+        vision_config={**small, "num_hidden_layers": 3, "image_size": 64, "patch_size": 16},
+        projection_dim=16, reduce_dim=16, extract_layers=[0, 1, 2], decoder_num_attention_heads=2,
+        decoder_intermediate_size=37)
+    images = CLIPImageProcessor(size={"height": 64, "width": 64}, do_center_crop=False,
+                                image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    CLIPSegForImageSegmentation(config).save_pretrained(folder)
+    CLIPSegProcessor(image_processor=images, tokenizer=build_clip_tokenizer()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_segmenter(tmp_path_factory):
+    """The folder of a tiny random CLIPSeg (``--segmenter DIR``)."""
+    return make_segmenter(tmp_path_factory.mktemp("clipseg"))
+
+
 @pytest.fixture
 def photos(tmp_path):
     return make_photos(tmp_path / "photos")
 
 
-FAST = {"steps": 2, "batch_size": 2, "checkpoint_every": 0}
+FAST = {"steps": 2, "batch_size": 2, "checkpoint_every": 0, "masks": "none"}
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +96,7 @@ def trained_concept(tmp_path_factory, _tiny_master):
     folder = make_photos(root / "photos")
     pipe = copy.deepcopy(_tiny_master)
     return train(pipe, folder, token="<disc>", superclass="ball", out=root / "disc.safetensors",
-                 settings={"steps": 4, "batch_size": 2, "checkpoint_every": 0}, progress=False)
+                 settings={"steps": 4, "batch_size": 2, "checkpoint_every": 0}, masks="none", progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,8 @@ def test_saved_concept_reproduces_the_trained_pipeline(tiny, photos, tmp_path):
             seen["image"] = _image(tiny, prompt)
 
     path = train(tiny, photos, token="<disc>", superclass="ball", out=tmp_path / "c.safetensors",
-                 settings={"steps": 3, "batch_size": 2, "checkpoint_every": 0}, progress=False, callbacks=[last])
+                 settings={"steps": 3, "batch_size": 2, "checkpoint_every": 0}, masks="none", progress=False,
+                 callbacks=[last])
     concept = load_concept(path)
     with attach(tiny, concept, beta=concept.config["beta_train"], tau=concept.config["tau_train"]):
         again = _image(tiny, prompt)

@@ -65,7 +65,8 @@ def check_error(code: int, err: str, *words) -> str:
 
 def train_args(images, out, *extra, superclass="ball", token=TOKEN, base="tiny"):
     return ["train", "--base", base, "--images", images, "--superclass", superclass, "--token", token,
-            "--out", out, "--steps", "1", "--batch-size", "1", "--checkpoint-every", "0", "--device", "cpu", *extra]
+            "--out", out, "--steps", "1", "--batch-size", "1", "--checkpoint-every", "0", "--device", "cpu",
+            "--masks", "none", *extra]
 
 
 def assert_no_train_output(out: Path) -> None:
@@ -465,7 +466,7 @@ def _train(*extra, flags=True):
     """Train arguments; ``flags=False`` leaves out --steps/--batch-size (flags win over --set)."""
     return ["train", "--base", "tiny", "--images", "{photos}", "--superclass", "ball", "--token", TOKEN,
             "--out", "{out}", *(["--steps", "1", "--batch-size", "1"] if flags else []), "--checkpoint-every", "0",
-            "--device", "cpu", *extra]
+            "--device", "cpu", "--masks", "none", *extra]
 
 
 def _generate(*extra, concept="{concept}"):

@@ -11,7 +11,7 @@ from personalize import attach, load_concept, train
 from personalize.methods import get
 from personalize.training import resolve_settings
 
-ONE_STEP = {"steps": 1, "batch_size": 2, "checkpoint_every": 0}
+ONE_STEP = {"steps": 1, "batch_size": 2, "checkpoint_every": 0, "masks": "none"}
 # settings that make every declared tensor train in one step (prior images: the photos themselves, no sampling)
 SETTINGS = {
     "textual-inversion": {"num_vectors": 2},

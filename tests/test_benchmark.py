@@ -31,7 +31,7 @@ SPEC = {
     "leakage_prompts": ["a white triangle on the right, on a blue background"],
     "seeds": [0, 1],
     "sampler": {"steps": 2, "guidance": 4.0},
-    "methods": [{"method": "perfusion", "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 1},
+    "methods": [{"method": "perfusion", "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 1, "masks": "none"},
                  "sweep": {"beta": [0.6, 0.9]}}],
 }
 N_ROWS = 2 + 2 + 1 + 1 + 2 * (2 + 2) + 2  # base leakage, base prompts, base score, train, generate, score
@@ -312,7 +312,7 @@ def test_clip_backend_scores_match_an_independent_computation(tmp_path, clip_wei
 
     spec = parse_spec({**SPEC, "seeds": [0], "evaluator": {"backend": "clip", "clip_weights": str(clip_weights_file),
                                                            "dino_weights": str(dino_weights_file)},
-                       "methods": [{"method": "perfusion", "train": {"steps": 1, "batch_size": 1}}]}, root=tmp_path)
+                       "methods": [{"method": "perfusion", "train": {"steps": 1, "batch_size": 1, "masks": "none"}}]}, root=tmp_path)
     summary = run_benchmark(spec, tmp_path / "out", progress=False)
     assert summary.counts["done"] == summary.counts["total"]
     db = BenchmarkDB(tmp_path / "out" / "benchmark.sqlite", create=False)
@@ -345,7 +345,7 @@ def test_validate_every_selects_the_best_step_in_benchmark_training(tmp_path):
     from personalize.concept import load_concept
 
     spec = parse_spec({**SPEC, "seeds": [0], "methods": [
-        {"method": "perfusion", "train": {"steps": 3, "batch_size": 1}, "validate_every": 1}]}, root=tmp_path)
+        {"method": "perfusion", "train": {"steps": 3, "batch_size": 1, "masks": "none"}, "validate_every": 1}]}, root=tmp_path)
     summary = run_benchmark(spec, tmp_path / "out", progress=False)
     assert summary.counts["done"] == summary.counts["total"]
     db = BenchmarkDB(tmp_path / "out" / "benchmark.sqlite", create=False)

@@ -11,7 +11,7 @@ from personalize.evaluation.validation import (ClipValidator, SamplingValidator,
                                                make_validator)
 
 WORDS = {"token": "<disc>", "superclass": "ball"}
-FAST = {"batch_size": 2, "checkpoint_every": 0, "seed": 3}
+FAST = {"batch_size": 2, "checkpoint_every": 0, "seed": 3, "masks": "none"}
 TINY_SAMPLING = {"num_seeds": 1, "steps": 2}  # a single short sample per prompt keeps the tests quick
 
 

@@ -22,7 +22,7 @@ def test_train_inspect_generate(photos, tmp_path, capsys):
     out = tmp_path / "disc.safetensors"
     code, stdout, _ = run(["train", "--method", "perfusion", "--base", "tiny", "--images", str(photos),
                            "--superclass", "ball", "--token", "<disc>", "--out", str(out), "--steps", "3",
-                           "--batch-size", "2", "--seed", "1"], capsys)
+                           "--batch-size", "2", "--seed", "1", "--masks", "none"], capsys)
     assert code == 0 and out.is_file(), stdout
     code, stdout, _ = run(["inspect", str(out), "--json"], capsys)
     assert code == 0
@@ -53,7 +53,7 @@ def test_same_token_twice_gives_a_clear_message(trained_concept, tmp_path, capsy
 
 
 def test_resume_after_interruption_equals_uninterrupted(tiny, photos, tmp_path, capsys):
-    settings = {"steps": 6, "batch_size": 2, "checkpoint_every": 2, "seed": 5}
+    settings = {"steps": 6, "batch_size": 2, "checkpoint_every": 2, "seed": 5, "masks": "none"}
     straight = train(tiny, photos, token="<disc>", superclass="ball", out=tmp_path / "a.safetensors",
                      settings=settings, progress=False)
 
@@ -70,7 +70,7 @@ def test_resume_after_interruption_equals_uninterrupted(tiny, photos, tmp_path, 
     assert tiny_tokens == 49408, "an interrupted run must not leave its token attached"
     code, _, err = run(["train", "--base", "tiny", "--images", str(photos), "--superclass", "ball", "--token",
                         "<disc>", "--out", str(interrupted), "--steps", "6", "--batch-size", "2",
-                        "--checkpoint-every", "2", "--seed", "5", "--resume"], capsys)
+                        "--checkpoint-every", "2", "--seed", "5", "--masks", "none", "--resume"], capsys)
     assert code == 0, err
     a, b = load_file(str(straight)), load_file(str(interrupted))
     assert a.keys() == b.keys()
@@ -81,8 +81,8 @@ def test_resume_after_interruption_equals_uninterrupted(tiny, photos, tmp_path, 
 def test_resume_refuses_a_different_run(photos, tmp_path, capsys):
     out = tmp_path / "c.safetensors"
     code, _, _ = run(["train", "--images", str(photos), "--superclass", "ball", "--token", "<disc>", "--out",
-                      str(out), "--steps", "2", "--batch-size", "1", "--checkpoint-every", "1"], capsys)
+                      str(out), "--steps", "2", "--batch-size", "1", "--checkpoint-every", "1", "--masks", "none"], capsys)
     assert code == 0
     code, _, err = run(["train", "--images", str(photos), "--superclass", "cup", "--token", "<disc>", "--out",
-                        str(out), "--steps", "3", "--batch-size", "1", "--resume"], capsys)
+                        str(out), "--steps", "3", "--batch-size", "1", "--masks", "none", "--resume"], capsys)
     assert code == 2 and "different run" in err and "superclass" in err

@@ -75,7 +75,7 @@ def test_a_base_can_ship_its_own_caption_corpus(tmp_path, _tiny_master, photos):
     assert torch.allclose(C, load_or_compute_covariance(pipe, captions))
     assert not torch.allclose(C, load_or_compute_covariance(pipe))
     out = train(pipe, photos, token="<disc>", superclass="ball", out=tmp_path / "c.safetensors",
-                settings={"steps": 1, "batch_size": 1, "checkpoint_every": 0}, progress=False)
+                settings={"steps": 1, "batch_size": 1, "checkpoint_every": 0}, masks="none", progress=False)
     assert load_concept(out).header["covariance"] == corpus
     with attach(pipe, out) as handle:
         C_inv = handle.methods[0].C_inv

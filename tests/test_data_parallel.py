@@ -12,7 +12,7 @@ import torch
 from personalize import train
 from personalize.concept import load_concept
 
-STEPS = {"steps": 3, "batch_size": 4, "checkpoint_every": 0}
+STEPS = {"steps": 3, "batch_size": 4, "checkpoint_every": 0, "masks": "none"}
 
 
 def _free_port() -> int:
@@ -35,7 +35,7 @@ def test_two_processes_train_what_one_process_trains(tiny, photos, tmp_path, met
     two = tmp_path / "two.safetensors"
     result = _launch(["train", "--base", "tiny", "--images", str(photos), "--token", "<disc>", "--superclass", "ball",
                       "--method", method, "--steps", "3", "--batch-size", "4", "--checkpoint-every", "0",
-                      "--device", "cpu", "--out", str(two)])
+                      "--device", "cpu", "--masks", "none", "--out", str(two)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("wrote concept") == 1  # said once, by the main process
     a, b = load_concept(one).tensors, load_concept(two).tensors
@@ -47,7 +47,7 @@ def test_two_processes_train_what_one_process_trains(tiny, photos, tmp_path, met
 
 def test_a_global_batch_that_does_not_split_is_refused(photos, tmp_path):
     result = _launch(["train", "--base", "tiny", "--images", str(photos), "--token", "<disc>", "--superclass", "ball",
-                      "--steps", "1", "--batch-size", "3", "--device", "cpu", "--out", str(tmp_path / "c.safetensors")])
+                      "--steps", "1", "--batch-size", "3", "--device", "cpu", "--masks", "none", "--out", str(tmp_path / "c.safetensors")])
     assert result.returncode != 0
     assert "does not split over 2 processes" in result.stderr
     assert not (tmp_path / "c.safetensors").exists()

@@ -13,7 +13,7 @@ from personalize import train
 from personalize.training import FrozenInComputeDtype
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = {"steps": 2, "batch_size": 2, "checkpoint_every": 0}
+FAST = {"steps": 2, "batch_size": 2, "checkpoint_every": 0, "masks": "none"}
 
 
 def _weights(pipe) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 from personalize import Concept, attach, load_concept, train
 from personalize.interop import export_concept, import_file
 
-FAST = {"steps": 1, "batch_size": 1, "checkpoint_every": 0}
+FAST = {"steps": 1, "batch_size": 1, "checkpoint_every": 0, "masks": "none"}
 PROMPT = "a photo of a {} ball on the grass"
 
 

@@ -22,7 +22,7 @@ from personalize.knobs import specs
 
 NAMES = methods.names()
 PROMPT = "a photo of a {} ball on the grass"
-SETTINGS = {"steps": 2, "batch_size": 1, "checkpoint_every": 0}
+SETTINGS = {"steps": 2, "batch_size": 1, "checkpoint_every": 0, "masks": "none"}
 EXTRA = {"dreambooth": {"prior_loss_weight": 0.0}, "custom-diffusion": {"prior_loss_weight": 0.0}}
 
 

@@ -414,7 +414,7 @@ def test_a_resumed_benchmark_train_row_records_its_params_and_time(tmp_path, mon
     from personalize.benchmark.spec import parse_spec
 
     spec = parse_spec({**BENCH, "methods": [{"method": "perfusion", "train": {"steps": 2, "batch_size": 1,
-                                                                              "checkpoint_every": 1}}]}, root=tmp_path)
+                                                                              "checkpoint_every": 1, "masks": "none"}}]}, root=tmp_path)
     db = plan_into(spec, tmp_path / "out")
     (row,) = [r for r in db.rows() if r["kind"] == "train"]
     worker = work.Worker(spec, tmp_path / "out", "cpu", db)

@@ -7,7 +7,7 @@ from personalize import train
 from personalize.methods.perfusion import Perfusion, PerfusionConfig, superclass_encoding
 from personalize.training import denoising_loss
 
-ONE_STEP = {"steps": 1, "batch_size": 2, "checkpoint_every": 0}
+ONE_STEP = {"steps": 1, "batch_size": 2, "checkpoint_every": 0, "masks": "none"}
 
 
 def _run_one_step(pipe, photos, tmp_path, **settings):

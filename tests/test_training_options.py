@@ -6,7 +6,7 @@ from personalize import train
 from personalize.cli import main
 from personalize.training import preview_dir
 
-FAST = {"steps": 3, "batch_size": 2, "checkpoint_every": 0, "seed": 2}
+FAST = {"steps": 3, "batch_size": 2, "checkpoint_every": 0, "seed": 2, "masks": "none"}
 
 
 def test_previews_do_not_change_the_training_trajectory(tiny, photos, tmp_path):
@@ -25,7 +25,7 @@ def test_config_yaml_sets_method_and_trainer_settings(photos, tmp_path, capsys):
     config.write_text("steps: 2\nbatch_size: 1\ncheckpoint_every: 0\nperfusion:\n  lock: trained\n  beta: 0.65\n")
     out = tmp_path / "c.safetensors"
     main(["train", "--images", str(photos), "--superclass", "ball", "--token", "<disc>", "--out", str(out),
-          "--config", str(config), "--steps", "1"])  # returns normally on success
+          "--config", str(config), "--steps", "1", "--masks", "none"])  # returns normally on success
     from personalize import load_concept
 
     concept = load_concept(out)

@@ -165,7 +165,7 @@ def list_methods(
       personalize train --method residuals --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors   # then train one
     """
     from .. import methods as registry
-    from .flags import fmt, method_fields
+    from .flags import fmt, method_fields, trainer_defaults
 
     if name is not None:
         _method_settings(registry.get(name))
@@ -173,7 +173,8 @@ def list_methods(
     table = Table("method", "description (recipe: where the defaults come from)", "sites", "defaults")
     for name in registry.names():
         cls = registry.get(name)
-        trainer = [f"{k}={fmt(v)}" for k, v in cls.train_defaults.items()]
+        shown = {**cls.train_defaults, "masks": trainer_defaults(cls)["masks"]}  # every method's loss masks
+        trainer = [f"{k}={fmt(v)}" for k, v in shown.items()]
         defaults = ", ".join(trainer + [f"{f.name}={fmt(f.default)}" for f in method_fields(cls)])
         table.add_row(name, escape(_described(cls)), ", ".join(cls.sites), escape(defaults))
     out_console.print(table)

@@ -164,11 +164,11 @@ def given(flags: list[Flag], values: dict[str, Any]) -> dict[str, Any]:
 
 
 def defaults_summary(indent: str = "") -> str:
-    """One paragraph per method: its trainer defaults (steps, batch size) and every Config default."""
+    """One paragraph per method: its trainer defaults (steps, batch size, loss masks) and every Config default."""
     lines = []
     for name, cls in method_classes():
         trainer = trainer_defaults(cls)
-        items = [f"steps={trainer['steps']}", f"batch_size={trainer['batch_size']}"]
+        items = [f"steps={trainer['steps']}", f"batch_size={trainer['batch_size']}", f"masks={trainer['masks']}"]
         items += [f"{f.name}={fmt(f.default)}" for f in method_fields(cls)]
         lines.append(f"{indent}{name}: {', '.join(items)}")
     return "\n\n".join(lines)

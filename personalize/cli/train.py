@@ -29,7 +29,6 @@ def train(
     base: str = typer.Option("tiny", "--base", help=BASE_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in OUT.ckpt/."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (without it an existing concept file is refused; --resume continues it instead)."),
-    masks: Optional[Path] = typer.Option(None, "--masks", help="Folder of foreground masks named like the images: weights the loss."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (trainer and method); flags win."),
     set_: List[str] = typer.Option([], "--set", help="Method or trainer setting KEY=VALUE, e.g. --set lock=trained --set lr_value=0.02."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
@@ -81,7 +80,7 @@ METHOD_DEFAULTS
     settings.update(derived.given(METHOD_FLAGS, flags))
     images, token, superclass = _concept_args(images, token, superclass, settings.pop("concepts", None))
     validation = _validation(validate_every, evaluator, validation_prompt, clip_weights, images, device)
-    path = run_train(base, images, token=token, superclass=superclass, out=out, method=method, masks=masks,
+    path = run_train(base, images, token=token, superclass=superclass, out=out, method=method,
                      resume=resume, settings=settings, progress=True, device=device, validation=validation)
     if os.environ.get("RANK", "0") == "0":  # data parallel (accelerate launch / torchrun): the main process says it
         out_console.print(f"wrote concept [bold]{path}[/bold] ({path.stat().st_size:,} bytes)")

@@ -205,9 +205,11 @@ class Perfusion(Method):
     Config = PerfusionConfig
     Group = PerfusionGroup
     Knobs = PerfusionKnobs
-    train_defaults = {"steps": 250, "batch_size": 16, "max_grad_norm": None}
+    # §4.4: the loss is weighted by a zero-shot soft mask of the superclass (§5.3: it raises text similarity)
+    train_defaults = {"steps": 250, "batch_size": 16, "max_grad_norm": None, "masks": "auto"}
     recipe = ("Perfusion paper §4.4: batch 16, lr 0.03 (o*_V) / 0.006 (embedding) = the effective rates, no "
-              "clipping listed (none); 8 validation prompts every 25 steps, best harmonic mean kept (with an evaluator)")
+              "clipping listed (none); loss weighted by a zero-shot CLIPSeg mask of the superclass; 8 validation "
+              "prompts every 25 steps, best harmonic mean kept (with an evaluator)")
     validate_every = 25
 
     def __init__(self, pipe, token, superclass, config: PerfusionConfig, C_inv: torch.Tensor):

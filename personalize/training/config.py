@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BadInputError
+from ..segment import DEFAULT_SEGMENTER
 
 
 @dataclass
@@ -33,6 +34,13 @@ class TrainConfig:
                 "does not)"})
     compile: bool = dataclasses.field(default=False, metadata={
         "help": "torch.compile the UNet: minutes of compiling first, faster steps after (long GPU runs)", "flag": True})
+    masks: str = dataclasses.field(default="none", metadata={
+        "help": "weight the loss by a mask per photo: auto (each photo segmented by --segmenter prompted with the superclass, soft "
+                "mask / max, cached; Perfusion paper 4.4), none, or a folder of masks named like the photos "
+                "(./auto for a folder named auto)", "flag": True})
+    segmenter: str = dataclasses.field(default=DEFAULT_SEGMENTER, metadata={
+        "help": "CLIPSeg model of --masks auto: a hub id or a local folder (save_pretrained; safetensors)",
+        "flag": True})
 
 
 def split_overrides(method_cls, overrides: dict[str, Any] | None) -> tuple[dict, dict]:

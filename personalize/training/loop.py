@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -14,8 +16,9 @@ from ..base import fingerprint, load_base
 from ..checkpoints import checkpoint_dir, has_checkpoint, load_checkpoint, save_checkpoint
 from ..concept import Concept, save_concept
 from ..errors import BadInputError, CheckpointError
-from ..images import file_sha256, list_images, load_captions, load_images, load_masks
+from ..images import file_sha256, list_images, load_captions, load_images, stack_masks
 from ..parallel import DataParallel
+from ..segment import mask_files
 from ..paths import atomic_path
 from ..templates import check_new_token, check_token, phrase_ids
 from .best import _BestKeeper, _Progress
@@ -49,7 +52,7 @@ def train(
     superclass: str | Sequence[str],
     out: str | Path,
     method: str = "perfusion",
-    masks: str | Path | None = None,
+    masks: str | Path | None = "default",
     resume: bool = False,
     settings: dict[str, Any] | None = None,
     progress: bool = True,
@@ -62,6 +65,9 @@ def train(
     ``base`` is a spec (``"tiny"``, a folder, a hub id) or a loaded pipeline.
     ``settings`` holds :class:`TrainConfig` fields and the method's Config
     fields (flat, or the latter nested under the method's name).
+    ``masks`` weights the loss: ``"auto"`` (zero-shot masks, :mod:`personalize.segment`; the segmenter is the
+    ``segmenter`` setting), ``"none"``/None, or a folder of masks named like the photos; ``"default"`` takes
+    the ``masks`` setting, else the method's default (Perfusion: auto, its paper's choice; the others: none).
     ``callbacks`` are called as ``cb(step, loss, method)`` after every step
     (after that step's checkpoint), with the live method object; ``loss`` is a
     0-dim tensor on the training device (``float(loss)`` waits for the device,
@@ -78,7 +84,12 @@ def train(
     from diffusers import DDPMScheduler
 
     method_cls = method_registry.get(method)
-    cfg, mcfg = resolve_settings(method_cls, settings)
+    if not (isinstance(masks, str) and masks == "default"):  # the argument wins over settings and the method
+        settings = {**(settings or {}), "masks": "none" if masks is None else masks}
+    masks = (settings or {}).get("masks")
+    cfg, mcfg = resolve_settings(method_cls, {k: v for k, v in (settings or {}).items() if k != "masks"}
+                                 if isinstance(masks, os.PathLike) else settings)
+    masks = masks if isinstance(masks, os.PathLike) else cfg.masks
     out = Path(out)
     _check_run(cfg, out, resume, validation)
     folders, tokens, superclasses = _concepts(method_cls, images, token, superclass)
@@ -88,8 +99,13 @@ def train(
         token, superclass = tokens[0], superclasses[0]
     else:
         token, superclass = tuple(tokens), tuple(superclasses)
-        if masks:
-            raise BadInputError("--masks works with one concept per run; train with masks one concept at a time")
+        if isinstance(masks, os.PathLike) or masks not in ("none", "auto"):
+            raise BadInputError("--masks DIR works with one concept per run; use --masks auto or none, or train "
+                                "one concept at a time")
+    # before any training work: an unreachable segmenter stops the run here (masks are segmented once, cached)
+    phrases = [sc for sc, paths in zip(superclasses, per_concept) for _ in paths]
+    mask_paths, mask_source = mask_files(masks, image_paths, phrases, cfg.segmenter,
+                                         device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     accelerator = _accelerator(cfg.mixed_precision, cpu=(str(device) == "cpu"))
     device = accelerator.device
@@ -102,7 +118,7 @@ def train(
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     captions = load_captions(image_paths, tokens)
     pixels = load_images(image_paths, size)
-    mask_tensor = load_masks(masks, image_paths, size) if masks else None
+    mask_tensor = stack_masks(mask_paths, size) if mask_paths is not None else None
 
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
@@ -131,6 +147,7 @@ def train(
             "images": image_hashes, "seed": cfg.seed, "batch_size": cfg.batch_size,
             "config": dataclasses.asdict(mcfg),
             **({"captions": captions} if any(c is not None for c in captions) else {}),
+            **({"masks": _tensor_sha256(mask_tensor)} if mask_tensor is not None else {}),
         }
         ckpt = checkpoint_dir(out)
         start = load_checkpoint(ckpt, run_id, trainable, optimizer, generator) if resume else 0
@@ -183,7 +200,7 @@ def train(
             "mixed_precision": cfg.mixed_precision, "images": image_hashes,
             "package_version": _version(), "torch": torch.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(time.time() - began, 1),
+            "seconds": round(time.time() - began, 1), **mask_source,
             **(best.provenance() if best is not None else {}),
         }
         header = concept_header(method, token, superclass, mcfg, trainable.inference_defaults(), base_fp,
@@ -200,6 +217,10 @@ def train(
     path = save_concept(out, concept)
     parallel.wait()
     return path
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
 def _json_words(words):

@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 from PIL import Image, ImageDraw
 
-from .world import COLORS, POSITION_PHRASES, POSITIONS, Scene, SceneObject, render_scene
+from .world import COLORS, POSITION_PHRASES, POSITIONS, Scene, SceneObject, concept_mask, render_scene
 
 BLACK = (20, 20, 20)
 WHITE = (245, 245, 245)
@@ -151,18 +151,24 @@ def example_caption(scene: Scene) -> str:
 
 
 def render_concept_examples(name: str, out_dir: Union[str, os.PathLike], n: int = N_EXAMPLES, seed: int = 0,
-                            resolution: int = 32, captions: bool = True) -> list[Path]:
+                            resolution: int = 32, captions: bool = True,
+                            masks_dir: Union[str, os.PathLike, None] = None) -> list[Path]:
     """Render concept ``name``'s example images into ``out_dir`` as PNGs; returns their paths.
 
     ``captions``: beside each image an ``IMAGE.txt`` caption stating its position and background (the
     trainer's per-image captions), so a trained concept takes its appearance and leaves the scene to the
-    prompt (docs/TOYWORLD.md measures the difference)."""
+    prompt (docs/TOYWORLD.md measures the difference). ``masks_dir``: also the renderer's exact mask of the
+    concept in each image (:func:`concept_mask`), same file name, in that folder: what ``--masks DIR`` reads."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if masks_dir is not None:
+        Path(masks_dir).mkdir(parents=True, exist_ok=True)
     paths = []
     for i, scene in enumerate(concept_scenes(name, n, seed)):
         p = out / f"{name}_{i:02d}.png"
         render_scene(scene, resolution=resolution).save(p)
+        if masks_dir is not None:
+            concept_mask(scene, resolution=resolution).save(Path(masks_dir) / p.name)
         side = p.with_suffix(".txt")
         if captions:
             side.write_text(example_caption(scene) + "\n")

@@ -174,6 +174,18 @@ def render_scene(scene: Scene, resolution: int = RESOLUTION, supersample: int = 
     return canvas.resize((resolution, resolution), Image.BOX)
 
 
+def concept_mask(scene: Scene, resolution: int = RESOLUTION, supersample: int = SUPERSAMPLE) -> Image.Image:
+    """The exact soft mask (8-bit L, antialiased like :func:`render_scene`) of the scene's held-out concept
+    objects (those with an ``appearance``): what a zero-shot segmenter estimates for a real photo."""
+    scale = supersample * resolution / RESOLUTION
+    big = Image.new("L", (resolution * supersample,) * 2, 0)
+    for obj in scene.objects:
+        if obj.appearance is not None:
+            s, cx, cy = obj.geometry()
+            ImageDraw.Draw(big).polygon(shape_polygon(obj.shape, s, cx, cy, scale), fill=255)
+    return big.resize((resolution, resolution), Image.BOX)
+
+
 def render_array(scene: Scene) -> np.ndarray:
     """uint8 array (32, 32, 3)."""
     return np.asarray(render_scene(scene), dtype=np.uint8)
