@@ -46,6 +46,18 @@ class Worker:
             self._attached[1].detach()
             self._attached = None
 
+    def _attach_members(self, members: list[dict]) -> None:
+        """A composition: every member file attached together (each with its ``token=`` and knobs)."""
+        from ..compose import attach
+
+        key = ("compose", json.dumps(members, sort_keys=True))
+        if self._attached is not None and self._attached[0] == key:
+            return
+        self.detach()
+        items = [(inside(self.root, m["concept_file"]), {**m["knobs"], **({"token": m["token"]} if m["token"] else {})})
+                 for m in members]
+        self._attached = (key, attach(self.pipe, items))
+
     def _attach(self, concept_file: Path, setting: dict) -> None:
         """The concept attached with ``setting``; a sweep over one concept attaches it once and changes its
         knobs in place (``Attachment.set``; knobs of the previous setting that this one lacks go back to
@@ -90,6 +102,8 @@ class Worker:
         from ..checkpoints import checkpoint_dir, has_checkpoint
         from ..training import resolve_settings, train
 
+        if "concepts" in row["payload"]:
+            return self.train_joint(row)
         concept = concept_from_payload(row["payload"])
         out = inside(self.root, row["outputs"][0])
         settings = {**({} if concept.mirror_symmetric else {"flip_p": 0.0}), **row["payload"]["train"]}
@@ -120,6 +134,24 @@ class Worker:
                 **({"earlier_seconds": round(clock.earlier, 3)} if clock.earlier else {}),
                 **({"best_step": best} if best is not None else {})}
 
+    def train_joint(self, row: dict) -> dict:
+        """A multi-concept method (Custom Diffusion) trains a composition pair into one file."""
+        from ..checkpoints import checkpoint_dir, has_checkpoint
+        from ..training import train
+
+        concepts = [ConceptEntry(**{**c, "templates": tuple(c["templates"])}) for c in row["payload"]["concepts"]]
+        out = inside(self.root, row["outputs"][0])
+        counted: dict = {}
+        self.detach()
+        path = train(self.pipe, [self.photos(c) for c in concepts], token=[c.token for c in concepts],
+                     superclass=[c.superclass for c in concepts], out=out, method=row["method_type"],
+                     settings=row["payload"]["train"], progress=False, resume=has_checkpoint(out),
+                     callbacks=[lambda step, loss, method: counted.setdefault("n", trainable_params(method))],
+                     device="cpu" if self.device == "cpu" else None)
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+        return {"file_bytes": path.stat().st_size, "trainable_params": counted.get("n", 0),
+                "steps": load_concept(path).header.get("config", {}).get("steps")}
+
     def validator(self, concept: ConceptEntry, every: int):
         """Best-step selection with the spec's evaluator (None when the method does not ask for it)."""
         if not every:
@@ -140,6 +172,8 @@ class Worker:
 
         if row["method"] == BASE:
             self.detach()
+        elif "members" in row["payload"]:
+            self._attach_members(row["payload"]["members"])
         else:
             self._attach(inside(self.root, row["payload"]["concept_file"]), row["setting"])
         sampler = row["payload"]["sampler"]

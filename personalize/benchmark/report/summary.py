@@ -16,8 +16,8 @@ from ...evaluation.protocol import best_h
 from ..plan import BASE
 
 NOT_METRICS = {"n_images"}  # counts in a score row's result, not scores
-CI_TEXT = (f"{LEVEL:.0%} bootstrap confidence interval (images resampled within each concept, "
-           "2,000 replicates; shown where the score rows keep per-image values).")
+CI_TEXT = (f"{LEVEL:.0%} bootstrap confidence interval (stratified: concepts resampled, then images within "
+           "each; one concept: its images; 2,000 replicates; shown where the score rows keep per-image values).")
 VS_BASE_TEXT = ("Method minus the base alone (the superclass word instead of the concept), mean over the same "
                 f"concepts, with the {LEVEL:.0%} bootstrap interval of the difference; significant: every "
                 "interval excludes 0.")
@@ -105,7 +105,8 @@ def format_cell(key: str, row: dict) -> str:
     """A table cell: the value, then its confidence interval when the row has one."""
     text = format_value(key, row["values"].get(key))
     ci = (row.get("ci") or {}).get(key)
-    return text if ci is None else f"{text} [{format_value(key, ci[0])}, {format_value(key, ci[1])}]"
+    text = text if ci is None else f"{text} [{format_value(key, ci[0])}, {format_value(key, ci[1])}]"
+    return text + (" *" if (row.get("sig") or {}).get(key) else "")
 
 
 # -------------------------------------------------------------------------------------------------------- helpers
@@ -204,7 +205,7 @@ def _results_table(scores: list[dict]) -> dict:
     rows = []
     for (method, setting), group in _group(scores, lambda r: (r.get("method"), setting_label(r))).items():
         concepts = {r.get("concept") for r in group}
-        ci = {k: mean_ci(s) for k in keys if (s := _samples(group, k)) is not None}
+        ci = {k: mean_ci(s, over_groups=len(s) > 1) for k in keys if (s := _samples(group, k)) is not None}
         rows.append({"method": method, "setting": setting, "cells": [method, setting, str(len(concepts))],
                      "reference": _is_base(method), "ci": {k: v for k, v in ci.items() if v is not None},
                      "values": {k: _mean(_result(r, k) for r in group) for k in keys}})
@@ -330,12 +331,21 @@ def summarize(rows: list[dict]) -> dict:
     "best_h": one row per method (``best_h`` of the protocol, classes balanced), or None without the
     needed keys. "cost": one row per method from its train and generate rows, or None without them.
     """
+    from .stats import (CC101_VIEW, PERFUSION_VIEW, composition_table, head_to_head_table, per_concept_table,
+                        view_table)
+
     done = [r for r in rows if r.get("status") == "done"]
-    scores = _of_kind(done, "score")
+    scores = [r for r in _of_kind(done, "score") if not (r.get("result") or {}).get("composition")]
+    results = _results_table(scores) if scores else None
     return {
         "counts": _counts(rows),
         "provenance": _provenance(done or rows),
-        "results": _results_table(scores) if scores else None,
+        "results": results,
+        "cc101_view": view_table(results, CC101_VIEW) if view_table(results, PERFUSION_VIEW) else None,
+        "perfusion_view": view_table(results, PERFUSION_VIEW),
+        "per_concept": per_concept_table(scores, results["keys"]) if results else None,
+        "head_to_head": head_to_head_table(scores),
+        "compositions": composition_table(done),
         "vs_base": _vs_base_table(scores),
         "best_h": _best_h_table(scores),
         "cost": _cost_table(done),
