@@ -78,8 +78,9 @@ class Worker:
 
             ev = self.spec.evaluator
             random = bool(ev.get("random_weights"))
-            self._encoders = (ClipEncoder(weights=ev.get("clip_weights"), random_weights=random, device=self.device),
-                              DinoEncoder(weights=ev.get("dino_weights"), random_weights=random, device=self.device))
+            self._encoders = (
+                FeatureCache(ClipEncoder(weights=ev.get("clip_weights"), random_weights=random, device=self.device)),
+                FeatureCache(DinoEncoder(weights=ev.get("dino_weights"), random_weights=random, device=self.device)))
         return self._encoders
 
     def photos(self, concept: ConceptEntry) -> Path:
@@ -191,6 +192,41 @@ class Worker:
         return score_row(self, row)
 
 
+class FeatureCache:
+    """An image encoder that encodes each image file once per process: a score row encodes its images for
+    CLIP-T and CLIP-I, and the concept's photos and the base's leakage images serve every method and setting.
+    Keyed by path, size and modification time (rows write their images atomically, never in place); other
+    inputs (PIL images, arrays) are encoded every time. Everything else is the wrapped encoder's."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self._features: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
+
+    @staticmethod
+    def _key(item):
+        if isinstance(item, (str, Path)):
+            st = Path(item).stat()
+            return str(Path(item).resolve()), st.st_size, st.st_mtime_ns
+        return None
+
+    def encode_images(self, images) -> "np.ndarray":
+        import numpy as np
+
+        images = list(images)
+        if not images:
+            return self.encoder.encode_images([])
+        keys = [self._key(i) for i in images]
+        todo = [i for i, k in enumerate(keys) if k is None or k not in self._features]
+        fresh = dict(zip(todo, self.encoder.encode_images([images[i] for i in todo]))) if todo else {}
+        for i, f in fresh.items():
+            if keys[i] is not None:
+                self._features[keys[i]] = f
+        return np.stack([fresh[i] if i in fresh else self._features[k] for i, k in enumerate(keys)])
+
+
 def trainable_params(method) -> int:
     """How many numbers ``method`` trains (its param groups' parameters that take gradients)."""
     return sum(p.numel() for g in method.param_groups() for p in g["params"] if p.requires_grad)
@@ -236,4 +272,4 @@ def pick_device(spec_device: str, local_rank: int = 0) -> str:
     return "cpu"
 
 
-__all__ = ["TrainClock", "Worker", "pick_device", "trainable_params"]
+__all__ = ["FeatureCache", "TrainClock", "Worker", "pick_device", "trainable_params"]
