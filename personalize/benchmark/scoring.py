@@ -149,11 +149,15 @@ def _toy_base(worker, concept, gens: list[dict]) -> dict:
             "samples": _per_image(res)}
 
 
-def _per_image(res: dict) -> dict[str, list[float]]:
-    """Per-image values of the means (for the report's bootstrap confidence intervals)."""
+def _per_image(res: dict, base_alignment: float = 0.0) -> dict[str, list[float]]:
+    """Per-image values of the means (for the report's bootstrap confidence intervals); with the base's
+    alignment, ``alignment_norm`` too (each image's alignment over the base's mean)."""
     images = res["per_image"].values()
-    return {"alignment": [e["alignment"] for e in images if e.get("alignment") is not None],
-            "fidelity": [e["fidelity"] or 0.0 for e in images if "fidelity" in e]}
+    out = {"alignment": [e["alignment"] for e in images if e.get("alignment") is not None],
+           "fidelity": [e["fidelity"] or 0.0 for e in images if "fidelity" in e]}
+    if base_alignment > 0 and out["alignment"]:
+        out["alignment_norm"] = [v / base_alignment for v in out["alignment"]]
+    return out
 
 
 def _toy_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
@@ -169,7 +173,7 @@ def _toy_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
             "alignment_norm": res["alignment"] / base_align if base_align > 0 and res["alignment"] is not None else None,
             "leakage": other["leakage"], "no_concept_alignment": other["alignment"],
             "h": harmonic_mean(res["fidelity"] or 0.0, res["alignment"] or 0.0), "n_images": res["n_images"],
-            "samples": _per_image(res)}
+            "samples": _per_image(res, base_align)}
 
 
 CLIP_SCORER = Scorer(_clip_base, _clip_method)

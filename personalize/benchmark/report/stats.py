@@ -97,7 +97,8 @@ def head_to_head_table(scores: list[dict]) -> Optional[dict]:
         label = f"{a} ({setting_label(ra[common[0]])}) − {b} ({setting_label(rb[common[0]])})"
         n_sig = sum(bool(v) for v in sig.values())
         rows.append({"method": a, "cells": [label, str(len(common)), f"{n_sig} of {len(sig)}"], "reference": False,
-                     "values": values, "ci": {k: v for k, v in ci.items() if v is not None}, "sig": sig})
+                     "values": values, "ci": {k: v for k, v in ci.items() if v is not None}, "sig": sig,
+                     "diff": True})
     if not rows:
         return None
     table = _table(["difference", "concepts", "significant"], keys, rows)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from ...evaluation import registry
-from ...evaluation.bootstrap import LEVEL, diff_ci, mean_ci
+from ...evaluation.bootstrap import LEVEL, can_pair, diff_ci, mean_ci
 from ...evaluation.protocol import best_h
 from ..plan import BASE
 
@@ -19,8 +19,8 @@ NOT_METRICS = {"n_images"}  # counts in a score row's result, not scores
 CI_TEXT = (f"{LEVEL:.0%} bootstrap confidence interval (stratified: concepts resampled, then images within "
            "each; one concept: its images; 2,000 replicates; shown where the score rows keep per-image values).")
 VS_BASE_TEXT = ("Method minus the base alone (the superclass word instead of the concept), mean over the same "
-                f"concepts, with the {LEVEL:.0%} bootstrap interval of the difference; significant: every "
-                "interval excludes 0.")
+                f"concepts, with the {LEVEL:.0%} stratified bootstrap interval of the difference (images paired "
+                "by prompt and seed); significant: every interval excludes 0.")
 
 
 # -------------------------------------------------------------------------------------------------------- metrics
@@ -101,11 +101,16 @@ def format_value(key: str, value: Optional[float]) -> str:
     return "–" if value is None else metric_info(key).fmt(value)
 
 
+def _fmt_diff(v: Optional[float]) -> str:
+    return "–" if v is None else f"{v:+.4f}"
+
+
 def format_cell(key: str, row: dict) -> str:
     """A table cell: the value, then its confidence interval when the row has one."""
-    text = format_value(key, row["values"].get(key))
+    fmt = _fmt_diff if row.get("diff") else (lambda v: format_value(key, v))  # differences: signed, finer
+    text = fmt(row["values"].get(key))
     ci = (row.get("ci") or {}).get(key)
-    text = text if ci is None else f"{text} [{format_value(key, ci[0])}, {format_value(key, ci[1])}]"
+    text = text if ci is None else f"{text} [{fmt(ci[0])}, {fmt(ci[1])}]"
     return text + (" *" if (row.get("sig") or {}).get(key) else "")
 
 
@@ -230,12 +235,12 @@ def _vs_base_table(scores: list[dict]) -> Optional[dict]:
             if mine is None or ref is None:
                 continue
             values[k] = sum(sum(m) / len(m) - sum(b) / len(b) for m, b in zip(mine, ref)) / len(mine)
-            ci[k] = diff_ci(mine, ref)
+            ci[k] = diff_ci(mine, ref, over_groups=len(mine) > 1, paired=can_pair(mine, ref))  # same seeds
         if not ci or any(v is None for v in ci.values()):
             continue
         sig = all(lo > 0 or hi < 0 for lo, hi in ci.values())
         rows.append({"method": method, "setting": setting, "reference": False, "ci": ci, "values": values,
-                     "cells": [method, setting, str(len(paired)), "yes" if sig else "no"]})
+                     "cells": [method, setting, str(len(paired)), "yes" if sig else "no"], "diff": True})
     if not rows:
         return None
     table = _table(["method", "setting", "concepts", "significant"], keys, rows)
