@@ -166,8 +166,11 @@ def test_report_has_intervals_views_head_to_head_and_compositions(run, tmp_path)
     assert all(set(r["sig"]) == set(r["ci"]) for r in h2h["rows"])
     index, md = write_report(rows, out, tmp_path / "report")
     page = index.read_text()
-    for text in ("Compositions", "Head to head", "Perfusion view", "CC101 view", "perfusion+residuals", "Per concept"):
+    for text in ("Compositions", "Head to head", "Perfusion view", "CC101 view", "perfusion+residuals", "Per concept",
+                 "Composition images"):
         assert text in page
+    images, composition_images = page.split("Composition images")
+    assert "perfusion+residuals</th>" not in images and "perfusion+residuals</th>" in composition_images
     assert "## Compositions" in md.read_text() and "[" in md.read_text()
 
 

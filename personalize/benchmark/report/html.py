@@ -140,9 +140,11 @@ def _html_figure(cell: dict, root: Path, row_prompt: str) -> str:
     return f"<figure>{image}<figcaption>{'<br>'.join(caption)}</figcaption></figure>"
 
 
-def _html_grid(grid: dict, root: Path) -> str:
+def _html_grid(grid: dict, root: Path, title: str = "Images") -> str:
+    """The image grid; a composition grid (``grid["compositions"]``) follows as its own section."""
+    more = _html_grid(grid["compositions"], root, "Composition images") if grid.get("compositions") else ""
     if not grid["rows"]:
-        return _html_section("Images", "<p>No generated images yet.</p>")
+        return _html_section(title, "<p>No generated images yet.</p>") + more
     head = "<th></th>" + "".join(f"<th>{_esc('base (no concept)' if _is_base(m) else m)}</th>"
                                  for m in grid["methods"])
     body = []
@@ -156,7 +158,7 @@ def _html_grid(grid: dict, root: Path) -> str:
             "concept's class (else its first setting).</p>")
     table = (f'<div class="scroll"><table class="grid"><thead><tr>{head}</tr></thead>'
              f"<tbody>{''.join(body)}</tbody></table></div>")
-    return _html_section("Images", table + note)
+    return _html_section(title, table + note) + more
 
 
 def _html_plots(plots: list[Plot]) -> str:

@@ -76,6 +76,8 @@ def _render_md(title: str, summary: dict, grid: dict, plots: list[Plot], root: P
     if plots:
         lines += ["", "## Pareto plots", ""] + [f"![{p.title}](plots/{p.name})" for p in plots]
     lines += ["", "## Images", ""] + _md_grid(grid, root, out)
+    if grid.get("compositions"):
+        lines += ["", "## Composition images", ""] + _md_grid(grid["compositions"], root, out)
     if summary["failed"]:
         lines += ["", "## Failed units", ""] + [
             f"- {_md(r.get('key'))}: {_md(_first_line(r.get('error')))}" for r in summary["failed"]]
