@@ -112,3 +112,67 @@ def test_toy_scoring_keeps_per_image_values_whose_means_are_the_scores(tmp_path)
     assert len(samples["fidelity"]) == 5 and len(samples["alignment"]) == 6
     assert np.mean(samples["fidelity"]) == pytest.approx(res["fidelity"])
     assert np.mean(samples["alignment"]) == pytest.approx(res["alignment"])
+
+
+def _loop_two_stage(groups, n_boot, rng):
+    """A plain two-stage bootstrap: draw concepts with replacement, then each drawn concept's images."""
+    reps = []
+    for _ in range(n_boot):
+        picks = rng.integers(0, len(groups), size=len(groups))
+        reps.append(np.mean([np.mean(rng.choice(groups[j], size=len(groups[j]))) for j in picks]))
+    return np.quantile(reps, [0.025, 0.975])
+
+
+def test_over_groups_matches_a_plain_two_stage_bootstrap_and_is_wider():
+    """Concepts that differ a lot: resampling them dominates the interval (an independent loop agrees)."""
+    rng = np.random.default_rng(5)
+    groups = [rng.normal(mu, 0.05, 20).tolist() for mu in rng.uniform(0.2, 0.8, 12)]
+    lo, hi = mean_ci(groups, n_boot=4000, over_groups=True)
+    ref_lo, ref_hi = _loop_two_stage(groups, 4000, np.random.default_rng(99))
+    assert lo == pytest.approx(ref_lo, abs=0.015) and hi == pytest.approx(ref_hi, abs=0.015)
+    fixed = mean_ci(groups, n_boot=4000)
+    assert (hi - lo) > 3 * (fixed[1] - fixed[0])
+    sd = np.std([np.mean(g) for g in groups], ddof=1) / np.sqrt(len(groups))  # normal approximation
+    assert hi - lo == pytest.approx(2 * 1.96 * sd, rel=0.15)
+
+
+def test_paired_differences_see_a_small_consistent_gain_that_unpaired_misses():
+    """Same prompts and seeds: image-to-image variation cancels in the paired difference."""
+    rng = np.random.default_rng(6)
+    base = [rng.normal(0.5, 0.2, 40) for _ in range(3)]
+    better = [(b + 0.02 + rng.normal(0, 0.005, 40)).tolist() for b in base]
+    base = [b.tolist() for b in base]
+    lo, hi = diff_ci(better, base, paired=True, over_groups=True)
+    assert 0.015 < lo < 0.02 < hi < 0.025
+    lo, hi = diff_ci(better, base)
+    assert lo < 0 < hi
+    d = [np.subtract(a, b).tolist() for a, b in zip(better, base)]
+    assert diff_ci(better, base, paired=True) == mean_ci(d)
+    with pytest.raises(ValueError):
+        diff_ci([[1.0, 2.0]], [[1.0]], paired=True)
+
+
+def test_feature_cache_encodes_each_file_once(tmp_path):
+    from PIL import Image
+
+    from personalize.benchmark.work import FeatureCache
+
+    class Counting:
+        calls = 0
+
+        def encode_images(self, images):
+            images = list(images)
+            Counting.calls += len(images)
+            return np.array([[float(np.asarray(Image.open(p) if not isinstance(p, Image.Image) else p).mean()), 1.0]
+                             for p in images]).reshape(len(images), 2)
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (4, 4), (10 * i, 0, 0)).save(paths[-1])
+    cache, plain = FeatureCache(Counting()), Counting()
+    first = cache.encode_images(paths)
+    again = cache.encode_images([paths[2], paths[0], Image.new("RGB", (4, 4), (90, 0, 0))])
+    assert Counting.calls == 4  # 3 files once, the in-memory image every time
+    assert np.array_equal(first, plain.encode_images(paths))
+    assert np.array_equal(again[:2], first[[2, 0]]) and again[2, 0] == 30.0

@@ -52,7 +52,7 @@ class Unit:
     prompt: Optional[str] = None
     prompt_index: Optional[int] = None
     seed: Optional[int] = None
-    purpose: Optional[str] = None  # generate: concept | leakage
+    purpose: Optional[str] = None  # generate: concept | leakage | composition
     deps: list = field(default_factory=list)
     outputs: list = field(default_factory=list)  # paths relative to the benchmark folder
     payload: dict = field(default_factory=dict)  # what executing it needs beyond the columns
@@ -108,9 +108,14 @@ def _cc101(spec: Spec, src: dict) -> list[ConceptEntry]:
     data = load_customconcept101(spec.resolve(src["cc101"]), multiconcept=False)
     concepts = [data.concept(n) for n in src["names"]] if "names" in src else data.concepts
     concepts = concepts[: src["limit"]] if "limit" in src else concepts
-    return [ConceptEntry(name=c.name, superclass=c.class_word, concept_class=c.category, token=c.token,
-                         subject=c.subject, templates=tuple(spec.prompts or c.prompt_templates), source="cc101",
-                         photos=str(c.instance_dir)) for c in concepts]
+    return [cc101_entry(spec, c) for c in concepts]
+
+
+def cc101_entry(spec: Spec, c) -> ConceptEntry:
+    """A CustomConcept101 concept record as a benchmark concept (its own prompts unless the spec gives some)."""
+    return ConceptEntry(name=c.name, superclass=c.class_word, concept_class=c.category, token=c.token,
+                        subject=c.subject, templates=tuple(spec.prompts or c.prompt_templates), source="cc101",
+                        photos=str(c.instance_dir))
 
 
 def _folder(spec: Spec, src: dict) -> list[ConceptEntry]:
@@ -151,7 +156,7 @@ def build_plan(spec: Spec) -> list[Unit]:
     units: list[Unit] = []
 
     def generate(method, method_type, concept, setting, prompt, index, seed, purpose, deps, payload) -> Unit:
-        stem = f"{'p' if purpose == 'concept' else 'l'}{index}_s{seed}"
+        stem = f"{'l' if purpose == 'leakage' else 'p'}{index}_s{seed}"
         u = Unit(key=f"generate/{method}/{concept.name if concept else LEAKAGE_CONCEPT}/"
                      f"{setting_label(setting)}/{stem}",
                  kind="generate", method=method, method_type=method_type,
@@ -197,6 +202,9 @@ def build_plan(spec: Spec) -> list[Unit]:
                     payload={"concept": asdict(c), "evaluator": _evaluator_id(spec),
                              "generated": [u.key for u in gens], "leakage": [u.key for u in leaks],
                              "base_leakage": [u.key for u in base_leak], "base_score": base_score.key}))
+    from .compositions import plan_compositions
+
+    plan_compositions(spec, units, generate)
     order = {"train": 0, "generate": 1, "score": 2}
     units.sort(key=lambda u: (order[u.kind], u.method != BASE))
     return units
@@ -213,5 +221,5 @@ def concept_from_payload(payload: dict) -> ConceptEntry:
     return ConceptEntry(**data)
 
 
-__all__ = ["BASE", "ConceptEntry", "LEAKAGE_CONCEPT", "Unit", "build_plan", "concept_from_payload",
+__all__ = ["BASE", "ConceptEntry", "cc101_entry", "LEAKAGE_CONCEPT", "Unit", "build_plan", "concept_from_payload",
            "leakage_prompts", "resolve_concepts"]

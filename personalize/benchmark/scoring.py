@@ -4,7 +4,10 @@ CLIP backend (CustomConcept101's numbers plus the Perfusion protocol):
 ``clip_text`` (2.5 x clipped cosine, token removed), ``clip_image`` and ``dino_image`` (all-pairs means
 against the concept's photos), ``clip_text_norm`` (CLIP-T over the base's CLIP-T on the same prompts
 with the superclass word), ``leakage_dino`` (DINO cosine of same-seed leakage-prompt images with and
-without the concept; 1 = no leakage) and ``h`` (harmonic mean of CLIP-I and normalised CLIP-T).
+without the concept; 1 = no leakage) and ``h`` (harmonic mean of CLIP-I and normalised CLIP-T); the
+Perfusion view's ``clip_image_sp`` / ``dino_image_sp`` (shape-preserving prompts only) and ``h_sp``
+(harmonic mean of ``clip_image_sp`` and ``clip_text_norm``). ``samples`` keeps each score's per-image values
+for the report's bootstrap intervals. Composition rows: see :func:`score_composition`.
 
 Toy-world backend (ground truth): ``alignment``, ``fidelity``, ``alignment_norm``, ``leakage`` (mean
 pixel difference on leakage prompts, lower is better) and ``h`` (harmonic mean of fidelity and alignment).
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..evaluation import LeakageScore, harmonic_mean, list_images, normalized_text_similarity, score_concept
+from ..evaluation.protocol import shape_preserving
 from .plan import BASE, concept_from_payload
 
 
@@ -51,6 +55,8 @@ class Scorer:
 def score_row(worker, row: dict) -> dict:
     from ..evaluation.registry import get
 
+    if "composition" in row["payload"]:
+        return score_composition(worker, row)
     concept = concept_from_payload(row["payload"])
     scorer = get(worker.spec.evaluator["backend"]).load("scorer")
     db = worker.db
@@ -64,10 +70,30 @@ def score_row(worker, row: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- CLIP / DINO
+def _shape_preserving(out: dict, concept, gens: list[dict]) -> dict:
+    """The Perfusion view's image scores: ``clip_image_sp`` / ``dino_image_sp`` over the images of
+    shape-preserving prompts only (:func:`personalize.evaluation.protocol.shape_preserving`)."""
+    keep = [shape_preserving(concept.templates[r["prompt_index"]]) for r in gens for _ in r["outputs"]]
+    for key in ("clip_image", "dino_image"):
+        values = [v for v, k in zip(out["samples"][key], keep) if k]
+        out[f"{key}_sp"] = sum(values) / len(values) if values else None
+        out["samples"][f"{key}_sp"] = values
+    return out
+
+
 def _clip_base(worker, concept, gens: list[dict]) -> dict:
     clip, dino = worker.encoders()
     paths, prompts = _images(worker, gens)
-    return score_concept(clip, dino, paths, prompts, reference=list_images(worker.photos(concept)), token=None)
+    out = score_concept(clip, dino, paths, prompts, reference=list_images(worker.photos(concept)), token=None)
+    return _shape_preserving(out, concept, gens)
+
+
+def _normalised_text(out: dict, base: dict) -> None:
+    """``clip_text_norm`` and its per-image values (each image's CLIP-T over the base's mean CLIP-T)."""
+    base_text = base.get("clip_text") or 0.0
+    out["clip_text_norm"] = normalized_text_similarity(out["clip_text"], base_text) if base_text > 0 else None
+    if out["clip_text_norm"] is not None:
+        out["samples"]["clip_text_norm"] = [v / base_text for v in out["samples"]["clip_text"]]
 
 
 def _clip_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
@@ -75,13 +101,36 @@ def _clip_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
     paths, prompts = _images(worker, gens)
     out = score_concept(clip, dino, paths, prompts, reference=list_images(worker.photos(concept)),
                         token=concept.token)
-    base_text = base.get("clip_text") or 0.0
-    out["clip_text_norm"] = normalized_text_similarity(out["clip_text"], base_text) if base_text > 0 else None
+    _normalised_text(out, base)
     leak = LeakageScore(dino)
-    leak.update(*_pairs(worker, leaks, base_leaks))
+    out["samples"]["leakage_dino"] = [float(v) for v in leak.update(*_pairs(worker, leaks, base_leaks))]
     out["leakage_dino"] = leak.compute()
     text = out["clip_text_norm"] if out["clip_text_norm"] is not None else out["clip_text"]
     out["h"] = harmonic_mean(out["clip_image"], text)
+    _shape_preserving(out, concept, gens)
+    if out["clip_image_sp"] is not None and out["clip_text_norm"] is not None:
+        out["h_sp"] = harmonic_mean(out["clip_image_sp"], out["clip_text_norm"])
+    return out
+
+
+# ----------------------------------------------------------------------------- compositions (CLIP / DINO)
+def score_composition(worker, row: dict) -> dict:
+    """A composition pair's images: CLIP-T of the composed prompt with both tokens removed; CLIP-I and DINO-I
+    per member concept against its own photos (``{"clip_image": {concept: value}}``)."""
+    from .plan import ConceptEntry
+
+    info = row["payload"]["composition"]
+    members = [ConceptEntry(**{**c, "templates": tuple(c["templates"])}) for c in info["concepts"]]
+    db = worker.db
+    gens = db.rows_by_key(row["payload"]["generated"])
+    clip, dino = worker.encoders()
+    paths, prompts = _images(worker, gens)
+    refs = {c.name: list_images(worker.photos(c)) for c in members}
+    tokens = None if row["method"] == BASE else [c.token for c in members]
+    out = score_concept(clip, dino, paths, prompts, reference=refs, token=tokens)
+    out["composition"] = list(info["names"])
+    if row["method"] != BASE:
+        _normalised_text(out, db.result(row["payload"]["base_score"]) or {})
     return out
 
 
@@ -100,11 +149,15 @@ def _toy_base(worker, concept, gens: list[dict]) -> dict:
             "samples": _per_image(res)}
 
 
-def _per_image(res: dict) -> dict[str, list[float]]:
-    """Per-image values of the means (for the report's bootstrap confidence intervals)."""
+def _per_image(res: dict, base_alignment: float = 0.0) -> dict[str, list[float]]:
+    """Per-image values of the means (for the report's bootstrap confidence intervals); with the base's
+    alignment, ``alignment_norm`` too (each image's alignment over the base's mean)."""
     images = res["per_image"].values()
-    return {"alignment": [e["alignment"] for e in images if e.get("alignment") is not None],
-            "fidelity": [e["fidelity"] or 0.0 for e in images if "fidelity" in e]}
+    out = {"alignment": [e["alignment"] for e in images if e.get("alignment") is not None],
+           "fidelity": [e["fidelity"] or 0.0 for e in images if "fidelity" in e]}
+    if base_alignment > 0 and out["alignment"]:
+        out["alignment_norm"] = [v / base_alignment for v in out["alignment"]]
+    return out
 
 
 def _toy_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
@@ -120,7 +173,7 @@ def _toy_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
             "alignment_norm": res["alignment"] / base_align if base_align > 0 and res["alignment"] is not None else None,
             "leakage": other["leakage"], "no_concept_alignment": other["alignment"],
             "h": harmonic_mean(res["fidelity"] or 0.0, res["alignment"] or 0.0), "n_images": res["n_images"],
-            "samples": _per_image(res)}
+            "samples": _per_image(res, base_align)}
 
 
 CLIP_SCORER = Scorer(_clip_base, _clip_method)

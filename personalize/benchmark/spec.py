@@ -6,12 +6,16 @@
     concepts:
       - toyworld: [split_triangle, dotted_square]
       - cc101: /data/customconcept101
-        names: [scene_barn]         # optional subset
+        names: [scene_barn]         # optional subset (limit: N the first N; limit: 0 none)
+        compositions: true          # optional: the dataset's composition pairs (true: all, N: the first N,
+                                    # or a list of "conceptA+conceptB" names)
+    compose: [perfusion+perfusion, residuals+residuals, custom-diffusion, perfusion+residuals]
+                                    # optional: how pairs are composed (see benchmark/compositions.py)
       - folder: photos/teddy
         superclass: teddy
     prompts: ["a photo of a {}", "a {} on the beach"]   # optional; {} = the concept's subject
     seeds: [0, 1]
-    samples_per_prompt: 1
+    samples_per_prompt: 1           # default: 5 with a cc101 source (CustomConcept101's 5 per prompt), else 1
     sampler: {steps: 25, guidance: 4.0}
     methods:
       - method: perfusion
@@ -40,10 +44,12 @@ from ..knobs import parse as parse_knobs
 from ..settings import coerce
 
 TOP_KEYS = {"name", "base", "device", "evaluator", "concepts", "prompts", "max_prompts", "leakage_prompts",
-            "seeds", "samples_per_prompt", "sampler", "methods"}
+            "seeds", "samples_per_prompt", "sampler", "methods", "compose"}
+# CustomConcept101's protocol: 20 prompts x 5 images = 100 per concept (its README's reference numbers).
+CC101_SAMPLES_PER_PROMPT = 5
 SAMPLER_KEYS = {"steps", "guidance"}
 METHOD_KEYS = {"method", "label", "train", "sweep", "validate_every"}
-SOURCE_KEYS = {"toyworld": {"toyworld"}, "cc101": {"cc101", "names", "limit"},
+SOURCE_KEYS = {"toyworld": {"toyworld"}, "cc101": {"cc101", "names", "limit", "compositions"},
                "folder": {"folder", "name", "superclass", "token", "prompts"}}
 DEFAULT_LEAKAGE_PROMPTS = ("a photo of a beach at sunset", "a bowl of fruit on a wooden table",
                            "a city street at night")
@@ -79,6 +85,7 @@ class Spec:
     leakage_prompts: Optional[list[str]] = None
     seeds: list[int] = field(default_factory=lambda: [0])
     samples_per_prompt: int = 1
+    compose: Optional[list[str]] = None  # composition recipes ("A+B" method labels, or one multi-concept label)
     sampler: dict = field(default_factory=lambda: {"steps": 50, "guidance": 6.0})
     raw: dict = field(default_factory=dict)
 
@@ -204,14 +211,26 @@ def _source(entry, i: int) -> dict:
     if kind == "cc101":
         if "names" in entry:
             _str_list(entry["names"], f"{where}.names")
-        if "limit" in entry:
+        if "limit" in entry and entry["limit"] != 0:
             _positive_int(entry["limit"], f"{where}.limit")
+        if "compositions" in entry:
+            _compositions(entry["compositions"], f"{where}.compositions")
         return {"kind": kind, **entry}
     if not isinstance(entry.get("superclass"), str):
         raise BadInputError(f"{where}: a folder concept needs 'superclass' (e.g. superclass: teddy)")
     if "prompts" in entry:
         _str_list(entry["prompts"], f"{where}.prompts", slot=True)
     return {"kind": kind, **entry}
+
+
+def _compositions(value, where: str) -> None:
+    if value is True or value is False:
+        return
+    if isinstance(value, int):
+        _positive_int(value, where)
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.count("+") == 1 for v in value) or not value:
+        raise BadInputError(f"{where} must be true, a count (e.g. 3) or a list of 'conceptA+conceptB' names")
 
 
 def evaluator_keys() -> set[str]:
@@ -247,6 +266,12 @@ def parse_spec(data: Any, root: Path, name: str = "benchmark") -> Spec:
         others = [b.name for b in evaluators.backends() if b.sources is None]
         raise BadInputError(f"evaluator.backend {backend.name} scores {backend.sources_text or 'its own concepts'} "
                             f"only; use backend: {' or '.join(others)}")
+    compose = None
+    if "compose" in data:
+        from .compositions import check_compose
+
+        compose = check_compose(data["compose"], methods)
+    cc101 = any(s["kind"] == "cc101" for s in sources)
     device = data.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise BadInputError(f"device must be auto, cpu or cuda, not {device!r}")
@@ -258,7 +283,9 @@ def parse_spec(data: Any, root: Path, name: str = "benchmark") -> Spec:
         leakage_prompts=(_str_list(data["leakage_prompts"], "leakage_prompts", slot=False)
                          if "leakage_prompts" in data else None),
         seeds=_seeds(data.get("seeds", [0])),
-        samples_per_prompt=_positive_int(data.get("samples_per_prompt", 1), "samples_per_prompt"),
+        samples_per_prompt=_positive_int(data.get("samples_per_prompt", CC101_SAMPLES_PER_PROMPT if cc101 else 1),
+                                         "samples_per_prompt"),
+        compose=compose,
         sampler={"steps": _positive_int(sampler.get("steps", 50), "sampler.steps"),
                  "guidance": coerce("guidance", sampler.get("guidance", 6.0), float, "sampler.guidance")},
         raw=data,

@@ -46,6 +46,18 @@ class Worker:
             self._attached[1].detach()
             self._attached = None
 
+    def _attach_members(self, members: list[dict]) -> None:
+        """A composition: every member file attached together (each with its ``token=`` and knobs)."""
+        from ..compose import attach
+
+        key = ("compose", json.dumps(members, sort_keys=True))
+        if self._attached is not None and self._attached[0] == key:
+            return
+        self.detach()
+        items = [(inside(self.root, m["concept_file"]), {**m["knobs"], **({"token": m["token"]} if m["token"] else {})})
+                 for m in members]
+        self._attached = (key, attach(self.pipe, items))
+
     def _attach(self, concept_file: Path, setting: dict) -> None:
         """The concept attached with ``setting``; a sweep over one concept attaches it once and changes its
         knobs in place (``Attachment.set``; knobs of the previous setting that this one lacks go back to
@@ -66,8 +78,9 @@ class Worker:
 
             ev = self.spec.evaluator
             random = bool(ev.get("random_weights"))
-            self._encoders = (ClipEncoder(weights=ev.get("clip_weights"), random_weights=random, device=self.device),
-                              DinoEncoder(weights=ev.get("dino_weights"), random_weights=random, device=self.device))
+            self._encoders = (
+                FeatureCache(ClipEncoder(weights=ev.get("clip_weights"), random_weights=random, device=self.device)),
+                FeatureCache(DinoEncoder(weights=ev.get("dino_weights"), random_weights=random, device=self.device)))
         return self._encoders
 
     def photos(self, concept: ConceptEntry) -> Path:
@@ -90,6 +103,8 @@ class Worker:
         from ..checkpoints import checkpoint_dir, has_checkpoint
         from ..training import resolve_settings, train
 
+        if "concepts" in row["payload"]:
+            return self.train_joint(row)
         concept = concept_from_payload(row["payload"])
         out = inside(self.root, row["outputs"][0])
         settings = {**({} if concept.mirror_symmetric else {"flip_p": 0.0}), **row["payload"]["train"]}
@@ -120,6 +135,24 @@ class Worker:
                 **({"earlier_seconds": round(clock.earlier, 3)} if clock.earlier else {}),
                 **({"best_step": best} if best is not None else {})}
 
+    def train_joint(self, row: dict) -> dict:
+        """A multi-concept method (Custom Diffusion) trains a composition pair into one file."""
+        from ..checkpoints import checkpoint_dir, has_checkpoint
+        from ..training import train
+
+        concepts = [ConceptEntry(**{**c, "templates": tuple(c["templates"])}) for c in row["payload"]["concepts"]]
+        out = inside(self.root, row["outputs"][0])
+        counted: dict = {}
+        self.detach()
+        path = train(self.pipe, [self.photos(c) for c in concepts], token=[c.token for c in concepts],
+                     superclass=[c.superclass for c in concepts], out=out, method=row["method_type"],
+                     settings=row["payload"]["train"], progress=False, resume=has_checkpoint(out),
+                     callbacks=[lambda step, loss, method: counted.setdefault("n", trainable_params(method))],
+                     device="cpu" if self.device == "cpu" else None)
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+        return {"file_bytes": path.stat().st_size, "trainable_params": counted.get("n", 0),
+                "steps": load_concept(path).header.get("config", {}).get("steps")}
+
     def validator(self, concept: ConceptEntry, every: int):
         """Best-step selection with the spec's evaluator (None when the method does not ask for it)."""
         if not every:
@@ -140,6 +173,8 @@ class Worker:
 
         if row["method"] == BASE:
             self.detach()
+        elif "members" in row["payload"]:
+            self._attach_members(row["payload"]["members"])
         else:
             self._attach(inside(self.root, row["payload"]["concept_file"]), row["setting"])
         sampler = row["payload"]["sampler"]
@@ -155,6 +190,41 @@ class Worker:
 
         self.detach()
         return score_row(self, row)
+
+
+class FeatureCache:
+    """An image encoder that encodes each image file once per process: a score row encodes its images for
+    CLIP-T and CLIP-I, and the concept's photos and the base's leakage images serve every method and setting.
+    Keyed by path, size and modification time (rows write their images atomically, never in place); other
+    inputs (PIL images, arrays) are encoded every time. Everything else is the wrapped encoder's."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self._features: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
+
+    @staticmethod
+    def _key(item):
+        if isinstance(item, (str, Path)):
+            st = Path(item).stat()
+            return str(Path(item).resolve()), st.st_size, st.st_mtime_ns
+        return None
+
+    def encode_images(self, images) -> "np.ndarray":
+        import numpy as np
+
+        images = list(images)
+        if not images:
+            return self.encoder.encode_images([])
+        keys = [self._key(i) for i in images]
+        todo = [i for i, k in enumerate(keys) if k is None or k not in self._features]
+        fresh = dict(zip(todo, self.encoder.encode_images([images[i] for i in todo]))) if todo else {}
+        for i, f in fresh.items():
+            if keys[i] is not None:
+                self._features[keys[i]] = f
+        return np.stack([fresh[i] if i in fresh else self._features[k] for i, k in enumerate(keys)])
 
 
 def trainable_params(method) -> int:
@@ -202,4 +272,4 @@ def pick_device(spec_device: str, local_rank: int = 0) -> str:
     return "cpu"
 
 
-__all__ = ["TrainClock", "Worker", "pick_device", "trainable_params"]
+__all__ = ["FeatureCache", "TrainClock", "Worker", "pick_device", "trainable_params"]

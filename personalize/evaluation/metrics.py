@@ -208,20 +208,27 @@ def score_concept(clip, dino, generated: Sequence[ImageLike], prompts: Union[str
 
     ``reference``: the concept's reference images, or for a composition a dict name -> images; image
     scores are then computed against each concept's references separately ({"clip_image": {name: ...}}).
+    ``samples`` keeps the per-image values, in the order of ``generated`` (for bootstrap intervals): CLIP-T
+    per image, and per image its mean cosine over all references (their mean is the all-pairs mean).
     """
     generated = list(generated)
     ct = ClipTextScore(clip)
-    ct.update(generated, prompts, token=token)
+    text = ct.update(generated, prompts, token=token)
     out: dict = {"clip_text": ct.compute(), "n_images": len(generated)}
     refs = reference if isinstance(reference, dict) else {None: reference}
     gen_clip, gen_dino = clip.encode_images(generated), dino.encode_images(generated)
     per: dict = {"clip_image": {}, "dino_image": {}}
+    rows: dict = {"clip_image": {}, "dino_image": {}}
     for name, images in refs.items():
         images = list(images)
         if not images:
             raise BadInputError(f"score_concept: no reference images{'' if name is None else ' for ' + name}")
-        per["clip_image"][name] = float((gen_clip @ clip.encode_images(images).T).mean())
-        per["dino_image"][name] = float((gen_dino @ dino.encode_images(images).T).mean())
+        for key, feat, encoder in (("clip_image", gen_clip, clip), ("dino_image", gen_dino, dino)):
+            row_means = (feat @ encoder.encode_images(images).T).mean(axis=1)  # each image against every reference
+            rows[key][name] = [float(v) for v in row_means]
+            per[key][name] = float(row_means.mean())  # = the all-pairs mean
+    out["samples"] = {"clip_text": [float(v) for v in text]}
     for key, vals in per.items():
         out[key] = vals[None] if None in vals else vals
+        out["samples"][key] = rows[key][None] if None in rows[key] else rows[key]
     return out

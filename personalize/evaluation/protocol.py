@@ -5,9 +5,12 @@
 - ``class_balanced_mean``: mean per concept class, then mean over classes.
 - ``harmonic_mean`` and ``best_h``: per class, the inference setting (e.g. beta, tau, lock) with the best
   harmonic mean of image and (normalised) text similarity.
+- ``shape_preserving``: whether a prompt only changes the scene (the Perfusion paper's image similarity uses
+  those prompts only).
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Hashable, Iterable, Mapping, Optional
 
@@ -71,3 +74,24 @@ def best_h(rows: Iterable[Mapping], image_key: str = "image", text_key: str = "t
         "text": float(np.mean([b["text"] for b in per_class.values()])),
         "h": float(np.mean([b["h"] for b in per_class.values()])),
     }
+
+
+# Words of a prompt that ask for more than a new scene: an art style or medium, a material, colour or shape, a
+# costume or outfit, an expression or pose, a viewpoint. CustomConcept101's prompt files list scene changes and
+# object insertions first, then such changes (e.g. barn.txt: "{} in snowy ice." ... "cat sitting in front of
+# the {}." then "{} oil painting ghibli inspired.", "A futuristic {}.", "Top view of the {}."); their files do
+# not label the lines, so the split is by these words (tests/test_benchmark_ci.py checks it on published lines).
+_CHANGES = re.compile(r"\b(" + "|".join((
+    r"paint\w*", r"watercolou?r", r"styles?", r"illustration", r"render\w*", r"3d", r"mosaic", r"cartoon",
+    r"anime", r"avatar", r"sketch\w*", r"drawing", r"impressionis\w*", r"pointillis\w*", r"cubis\w*",
+    r"graffiti", r"stencil", r"inspired", r"art", r"artist", r"sculpture", r"statue", r"carved", r"made",
+    r"crochet", r"lego", r"colou?red", r"shaped", r"futuristic", r"surreal", r"close[- ]up", r"top view",
+    r"long shot", r"wet", r"toy", r"outfit", r"costume", r"dressed", r"wearing", r"character", r"impersonating",
+    r"screaming", r"sleeping", r"sad", r"crystal-clear", r"glass")) + r")\b", re.IGNORECASE)
+
+
+def shape_preserving(template: str) -> bool:
+    """True when ``template`` (a prompt with its concept slot ``{}``/``{0}``/``{1}`` or the subject filled in)
+    only places the concept in a scene, i.e. asks for no change of style, material, colour, shape, outfit,
+    pose or viewpoint."""
+    return _CHANGES.search(re.sub(r"\{\d*\}", " ", template)) is None

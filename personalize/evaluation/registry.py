@@ -181,6 +181,9 @@ register(Backend(
         MetricSpec("dino_image", "DINO-I", True, _COS),
         MetricSpec("h", "H", True),
         MetricSpec("leakage_dino", "no-leak DINO", True, _COS),
+        MetricSpec("clip_image_sp", "CLIP-I shape-pres.", True, _COS),  # the Perfusion view (protocol.py)
+        MetricSpec("dino_image_sp", "DINO-I shape-pres.", True, _COS),
+        MetricSpec("h_sp", "H (Perfusion view)", True),
     ),
     validator="personalize.evaluation.validation:clip_validator",
     scorer="personalize.benchmark.scoring:CLIP_SCORER",

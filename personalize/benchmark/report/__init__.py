@@ -40,7 +40,11 @@ def write_report(rows: list[dict], root: Path, out: Path, *, title: str = "Bench
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     summary = summarize(rows)
     choice = {r["method"]: r["per_class"] for r in (summary["best_h"] or {"rows": []})["rows"]}
-    grid = image_grid([r for r in rows if r.get("status") == "done"], choice)
+    done = [r for r in rows if r.get("status") == "done"]
+    composed = {r.get("concept") for r in done if r.get("purpose") == "composition"}
+    grid = image_grid([r for r in done if r.get("concept") not in composed], choice)
+    if composed:  # composition pairs get their own grid (their methods are recipes, not single methods)
+        grid["compositions"] = image_grid([r for r in done if r.get("concept") in composed], {})
     plots = make_plots(summary["results"])
     for plot in plots:
         _write(out / "plots" / plot.name, plot.png)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .grid import _data_uri, _thumbnail
 from .plots import Plot
+from .stats import COMPOSITION_TEXT, H2H_TEXT, VIEWS_TEXT
 from .summary import CI_TEXT, VS_BASE_TEXT, _first_line, _is_base, _provenance_text, format_cell, metric_info
 
 VS_BASE_NOTE = f'<p class="note">{VS_BASE_TEXT}</p>'
@@ -48,6 +49,9 @@ figcaption i{color:#6b7380}
 .plots{display:flex;flex-wrap:wrap;gap:18px}
 .plots figure{width:auto;flex:1 1 480px;max-width:600px}
 .plots img{width:100%;height:auto;background:#fff}
+.views{display:flex;flex-wrap:wrap;gap:24px}
+.view{flex:1 1 520px}
+details summary{cursor:pointer;color:#39424e;margin-bottom:8px}
 .err{color:#b3261e;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;white-space:pre-wrap}
 """
 
@@ -84,6 +88,7 @@ def _html_tables(summary: dict) -> str:
     else:
         results = _html_table(summary["results"]) + note
     parts = [_html_section("Results per method and setting", results)]
+    parts += _html_extra(summary)
     if summary.get("vs_base"):
         parts.append(_html_section("Difference from the base alone", _html_table(summary["vs_base"]) + VS_BASE_NOTE))
     if summary["best_h"]:
@@ -95,6 +100,28 @@ def _html_tables(summary: dict) -> str:
             '<p class="note">Train time, file size and parameters: mean over concepts. Time per image: '
             "over all generated images. Peak memory: the highest of the method's runs.</p>")))
     return "".join(parts)
+
+
+def _html_extra(summary: dict) -> list[str]:
+    """The protocol views side by side, head-to-head differences, compositions and per-concept scores."""
+    parts = []
+    if summary.get("perfusion_view"):
+        views = "".join(f'<div class="view"><h3>{_esc(name)}</h3>{_html_table(summary[key])}</div>'
+                        for name, key in (("CC101 view", "cc101_view"), ("Perfusion view", "perfusion_view"))
+                        if summary.get(key))
+        parts.append(_html_section("CC101 and Perfusion protocols side by side",
+                                   f'<div class="views">{views}</div><p class="note">{_esc(VIEWS_TEXT)}</p>'))
+    if summary.get("head_to_head"):
+        parts.append(_html_section("Head to head", _html_table(summary["head_to_head"])
+                                   + f'<p class="note">{_esc(H2H_TEXT)}</p>'))
+    if summary.get("compositions"):
+        parts.append(_html_section("Compositions", _html_table(summary["compositions"])
+                                   + f'<p class="note">{_esc(COMPOSITION_TEXT)} [brackets]: {_esc(CI_TEXT)}</p>'))
+    if summary.get("per_concept"):
+        n = len(summary["per_concept"]["rows"])
+        parts.append(_html_section("Per concept", f"<details><summary>{n} rows (method, setting, concept), with "
+                                   f"intervals over images</summary>{_html_table(summary['per_concept'])}</details>"))
+    return parts
 
 
 def _html_figure(cell: dict, root: Path, row_prompt: str) -> str:
@@ -113,9 +140,11 @@ def _html_figure(cell: dict, root: Path, row_prompt: str) -> str:
     return f"<figure>{image}<figcaption>{'<br>'.join(caption)}</figcaption></figure>"
 
 
-def _html_grid(grid: dict, root: Path) -> str:
+def _html_grid(grid: dict, root: Path, title: str = "Images") -> str:
+    """The image grid; a composition grid (``grid["compositions"]``) follows as its own section."""
+    more = _html_grid(grid["compositions"], root, "Composition images") if grid.get("compositions") else ""
     if not grid["rows"]:
-        return _html_section("Images", "<p>No generated images yet.</p>")
+        return _html_section(title, "<p>No generated images yet.</p>") + more
     head = "<th></th>" + "".join(f"<th>{_esc('base (no concept)' if _is_base(m) else m)}</th>"
                                  for m in grid["methods"])
     body = []
@@ -129,7 +158,7 @@ def _html_grid(grid: dict, root: Path) -> str:
             "concept's class (else its first setting).</p>")
     table = (f'<div class="scroll"><table class="grid"><thead><tr>{head}</tr></thead>'
              f"<tbody>{''.join(body)}</tbody></table></div>")
-    return _html_section("Images", table + note)
+    return _html_section(title, table + note) + more
 
 
 def _html_plots(plots: list[Plot]) -> str:

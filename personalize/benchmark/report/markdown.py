@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from .plots import Plot
+from .stats import COMPOSITION_TEXT, H2H_TEXT, VIEWS_TEXT
 from .summary import CI_TEXT, VS_BASE_TEXT, _counts_text, _first_line, _provenance_text, format_cell, metric_info
 
 
@@ -63,12 +64,20 @@ def _render_md(title: str, summary: dict, grid: dict, plots: list[Plot], root: P
     if summary.get("vs_base"):
         lines += ["", "## Difference from the base alone", "", _md_table(summary["vs_base"]), "",
                   VS_BASE_TEXT]
+    for name, key, note in (("CC101 view", "cc101_view", ""), ("Perfusion view", "perfusion_view", VIEWS_TEXT),
+                            ("Head to head", "head_to_head", H2H_TEXT),
+                            ("Compositions", "compositions", COMPOSITION_TEXT),
+                            ("Per concept", "per_concept", "Intervals over each concept's images.")):
+        if summary.get(key):
+            lines += ["", f"## {name}", "", _md_table(summary[key])] + (["", _md(note)] if note else [])
     for name, key in (("Best H per method", "best_h"), ("Cost per method", "cost")):
         if summary[key]:
             lines += ["", f"## {name}", "", _md_table(summary[key])]
     if plots:
         lines += ["", "## Pareto plots", ""] + [f"![{p.title}](plots/{p.name})" for p in plots]
     lines += ["", "## Images", ""] + _md_grid(grid, root, out)
+    if grid.get("compositions"):
+        lines += ["", "## Composition images", ""] + _md_grid(grid["compositions"], root, out)
     if summary["failed"]:
         lines += ["", "## Failed units", ""] + [
             f"- {_md(r.get('key'))}: {_md(_first_line(r.get('error')))}" for r in summary["failed"]]

@@ -11,16 +11,16 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from ...evaluation import registry
-from ...evaluation.bootstrap import LEVEL, diff_ci, mean_ci
+from ...evaluation.bootstrap import LEVEL, can_pair, diff_ci, mean_ci
 from ...evaluation.protocol import best_h
 from ..plan import BASE
 
 NOT_METRICS = {"n_images"}  # counts in a score row's result, not scores
-CI_TEXT = (f"{LEVEL:.0%} bootstrap confidence interval (images resampled within each concept, "
-           "2,000 replicates; shown where the score rows keep per-image values).")
+CI_TEXT = (f"{LEVEL:.0%} bootstrap confidence interval (stratified: concepts resampled, then images within "
+           "each; one concept: its images; 2,000 replicates; shown where the score rows keep per-image values).")
 VS_BASE_TEXT = ("Method minus the base alone (the superclass word instead of the concept), mean over the same "
-                f"concepts, with the {LEVEL:.0%} bootstrap interval of the difference; significant: every "
-                "interval excludes 0.")
+                f"concepts, with the {LEVEL:.0%} stratified bootstrap interval of the difference (images paired "
+                "by prompt and seed); significant: every interval excludes 0.")
 
 
 # -------------------------------------------------------------------------------------------------------- metrics
@@ -101,11 +101,17 @@ def format_value(key: str, value: Optional[float]) -> str:
     return "–" if value is None else metric_info(key).fmt(value)
 
 
+def _fmt_diff(v: Optional[float]) -> str:
+    return "–" if v is None else f"{v:+.4f}"
+
+
 def format_cell(key: str, row: dict) -> str:
     """A table cell: the value, then its confidence interval when the row has one."""
-    text = format_value(key, row["values"].get(key))
+    fmt = _fmt_diff if row.get("diff") else (lambda v: format_value(key, v))  # differences: signed, finer
+    text = fmt(row["values"].get(key))
     ci = (row.get("ci") or {}).get(key)
-    return text if ci is None else f"{text} [{format_value(key, ci[0])}, {format_value(key, ci[1])}]"
+    text = text if ci is None else f"{text} [{fmt(ci[0])}, {fmt(ci[1])}]"
+    return text + (" *" if (row.get("sig") or {}).get(key) else "")
 
 
 # -------------------------------------------------------------------------------------------------------- helpers
@@ -204,7 +210,7 @@ def _results_table(scores: list[dict]) -> dict:
     rows = []
     for (method, setting), group in _group(scores, lambda r: (r.get("method"), setting_label(r))).items():
         concepts = {r.get("concept") for r in group}
-        ci = {k: mean_ci(s) for k in keys if (s := _samples(group, k)) is not None}
+        ci = {k: mean_ci(s, over_groups=len(s) > 1) for k in keys if (s := _samples(group, k)) is not None}
         rows.append({"method": method, "setting": setting, "cells": [method, setting, str(len(concepts))],
                      "reference": _is_base(method), "ci": {k: v for k, v in ci.items() if v is not None},
                      "values": {k: _mean(_result(r, k) for r in group) for k in keys}})
@@ -229,12 +235,12 @@ def _vs_base_table(scores: list[dict]) -> Optional[dict]:
             if mine is None or ref is None:
                 continue
             values[k] = sum(sum(m) / len(m) - sum(b) / len(b) for m, b in zip(mine, ref)) / len(mine)
-            ci[k] = diff_ci(mine, ref)
+            ci[k] = diff_ci(mine, ref, over_groups=len(mine) > 1, paired=can_pair(mine, ref))  # same seeds
         if not ci or any(v is None for v in ci.values()):
             continue
         sig = all(lo > 0 or hi < 0 for lo, hi in ci.values())
         rows.append({"method": method, "setting": setting, "reference": False, "ci": ci, "values": values,
-                     "cells": [method, setting, str(len(paired)), "yes" if sig else "no"]})
+                     "cells": [method, setting, str(len(paired)), "yes" if sig else "no"], "diff": True})
     if not rows:
         return None
     table = _table(["method", "setting", "concepts", "significant"], keys, rows)
@@ -330,12 +336,21 @@ def summarize(rows: list[dict]) -> dict:
     "best_h": one row per method (``best_h`` of the protocol, classes balanced), or None without the
     needed keys. "cost": one row per method from its train and generate rows, or None without them.
     """
+    from .stats import (CC101_VIEW, PERFUSION_VIEW, composition_table, head_to_head_table, per_concept_table,
+                        view_table)
+
     done = [r for r in rows if r.get("status") == "done"]
-    scores = _of_kind(done, "score")
+    scores = [r for r in _of_kind(done, "score") if not (r.get("result") or {}).get("composition")]
+    results = _results_table(scores) if scores else None
     return {
         "counts": _counts(rows),
         "provenance": _provenance(done or rows),
-        "results": _results_table(scores) if scores else None,
+        "results": results,
+        "cc101_view": view_table(results, CC101_VIEW) if view_table(results, PERFUSION_VIEW) else None,
+        "perfusion_view": view_table(results, PERFUSION_VIEW),
+        "per_concept": per_concept_table(scores, results["keys"]) if results else None,
+        "head_to_head": head_to_head_table(scores),
+        "compositions": composition_table(done),
         "vs_base": _vs_base_table(scores),
         "best_h": _best_h_table(scores),
         "cost": _cost_table(done),

@@ -1,0 +1,189 @@
+"""CustomConcept101 in the benchmark: composition pairs, the protocol's sample count, error bars, both views.
+
+One CC101-shaped folder (2 single concepts, 1 composition pair whose second concept is only in the pair),
+random CLIP/DINO weights, the `tiny` base, 1-step trainings, 1 image per prompt, 2 prompts.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import _cc101_concept, make_photos
+from personalize.benchmark.db import BenchmarkDB
+from personalize.benchmark.plan import build_plan
+from personalize.benchmark.report import summarize, write_report
+from personalize.benchmark.runner import run_benchmark
+from personalize.benchmark.spec import parse_spec
+from personalize.errors import BadInputError
+from personalize.evaluation.bootstrap import mean_ci
+from personalize.evaluation.protocol import shape_preserving
+
+FAST = {"steps": 1, "batch_size": 1, "checkpoint_every": 0}
+PAIR = "pet_cat1+furniture_chair1"
+
+
+def make_cc101(root):
+    (root / "prompts").mkdir(parents=True)
+    for i, d in enumerate(("scene_barn", "pet_cat1", "furniture_chair1")):
+        make_photos(root / "benchmark_dataset" / d, n=2 + i % 2, size=40 + 8 * i)
+    (root / "prompts" / "barn.txt").write_text("{} in snowy ice.\na watercolor painting of the {}.\n{} at night\n")
+    (root / "prompts" / "cat.txt").write_text("a {} sleeping \n")
+    (root / "prompts" / "chair.txt").write_text("a {} in a room\n")
+    (root / "prompts" / "pet_furniture.txt").write_text("A {0} sleeping on a purple {1}.\n{1} next to {0}\n")
+    json.dump([_cc101_concept("<new1>", "barn", "scene_barn", "prompts/barn.txt"),
+               _cc101_concept("<new1>", "cat", "pet_cat1", "prompts/cat.txt")], open(root / "dataset.json", "w"))
+    json.dump([[_cc101_concept("<new1>", "cat", "pet_cat1", "prompts/cat.txt"),
+                _cc101_concept("<new2>", "chair", "furniture_chair1", "prompts/chair.txt"),
+                {"prompt_filename_compose": "prompts/pet_furniture.txt"}]], open(root / "dataset_multiconcept.json", "w"))
+    return root
+
+
+def spec_data(root, clip, dino, **changes):
+    return {"name": "cc101-unit", "base": "tiny", "device": "cpu",
+            "evaluator": {"backend": "clip", "clip_weights": str(clip), "dino_weights": str(dino)},
+            "concepts": [{"cc101": str(root), "limit": 1, "compositions": True}],
+            "max_prompts": 2, "seeds": [0], "samples_per_prompt": 1, "sampler": {"steps": 2, "guidance": 4.0},
+            "leakage_prompts": ["a photo of a beach"],
+            "methods": [{"method": "perfusion", "train": FAST}, {"method": "residuals", "train": FAST},
+                        {"method": "custom-diffusion", "train": {**FAST, "prior_loss_weight": 0.0}}],
+            **changes}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, clip_weights_file, dino_weights_file):
+    root = make_cc101(tmp_path_factory.mktemp("cc") / "cc101")
+    spec = parse_spec(spec_data(root, clip_weights_file, dino_weights_file), root=root.parent)
+    out = root.parent / "out"
+    summary = run_benchmark(spec, out, progress=False)
+    db = BenchmarkDB(out / "benchmark.sqlite", create=False)
+    rows = db.rows()
+    db.close()
+    return spec, out, summary, rows
+
+
+def test_samples_per_prompt_defaults_to_the_cc101_protocol(tmp_path):
+    root = make_cc101(tmp_path / "cc101")
+    data = spec_data(root, "c", "d")
+    data.pop("samples_per_prompt")
+    assert parse_spec(data, root=tmp_path).samples_per_prompt == 5  # 20 prompts x 5 = 100 per concept
+    toy = {"base": "toy", "evaluator": {"backend": "toyworld"}, "concepts": [{"toyworld": ["split_triangle"]}],
+           "methods": [{"method": "perfusion"}]}
+    assert parse_spec(toy, root=tmp_path).samples_per_prompt == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"compose": ["perfusion+nope"]}, "method labels of the spec"),
+    ({"compose": ["perfusion"]}, "write perfusion+perfusion"),
+    ({"compose": "perfusion+perfusion"}, "compose must be a list"),
+    ({"concepts": [{"cc101": "x", "compositions": "yes"}]}, "compositions must be true"),
+])
+def test_bad_composition_specs_are_one_line(tmp_path, change, message):
+    with pytest.raises(BadInputError) as info:
+        parse_spec(spec_data(tmp_path, "c", "d", **change), root=tmp_path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_plan_composes_every_method_that_composes(tmp_path):
+    root = make_cc101(tmp_path / "cc101")
+    units = {u.key: u for u in build_plan(parse_spec(spec_data(root, "c", "d"), root=tmp_path))}
+    recipes = sorted(u.method for u in units.values() if u.kind == "score" and u.concept == PAIR)
+    assert recipes == ["base", "custom-diffusion(joint)", "perfusion+perfusion", "perfusion+residuals",
+                       "residuals+residuals"]
+    joint = units[f"train/custom-diffusion/{PAIR}"]
+    assert [c["token"] for c in joint.payload["concepts"]] == ["<new1>", "<new2>"]
+    assert "train/perfusion/furniture_chair1" in units  # a pair member that is not benchmarked alone
+    gen = units[f"generate/perfusion+residuals/{PAIR}/default/p1_s0"]
+    assert gen.prompt == "<new2> chair next to <new1> cat" and gen.purpose == "composition"
+    assert gen.deps == ["train/perfusion/pet_cat1", "train/residuals/furniture_chair1"]
+    assert [(m["token"], m["knobs"]) for m in gen.payload["members"]] == [("<new1>", {}), ("<new2>", {"lag": True})]
+    assert units[f"generate/base/{PAIR}/default/p1_s0"].prompt == "chair next to cat"
+    only = spec_data(root, "c", "d", compose=["perfusion+residuals"])
+    assert {u.method for u in build_plan(parse_spec(only, root=tmp_path)) if u.concept == PAIR} == {
+        "base", "perfusion+residuals"}
+
+
+def test_run_scores_each_concept_of_a_pair_against_its_own_photos(run, clip_weights_file, dino_weights_file):
+    from personalize.evaluation import ClipEncoder, DinoEncoder, list_images
+
+    spec, out, summary, rows = run
+    assert summary.counts["done"] == summary.counts["total"], summary.failures
+    by_key = {r["key"]: r for r in rows}
+    res = by_key[f"score/perfusion+residuals/{PAIR}/default"]["result"]
+    gens = [by_key[f"generate/perfusion+residuals/{PAIR}/default/p{i}_s0"] for i in range(2)]
+    images = [out / g["outputs"][0] for g in gens]
+    clip, dino = ClipEncoder(weights=clip_weights_file), DinoEncoder(weights=dino_weights_file)
+    root = spec.resolve(spec.sources[0]["cc101"])
+    for name in ("pet_cat1", "furniture_chair1"):
+        refs = list_images(root / "benchmark_dataset" / name)
+        expect = (clip.encode_images(images) @ clip.encode_images(refs).T).mean(axis=1)
+        assert res["clip_image"][name] == pytest.approx(float(expect.mean()), abs=1e-5)
+        assert res["samples"]["clip_image"][name] == pytest.approx(expect.tolist(), abs=1e-5)
+        d = (dino.encode_images(images) @ dino.encode_images(refs).T).mean()
+        assert res["dino_image"][name] == pytest.approx(float(d), abs=1e-5)
+    texts = clip.encode_texts(["A cat sleeping on a purple chair.", "chair next to cat"])  # both tokens removed
+    feats = clip.encode_images(images)
+    expect = [2.5 * max(float(feats[i] @ texts[i]), 0.0) for i in range(2)]
+    assert res["samples"]["clip_text"] == pytest.approx(expect, abs=1e-5)
+    assert res["composition"] == ["pet_cat1", "furniture_chair1"]
+    barn = by_key["score/perfusion/scene_barn/default"]["result"]  # prompt 1 is a style change
+    assert barn["clip_image_sp"] == pytest.approx(barn["samples"]["clip_image"][0])
+    base_text = by_key["score/base/scene_barn/default"]["result"]["clip_text"]
+    if base_text > 0:  # random CLIP weights may put every text on the clipped side of zero
+        assert barn["samples"]["clip_text_norm"] == pytest.approx([v / base_text for v in barn["samples"]["clip_text"]])
+        assert barn["clip_text_norm"] == pytest.approx(np.mean(barn["samples"]["clip_text_norm"]))
+    else:
+        assert barn["clip_text_norm"] is None and "clip_text_norm" not in barn["samples"]
+
+
+def test_report_has_intervals_views_head_to_head_and_compositions(run, tmp_path):
+    spec, out, _, rows = run
+    s = summarize(rows)
+    comp = s["compositions"]
+    methods = {r["cells"][0] for r in comp["rows"]}
+    assert methods == {"base", "custom-diffusion(joint)", "perfusion+perfusion", "perfusion+residuals",
+                       "residuals+residuals"}
+    score = {r["key"]: r for r in rows}[f"score/perfusion+residuals/{PAIR}/default"]["result"]
+    mine = [r for r in comp["rows"] if r["cells"][0] == "perfusion+residuals"]
+    all_row = next(r for r in mine if r["cells"][1] == "all")
+    groups = [score["samples"]["clip_image"][c] for c in ("pet_cat1", "furniture_chair1")]
+    assert all_row["values"]["clip_image"] == pytest.approx(np.mean([np.mean(g) for g in groups]))
+    assert all_row["ci"]["clip_image"] == pytest.approx(mean_ci(groups, over_groups=True))
+    cat = next(r for r in mine if r["cells"][2] == "pet_cat1")
+    assert cat["ci"]["dino_image"] == pytest.approx(mean_ci([score["samples"]["dino_image"]["pet_cat1"]]))
+    lo, hi = cat["ci"]["clip_text"]
+    assert lo <= cat["values"]["clip_text"] <= hi
+    # single concepts: the composition rows stay out of the results; one concept -> images-only interval
+    results = {(r["method"], r["setting"]): r for r in s["results"]["rows"]}
+    assert not any("+" in m for m, _ in results)
+    barn = {r["key"]: r for r in rows}["score/residuals/scene_barn/default"]["result"]["samples"]
+    assert results[("residuals", "default")]["ci"]["clip_image"] == pytest.approx(mean_ci([barn["clip_image"]]))
+    assert s["perfusion_view"]["keys"] == ["clip_image_sp", "clip_text_norm", "h_sp"]
+    assert s["cc101_view"]["keys"] == ["clip_text", "clip_image", "dino_image"]
+    h2h = s["head_to_head"]
+    assert len(h2h["rows"]) == 3  # perfusion, residuals, custom-diffusion: every pair once
+    assert all(set(r["sig"]) == set(r["ci"]) for r in h2h["rows"])
+    index, md = write_report(rows, out, tmp_path / "report")
+    page = index.read_text()
+    for text in ("Compositions", "Head to head", "Perfusion view", "CC101 view", "perfusion+residuals", "Per concept",
+                 "Composition images"):
+        assert text in page
+    images, composition_images = page.split("Composition images")
+    assert "perfusion+residuals</th>" not in images and "perfusion+residuals</th>" in composition_images
+    assert "## Compositions" in md.read_text() and "[" in md.read_text()
+
+
+def test_shape_preserving_prompts_on_published_cc101_lines():
+    """barn.txt and luggage.txt of CustomConcept101: scene changes and insertions first, then the rest."""
+    barn_scene = ["photo of a {}.", "{} in snowy ice.", "{} in the fall season with leaves all around.",
+                  "cat sitting in front of {} in snowy ice.", "squirrel in front of the {}."]
+    barn_other = ["{} oil painting ghibli inspired.", "Georgia O'Keeffe style {} painting.",
+                  "a watercolor painting of the {}.", "A futuristic {}.", "A surreal landscape, {}.",
+                  "A close up shot of the {}.", "Top view of the {}."]
+    luggage_other = ["A wet {} in water.", "A graffiti stencil art of the {}.", "A digital rendering of {}.",
+                     "A purple colored {}.", "A cube shaped {}."]
+    assert all(shape_preserving(p) for p in barn_scene)
+    assert not any(shape_preserving(p) for p in barn_other + luggage_other)
+    assert shape_preserving("A {0} lounging on a {1} on a sunny beach.")
+    assert not shape_preserving("A watercolor painting of a {0} perched on a {1}.")
