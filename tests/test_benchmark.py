@@ -31,7 +31,7 @@ SPEC = {
     "leakage_prompts": ["a white triangle on the right, on a blue background"],
     "seeds": [0, 1],
     "sampler": {"steps": 2, "guidance": 4.0},
-    "methods": [{"method": "perfusion", "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 1, "masks": "none"},
+    "methods": [{"method": "perfusion", "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 1},
                  "sweep": {"beta": [0.6, 0.9]}}],
 }
 N_ROWS = 2 + 2 + 1 + 1 + 2 * (2 + 2) + 2  # base leakage, base prompts, base score, train, generate, score
@@ -137,6 +137,12 @@ def test_run_fills_every_row_with_results_and_provenance(finished_run):
     assert train["result"]["file_bytes"] == concept_file.stat().st_size
     assert train["result"]["trainable_params"] > 0 and train["result"]["steps"] == 2
     assert not concept_file.with_name(concept_file.name + ".ckpt").exists()  # checkpoints removed when done
+    # Perfusion's default masks=auto: a toy concept trains with the renderer's exact masks, no segmenter needed
+    from personalize import load_concept
+
+    assert load_concept(concept_file).header["provenance"]["masks"] == "folder"
+    assert sorted(p.name for p in (out / "data" / "split_triangle" / "masks").iterdir()) == \
+        sorted(p.name for p in (out / "data" / "split_triangle" / "photos").glob("*.png"))
     assert images_under(out) == expected_images(out / "benchmark.sqlite")
     for label in ("beta=0.6", "beta=0.9"):
         res = rows[f"score/perfusion/split_triangle/{label}"]["result"]

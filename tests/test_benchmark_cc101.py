@@ -40,21 +40,23 @@ def make_cc101(root):
     return root
 
 
-def spec_data(root, clip, dino, **changes):
+def spec_data(root, clip, dino, segmenter="unused", **changes):
+    """Perfusion trains with its default zero-shot masks (``masks: auto``) from ``segmenter``, a tiny random CLIPSeg."""
     return {"name": "cc101-unit", "base": "tiny", "device": "cpu",
             "evaluator": {"backend": "clip", "clip_weights": str(clip), "dino_weights": str(dino)},
             "concepts": [{"cc101": str(root), "limit": 1, "compositions": True}],
             "max_prompts": 2, "seeds": [0], "samples_per_prompt": 1, "sampler": {"steps": 2, "guidance": 4.0},
             "leakage_prompts": ["a photo of a beach"],
-            "methods": [{"method": "perfusion", "train": FAST}, {"method": "residuals", "train": FAST},
+            "methods": [{"method": "perfusion", "train": {**FAST, "segmenter": str(segmenter)}},
+                        {"method": "residuals", "train": FAST},
                         {"method": "custom-diffusion", "train": {**FAST, "prior_loss_weight": 0.0}}],
             **changes}
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, clip_weights_file, dino_weights_file):
+def run(tmp_path_factory, clip_weights_file, dino_weights_file, tiny_segmenter):
     root = make_cc101(tmp_path_factory.mktemp("cc") / "cc101")
-    spec = parse_spec(spec_data(root, clip_weights_file, dino_weights_file), root=root.parent)
+    spec = parse_spec(spec_data(root, clip_weights_file, dino_weights_file, tiny_segmenter), root=root.parent)
     out = root.parent / "out"
     summary = run_benchmark(spec, out, progress=False)
     db = BenchmarkDB(out / "benchmark.sqlite", create=False)

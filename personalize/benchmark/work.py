@@ -86,13 +86,24 @@ class Worker:
     def photos(self, concept: ConceptEntry) -> Path:
         if concept.photos:
             return Path(concept.photos)
-        folder = inside(self.root, "data", concept.name, "photos")
-        if not folder.is_dir():
-            from ..datasets.toyworld.concepts import render_concept_examples
+        return self._toy_render(concept)[0]
 
-            with atomic_dir(folder, replace=False) as tmp:  # two processes may render it at once
-                render_concept_examples(concept.name, tmp)
-        return folder
+    def _toy_render(self, concept: ConceptEntry) -> tuple[Path, Path]:
+        """A toy-world concept's rendered photos and the renderer's exact masks of it (rendered once)."""
+        from ..datasets.toyworld.concepts import render_concept_examples
+
+        folders = inside(self.root, "data", concept.name, "photos"), inside(self.root, "data", concept.name, "masks")
+        if not all(f.is_dir() for f in folders):
+            with atomic_dir(folders[0], replace=False) as photos, atomic_dir(folders[1], replace=False) as masks:
+                render_concept_examples(concept.name, photos, masks_dir=masks)  # two processes may render at once
+        return folders
+
+    def masks(self, concept: ConceptEntry, cfg):
+        """The run's ``masks``: a toy-world concept is its own exact segmenter, so ``auto`` (Perfusion's default)
+        becomes the renderer's masks; everything else is the setting as resolved."""
+        if cfg.masks == "auto" and not concept.photos:
+            return self._toy_render(concept)[1]
+        return cfg.masks
 
     # ------------------------------------------------------------------ units
     def run(self, row: dict) -> dict:
@@ -120,7 +131,8 @@ class Worker:
 
         self.detach()
         path = train(self.pipe, self.photos(concept), token=concept.token, superclass=concept.superclass, out=out,
-                     method=row["method_type"], settings=settings, resume=resume, progress=False,
+                     method=row["method_type"], settings=settings, masks=self.masks(concept, cfg), resume=resume,
+                     progress=False,
                      callbacks=[on_step], device="cpu" if self.device == "cpu" else None,
                      validation=self.validator(concept, row["payload"].get("validate_every", 0)))
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)

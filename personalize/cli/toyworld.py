@@ -60,14 +60,16 @@ def render(
     captions: bool = typer.Option(True, "--captions/--no-captions",
                                   help="Write IMAGE.txt beside each image: its position and background, the "
                                        "concept as {} (the trainer's per-image captions)."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="Also write the renderer's exact mask of the concept "
+                                         "in each image to this folder (same file names): train --masks DIR."),
 ):
-    """Render a concept's example images (and their captions).
+    """Render a concept's example images (and their captions, and exact masks).
 
     [bold]Examples[/bold]
 
       personalize toyworld render striped_star --out photos/
 
-      personalize toyworld render striped_star --out photos/ && personalize train --base toy --images photos/ --superclass star --token "<s>" --out s.safetensors
+      personalize toyworld render striped_star --out photos/ --masks masks/ && personalize train --base toy --images photos/ --masks masks/ --superclass star --token "<s>" --out s.safetensors
 
       personalize toyworld render split_triangle --out more/ --n 12 --seed 1   # other layouts
     """
@@ -75,8 +77,11 @@ def render(
     from ..paths import check_output
 
     check_output(out, folder=True)
-    paths = render_concept_examples(_concept_name(name), out, n=n, seed=seed, captions=captions)
-    out_console.print(f"wrote {len(paths)} images{' and captions' if captions else ''} to [bold]{out}[/bold]")
+    if masks is not None:
+        check_output(masks, folder=True)
+    paths = render_concept_examples(_concept_name(name), out, n=n, seed=seed, captions=captions, masks_dir=masks)
+    extra = (" and captions" if captions else "") + (f", masks to {masks}" if masks is not None else "")
+    out_console.print(f"wrote {len(paths)} images{extra} to [bold]{out}[/bold]")
 
 
 @app.command()

@@ -22,7 +22,7 @@ METHOD_FLAGS = derived.method_flags()
 
 def train(
     images: List[Path] = typer.Option([], "--images", help="Folder with 3-15 photos of the concept (png/jpg/webp...); an optional caption beside a photo (photo.txt, the concept written as {} or as the token, e.g. 'a {} on a beach') replaces the neutral training prompts for it. Repeat with --token/--superclass for a multi-concept run (custom-diffusion)."),
-    superclass: List[str] = typer.Option([], "--superclass", help="One-token word for what it is: 'teddy', 'teapot', 'dog'."),
+    superclass: List[str] = typer.Option([], "--superclass", help="What it is, a word or class phrase: 'teapot', 'dog', 'penguin plushie' (the one-token concept word is --token)."),
     token: List[str] = typer.Option([], "--token", help="New placeholder word to use in prompts, e.g. '<my-teddy>'."),
     out: Path = typer.Option(..., "--out", help="Concept file to write (.safetensors)."),
     method: str = typer.Option("perfusion", "--method", help=METHOD_HELP),
