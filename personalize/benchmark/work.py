@@ -224,7 +224,7 @@ class FeatureCache:
             return str(Path(item).resolve()), st.st_size, st.st_mtime_ns
         return None
 
-    def encode_images(self, images) -> "np.ndarray":
+    def encode_images(self, images):
         import numpy as np
 
         images = list(images)
