@@ -176,3 +176,14 @@ def test_feature_cache_encodes_each_file_once(tmp_path):
     assert Counting.calls == 4  # 3 files once, the in-memory image every time
     assert np.array_equal(first, plain.encode_images(paths))
     assert np.array_equal(again[:2], first[[2, 0]]) and again[2, 0] == 30.0
+
+
+def test_a_single_observation_has_no_interval_and_no_significance():
+    """One image resamples to itself: no zero-width interval that would read as certainty."""
+    from personalize.evaluation.bootstrap import diff_ci, mean_ci, significant
+
+    assert mean_ci([[0.4]]) is None and mean_ci([[0.4]], over_groups=True) is None
+    assert diff_ci([[0.5]], [[0.4]], paired=True) is None and significant(diff_ci([[0.5]], [[0.4]])) is None
+    lo, hi = mean_ci([[0.4, 0.6]])
+    assert lo < hi
+    assert mean_ci([[0.4], [0.6]], over_groups=True)[0] < mean_ci([[0.4], [0.6]], over_groups=True)[1]

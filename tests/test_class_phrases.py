@@ -137,8 +137,9 @@ def test_every_method_takes_a_training_step_for_every_cc101_class_phrase(name, s
 
 # --------------------------------------------------------------------------- the whole way, a sample
 @pytest.fixture(scope="module")
-def phrase_concepts(tmp_path_factory, _tiny_master):
-    """Every method trained one step on 'penguin plushie' (Custom Diffusion: with 'action figure' jointly)."""
+def phrase_concepts(tmp_path_factory, _tiny_master, tiny_segmenter):
+    """Every method trained one step on 'penguin plushie' (Custom Diffusion: with 'action figure' jointly);
+    Perfusion with its default zero-shot masks, a tiny random CLIPSeg prompted with the phrase."""
     from conftest import make_photos
 
     root = tmp_path_factory.mktemp("phrase-concepts")
@@ -152,7 +153,8 @@ def phrase_concepts(tmp_path_factory, _tiny_master):
         else:
             images, token, superclass = photos, "<a>", SAMPLE
         found[name] = train(pipe, images, token=token, superclass=superclass, out=root / f"{name}.safetensors",
-                            method=name, settings={**settings, **NO_PRIOR.get(name, {})}, progress=False)
+                            method=name, settings={**settings, **NO_PRIOR.get(name, {}),
+                                                   "segmenter": str(tiny_segmenter)}, progress=False)
     return found
 
 

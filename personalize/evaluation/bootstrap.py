@@ -39,7 +39,9 @@ def _pick(n_groups: int, n_boot: int, rng: np.random.Generator, over_groups: boo
 
 
 def _usable(groups) -> bool:
-    return len(groups) > 0 and all(len(g) > 0 for g in groups) and all(
+    """Data in every group, all finite, and at least two observations: one image resamples to itself, and a
+    zero-width "interval" around it would read as certainty (and mark any difference significant)."""
+    return len(groups) > 0 and all(len(g) > 0 for g in groups) and sum(len(g) for g in groups) >= 2 and all(
         np.isfinite(np.asarray(g, dtype=np.float64)).all() for g in groups)
 
 
@@ -50,7 +52,8 @@ def _interval(reps: np.ndarray, level: float) -> tuple[float, float]:
 
 def mean_ci(groups: Sequence[Sequence[float]], n_boot: int = N_BOOT, level: float = LEVEL,
             seed: int = 0, over_groups: bool = False) -> Optional[tuple[float, float]]:
-    """Percentile interval of the mean over ``groups`` of group means; None without data in every group.
+    """Percentile interval of the mean over ``groups`` of group means; None without data in every group (or
+    with a single observation in all).
     ``over_groups``: resample the groups too (stratified two-stage bootstrap)."""
     if not _usable(groups):
         return None
@@ -72,11 +75,11 @@ def diff_ci(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], n_boot: 
     ``paired``: group i of ``a`` and of ``b`` hold images of the same prompts and seeds in the same order, so
     the per-image differences are resampled (needs :func:`can_pair`). ``over_groups``: resample the groups,
     the same draw for both sides (needs as many groups on both sides)."""
+    if paired and not can_pair(a, b):
+        raise ValueError("diff_ci(paired=True) needs the same number of images in each group of a and b")
     if not (_usable(a) and _usable(b)):
         return None
     if paired:
-        if not can_pair(a, b):
-            raise ValueError("diff_ci(paired=True) needs the same number of images in each group of a and b")
         diffs = [np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64) for x, y in zip(a, b)]
         return mean_ci(diffs, n_boot, level, seed, over_groups)
     if over_groups and len(a) != len(b):

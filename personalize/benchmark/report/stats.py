@@ -91,7 +91,8 @@ def head_to_head_table(scores: list[dict]) -> Optional[dict]:
             paired = can_pair(sa, sb)
             values[k] = sum(sum(x) / len(x) - sum(y) / len(y) for x, y in zip(sa, sb)) / len(sa)
             ci[k] = diff_ci(sa, sb, over_groups=len(common) > 1, paired=paired)
-            sig[k] = significant(ci[k])
+            if ci[k] is not None:  # one image on each side: no interval, so no verdict either
+                sig[k] = significant(ci[k])
         if not values:
             continue
         label = f"{a} ({setting_label(ra[common[0]])}) − {b} ({setting_label(rb[common[0]])})"
