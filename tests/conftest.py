@@ -146,11 +146,19 @@ def _cc101_concept(token, cls, d, prompt_file):
             "prompt_filename": prompt_file}
 
 
+def write_cc101_json(root, singles, pairs) -> None:
+    """``dataset.json`` (one entry per ``(token, class, folder, prompt file)``) and ``dataset_multiconcept.json``
+    (one ``[a, b, {"prompt_filename_compose": file}]`` per ``(a, b, file)``) in CustomConcept101's layout."""
+    import json
+
+    json.dump([_cc101_concept(*c) for c in singles], open(root / "dataset.json", "w"))
+    json.dump([[_cc101_concept(*a), _cc101_concept(*b), {"prompt_filename_compose": f}] for a, b, f in pairs],
+              open(root / "dataset_multiconcept.json", "w"))
+
+
 @pytest.fixture()
 def cc101(tmp_path):
     """A small CustomConcept101 folder in the real layout (3 concept folders, prompts, both json files)."""
-    import json
-
     import numpy as np
     from PIL import Image
 
@@ -167,10 +175,7 @@ def cc101(tmp_path):
     (root / "prompts" / "cat.txt").write_text("a {} sleeping \n")
     (root / "prompts" / "chair.txt").write_text("a {} in a room\n")
     (root / "prompts" / "pet_furniture.txt").write_text("{0} sitting on {1}   \n{1} next to {0}")
-    json.dump([_cc101_concept("<new1>", "barn", "scene_barn", "prompts/barn.txt"),
-               _cc101_concept("<new1>", "cat", "pet_cat1", "prompts/cat.txt")], open(root / "dataset.json", "w"))
-    json.dump([[_cc101_concept("<new1>", "cat", "pet_cat1", "prompts/cat.txt"),
-                _cc101_concept("<new2>", "chair", "furniture_chair1", "prompts/chair.txt"),
-                {"prompt_filename_compose": "prompts/pet_furniture.txt"}]],
-              open(root / "dataset_multiconcept.json", "w"))
+    cat = ("<new1>", "cat", "pet_cat1", "prompts/cat.txt")
+    write_cc101_json(root, [("<new1>", "barn", "scene_barn", "prompts/barn.txt"), cat],
+                     [(cat, ("<new2>", "chair", "furniture_chair1", "prompts/chair.txt"), "prompts/pet_furniture.txt")])
     return root

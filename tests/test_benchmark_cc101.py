@@ -5,12 +5,11 @@ random CLIP/DINO weights, the `tiny` base, 1-step trainings, 1 image per prompt,
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 
-from conftest import _cc101_concept, make_photos
+from conftest import make_photos, write_cc101_json
 from personalize.benchmark.db import BenchmarkDB
 from personalize.benchmark.plan import build_plan
 from personalize.benchmark.report import summarize, write_report
@@ -32,11 +31,9 @@ def make_cc101(root):
     (root / "prompts" / "cat.txt").write_text("a {} sleeping \n")
     (root / "prompts" / "chair.txt").write_text("a {} in a room\n")
     (root / "prompts" / "pet_furniture.txt").write_text("A {0} sleeping on a purple {1}.\n{1} next to {0}\n")
-    json.dump([_cc101_concept("<new1>", "barn", "scene_barn", "prompts/barn.txt"),
-               _cc101_concept("<new1>", "cat", "pet_cat1", "prompts/cat.txt")], open(root / "dataset.json", "w"))
-    json.dump([[_cc101_concept("<new1>", "cat", "pet_cat1", "prompts/cat.txt"),
-                _cc101_concept("<new2>", "chair", "furniture_chair1", "prompts/chair.txt"),
-                {"prompt_filename_compose": "prompts/pet_furniture.txt"}]], open(root / "dataset_multiconcept.json", "w"))
+    cat = ("<new1>", "cat", "pet_cat1", "prompts/cat.txt")
+    write_cc101_json(root, [("<new1>", "barn", "scene_barn", "prompts/barn.txt"), cat],
+                     [(cat, ("<new2>", "chair", "furniture_chair1", "prompts/chair.txt"), "prompts/pet_furniture.txt")])
     return root
 
 

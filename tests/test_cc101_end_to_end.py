@@ -3,12 +3,11 @@ pair), random weights for CLIP, DINO and CLIPSeg, every method, `benchmark run` 
 intervals and the composition table. One training step per method, one image per prompt, one prompt."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import yaml
 
-from conftest import _cc101_concept, make_photos
+from conftest import make_photos, write_cc101_json
 from personalize import methods
 from personalize.cli import main
 
@@ -33,10 +32,8 @@ def cc101_root(tmp_path_factory):
         make_photos(root / "benchmark_dataset" / name, n=2, size=40 + 8 * i)
         (root / "prompts" / prompts).write_text("{} on a sunny beach.\na watercolor painting of the {}.\n")
     (root / "prompts" / "pair.txt").write_text("A {0} next to a {1} in a garden.\n")
-    entries = [_cc101_concept(tok, phrase, name, f"prompts/{prompts}") for name, phrase, prompts, tok in CONCEPTS]
-    json.dump([_cc101_concept("<new1>", CONCEPTS[0][1], CONCEPTS[0][0], f"prompts/{CONCEPTS[0][2]}")],
-              open(root / "dataset.json", "w"))
-    json.dump([[*entries, {"prompt_filename_compose": "prompts/pair.txt"}]], open(root / "dataset_multiconcept.json", "w"))
+    entries = [(tok, phrase, name, f"prompts/{prompts}") for name, phrase, prompts, tok in CONCEPTS]
+    write_cc101_json(root, entries[:1], [(*entries, "prompts/pair.txt")])
     return root
 
 
