@@ -3,6 +3,10 @@
 A *spec* is one of
 - ``"tiny"``: an SD 1.x-shaped pipeline with random weights, built from
   configs with a fixed seed (identical in every process);
+- ``"tiny-sd2"``: the same in SD 2.x's shape: Linear ``proj_in``/``proj_out``
+  (``use_linear_projection``), per-block head counts, upcast attention, a
+  GELU (OpenCLIP-style) text encoder whose tokenizer pads with ``!``, and a
+  v-prediction scheduler;
 - ``"toy"``: the toy world's trained base, shipped inside the package
   (``personalize/toybase/weights``, see docs/TOYWORLD.md);
 - a local diffusers folder (``model_index.json`` inside);
@@ -24,17 +28,24 @@ import torch
 from .errors import BadInputError, BaseModelError
 from .fingerprint import Fingerprint, fingerprint  # noqa: F401  (re-exported: the base's identity)
 
-BUILTIN_BASES = ("tiny", "toy")
+BUILTIN_BASES = ("tiny", "tiny-sd2", "toy")
 TOY_WEIGHTS = Path(__file__).resolve().parent / "toybase" / "weights"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _tiny_components():
+# SD 2.x in miniature, where it differs from SD 1.x (diffusers' stable-diffusion-2-1 configs)
+_SD2_UNET = {"use_linear_projection": True, "attention_head_dim": (2, 4), "upcast_attention": True}
+_SD2_TEXT = {"hidden_act": "gelu"}
+_SD2_SCHEDULER = {"prediction_type": "v_prediction"}
+
+
+def _tiny_components(family: str = "sd1"):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .tokenizer import SD_VOCAB_SIZE, build_clip_tokenizer
 
+    sd2 = family == "sd2"
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
@@ -44,8 +55,8 @@ def _tiny_components():
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
-        attention_head_dim=8,
         norm_num_groups=16,
+        **(_SD2_UNET if sd2 else {"attention_head_dim": 8}),
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -68,7 +79,8 @@ def _tiny_components():
             projection_dim=32,
             bos_token_id=49406,
             eos_token_id=49407,
-            pad_token_id=49407,
+            pad_token_id=0 if sd2 else 49407,
+            **(_SD2_TEXT if sd2 else {}),
         )
     )
     scheduler = DDIMScheduler(
@@ -78,17 +90,22 @@ def _tiny_components():
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        **(_SD2_SCHEDULER if sd2 else {}),
     )
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), scheduler=scheduler)
+    tokenizer = build_clip_tokenizer()
+    if sd2:
+        tokenizer.pad_token = "!"  # OpenCLIP pads with "!" (id 0), SD 1.x with the end token
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
-def build_tiny():
-    """The ``tiny`` base: SD 1.x classes and shapes in miniature, seeded so every process builds the same weights."""
+def build_tiny(family: str = "sd1"):
+    """The ``tiny`` base (``family="sd2"``: ``tiny-sd2``): SD classes and shapes in miniature, seeded so every
+    process builds the same weights."""
     from diffusers import StableDiffusionPipeline
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        parts = _tiny_components()
+        parts = _tiny_components(family)
     return StableDiffusionPipeline(
         **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
@@ -110,8 +127,8 @@ def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.
     """Load a base pipeline from ``spec`` (``tiny``, a local diffusers folder or a hub id)."""
     spec = str(spec)
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    if spec == "tiny":
-        pipe = build_tiny()
+    if spec in ("tiny", "tiny-sd2"):
+        pipe = build_tiny("sd2" if spec == "tiny-sd2" else "sd1")
         if dtype is not None:
             pipe.to(dtype=dtype)
     elif spec == "toy":

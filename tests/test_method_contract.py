@@ -1,5 +1,6 @@
-"""The contract every registered method keeps, checked for each name in ``methods.names()``: a new method gets
-these tests without writing them.
+"""The contract every registered method keeps, checked for each name in ``methods.names()`` on every built-in
+test base family (``tiny`` = SD 1.x, ``tiny-sd2`` = SD 2.x: Linear proj_out, v-prediction, OpenCLIP-style text
+encoder): a new method gets these tests without writing them.
 
 - attach -> detach restores the pipeline bit for bit (modules, weights, tokenizer, output);
 - save -> load -> attach reproduces the image of the trained pipeline (with the method's training knobs);
@@ -15,12 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from personalize import attach, load_concept, methods, train
+from personalize import attach, load_base, load_concept, methods, train
 from personalize.edits.state import pipeline_state
 from personalize.errors import BadInputError
 from personalize.knobs import specs
 
 NAMES = methods.names()
+BASES = ("tiny", "tiny-sd2")
 PROMPT = "a photo of a {} ball on the grass"
 SETTINGS = {"steps": 2, "batch_size": 1, "checkpoint_every": 0, "masks": "none"}
 EXTRA = {"dreambooth": {"prior_loss_weight": 0.0}, "custom-diffusion": {"prior_loss_weight": 0.0}}
@@ -32,9 +34,20 @@ def image(pipe, tokens=("<disc>",)):
                 generator=torch.Generator().manual_seed(5)).images
 
 
+@pytest.fixture(scope="module", params=BASES)
+def base(request):
+    return load_base(request.param)
+
+
+@pytest.fixture
+def tiny(base):
+    """A fresh copy of the module's base (tests attach things to it)."""
+    return copy.deepcopy(base)
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, _tiny_master):
-    """Each method trained two steps; with the image its live pipeline rendered at the last step."""
+def trained(tmp_path_factory, base):
+    """Each method trained two steps on the base; with the image its live pipeline rendered at the last step."""
     from conftest import make_photos
 
     root = tmp_path_factory.mktemp("contract")
@@ -49,7 +62,7 @@ def trained(tmp_path_factory, _tiny_master):
                     seen["image"] = image(method.pipe)
                 seen["knobs"] = method.training_knobs()
 
-        path = train(copy.deepcopy(_tiny_master), photos, token="<disc>", superclass="ball",
+        path = train(copy.deepcopy(base), photos, token="<disc>", superclass="ball",
                      out=root / f"{name}.safetensors", method=name, settings={**SETTINGS, **EXTRA.get(name, {})},
                      callbacks=[render], progress=False)
         found[name] = (path, seen["image"], seen["knobs"])

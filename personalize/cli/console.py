@@ -14,7 +14,8 @@ from ..errors import BadInputError
 out_console = Console()
 err_console = Console(stderr=True)
 
-BASE_HELP = "Base model: 'tiny' (built-in test model), a local diffusers folder, or a hub id."
+BASE_HELP = ("Base model: 'toy' (the toy world's), 'tiny' / 'tiny-sd2' (built-in random test models, SD 1.x / "
+             "SD 2.x shapes), a local diffusers folder, or a hub id.")
 
 
 def _stderr_line(label: str, message: str) -> None:
