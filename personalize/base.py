@@ -7,9 +7,14 @@ A *spec* is one of
   (``use_linear_projection``), per-block head counts, upcast attention, a
   GELU (OpenCLIP-style) text encoder whose tokenizer pads with ``!``, and a
   v-prediction scheduler;
+- ``"tiny-sdxl"``: the same in SDXL's shape: two text encoders (the second with a projection, whose pooled
+  output the UNet reads with the ``add_time_ids``), a 64-wide context that is their outputs side by side, a first
+  block without attention and two transformer layers in the second;
 - ``"toy"``: the toy world's trained base, shipped inside the package
   (``personalize/toybase/weights``, see docs/TOYWORLD.md);
-- a local diffusers folder (``model_index.json`` inside);
+- a local diffusers folder (``model_index.json`` inside): its ``_class_name`` picks the pipeline class
+  (SD 1.x and SD 2.x: ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``); another class is
+  refused in one line;
 - a hub id such as ``runwayml/stable-diffusion-v1-5`` (same loader; offline it
   fails at once with a one-line message).
 
@@ -28,7 +33,9 @@ import torch
 from .errors import BadInputError, BaseModelError
 from .fingerprint import Fingerprint, fingerprint  # noqa: F401  (re-exported: the base's identity)
 
-BUILTIN_BASES = ("tiny", "tiny-sd2", "toy")
+BUILTIN_BASES = ("tiny", "tiny-sd2", "tiny-sdxl", "toy")
+TINY_FAMILIES = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
+PIPELINES = {"StableDiffusionPipeline": "StableDiffusionPipeline", "StableDiffusionXLPipeline": "StableDiffusionXLPipeline"}
 TOY_WEIGHTS = Path(__file__).resolve().parent / "toybase" / "weights"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -37,6 +44,12 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SD2_UNET = {"use_linear_projection": True, "attention_head_dim": (2, 4), "upcast_attention": True}
 _SD2_TEXT = {"hidden_act": "gelu"}
 _SD2_SCHEDULER = {"prediction_type": "v_prediction"}
+# SDXL in miniature (diffusers' SDXL pipeline test configs): the UNet reads the pooled text and six time ids
+_SDXL_UNET = {"use_linear_projection": True, "attention_head_dim": (2, 4), "cross_attention_dim": 64,
+              "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+              "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "transformer_layers_per_block": (1, 2),
+              "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+              "projection_class_embeddings_input_dim": 6 * 8 + 32}
 
 
 def _tiny_components(family: str = "sd1"):
@@ -45,18 +58,21 @@ def _tiny_components(family: str = "sd1"):
 
     from .tokenizer import SD_VOCAB_SIZE, build_clip_tokenizer
 
-    sd2 = family == "sd2"
+    sd2, xl = family == "sd2", family == "sdxl"
+    unet_shape = dict(
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        **(_SD2_UNET if sd2 else {"attention_head_dim": 8}),
+    )
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
         norm_num_groups=16,
-        **(_SD2_UNET if sd2 else {"attention_head_dim": 8}),
+        **(_SDXL_UNET if xl else unet_shape),
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -68,21 +84,12 @@ def _tiny_components(family: str = "sd1"):
         norm_num_groups=16,
         sample_size=32,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=SD_VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=0 if sd2 else 49407,
-            **(_SD2_TEXT if sd2 else {}),
-        )
-    )
+    def text_config(pad_id: int, **extra):
+        return CLIPTextConfig(vocab_size=SD_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                              bos_token_id=49406, eos_token_id=49407, pad_token_id=pad_id, **extra)
+
+    text_encoder = CLIPTextModel(text_config(0 if sd2 else 49407, **(_SD2_TEXT if sd2 else {})))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -95,30 +102,59 @@ def _tiny_components(family: str = "sd1"):
     tokenizer = build_clip_tokenizer()
     if sd2:
         tokenizer.pad_token = "!"  # OpenCLIP pads with "!" (id 0), SD 1.x with the end token
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    if xl:  # SDXL's second encoder is OpenCLIP bigG: GELU, a text projection, and a tokenizer padding with "!"
+        from transformers import CLIPTextModelWithProjection
+
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(text_config(0, **_SD2_TEXT))
+        parts["tokenizer_2"] = build_clip_tokenizer()
+        parts["tokenizer_2"].pad_token = "!"
+    return parts
 
 
 def build_tiny(family: str = "sd1"):
-    """The ``tiny`` base (``family="sd2"``: ``tiny-sd2``): SD classes and shapes in miniature, seeded so every
-    process builds the same weights."""
-    from diffusers import StableDiffusionPipeline
-
+    """The ``tiny`` base (``family="sd2"``: ``tiny-sd2``, ``"sdxl"``: ``tiny-sdxl``): SD classes and shapes in
+    miniature, seeded so every process builds the same weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         parts = _tiny_components(family)
-    return StableDiffusionPipeline(
-        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
+    return _assemble("StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline", parts)
+
+
+def _assemble(class_name: str, parts: dict):
+    """A pipeline of ``class_name`` from its parts, without safety checker or watermarker."""
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    if class_name == "StableDiffusionXLPipeline":
+        return cls(**parts, add_watermarker=False)
+    return cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def pipeline_class(source: str) -> str:
+    """The pipeline class a diffusers folder or hub id declares in its ``model_index.json``, if supported."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        declared = DiffusionPipeline.load_config(source).get("_class_name", "")
+    except Exception:  # unreadable or unreachable: the loader says why, in one line
+        return "StableDiffusionPipeline"
+    if declared not in PIPELINES:
+        raise BadInputError(f"base '{source}' is a {declared or 'pipeline of unknown class'}; personalize supports "
+                            "SD 1.x, SD 2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline) bases")
+    return PIPELINES[declared]
 
 
 def _from_pretrained(source: str, **kwargs):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    import diffusers
+    from diffusers import DDIMScheduler
     from diffusers.utils import logging as dlog
 
     dlog.disable_progress_bar()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        source, safety_checker=None, requires_safety_checker=False, **kwargs
-    )
+    class_name = pipeline_class(source)
+    extra = ({"add_watermarker": False} if class_name == "StableDiffusionXLPipeline"
+             else {"safety_checker": None, "requires_safety_checker": False})
+    pipe = getattr(diffusers, class_name).from_pretrained(source, **extra, **kwargs)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return pipe
 
@@ -127,8 +163,8 @@ def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.
     """Load a base pipeline from ``spec`` (``tiny``, a local diffusers folder or a hub id)."""
     spec = str(spec)
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    if spec in ("tiny", "tiny-sd2"):
-        pipe = build_tiny("sd2" if spec == "tiny-sd2" else "sd1")
+    if spec in TINY_FAMILIES:
+        pipe = build_tiny(TINY_FAMILIES[spec])
         if dtype is not None:
             pipe.to(dtype=dtype)
     elif spec == "toy":
@@ -147,11 +183,15 @@ def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.
             )
         try:
             pipe = _from_pretrained(str(path), **kwargs)
+        except BadInputError:
+            raise
         except Exception as exc:  # diffusers raises many types; one line for the user
             raise BaseModelError(f"could not load base from '{spec}': {_first_line(exc)}") from exc
     elif _HUB_ID.match(spec):
         try:
             pipe = _from_pretrained(spec, **kwargs)
+        except BadInputError:
+            raise
         except Exception as exc:
             offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
             hint = (
@@ -174,3 +214,21 @@ def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+MAX_RESOLUTION = 4096
+
+
+def resolution(pipe, requested: int | None = 0, flag: str = "--resolution") -> int:
+    """The image size to work at: ``requested``, or the base's native size when it is 0/None. It must be a
+    multiple of the pixel stride of the UNet's deepest level (so every level's feature map is whole)."""
+    from .text_stack import native_resolution
+
+    if not requested:
+        return native_resolution(pipe)
+    stride = int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if isinstance(requested, bool) or not isinstance(requested, int) or not stride <= requested <= MAX_RESOLUTION \
+            or requested % stride:
+        raise BadInputError(f"{flag} {requested!r} does not fit this base: give a multiple of {stride} from {stride} "
+                            f"to {MAX_RESOLUTION} (its native size is {native_resolution(pipe)}), or 0 for native")
+    return requested

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .base import Fingerprint, fingerprint
+from .text_stack import FAMILIES
 from .errors import ConceptFileError
 from .paths import atomic_path
 from .templates import TOKEN_RULE, shown, token_problem
@@ -40,7 +41,7 @@ MAX_INT_DIGITS = 100
 REQUIRED = {"format_version": "integer", "method": "string", "token": "string", "superclass": "string",
             "config": "object", "inference_defaults": "object", "base_fingerprint": "object", "provenance": "object"}
 FINGERPRINT_FIELDS = ("architecture", "tokenizer", "text_encoder")
-OPTIONAL_FINGERPRINT_FIELDS = ("text_encoder_bf16", "precision", "text_encoder_sample")  # newer files; absent in older ones
+OPTIONAL_FINGERPRINT_FIELDS = ("text_encoder_bf16", "precision", "text_encoder_sample", "family")  # newer files; absent in older ones
 
 
 @dataclass
@@ -341,7 +342,12 @@ def _first_line(exc: BaseException) -> str:
 def check_base(concept: Concept, pipe) -> None:
     """Refuse a concept trained on another base, naming what differs."""
     here = fingerprint(pipe)
-    differs = concept.base_fingerprint.differences(here)
+    theirs = concept.base_fingerprint
+    if theirs.family and here.family and theirs.family != here.family:
+        raise ConceptFileError(
+            f"concept '{concept.path or concept.token}' was trained on an {FAMILIES.get(theirs.family, theirs.family)} base and this "
+            f"base is {FAMILIES.get(here.family, here.family)}; a concept works only on the family (and base) it was trained on")
+    differs = theirs.differences(here)
     if differs:
         what = ", ".join({"architecture": "UNet/text-encoder architecture", "tokenizer": "tokenizer vocabulary",
                           "text_encoder": "text-encoder weights"}[d] for d in differs)

@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import text_stack
+
 from .base import fingerprint
 from .paths import atomic_path, cache_dir
 
@@ -110,16 +112,16 @@ def compute_covariance(
     pipe, captions: Sequence[str], batch_size: int = 64, on_batch: Callable[[int], None] | None = None
 ) -> torch.Tensor:
     """E[e e^T] over every non-padding position (BOS..EOS) of every caption, float64."""
-    te, tok = pipe.text_encoder, pipe.tokenizer
-    device = te.device
+    device = pipe.text_encoder.device
     total, count = None, 0
     for start in range(0, len(captions), batch_size):
         batch = list(captions[start : start + batch_size])
         # CLIP's text encoder is causal: padding to the batch's longest caption instead of 77
         # leaves every non-padding output unchanged and costs a fraction of the compute.
-        enc = tok(batch, padding="longest", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        hidden = te(enc.input_ids.to(device))[0].double()
-        mask = enc.attention_mask.to(device).bool()
+        encs = [getattr(pipe, tok)(batch, padding="longest", max_length=getattr(pipe, tok).model_max_length,
+                                   truncation=True, return_tensors="pt") for tok, _ in text_stack.pairs(pipe)]
+        hidden = text_stack.encode_ids(pipe, [e.input_ids for e in encs]).context.double()  # SDXL: both, side by side
+        mask = encs[0].attention_mask.to(device).bool()
         vectors = hidden[mask]
         outer = vectors.T @ vectors
         total = outer if total is None else total + outer

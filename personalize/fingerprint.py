@@ -1,5 +1,8 @@
 """What a concept must match in the base it is attached to: architecture, tokenizer, text-encoder weights.
 
+With two text encoders (SDXL), each of the three covers both: the second encoder's config, the second
+tokenizer's vocabulary and padding token, and the second encoder's weights (names prefixed ``text_encoder_2.``).
+
 Only the *base* counts. Attached concepts (our token rows and site wrappers),
 peft adapters (a stock ``load_lora_weights``) and tokens added by a stock
 ``load_textual_inversion`` (which grows the tokenizer, the embedding table and
@@ -52,6 +55,7 @@ class Fingerprint:
     text_encoder_bf16: str = ""
     precision: str = ""
     text_encoder_sample: str = ""
+    family: str = ""  # sd1 | sd2 | sdxl (text_stack.family); absent in older files
 
     @property
     def digest(self) -> str:
@@ -118,19 +122,23 @@ def base_vocab_size(pipe, tokenizer) -> int:
 
 
 def base_text_encoder_tensors(pipe, vocab_size: int) -> list[tuple[str, torch.Tensor]]:
-    """The text encoder's own weights by canonical name (sorted): no wrappers, adapters or added token rows."""
+    """The text encoders' own weights by canonical name (sorted): no wrappers, adapters or added token rows. A
+    second encoder's (SDXL) names start with ``text_encoder_2.``; the first's carry no prefix."""
     from .edits.sites import inner_layer
+    from .text_stack import pairs
 
-    te = pipe.text_encoder
-    table = inner_layer(te.get_input_embeddings()).weight
     found = {}
-    for name, tensor in te.state_dict().items():
-        parts = name.split(".")
-        if "personalize_" in name or any(p.startswith("lora_") for p in parts):
-            continue
-        if tensor.data_ptr() == table.data_ptr() and tensor.shape == table.shape:
-            tensor = tensor[:vocab_size]
-        found[".".join(p for p in parts if p != "base_layer")] = tensor
+    for k, (_, te_name) in enumerate(pairs(pipe)):
+        te = getattr(pipe, te_name)
+        prefix = "" if k == 0 else f"{te_name}."
+        table = inner_layer(te.get_input_embeddings()).weight
+        for name, tensor in te.state_dict().items():
+            parts = name.split(".")
+            if "personalize_" in name or any(p.startswith("lora_") for p in parts):
+                continue
+            if tensor.data_ptr() == table.data_ptr() and tensor.shape == table.shape:
+                tensor = tensor[:vocab_size]
+            found[prefix + ".".join(p for p in parts if p != "base_layer")] = tensor
     return sorted(found.items())
 
 
@@ -141,12 +149,21 @@ def fingerprint(pipe) -> Fingerprint:
     skipped, so a pipeline fingerprints the same before and after ``attach``.
     """
     from .edits.tokens import base_tokenizer
+    from .text_stack import family
 
     tok = base_tokenizer(pipe)
     vocab_size = base_vocab_size(pipe, tok)
     te_config = dict(_config_dict(pipe.text_encoder.config), vocab_size=vocab_size)
-    architecture = _hash_json({"unet": _config_dict(pipe.unet.config), "text_encoder": te_config})
-    tokenizer = _hash_json(sorted((i, t) for t, i in tok.get_vocab().items() if i < vocab_size))
+    parts = {"unet": _config_dict(pipe.unet.config), "text_encoder": te_config}
+    vocab = sorted((i, t) for t, i in tok.get_vocab().items() if i < vocab_size)
+    second = getattr(pipe, "text_encoder_2", None)
+    if second is not None:  # SDXL: the second encoder and tokenizer count too (SD 1.x/2.x hashes are unchanged)
+        tok2 = base_tokenizer(pipe, "tokenizer_2")
+        parts["text_encoder_2"] = dict(_config_dict(second.config), vocab_size=vocab_size)
+        vocab = {"tokenizer": vocab, "tokenizer_2": sorted((i, t) for t, i in tok2.get_vocab().items()
+                                                           if i < vocab_size), "pad_2": tok2.pad_token}
+    architecture = _hash_json(parts)
+    tokenizer = _hash_json(vocab)
     tensors = base_text_encoder_tensors(pipe, vocab_size)
     fp16, bf16 = hashlib.sha256(), hashlib.sha256()
     for name, tensor in tensors:
@@ -159,7 +176,7 @@ def fingerprint(pipe) -> Fingerprint:
     precision = max((_DTYPES.get(t.dtype, "fp32") for _, t in tensors), key=COARSENESS.get, default="fp32")
     return Fingerprint(architecture=architecture, tokenizer=tokenizer, text_encoder=fp16.hexdigest()[:16],
                        text_encoder_bf16=bf16.hexdigest()[:16], precision=precision,
-                       text_encoder_sample=_sample(tensors))
+                       text_encoder_sample=_sample(tensors), family=family(pipe))
 
 
 def _sample(tensors: list[tuple[str, torch.Tensor]]) -> str:

@@ -1,6 +1,7 @@
 """The contract every registered method keeps, checked for each name in ``methods.names()`` on every built-in
 test base family (``tiny`` = SD 1.x, ``tiny-sd2`` = SD 2.x: Linear proj_out, v-prediction, OpenCLIP-style text
-encoder): a new method gets these tests without writing them.
+encoder; ``tiny-sdxl`` = SDXL: two text encoders, pooled text and time ids): a new method gets these tests without
+writing them.
 
 - attach -> detach restores the pipeline bit for bit (modules, weights, tokenizer, output);
 - save -> load -> attach reproduces the image of the trained pipeline (with the method's training knobs);
@@ -22,7 +23,7 @@ from personalize.errors import BadInputError
 from personalize.knobs import specs
 
 NAMES = methods.names()
-BASES = ("tiny", "tiny-sd2")
+BASES = ("tiny", "tiny-sd2", "tiny-sdxl")
 PROMPT = "a photo of a {} ball on the grass"
 SETTINGS = {"steps": 2, "batch_size": 1, "checkpoint_every": 0, "masks": "none"}
 EXTRA = {"dreambooth": {"prior_loss_weight": 0.0}, "custom-diffusion": {"prior_loss_weight": 0.0}}
@@ -71,10 +72,13 @@ def trained(tmp_path_factory, base):
 
 def snapshot(pipe):
     """Everything attaching may touch: module objects, tensors, tokenizer and embedding objects."""
-    parts = (pipe.unet, pipe.text_encoder)
+    from personalize import text_stack
+
+    parts = (pipe.unet, *text_stack.encoders(pipe))
     return ([id(m) for part in parts for m in part.modules()],
             {f"{i}.{k}": v.clone() for i, part in enumerate(parts) for k, v in part.state_dict().items()},
-            id(pipe.tokenizer), id(pipe.text_encoder.get_input_embeddings()), len(pipe.tokenizer))
+            [(id(getattr(pipe, tok)), len(getattr(pipe, tok)), id(getattr(pipe, te).get_input_embeddings()))
+             for tok, te in text_stack.pairs(pipe)])
 
 
 def valid_value(spec):

@@ -51,17 +51,17 @@ class KeyLock:
         self._handles, self._context = [], None
         prompt_rows(self.pipe).unsubscribe(_KEY)
 
-    def _superclass_encoding(self, module, args, kwargs, ids, hidden) -> torch.Tensor:
+    def _superclass_encoding(self, reencode, ids: list, hidden) -> torch.Tensor:
         """The prompt batch encoded again with every locked token replaced by its superclass phrase, read back at
-        the positions of the prompt as written (:func:`expand`)."""
+        the positions of the prompt as written (:func:`expand`); ``ids``: one tensor per text encoder."""
         replacements = self.replacements()
-        expanded = [expand(row, replacements, ids.shape[1]) for row in ids.tolist()]
-        swapped = torch.tensor([new for new, _ in expanded], dtype=ids.dtype, device=ids.device)
-        if torch.equal(swapped, ids):
+        expanded = [[expand(row, replacements, t.shape[1]) for row in t.tolist()] for t in ids]
+        swapped = [torch.tensor([new for new, _ in rows], dtype=t.dtype, device=t.device)
+                   for rows, t in zip(expanded, ids)]
+        if all(torch.equal(s, t) for s, t in zip(swapped, ids)):
             return hidden.detach()
-        again = module(swapped, *args[1:], **kwargs)
-        again = (again[0] if isinstance(again, (tuple, list)) else again.last_hidden_state).detach()
-        where = torch.tensor([w for _, w in expanded], device=again.device)
+        again = reencode(swapped).detach()
+        where = torch.tensor([w for _, w in expanded[0]], device=again.device)
         return again.gather(1, where[..., None].expand(-1, -1, again.shape[-1]))
 
     @torch.no_grad()

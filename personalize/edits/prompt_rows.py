@@ -3,10 +3,16 @@
 LAG sampling needs a row's token ids (to find the concept's columns) and
 global key-locking needs a second encoding of the same prompt (to swap K's
 input). Both learn it the same way: a forward hook on the text encoder records
-every encoded prompt (its ids, its output and whatever each subscriber computes
-from it at that moment), and a UNet row is matched to a recorded prompt by
-exact equality of the encodings (``prompt_embeds`` passed directly, or
-``clip_skip``, match nothing, and the callers refuse that in one line).
+every encoded prompt (its ids, the UNet context it makes and whatever each
+subscriber computes from it at that moment), and a UNet row is matched to a
+recorded prompt by exact equality of the encodings (``prompt_embeds`` passed
+directly, or ``clip_skip``, match nothing, and the callers refuse that in one
+line).
+
+With two text encoders (SDXL) both are hooked: the first one's call is held
+until the second one's, and the record is what ``StableDiffusionXLPipeline``
+gives the UNet, the two penultimate hidden states side by side
+(``text_stack.py``); a subscriber's re-encoding runs both encoders the same way.
 
 Subscribers register with :meth:`PromptRows.subscribe`; the hook is installed
 with the first and removed with the last. Encodings a subscriber makes inside
@@ -15,15 +21,19 @@ its own callback (the key lock encodes the superclass prompt) are not recorded.
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
+from ..text_stack import encoders
 from .state import pipeline_state, release
 
-#: subscriber callback: (text encoder, args, kwargs, ids, hidden) -> the subscriber's extra for this prompt batch
-Extra = Callable[[Any, tuple, dict, torch.Tensor, torch.Tensor], Any]
+#: re-encodes a prompt batch given new ids (one tensor per text encoder) as the UNet would read it
+Reencode = Callable[[list], torch.Tensor]
+#: subscriber callback: (re-encode, ids per text encoder, UNet context) -> the subscriber's extra for this batch
+Extra = Callable[[Reencode, list, torch.Tensor], Any]
 
 
 @dataclass
@@ -45,21 +55,24 @@ class PromptRows:
         self.recent: deque[Encoded] = deque(maxlen=self.KEEP)
         self.version = 0  # bumped at every recorded encoding (callers cache per version)
         self._subscribers: dict[str, Extra | None] = {}
-        self._handle = None
+        self._handles: list = []
+        self._pending = None  # SDXL: the first encoder's call, until the second one's
         self._busy = False
 
     def subscribe(self, key: str, extra: Extra | None = None) -> None:
-        if self._handle is None:
-            self._handle = self.pipe.text_encoder.register_forward_hook(self._on_text, with_kwargs=True)
+        if not self._handles:
+            tes = encoders(self.pipe)
+            self._handles = [te.register_forward_hook(partial(self._on_text, k, len(tes)), with_kwargs=True)
+                             for k, te in enumerate(tes)]
         self._subscribers[key] = extra
 
     def unsubscribe(self, key: str) -> None:
         self._subscribers.pop(key, None)
         if self._subscribers:
             return
-        if self._handle is not None:
-            self._handle.remove()
-        self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._pending = [], None
         self.recent.clear()
         state = pipeline_state(self.pipe, create=False)
         if state is not None and state.prompt_rows is self:
@@ -67,22 +80,45 @@ class PromptRows:
             release(self.pipe)
 
     @torch.no_grad()
-    def _on_text(self, module, args, kwargs, output) -> None:
+    def _on_text(self, index: int, count: int, module, args, kwargs, output) -> None:
         if self._busy:
             return
         ids = args[0] if args else kwargs.get("input_ids")
         if ids is None:
             return
-        hidden = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+        if count == 1:
+            calls = [(ids, output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state, module,
+                      args, kwargs)]
+        else:
+            states = getattr(output, "hidden_states", None)
+            if states is None:  # not an encoding for the UNet (SDXL's pipeline asks for the hidden states)
+                return
+            if index == 0:
+                self._pending = (ids, states[-2], module, args, kwargs)
+                return
+            if self._pending is None or self._pending[0].shape != ids.shape:
+                return
+            calls, self._pending = [self._pending, (ids, states[-2], module, args, kwargs)], None
+        context = torch.cat([c[1] for c in calls], dim=-1)
+
+        def reencode(new_ids: list) -> torch.Tensor:
+            outs = []
+            for (_, _, mod, a, kw), new in zip(calls, new_ids):
+                out = mod(new, *a[1:], **kw)
+                outs.append(out.hidden_states[-2] if count > 1 else
+                            (out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state))
+            return torch.cat(outs, dim=-1)
+
         extras = {}
         self._busy = True
         try:
             for key, extra in self._subscribers.items():
                 if extra is not None:
-                    extras[key] = extra(module, args, kwargs, ids, hidden)
+                    extras[key] = extra(reencode, [c[0] for c in calls], context)
         finally:
             self._busy = False
-        self.recent.append(Encoded(ids.detach().cpu(), hidden.detach(), extras))
+        self.recent.append(Encoded(ids.detach().cpu() if count == 1 else calls[0][0].detach().cpu(),
+                                   context.detach(), extras))
         self.version += 1
 
     @torch.no_grad()

@@ -5,6 +5,11 @@ get ids ``V, V+1, ...`` (V = base vocabulary size) in a *copy* of the
 pipeline's tokenizer, and an :class:`ExtendedEmbedding` looks their vectors up
 in Parameters owned by whoever registered them. When the last token is
 removed, the original tokenizer and embedding objects are put back.
+
+A base with two text encoders (SDXL) gets each token in both tokenizers (the
+same ids: they share the vocabulary) and both embedding tables: a token's
+vector is the two encoders' vectors side by side (``text_stack.widths``), and
+each table reads its own slice of it.
 """
 from __future__ import annotations
 
@@ -13,15 +18,17 @@ import copy
 import torch
 from torch import nn
 
+from ..text_stack import pairs
 from .state import pipeline_state, release
 
 
 class ExtendedEmbedding(nn.Module):
     """``base_layer`` for ids below its size; registered vectors for the ids after it."""
 
-    def __init__(self, base_layer: nn.Embedding):
+    def __init__(self, base_layer: nn.Embedding, columns: slice = slice(None)):
         super().__init__()
         self.base_layer = base_layer
+        self.columns = columns  # this table's part of a token vector (SDXL: one encoder's)
         self.extra: list[tuple[int, torch.Tensor]] = []  # (first id, (n, d) tensor), set by TokenSite
 
     @property
@@ -43,7 +50,7 @@ class ExtendedEmbedding(nn.Module):
             offset = ids - first
             hit = (offset >= 0) & (offset < vectors.shape[0])
             # no `if hit.any()`: that would make the host wait for the device at every encoding
-            rows = vectors.to(out.dtype)[offset.clamp(0, vectors.shape[0] - 1)]
+            rows = vectors[:, self.columns].to(out.dtype)[offset.clamp(0, vectors.shape[0] - 1)]
             out = torch.where(hit.unsqueeze(-1), rows, out)
         return out
 
@@ -53,10 +60,27 @@ class TokenSite:
 
     def __init__(self, pipe):
         self.pipe = pipe
-        self.original_tokenizer = pipe.tokenizer
-        self.original_embedding = pipe.text_encoder.get_input_embeddings()
+        self.names = pairs(pipe)  # (tokenizer, text encoder) attributes
+        self.originals = [(getattr(pipe, tok), getattr(pipe, te).get_input_embeddings()) for tok, te in self.names]
         self.entries: dict[str, tuple[list[str], torch.Tensor]] = {}
-        self.embedding = ExtendedEmbedding(self.original_embedding)
+        start, self.embeddings = 0, []
+        for _, table in self.originals:
+            width = table.embedding_dim
+            self.embeddings.append(ExtendedEmbedding(table, slice(start, start + width)))
+            start += width
+        self.width = start
+
+    @property
+    def original_tokenizer(self):
+        return self.originals[0][0]
+
+    @property
+    def original_embedding(self) -> nn.Embedding:
+        return self.originals[0][1]
+
+    @property
+    def embedding(self) -> ExtendedEmbedding:
+        return self.embeddings[0]
 
     @property
     def base_vocab_size(self) -> int:
@@ -72,6 +96,8 @@ class TokenSite:
         """Register ``tokens`` (one row of ``vectors`` each) under ``key``; returns their ids."""
         if vectors.shape[0] != len(tokens):
             raise ValueError("one vector per token")
+        if vectors.shape[-1] != self.width:
+            raise ValueError(f"token vectors are {vectors.shape[-1]} wide; this base's are {self.width}")
         for token in tokens:
             owner = self.owner_of(token)
             if owner is not None:
@@ -89,26 +115,27 @@ class TokenSite:
         return self.pipe.tokenizer.convert_tokens_to_ids(tokens)
 
     def _rebuild(self) -> None:
-        te = self.pipe.text_encoder
         if not self.entries:
-            self.pipe.tokenizer = self.original_tokenizer
-            te.set_input_embeddings(self.original_embedding)
+            for (tok_name, te_name), (tokenizer, table) in zip(self.names, self.originals):
+                setattr(self.pipe, tok_name, tokenizer)
+                getattr(self.pipe, te_name).set_input_embeddings(table)
             state = pipeline_state(self.pipe, create=False)
             if state is not None and state.tokens is self:
                 state.tokens = None
                 release(self.pipe)
             return
-        tokenizer = copy.deepcopy(self.original_tokenizer)
-        extra, next_id = [], len(self.original_tokenizer)
-        for tokens, vectors in self.entries.values():
-            tokenizer.add_tokens(list(tokens))
-            extra.append((next_id, vectors))
-            next_id += len(tokens)
-        if len(tokenizer) != next_id:
-            raise RuntimeError("tokenizer did not assign consecutive ids to the new tokens")
-        self.embedding.extra = extra
-        self.pipe.tokenizer = tokenizer
-        te.set_input_embeddings(self.embedding)
+        for (tok_name, te_name), (original, _), embedding in zip(self.names, self.originals, self.embeddings):
+            tokenizer = copy.deepcopy(original)
+            extra, next_id = [], len(original)
+            for tokens, vectors in self.entries.values():
+                tokenizer.add_tokens(list(tokens))
+                extra.append((next_id, vectors))
+                next_id += len(tokens)
+            if len(tokenizer) != next_id:
+                raise RuntimeError("tokenizer did not assign consecutive ids to the new tokens")
+            embedding.extra = extra
+            setattr(self.pipe, tok_name, tokenizer)
+            getattr(self.pipe, te_name).set_input_embeddings(embedding)
 
 
 def token_site(pipe) -> TokenSite:
@@ -119,8 +146,10 @@ def token_site(pipe) -> TokenSite:
     return state.tokens
 
 
-def base_tokenizer(pipe):
-    """The pipeline's tokenizer without any attached tokens."""
+def base_tokenizer(pipe, name: str = "tokenizer"):
+    """The pipeline's tokenizer (``name``: SDXL's ``tokenizer_2``) without any attached tokens."""
     state = pipeline_state(pipe, create=False)
     site = state.tokens if state is not None else None
-    return site.original_tokenizer if site is not None else pipe.tokenizer
+    if site is None:
+        return getattr(pipe, name)
+    return dict(zip((tok for tok, _ in site.names), (t for t, _ in site.originals)))[name]

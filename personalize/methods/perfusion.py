@@ -45,6 +45,7 @@ from ..edits.key_lock import KeyLock
 from ..edits.placement import cross_attention_layers, site_names
 from ..edits.tokens import base_tokenizer, token_site
 from ..errors import BadInputError, ConceptFileError
+from .. import text_stack
 from ..knobs import knob
 from ..templates import NEUTRAL_TEMPLATES, phrase_last_position
 from .base import Method
@@ -416,9 +417,7 @@ def superclass_encoding(pipe, superclass: str) -> torch.Tensor:
     module docstring says why the last)."""
     from ..templates import fill
 
-    tok = pipe.tokenizer
     prompts = [fill(t, superclass) for t in NEUTRAL_TEMPLATES]
-    positions = [phrase_last_position(tok, t, superclass) for t in NEUTRAL_TEMPLATES]
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-    hidden = pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device))[0].float()
+    positions = [phrase_last_position(pipe.tokenizer, t, superclass) for t in NEUTRAL_TEMPLATES]
+    hidden = text_stack.encode(pipe, prompts).context.float()  # SDXL: both encoders' outputs side by side
     return torch.stack([hidden[i, p] for i, p in enumerate(positions)]).mean(0)

@@ -8,6 +8,7 @@ import torch
 from ..edits.state import pipeline_state, release
 from ..edits.tokens import base_tokenizer
 from ..errors import BadInputError, ConceptFileError
+from ..text_stack import encoders
 
 
 def as_list(value) -> list:
@@ -29,9 +30,12 @@ def word_vector(pipe, word: str, single: bool = False, what: str = "") -> torch.
     if single and len(ids) != 1:
         raise BadInputError(f"{what + ' ' if what else ''}'{word}' is {len(ids)} tokens in this base's tokenizer; "
                             "pick a single-token, rarely used word such as 'sks' or 'httr'")
-    table = pipe.text_encoder.get_input_embeddings()
-    table = getattr(table, "base_layer", table)
-    return table.weight[ids].detach().float().mean(0).clone()
+    rows = []
+    for te in encoders(pipe):  # SDXL: both encoders' rows side by side (edits/tokens.py)
+        table = te.get_input_embeddings()
+        table = getattr(table, "base_layer", table)
+        rows.append(table.weight[ids].detach().float().mean(0).to(pipe.text_encoder.device))
+    return torch.cat(rows).clone()
 
 
 def expect_tensors(method: str, expected: Iterable[str], tensors: dict) -> None:

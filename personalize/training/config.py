@@ -34,6 +34,9 @@ class TrainConfig:
                 "does not)"})
     compile: bool = dataclasses.field(default=False, metadata={
         "help": "torch.compile the UNet: minutes of compiling first, faster steps after (long GPU runs)", "flag": True})
+    resolution: int = dataclasses.field(default=0, metadata={
+        "help": "train at this image size in pixels, a multiple of the UNet's stride (0 = the base's native size: "
+                "512 SD 1.5, 768 SD 2.1, 1024 SDXL)", "flag": True})
     masks: str = dataclasses.field(default="none", metadata={
         "help": "weight the loss by a mask per photo: auto (each photo segmented by --segmenter prompted with the superclass, soft "
                 "mask / max, cached; Perfusion paper 4.4), none, or a folder of masks named like the photos "

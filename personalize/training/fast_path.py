@@ -5,6 +5,8 @@ from typing import Sequence
 
 import torch
 
+from .. import text_stack
+
 
 def _adamw(groups: list[dict], device) -> torch.optim.Optimizer:
     """AdamW; the fused CUDA kernel when every parameter is a floating tensor on a GPU."""
@@ -18,20 +20,23 @@ class TextCache:
     from a few templates, so after the first steps the text encoder no longer runs)."""
 
     def __init__(self):
-        self.rows: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # prompt -> (context, pooled)
 
     @torch.no_grad()
-    def encode(self, text_encoder, prompts: list[str], ids: torch.Tensor) -> torch.Tensor:
+    def encode(self, pipe, prompts: list[str], ids: list[torch.Tensor]) -> text_stack.Encoding:
+        """The encoding of ``prompts`` (``ids``: one tensor per text encoder), encoding only prompts not seen yet."""
         missing = [i for i, p in enumerate(prompts) if p not in self.rows]
         if missing:
             first = {}
             for i in missing:
                 first.setdefault(prompts[i], i)
             order = list(first.values())
-            hidden = text_encoder(ids[order])[0]
-            for row, i in zip(hidden, order):
-                self.rows[prompts[i]] = row
-        return torch.stack([self.rows[p] for p in prompts])
+            new = text_stack.encode_ids(pipe, [t[order] for t in ids])
+            for k, i in enumerate(order):
+                self.rows[prompts[i]] = (new.context[k], None if new.pooled is None else new.pooled[k])
+        context = torch.stack([self.rows[p][0] for p in prompts])
+        pooled = None if self.rows[prompts[0]][1] is None else torch.stack([self.rows[p][1] for p in prompts])
+        return text_stack.Encoding(context, pooled, ids[0])
 
 
 class FrozenInComputeDtype:
@@ -47,7 +52,7 @@ class FrozenInComputeDtype:
     def __init__(self, pipe, trainable: Sequence[torch.Tensor], mixed_precision: str):
         self.dtype = self.DTYPES.get(mixed_precision)
         keep = {id(p) for p in trainable}
-        modules = [m for m in (pipe.unet, pipe.text_encoder, pipe.vae) if m is not None]
+        modules = [m for m in (pipe.unet, *text_stack.encoders(pipe), pipe.vae) if m is not None]
         seen: set[int] = set()
         self.frozen = []
         for module in modules:

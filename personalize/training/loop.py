@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from .. import methods as method_registry
-from ..base import fingerprint, load_base
+from .. import text_stack
+from ..base import MAX_RESOLUTION, fingerprint, load_base, resolution
 from ..checkpoints import checkpoint_dir, has_checkpoint, load_checkpoint, save_checkpoint
 from ..concept import Concept, save_concept
 from ..errors import BadInputError, CheckpointError
@@ -115,12 +116,12 @@ def train(
     pipe.to(device)
     for tok, sc in zip(tokens, superclasses):
         _validate_words(pipe, tok, sc)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = resolution(pipe, cfg.resolution)
     captions = load_captions(image_paths, tokens)
     pixels = load_images(image_paths, size)
     mask_tensor = stack_masks(mask_paths, size) if mask_paths is not None else None
 
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in (pipe.unet, pipe.vae, *text_stack.encoders(pipe)):
         module.requires_grad_(False)
         module.eval()
     if cfg.gradient_checkpointing:
@@ -148,6 +149,7 @@ def train(
             "config": dataclasses.asdict(mcfg),
             **({"captions": captions} if any(c is not None for c in captions) else {}),
             **({"masks": _tensor_sha256(mask_tensor)} if mask_tensor is not None else {}),
+            **({"resolution": size} if cfg.resolution else {}),
         }
         ckpt = checkpoint_dir(out)
         start = load_checkpoint(ckpt, run_id, trainable, optimizer, generator) if resume else 0
@@ -197,7 +199,7 @@ def train(
         provenance = {
             "base": str(base) if isinstance(base, (str, Path)) else type(base).__name__,
             "steps": cfg.steps, "batch_size": cfg.batch_size, "seed": cfg.seed,
-            "mixed_precision": cfg.mixed_precision, "images": image_hashes,
+            "mixed_precision": cfg.mixed_precision, "images": image_hashes, "resolution": size,
             "package_version": _version(), "torch": torch.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.time() - began, 1), **mask_source,
@@ -304,6 +306,9 @@ def _check_run(cfg: TrainConfig, out: Path, resume: bool, validation=None) -> No
         raise BadInputError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 (or no) on a CPU")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise BadInputError("--steps and --batch-size must be at least 1")
+    if cfg.resolution and not 8 <= cfg.resolution <= MAX_RESOLUTION or cfg.resolution < 0:
+        raise BadInputError(f"--resolution {cfg.resolution} is out of range: give a size from 8 to {MAX_RESOLUTION} "
+                            "pixels, or 0 for the base's native size")
     if out.is_dir():
         raise BadInputError(f"--out '{out}' is a folder; pass a file path ending in .safetensors")
     if out.suffix != ".safetensors":

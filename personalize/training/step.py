@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 
+from .. import text_stack
 from ..transfer import to_device
 from .cache import Batch
 from .fast_path import TextCache
@@ -33,11 +34,10 @@ def denoising_step(pipe, scheduler, method, batch: Batch, prior: Batch | None = 
     if prior is not None:
         batch = Batch(torch.cat([batch.latents, prior.latents]), batch.mask, torch.cat([batch.noise, prior.noise]),
                       torch.cat([batch.timesteps, prior.timesteps]), batch.prompts + prior.prompts)
-    tok = pipe.tokenizer
-    ids = to_device(tok(batch.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids, batch.latents.device)
-    hidden = pipe.text_encoder(ids)[0] if texts is None else texts.encode(pipe.text_encoder, batch.prompts, ids)
-    method.on_text_encoded(ids, hidden)
+    ids = [to_device(i, batch.latents.device) for i in text_stack.tokenize(pipe, batch.prompts)]
+    encoding = text_stack.encode_ids(pipe, ids) if texts is None else texts.encode(pipe, batch.prompts, ids)
+    hidden, pooled = encoding.context, encoding.pooled
+    method.on_text_encoded(encoding.ids, hidden)
     mask = batch.mask
     if rows is not None and rows(n) != slice(0, n):  # this process's rows of the photos (and of the class images)
         mine = torch.arange(batch.latents.shape[0])
@@ -45,10 +45,13 @@ def denoising_step(pipe, scheduler, method, batch: Batch, prior: Batch | None = 
         mine = to_device(mine, batch.latents.device)
         batch = Batch(batch.latents[mine], None, batch.noise[mine], batch.timesteps[mine], [])
         hidden = hidden[mine]
+        pooled = None if pooled is None else pooled[mine]
         mask = None if mask is None else mask[rows(n)]
         n = len(range(n)[rows(n)])
     noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-    pred = (pipe.unet if unet is None else unet)(noisy, batch.timesteps, hidden).sample
+    size = batch.latents.shape[-1] * pipe.vae_scale_factor
+    extra = text_stack.unet_kwargs(pipe, pooled, batch.latents.shape[-2] * pipe.vae_scale_factor, size)
+    pred = (pipe.unet if unet is None else unet)(noisy, batch.timesteps, hidden, **extra).sample
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
     else:
