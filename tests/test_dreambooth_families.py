@@ -82,6 +82,7 @@ def test_dreambooth_folder_loads_in_the_stock_pipeline_of_its_family(trained, ba
     plain = _image(pipe, "sks")
     concept = load_concept(path)
     modules = {name: getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2")}
+    weights = {name: copy.deepcopy(m.state_dict()) for name, m in modules.items() if m is not None}
     with attach(pipe, concept):
         ours = _image(pipe, "<disc>")
         if base == "tiny-sdxl":  # both trained text encoders are swapped in, and both were saved
@@ -96,6 +97,9 @@ def test_dreambooth_folder_loads_in_the_stock_pipeline_of_its_family(trained, ba
     assert np.abs(ours - plain).max() > 0.01, "the concept did not change the image"
     assert np.array_equal(plain, _image(pipe, "sks")), "detach did not restore the base"
     assert all(getattr(pipe, name, None) is m for name, m in modules.items()), "detach did not put the base back"
+    for name, state in weights.items():
+        assert state.keys() == modules[name].state_dict().keys()
+        assert all(torch.equal(v, modules[name].state_dict()[k]) for k, v in state.items()), name
 
 
 def test_dreambooth_one_step_on_sdxl_trains_unet_and_both_text_encoders_but_no_embedding_table(trained, bases):
@@ -200,3 +204,16 @@ def test_custom_diffusion_export_refuses_a_base_of_another_width(trained, bases,
     with pytest.raises(ConceptFileError, match="pass the base it was trained on"):
         export_concept(load_concept(path), tmp_path / "cd", base=bases["tiny-sd2"])
     assert not (tmp_path / "cd").exists() or not any((tmp_path / "cd").iterdir())
+
+
+def test_custom_diffusion_sdxl_import_of_two_unnamed_token_files_is_refused(trained, bases, tmp_path):
+    """diffusers' SDXL token layout (clip_l, clip_g) carries no token name: several at once cannot be told apart."""
+    from personalize.errors import BadInputError
+
+    path, _, _ = trained["tiny-sdxl", "custom-diffusion"]
+    folder = export_concept(load_concept(path), tmp_path / "cd", base=bases["tiny-sdxl"])
+    with pytest.raises(BadInputError, match="does not name its token"):
+        import_file(bases["tiny-sdxl"], folder / "pytorch_custom_diffusion_weights.safetensors",
+                    method="custom-diffusion", superclass=["ball", "cup"], out=tmp_path / "two.safetensors",
+                    embeddings=[folder / "<disc>.safetensors"] * 2)
+    assert not (tmp_path / "two.safetensors").exists()
