@@ -122,3 +122,23 @@ def test_sdxl_sizes_of_the_other_methods(rows):
     # DreamBooth writes the whole pipeline: diffusers' SDXL UNet (2.57 B) + CLIP-L + bigG + VAE in fp32
     assert rows["sdxl", "dreambooth (header; weights in OUT.pipeline/)"]["pipeline_bytes"] == 4 * (
         2_567_463_684 + 123_060_480 + 694_659_840 + 83_653_863)
+
+
+def test_sdxl_rows_match_the_methods_built_on_a_meta_sdxl_pipeline(rows):
+    """Each method, constructed on a meta SDXL pipeline (tokens in both tables, K/V on the 2048-wide context),
+    holds exactly the floats its row counts: trainables plus what it stores frozen (i*, a frozen V*)."""
+    import torch
+
+    from personalize.methods import get
+    from personalize.sd_shapes import pipeline
+
+    stored_frozen = {"perfusion": 2048, "residuals": 2048}  # i*; Residuals' V* (not trained by default)
+    pipe = pipeline("sdxl", "meta")  # one pipeline, one token per method
+    for i, (name, label) in enumerate( (("perfusion", "perfusion"), ("residuals", "residuals (rank 0.05 x channels)"),
+                        ("textual-inversion", "textual-inversion (1 vector)"),  # (DreamBooth-LoRA: 10 s of peft)
+                        ("custom-diffusion", "custom-diffusion (1 concept)"))):
+        cls = get(name)
+        extra = (torch.eye(2048, device="meta"),) if name == "perfusion" else ()  # C^-1 over the context
+        method = cls(pipe, f"<my-teddy-{i}>", "teddy", cls.make_config(), *extra)
+        floats = sum(p.numel() for g in method.param_groups() for p in g["params"]) + stored_frozen.get(name, 0)
+        assert 4 * floats == rows["sdxl", label]["tensor_bytes"], name
