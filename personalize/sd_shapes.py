@@ -3,8 +3,11 @@ benchmarks: random weights, the real shapes, the real CLIP tokenizer.
 
 The values are those of diffusers' published configs (``unet/config.json``, ``text_encoder*/config.json``,
 ``vae/config.json``, ``scheduler/scheduler_config.json``) of ``runwayml/stable-diffusion-v1-5``,
-``stabilityai/stable-diffusion-2-1`` and ``stabilityai/stable-diffusion-xl-base-1.0``, written down from those
-files (no hub access here); fields left at diffusers' defaults are omitted. The scheduler is DDIM with each
+``stabilityai/stable-diffusion-2-1`` and ``stabilityai/stable-diffusion-xl-base-1.0``, written down from memory
+of those files (no hub access here), the SDXL UNet's checked against copies of its ``unet/config.json`` in public
+repositories, and all checked by the parameter counts the models built here have (UNet 859,520,964 / 865,910,724
+/ 2,567,463,684; text encoders 123,060,480 / 340,387,840 / 123,060,480 + 694,659,840); fields left at diffusers'
+defaults are omitted. The scheduler is DDIM with each
 model's own betas and prediction type, which is what ``load_base`` gives every loaded pipeline.
 """
 from __future__ import annotations
