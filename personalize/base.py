@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -136,7 +137,9 @@ def pipeline_class(source: str) -> str:
     from diffusers import DiffusionPipeline
 
     try:
-        declared = DiffusionPipeline.load_config(source).get("_class_name", "")
+        with warnings.catch_warnings():  # huggingface_hub warns about deprecated arguments diffusers passes
+            warnings.simplefilter("ignore")
+            declared = DiffusionPipeline.load_config(source).get("_class_name", "")
     except Exception:  # unreadable or unreachable: the loader says why, in one line
         return "StableDiffusionPipeline"
     if declared not in PIPELINES:
