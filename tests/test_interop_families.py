@@ -178,6 +178,18 @@ def test_dreambooth_lora_round_trip(concepts, masters, tmp_path, base, fmt, weig
     assert back.config["train_text_encoder"] is True
 
 
+def test_sdxl_text_encoder_lora_trains_both_encoders(concepts, masters):
+    """train_text_encoder on SDXL: LoRA on every attention projection of both text encoders (as diffusers'
+    train_dreambooth_lora_sdxl.py), and one step moves lora_B (zero at start) in each of them."""
+    from personalize.edits.placement import site_names
+
+    trained = load_concept(concepts["dreambooth-lora", "tiny-sdxl"].path)
+    for part in ("text_encoder", "text_encoder_2"):
+        b = {k: v for k, v in trained.tensors.items() if k.startswith(part + ".") and k.endswith(".lora_B.weight")}
+        assert len(b) == len(site_names(getattr(masters["tiny-sdxl"], part), "text_attention"))
+        assert any(v.abs().max() > 0 for v in b.values()), f"{part}'s LoRA did not train"
+
+
 def test_sdxl_lora_onto_an_sd_base_is_refused(concepts, masters, tmp_path):
     folder = export_concept(concepts["dreambooth-lora", "tiny-sdxl"], tmp_path / "xl")
     with pytest.raises(BadInputError) as err:

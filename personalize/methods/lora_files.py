@@ -11,7 +11,9 @@ every layer's scale (alpha / r, or alpha / sqrt(r) with rsLoRA) is the one the
 stock loader would apply. :func:`read_lora` folds that scale into ``lora_B``
 and returns the pairs in our concept layout (``<part>.<module>.lora_A.weight``,
 alpha = rank), for any Linear or Conv2d layer the file covers (attention,
-``proj_in``/``proj_out``, feed-forward, text-encoder MLP ...).
+``proj_in``/``proj_out``, feed-forward, text-encoder MLP ...). On SDXL the parts are ``unet``, ``text_encoder``
+and ``text_encoder_2`` (kohya's ``lora_te1_``/``lora_te2_``), and kohya's SDXL block names (``input_blocks`` ...)
+are mapped with the UNet's config, as ``StableDiffusionXLPipeline.load_lora_weights`` maps them.
 """
 from __future__ import annotations
 
