@@ -48,8 +48,6 @@ def concepts(tmp_path_factory, masters):
         for method, extra, push in (("textual-inversion", {"num_vectors": 2}, 3.0),
                                     ("dreambooth-lora", {"train_text_encoder": True}, 30.0),
                                     ("residuals", {}, 3.0)):
-            if method == "residuals" and base != "tiny-sdxl":
-                continue
             path = train(masters[base], photos, token="<disc>", superclass="ball",
                          out=root / f"{method}-{base}.safetensors", method=method, settings={**FAST, **extra},
                          progress=False)
@@ -199,12 +197,64 @@ def test_sdxl_lora_onto_an_sd_base_is_refused(concepts, masters, tmp_path):
     assert not (tmp_path / "bad.safetensors").exists()
 
 
-def test_sdxl_residuals_export_loads_in_a_stock_pipeline(concepts, masters, tmp_path):
-    """Residuals (without LAG) = the stock LoRA loader on the proj_out LoRA + V* as a clip_l / clip_g embedding."""
-    concept = concepts["residuals", "tiny-sdxl"]
+@pytest.mark.parametrize("base", FAMILIES)
+def test_residuals_export_loads_in_a_stock_pipeline(concepts, masters, tmp_path, base):
+    """Residuals (without LAG) = the stock LoRA loader on the Linear proj_out LoRA + V* as a textual inversion
+    (SDXL: a clip_l / clip_g embedding)."""
+    concept = concepts["residuals", base]
     folder = export_concept(concept, tmp_path / "res")
-    stock = copy.deepcopy(masters["tiny-sdxl"])
+    stock = copy.deepcopy(masters[base])
     stock.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors")
-    _load_two_key(stock, folder / "token.safetensors")
-    pipe = masters["tiny-sdxl"]
+    if base == "tiny-sdxl":
+        _load_two_key(stock, folder / "token.safetensors")
+    else:
+        stock.load_textual_inversion(str(folder / "token.safetensors"))
+    pipe = masters[base]
     _assert_same(_ours(pipe, concept), _image(stock, PROMPT.format("<disc>")), _base_image(pipe, "ball"))
+
+
+def _sgm(name: str, layers_per_block: int) -> str:
+    """A diffusers UNet attention name as kohya sd-scripts' SDXL network names it (the original SGM UNet's blocks):
+    down_blocks.b.attentions.a = input_blocks.(1 + b (L + 1) + a).1, mid_block.attentions.0 = middle_block.1,
+    up_blocks.b.attentions.a = output_blocks.(b (L + 1) + a).1."""
+    parts = name.split(".")
+    if parts[0] == "mid_block":
+        return ".".join(["middle_block", "1", *parts[3:]])
+    b, a = int(parts[1]), int(parts[3])
+    if parts[0] == "down_blocks":
+        return ".".join(["input_blocks", str(1 + b * (layers_per_block + 1) + a), "1", *parts[4:]])
+    return ".".join(["output_blocks", str(b * (layers_per_block + 1) + a), "1", *parts[4:]])
+
+
+def test_kohya_sdxl_file_with_sgm_block_names_imports_like_the_stock_loader(masters, tmp_path):
+    """A LoRA as kohya sd-scripts writes it for SDXL (lora_unet_input_blocks_..., lora_te1_, lora_te2_, alpha 1 at
+    rank 4): the imported concept's image equals StableDiffusionXLPipeline.load_lora_weights' on the same file."""
+    from safetensors.torch import save_file
+
+    from personalize.edits.placement import site_names
+
+    pipe = masters["tiny-sdxl"]
+    g = torch.Generator().manual_seed(4)
+    tensors = {}
+    names = [("lora_unet_", _sgm(n, pipe.unet.config.layers_per_block), pipe.unet.get_submodule(n))
+             for n in site_names(pipe.unet, "attention")]
+    for prefix, te in (("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)):
+        for n in site_names(te, "text_attention"):
+            names.append((prefix, n if n.startswith("text_model.") else "text_model." + n, te.get_submodule(n)))
+    for prefix, name, layer in names:
+        stem = prefix + name.replace(".", "_")
+        tensors[f"{stem}.lora_down.weight"] = 0.3 * torch.randn(4, layer.in_features, generator=g)
+        tensors[f"{stem}.lora_up.weight"] = 0.3 * torch.randn(layer.out_features, 4, generator=g)
+        tensors[f"{stem}.alpha"] = torch.tensor(1.0)
+    file = tmp_path / "kohya_sdxl.safetensors"
+    save_file(tensors, str(file), metadata={"ss_network_module": "networks.lora", "ss_network_alpha": "1"})
+
+    stock = copy.deepcopy(pipe)
+    stock.load_lora_weights(str(tmp_path), weight_name=file.name)
+    concept = load_concept(import_file(pipe, file, method="dreambooth-lora", superclass="ball", token="<disc>",
+                                       out=tmp_path / "lora.safetensors"))
+    assert {k.split(".", 1)[0] for k in concept.tensors} == {"unet", "text_encoder", "text_encoder_2"}
+    assert any(k.startswith("unet.down_blocks.1.attentions.0.") for k in concept.tensors)
+    ours, theirs = _ours(pipe, concept, "sks"), _image(stock, PROMPT.format("sks"))
+    assert np.abs(ours - theirs).max() <= 1e-5, f"stock loader differs by {np.abs(ours - theirs).max()}"
+    assert np.abs(ours - _base_image(pipe, "sks")).max() > 0.01
