@@ -255,6 +255,5 @@ def test_kohya_sdxl_file_with_sgm_block_names_imports_like_the_stock_loader(mast
                                        out=tmp_path / "lora.safetensors"))
     assert {k.split(".", 1)[0] for k in concept.tensors} == {"unet", "text_encoder", "text_encoder_2"}
     assert any(k.startswith("unet.down_blocks.1.attentions.0.") for k in concept.tensors)
-    ours, theirs = _ours(pipe, concept, "sks"), _image(stock, PROMPT.format("sks"))
-    assert np.abs(ours - theirs).max() <= 1e-5, f"stock loader differs by {np.abs(ours - theirs).max()}"
-    assert np.abs(ours - _base_image(pipe, "sks")).max() > 0.01
+    # alpha / rank = 1/4 folded into lora_B is exact in floating point, so this is bit for bit too
+    _assert_same(_ours(pipe, concept, "sks"), _image(stock, PROMPT.format("sks")), _base_image(pipe, "sks"))
