@@ -136,14 +136,17 @@ def test_sd2_textual_inversion_round_trip(concepts, masters, tmp_path, fmt):
     assert torch.equal(back.tensors["embedding"], concept.tensors["embedding"]) and back.token == "<disc>"
 
 
-def test_textual_inversion_of_another_family_is_refused(concepts, masters, tmp_path):
-    """An SDXL embedding onto an SD base and a single-key one onto SDXL: one line each, nothing written."""
+def test_textual_inversion_of_another_family_is_refused(concepts, masters, tmp_path, capsys):
+    """An SDXL embedding onto an SD base (through the CLI: one line, exit 2) and a single-key one onto SDXL;
+    nothing written."""
+    from test_bad_input import check_error, run_cli
+
     sdxl = export_concept(concepts["textual-inversion", "tiny-sdxl"], tmp_path / "xl") / "learned_embeds.safetensors"
     sd2 = export_concept(concepts["textual-inversion", "tiny-sd2"], tmp_path / "sd2") / "learned_embeds.safetensors"
     out = tmp_path / "bad.safetensors"
-    with pytest.raises(BadInputError, match="needs an SDXL base") as err:
-        import_file(masters["tiny-sd2"], sdxl, method="textual-inversion", superclass="ball", token="<d>", out=out)
-    assert "\n" not in str(err.value)
+    code, _, err = run_cli(capsys, ["import", sdxl, "--method", "textual-inversion", "--superclass", "ball",
+                                    "--token", "<d>", "--base", "tiny-sd2", "--out", out])
+    check_error(code, err, "SD 2.x base", "needs an SDXL base")
     with pytest.raises(BadInputError, match="an SDXL base needs an SDXL embedding"):
         import_file(masters["tiny-sdxl"], sd2, method="textual-inversion", superclass="ball", out=out)
     assert not out.exists()
