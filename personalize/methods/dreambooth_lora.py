@@ -54,7 +54,7 @@ class DreamBoothLoraConfig(PriorConfig):
         "help": "learning rate (train_dreambooth_lora README: 1e-4 at batch 1, not scaled)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (train_dreambooth_lora.py)"})
     train_text_encoder: bool = field(default=False, metadata={
-        "help": "LoRA on the text encoder's attention too (same lr)", "flag": True})
+        "help": "LoRA on the text encoder's attention too (SDXL: both encoders; same lr)", "flag": True})
     identifier: str = field(default="sks", metadata={
         "help": "one rare token of the base vocabulary; the concept token copies its embedding"})
 
