@@ -112,6 +112,7 @@ def import_file(base, path: str | Path, *, method: str, out: str | Path, token: 
     from .base import fingerprint, load_base
     from .images import file_sha256
     from .methods.shared import as_list, words_of
+    from .text_stack import widths
     from .training import _validate_words, concept_header
 
     method_cls = method_registry.get(method)
@@ -153,7 +154,8 @@ def import_file(base, path: str | Path, *, method: str, out: str | Path, token: 
     sources = [Path(path), *map(Path, embeddings)]
     provenance = {"imported_from": [p.name for p in sources], "sha256": [file_sha256(p) for p in sources],
                   "base": str(base) if isinstance(base, (str, Path)) else type(base).__name__}
-    header = concept_header(method, tokens, superclasses, config, defaults, fingerprint(pipe), extras, provenance)
+    header = concept_header(method, tokens, superclasses, config, defaults, fingerprint(pipe), extras, provenance,
+                            widths(pipe))
     return save_concept(out, Concept(header, tensors))
 
 

@@ -63,11 +63,11 @@ def export_concept(
 
       then, without personalize:  pipe.load_lora_weights("teddy-lora"); pipe.load_textual_inversion("teddy-lora/token.safetensors")
 
-      personalize export ti.safetensors --format diffusers --out ti/       # learned_embeds.safetensors
+      personalize export ti.safetensors --format diffusers --out ti/       # learned_embeds.safetensors (SDXL: clip_l + clip_g)
 
-      personalize export ti.safetensors --format a1111 --out embeddings/  # <token>.pt (string_to_param)
+      personalize export ti.safetensors --format a1111 --out embeddings/  # <token>.pt (string_to_param; SDXL: <token>.safetensors)
 
-      personalize export lora.safetensors --format kohya --out kohya/     # lora_kohya.safetensors
+      personalize export lora.safetensors --format kohya --out kohya/     # lora_kohya.safetensors (SDXL: lora_te1_/lora_te2_)
 
       personalize export cd.safetensors --base tiny --out cd/             # pytorch_custom_diffusion_weights.safetensors + <token>.safetensors
 
@@ -87,7 +87,7 @@ def import_concept(
     method: str = typer.Option(..., "--method", help="textual-inversion | dreambooth-lora | custom-diffusion."),
     out: Path = typer.Option(..., "--out", help="Concept file to write (.safetensors)."),
     superclass: List[str] = typer.Option(..., "--superclass", help="What the concept is, a word or class phrase ('dog', 'penguin plushie'); custom-diffusion: one per --embeddings file, in the same order (or one for all)."),
-    token: Optional[str] = typer.Option(None, "--token", help="Token to use (default: the one the file names)."),
+    token: Optional[str] = typer.Option(None, "--token", help="Token to use (default: the one the file names; an SDXL clip_l + clip_g embedding names none)."),
     base: str = typer.Option("tiny", "--base", help=BASE_HELP),
     embeddings: List[Path] = typer.Option([], "--embeddings", help="custom-diffusion: the modifier token file(s), <token>.safetensors."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read a .bin/.pt pickle (weights only: torch.load(weights_only=True))."),

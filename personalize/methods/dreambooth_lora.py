@@ -1,7 +1,8 @@
 """DreamBooth-LoRA: DreamBooth's objective, with peft LoRA layers instead of a full fine-tune.
 
     sites    to_q, to_k, to_v, to_out.0 of every UNet attention (self and cross);
-             with ``train_text_encoder`` also q/k/v/out_proj of every text-encoder layer
+             with ``train_text_encoder`` also q/k/v/out_proj of every text-encoder layer (SDXL: of both
+             text encoders, as diffusers' train_dreambooth_lora_sdxl.py does)
     dW       lora_B lora_A, rank r (default 4), alpha = r (scale 1), A kaiming-uniform, B = 0
     out      W x + scale * dW x                      (``scale`` knob at attach time, default 1)
 
@@ -28,16 +29,17 @@ import torch
 from ..edits.deltas import ADDITIVE_ORDER
 from ..edits.lora_bank import ADAPTER, LoraBank
 from ..edits.placement import site_names
+from .. import text_stack
 from ..errors import BadInputError
 from ..knobs import knob
 from ..prior import PriorConfig
 from .base import Method
 from .identifier import IdentifierToken
 from .shared import load_into
+from .token_files import is_sdxl
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
-PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # our tensor prefix -> kohya's
 
 
 @dataclass
@@ -52,7 +54,7 @@ class DreamBoothLoraConfig(PriorConfig):
         "help": "learning rate (train_dreambooth_lora README: 1e-4 at batch 1, not scaled)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (train_dreambooth_lora.py)"})
     train_text_encoder: bool = field(default=False, metadata={
-        "help": "LoRA on the text encoder's attention too (same lr)", "flag": True})
+        "help": "LoRA on the text encoder's attention too (SDXL: both encoders; same lr)", "flag": True})
     identifier: str = field(default="sks", metadata={
         "help": "one rare token of the base vocabulary; the concept token copies its embedding"})
 
@@ -63,10 +65,12 @@ class DreamBoothLoraKnobs:
 
 
 def lora_sites(pipe, train_text_encoder: bool) -> dict[str, list[str]]:
-    """``{"unet": [...], "text_encoder": [...]}``: the Linear layers LoRA goes on, in module order."""
+    """``{"unet": [...], "text_encoder": [...], "text_encoder_2": [...]}``: the Linear layers LoRA goes on, in
+    module order (the text encoders only with ``train_text_encoder``; ``text_encoder_2`` on SDXL)."""
     sites = {"unet": site_names(pipe.unet, "attention")}
     if train_text_encoder:
-        sites["text_encoder"] = site_names(pipe.text_encoder, "text_attention")
+        for _, te in text_stack.pairs(pipe):
+            sites[te] = site_names(getattr(pipe, te), "text_attention")
     return sites
 
 
@@ -109,7 +113,8 @@ class DreamBoothLora(IdentifierToken, Method):
               "(--max_grad_norm)")
     export_formats = {
         "diffusers-lora": f"{LORA_FILE}: pipe.load_lora_weights(DIR)",
-        "kohya": f"{KOHYA_FILE} (kohya sd-scripts keys): pipe.load_lora_weights(DIR, weight_name='{KOHYA_FILE}')",
+        "kohya": f"{KOHYA_FILE} (kohya keys lora_unet_/lora_te_, SDXL lora_te1_/lora_te2_, written by diffusers' "
+                 f"convert_state_dict_to_kohya): pipe.load_lora_weights(DIR, weight_name='{KOHYA_FILE}')",
     }
 
     @classmethod
@@ -182,14 +187,7 @@ class DreamBoothLora(IdentifierToken, Method):
         tensors = {k: v.float() for k, v in concept.tensors.items()}
         if fmt == "diffusers-lora":
             return [save_safetensors(inside(folder, LORA_FILE), tensors)]
-        kohya: dict[str, torch.Tensor] = {}
-        for key, a in tensors.items():
-            if key.endswith(".lora_A.weight"):
-                part, module = key[: -len(".lora_A.weight")].split(".", 1)
-                stem = PARTS[part] + module.replace(".", "_")
-                kohya[f"{stem}.lora_down.weight"] = a
-                kohya[f"{stem}.lora_up.weight"] = tensors[key.replace(".lora_A.", ".lora_B.")]
-                kohya[f"{stem}.alpha"] = torch.tensor(float(a.shape[0]))  # alpha = rank: scale 1
+        kohya = kohya_state(tensors, is_sdxl(concept))
         rank = max(int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_A.weight"))
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
         return [save_safetensors(inside(folder, KOHYA_FILE), kohya, meta)]
@@ -204,9 +202,29 @@ class DreamBoothLora(IdentifierToken, Method):
 
         tensors = read_lora(pipe, state, metadata)
         ranks = ranks_in(tensors)
-        config = {"train_text_encoder": bool(ranks.get("text_encoder")),
+        config = {"train_text_encoder": any(ranks.get(te) for _, te in text_stack.pairs(pipe)),
                   "rank": max(r for part in ranks.values() for r in part.values())}
         return {"token": token, "superclass": superclass, "tensors": tensors, "config": config, "ranks": ranks}
+
+
+def kohya_state(tensors: dict[str, torch.Tensor], sdxl: bool) -> dict[str, torch.Tensor]:
+    """Our LoRA pairs (alpha = rank) in kohya's layout, converted by diffusers' ``convert_state_dict_to_kohya``
+    (``lora_unet_*``, ``lora_te1_*``/``lora_te2_*``, ``.lora_down``/``.lora_up``, ``.alpha`` = rank). Text-encoder
+    modules get the ``text_model.`` prefix kohya's names carry (transformers 5 flattens ``CLIPTextModel``; diffusers'
+    loader drops the prefix again), and on SD 1.x/2.x the text encoder is ``lora_te_``, kohya sd-scripts' name for
+    the only encoder (``lora_te1_``/``lora_te2_`` are its SDXL names)."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    named = {}
+    for key, value in tensors.items():
+        part, module = key.split(".", 1)
+        if part != "unet" and not module.startswith("text_model."):
+            module = "text_model." + module
+        named[f"{part}.{module}"] = value
+    kohya = convert_state_dict_to_kohya(named)
+    if not sdxl:
+        kohya = {("lora_te_" + k[len("lora_te1_"):] if k.startswith("lora_te1_") else k): v for k, v in kohya.items()}
+    return {k: v.float() if k.endswith(".alpha") else v for k, v in kohya.items()}
 
 
 def ranks_in(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:

@@ -11,7 +11,9 @@ every layer's scale (alpha / r, or alpha / sqrt(r) with rsLoRA) is the one the
 stock loader would apply. :func:`read_lora` folds that scale into ``lora_B``
 and returns the pairs in our concept layout (``<part>.<module>.lora_A.weight``,
 alpha = rank), for any Linear or Conv2d layer the file covers (attention,
-``proj_in``/``proj_out``, feed-forward, text-encoder MLP ...).
+``proj_in``/``proj_out``, feed-forward, text-encoder MLP ...). On SDXL the parts are ``unet``, ``text_encoder``
+and ``text_encoder_2`` (kohya's ``lora_te1_``/``lora_te2_``), and kohya's SDXL block names (``input_blocks`` ...)
+are mapped with the UNet's config, as ``StableDiffusionXLPipeline.load_lora_weights`` maps them.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 
 from ..errors import BadInputError
 
-PARTS = ("unet", "text_encoder")
+PARTS = ("unet", "text_encoder", "text_encoder_2")  # SDXL's second encoder: kohya's lora_te2_
 PAIR = (".lora_A.weight", ".lora_B.weight")
 TE_RANKED = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")  # load_lora_into_text_encoder's layers
 
@@ -34,7 +36,8 @@ def read_lora(pipe, state: dict, metadata: dict | None = None) -> dict[str, torc
 
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     try:
-        converted, alphas = StableDiffusionPipeline.lora_state_dict(tensors)
+        # the SDXL loader's lora_state_dict is this same function; unet_config maps kohya's SDXL (SGM) block names
+        converted, alphas = StableDiffusionPipeline.lora_state_dict(tensors, unet_config=pipe.unet.config)
     except (ValueError, KeyError) as exc:
         raise BadInputError(f"not a LoRA diffusers reads: {_first_line(exc)}") from exc
     outside = sorted(k for k in converted if not k.startswith(tuple(p + "." for p in PARTS)) or "lora" not in k)
@@ -52,7 +55,7 @@ def read_lora(pipe, state: dict, metadata: dict | None = None) -> dict[str, torc
             part_meta = {_strip(k, part): v for k, v in adapter.items() if k.startswith(part + ".")} if adapter else None
             out.update(_part_pairs(pipe, part, pairs, part_alphas, part_meta))
     if not out:
-        raise BadInputError("the file holds no LoRA pairs for the UNet or the text encoder")
+        raise BadInputError("the file holds no LoRA pairs for the UNet or the text encoder(s)")
     return out
 
 
@@ -69,7 +72,9 @@ def _part_pairs(pipe, part: str, pairs: dict, alphas: dict, meta: dict | None) -
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
     from diffusers.utils.peft_utils import _create_lora_config
 
-    module = getattr(pipe, part)
+    module = getattr(pipe, part, None)
+    if module is None:
+        raise BadInputError(f"the LoRA covers {part}, which this base does not have (an SDXL LoRA needs an SDXL base)")
     if part == "unet":
         if "lora_A" not in next(iter(pairs)):
             pairs = convert_unet_state_dict_to_peft(pairs)

@@ -238,6 +238,7 @@ class Residuals(Method):
         """diffusers' LoRA layout (the concept's own tensor names ``unet.<block>.proj_out.lora_A.weight``, the peft
         LoraConfig under ``lora_adapter_metadata``: per-layer rank, alpha = rank) and V* as a textual inversion."""
         from ..paths import inside, save_safetensors
+        from .token_files import token_state
 
         config = lora_config(LoraBank.ranks_in(concept.tensors)).to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
@@ -245,11 +246,16 @@ class Residuals(Method):
                                                     default=str)}
         lora = {k: v for k, v in concept.tensors.items() if k.startswith(PREFIX)}
         return [save_safetensors(inside(folder, LORA_FILE), lora, meta),
-                save_safetensors(inside(folder, TOKEN_FILE), {concept.token: concept.tensors["embedding"]})]
+                save_safetensors(inside(folder, TOKEN_FILE),
+                                 token_state(concept, concept.token, concept.tensors["embedding"]))]
 
     @classmethod
     def export_notes(cls, concept, fmt: str) -> dict[str, Any]:
-        return {"prompt": f"a photo of a {concept.token} {concept.superclass}",
+        from .token_files import is_sdxl, sdxl_loading
+
+        sdxl = {"how_to_load": f"pipe.load_lora_weights(DIR); {sdxl_loading(TOKEN_FILE, concept.token)}"
+                               " (the residuals without LAG)"} if is_sdxl(concept) else {}
+        return {**sdxl, "prompt": f"a photo of a {concept.token} {concept.superclass}",
                 "token_trained": bool(concept.config.get("train_token", False)),
                 "init_token": concept.config.get("init_token"),
                 "base_fingerprint": concept.header.get("base_fingerprint", {}).get("digest")}

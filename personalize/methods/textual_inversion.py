@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import BadInputError
 from .base import Method
 from .shared import cpu_float, load_into, vector_tokens, word_vector
-from .token_files import ti_vectors
+from .token_files import check_vectors, is_sdxl, sdxl_loading, ti_vectors, token_state
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
 
@@ -57,7 +57,8 @@ class TextualInversion(Method):
               "(textual_inversion.py never clips); here batch 4 per step at lr 2e-3, the same update")
     export_formats: ClassVar[dict[str, str]] = {
         "diffusers": f"{DIFFUSERS_FILE}: pipe.load_textual_inversion(DIR)",
-        "a1111": "<token>.pt (string_to_param, AUTOMATIC1111 embeddings folder; a pickle, written not read)",
+        "a1111": "<token>.pt (string_to_param, AUTOMATIC1111 embeddings folder; a pickle, written not read); "
+                 "SDXL: <token>.safetensors (clip_l + clip_g)",
     }
 
     @classmethod
@@ -94,21 +95,36 @@ class TextualInversion(Method):
     # -- interop
     @classmethod
     def export(cls, concept, fmt: str, folder: Path, pipe=None) -> list[Path]:
+        """diffusers: ``learned_embeds.safetensors``; a1111: ``<token>.pt``. On SDXL both hold the two-key
+        ``{"clip_l", "clip_g"}`` layout (``token_files.token_state``); AUTOMATIC1111 reads SDXL embeddings only
+        as such a safetensors file, so its export is ``<token>.safetensors``."""
         from ..paths import inside, save_safetensors
 
-        vectors = concept.tensors["embedding"].float().contiguous()
+        state = token_state(concept, concept.token, concept.tensors["embedding"])
         if fmt == "diffusers":
-            return [save_safetensors(inside(folder, DIFFUSERS_FILE), {concept.token: vectors})]
-        path = inside(folder, f"{concept.token}.pt")  # the token names the file: it must stay in the folder
-        _save_a1111(path, concept.token, vectors)
+            return [save_safetensors(inside(folder, DIFFUSERS_FILE), state)]
+        if is_sdxl(concept):  # the token names the file: it must stay in the folder
+            return [save_safetensors(inside(folder, f"{concept.token}.safetensors"), state)]
+        path = inside(folder, f"{concept.token}.pt")
+        _save_a1111(path, concept.token, state[concept.token])
         return [path]
+
+    @classmethod
+    def export_notes(cls, concept, fmt: str) -> dict[str, Any]:
+        if not is_sdxl(concept):
+            return {}
+        file = DIFFUSERS_FILE if fmt == "diffusers" else f"{concept.token}.safetensors"
+        how = sdxl_loading(file, concept.token) if fmt == "diffusers" else \
+            f"{file} (clip_l + clip_g) in AUTOMATIC1111's embeddings folder"
+        return {"how_to_load": how}
 
     @classmethod
     def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str, embeddings=None,
                      metadata=None) -> dict[str, Any]:
-        """``{token: (n, d)}`` (diffusers), ``string_to_param`` (A1111 .pt) or ``emb_params`` (A1111 safetensors)."""
+        """``{token: (n, d)}`` (diffusers), ``string_to_param`` (A1111 .pt), ``emb_params`` (A1111 safetensors) or,
+        on SDXL, ``{"clip_l", "clip_g"}`` (joined into the concept's (n, d_l + d_g) vectors)."""
         name, vectors = ti_vectors(state)
-        vectors = torch.atleast_2d(vectors).float()
+        vectors = check_vectors(pipe, vectors)
         return {"token": token or name, "superclass": superclass, "tensors": {"embedding": vectors},
                 "config": {"num_vectors": vectors.shape[0]}}
 

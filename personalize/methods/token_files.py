@@ -1,15 +1,33 @@
-"""Token-vector files of other tools, read by every method that imports them (Textual Inversion, Custom
-Diffusion's modifier tokens): diffusers' ``{token: (n, d)}``, AUTOMATIC1111's ``string_to_param`` (.pt)
-and its safetensors ``emb_params``."""
+"""Token-vector files of other tools, read and written by every method that moves token vectors (Textual
+Inversion, Residuals' V*, Custom Diffusion's modifier tokens).
+
+Layouts read: diffusers' ``{token: (n, d)}``, AUTOMATIC1111's ``string_to_param`` (.pt) and its safetensors
+``emb_params``, and the SDXL two-key layout ``{"clip_l": (n, 768), "clip_g": (n, 1280)}`` (the one SDXL
+embeddings are shared in: diffusers' docs load it with two ``load_textual_inversion`` calls, one per text
+encoder, and AUTOMATIC1111 reads it from its embeddings folder). On SDXL a token vector here is the two
+encoders' vectors side by side (``edits/tokens.py``: ``clip_l`` = ``text_encoder``'s columns first), so the
+two-key file is that vector split at ``text_stack.widths``.
+"""
 from __future__ import annotations
 
 import torch
 
 from ..errors import BadInputError
 
+SDXL_KEYS = ("clip_l", "clip_g")  # text_encoder's part, text_encoder_2's part
+#: the real SDXL's encoder widths (CLIP ViT-L, OpenCLIP ViT-bigG): the split of a concept file that predates
+#: the header's ``text_widths``
+SDXL_WIDTHS = (768, 1280)
+
 
 def ti_vectors(state: dict) -> tuple[str | None, torch.Tensor]:
-    """(token name or None, vectors) from any of the textual-inversion layouts."""
+    """(token name or None, vectors) from any of the textual-inversion layouts (SDXL: clip_l and clip_g joined)."""
+    if all(isinstance(state.get(k), torch.Tensor) for k in SDXL_KEYS):
+        parts = [torch.atleast_2d(state[k]) for k in SDXL_KEYS]
+        if parts[0].shape[0] != parts[1].shape[0]:
+            raise BadInputError(f"the SDXL embedding has {parts[0].shape[0]} clip_l and {parts[1].shape[0]} clip_g "
+                                "vectors; both encoders need one vector per token")
+        return None, torch.cat(parts, dim=1)
     if "string_to_param" in state:
         params = state["string_to_param"]
         if not isinstance(params, dict) or "*" not in params:
@@ -22,3 +40,55 @@ def ti_vectors(state: dict) -> tuple[str | None, torch.Tensor]:
         raise BadInputError(f"not a textual-inversion file: expected one token -> vectors entry, found {len(tensors)} "
                             f"tensors ({', '.join(list(tensors)[:3])})")
     return next(iter(tensors.items()))
+
+
+def check_vectors(pipe, vectors: torch.Tensor, what: str = "the embedding") -> torch.Tensor:
+    """``vectors`` as (n, d) float if ``d`` is this base's token width (both SDXL encoders' together), else one line
+    saying which family the file is for."""
+    from ..text_stack import FAMILIES, family, widths
+
+    vectors = torch.atleast_2d(vectors).float()
+    need = widths(pipe)
+    if vectors.shape[-1] == sum(need) and vectors.dim() == 2:
+        return vectors
+    if len(need) > 1:
+        raise BadInputError(f"{what} holds {tuple(vectors.shape)} vectors; an SDXL base needs an SDXL embedding "
+                            f"(clip_l {need[0]} + clip_g {need[1]} wide)")
+    raise BadInputError(f"{what} holds {tuple(vectors.shape)} vectors, this {FAMILIES[family(pipe)]} base takes "
+                        f"{need[0]}-wide ones; an SDXL embedding (clip_l + clip_g) needs an SDXL base")
+
+
+def concept_widths(concept, vectors: torch.Tensor) -> list[int]:
+    """Each text encoder's width for a concept's token ``vectors``: one width except on SDXL, where the header's
+    ``text_widths`` (or, in a file without it, the real SDXL's 768 + 1280) splits them."""
+    if not is_sdxl(concept):
+        return [int(vectors.shape[-1])]
+    found = [int(w) for w in concept.header.get("text_widths") or ()]
+    if not found and vectors.shape[-1] == sum(SDXL_WIDTHS):
+        found = list(SDXL_WIDTHS)
+    if len(found) != 2 or sum(found) != vectors.shape[-1]:
+        raise BadInputError(f"the SDXL concept's {vectors.shape[-1]}-wide token vectors cannot be split into "
+                            "clip_l and clip_g (no text_widths in its header); re-import or retrain it")
+    return found
+
+
+def token_state(concept, token: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The file content a stock loader reads for ``vectors``: ``{token: (n, d)}``, or on SDXL
+    ``{"clip_l": ..., "clip_g": ...}`` (no token inside: the loader is told the token)."""
+    vectors = vectors.detach().float().contiguous()
+    sizes = concept_widths(concept, vectors)
+    if len(sizes) == 1:
+        return {token: vectors}
+    return {k: part.contiguous() for k, part in zip(SDXL_KEYS, vectors.split(sizes, dim=-1))}
+
+
+def is_sdxl(concept) -> bool:
+    return concept.header.get("base_fingerprint", {}).get("family") == "sdxl"
+
+
+def sdxl_loading(file: str, token: str) -> str:
+    """How a stock ``StableDiffusionXLPipeline`` loads a two-key file (``export.json``'s ``how_to_load``)."""
+    return (f"state = safetensors.torch.load_file('{file}'); "
+            f"pipe.load_textual_inversion(state['clip_l'], token='{token}', text_encoder=pipe.text_encoder, "
+            f"tokenizer=pipe.tokenizer); pipe.load_textual_inversion(state['clip_g'], token='{token}', "
+            "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)")

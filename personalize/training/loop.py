@@ -206,7 +206,7 @@ def train(
             **(best.provenance() if best is not None else {}),
         }
         header = concept_header(method, token, superclass, mcfg, trainable.inference_defaults(), base_fp,
-                                trainable.header_fields(), provenance)
+                                trainable.header_fields(), provenance, text_stack.widths(pipe))
         concept = Concept(header=header, tensors=trainable.concept_tensors())
     finally:
         trainable.remove()
@@ -230,13 +230,17 @@ def _json_words(words):
 
 
 def concept_header(method: str, token, superclass, config, defaults: dict, base_fp, extra: dict,
-                   provenance: dict) -> dict[str, Any]:
-    """A concept file's header (multi-concept files name their first token here, all of them in ``extra``)."""
+                   provenance: dict, text_widths: list[int] = ()) -> dict[str, Any]:
+    """A concept file's header (multi-concept files name their first token here, all of them in ``extra``).
+
+    ``text_widths``: each text encoder's width (``text_stack.widths``); recorded for two encoders (SDXL), where
+    exports split the token vectors into clip_l and clip_g (``methods/token_files.py``)."""
     first = lambda v: v if isinstance(v, str) else v[0]  # noqa: E731
     return {
         "method": method, "token": first(token), "superclass": first(superclass),
         "config": dataclasses.asdict(config), "inference_defaults": defaults,
         "base_fingerprint": dict(base_fp.to_dict(), digest=base_fp.digest),
+        **({"text_widths": list(text_widths)} if len(text_widths) > 1 else {}),
         **extra, "provenance": provenance,
     }
 
