@@ -41,6 +41,7 @@ from ..prior import PriorConfig
 from ..text_stack import pairs, widths
 from .base import Method
 from .shared import as_list, cpu_float, load_into, single_tokens, word_vector, words_of
+from .token_files import SDXL_KEYS
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
 PATHWAYS = ("k", "v")
@@ -195,7 +196,7 @@ class CustomDiffusion(Method):
         if not embeddings:
             raise BadInputError("pass the modifier token file(s) with --embeddings '<token>.safetensors' "
                                 "(written beside the Custom Diffusion weights)")
-        found = [ti_vectors(e) if set(e) != set(SDXL_KEYS) else (None, from_sdxl_keys(e)) for e in embeddings]
+        found = [ti_vectors(e) for e in embeddings]  # SDXL's two-key files come back joined, without a name
         tokens = [name for name, _ in found]
         if token and len(tokens) == 1:
             tokens = [token]
@@ -225,9 +226,6 @@ class CustomDiffusion(Method):
         return {"token": tokens, "superclass": words_of(tokens, superclasses)[1], "tensors": tensors}
 
 
-SDXL_KEYS = ("clip_l", "clip_g")  # diffusers' SDXL textual-inversion layout: one entry per text encoder
-
-
 def token_file(pipe, token: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
     """A modifier token's textual-inversion file for ``pipe``: ``{token: vectors}``, or on SDXL each encoder's
     columns under ``clip_l`` / ``clip_g``."""
@@ -237,9 +235,4 @@ def token_file(pipe, token: str, vectors: torch.Tensor) -> dict[str, torch.Tenso
                             f"{'+'.join(map(str, sizes))}; pass the base it was trained on")
     if len(pairs(pipe)) == 1:
         return {token: vectors}
-    return dict(zip(SDXL_KEYS, vectors.split(sizes, dim=-1)))
-
-
-def from_sdxl_keys(state: dict) -> torch.Tensor:
-    """The token vectors of an SDXL two-key file, the two encoders' columns side by side (``edits/tokens.py``)."""
-    return torch.cat([torch.atleast_2d(state[k]).float() for k in SDXL_KEYS], dim=-1)
+    return dict(zip(SDXL_KEYS, vectors.split(sizes, dim=-1)))  # diffusers' SDXL textual-inversion layout
