@@ -414,3 +414,45 @@ def refused(pipe, items, *words):
     message = str(err.value)
     assert all(w in message for w in words) and "\n" not in message, message
     assert pipeline_state(pipe, create=False) is None
+
+
+# --------------------------------------------------------------------------- --resolution, bad input through the CLI
+def test_a_non_native_resolution_trains_at_that_size_and_is_recorded(photos, tmp_path):
+    pipe = load_base(XL)
+    assert text_stack.native_resolution(pipe) == 32
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((tuple(a[0].shape), kw["added_cond_kwargs"]["time_ids"][0].tolist())),
+        with_kwargs=True)
+    try:
+        path = train(pipe, photos, token="<disc>", superclass="ball", out=tmp_path / "c.safetensors",
+                     method="textual-inversion", settings={**ONE_STEP, "resolution": 64}, progress=False)
+    finally:
+        hook.remove()
+    assert seen == [((1, 4, 32, 32), [64.0, 64.0, 0.0, 0.0, 64.0, 64.0])]  # latents and SDXL's time ids at 64 px
+    assert load_concept(path).header["provenance"]["resolution"] == 64
+
+
+BAD_TRAIN = {  # (train_args keywords, extra flags, words the one error line names)
+    "token-in-vocabulary": ({"token": "dog"}, [], ("'dog'", "already in the vocabulary")),
+    "token-path": ({"token": "<a/b>"}, [], ("not a valid token", "path separator")),
+    "resolution-off-stride": ({}, ["--resolution", "30"], ("--resolution", "multiple of 4")),
+    "resolution-negative": ({}, ["--resolution", "-64"], ("--resolution",)),
+    "resolution-huge": ({}, ["--resolution", "1000000"], ("--resolution",)),
+    "images-missing": ({"images": "NO_SUCH"}, [], ("does not exist", "--images")),
+    "images-empty": ({"images": "EMPTY"}, [], ("no images",)),
+}
+
+
+@pytest.mark.parametrize("spec", BASES)
+@pytest.mark.parametrize("given, extra, words", list(BAD_TRAIN.values()), ids=list(BAD_TRAIN))
+def test_train_refuses_bad_input_on_the_new_families(capsys, photos, tmp_path, spec, given, extra, words):
+    from test_bad_input import assert_no_train_output, check_error, run_cli, train_args
+
+    (tmp_path / "EMPTY").mkdir()
+    out = tmp_path / "out" / "c.safetensors"
+    given = dict(given)  # parametrize shares the dict between the two bases
+    images = tmp_path / given.pop("images") if "images" in given else photos
+    code, _, err = run_cli(capsys, train_args(images, out, *extra, base=spec, **given))
+    check_error(code, err, *words)
+    assert_no_train_output(out)
