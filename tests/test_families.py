@@ -125,7 +125,7 @@ def test_one_step_changes_only_the_declared_tensors(name, stepped, base, dead):
     state, initial = run["state"], run["initial"]
     assert state.keys() == initial.keys() and state
     # a LoRA's A gets no gradient while its B is still peft's zero init (the first step), unless weight decay moves it
-    stuck = {k for k in state if k.endswith("lora_A.weight")
+    stuck = {k for k in state if k.endswith("lora_A.weight") and reaches_unet(k, dead)
              and not initial[k.replace("lora_A", "lora_B")].any()}
     assert bool(dead) == (text_stack.family(base) == "sdxl")
     unchanged = {k for k in state if torch.equal(state[k], initial[k]) and reaches_unet(k, dead)}
@@ -140,7 +140,7 @@ def test_one_step_changes_only_the_declared_tensors(name, stepped, base, dead):
     # what each method trains on the family's text side
     encoders = [te for _, te in text_stack.pairs(base)]
     if name == "dreambooth-lora":
-        assert {k.split(".")[0] for k in state} == {"unet", *encoders}
+        assert {"unet", "text_encoder"} <= {k.split(".")[0] for k in state} <= {"unet", *encoders}
     if name == "dreambooth":
         assert {k.split(".")[0] for k in state} >= {"unet", "text_encoder"}
         assert not any(".embeddings." in k for k in state)  # the text encoders trained, their tables did not
@@ -152,6 +152,15 @@ def test_one_step_changes_only_the_declared_tensors(name, stepped, base, dead):
             part = slice(start, start + w)
             assert not torch.equal(state["embedding"][:, part], initial["embedding"][:, part])
             start += w
+
+
+@pytest.mark.xfail(strict=True, reason="dreambooth_lora.lora_sites puts the text-encoder LoRA on pipe.text_encoder "
+                   "only; SDXL's text_encoder_2 (the one that also gives the pooled vector) gets none")
+def test_dreambooth_lora_trains_both_sdxl_text_encoders(stepped, base):
+    if text_stack.family(base) != "sdxl":
+        pytest.skip("one text encoder")
+    state = stepped["dreambooth-lora"]["state"]
+    assert {k.split(".")[0] for k in state} == {"unet", "text_encoder", "text_encoder_2"}
 
 
 # --------------------------------------------------------------------------- SDXL: the shared fixtures
@@ -378,12 +387,12 @@ def test_perfusion_residuals_and_textual_inversion_compose_on_sdxl_in_any_order(
              (xl_concepts["textual-inversion"], {"token": "<style>"})]
     before = image(xl, "a ball next to a ball")
     outputs = []
-    for order in (items, items[::-1], [items[1], items[2], items[0]]):
+    for order in (items, items[::-1]):  # (test_method_contract.py tries three orders without LAG)
         with attach(xl, order):
-            outputs.append(image(xl, MIXED))
+            outputs.append(image(xl, MIXED, steps=1))
     assert all(np.array_equal(outputs[0], o) for o in outputs[1:])
     with attach(xl, items[:1]):
-        assert not np.array_equal(image(xl, MIXED), outputs[0])  # the others take part
+        assert not np.array_equal(image(xl, MIXED, steps=1), outputs[0])  # the others take part
     assert pipeline_state(xl, create=False) is None and np.array_equal(image(xl, "a ball next to a ball"), before)
 
 
