@@ -1,89 +1,128 @@
-"""Concept-file size per method for an SD 1.5-shaped UNet built on the meta device (no weights).
+"""Concept-file size per method on SD 1.5, SD 2.1 and SDXL shapes, built on the meta device (no weights).
 
-Prints one JSON line per method: {"method", "base", "bytes", "tensor_bytes", "tensors"}.
-The file is written with the real concept writer (header included) from zero tensors of the real shapes.
-Goal for Perfusion: <= 60,000 bytes in fp32. DreamBooth's concept file is a header only; its row adds
-"pipeline_bytes", the fp32 weights of the pipeline folder it writes (UNet + text encoder + VAE).
+    python benchmarks/concept_size.py [--bases sd15,sd21,sdxl]
+
+Prints one JSON line per method and base: {"method", "base", "bytes", "tensor_bytes", "tensors"}. The file is
+written with the real concept writer (header included) from zero tensors of the shapes each method declares
+for that UNet (``concept_shapes``; Residuals: its peft LoRA bank built on the meta UNet). A token vector is the
+text encoders' widths side by side (768 on SD 1.5, 1024 on SD 2.1, 768 + 1280 = 2048 on SDXL).
+
+Goals in fp32: Perfusion <= 60,000 bytes on SD 1.5 and <= 250 KB on SDXL; the Perfusion rows also say how many
+cross-attention layers and o*_V floats they hold and the fraction of the goal. DreamBooth's concept file is a
+header only; its row adds "pipeline_bytes", the fp32 weights of the pipeline folder it writes (UNet + text
+encoders + VAE). The Residuals rows add "trainable", the count of trainable parameters at rank 0.05 x channels
+(``Residuals.trainable_count`` on the meta UNet).
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import math
 import tempfile
 from pathlib import Path
 
 import torch
 
 from personalize.concept import Concept, save_concept
-from personalize.methods.perfusion import Perfusion, PerfusionConfig
-from personalize.sd_shapes import SD15_TEXT, SD15_VAE, sd15_unet
+from personalize.sd_shapes import pipeline, text_width
+
+BASES = ("sd15", "sd21", "sdxl")
+HUB_IDS = {"sd15": "runwayml/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1",
+           "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+EXACT_LIMIT = 256 * 2**20  # larger concepts are sized, not written (see _row)
+PERFUSION_GOAL = {"sd15": 60_000, "sdxl": 250_000}  # fp32 bytes, header included
 
 
-def typical_header(method: str, config: dict, defaults: dict) -> dict:
+def typical_header(method: str, config: dict, defaults: dict, base: str = "sd15") -> dict:
     return {
         "method": method, "token": "<my-teddy>", "superclass": "teddy", "config": config,
         "inference_defaults": defaults,
         "base_fingerprint": {"architecture": "0" * 16, "tokenizer": "0" * 16, "text_encoder": "0" * 16, "digest": "0" * 16},
         "covariance": "builtin",
-        "provenance": {"base": "runwayml/stable-diffusion-v1-5", "steps": 250, "batch_size": 16, "seed": 0,
+        "provenance": {"base": HUB_IDS[base], "steps": 250, "batch_size": 16, "seed": 0,
                        "mixed_precision": "no", "images": ["0" * 64] * 6, "package_version": "0.1.0",
                        "torch": torch.__version__, "created": "2026-01-01T00:00:00+00:00", "seconds": 240.0},
     }
 
 
-def _row(method: str, label: str, config: dict, shapes: dict[str, tuple], defaults: dict | None = None) -> dict:
-    """Write a concept of these tensor shapes (zeros) with the real writer; its size."""
-    tensors = {k: torch.zeros(s) for k, s in shapes.items()}
-    header = typical_header(method, config, defaults or {})
+def _row(method: str, label: str, base: str, config: dict, shapes: dict[str, tuple], defaults: dict | None = None) -> dict:
+    """Write a concept of these tensor shapes (zeros) with the real writer; its size. Above ``EXACT_LIMIT`` tensor
+    bytes (Custom Diffusion on SDXL: 1.4 GB) the file is written with one-element tensors of the same names and
+    ranks, and its size plus the tensor bytes is reported ("exact": false: off by the offsets' few digits)."""
+    tensor_bytes = sum(4 * math.prod(s) for s in shapes.values())
+    exact = tensor_bytes <= EXACT_LIMIT
+    tensors = {k: torch.zeros(s if exact else (1,) * len(s)) for k, s in shapes.items()}
+    header = typical_header(method, config, defaults or {}, base)
     with tempfile.TemporaryDirectory() as tmp:
         size = save_concept(Path(tmp) / "c.safetensors", Concept(header, tensors)).stat().st_size
-    return {"method": label, "base": "sd15", "bytes": size, "tensor_bytes": sum(t.numel() * 4 for t in tensors.values()),
-            "tensors": len(tensors)}
+    row = {"method": label, "base": base, "bytes": size if exact else size - 4 * len(tensors) + tensor_bytes,
+           "tensor_bytes": tensor_bytes, "tensors": len(tensors)}
+    return row if exact else {**row, "exact": False}
 
 
-def baselines(unet) -> list[dict]:
-    """Textual Inversion, DreamBooth-LoRA, Custom Diffusion (one and two concepts) and DreamBooth."""
-    import dataclasses
+def residual_shapes(unet, text: int, rank_fraction: float = 0.05) -> dict[str, tuple]:
+    """The tensors of a Residuals concept: its peft LoRA bank's state dict (built on ``unet``, meta is fine) and V*."""
+    from peft import get_peft_model_state_dict
 
-    from transformers import CLIPTextConfig, CLIPTextModel
-    from diffusers import AutoencoderKL
+    from personalize.edits.lora_bank import ADAPTER, PREFIX, LoraBank
+    from personalize.methods.residuals import layer_ranks
 
+    bank = LoraBank(unet, layer_ranks(unet, rank_fraction))
+    lora = get_peft_model_state_dict(bank.root, adapter_name=ADAPTER)
+    return {"embedding": (1, text), **{PREFIX + k: tuple(v.shape) for k, v in lora.items()}}
+
+
+def perfusion_rows(unet, base: str, text: int) -> list[dict]:
+    from personalize.methods.perfusion import Perfusion, PerfusionConfig
+
+    rows = []
+    for lock in ("local", "trained"):
+        cfg = PerfusionConfig(lock=lock)
+        shapes = Perfusion.concept_shapes(unet, text, lock=lock)
+        row = _row("perfusion", "perfusion" if lock == "local" else "perfusion (trained K)", base, cfg.__dict__,
+                   shapes, {"beta": cfg.beta, "tau": cfg.tau})
+        o_v = [s[0] for k, s in shapes.items() if k.startswith("o_v.")]
+        row.update(layers=len(o_v), o_v_floats=sum(o_v), token_floats=text, i_star_floats=text)
+        if base in PERFUSION_GOAL:
+            row.update(goal_bytes=PERFUSION_GOAL[base], of_goal=round(row["bytes"] / PERFUSION_GOAL[base], 3))
+        rows.append(row)
+    return rows
+
+
+def baselines(pipe, base: str, text: int) -> list[dict]:
+    """Residuals, Textual Inversion, DreamBooth-LoRA, Custom Diffusion (one and two concepts) and DreamBooth."""
     from personalize.methods import get
 
-    text = SD15_TEXT["hidden_size"]
+    unet = pipe.unet
     rows = []
     for name, label, shapes in (
+        ("residuals", "residuals (rank 0.05 x channels)", residual_shapes(unet, text)),
         ("textual-inversion", "textual-inversion (1 vector)", {"embedding": (1, text)}),
         ("dreambooth-lora", "dreambooth-lora (rank 4, UNet)", get("dreambooth-lora").concept_shapes(unet, 4)),
         ("custom-diffusion", "custom-diffusion (1 concept)", get("custom-diffusion").concept_shapes(unet, text)),
         ("custom-diffusion", "custom-diffusion (2 concepts)", get("custom-diffusion").concept_shapes(unet, text, 2)),
         ("dreambooth", "dreambooth (header; weights in OUT.pipeline/)", {}),
     ):
-        rows.append(_row(name, label, dataclasses.asdict(get(name).make_config()), shapes))
-    with torch.device("meta"):
-        parts = (unet, CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), AutoencoderKL(**SD15_VAE))
+        rows.append(_row(name, label, base, dataclasses.asdict(get(name).make_config()), shapes))
+    rows[0]["trainable"] = get("residuals").trainable_count(unet)
+    parts = [pipe.unet, pipe.vae] + [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m]
     rows[-1]["pipeline_bytes"] = sum(p.numel() * 4 for part in parts for p in part.parameters())
     return rows
 
 
-def measure() -> list[dict]:
-    unet = sd15_unet("meta")
+def measure(bases: tuple[str, ...] = BASES) -> list[dict]:
     rows = []
-    for lock in ("local", "trained"):
-        cfg = PerfusionConfig(lock=lock)
-        shapes = Perfusion.concept_shapes(unet, SD15_TEXT["hidden_size"], lock=lock)
-        tensors = {k: torch.zeros(s) for k, s in shapes.items()}
-        header = typical_header("perfusion", cfg.__dict__, {"beta": cfg.beta, "tau": cfg.tau})
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_concept(Path(tmp) / "c.safetensors", Concept(header, tensors))
-            size = path.stat().st_size
-        rows.append({"method": "perfusion" if lock == "local" else "perfusion (trained K)", "base": "sd15",
-                     "bytes": size, "tensor_bytes": sum(t.numel() * 4 for t in tensors.values()),
-                     "tensors": len(tensors)})
-    return rows + baselines(unet)
+    for base in bases:
+        pipe, text = pipeline(base, "meta"), text_width(base)
+        rows += perfusion_rows(pipe.unet, base, text) + baselines(pipe, base, text)
+    return rows
 
 
 def main() -> None:
-    for row in measure():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bases", default=",".join(BASES), help=f"comma-separated, of {', '.join(BASES)}")
+    for row in measure(tuple(parser.parse_args().bases.split(","))):
         print(json.dumps(row))
 
 

@@ -2,11 +2,13 @@
 
     python benchmarks/gpu_suite.py [--out DIR] [--parts train,sample,eval,scripts] [--anchors DIR]
     python benchmarks/gpu_suite.py --dry-run       # the same code on the CPU with `tiny`, in seconds
+    python benchmarks/gpu_suite.py --base sdxl     # SD 2.1 / SDXL base 1.0 shapes at 768 / 1024 px (sd21, sdxl)
 
 Writes one JSON line per measurement to stdout and to ``OUT/gpu_suite.jsonl``:
 
 - ``train``: every registered method's training step through the real trainer
-  on a random SD 1.5-shaped pipeline built in-process (512 px, bf16 mixed
+  on a random SD 1.5-shaped pipeline built in-process (``--base``: sd15 at 512 px,
+  sd21 at 768, sdxl at 1024; a dry run uses the family's miniature), bf16 mixed
   precision, the method's own paper batch; prior preservation off so the work
   equals the diffusers scripts'): median s/step after warm-up, samples/s, peak
   GPU memory, FLOPs of one real step counted with ``FlopCounterMode``, MFU
@@ -51,8 +53,9 @@ SCRIPTS = {"dreambooth": "dreambooth", "dreambooth-lora": "dreambooth_lora",
 
 
 class Suite:
-    def __init__(self, out: Path, dry_run: bool, budget_s: float, compile_unet: bool = False):
-        self.out, self.dry, self.compile = out, dry_run, compile_unet
+    def __init__(self, out: Path, dry_run: bool, budget_s: float, compile_unet: bool = False, base: str = "sd15"):
+        self.out, self.dry, self.compile, self.base = out, dry_run, compile_unet, base
+        self.res = 32 if dry_run else {"sd15": 512, "sd21": 768, "sdxl": 1024}[base]
         self.device = "cpu" if dry_run or not torch.cuda.is_available() else "cuda"
         self.began, self.budget = time.perf_counter(), budget_s
         out.mkdir(parents=True, exist_ok=True)
@@ -87,21 +90,16 @@ class Suite:
         return round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.device == "cuda" else None
 
     def pipeline(self, dtype=None):
-        """The base every part uses: SD 1.5-shaped random weights on a GPU, ``tiny`` in a dry run."""
-        if self.dry:
-            from personalize.base import load_base
-
-            pipe = load_base("tiny")
-            return pipe.to(dtype=dtype) if dtype is not None else pipe
-        from personalize.sd_shapes import sd15_pipeline
+        """The base every part uses: ``--base``-shaped random weights on a GPU, its miniature in a dry run."""
+        from bases import TWIN, build
 
         torch.manual_seed(0)
-        return sd15_pipeline(self.device, dtype=dtype)
+        return build(TWIN[self.base] if self.dry else self.base, self.device, dtype)
 
     # -- ceilings
     def machine(self) -> None:
         row = {"bench": "machine", "device": self.device, "torch": torch.__version__, "dry_run": self.dry,
-               "commit": _git_commit()}
+               "base": self.base, "commit": _git_commit()}
         for mod in ("diffusers", "transformers", "peft", "accelerate", "open_clip", "timm"):
             with contextlib.suppress(Exception):
                 row[mod] = __import__(mod).__version__
@@ -165,7 +163,7 @@ class Suite:
             except Exception as exc:  # one method failing must not end the suite
                 error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             end = time.perf_counter()
-        row = {"bench": "train", "method": method, "batch": batch, "res": 512 if not self.dry else 32,
+        row = {"bench": "train", "method": method, "batch": batch, "res": self.res,
                "precision": "bf16-mixed", "prior": False, "compile": self.compile}
         if error or len(stamps) < 5:
             del pipe
@@ -278,8 +276,9 @@ class Suite:
     # -- the diffusers scripts
     def scripts(self, anchors: Path, ours: dict[str, dict], steps: int, only: list[str]) -> None:
         harness = anchors / "run_diffusers_scripts.sh"
-        if not harness.is_file():
-            self.emit(bench="skipped", what="scripts", reason=f"no {harness}")
+        if not harness.is_file() or self.base != "sd15":
+            self.emit(bench="skipped", what="scripts", reason=f"no {harness}" if self.base == "sd15" else
+                      "the anchored diffusers scripts train SD 1.x pipelines only")
             return
         if not self.in_budget("scripts: save the pipeline"):
             return
@@ -395,12 +394,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--anchors", type=Path, default=ROOT.parent / "shared" / "perf-anchors",
                         help="the perf-anchors folder (run_diffusers_scripts.sh, diffusers-examples/)")
     parser.add_argument("--scripts", default=",".join(SCRIPTS), help="methods whose diffusers script is timed")
+    parser.add_argument("--base", choices=("sd15", "sd21", "sdxl"), default="sd15",
+                        help="real-size shape (random weights): SD 1.5, SD 2.1, SDXL base 1.0")
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--compile", action="store_true", help="train with torch.compile of the UNet (step 1 compiles)")
     parser.add_argument("--workers", type=int, default=max(1, min(15, (os.cpu_count() or 2) - 1)))
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
-    suite = Suite(args.out, args.dry_run, args.budget_s, args.compile)
+    suite = Suite(args.out, args.dry_run, args.budget_s, args.compile, args.base)
     if suite.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

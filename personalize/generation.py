@@ -12,19 +12,24 @@ from typing import Callable, Optional
 
 import torch
 
+from .base import resolution as resolution_of
 from .paths import atomic_path, inside
 from .prompts import check_prompt_length, check_prompt_text, read_prompts
 
 
 @torch.no_grad()
 def generate(pipe, prompt: str, num_images: int = 1, steps: int = 50, guidance: float = 6.0, seed: int = 0,
-             negative_prompt: str | None = None, on_step: Optional[Callable[[int], None]] = None) -> list:
+             negative_prompt: str | None = None, on_step: Optional[Callable[[int], None]] = None,
+             resolution: int = 0) -> list:
     """``num_images`` PIL images; image k uses seed ``seed + k`` so any single image can be reproduced.
 
     An empty prompt, or one longer than the text encoder reads, is refused (``personalize/prompts.py``).
-    ``on_step(n)`` is called after each of the ``steps`` denoising steps (n = 1..steps)."""
+    ``on_step(n)`` is called after each of the ``steps`` denoising steps (n = 1..steps). ``resolution``: the
+    square image size in pixels (0: the base's native size; else a multiple of the UNet's stride,
+    :func:`personalize.base.resolution`)."""
     check_prompt_text(prompt, "prompt")
     check_prompt_length(pipe, prompt, "prompt")
+    size = resolution_of(pipe, resolution, "resolution")
     device = pipe.unet.device
     gen_device = "cpu" if device.type == "mps" else device
     generators = [torch.Generator(gen_device).manual_seed(seed + k) for k in range(num_images)]
@@ -37,7 +42,7 @@ def generate(pipe, prompt: str, num_images: int = 1, steps: int = 50, guidance: 
         extra["callback_on_step_end"] = step_end
     return pipe(
         prompt, num_images_per_prompt=num_images, num_inference_steps=steps, guidance_scale=guidance,
-        generator=generators, negative_prompt=negative_prompt, output_type="pil", **extra,
+        generator=generators, negative_prompt=negative_prompt, output_type="pil", height=size, width=size, **extra,
     ).images
 
 

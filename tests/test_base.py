@@ -264,7 +264,7 @@ def test_fingerprint_round_trips_through_a_dict(_tiny_master):
     again = Fingerprint(**fp.to_dict())
     assert again == fp and again.digest == fp.digest
     assert set(fp.to_dict()) == {"architecture", "tokenizer", "text_encoder", "text_encoder_bf16", "precision",
-                                 "text_encoder_sample"}
+                                 "text_encoder_sample", "family"}
     assert len(fp.digest) == 16 and int(fp.digest, 16) >= 0
     # the digest covers the original three fields only, so it did not change when the others were added
     assert Fingerprint(fp.architecture, fp.tokenizer, fp.text_encoder).digest == fp.digest

@@ -36,6 +36,7 @@ def generate(
     steps: int = typer.Option(50, "--steps", min=1, help="DDIM steps (paper: 50)."),
     guidance: float = typer.Option(6.0, "--guidance", help="Classifier-free guidance scale (paper: 6)."),
     seed: int = typer.Option(0, "--seed", help="Image k uses seed SEED+k."),
+    resolution: int = typer.Option(0, "--resolution", min=0, max=4096, help="Image size in pixels, a multiple of the base's stride (0 = the base's native size: 512 SD 1.5, 768 SD 2.1, 1024 SDXL)."),
     beta: Optional[float] = typer.Option(None, "--beta", help="Perfusion gate threshold: higher = weaker concept, better prompt alignment [concept default, 0.7]."),
     tau: Optional[float] = typer.Option(None, "--tau", help="Perfusion gate temperature [concept default, 0.15]."),
     lag: bool = typer.Option(False, "--lag", help="Residuals: localized attention-guided sampling, the residuals apply only where the concept is attended."),
@@ -61,6 +62,7 @@ def generate(
     import torch
 
     from ..base import load_base
+    from ..base import resolution as resolution_of
     from ..generation import generate as run_generate
     from ..generation import write_images
     from ..prompts import check_prompt_length
@@ -69,11 +71,12 @@ def generate(
     _check_generate_out(out, prompt, seed, num_images, overwrite)
     attachment = _attachment(concept, prompt, dict(beta=beta, tau=tau, lag=lag, lock=lock))
     pipe = load_base(base, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    resolution_of(pipe, resolution)  # a size this base cannot make is refused before any work
     with attachment(pipe):
         check_prompt_length(pipe, prompt)  # the concepts' tokens are in the tokenizer now
         with _step_bar(f"generating {num_images} image(s)", steps) as on_step:
             images = run_generate(pipe, prompt, num_images=num_images, steps=steps, guidance=guidance, seed=seed,
-                                  on_step=on_step)
+                                  on_step=on_step, resolution=resolution)
     paths = write_images(images, prompt, out, seed)
     out_console.print(f"wrote {len(paths)} image(s) to [bold]{out}[/bold]")
 

@@ -16,6 +16,14 @@ the prior batch draws from every concept's class images. Recipe (diffusers
 paper: 500 for two concepts), 200 class images, lambda 1, gradients clipped at
 1.0, prompt "photo of a V* <class>". Not reproduced: the reference's random-resize
 augmentation with "very small"/"zoomed in" prompts.
+
+SD 2.x and SDXL: the K/V deltas sit on every cross-attention ``to_k``/``to_v``, whose
+input is the context the UNet reads (SDXL: both encoders' outputs side by side, 2,048
+wide); a modifier token is one vector per text encoder (``edits/tokens.py``). The
+export is diffusers' format on every family: ``load_attn_procs`` reads the K/V weights
+of any UNet, and on SDXL each token file holds diffusers' two-key SDXL layout
+(``clip_l``, ``clip_g``), loaded once per tokenizer/encoder pair as diffusers documents
+for SDXL textual inversions.
 """
 from __future__ import annotations
 
@@ -28,8 +36,9 @@ from torch import nn
 
 from ..edits.deltas import WeightDelta
 from ..edits.placement import cross_attention_layers, site_names
-from ..errors import BadInputError
+from ..errors import BadInputError, ConceptFileError
 from ..prior import PriorConfig
+from ..text_stack import pairs, widths
 from .base import Method
 from .shared import as_list, cpu_float, load_into, single_tokens, word_vector, words_of
 
@@ -63,7 +72,10 @@ class CustomDiffusion(Method):
               "images, lambda 1, AdamW weight decay 1e-2, gradients clipped at 1.0 (--max_grad_norm)")
     export_formats = {
         "diffusers": f"{WEIGHTS_FILE} + <token>.safetensors: pipe.unet.load_attn_procs(DIR, weight_name="
-                     f"'{WEIGHTS_FILE}', _pipeline=pipe); pipe.load_textual_inversion(DIR, weight_name='<token>.safetensors')",
+                     f"'{WEIGHTS_FILE}', _pipeline=pipe); pipe.load_textual_inversion(DIR, weight_name='<token>.safetensors')"
+                     "; SDXL: the token file holds clip_l and clip_g: pipe.load_textual_inversion(s['clip_l'], "
+                     "token='<token>', text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer), and s['clip_g'] "
+                     "with text_encoder_2 / tokenizer_2",
     }
     export_needs_base = True
 
@@ -146,6 +158,10 @@ class CustomDiffusion(Method):
         tokens = concept.header.get("tokens", [concept.token])
         token_files = [inside(folder, f"{token}.safetensors") for token in tokens]  # checked before any write
         unet = pipe.unet
+        shapes = cls.concept_shapes(unet, sum(widths(pipe)), len(tokens))
+        if {k: tuple(v.shape) for k, v in concept.tensors.items()} != shapes:
+            raise ConceptFileError(f"'{concept.token}' was trained on another base than the one given (its tensors do "
+                                   "not fit this UNet and text encoders); pass the base it was trained on")
         weights = {}
         cross = dict(cross_attention_layers(unet))
         for name in unet.attn_processors:
@@ -159,7 +175,7 @@ class CustomDiffusion(Method):
                 weights[f"{name}.to_{p}_custom_diffusion.weight"] = W + concept.tensors[f"delta.{layer}.to_{p}"].float()
         files = [save_safetensors(inside(folder, WEIGHTS_FILE), weights)]
         for j, (token, path) in enumerate(zip(tokens, token_files)):
-            files.append(save_safetensors(path, {token: concept.tensors["embedding"][j:j + 1]}))
+            files.append(save_safetensors(path, token_file(pipe, token, concept.tensors["embedding"][j:j + 1])))
         return files
 
     @classmethod
@@ -179,10 +195,13 @@ class CustomDiffusion(Method):
         if not embeddings:
             raise BadInputError("pass the modifier token file(s) with --embeddings '<token>.safetensors' "
                                 "(written beside the Custom Diffusion weights)")
-        found = [ti_vectors(e) for e in embeddings]
+        found = [ti_vectors(e) if set(e) != set(SDXL_KEYS) else (None, from_sdxl_keys(e)) for e in embeddings]
         tokens = [name for name, _ in found]
         if token and len(tokens) == 1:
             tokens = [token]
+        if None in tokens:
+            raise BadInputError("an SDXL token file (clip_l, clip_g) does not name its token; import one concept at "
+                                "a time with --token '<name>'")
         superclasses = as_list(superclass)
         if len(superclasses) != len(tokens) and len(superclasses) != 1:
             raise BadInputError(f"{len(superclasses)} superclasses for {len(tokens)} modifier tokens "
@@ -204,3 +223,23 @@ class CustomDiffusion(Method):
         if len(tokens) == 1:
             return {"token": tokens[0], "superclass": superclasses[0], "tensors": tensors}
         return {"token": tokens, "superclass": words_of(tokens, superclasses)[1], "tensors": tensors}
+
+
+SDXL_KEYS = ("clip_l", "clip_g")  # diffusers' SDXL textual-inversion layout: one entry per text encoder
+
+
+def token_file(pipe, token: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A modifier token's textual-inversion file for ``pipe``: ``{token: vectors}``, or on SDXL each encoder's
+    columns under ``clip_l`` / ``clip_g``."""
+    sizes = widths(pipe)
+    if vectors.shape[-1] != sum(sizes):
+        raise BadInputError(f"the concept's token vectors are {vectors.shape[-1]} wide, this base's text encoders "
+                            f"{'+'.join(map(str, sizes))}; pass the base it was trained on")
+    if len(pairs(pipe)) == 1:
+        return {token: vectors}
+    return dict(zip(SDXL_KEYS, vectors.split(sizes, dim=-1)))
+
+
+def from_sdxl_keys(state: dict) -> torch.Tensor:
+    """The token vectors of an SDXL two-key file, the two encoders' columns side by side (``edits/tokens.py``)."""
+    return torch.cat([torch.atleast_2d(state[k]).float() for k in SDXL_KEYS], dim=-1)

@@ -7,12 +7,17 @@
                x' the class images (``personalize/prior.py``), lambda = prior_loss_weight
 
 The trained UNet is a *copy* swapped into the pipeline (the base's stays
-untouched and comes back on ``remove``). The text encoder, when trained,
-trains everything except its embedding tables (the frozen-table rule).
+untouched and comes back on ``remove``). ``train_text_encoder`` trains a copy of
+every text encoder of the base -- SDXL's two, as diffusers'
+``train_dreambooth_lora_sdxl.py`` does with ``--train_text_encoder`` (the full
+``train_dreambooth.py`` is SD-only and has one) -- everything except their
+embedding tables (the frozen-table rule).
 
 The result is a new base, not a small file: training writes a diffusers
-pipeline folder ``OUT.pipeline/`` (load it with ``from_pretrained`` and prompt
-with the identifier) and a concept file holding only the header, which names
+pipeline folder ``OUT.pipeline/`` of the base's own class
+(``StableDiffusionPipeline``, or ``StableDiffusionXLPipeline`` with both
+tokenizers and text encoders on SDXL; load it with ``from_pretrained`` and
+prompt with the identifier) and a concept file holding only the header, which names
 the folder. Attaching swaps the folder's UNet in. It cannot be composed with
 any other concept.
 """
@@ -28,6 +33,7 @@ import torch
 from ..errors import BadInputError, ConceptFileError
 from ..paths import inside
 from ..prior import PriorConfig, weights_digest
+from ..text_stack import family, pairs
 from .base import Method
 from .identifier import IdentifierToken
 from .shared import check_composable, cpu_float, load_into, mark_replaced
@@ -41,34 +47,42 @@ class DreamBoothConfig(PriorConfig):
     lr: float = field(default=5e-6, metadata={
         "help": "learning rate of the UNet (train_dreambooth README: 5e-6 at batch 1, not scaled)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (train_dreambooth.py)"})
-    train_text_encoder: bool = field(default=False, metadata={"help": "also train the text encoder", "flag": True})
+    train_text_encoder: bool = field(default=False, metadata={
+        "help": "also train the text encoder (SDXL: both, as train_dreambooth_lora_sdxl.py)", "flag": True})
     lr_text_encoder: float = field(default=5e-6, metadata={
         "help": "learning rate of the text encoder (train_dreambooth.py: the same --learning_rate)"})
     identifier: str = field(default="sks", metadata={
         "help": "one rare token of the base vocabulary; the concept token copies its embedding"})
 
 
+# the stock diffusers class of the folder DreamBooth writes, per base family (``text_stack.family``)
+PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+                    "sdxl": "StableDiffusionXLPipeline"}
+
+
 class DreamBooth(IdentifierToken, Method):
     name = "dreambooth"
     description = "Full UNet fine-tune with prior preservation (Ruiz et al. 2023); a new base (3.4 GB UNet), not composable"
-    sites = ("tokens", "unet", "text_encoder")
+    sites = ("tokens", "unet", "text_encoder")  # SDXL: text_encoder_2 too
     Config = DreamBoothConfig
     composable = False
-    no_export_reason = ("the pipeline folder beside it already is a diffusers pipeline "
-                        "(StableDiffusionPipeline.from_pretrained), nothing to export")
+    no_export_reason = ("the pipeline folder beside it already is a diffusers pipeline (StableDiffusionPipeline, "
+                        "on SDXL StableDiffusionXLPipeline .from_pretrained), nothing to export")
     train_defaults = {"steps": 800, "batch_size": 1, "checkpoint_every": 200, "max_grad_norm": 1.0}
     recipe = ("diffusers train_dreambooth README (prior preservation): batch 1, lr 5e-6 without --scale_lr = 5e-6 "
               "effective, 800 steps, 200 class images, lambda 1, AdamW weight decay 1e-2, gradients clipped at 1.0 "
               "(--max_grad_norm)")
 
-    def __init__(self, pipe, token, superclass, config: DreamBoothConfig, unet=None, text_encoder=None):
+    def __init__(self, pipe, token, superclass, config: DreamBoothConfig, unet=None, text_encoders=None):
+        """``text_encoders``: ``{pipeline attribute: trained encoder}`` (``text_encoder``, and ``text_encoder_2``
+        on SDXL); None with ``train_text_encoder``: copies of the base's."""
         super().__init__(pipe, token, superclass, config)
         check_composable(pipe, type(self))
         self._init_identifier()
         self.unet = unet if unet is not None else copy.deepcopy(pipe.unet)
-        if text_encoder is None and config.train_text_encoder:
-            text_encoder = copy.deepcopy(pipe.text_encoder)
-        self.text_encoder = text_encoder
+        if text_encoders is None and config.train_text_encoder:
+            text_encoders = {name: copy.deepcopy(getattr(pipe, name)) for _, name in pairs(pipe)}
+        self.text_encoders: dict[str, Any] = dict(text_encoders or {})
         self.replaced: dict[str, Any] = {}
 
     @classmethod
@@ -85,20 +99,21 @@ class DreamBooth(IdentifierToken, Method):
         folder = pipeline_folder(concept)
         dtype, device = pipe.unet.dtype, pipe.unet.device
         unet = type(pipe.unet).from_pretrained(folder, subfolder="unet", torch_dtype=dtype).to(device)
-        te = None
+        tes = {}
         if config.train_text_encoder:
-            te = type(pipe.text_encoder).from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype).to(device)
-        if _digest(unet, te) != concept.header.get("pipeline_digest"):
+            for _, name in pairs(pipe):
+                base = getattr(pipe, name)
+                tes[name] = type(base).from_pretrained(folder, subfolder=name, torch_dtype=dtype).to(base.device)
+        if _digest(unet, tes) != concept.header.get("pipeline_digest"):
             raise ConceptFileError(f"the pipeline folder '{folder}' is not the one this concept file was written with; "
                                    "re-train, or copy the file and its folder together")
-        return cls(pipe, concept.token, concept.superclass, config, unet=unet, text_encoder=te)
+        return cls(pipe, concept.token, concept.superclass, config, unet=unet, text_encoders=tes)
 
     # -- training
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         params = {f"unet.{n}": p for n, p in self.unet.named_parameters()}
-        if self.text_encoder is not None:
-            params.update({f"text_encoder.{n}": p for n, p in self.text_encoder.named_parameters()
-                           if ".embeddings." not in f".{n}"})
+        for name, te in self.text_encoders.items():
+            params.update({f"{name}.{n}": p for n, p in te.named_parameters() if ".embeddings." not in f".{n}"})
         return params
 
     def text_path_frozen(self) -> bool:
@@ -106,13 +121,9 @@ class DreamBooth(IdentifierToken, Method):
 
     def param_groups(self) -> list[dict]:
         params = self._trainable()
-        groups = [{"params": [p for n, p in params.items() if n.startswith("unet.")], "lr": self.config.lr,
-                   "weight_decay": self.config.weight_decay, "name": "unet"}]
-        if self.text_encoder is not None:
-            groups.append({"params": [p for n, p in params.items() if n.startswith("text_encoder.")],
-                           "lr": self.config.lr_text_encoder, "weight_decay": self.config.weight_decay,
-                           "name": "text_encoder"})
-        return groups
+        lrs = {"unet": self.config.lr, **{name: self.config.lr_text_encoder for name in self.text_encoders}}
+        return [{"params": [p for n, p in params.items() if n.startswith(f"{part}.")], "lr": lr,
+                 "weight_decay": self.config.weight_decay, "name": part} for part, lr in lrs.items()]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return cpu_float(self._trainable())
@@ -124,31 +135,35 @@ class DreamBooth(IdentifierToken, Method):
         return {}  # the weights live in the pipeline folder
 
     def write_artifacts(self, out) -> dict[str, Any]:
-        """The trained pipeline as a diffusers folder beside ``out`` (atomically replaced)."""
-        from diffusers import StableDiffusionPipeline
-
+        """The trained pipeline as a diffusers folder beside ``out`` (atomically replaced), of the base's family:
+        ``StableDiffusionPipeline`` (SD 1.x / 2.x) or ``StableDiffusionXLPipeline`` (both tokenizers and text
+        encoders), each loadable with the stock class's ``from_pretrained``."""
+        from ..base import _assemble
         from ..paths import atomic_dir
 
         folder = pipeline_dir(out)
-        te = self.text_encoder if self.text_encoder is not None else self.pipe.text_encoder
-        pipeline = StableDiffusionPipeline(vae=self.pipe.vae, text_encoder=te, tokenizer=self.pipe.tokenizer,
-                                           unet=self.unet, scheduler=self.pipe.scheduler, safety_checker=None,
-                                           feature_extractor=None, requires_safety_checker=False)
+        parts = {"vae": self.pipe.vae, "unet": self.unet, "scheduler": self.pipe.scheduler}
+        for tok, te in pairs(self.pipe):
+            parts[tok] = getattr(self.pipe, tok)
+            parts[te] = self.text_encoders.get(te, getattr(self.pipe, te))
+        if "force_zeros_for_empty_prompt" in self.pipe.config:  # SDXL's own setting, kept as the base has it
+            parts["force_zeros_for_empty_prompt"] = self.pipe.config.force_zeros_for_empty_prompt
+        pipeline = _assemble(PIPELINE_CLASSES[family(self.pipe)], parts)
         with atomic_dir(folder) as tmp:
             pipeline.save_pretrained(tmp, safe_serialization=True)
-        return {"pipeline": folder.name, "pipeline_digest": _digest(self.unet, self.text_encoder), "composable": False}
+        return {"pipeline": folder.name, "pipeline_digest": _digest(self.unet, self.text_encoders),
+                "composable": False}
 
     # -- the pipeline
     def install(self) -> None:
-        """Swap the trained UNet (and text encoder) in, then add the identifier token (``Method.install``)."""
+        """Swap the trained UNet (and text encoders) in, then add the identifier token (``Method.install``)."""
         if self.installed:
             return
         check_composable(self.pipe, type(self))
-        self.replaced = {"unet": self.pipe.unet}
-        self.pipe.unet = self.unet
-        if self.text_encoder is not None:
-            self.replaced["text_encoder"] = self.pipe.text_encoder
-            self.pipe.text_encoder = self.text_encoder
+        self.replaced = {}
+        for name, module in {"unet": self.unet, **self.text_encoders}.items():
+            self.replaced[name] = getattr(self.pipe, name)
+            setattr(self.pipe, name, module)
         try:
             super().install()
         except BaseException:
@@ -186,5 +201,6 @@ def pipeline_folder(concept) -> Path:
     return folder
 
 
-def _digest(unet, text_encoder) -> str:
-    return weights_digest(unet) + ("" if text_encoder is None else "+" + weights_digest(text_encoder))
+def _digest(unet, text_encoders: dict) -> str:
+    """The UNet's digest, then each trained text encoder's (in pipeline order), '+'-joined."""
+    return "+".join([weights_digest(unet), *(weights_digest(te) for te in text_encoders.values())])

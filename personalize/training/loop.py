@@ -306,8 +306,8 @@ def _check_run(cfg: TrainConfig, out: Path, resume: bool, validation=None) -> No
         raise BadInputError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 (or no) on a CPU")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise BadInputError("--steps and --batch-size must be at least 1")
-    if cfg.resolution and not 8 <= cfg.resolution <= MAX_RESOLUTION or cfg.resolution < 0:
-        raise BadInputError(f"--resolution {cfg.resolution} is out of range: give a size from 8 to {MAX_RESOLUTION} "
+    if not 0 <= cfg.resolution <= MAX_RESOLUTION:  # the base's own stride is checked once it is loaded
+        raise BadInputError(f"--resolution {cfg.resolution} is out of range: give a size up to {MAX_RESOLUTION} "
                             "pixels, or 0 for the base's native size")
     if out.is_dir():
         raise BadInputError(f"--out '{out}' is a folder; pass a file path ending in .safetensors")
