@@ -463,3 +463,31 @@ def test_train_refuses_bad_input_on_the_new_families(capsys, photos, tmp_path, s
     code, _, err = run_cli(capsys, train_args(images, out, *extra, base=spec, **given))
     check_error(code, err, *words)
     assert_no_train_output(out)
+
+
+@pytest.fixture(scope="module")
+def xl_ti_file(photos, tmp_path_factory):
+    return trained_on(XL, "textual-inversion", photos, tmp_path_factory.mktemp("xl-ti"))
+
+
+def test_generate_at_a_non_native_resolution_on_sdxl(capsys, xl_ti_file, tmp_path):
+    from PIL import Image
+
+    from test_bad_input import gen_args, run_cli
+
+    code, _, err = run_cli(capsys, gen_args(xl_ti_file, tmp_path / "gen", "--resolution", "64", base=XL))
+    assert code == 0, err
+    (png,) = (tmp_path / "gen").glob("*.png")
+    assert Image.open(png).size == (64, 64)
+
+
+@pytest.mark.parametrize("size, words", [("30", ("--resolution", "multiple of 4")), ("-64", ("--resolution",)),
+                                         ("1000000", ("--resolution",))], ids=["off-stride", "negative", "huge"])
+def test_generate_refuses_a_bad_resolution_on_sdxl(capsys, xl_ti_file, tmp_path, size, words):
+    from test_bad_input import assert_no_images, check_error, gen_args, run_cli
+
+    folder = tmp_path / "gen"
+    code, _, err = run_cli(capsys, gen_args(xl_ti_file, folder, "--resolution", size, base=XL))
+    check_error(code, err, *words)
+    assert_no_images(folder)
+    assert not folder.exists() or not any(folder.iterdir()), sorted(folder.iterdir())
