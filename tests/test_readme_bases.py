@@ -13,7 +13,7 @@ from personalize.base import BUILTIN_BASES, TINY_FAMILIES
 README = Path(__file__).resolve().parents[1] / "README.md"
 COLUMNS = ["family", "built-in test base", "methods", "export formats (out)", "import formats (in)",
            "native resolution"]
-# the real models' native sizes (SD 1.5: 512, SD 2.1: 768, SDXL: 1024; each family's reference pipeline)
+# the real models' native sizes (SD 1.5: 512, SD 2.1: 768, SDXL: 1024; checked against sd_shapes' configs below)
 NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 
 
@@ -93,14 +93,18 @@ def test_every_built_in_base_is_in_the_table(rows):
     assert named == set(BUILTIN_BASES)
 
 
-def test_the_native_sizes_are_the_ones_the_trainer_documents():
-    """``--resolution``'s help names the same native sizes (and SD 1.5's UNet config gives 512)."""
+def test_the_native_sizes_are_the_real_models_and_the_trainer_documents_them():
+    """The real-size configs (``sd_shapes``: latent size x the VAE's 8) give the table's sizes, and
+    ``--resolution``'s help names them."""
     import dataclasses
 
-    from personalize.sd_shapes import SD15_UNET
+    from personalize.sd_shapes import SHAPES
     from personalize.training.config import TrainConfig
 
+    shapes = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
     help_text = next(f for f in dataclasses.fields(TrainConfig) if f.name == "resolution").metadata["help"]
     for family, size in NATIVE.items():
+        unet, vae = SHAPES[shapes[family]][1], SHAPES[shapes[family]][4]
+        vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+        assert unet["sample_size"] * vae_scale == vae["sample_size"] == size, family
         assert str(size) in help_text, (family, help_text)
-    assert SD15_UNET["sample_size"] * 8 == NATIVE["sd1"]
