@@ -27,6 +27,7 @@ from .errors import BadInputError
 from .methods.shared import check_composable
 from .knobs import parse as parse_knobs
 from .templates import check_token
+from .text_stack import FAMILIES
 
 
 class Attachment:
@@ -168,6 +169,11 @@ def _check_together(parts: list[Part]) -> None:
                                     "composed with other concepts; generate with it alone")
     first = parts[0]
     for p in parts[1:]:
+        families = [q.concept.base_fingerprint.family for q in (first, p)]
+        if all(families) and families[0] != families[1]:
+            names = [FAMILIES.get(f, f) for f in families]
+            raise BadInputError(f"'{first.name}' was trained on an {names[0]} base and '{p.name}' on an {names[1]} "
+                                "base; compose concepts of one base")
         if p.concept.base_fingerprint.differences(first.concept.base_fingerprint):
             bases = [q.concept.header.get("provenance", {}).get("base", "?") for q in (first, p)]
             raise BadInputError(f"'{first.name}' and '{p.name}' were trained on different bases ({bases[0]} vs "

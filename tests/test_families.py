@@ -152,8 +152,6 @@ def test_one_step_changes_only_the_declared_tensors(name, stepped, base, dead):
             assert moved.max() > lr / 2, (part, moved.max())
 
 
-@pytest.mark.xfail(strict=True, reason="dreambooth_lora.lora_sites puts the text-encoder LoRA on pipe.text_encoder "
-                   "only; SDXL's text_encoder_2 (the one that also gives the pooled vector) gets none")
 def test_dreambooth_lora_trains_both_sdxl_text_encoders(stepped, base):
     if text_stack.family(base) != "sdxl":
         pytest.skip("one text encoder")
@@ -406,9 +404,6 @@ def test_a_concept_of_another_family_is_refused_naming_both(xl, xl_concepts, oth
     refused(load_base(spec), xl_concepts["perfusion"], "SDXL", family)  # and the other way round
 
 
-@pytest.mark.xfail(strict=True, reason="compose.prepare compares the concepts' fingerprints first and names the "
-                   "pipeline classes from their provenance ('StableDiffusionXLPipeline vs StableDiffusionPipeline'), "
-                   "not the families")
 @pytest.mark.parametrize("spec, family", [("tiny", "SD 1.x"), ("tiny-sd2", "SD 2.x")])
 def test_a_composition_with_a_concept_of_another_family_is_refused_naming_both(xl, xl_concepts, other_families,
                                                                                spec, family):
