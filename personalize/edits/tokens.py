@@ -63,6 +63,8 @@ class TokenSite:
         self.names = pairs(pipe)  # (tokenizer, text encoder) attributes
         self.originals = [(getattr(pipe, tok), getattr(pipe, te).get_input_embeddings()) for tok, te in self.names]
         self.entries: dict[str, tuple[list[str], torch.Tensor]] = {}
+        self._copies: list = []  # the tokenizer copies in the pipeline now, holding the tokens of ``_applied``
+        self._applied: list[str] = []
         start, self.embeddings = 0, []
         for _, table in self.originals:
             width = table.embedding_dim
@@ -116,6 +118,7 @@ class TokenSite:
 
     def _rebuild(self) -> None:
         if not self.entries:
+            self._copies, self._applied = [], []
             for (tok_name, te_name), (tokenizer, table) in zip(self.names, self.originals):
                 setattr(self.pipe, tok_name, tokenizer)
                 getattr(self.pipe, te_name).set_input_embeddings(table)
@@ -124,11 +127,20 @@ class TokenSite:
                 state.tokens = None
                 release(self.pipe)
             return
-        for (tok_name, te_name), (original, _), embedding in zip(self.names, self.originals, self.embeddings):
-            tokenizer = copy.deepcopy(original)
+        keys = list(self.entries)
+        # a tokenizer copy costs a good part of a second: while concepts are only added, the current copy gets
+        # just the new tokens; a removal (or a copy someone else grew) starts again from the original
+        grow = keys[:len(self._applied)] == self._applied and all(
+            getattr(self.pipe, tok) is c and len(c) == len(o) + self._count(self._applied)
+            for (tok, _), c, (o, _) in zip(self.names, self._copies, self.originals)) if self._copies else False
+        copies = []
+        for (tok_name, te_name), (original, _), embedding, k in zip(self.names, self.originals, self.embeddings,
+                                                                    range(len(self.names))):
+            tokenizer = self._copies[k] if grow else copy.deepcopy(original)
+            for key in keys[len(self._applied):] if grow else keys:
+                tokenizer.add_tokens(list(self.entries[key][0]))
             extra, next_id = [], len(original)
             for tokens, vectors in self.entries.values():
-                tokenizer.add_tokens(list(tokens))
                 extra.append((next_id, vectors))
                 next_id += len(tokens)
             if len(tokenizer) != next_id:
@@ -136,6 +148,11 @@ class TokenSite:
             embedding.extra = extra
             setattr(self.pipe, tok_name, tokenizer)
             getattr(self.pipe, te_name).set_input_embeddings(embedding)
+            copies.append(tokenizer)
+        self._copies, self._applied = copies, keys
+
+    def _count(self, keys: list[str]) -> int:
+        return sum(len(self.entries[k][0]) for k in keys if k in self.entries)
 
 
 def token_site(pipe) -> TokenSite:
