@@ -179,3 +179,22 @@ def cc101(tmp_path):
     write_cc101_json(root, [("<new1>", "barn", "scene_barn", "prompts/barn.txt"), cat],
                      [(cat, ("<new2>", "chair", "furniture_chair1", "prompts/chair.txt"), "prompts/pet_furniture.txt")])
     return root
+
+
+def assert_eq4_group(pipe, concepts, layers, width: int | None = None) -> None:
+    """Perfusion's Eq. 4 with the attached ``concepts``: one shared group, its members in token order, a basis
+    with one column per concept (``width`` rows when given), and every layer mapping each i* to that concept's
+    o*_V."""
+    from personalize.edits.sites import site_occupant
+    from personalize.methods.perfusion import PerfusionGroup, _key
+
+    group = site_occupant(pipe.unet, f"{layers[0]}.to_v", PerfusionGroup.KEY).group
+    assert [c.token for c in group.members] == sorted(c.token for c in concepts)
+    basis = group.projection(torch.float32, "cpu").basis
+    assert basis.shape[1] == len(concepts) and (width is None or basis.shape[0] == width)
+    for concept in concepts:
+        i_star = concept.tensors["i_star"].view(1, 1, -1)
+        for layer in layers:
+            out = pipe.unet.get_submodule(f"{layer}.to_v")(i_star)[0, 0]
+            o_star = concept.tensors[f"o_v.{_key(layer)}"]
+            torch.testing.assert_close(out, o_star, rtol=1e-3, atol=1e-3 * o_star.abs().max().item())

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_eq4_group
 from personalize import attach, load_concept, train
 from personalize.concept import Concept
 from personalize.edits.placement import cross_attention_layers
@@ -84,15 +85,7 @@ def test_two_perfusion_concepts_share_one_projection_and_each_target_maps_to_its
         layers = [name for name, _ in cross_attention_layers(tiny.unet)]
         groups = {id(site_occupant(tiny.unet, f"{n}.to_{p}", PerfusionGroup.KEY).group) for n in layers for p in "kv"}
         assert len(groups) == 1
-        group = site_occupant(tiny.unet, f"{layers[0]}.to_v", PerfusionGroup.KEY).group
-        assert [c.token for c in group.members] == ["<cube>", "<disc>"]
-        assert group.projection(torch.float32, "cpu").basis.shape[1] == 2
-        for concept in (first, second):
-            i_star = concept.tensors["i_star"].view(1, 1, -1)
-            for layer in layers:
-                out = tiny.unet.get_submodule(f"{layer}.to_v")(i_star)[0, 0]
-                o_star = concept.tensors[f"o_v.{_key(layer)}"]
-                torch.testing.assert_close(out, o_star, rtol=1e-3, atol=1e-3 * o_star.abs().max().item())
+        assert_eq4_group(tiny, [first, second], layers)
 
 
 def test_prompt_with_neither_token_is_close_to_the_base(tiny, first, second):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_photos
+from conftest import assert_eq4_group, make_photos
 from personalize import attach, load_base, load_concept, methods, text_stack, train
 from personalize.concept import Concept
 from personalize.edits.placement import cross_attention_layers
@@ -312,9 +312,6 @@ def test_global_key_lock_on_sdxl_reads_the_superclass_keys_in_both_cfg_halves(xl
 
 
 def test_two_perfusion_concepts_on_sdxl_share_one_projection_eq4(xl, xl_concepts):
-    from personalize.edits.sites import site_occupant
-    from personalize.methods.perfusion import PerfusionGroup
-
     first = xl_concepts["perfusion"]
     second = second_concept(first, C_inv_of(xl, first))
     layers = [name for name, _ in cross_attention_layers(xl.unet)]
@@ -323,15 +320,7 @@ def test_two_perfusion_concepts_on_sdxl_share_one_projection_eq4(xl, xl_concepts
     with attach(xl, [(first, {"beta": 0.6})]):
         assert np.array_equal(image(xl, "a <disc> next to a cup"), single)  # one concept in the list path
     with attach(xl, [second, first], beta=0.5, tau=0.02):
-        group = site_occupant(xl.unet, f"{layers[0]}.to_v", PerfusionGroup.KEY).group
-        assert [c.token for c in group.members] == ["<cube>", "<disc>"]
-        assert group.projection(torch.float32, "cpu").basis.shape == (sum(text_stack.widths(xl)), 2)
-        for concept in (first, second):
-            i_star = concept.tensors["i_star"].view(1, 1, -1)
-            for layer in layers:
-                out = xl.unet.get_submodule(f"{layer}.to_v")(i_star)[0, 0]
-                o_star = concept.tensors[f"o_v.{_key(layer)}"]
-                torch.testing.assert_close(out, o_star, rtol=1e-3, atol=1e-3 * o_star.abs().max().item())
+        assert_eq4_group(xl, [first, second], layers, width=sum(text_stack.widths(xl)))
         both = image(xl, "a <disc> next to a <cube>")
     with attach(xl, [first, second], beta=0.5, tau=0.02):
         assert np.array_equal(image(xl, "a <disc> next to a <cube>"), both)
