@@ -475,3 +475,10 @@ def test_generate_refuses_a_bad_resolution_on_sdxl(capsys, xl_ti_file, tmp_path,
     check_error(code, err, *words)
     assert_no_images(folder)
     assert not folder.exists() or not any(folder.iterdir()), sorted(folder.iterdir())
+
+
+def test_inspect_names_the_family(capsys, xl_concepts):
+    from test_bad_input import run_cli
+
+    code, out, _ = run_cli(capsys, ["inspect", xl_concepts["textual-inversion"].path])
+    assert code == 0 and "(SDXL)" in out

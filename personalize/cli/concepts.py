@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import BadInputError
+from ..text_stack import FAMILIES
 from .console import BASE_HELP, _load_settings, err_console, out_console
 
 
@@ -31,7 +32,8 @@ def inspect(
     header = summary["header"]
     out_console.print(f"[bold]{file}[/bold]: {header['method']} concept {header['token']!r} "
                       f"(superclass {header['superclass']!r}), {summary['file_bytes']:,} bytes")
-    out_console.print(f"base fingerprint {header['base_fingerprint'].get('digest')}  "
+    family = FAMILIES.get(header["base_fingerprint"].get("family"), "family not recorded")
+    out_console.print(f"base fingerprint {header['base_fingerprint'].get('digest')} ({family})  "
                       f"inference defaults {header.get('inference_defaults')}")
     prov = header.get("provenance", {})
     out_console.print(f"trained {prov.get('steps')} steps, seed {prov.get('seed')}, on {prov.get('base')}, "
