@@ -36,7 +36,7 @@ from .fingerprint import Fingerprint, fingerprint  # noqa: F401  (re-exported: t
 
 BUILTIN_BASES = ("tiny", "tiny-sd2", "tiny-sdxl", "toy")
 TINY_FAMILIES = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
-PIPELINES = {"StableDiffusionPipeline": "StableDiffusionPipeline", "StableDiffusionXLPipeline": "StableDiffusionXLPipeline"}
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # the classes a base folder may declare
 TOY_WEIGHTS = Path(__file__).resolve().parent / "toybase" / "weights"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -145,7 +145,7 @@ def pipeline_class(source: str) -> str:
     if declared not in PIPELINES:
         raise BadInputError(f"base '{source}' is a {declared or 'pipeline of unknown class'}; personalize supports "
                             "SD 1.x, SD 2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline) bases")
-    return PIPELINES[declared]
+    return declared
 
 
 def _from_pretrained(source: str, **kwargs):
