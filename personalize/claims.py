@@ -71,10 +71,8 @@ def train_toy_concept(pipe, name: str, out: str | Path, *, method: str = "perfus
     ``masks``: ``"exact"`` weights the loss with the renderer's exact masks of the concept (rendered into
     ``OUT.masks/``); ``"default"`` does so where the method's default is ``auto`` (Perfusion: the toy world is
     its own zero-shot segmenter, with no segmenter error) and trains unmasked otherwise; or ``"none"``.
-    With masks the gradient is clipped at 1.0 unless ``max_grad_norm`` is given: the mask-weighted loss
-    (normalised by the mask's area) makes rare huge steps that, unclipped,
-    drag Perfusion's fidelity on split_triangle from 0.893 down to 0.206 (docs/TOYWORLD.md); unmasked
-    training never reaches the clip, so it changes nothing there."""
+    Every other setting is the method's own default recipe (Perfusion's clips gradients at 1.0 because its
+    mask-weighted loss collapses without it; see its ``recipe``)."""
     from . import methods as registry
     from .training import TrainConfig, train
 
@@ -88,7 +86,7 @@ def train_toy_concept(pipe, name: str, out: str | Path, *, method: str = "perfus
     spec = get_concept(name)
     settings = {"steps": steps, "batch_size": batch_size, "seed": seed, "checkpoint_every": 0,
                 **({} if spec.mirror_symmetric else {"flip_p": 0.0}),
-                **({"max_grad_norm": 1.0} if mask_dir is not None else {}), **method_settings}
+                **method_settings}
     return train(pipe, photos, token=token, superclass=spec.superclass, out=out, method=method,
                  masks=mask_dir if mask_dir is not None else masks, settings=settings, progress=progress)
 

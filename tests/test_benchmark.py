@@ -347,23 +347,6 @@ def test_clip_backend_scores_match_an_independent_computation(tmp_path, clip_wei
     assert res["clip_text"] == pytest.approx(2.5 * max(cos, 0.0), abs=1e-5)
 
 
-def test_validate_every_selects_the_best_step_in_benchmark_training(tmp_path):
-    from personalize.concept import load_concept
-
-    spec = parse_spec({**SPEC, "seeds": [0], "methods": [
-        {"method": "perfusion", "train": {"steps": 3, "batch_size": 1, "masks": "none"}, "validate_every": 1}]}, root=tmp_path)
-    summary = run_benchmark(spec, tmp_path / "out", progress=False)
-    assert summary.counts["done"] == summary.counts["total"]
-    db = BenchmarkDB(tmp_path / "out" / "benchmark.sqlite", create=False)
-    train = next(r for r in db.rows() if r["kind"] == "train")
-    db.close()
-    prov = load_concept(tmp_path / "out" / train["outputs"][0]).header["provenance"]
-    history = prov["validation"]
-    assert [h["step"] for h in history] == [1, 2, 3]
-    best = max(history, key=lambda h: h["h"])  # first of the best on ties, like the trainer
-    assert train["result"]["best_step"] == prov["best_step"] == best["step"]
-
-
 def test_example_specs_parse_and_the_toy_one_plans():
     from personalize.benchmark.spec import load_spec
 
@@ -373,7 +356,7 @@ def test_example_specs_parse_and_the_toy_one_plans():
     toy = load_spec(examples / "toy_benchmark.yaml")
     units = build_plan(toy)
     concepts, trainings = 4, 4  # perfusion (local), perfusion-trained-k, residuals, textual-inversion
-    settings = 3 + 3 + 2 + 1
+    settings = 4 + 3 + 2 + 1
     per_setting = 7 * 4 + 4 * 4  # 7 claim prompts and 4 leakage prompts, 4 seeds each
     base = concepts * (7 * 4 + 1) + 4 * 4  # each concept's superclass prompts + score; shared leakage prompts
     assert len(units) == concepts * trainings + concepts * settings * (per_setting + 1) + base
@@ -384,19 +367,32 @@ def test_cc101_and_folder_sources_plan_with_their_prompts_tokens_and_classes(cc1
 
     make_photos(tmp_path / "teddy")
     no_prompts = {k: v for k, v in SPEC.items() if k != "prompts"}  # each source brings its own prompts
-    spec = parse_spec({**no_prompts, "evaluator": {"backend": "clip"}, "concepts": [
+    methods = SPEC["methods"] + [{"method": "residuals", "train": {"steps": 2}}]
+    spec = parse_spec({**no_prompts, "evaluator": {"backend": "clip"}, "methods": methods, "concepts": [
         {"cc101": str(cc101), "names": ["scene_barn"]},
         {"folder": str(tmp_path / "teddy"), "superclass": "teddy", "token": "<ted>", "prompts": ["a {} at sea"]}]},
         root=tmp_path)
     units = build_plan(spec)
     gens = {u.key: u for u in units if u.kind == "generate"}
-    barn = sorted((u.prompt_index, u.prompt) for u in gens.values()
-                  if u.method == "perfusion" and u.concept == "scene_barn" and u.seed == 0 and u.purpose == "concept"
-                  and u.setting == {"beta": 0.6})
-    assert [p for _, p in barn] == ["<new1> barn in snowy ice.", "photo of a <new1> barn at night",
-                                    "<new1> barn with a river"]
+
+    def barn(method, setting):
+        return [p for _, p in sorted((u.prompt_index, u.prompt) for u in gens.values()
+                                     if u.method == method and u.concept == "scene_barn" and u.seed == 0
+                                     and u.purpose == "concept" and u.setting == setting)]
+
+    # each method as it trained: Perfusion's word in place of the class word, Residuals' V* before it
+    assert barn("perfusion", {"beta": 0.6}) == ["<new1> in snowy ice.", "photo of a <new1> at night",
+                                                "<new1> with a river"]
+    assert barn("residuals", {}) == ["<new1> barn in snowy ice.", "photo of a <new1> barn at night",
+                                     "<new1> barn with a river"]
     assert gens["generate/base/scene_barn/default/p1_s0"].prompt == "photo of a barn at night"
-    assert gens["generate/perfusion/teddy/beta=0.6/p0_s0"].prompt == "a <ted> teddy at sea"
+    assert gens["generate/perfusion/teddy/beta=0.6/p0_s0"].prompt == "a <ted> at sea"
+    assert gens["generate/residuals/teddy/default/p0_s0"].prompt == "a <ted> teddy at sea"
+    protocols = {(u.method, u.concept): u.payload["protocol"] for u in units if u.kind == "score" and u.method != "base"}
+    assert protocols["perfusion", "scene_barn"] == {"prompting": "word", "subject": "<new1>", "selection": "last step",
+                                                    "comparability": None}
+    assert protocols["residuals", "teddy"]["prompting"] == "modifier"
+    assert protocols["residuals", "teddy"]["subject"] == "<ted> teddy"
     classes = {u.concept: u.concept_class for u in units if u.kind == "train"}
     assert classes == {"scene_barn": "scene", "teddy": "teddy"}
     leak = [u.prompt for u in units if u.method == "base" and u.purpose == "leakage" and u.seed == 0]

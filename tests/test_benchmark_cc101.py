@@ -94,7 +94,9 @@ def test_plan_composes_every_method_that_composes(tmp_path):
     assert [c["token"] for c in joint.payload["concepts"]] == ["<new1>", "<new2>"]
     assert "train/perfusion/furniture_chair1" in units  # a pair member that is not benchmarked alone
     gen = units[f"generate/perfusion+residuals/{PAIR}/default/p1_s0"]
-    assert gen.prompt == "<new2> chair next to <new1> cat" and gen.purpose == "composition"
+    # each member as its method trained: Perfusion's <new1> in place of "cat", Residuals' <new2> before "chair"
+    assert gen.prompt == "<new2> chair next to <new1>" and gen.purpose == "composition"
+    assert units[f"generate/residuals+residuals/{PAIR}/default/p1_s0"].prompt == "<new2> chair next to <new1> cat"
     assert gen.deps == ["train/perfusion/pet_cat1", "train/residuals/furniture_chair1"]
     assert [(m["token"], m["knobs"]) for m in gen.payload["members"]] == [("<new1>", {}), ("<new2>", {"lag": True})]
     assert units[f"generate/base/{PAIR}/default/p1_s0"].prompt == "chair next to cat"

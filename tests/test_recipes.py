@@ -50,8 +50,9 @@ RECIPES = {
     },
     "perfusion": {
         # paper §4.4: "o* with a learning rate of 0.03, for the embedding ... 0.006. We use a batch size of 16",
-        # flips p=50%; no clipping listed. 250 steps: our cap for the best-step search (not from the paper).
-        "batch_size": 16, "lr_value": 0.03, "lr_embedding": 0.006, "flip_p": 0.5, "max_grad_norm": None,
+        # flips p=50%; no clipping listed, but ours clips at 1.0: the mask-weighted loss collapses unclipped
+        # (toy world, docs/TOYWORLD.md). 250 steps: our cap for the best-step search (not from the paper).
+        "batch_size": 16, "lr_value": 0.03, "lr_embedding": 0.006, "flip_p": 0.5, "max_grad_norm": 1.0,
         "steps": 250,
         # paper §4.4 (sigmoid hyper-parameters): training bias 0.75, temperature 0.1
         "beta_train": 0.75, "tau_train": 0.10,
@@ -129,16 +130,6 @@ def test_trainer_clips_only_when_the_method_does(ti_runs):
     assert ti_runs["default"].equal(ti_runs["zero"])
     # ... and a different one from clipping the gradient to (almost) nothing, which AdamW's eps then damps
     assert not ti_runs["default"].allclose(ti_runs["tiny"])
-
-
-@pytest.mark.parametrize("name", registry.names())
-def test_benchmark_spec_validates_on_the_references_schedule(name, tmp_path):
-    from personalize.benchmark.spec import parse_spec
-
-    raw = {"base": "tiny", "concepts": [{"toyworld": ["split_triangle"]}], "evaluator": {"backend": "toyworld"},
-           "methods": [{"method": name}, {"method": name, "label": "last", "validate_every": 0}]}
-    spec = parse_spec(raw, root=tmp_path)
-    assert [m.validate_every for m in spec.methods] == [VALIDATE_EVERY.get(name, 0), 0]
 
 
 def test_an_evaluator_without_validate_every_validates_every_25_steps(photos):

@@ -109,7 +109,7 @@ def resolve_pairs(spec) -> list[tuple[str, list[ConceptEntry], list[ConceptEntry
                 entry = cc101_entry(spec, singles.get(c.name, c))
                 token = c.token if len({x.token for x in comp.concepts}) == 2 else f"<new{i + 1}>"
                 alone.append(entry)
-                composed.append(replace(entry, token=token, subject=f"{token} {c.class_word}"))
+                composed.append(replace(entry, token=token))
             out.append((comp.name, alone, composed, comp.prompt_templates))
     return out
 
@@ -129,9 +129,9 @@ def plan_compositions(spec, units: list[Unit], generate) -> None:
         a, b = composed
         pair = ConceptEntry(name=name, superclass=f"{a.superclass} + {b.superclass}",
                             concept_class=f"{a.concept_class}+{b.concept_class}", token=f"{a.token} {b.token}",
-                            subject=name, templates=tuple(templates), source="cc101-composition")
+                            templates=tuple(templates), source="cc101-composition")
         prompts = list(enumerate(templates))[: spec.max_prompts or None]
-        info = {"names": [a.name, b.name], "concepts": [asdict(a), asdict(b)]}
+        info = {"names": [a.name, b.name], "concepts": [asdict(a), asdict(b)], "templates": list(templates)}
         base_gen = [generate(BASE, BASE, pair, {}, _fill(t, a.superclass, b.superclass), i, s, COMPOSITION, [],
                              {"composition": info}) for i, t in prompts for s in spec.seeds]
         base_score = Unit(key=f"score/{BASE}/{name}/default", kind="score", method=BASE, method_type=BASE,
@@ -140,7 +140,9 @@ def plan_compositions(spec, units: list[Unit], generate) -> None:
         units.append(base_score)
         for recipe in recipes(spec):
             members, trains = _members(spec, recipe, alone, composed, units, by_key)
-            gens = [generate(recipe.label, "compose", pair, {}, _fill(t, a.subject, b.subject), i, s, COMPOSITION,
+            subjects = [c.subject_for(_method_of(label, spec.methods).method)
+                        for c, label in zip(composed, recipe.members * (2 if recipe.joint else 1))]
+            gens = [generate(recipe.label, "compose", pair, {}, _fill(t, *subjects), i, s, COMPOSITION,
                              trains, {"members": members, "composition": info})
                     for i, t in prompts for s in spec.seeds]
             units.append(Unit(key=f"score/{recipe.label}/{name}/default", kind="score", method=recipe.label,
@@ -159,8 +161,7 @@ def _members(spec, recipe: Recipe, alone, composed, units: list[Unit], by_key: d
         if key not in by_key:
             unit = Unit(key=key, kind="train", method=m.label, method_type=m.method, concept=name,
                         concept_class="+".join(c.concept_class for c in composed), outputs=[out],
-                        payload={"concepts": [asdict(c) for c in composed], "train": m.train, "base": spec.base,
-                                 "validate_every": 0})
+                        payload={"concepts": [asdict(c) for c in composed], "train": m.train, "base": spec.base})
             units.append(unit)
             by_key[key] = unit
         return [{"concept_file": out, "token": None, "knobs": {}}], [key]
@@ -171,9 +172,7 @@ def _members(spec, recipe: Recipe, alone, composed, units: list[Unit], by_key: d
         if key not in by_key:  # a pair member that is not benchmarked alone
             unit = Unit(key=key, kind="train", method=m.label, method_type=m.method, concept=trained.name,
                         concept_class=trained.concept_class, outputs=[out],
-                        payload={"concept": asdict(trained), "train": m.train, "base": spec.base,
-                                 "validate_every": m.validate_every,
-                                 **({"evaluator": _evaluator_id(spec)} if m.validate_every else {})})
+                        payload={"concept": asdict(trained), "train": m.train, "base": spec.base})
             units.append(unit)
             by_key[key] = unit
         knobs = {"lag": True} if "lag" in method_registry.get(m.method).knobs else {}

@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from .. import methods as method_registry
 from ..errors import BadInputError
 from ..templates import check_token, shown, token_problem
 from .spec import DEFAULT_LEAKAGE_PROMPTS, DEFAULT_PROMPTS, Spec, setting_label
@@ -27,17 +28,27 @@ class ConceptEntry:
     superclass: str
     concept_class: str
     token: str
-    subject: str                 # what fills a prompt's {} slot, e.g. "<new1> barn"
-    templates: tuple[str, ...]
+    templates: tuple[str, ...]   # {} = the concept's subject: how a method writes it (see subject_for)
     source: str                  # toyworld | cc101 | folder
     photos: Optional[str] = None  # folder of training/reference photos (toy-world photos are rendered on demand)
     mirror_symmetric: bool = True
 
-    def prompts(self) -> list[str]:
-        return [t.replace("{}", self.subject) for t in self.templates]
+    def subject_for(self, method_type: str) -> str:
+        """What fills the templates' {} for ``method_type``, as that method trained and as its paper evaluates
+        it (``Method.prompting``): the token in place of the class word ("<new1>": Perfusion, Textual
+        Inversion) or before it ("<new1> barn": DreamBooth, Custom Diffusion, Residuals); the superclass word
+        for the base alone."""
+        if method_type == BASE:
+            return self.superclass
+        return method_registry.get(method_type).subject(self.token, self.superclass)
+
+    def prompts(self, method_type: str) -> list[str]:
+        return [t.replace("{}", self.subject_for(method_type)) for t in self.templates]
 
     def superclass_prompts(self) -> list[str]:
-        return [t.replace("{}", self.superclass) for t in self.templates]
+        """The templates with the superclass word: the base's prompts and every method's CLIP-T text (the
+        prompt with its token removed, or the class word back in the token's place)."""
+        return self.prompts(BASE)
 
 
 @dataclass
@@ -97,7 +108,7 @@ def _toyworld(spec: Spec, src: dict) -> list[ConceptEntry]:
         c = get_concept(name)
         templates = tuple(spec.prompts or (RECON + context_prompts(name)))
         out.append(ConceptEntry(name=name, superclass=c.superclass, concept_class=c.superclass, token=TOKEN,
-                                subject=TOKEN, templates=templates, source="toyworld",
+                                templates=templates, source="toyworld",
                                 mirror_symmetric=c.mirror_symmetric))
     return out
 
@@ -114,7 +125,7 @@ def _cc101(spec: Spec, src: dict) -> list[ConceptEntry]:
 def cc101_entry(spec: Spec, c) -> ConceptEntry:
     """A CustomConcept101 concept record as a benchmark concept (its own prompts unless the spec gives some)."""
     return ConceptEntry(name=c.name, superclass=c.class_word, concept_class=c.category, token=c.token,
-                        subject=c.subject, templates=tuple(spec.prompts or c.prompt_templates), source="cc101",
+                        templates=tuple(spec.prompts or c.prompt_templates), source="cc101",
                         photos=str(c.instance_dir))
 
 
@@ -125,7 +136,7 @@ def _folder(spec: Spec, src: dict) -> list[ConceptEntry]:
     token = src.get("token", "<new1>")
     superclass = src["superclass"]
     return [ConceptEntry(name=src.get("name", folder.name), superclass=superclass, concept_class=superclass,
-                         token=token, subject=f"{token} {superclass}",
+                         token=token,
                          templates=tuple(src.get("prompts") or spec.prompts or DEFAULT_PROMPTS), source="folder",
                          photos=str(folder))]
 
@@ -168,15 +179,14 @@ def build_plan(spec: Spec) -> list[Unit]:
         units.append(u)
         return u
 
-    def prompts_of(c: ConceptEntry) -> list[tuple[int, str, str]]:
-        cut = spec.max_prompts or None
-        return list(enumerate(zip(c.prompts(), c.superclass_prompts())))[:cut]
+    def prompts_of(c: ConceptEntry, method_type: str) -> list[tuple[int, str]]:
+        return list(enumerate(c.prompts(method_type)))[: spec.max_prompts or None]
 
     base_leak = [generate(BASE, BASE, None, {}, p, j, s, "leakage", [], {}) for j, p in enumerate(leak)
                  for s in spec.seeds]
     for c in concepts:
         base_gen = [generate(BASE, BASE, c, {}, sp, i, s, "concept", [], {"concept": asdict(c)})
-                    for i, (_, sp) in prompts_of(c) for s in spec.seeds]
+                    for i, sp in prompts_of(c, BASE) for s in spec.seeds]
         base_score = Unit(key=f"score/{BASE}/{c.name}/default", kind="score", method=BASE, method_type=BASE,
                           concept=c.name, concept_class=c.concept_class, deps=[u.key for u in base_gen],
                           payload={"concept": asdict(c), "evaluator": _evaluator_id(spec)})
@@ -185,14 +195,12 @@ def build_plan(spec: Spec) -> list[Unit]:
             concept_file = f"concepts/{m.label}/{c.name}.safetensors"
             train = Unit(key=f"train/{m.label}/{c.name}", kind="train", method=m.label, method_type=m.method,
                          concept=c.name, concept_class=c.concept_class, outputs=[concept_file],
-                         payload={"concept": asdict(c), "train": m.train, "base": spec.base,
-                                  "validate_every": m.validate_every,
-                                  **({"evaluator": _evaluator_id(spec)} if m.validate_every else {})})
+                         payload={"concept": asdict(c), "train": m.train, "base": spec.base})
             units.append(train)
             for setting in m.settings():
                 payload = {"concept_file": concept_file, "concept": asdict(c)}
                 gens = [generate(m.label, m.method, c, setting, p, i, s, "concept", [train.key], payload)
-                        for i, (p, _) in prompts_of(c) for s in spec.seeds]
+                        for i, p in prompts_of(c, m.method) for s in spec.seeds]
                 leaks = [generate(m.label, m.method, c, setting, p, j, s, "leakage", [train.key], payload)
                          for j, p in enumerate(leak) for s in spec.seeds]
                 units.append(Unit(
@@ -201,13 +209,24 @@ def build_plan(spec: Spec) -> list[Unit]:
                     deps=[u.key for u in gens + leaks] + [base_score.key] + [u.key for u in base_leak],
                     payload={"concept": asdict(c), "evaluator": _evaluator_id(spec),
                              "generated": [u.key for u in gens], "leakage": [u.key for u in leaks],
-                             "base_leakage": [u.key for u in base_leak], "base_score": base_score.key}))
+                             "base_leakage": [u.key for u in base_leak], "base_score": base_score.key,
+                             "protocol": protocol(spec, m.method, c)}))
     from .compositions import plan_compositions
 
     plan_compositions(spec, units, generate)
     order = {"train": 0, "generate": 1, "score": 2}
     units.sort(key=lambda u: (order[u.kind], u.method != BASE))
     return units
+
+
+SELECTION = "last step"  # every method alike: no best-step search (see spec.py)
+
+
+def protocol(spec: Spec, method_type: str, concept: ConceptEntry) -> dict:
+    """How a method's numbers were made, for the report: its prompting (``Method.prompting``) with the
+    concept's subject, the step selection (the same for every method) and the comparability block."""
+    return {"prompting": method_registry.get(method_type).prompting, "subject": concept.subject_for(method_type),
+            "selection": SELECTION, "comparability": spec.comparability}
 
 
 def _evaluator_id(spec: Spec) -> dict:
@@ -221,5 +240,5 @@ def concept_from_payload(payload: dict) -> ConceptEntry:
     return ConceptEntry(**data)
 
 
-__all__ = ["BASE", "ConceptEntry", "cc101_entry", "LEAKAGE_CONCEPT", "Unit", "build_plan", "concept_from_payload",
+__all__ = ["BASE", "SELECTION", "ConceptEntry", "protocol", "cc101_entry", "LEAKAGE_CONCEPT", "Unit", "build_plan", "concept_from_payload",
            "leakage_prompts", "resolve_concepts"]

@@ -44,6 +44,17 @@ def _pairs(worker, rows: list[dict], reference_rows: list[dict]) -> tuple[list[P
     return with_c, without
 
 
+def _stems_of(rows: list[dict]) -> list[str]:
+    """The images' ids, e.g. "p3_s1_0" (prompt 3, seed 1, sample 0): the same for a method and the base."""
+    return [Path(rel).stem for r in rows for rel in r["outputs"]]
+
+
+def _label(out: dict, ids: list[str], keys) -> None:
+    """``sample_ids[key]``: the id of each of ``samples[key]``'s values, so that the report pairs a method's
+    images with the base's (or another method's) by prompt, seed and sample, not by position."""
+    out.setdefault("sample_ids", {}).update({k: list(ids) for k in keys if k in out["samples"]})
+
+
 @dataclass(frozen=True)
 class Scorer:
     """A backend's benchmark scorer (registered in :mod:`personalize.evaluation.registry`)."""
@@ -78,6 +89,7 @@ def _shape_preserving(out: dict, concept, gens: list[dict]) -> dict:
         values = [v for v, k in zip(out["samples"][key], keep) if k]
         out[f"{key}_sp"] = sum(values) / len(values) if values else None
         out["samples"][f"{key}_sp"] = values
+        out["sample_ids"][f"{key}_sp"] = [i for i, k in zip(out["sample_ids"][key], keep) if k]
     return out
 
 
@@ -85,6 +97,7 @@ def _clip_base(worker, concept, gens: list[dict]) -> dict:
     clip, dino = worker.encoders()
     paths, prompts = _images(worker, gens)
     out = score_concept(clip, dino, paths, prompts, reference=list_images(worker.photos(concept)), token=None)
+    _label(out, _stems_of(gens), ("clip_text", "clip_image", "dino_image"))
     return _shape_preserving(out, concept, gens)
 
 
@@ -94,17 +107,28 @@ def _normalised_text(out: dict, base: dict) -> None:
     out["clip_text_norm"] = normalized_text_similarity(out["clip_text"], base_text) if base_text > 0 else None
     if out["clip_text_norm"] is not None:
         out["samples"]["clip_text_norm"] = [v / base_text for v in out["samples"]["clip_text"]]
+        out["sample_ids"]["clip_text_norm"] = list(out["sample_ids"]["clip_text"])
+
+
+def _class_texts(concept, gens: list[dict]) -> list[str]:
+    """CLIP-T's text of each image: its template with the superclass word, i.e. the prompt with the token
+    removed ("photo of a <new1> barn" -> "photo of a barn") or, where the token stood in place of the class
+    word, the class word back ("photo of a <new1>" -> "photo of a barn")."""
+    texts = concept.superclass_prompts()
+    return [texts[r["prompt_index"]] for r in gens for _ in r["outputs"]]
 
 
 def _clip_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
     clip, dino = worker.encoders()
-    paths, prompts = _images(worker, gens)
-    out = score_concept(clip, dino, paths, prompts, reference=list_images(worker.photos(concept)),
-                        token=concept.token)
+    paths, _ = _images(worker, gens)
+    out = score_concept(clip, dino, paths, _class_texts(concept, gens), reference=list_images(worker.photos(concept)),
+                        token=None)
+    _label(out, _stems_of(gens), ("clip_text", "clip_image", "dino_image"))
     _normalised_text(out, base)
     leak = LeakageScore(dino)
     out["samples"]["leakage_dino"] = [float(v) for v in leak.update(*_pairs(worker, leaks, base_leaks))]
     out["leakage_dino"] = leak.compute()
+    _label(out, _stems_of(leaks), ("leakage_dino",))
     text = out["clip_text_norm"] if out["clip_text_norm"] is not None else out["clip_text"]
     out["h"] = harmonic_mean(out["clip_image"], text)
     _shape_preserving(out, concept, gens)
@@ -115,7 +139,8 @@ def _clip_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
 
 # ----------------------------------------------------------------------------- compositions (CLIP / DINO)
 def score_composition(worker, row: dict) -> dict:
-    """A composition pair's images: CLIP-T of the composed prompt with both tokens removed; CLIP-I and DINO-I
+    """A composition pair's images: CLIP-T of the composed prompt with each member's superclass word for its
+    concept (both tokens removed); CLIP-I and DINO-I
     per member concept against its own photos (``{"clip_image": {concept: value}}``)."""
     from .plan import ConceptEntry
 
@@ -124,10 +149,12 @@ def score_composition(worker, row: dict) -> dict:
     db = worker.db
     gens = db.rows_by_key(row["payload"]["generated"])
     clip, dino = worker.encoders()
-    paths, prompts = _images(worker, gens)
+    paths, _ = _images(worker, gens)
     refs = {c.name: list_images(worker.photos(c)) for c in members}
-    tokens = None if row["method"] == BASE else [c.token for c in members]
-    out = score_concept(clip, dino, paths, prompts, reference=refs, token=tokens)
+    a, b = members  # each member's superclass in its slot: the composed prompt without its tokens (see _class_texts)
+    texts = [info["templates"][r["prompt_index"]].replace("{0}", a.superclass).replace("{1}", b.superclass)
+             for r in gens for _ in r["outputs"]]
+    out = score_concept(clip, dino, paths, texts, reference=refs, token=None)
     out["composition"] = list(info["names"])
     if row["method"] != BASE:
         _normalised_text(out, db.result(row["payload"]["base_score"]) or {})
@@ -146,18 +173,22 @@ def _toy_base(worker, concept, gens: list[dict]) -> dict:
     folder, prompts = _stems(gens)
     res = score_folder(worker.root / folder, prompts=prompts, concept=concept.name, placeholder=concept.superclass)
     return {"alignment": res["alignment"], "fidelity": res["fidelity"], "n_images": res["n_images"],
-            "samples": _per_image(res)}
+            **_per_image(res)}
 
 
-def _per_image(res: dict, base_alignment: float = 0.0) -> dict[str, list[float]]:
-    """Per-image values of the means (for the report's bootstrap confidence intervals); with the base's
-    alignment, ``alignment_norm`` too (each image's alignment over the base's mean)."""
-    images = res["per_image"].values()
-    out = {"alignment": [e["alignment"] for e in images if e.get("alignment") is not None],
-           "fidelity": [e["fidelity"] or 0.0 for e in images if "fidelity" in e]}
-    if base_alignment > 0 and out["alignment"]:
-        out["alignment_norm"] = [v / base_alignment for v in out["alignment"]]
-    return out
+def _per_image(res: dict, base_alignment: float = 0.0) -> dict[str, dict[str, list]]:
+    """``samples``: per-image values of the means (for the report's bootstrap confidence intervals), and their
+    ``sample_ids`` (the images' stems); with the base's alignment, ``alignment_norm`` too (each image's
+    alignment over the base's mean)."""
+    images = res["per_image"].items()
+    aligned = [(stem, e["alignment"]) for stem, e in images if e.get("alignment") is not None]
+    scored = [(stem, e["fidelity"] or 0.0) for stem, e in images if "fidelity" in e]
+    samples = {"alignment": [v for _, v in aligned], "fidelity": [v for _, v in scored]}
+    ids = {"alignment": [k for k, _ in aligned], "fidelity": [k for k, _ in scored]}
+    if base_alignment > 0 and aligned:
+        samples["alignment_norm"] = [v / base_alignment for _, v in aligned]
+        ids["alignment_norm"] = list(ids["alignment"])
+    return {"samples": samples, "sample_ids": ids}
 
 
 def _toy_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
@@ -173,7 +204,7 @@ def _toy_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
             "alignment_norm": res["alignment"] / base_align if base_align > 0 and res["alignment"] is not None else None,
             "leakage": other["leakage"], "no_concept_alignment": other["alignment"],
             "h": harmonic_mean(res["fidelity"] or 0.0, res["alignment"] or 0.0), "n_images": res["n_images"],
-            "samples": _per_image(res, base_align)}
+            **_per_image(res, base_align)}
 
 
 CLIP_SCORER = Scorer(_clip_base, _clip_method)

@@ -20,11 +20,18 @@
     methods:
       - method: perfusion
         train: {steps: 150, batch_size: 8}
-        validate_every: 25          # keep the step with the best harmonic mean (spec's evaluator); default: the
-                                    # method's reference (perfusion 25, its paper; others 0 = the last step)
-        sweep: {beta: [0.6, 0.7, 0.8], lock: [local, global]}
+        sweep:                      # a mapping (every combination) or a list of them (their union):
+          - {beta: [0.6, 0.7], lock: [local]}      # the paper's beta under local key-locking
+          - {beta: [0.4, 0.5, 0.6], lock: [global]}  # and under global key-locking
       - method: residuals
         sweep: {lag: [false, true]}
+    comparability: residuals-paper  # optional: the published table these numbers stand beside (a preset, or a
+                                    # mapping {table, base, images_per_prompt, sampler}); the spec is checked
+                                    # against it and the report states it
+
+Every method keeps its last training step: best-step selection for one method only would favour it, and a
+selection scored on the photos that then evaluate it would flatter it. Each method is prompted as it was
+trained (``Method.prompting``): "<new1>" in place of the class word, or "<new1> barn".
 
 Unknown keys anywhere are errors, so a typo never silently runs the defaults.
 """
@@ -42,13 +49,14 @@ from ..errors import BadInputError
 from ..evaluation import registry as evaluators
 from ..knobs import parse as parse_knobs
 from ..settings import coerce
+from . import comparability
 
 TOP_KEYS = {"name", "base", "device", "evaluator", "concepts", "prompts", "max_prompts", "leakage_prompts",
-            "seeds", "samples_per_prompt", "sampler", "methods", "compose"}
+            "seeds", "samples_per_prompt", "sampler", "methods", "compose", "comparability"}
 # CustomConcept101's protocol: 20 prompts x 5 images = 100 per concept (its README's reference numbers).
 CC101_SAMPLES_PER_PROMPT = 5
 SAMPLER_KEYS = {"steps", "guidance"}
-METHOD_KEYS = {"method", "label", "train", "sweep", "validate_every"}
+METHOD_KEYS = {"method", "label", "train", "sweep"}
 SOURCE_KEYS = {"toyworld": {"toyworld"}, "cc101": {"cc101", "names", "limit", "compositions"},
                "folder": {"folder", "name", "superclass", "token", "prompts"}}
 DEFAULT_LEAKAGE_PROMPTS = ("a photo of a beach at sunset", "a bowl of fruit on a wooden table",
@@ -61,14 +69,19 @@ class MethodSpec:
     label: str
     method: str
     train: dict
-    sweep: dict  # knob -> list of values
-    validate_every: int = 0  # > 0: best-step selection with the spec's evaluator (keep the best harmonic mean);
-    # a spec entry without it gets the method's ``validate_every`` (Perfusion's paper: 25)
+    sweeps: list[dict]  # each knob -> list of values; the settings are the union of each one's combinations
 
     def settings(self) -> list[dict]:
-        """Every inference setting of the sweep (the cartesian product), ``[{}]`` without a sweep."""
-        keys = sorted(self.sweep)
-        return [dict(zip(keys, values)) for values in itertools.product(*(self.sweep[k] for k in keys))]
+        """Every inference setting of the sweeps (each one's cartesian product, in order, each setting once),
+        ``[{}]`` without a sweep."""
+        out: list[dict] = []
+        for sweep in self.sweeps or [{}]:
+            keys = sorted(sweep)
+            for values in itertools.product(*(sweep[k] for k in keys)):
+                setting = dict(zip(keys, values))
+                if setting not in out:
+                    out.append(setting)
+        return out
 
 
 @dataclass
@@ -87,14 +100,11 @@ class Spec:
     samples_per_prompt: int = 1
     compose: Optional[list[str]] = None  # composition recipes ("A+B" method labels, or one multi-concept label)
     sampler: dict = field(default_factory=lambda: {"steps": 50, "guidance": 6.0})
+    comparability: Optional[dict] = None  # the published table the numbers stand beside (comparability.py)
     raw: dict = field(default_factory=dict)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    def sampler_for_validation(self) -> dict:
-        """Best-step validation samples with the benchmark's own sampler settings."""
-        return {"steps": self.sampler["steps"], "guidance": self.sampler["guidance"]}
 
     def resolve(self, path: str) -> Path:
         p = Path(path).expanduser()
@@ -156,6 +166,9 @@ def _method(entry, i: int) -> MethodSpec:
 
     where = f"methods[{i}]"
     entry = _mapping(entry, where)
+    if "validate_every" in entry or "validate_every" in _mapping(entry.get("train"), f"{where}.train"):
+        raise BadInputError(f"{where}: validate_every (best-step selection) is not used in a benchmark: every "
+                            "method keeps its last step, so none is selected on the photos that score it")
     _unknown(entry, METHOD_KEYS, where)
     name = entry.get("method")
     if not isinstance(name, str):
@@ -169,23 +182,25 @@ def _method(entry, i: int) -> MethodSpec:
         resolve_settings(cls, train)
     except (BadInputError, TypeError, ValueError) as exc:
         raise BadInputError(f"{where}.train: {exc}") from None
-    sweep = _mapping(entry.get("sweep"), f"{where}.sweep")
-    for knob, values in sweep.items():
-        if knob not in cls.knobs:
-            known = ", ".join(sorted(cls.knobs)) or "none"
-            raise BadInputError(f"{where}.sweep: {name} has no inference knob {knob!r} (knobs: {known})")
-        if not isinstance(values, list) or not values:
-            raise BadInputError(f"{where}.sweep.{knob} must be a non-empty list of values, e.g. [0.6, 0.7]")
-        for value in values:
-            parse_knobs(cls, {knob: value}, f"{where}.sweep.")
+    raw = entry.get("sweep")
+    sweeps = [_sweep(cls, _mapping(sw, f"{where}.sweep[{j}]"), f"{where}.sweep[{j}]") for j, sw in enumerate(raw)] \
+        if isinstance(raw, list) else [_sweep(cls, _mapping(raw, f"{where}.sweep"), f"{where}.sweep")]
     label = entry.get("label", cls.name)
     if not isinstance(label, str) or not label.replace("-", "").replace("_", "").isalnum() or label == "base":
         raise BadInputError(f"{where}: label {label!r} must be letters, digits, '-' or '_' (and not 'base')")
-    every = entry.get("validate_every", cls.validate_every)
-    if every != 0:
-        _positive_int(every, f"{where}.validate_every")
-    return MethodSpec(label=label, method=cls.name, train=dict(train), sweep={k: list(v) for k, v in sweep.items()},
-                      validate_every=every)
+    return MethodSpec(label=label, method=cls.name, train=dict(train), sweeps=[s for s in sweeps if s])
+
+
+def _sweep(cls, sweep: dict, where: str) -> dict:
+    for knob, values in sweep.items():
+        if knob not in cls.knobs:
+            known = ", ".join(sorted(cls.knobs)) or "none"
+            raise BadInputError(f"{where}: {cls.name} has no inference knob {knob!r} (knobs: {known})")
+        if not isinstance(values, list) or not values:
+            raise BadInputError(f"{where}.{knob} must be a non-empty list of values, e.g. [0.6, 0.7]")
+        for value in values:
+            parse_knobs(cls, {knob: value}, f"{where}.")
+    return {k: list(v) for k, v in sweep.items()}
 
 
 def _source(entry, i: int) -> dict:
@@ -275,7 +290,7 @@ def parse_spec(data: Any, root: Path, name: str = "benchmark") -> Spec:
     device = data.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise BadInputError(f"device must be auto, cpu or cuda, not {device!r}")
-    return Spec(
+    spec = Spec(
         name=str(data.get("name", name)), base=data["base"], methods=methods, sources=sources, root=Path(root),
         device=device, evaluator=evaluator,
         prompts=_str_list(data["prompts"], "prompts", slot=True) if "prompts" in data else None,
@@ -288,8 +303,11 @@ def parse_spec(data: Any, root: Path, name: str = "benchmark") -> Spec:
         compose=compose,
         sampler={"steps": _positive_int(sampler.get("steps", 50), "sampler.steps"),
                  "guidance": coerce("guidance", sampler.get("guidance", 6.0), float, "sampler.guidance")},
+        comparability=comparability.resolve(data.get("comparability")),
         raw=data,
     )
+    comparability.check(spec.comparability, spec)
+    return spec
 
 
 def load_spec(path: str | Path) -> Spec:

@@ -133,8 +133,7 @@ class Worker:
         path = train(self.pipe, self.photos(concept), token=concept.token, superclass=concept.superclass, out=out,
                      method=row["method_type"], settings=settings, masks=self.masks(concept, cfg), resume=resume,
                      progress=False,
-                     callbacks=[on_step], device="cpu" if self.device == "cpu" else None,
-                     validation=self.validator(concept, row["payload"].get("validate_every", 0)))
+                     callbacks=[on_step], device="cpu" if self.device == "cpu" else None)
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
         if "n" not in counted:  # resumed at the last step: no step ran, so count on a fresh build of the method
             method = method_cls.for_training(self.pipe, concept.token, concept.superclass, mcfg)
@@ -142,10 +141,8 @@ class Worker:
                 counted["n"] = trainable_params(method)
             finally:
                 method.remove()
-        best = load_concept(path).header.get("provenance", {}).get("best_step")
         return {"file_bytes": path.stat().st_size, "trainable_params": counted["n"], "steps": cfg.steps,
-                **({"earlier_seconds": round(clock.earlier, 3)} if clock.earlier else {}),
-                **({"best_step": best} if best is not None else {})}
+                **({"earlier_seconds": round(clock.earlier, 3)} if clock.earlier else {})}
 
     def train_joint(self, row: dict) -> dict:
         """A multi-concept method (Custom Diffusion) trains a composition pair into one file."""
@@ -164,21 +161,6 @@ class Worker:
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
         return {"file_bytes": path.stat().st_size, "trainable_params": counted.get("n", 0),
                 "steps": load_concept(path).header.get("config", {}).get("steps")}
-
-    def validator(self, concept: ConceptEntry, every: int):
-        """Best-step selection with the spec's evaluator (None when the method does not ask for it)."""
-        if not every:
-            return None
-        from ..evaluation.validation import make_validator
-
-        from ..evaluation.registry import get
-
-        ev = self.spec.evaluator
-        backend = get(ev["backend"])
-        photos = self.photos(concept) if backend.argument is None else None  # an argument names the concept
-        return make_validator(backend.evaluator_for(concept.name), every, photos, clip_weights=ev.get("clip_weights"),
-                              random_weights=bool(ev.get("random_weights")), device=self.device,
-                              **self.spec.sampler_for_validation())
 
     def generate(self, row: dict) -> dict:
         from ..generation import generate

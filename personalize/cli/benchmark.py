@@ -65,14 +65,18 @@ def validate(spec_path: Path = SPEC_ARG):
     units = build_plan(spec)
     kinds = Counter(u.kind for u in units)
     table = Table(title=f"{spec.name}: valid", show_header=True)
-    for col in ("method", "train", "settings"):
+    concepts = resolve_concepts(spec)
+    for col in ("method", "train", "settings", "prompted as"):
         table.add_column(col)
     for m in spec.methods:
         table.add_row(m.label, ", ".join(f"{k}={v}" for k, v in m.train.items()) or "paper defaults",
-                      "; ".join(f"{k}: {v}" for k, v in m.sweep.items()) or "default")
+                      " | ".join("; ".join(f"{k}: {v}" for k, v in sw.items()) for sw in m.sweeps) or "default",
+                      concepts[0].prompts(m.method)[0])
     out_console.print(table)
-    concepts = resolve_concepts(spec)
-    out_console.print(f"{len(concepts)} concept(s): {', '.join(c.name for c in concepts)}")
+    out_console.print(f"{len(concepts)} concept(s): {', '.join(c.name for c in concepts)}; every method keeps its "
+                      "last training step")
+    if spec.comparability:
+        out_console.print(f"comparable with: {spec.comparability['table']}")
     out_console.print(f"rows: {kinds['train']} train, {kinds['generate']} generate, {kinds['score']} score "
                   f"({len(units)} in all); base {spec.base}; evaluator {spec.evaluator['backend']}")
 

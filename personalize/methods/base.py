@@ -41,8 +41,14 @@ class Method:
     #: shown by ``personalize methods``
     recipe: ClassVar[str] = ""
     #: the reference's best-step schedule: validate every N steps and keep the best harmonic mean (0 = keep the
-    #: last step); the default of a benchmark spec's ``validate_every``
+    #: last step); the default of ``train --validate-every`` with an evaluator (a benchmark keeps every
+    #: method's last step)
     validate_every: ClassVar[int] = 0
+    #: how a prompt names the concept, as the method trains on it and as its paper evaluates it: "word" puts
+    #: the token in place of the class word ("a photo of a <tok>": Perfusion §4.5, Textual Inversion);
+    #: "modifier" writes the token before the class word ("a photo of a <tok> dog": DreamBooth's "[V] [class]",
+    #: Custom Diffusion's "<new1> cat", Personalized Residuals' "V* <macro class>"). See :meth:`subject`.
+    prompting: ClassVar[str] = "word"
     #: several concepts (image folders, tokens) in one run and one file
     multi_concept: ClassVar[bool] = False
     #: False when the method replaces the base (DreamBooth): it attaches alone
@@ -120,9 +126,15 @@ class Method:
         return cls.for_training(pipe, found["token"], found["superclass"], config)
 
     # -- training ----------------------------------------------------------------
+    @classmethod
+    def subject(cls, token: str, superclass: str) -> str:
+        """What fills a prompt's ``{}`` for a concept of this method (:attr:`prompting`): the training prompts'
+        words, and the benchmark's, so that every method is prompted the way it was trained."""
+        return f"{token} {superclass}" if cls.prompting == "modifier" else token
+
     def placeholder(self) -> str:
         """The words that stand for the concept in training prompts."""
-        return self.token
+        return self.subject(self.token, self.superclass)
 
     def templates(self) -> tuple[str, ...]:
         """Training prompt templates; ``{}`` is replaced by :meth:`placeholder`."""

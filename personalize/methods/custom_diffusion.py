@@ -65,6 +65,7 @@ class CustomDiffusion(Method):
     name = "custom-diffusion"
     description = "Cross-attention K/V deltas + modifier token(s), several concepts in one run (Kumari et al. 2023)"
     sites = ("tokens", "kv")
+    prompting = "modifier"  # the reference's "photo of a <new1> cat"
     Config = CustomDiffusionConfig
     multi_concept = True
     train_defaults = {"steps": 250, "batch_size": 2, "max_grad_norm": 1.0}
@@ -114,7 +115,7 @@ class CustomDiffusion(Method):
 
     # -- training
     def placeholders(self) -> list[str]:
-        return [f"{t} {s}" for t, s in zip(self.tokens, self.superclasses)]
+        return [self.subject(t, s) for t, s in zip(self.tokens, self.superclasses)]
 
     def placeholder(self) -> str:
         return self.placeholders()[0]

@@ -13,15 +13,14 @@ from .shared import word_vector
 class IdentifierToken:
     """The concept token as DreamBooth's identifier: a frozen copy of the ``identifier`` word's embedding."""
 
+    prompting = "modifier"  # "a photo of [V] [class]"
+
     def _init_identifier(self) -> None:
         vector = word_vector(self.pipe, self.config.identifier, single=True)
         self.vector = vector.unsqueeze(0).to(self.pipe.text_encoder.device)
 
     def token_vectors(self) -> tuple[list[str], torch.Tensor]:
         return [self.token], self.vector
-
-    def placeholder(self) -> str:
-        return f"{self.token} {self.superclass}"
 
     def templates(self) -> tuple[str, ...]:
         return ("a photo of a {}",)  # the reference's instance prompt "a photo of [V] [class]"

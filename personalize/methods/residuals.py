@@ -120,6 +120,7 @@ class Residuals(Method):
     name = "residuals"
     description = "Low-rank residuals on every transformer proj_out, optional LAG sampling (~5 MB per SD 1.5 concept)"
     sites = ("tokens", "proj_out")
+    prompting = "modifier"  # §3: "a photo of a V* <macro class>"
     Config = ResidualsConfig
     Group = ResidualGroup
     Knobs = ResidualsKnobs
@@ -179,9 +180,6 @@ class Residuals(Method):
         self.lag = lag
 
     # -- training hooks
-    def placeholder(self) -> str:
-        return f"{self.token} {self.superclass}"
-
     def templates(self) -> tuple[str, ...]:
         return ("a photo of a {}",)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 from .grid import _data_uri, _thumbnail
 from .plots import Plot
 from .stats import COMPOSITION_TEXT, H2H_TEXT, VIEWS_TEXT
-from .summary import CI_TEXT, VS_BASE_TEXT, _first_line, _is_base, _provenance_text, format_cell, metric_info
+from .summary import (CI_TEXT, VS_BASE_TEXT, _first_line, _is_base, _provenance_text, comparability_text, format_cell,
+                      metric_info)
 
 VS_BASE_NOTE = f'<p class="note">{VS_BASE_TEXT}</p>'
 
@@ -87,7 +88,12 @@ def _html_tables(summary: dict) -> str:
         results = "<p>No score rows yet: nothing to compare.</p>"
     else:
         results = _html_table(summary["results"]) + note
-    parts = [_html_section("Results per method and setting", results)]
+    parts = [f'<p class="meta">{_esc(comparability_text(summary.get("comparability")))}</p>']
+    if summary.get("protocol"):
+        parts.append(_html_section("Protocol per method", _html_table(summary["protocol"]) + (
+            '<p class="note">Each method is prompted as it trained (and as its paper evaluates it); every method '
+            "keeps the same training step, so no selection favours one of them.</p>")))
+    parts.append(_html_section("Results per method and setting", results))
     parts += _html_extra(summary)
     if summary.get("vs_base"):
         parts.append(_html_section("Difference from the base alone", _html_table(summary["vs_base"]) + VS_BASE_NOTE))

@@ -8,7 +8,8 @@ from typing import Optional
 
 from .plots import Plot
 from .stats import COMPOSITION_TEXT, H2H_TEXT, VIEWS_TEXT
-from .summary import CI_TEXT, VS_BASE_TEXT, _counts_text, _first_line, _provenance_text, format_cell, metric_info
+from .summary import (CI_TEXT, VS_BASE_TEXT, _counts_text, _first_line, _provenance_text, comparability_text,
+                      format_cell, metric_info)
 
 
 def _md(text) -> str:
@@ -55,7 +56,11 @@ def _md_grid(grid: dict, root: Path, out: Path) -> list[str]:
 def _render_md(title: str, summary: dict, grid: dict, plots: list[Plot], root: Path, out: Path,
                date: str) -> str:
     lines = [f"# {_md(title)}", "", _md(_provenance_text(summary, date)), "",
-             f"Units of work: {_counts_text(summary['counts'])}", "", "## Results per method and setting", ""]
+             f"Units of work: {_counts_text(summary['counts'])}", "",
+             _md(comparability_text(summary.get("comparability"))), ""]
+    if summary.get("protocol"):
+        lines += ["## Protocol per method", "", _md_table(summary["protocol"]), ""]
+    lines += ["## Results per method and setting", ""]
     if summary["results"] is None:
         lines.append("No score rows yet: nothing to compare.")
     else:

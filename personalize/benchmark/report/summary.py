@@ -302,6 +302,39 @@ def _cost_table(done: list[dict]) -> Optional[dict]:
     return _table(["method"], keys, rows) if rows else None
 
 
+PROMPTING_TEXT = {"word": "token in place of the class word", "modifier": "token before the class word"}
+
+
+def _protocol_table(scores: list[dict]) -> Optional[dict]:
+    """How each method's numbers were made (its score rows' ``payload["protocol"]``): its prompting, the
+    concept's subject in the prompts (one concept's, as an example), the step kept."""
+    rows = []
+    for (method,), group in _group(scores, lambda r: (r.get("method"),)).items():
+        proto = next(((r.get("payload") or {}).get("protocol") for r in group
+                      if (r.get("payload") or {}).get("protocol")), None)
+        if _is_base(method) or proto is None:
+            continue
+        rows.append({"method": method, "reference": False, "values": {},
+                     "cells": [method, PROMPTING_TEXT.get(proto["prompting"], str(proto["prompting"])),
+                               f"{proto['subject']} ({group[0].get('concept')})", proto["selection"]]})
+    return _table(["method", "prompting", "subject, e.g.", "training step kept"], [], rows) if rows else None
+
+
+def _comparability(scores: list[dict]) -> Optional[dict]:
+    """The spec's comparability block (the published table its numbers stand beside), None without one."""
+    return next(((r.get("payload") or {}).get("protocol", {}).get("comparability") for r in scores
+                 if ((r.get("payload") or {}).get("protocol") or {}).get("comparability")), None)
+
+
+def comparability_text(block: Optional[dict]) -> str:
+    if not block:
+        return ("Comparability: none declared; these numbers are not claimed to match a published table's "
+                "protocol (a spec's comparability: checks that).")
+    return (f"Comparable with: {block['table']} (checked: base {block['base']}, {block['images_per_prompt']} "
+            f"images per prompt, {block['prompts']} prompts, {block['sampler']['steps']} steps at guidance "
+            f"{block['sampler']['guidance']}).")
+
+
 # -------------------------------------------------------------------------------------------------------- summary
 
 
@@ -352,6 +385,8 @@ def summarize(rows: list[dict]) -> dict:
         "head_to_head": head_to_head_table(scores),
         "compositions": composition_table(done),
         "vs_base": _vs_base_table(scores),
+        "protocol": _protocol_table(scores),
+        "comparability": _comparability(scores),
         "best_h": _best_h_table(scores),
         "cost": _cost_table(done),
         "failed": [r for r in rows if r.get("status") == "failed"],
