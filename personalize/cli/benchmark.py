@@ -87,7 +87,7 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (database, concepts, images); default "
                                                           "'<spec name>_out'. Re-use it to resume."),
     clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local OpenAI CLIP ViT-B/32 weights "
-                                                "(open_clip state dict) instead of downloading them."),
+                                                "(open_clip state dict; run with QuickGELU) instead of downloading them."),
     dino_weights: Optional[Path] = typer.Option(None, "--dino-weights", help="Local DINO ViT-S/16 weights (timm "
                                                 "state dict) instead of downloading them."),
     db: Optional[str] = typer.Option(None, "--db", help="postgresql://user@host/dbname: keep the row queue in "

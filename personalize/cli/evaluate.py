@@ -28,7 +28,7 @@ def evaluate(
     samples: Path = typer.Option(..., "--samples", help="Folder of generated PNGs + prompts.json, as 'personalize generate' writes."),
     reference: Path = typer.Option(..., "--reference", help="Folder of the concept's real photos (the training images)."),
     token: Optional[str] = typer.Option(None, "--token", help="The learned word to drop from prompts for CLIP-T \\[default: every <...> word]."),
-    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local CLIP ViT-B-32 weights file \\[default: open_clip's 'openai' weights from the hub]."),
+    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local OpenAI CLIP ViT-B/32 weights file (open_clip state dict; run with QuickGELU) \\[default: open_clip's 'openai' weights from the hub]."),
     dino_weights: Optional[Path] = typer.Option(None, "--dino-weights", help="Local DINO ViT-S/16 weights file \\[default: timm's vit_small_patch16_224.dino from the hub]."),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda \\[default: cuda if available]."),
@@ -51,7 +51,7 @@ def evaluate(
         raise BadInputError(f"--reference '{reference}' is not a folder; pass the folder of the concept's photos")
     references = list_images(reference)
     if not references:
-        raise BadInputError(f"--reference '{reference}' has no images (.png/.jpg/.jpeg/.webp); pass the concept's photos")
+        raise BadInputError(f"--reference '{reference}' has no images CustomConcept101 scores (.png .jpg .jpeg .tiff .JPG); pass the concept's photos")
     clip_weights, dino_weights = _weights("--clip-weights", clip_weights), _weights("--dino-weights", dino_weights)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     clip = ClipEncoder(weights=clip_weights, device=device)

@@ -35,7 +35,7 @@ def train(
     validate_every: Optional[int] = typer.Option(None, "--validate-every", min=0, help="Best-step selection: every N steps (and at the last) sample a few images, score them and keep the step with the best harmonic mean (0 = off: keep the last step) \\[default: 25 (Perfusion §4.4) when --evaluator, --validation-prompt or --clip-weights is given, else off]."),
     evaluator: Optional[str] = typer.Option(None, "--evaluator", help="What --validate-every scores: clip (CLIP-I vs. the photos, CLIP-T) or toyworld:NAME (the toy world's fidelity and alignment for concept NAME) \\[default: clip]."),
     validation_prompt: List[str] = typer.Option([], "--validation-prompt", help="Prompt to validate with, {} = the concept; repeatable \\[default: 8 prompts as Perfusion §4.4 ('a photo of a {}', 'a {} on the beach', ...), one sample each; toyworld: toy-world scenes]."),
-    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local CLIP ViT-B-32 weights file for --evaluator clip \\[default: open_clip's 'openai' weights from the hub]."),
+    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local OpenAI CLIP ViT-B/32 weights file (open_clip state dict; run with QuickGELU) for --evaluator clip \\[default: open_clip's 'openai' weights from the hub]."),
     **flags,
 ):
     """Train a concept from a folder of photos and write one .safetensors file.
@@ -105,7 +105,7 @@ def _validation(every: Optional[int], evaluator: Optional[str], prompts: List[st
                                 "--clip-weights, or give --validate-every N (N > 0)")
         return None
     if clip_weights is not None and not clip_weights.is_file():
-        raise BadInputError(f"--clip-weights '{clip_weights}' is not a file; pass a CLIP ViT-B-32 state dict (.safetensors)")
+        raise BadInputError(f"--clip-weights '{clip_weights}' is not a file; pass an OpenAI CLIP ViT-B/32 state dict (.safetensors)")
     import torch
 
     from ..evaluation.validation import make_validator

@@ -1,5 +1,8 @@
 """Feature extractors for the image/text scores: OpenAI CLIP ViT-B/32 (open_clip) and DINO ViT-S/16 (timm).
 
+The networks are CustomConcept101's (its ``evaluate.py``): OpenAI CLIP ViT-B/32 as OpenAI trained it, with
+QuickGELU (``x * sigmoid(1.702 x)``) in every MLP of both towers (open_clip's ``ViT-B-32-quickgelu`` config; plain
+``ViT-B-32`` is nn.GELU, another network), and DINO ViT-S/16 (``dino_vits16``, timm ``vit_small_patch16_224.dino``).
 Weights come from the normal loaders (hub names, ``pretrained="openai"`` / timm hub), from a local
 file (``weights=``), or nowhere (``random_weights=True``: same architecture, random init, for offline
 tests). Preprocessing follows CustomConcept101: CLIP = resize 224 bicubic, center crop 224, CLIP
@@ -25,6 +28,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 
+CLIP_MODEL = "ViT-B-32-quickgelu"  # open_clip's config of OpenAI's ViT-B/32 (QuickGELU), on every open_clip >= 2.24
+CLIP_LABEL = "OpenAI CLIP ViT-B/32"
+# The names CustomConcept101's evaluate.py scores in a folder: these endings, case as written (no .PNG, .webp).
+CC101_IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".tiff", ".JPG")
+
 
 def load_image(item: ImageLike) -> Image.Image:
     """A PIL RGB image from a path, a PIL image or an HxWx3 uint8 array.
@@ -44,11 +52,12 @@ def load_image(item: ImageLike) -> Image.Image:
 
 
 def list_images(folder: Union[str, Path]) -> list[Path]:
-    """Sorted image files (.png/.jpg/.jpeg/.webp) directly inside ``folder``."""
+    """Sorted image files directly inside ``folder``: the ones CustomConcept101's evaluate.py scores, names ending
+    .png .jpg .jpeg .tiff .JPG exactly (a .webp, .PNG or .JPEG file is skipped, as there)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BadInputError(f"image folder not found: {folder}")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+    return sorted(p for p in folder.iterdir() if p.name.endswith(CC101_IMAGE_ENDINGS) and p.is_file())
 
 
 def make_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float]):
@@ -131,9 +140,10 @@ def _load_state(model: torch.nn.Module, weights: Union[str, Path]) -> None:
 
 
 class ClipEncoder:
-    """Unit-norm CLIP image and text features (open_clip)."""
+    """Unit-norm CLIP image and text features (open_clip): OpenAI CLIP ViT-B/32 with QuickGELU on every path
+    (hub ``pretrained``, local ``weights``, ``random_weights``)."""
 
-    def __init__(self, model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai",
+    def __init__(self, model_name: str = CLIP_MODEL, pretrained: Optional[str] = "openai",
                  weights: Union[None, str, Path] = None, random_weights: bool = False,
                  device: Union[str, torch.device] = "cpu", batch_size: int = 32):
         import open_clip
@@ -144,7 +154,8 @@ class ClipEncoder:
             with _quiet_root_logger():
                 model = open_clip.create_model(model_name, pretrained=None if random_weights or weights is not None else pretrained)
         except Exception as exc:  # hub/network problems -> one line
-            raise BaseModelError(f"could not load CLIP {model_name} ({pretrained} weights; offline?): {_first_line(exc)}; "
+            label = CLIP_LABEL if model_name == CLIP_MODEL else f"CLIP {model_name}"
+            raise BaseModelError(f"could not load {label} ({pretrained} weights; offline?): {_first_line(exc)}; "
                                  "pass a local weights file (--clip-weights PATH, clip_weights=)") from exc
         if weights is not None:
             _load_state(model, weights)

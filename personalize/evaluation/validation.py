@@ -106,7 +106,7 @@ class SamplingValidator(Validator):
 
 class ClipValidator(SamplingValidator):
     """h = harmonic_mean(CLIP-I vs. the training photos, CLIP-T); CLIP from ``clip_weights`` (a local file),
-    the hub (open_clip 'openai' ViT-B-32), or ``random_weights=True`` (tests)."""
+    the hub (open_clip 'openai' ViT-B/32, QuickGELU), or ``random_weights=True`` (tests)."""
 
     def __init__(self, every: int, reference_images: Sequence, prompts: Sequence[str] = DEFAULT_PROMPTS,
                  clip_weights: Union[None, str, Path] = None, random_weights: bool = False,
