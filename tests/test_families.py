@@ -258,9 +258,12 @@ def test_an_identity_edit_with_the_gate_off_gives_the_base_image_on_sdxl(xl, xl_
     base = image(xl, PROMPT.replace("<disc>", "ball"))
     with attach(xl, identity_concept(xl, xl_concepts["perfusion"]), gate=False, lock=lock):
         edited = image(xl)
-    np.testing.assert_allclose(edited, base, rtol=0, atol=2e-3)  # float rounding of W e - s W i* + s o*
-    with attach(xl, xl_concepts["perfusion"], gate=False, lock=lock):  # the trained concept does change it
-        assert np.abs(image(xl) - base).max() > 1e-2
+    tolerance = 2e-3  # float rounding of W e - s W i* + s o*
+    np.testing.assert_allclose(edited, base, rtol=0, atol=tolerance)
+    # the trained concept (one step) does change it, beyond that tolerance: 0.0055 through its K/V edits and its
+    # token's context (before the pooled vector read the superclass, test_sdxl_pooled.py, its leak doubled that)
+    with attach(xl, xl_concepts["perfusion"], gate=False, lock=lock):
+        assert np.abs(image(xl) - base).max() > 2 * tolerance
 
 
 def keys_and_values(pipe, prompt, **kwargs):

@@ -7,6 +7,7 @@
 - :mod:`.groups` — concepts sharing one occupant per site, and their join/leave;
 - :mod:`.state` — what is attached to a pipeline, in one object per pipeline;
 - :mod:`.prompt_rows` — which encoded prompt each UNet context row is (LAG, key lock);
+- :mod:`.pooled` — SDXL's pooled text vector read at the superclass for Perfusion's tokens;
 - :mod:`.lora_bank` — peft LoRA layers kept outside the model (residuals, DreamBooth-LoRA).
 
 Installing is idempotent per site and removing the last occupant puts the

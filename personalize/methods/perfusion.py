@@ -31,6 +31,10 @@ head noun of English class phrases ("penguin *plushie*"); (3) global key-locking
 re-encodes the prompt with the token replaced by the whole phrase and gives K,
 at the token's position, the phrase's last token (``edits/key_lock.py``). One-token
 classes get exactly the single-word rules; the gate's i*/o* math is unchanged.
+
+SDXL: the pooled text vector (``text_embeds``) conditions the whole UNet outside the K/V sites, so no gate or
+key lock covers it; a row with a Perfusion token gets the superclass prompt's pooled vector, in training and
+inference (``edits/pooled.py``, held by the group).
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ from torch import nn
 from ..edits.groups import SiteGroup
 from ..edits.key_lock import KeyLock
 from ..edits.placement import cross_attention_layers, site_names
+from ..edits.pooled import PooledSuperclass
 from ..edits.tokens import base_tokenizer, token_site
 from ..errors import BadInputError, ConceptFileError
 from .. import text_stack
@@ -71,6 +76,7 @@ class PerfusionGroup(SiteGroup):
         self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (C^-1, its Cholesky U)
         self._gate: tuple | None = None
         self.key_lock: KeyLock | None = None
+        self.pooled: PooledSuperclass | None = None  # SDXL: the pooled text vector reads the superclass
 
     def occupant(self, site: str) -> "PerfusionSite":
         layer, _, proj = site.rpartition(".")
@@ -81,7 +87,8 @@ class PerfusionGroup(SiteGroup):
             raise ConceptFileError("Perfusion concepts attached together must share the same covariance C")
 
     def changed(self) -> None:
-        """Install the key lock with the first globally locked concept, remove it with the last."""
+        """Install the key lock with the first globally locked concept, remove it with the last; on SDXL, the
+        pooled-vector hook (``edits/pooled.py``) with the first concept, remove it with the last."""
         wanted = any(c.global_lock for c in self.members)
         if wanted and self.key_lock is None:
             unet = self.pipe.unet
@@ -90,14 +97,24 @@ class PerfusionGroup(SiteGroup):
         elif not wanted and self.key_lock is not None:
             self.key_lock.remove()
             self.key_lock = None
+        pooled = bool(self.members) and text_stack.family(self.pipe) == "sdxl"
+        if pooled and self.pooled is None:
+            self.pooled = PooledSuperclass(self.pipe, self.superclass_replacements).install()
+        elif not pooled and self.pooled is not None:
+            self.pooled.remove()
+            self.pooled = None
 
     def lock_replacements(self) -> dict[int, list[int]]:
         """Token id -> the superclass phrase's token ids, for every globally locked concept."""
+        return self.superclass_replacements(only_global=True)
+
+    def superclass_replacements(self, only_global: bool = False) -> dict[int, list[int]]:
+        """Token id -> the superclass phrase's token ids, for every concept (``only_global``: globally locked)."""
         from ..templates import phrase_ids
 
         out = {}
         for c in self.members:
-            if c.global_lock:
+            if c.global_lock or not only_global:
                 (token_id,) = token_site(c.pipe).ids(c.key)
                 out[token_id] = phrase_ids(base_tokenizer(c.pipe), c.superclass)
         return out
