@@ -1,27 +1,31 @@
 """The report's tables with error bars: the two protocol views, per-concept scores, head-to-head differences
 between methods and the composition table.
 
-Every interval is a 95 % percentile bootstrap (:mod:`personalize.evaluation.bootstrap`, 2,000 replicates) over
-the score rows' per-image values (``result["samples"]``): one concept's score resamples its images; an
-average over concepts resamples the concepts, then the images within each (stratified). H, a function of two
-means, has no per-image values and no interval.
+Every interval is a 95 % bootstrap (:mod:`personalize.evaluation.bootstrap`, 2,000 replicates, the scheme and
+its calibration in ``docs/STATISTICS.md``) over the score rows' per-image values (``result["samples"]``): an
+average over concepts resamples the concepts (each with its observed mean); one concept resamples its prompts
+(read from the images' ids, ``result["sample_ids"]``; without ids, its images). Differences pair images by id
+(same concept, prompt, seed and sample), never by position; rows without ids are compared unpaired. H, a
+function of two means, has no per-image values and no interval.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import combinations
 from typing import Optional
 
-from ...evaluation.bootstrap import can_pair, diff_ci, mean_ci, significant
-from .summary import _best_indices, _group, _is_base, _mean, _result, _samples, _table, setting_label
+from ...evaluation.bootstrap import diff_ci, mean_ci, pair_by_ids, significant
+from .summary import _best_indices, _group, _is_base, _mean, _result, _samples, _table, setting_label, verdicts
 
 CC101_VIEW = ("clip_text", "clip_image", "dino_image")
 PERFUSION_VIEW = ("clip_image_sp", "clip_text_norm", "h_sp")
 HEAD_TO_HEAD_KEYS = ("clip_text", "clip_image", "dino_image", "clip_image_sp", "clip_text_norm", "alignment",
                      "fidelity")
 H2H_TEXT = ("Row method minus column method at each one's setting with the highest mean H (the first without H), "
-            "over the concepts both scored; images paired by prompt and seed where both have the same ones. "
-            "[brackets]: 95 % stratified bootstrap interval of the difference; * marks a significant difference "
-            "(the interval excludes 0).")
+            "over the concepts both scored; images paired by their ids (same prompt, seed and sample) where both "
+            "rows have them, else unpaired. [brackets]: 95 % bootstrap interval of the difference (concepts "
+            "resampled; one concept: its prompts); * marks a significant difference (the interval excludes 0), "
+            "with 'better' or 'worse' for the row method in the metric's direction.")
 VIEWS_TEXT = ("CC101 view: all prompts, CLIP-T with the token removed (×2.5), all-pairs CLIP-I and DINO-I. "
               "Perfusion view: image similarity on shape-preserving prompts only (scene changes; no style, "
               "material, colour, outfit, pose or viewpoint change), CLIP-T normalised by the base's CLIP-T on the "
@@ -32,11 +36,79 @@ COMPOSITION_TEXT = ("Composition pairs (CustomConcept101's dataset_multiconcept.
                     "every (pair, concept), interval over pairs/concepts and images.")
 
 
-def ci_of(groups: Optional[list[list[float]]]) -> Optional[tuple[float, float]]:
-    """The report's interval of a mean over ``groups`` (concepts): images only for one, stratified for more."""
+def prompt_of(sample_id: str) -> str:
+    """The prompt part of an image id ("p3_s1_0": prompt 3, seed 1, sample 0 -> "p3"): images of one prompt share
+    its effect, so one concept's interval resamples prompts, not images."""
+    return str(sample_id).split("_", 1)[0]
+
+
+def sample_ids(row: dict, key: str, concept: Optional[str] = None) -> Optional[list[str]]:
+    """The ids of the row's per-image values of ``key`` (``result["sample_ids"]``, parallel to
+    ``result["samples"]``; a composition row's are per member ``concept``); None without them or when they do
+    not line up with the values."""
+    result = row.get("result") or {}
+    ids = (result.get("sample_ids") or {}).get(key)
+    values = (result.get("samples") or {}).get(key)
+    if concept is not None:
+        ids = ids.get(concept) if isinstance(ids, dict) else None
+        values = values.get(concept) if isinstance(values, dict) else None
+    if not isinstance(ids, list) or not isinstance(values, list) or len(ids) != len(values):
+        return None
+    return [str(i) for i in ids]
+
+
+def _prompts(ids: Optional[list[str]]) -> Optional[list[str]]:
+    return None if ids is None else [prompt_of(i) for i in ids]
+
+
+def clusters_of(rows: list[dict], key: str) -> list[Optional[list[str]]]:
+    """Per row, the prompt of each of its per-image values of ``key`` (None for a row without ids)."""
+    return [_prompts(sample_ids(r, key)) for r in rows]
+
+
+def ci_of(groups: Optional[list[list[float]]],
+          clusters: Optional[list[Optional[list[str]]]] = None) -> Optional[tuple[float, float]]:
+    """The report's interval of a mean over ``groups`` (concepts): the concepts resampled for more than one;
+    one concept's prompts (``clusters``: each image's) or, without them, its images."""
     if not groups:
         return None
-    return mean_ci(groups, over_groups=len(groups) > 1)
+    return mean_ci(groups, over_groups=len(groups) > 1, clusters=clusters)
+
+
+@dataclass
+class Matched:
+    """Two sides' per-concept values of one key, ready for ``diff_ci``: ``paired`` when every concept's images
+    were matched by id (``a`` and ``b`` then hold only the images both have, in the same order)."""
+    a: list[list[float]]
+    b: list[list[float]]
+    paired: bool
+    clusters_a: list[Optional[list[str]]]
+    clusters_b: list[Optional[list[str]]]
+
+    @property
+    def value(self) -> float:
+        """Mean over concepts of the difference of the concepts' means."""
+        return sum(sum(x) / len(x) - sum(y) / len(y) for x, y in zip(self.a, self.b)) / len(self.a)
+
+    def ci(self) -> Optional[tuple[float, float]]:
+        return diff_ci(self.a, self.b, over_groups=len(self.a) > 1, paired=self.paired,
+                       clusters=self.clusters_a, clusters_b=self.clusters_b)
+
+
+def match_samples(rows_a: list[dict], rows_b: list[dict], key: str) -> Optional[Matched]:
+    """The per-image values of ``key`` of two lists of rows, row i of each of the same concept: images paired by
+    their ids (an inner join per concept) when every row has ids and every concept has images in common;
+    otherwise unpaired (an old database has no ids, and images are never paired by count or position). None
+    when a row has no per-image values."""
+    sa, sb = _samples(rows_a, key), _samples(rows_b, key)
+    if sa is None or sb is None:
+        return None
+    joins = [pair_by_ids(x, sample_ids(ra, key), y, sample_ids(rb, key))
+             for x, y, ra, rb in zip(sa, sb, rows_a, rows_b)]
+    if all(j is not None for j in joins):
+        clusters = [[prompt_of(i) for i in ids] for _, _, ids in joins]
+        return Matched([x for x, _, _ in joins], [y for _, y, _ in joins], True, clusters, clusters)
+    return Matched(sa, sb, False, clusters_of(rows_a, key), clusters_of(rows_b, key))
 
 
 def view_table(results: Optional[dict], keys: tuple[str, ...]) -> Optional[dict]:
@@ -51,7 +123,7 @@ def per_concept_table(scores: list[dict], keys: list[str]) -> Optional[dict]:
     rows = []
     for (method, setting, concept), group in _group(
             scores, lambda r: (r.get("method"), setting_label(r), r.get("concept"))).items():
-        ci = {k: mean_ci(s) for k in keys if (s := _samples(group, k)) is not None}
+        ci = {k: ci_of(s, clusters_of(group, k)) for k in keys if (s := _samples(group, k)) is not None}
         rows.append({"method": method, "cells": [method, setting, str(concept)], "reference": _is_base(method),
                      "ci": {k: v for k, v in ci.items() if v is not None},
                      "values": {k: _mean(_result(r, k) for r in group) for k in keys}})
@@ -85,12 +157,10 @@ def head_to_head_table(scores: list[dict]) -> Optional[dict]:
             continue
         values, ci, sig = {}, {}, {}
         for k in keys:
-            sa, sb = _samples([ra[c] for c in common], k), _samples([rb[c] for c in common], k)
-            if sa is None or sb is None:
+            matched = match_samples([ra[c] for c in common], [rb[c] for c in common], k)
+            if matched is None:
                 continue
-            paired = can_pair(sa, sb)
-            values[k] = sum(sum(x) / len(x) - sum(y) / len(y) for x, y in zip(sa, sb)) / len(sa)
-            ci[k] = diff_ci(sa, sb, over_groups=len(common) > 1, paired=paired)
+            values[k], ci[k] = matched.value, matched.ci()
             if ci[k] is not None:  # one image on each side: no interval, so no verdict either
                 sig[k] = significant(ci[k])
         if not values:
@@ -99,7 +169,7 @@ def head_to_head_table(scores: list[dict]) -> Optional[dict]:
         n_sig = sum(bool(v) for v in sig.values())
         rows.append({"method": a, "cells": [label, str(len(common)), f"{n_sig} of {len(sig)}"], "reference": False,
                      "values": values, "ci": {k: v for k, v in ci.items() if v is not None}, "sig": sig,
-                     "diff": True})
+                     "verdict": verdicts({k: v for k, v in ci.items() if v is not None}), "diff": True})
     if not rows:
         return None
     table = _table(["difference", "concepts", "significant"], keys, rows)
@@ -135,7 +205,8 @@ def composition_table(rows: list[dict]) -> Optional[dict]:
         members = [(r, c) for r in group for c in r["result"]["composition"]]
         detail = []
         for r, c in members:
-            ci = {k: mean_ci([s]) for k in keys if (s := _member_samples(r, k, c)) is not None}
+            ci = {k: ci_of([s], [_prompts(sample_ids(r, k, c))]) for k in keys
+                  if (s := _member_samples(r, k, c)) is not None}
             detail.append({"method": method, "cells": [method, str(r.get("concept")), c],
                            "reference": _is_base(method), "ci": {k: v for k, v in ci.items() if v is not None},
                            "values": {k: _member_value(r, k, c) for k in keys}})
@@ -154,5 +225,6 @@ def composition_table(rows: list[dict]) -> Optional[dict]:
     return table
 
 
-__all__ = ["CC101_VIEW", "COMPOSITION_TEXT", "H2H_TEXT", "PERFUSION_VIEW", "VIEWS_TEXT", "ci_of",
-           "composition_table", "head_to_head_table", "per_concept_table", "view_table"]
+__all__ = ["CC101_VIEW", "COMPOSITION_TEXT", "H2H_TEXT", "Matched", "PERFUSION_VIEW", "VIEWS_TEXT", "ci_of",
+           "clusters_of", "composition_table", "head_to_head_table", "match_samples", "per_concept_table",
+           "prompt_of", "sample_ids", "view_table"]

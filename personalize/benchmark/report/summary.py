@@ -11,16 +11,20 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from ...evaluation import registry
-from ...evaluation.bootstrap import LEVEL, can_pair, diff_ci, mean_ci
+from ...evaluation.bootstrap import LEVEL, mean_ci
 from ...evaluation.protocol import best_h
 from ..plan import BASE
 
 NOT_METRICS = {"n_images"}  # counts in a score row's result, not scores
-CI_TEXT = (f"{LEVEL:.0%} bootstrap confidence interval (stratified: concepts resampled, then images within "
-           "each; one concept: its images; 2,000 replicates; shown where the score rows keep per-image values).")
+CI_TEXT = (f"{LEVEL:.0%} bootstrap confidence interval (several concepts: the concepts resampled, each with its "
+           "mean, as a sample of the concepts one cares about; one concept: its prompts resampled, or its images "
+           "where the rows have no image ids; scaled for few concepts or prompts to t quantiles; 2,000 "
+           "replicates; shown where the score rows keep per-image values; see docs/STATISTICS.md).")
 VS_BASE_TEXT = ("Method minus the base alone (the superclass word instead of the concept), mean over the same "
-                f"concepts, with the {LEVEL:.0%} stratified bootstrap interval of the difference (images paired "
-                "by prompt and seed); significant: every interval excludes 0.")
+                f"concepts, with the {LEVEL:.0%} bootstrap interval of the difference (images paired by their ids: "
+                "same prompt, seed and sample; unpaired where the rows have no ids). * marks a metric whose "
+                "interval excludes 0, 'better' or 'worse' in that metric's direction (↑ higher is better, "
+                "↓ lower); significant: the metrics that are.")
 
 
 # -------------------------------------------------------------------------------------------------------- metrics
@@ -111,7 +115,36 @@ def format_cell(key: str, row: dict) -> str:
     text = fmt(row["values"].get(key))
     ci = (row.get("ci") or {}).get(key)
     text = text if ci is None else f"{text} [{fmt(ci[0])}, {fmt(ci[1])}]"
-    return text + (" *" if (row.get("sig") or {}).get(key) else "")
+    if not (row.get("sig") or {}).get(key):
+        return text
+    verdict = (row.get("verdict") or {}).get(key)
+    return text + " *" + (f" {verdict}" if verdict in ("better", "worse") else "")
+
+
+def verdict(key: str, ci: Optional[tuple[float, float]]) -> Optional[str]:
+    """A difference's verdict from its interval and the metric's direction: "better" or "worse" when the
+    interval excludes 0 (for a lower-is-better metric such as leakage, below 0 is better), "n.s." when it
+    holds 0; "higher"/"lower" for a metric without a direction; None without an interval."""
+    if ci is None:
+        return None
+    lo, hi = ci
+    if lo <= 0 <= hi:
+        return "n.s."
+    up, direction = lo > 0, metric_info(key).higher_is_better
+    if direction is None:
+        return "higher" if up else "lower"
+    return "better" if up == direction else "worse"
+
+
+def verdicts(ci: dict[str, Optional[tuple[float, float]]]) -> dict[str, str]:
+    return {k: v for k, c in ci.items() if (v := verdict(k, c)) is not None}
+
+
+def _verdict_text(verdict_of: dict[str, str]) -> str:
+    """The "significant" cell: the metrics that are, grouped by verdict ("better: fidelity; worse: DINO-I")."""
+    parts = [f"{word}: {', '.join(metric_info(k).label for k, v in verdict_of.items() if v == word)}"
+             for word in ("better", "worse", "higher", "lower") if word in verdict_of.values()]
+    return "; ".join(parts) or "none"
 
 
 # -------------------------------------------------------------------------------------------------------- helpers
@@ -219,7 +252,10 @@ def _results_table(scores: list[dict]) -> dict:
 
 def _vs_base_table(scores: list[dict]) -> Optional[dict]:
     """Per (method, setting): the difference from the base alone on the same concepts, with its bootstrap
-    interval; "significant" when the interval excludes 0 for every key."""
+    interval (images matched by id, :func:`stats.match_samples`) and a verdict per key: "better"/"worse" (the
+    interval excludes 0, read in the metric's direction) or "n.s." ("verdict"; "sig": excludes 0)."""
+    from .stats import match_samples
+
     base = {r.get("concept"): r for r in scores if _is_base(r.get("method"))}
     rows = []
     keys = [k for k in ("fidelity", "alignment", "clip_image", "dino_image") if _samples(list(base.values()), k)]
@@ -231,16 +267,15 @@ def _vs_base_table(scores: list[dict]) -> Optional[dict]:
             continue
         values, ci = {}, {}
         for k in keys:
-            mine, ref = _samples(paired, k), _samples([base[r.get("concept")] for r in paired], k)
-            if mine is None or ref is None:
-                continue
-            values[k] = sum(sum(m) / len(m) - sum(b) / len(b) for m, b in zip(mine, ref)) / len(mine)
-            ci[k] = diff_ci(mine, ref, over_groups=len(mine) > 1, paired=can_pair(mine, ref))  # same seeds
+            matched = match_samples(paired, [base[r.get("concept")] for r in paired], k)
+            if matched is not None:
+                values[k], ci[k] = matched.value, matched.ci()
         if not ci or any(v is None for v in ci.values()):
             continue
-        sig = all(lo > 0 or hi < 0 for lo, hi in ci.values())
+        verdict_of = verdicts(ci)
         rows.append({"method": method, "setting": setting, "reference": False, "ci": ci, "values": values,
-                     "cells": [method, setting, str(len(paired)), "yes" if sig else "no"], "diff": True})
+                     "sig": {k: v != "n.s." for k, v in verdict_of.items()}, "verdict": verdict_of,
+                     "cells": [method, setting, str(len(paired)), _verdict_text(verdict_of)], "diff": True})
     if not rows:
         return None
     table = _table(["method", "setting", "concepts", "significant"], keys, rows)
