@@ -128,12 +128,25 @@ def test_run_scores_each_concept_of_a_pair_against_its_own_photos(run, clip_weig
     assert res["composition"] == ["pet_cat1", "furniture_chair1"]
     barn = by_key["score/perfusion/scene_barn/default"]["result"]  # prompt 1 is a style change
     assert barn["clip_image_sp"] == pytest.approx(barn["samples"]["clip_image"][0])
-    base_text = by_key["score/base/scene_barn/default"]["result"]["clip_text"]
-    if base_text > 0:  # random CLIP weights may put every text on the clipped side of zero
-        assert barn["samples"]["clip_text_norm"] == pytest.approx([v / base_text for v in barn["samples"]["clip_text"]])
-        assert barn["clip_text_norm"] == pytest.approx(np.mean(barn["samples"]["clip_text_norm"]))
+    # the base's CLIP-T per prompt, from its images and superclass prompts; each image normalised by its prompt's
+    base_gens = [by_key[f"generate/base/scene_barn/default/p{i}_s0"] for i in range(2)]
+    feats = clip.encode_images([out / g["outputs"][0] for g in base_gens])
+    texts = clip.encode_texts([g["prompt"] for g in base_gens])
+    base_text = [2.5 * max(float(feats[i] @ texts[i]), 0.0) for i in range(2)]
+    assert by_key["score/base/scene_barn/default"]["result"]["clip_text_by_prompt"] == pytest.approx(
+        {"0": base_text[0], "1": base_text[1]}, abs=1e-5)
+    ratios = [v / b if b > 0 else None for v, b in zip(barn["samples"]["clip_text"], base_text)]
+    kept = [r for r in ratios if r is not None]  # random CLIP weights may put a text on the clipped side of zero
+    if kept:
+        assert barn["samples"]["clip_text_norm"] == pytest.approx(kept, abs=1e-4)
+        assert barn["clip_text_norm"] == pytest.approx(np.mean(kept), abs=1e-4)
     else:
         assert barn["clip_text_norm"] is None and "clip_text_norm" not in barn["samples"]
+    assert barn.get("clip_text_norm_skipped", []) == [i for i, r in enumerate(ratios) if r is None]
+    if ratios[0] is not None:  # prompt 0 ("photo of a {}.") is the only shape-preserving one
+        assert barn["clip_text_norm_sp"] == pytest.approx(ratios[0], abs=1e-4)
+    else:
+        assert barn["clip_text_norm_sp"] is None
 
 
 def test_report_has_intervals_views_head_to_head_and_compositions(run, tmp_path):
