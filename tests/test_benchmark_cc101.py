@@ -130,12 +130,25 @@ def test_run_scores_each_concept_of_a_pair_against_its_own_photos(run, clip_weig
     assert res["composition"] == ["pet_cat1", "furniture_chair1"]
     barn = by_key["score/perfusion/scene_barn/default"]["result"]  # prompt 1 is a style change
     assert barn["clip_image_sp"] == pytest.approx(barn["samples"]["clip_image"][0])
-    base_text = by_key["score/base/scene_barn/default"]["result"]["clip_text"]
-    if base_text > 0:  # random CLIP weights may put every text on the clipped side of zero
-        assert barn["samples"]["clip_text_norm"] == pytest.approx([v / base_text for v in barn["samples"]["clip_text"]])
-        assert barn["clip_text_norm"] == pytest.approx(np.mean(barn["samples"]["clip_text_norm"]))
+    # the base's CLIP-T per prompt, from its images and superclass prompts; each image normalised by its prompt's
+    base_gens = [by_key[f"generate/base/scene_barn/default/p{i}_s0"] for i in range(2)]
+    feats = clip.encode_images([out / g["outputs"][0] for g in base_gens])
+    texts = clip.encode_texts([g["prompt"] for g in base_gens])
+    base_text = [2.5 * max(float(feats[i] @ texts[i]), 0.0) for i in range(2)]
+    assert by_key["score/base/scene_barn/default"]["result"]["clip_text_by_prompt"] == pytest.approx(
+        {"0": base_text[0], "1": base_text[1]}, abs=1e-5)
+    ratios = [v / b if b > 0 else None for v, b in zip(barn["samples"]["clip_text"], base_text)]
+    kept = [r for r in ratios if r is not None]  # random CLIP weights may put a text on the clipped side of zero
+    if kept:
+        assert barn["samples"]["clip_text_norm"] == pytest.approx(kept, abs=1e-4)
+        assert barn["clip_text_norm"] == pytest.approx(np.mean(kept), abs=1e-4)
     else:
         assert barn["clip_text_norm"] is None and "clip_text_norm" not in barn["samples"]
+    assert barn.get("clip_text_norm_skipped", []) == [i for i, r in enumerate(ratios) if r is None]
+    if ratios[0] is not None:  # prompt 0 ("photo of a {}.") is the only shape-preserving one
+        assert barn["clip_text_norm_sp"] == pytest.approx(ratios[0], abs=1e-4)
+    else:
+        assert barn["clip_text_norm_sp"] is None
 
 
 def test_report_has_intervals_views_head_to_head_and_compositions(run, tmp_path):
@@ -188,3 +201,68 @@ def test_shape_preserving_prompts_on_published_cc101_lines():
     assert not any(shape_preserving(p) for p in barn_other + luggage_other)
     assert shape_preserving("A {0} lounging on a {1} on a sunny beach.")
     assert not shape_preserving("A watercolor painting of a {0} perched on a {1}.")
+
+
+# Lines of CustomConcept101's prompt files (adobe-research/custom-diffusion, customconcept101/prompts/<file>),
+# verbatim, trailing spaces included. A colour or material word on the concept makes a line not shape preserving;
+# one in the scene does not.
+PUBLISHED_LINES = [
+    # in the scene: shape preserving
+    ("sofa.txt", "{} and an orange sofa.", True),
+    ("table.txt", "{} and an orange sofa.", True),
+    ("jacket.txt", "{} hanging on a golden coat rack.", True),
+    ("transport.txt", "{} on a highway, with a golden retriever sitting in the driver's seat.", True),
+    ("jewelry.txt", "A {} on a blue velvet rug. ", True),
+    ("jewelry.txt", "A {} lying in a red jewelry box.", True),
+    ("jewelry.txt", "A {} on display behind a glass in a jewelry shop. ", True),
+    ("flower.txt", "{} in a violet vase on a table.", True),
+    ("cup.txt", "{} on a tree log, with a dense, green forest in the background.", True),
+    ("cup.txt", "A {} on a wooden table, with a small butterfly perched on the rim.", True),
+    ("cup.txt", "Coffee table with {} and a blueberry muffin on it. ", True),
+    ("cup.txt", "A {} floating in a futuristic neon-lit room.", True),
+    ("luggage.txt", "{} on the glass table of a high-rise penthouse overlooking a stunning city skyline.", True),
+    ("shoes.txt", "{} on the glass floor of a skyscraper overlooking the bustling city.", True),
+    ("castle.txt", "The {} in the autumn season with colorful foliage.", True),
+    ("dish.txt", "An orange drink on the side of the {}.", True),
+    ("toy.txt", "A {} and lego bricks lying on a rug. ", True),
+    ("headphone.txt", "{} next to a sleeping puppy in a sunlit living room.", True),
+    ("lamp.txt", "A {} on a wooden desk in a bustling city office. ", True),
+    ("things.txt", "{} on a rustic wooden bench in a cherry blossom garden.", True),
+    # on the concept (or a style, process or pose change): not shape preserving
+    ("sofa.txt", "A pink {}.", False),
+    ("table.txt", "A pink {}.", False),
+    ("sofa.txt", "An orange {}.", False),
+    ("sofa.txt", "A red color {}.", False),
+    ("table.txt", "a red color {}.", False),
+    ("jacket.txt", "A blue velvet {} is lying on the sofa.", False),
+    ("flower.txt", "a sky blue color {}.", False),
+    ("flower.txt", "{} with violet color petals.", False),
+    ("flower.txt", "a beige colored {}.", False),
+    ("sculpture.txt", "{} in rainbow colors.", False),
+    ("cup.txt", "A transparent {} filled with steaming hot cocoa.", False),
+    ("things.txt", "The {}, made of gold, shimmering under the soft light.", False),
+    ("toy.txt", "{} made of black stone.", False),
+    ("shoes.txt", "Gold colored {}. ", False),
+    ("luggage.txt", "A purple colored {} lying on a sofa.", False),
+    ("jewelry.txt", "{} crafted from smooth, polished amber.", False),
+    ("dish.txt", "A {} formed from chocolate.", False),
+    ("castle.txt", "The {}, steampunk aesthetic, adorned with gears and metallic accents.", False),
+    ("things.txt", "A holograph of {} in mid-air. ", False),
+    ("dog.txt", "a sleeping {}.", False),
+]
+
+
+@pytest.mark.parametrize("source, line, expected", PUBLISHED_LINES, ids=[f"{f}:{p.strip()}" for f, p, _ in
+                                                                          PUBLISHED_LINES])
+def test_colour_and_material_count_only_on_the_concept(source, line, expected):
+    assert shape_preserving(line) is expected
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("{} in red colour.", False), ("a red {}", False), ("a {} made of gold", False), ("A golden {}.", False),
+    ("a {} of pure gold.", False), ("A {0} sleeping on a purple {1}.", False),
+    ("{} on a red background.", True), ("{} in front of a blue house.", True),
+    ("{} on top of a green grass.", True), ("A {0} next to a golden {1} in a red room.", False),
+    ("A {0} next to a {1} in a red room.", True)])
+def test_colour_and_material_rule_on_made_up_lines(line, expected):
+    assert shape_preserving(line) is expected

@@ -57,7 +57,8 @@ def _score_result(rng: random.Random, method: str, backend: str) -> dict:
         return {"clip_text": rng.uniform(0.25, 0.3)}
     result = {"clip_text": rng.uniform(0.15, 0.3), "clip_image": rng.uniform(0.5, 0.9),
               "clip_text_norm": rng.uniform(0.6, 1.0), "dino_image": rng.uniform(0.3, 0.8),
-              "leakage_dino": rng.uniform(0.5, 1.0), "h": rng.uniform(0.5, 0.9)}
+              "leakage_dino": rng.uniform(0.5, 1.0), "h": rng.uniform(0.5, 0.9),
+              "clip_image_sp": rng.uniform(0.5, 0.9), "clip_text_norm_sp": rng.uniform(0.6, 1.0)}
     if method == "textual-inversion":  # only some metrics
         del result["leakage_dino"]
         result["dino_image"] = None
@@ -274,7 +275,7 @@ def test_summary_numbers(bench):
 
 
 def test_best_h_matches_brute_force(bench):
-    keys = ("clip_image", "clip_text_norm") if bench["backend"] == "clip" else ("fidelity", "alignment")
+    keys = ("clip_image_sp", "clip_text_norm_sp") if bench["backend"] == "clip" else ("fidelity", "alignment")
     expected = _expected_best_h(bench["rows"], *keys)
     got = {r["method"]: r for r in summarize(bench["rows"])["best_h"]["rows"]}
     assert set(got) == set(METHODS)
@@ -336,7 +337,7 @@ def test_grid_bounded_and_missing_image(bench):
 
 
 def test_grid_uses_each_methods_best_h_setting(bench):
-    keys = ("clip_image", "clip_text_norm") if bench["backend"] == "clip" else ("fidelity", "alignment")
+    keys = ("clip_image_sp", "clip_text_norm_sp") if bench["backend"] == "clip" else ("fidelity", "alignment")
     choice = {m: per_class for m, (per_class, _) in _expected_best_h(bench["rows"], *keys).items()}
     grid = image_grid([r for r in bench["rows"] if r["status"] == "done"], choice)
     assert grid["methods"] == ["base", *METHODS]

@@ -2,12 +2,14 @@
 
 CLIP backend (CustomConcept101's numbers plus the Perfusion protocol):
 ``clip_text`` (2.5 x clipped cosine, token removed), ``clip_image`` and ``dino_image`` (all-pairs means
-against the concept's photos), ``clip_text_norm`` (CLIP-T over the base's CLIP-T on the same prompts
-with the superclass word), ``leakage_dino`` (DINO cosine of same-seed leakage-prompt images with and
+against the concept's photos), ``clip_text_norm`` (the mean over images of each image's CLIP-T over the base's
+mean CLIP-T on the same prompt with the superclass word: the base row keeps ``clip_text_by_prompt``,
+{str(prompt_index): mean}; a prompt whose base mean is 0, every image clipped, is left out and listed in
+``clip_text_norm_skipped``), ``leakage_dino`` (DINO cosine of same-seed leakage-prompt images with and
 without the concept; 1 = no leakage) and ``h`` (harmonic mean of CLIP-I and normalised CLIP-T); the
-Perfusion view's ``clip_image_sp`` / ``dino_image_sp`` (shape-preserving prompts only) and ``h_sp``
-(harmonic mean of ``clip_image_sp`` and ``clip_text_norm``). ``samples`` keeps each score's per-image values
-for the report's bootstrap intervals. Composition rows: see :func:`score_composition`.
+Perfusion view's ``clip_image_sp`` / ``dino_image_sp`` / ``clip_text_norm_sp`` (shape-preserving prompts only)
+and ``h_sp`` (harmonic mean of ``clip_image_sp`` and ``clip_text_norm``). ``samples`` keeps each score's
+per-image values for the report's bootstrap intervals. Composition rows: see :func:`score_composition`.
 
 Toy-world backend (ground truth): ``alignment``, ``fidelity``, ``alignment_norm``, ``leakage`` (mean
 pixel difference on leakage prompts, lower is better) and ``h`` (harmonic mean of fidelity and alignment).
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from ..evaluation import LeakageScore, harmonic_mean, list_images, normalized_text_similarity, score_concept
 from ..evaluation.protocol import shape_preserving
@@ -93,21 +95,53 @@ def _shape_preserving(out: dict, concept, gens: list[dict]) -> dict:
     return out
 
 
+def _prompt_indices(rows: list[dict]) -> list[int]:
+    """Each image's prompt index, in the order of :func:`_images`."""
+    return [r["prompt_index"] for r in rows for _ in r["outputs"]]
+
+
+def _text_by_prompt(out: dict, rows: list[dict]) -> dict[str, float]:
+    """The mean CLIP-T of each prompt's images, keyed by ``str(prompt_index)`` (the result is stored as JSON)."""
+    groups: dict[str, list[float]] = {}
+    for index, value in zip(_prompt_indices(rows), out["samples"]["clip_text"]):
+        groups.setdefault(str(index), []).append(float(value))
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
 def _clip_base(worker, concept, gens: list[dict]) -> dict:
     clip, dino = worker.encoders()
     paths, prompts = _images(worker, gens)
     out = score_concept(clip, dino, paths, prompts, reference=list_images(worker.photos(concept)), token=None)
     _label(out, _stems_of(gens), ("clip_text", "clip_image", "dino_image"))
+    out["clip_text_by_prompt"] = _text_by_prompt(out, gens)
     return _shape_preserving(out, concept, gens)
 
 
-def _normalised_text(out: dict, base: dict) -> None:
-    """``clip_text_norm`` and its per-image values (each image's CLIP-T over the base's mean CLIP-T)."""
-    base_text = base.get("clip_text") or 0.0
-    out["clip_text_norm"] = normalized_text_similarity(out["clip_text"], base_text) if base_text > 0 else None
-    if out["clip_text_norm"] is not None:
-        out["samples"]["clip_text_norm"] = [v / base_text for v in out["samples"]["clip_text"]]
-        out["sample_ids"]["clip_text_norm"] = list(out["sample_ids"]["clip_text"])
+def _normalised_text(out: dict, base: dict, rows: list[dict], keep: Optional[list[bool]] = None) -> None:
+    """``clip_text_norm`` and its per-image values: each image's CLIP-T over the base's mean CLIP-T on the same
+    prompt (``base["clip_text_by_prompt"]``), then their mean. Images of a prompt whose base mean is 0 (or that
+    the base did not score) are left out; their prompt indices go to ``clip_text_norm_skipped``. ``keep``: per
+    image, whether its prompt is shape preserving; gives ``clip_text_norm_sp`` over those images. None when no
+    image is left (e.g. a base row scored before it kept its per-prompt means)."""
+    by_prompt = base.get("clip_text_by_prompt") or {}
+    ids = out.get("sample_ids", {}).get("clip_text")
+    ratios: list[Optional[float]] = []
+    for index, value in zip(_prompt_indices(rows), out["samples"]["clip_text"]):
+        reference = by_prompt.get(str(index)) or 0.0
+        ratios.append(normalized_text_similarity(value, reference) if reference > 0 else None)
+    skipped = sorted({i for i, r in zip(_prompt_indices(rows), ratios) if r is None})
+    if skipped:
+        out["clip_text_norm_skipped"] = skipped
+    subsets = [("clip_text_norm", [True] * len(ratios))]
+    if keep is not None:
+        subsets.append(("clip_text_norm_sp", keep))
+    for key, mask in subsets:
+        values = [r for r, k in zip(ratios, mask) if k and r is not None]
+        out[key] = sum(values) / len(values) if values else None
+        if values:
+            out["samples"][key] = values
+            if ids is not None:
+                out["sample_ids"][key] = [i for i, r, k in zip(ids, ratios, mask) if k and r is not None]
 
 
 def _class_texts(concept, gens: list[dict]) -> list[str]:
@@ -124,7 +158,7 @@ def _clip_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
     out = score_concept(clip, dino, paths, _class_texts(concept, gens), reference=list_images(worker.photos(concept)),
                         token=None)
     _label(out, _stems_of(gens), ("clip_text", "clip_image", "dino_image"))
-    _normalised_text(out, base)
+    _normalised_text(out, base, gens, keep=[shape_preserving(concept.templates[i]) for i in _prompt_indices(gens)])
     leak = LeakageScore(dino)
     out["samples"]["leakage_dino"] = [float(v) for v in leak.update(*_pairs(worker, leaks, base_leaks))]
     out["leakage_dino"] = leak.compute()
@@ -140,8 +174,9 @@ def _clip_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
 # ----------------------------------------------------------------------------- compositions (CLIP / DINO)
 def score_composition(worker, row: dict) -> dict:
     """A composition pair's images: CLIP-T of the composed prompt with each member's superclass word for its
-    concept (both tokens removed); CLIP-I and DINO-I
-    per member concept against its own photos (``{"clip_image": {concept: value}}``)."""
+    concept (both tokens removed); CLIP-I and DINO-I per member concept against its own photos
+    (``{"clip_image": {concept: value}}``); the base row keeps its per-prompt CLIP-T means, a recipe's
+    ``clip_text_norm`` divides by them prompt by prompt."""
     from .plan import ConceptEntry
 
     info = row["payload"]["composition"]
@@ -156,8 +191,10 @@ def score_composition(worker, row: dict) -> dict:
              for r in gens for _ in r["outputs"]]
     out = score_concept(clip, dino, paths, texts, reference=refs, token=None)
     out["composition"] = list(info["names"])
-    if row["method"] != BASE:
-        _normalised_text(out, db.result(row["payload"]["base_score"]) or {})
+    if row["method"] == BASE:
+        out["clip_text_by_prompt"] = _text_by_prompt(out, gens)
+    else:
+        _normalised_text(out, db.result(row["payload"]["base_score"]) or {}, gens)
     return out
 
 

@@ -6,7 +6,8 @@
 - ``harmonic_mean`` and ``best_h``: per class, the inference setting (e.g. beta, tau, lock) with the best
   harmonic mean of image and (normalised) text similarity.
 - ``shape_preserving``: whether a prompt only changes the scene (the Perfusion paper's image similarity uses
-  those prompts only).
+  those prompts only): no style, medium, outfit, pose or viewpoint word anywhere, and no colour or material word
+  on the concept itself ("A pink {}." is not; "{} and an orange sofa." is).
 """
 from __future__ import annotations
 
@@ -76,22 +77,85 @@ def best_h(rows: Iterable[Mapping], image_key: str = "image", text_key: str = "t
     }
 
 
-# Words of a prompt that ask for more than a new scene: an art style or medium, a material, colour or shape, a
-# costume or outfit, an expression or pose, a viewpoint. CustomConcept101's prompt files list scene changes and
-# object insertions first, then such changes (e.g. barn.txt: "{} in snowy ice." ... "cat sitting in front of
-# the {}." then "{} oil painting ghibli inspired.", "A futuristic {}.", "Top view of the {}."); their files do
-# not label the lines, so the split is by these words (tests/test_benchmark_ci.py checks it on published lines).
+# Words of a prompt that ask for more than a new scene wherever they stand: an art style or medium, a material
+# process, a colour change, a shape, a costume or outfit, an expression or pose, a viewpoint. CustomConcept101's
+# prompt files list scene changes and object insertions first, then such changes (e.g. barn.txt: "{} in snowy
+# ice." ... "cat sitting in front of the {}." then "{} oil painting ghibli inspired.", "A futuristic {}.", "Top
+# view of the {}."); their files do not label the lines, so the split is by these words
+# (tests/test_benchmark_cc101.py checks it on published lines).
 _CHANGES = re.compile(r"\b(" + "|".join((
     r"paint\w*", r"watercolou?r", r"styles?", r"illustration", r"render\w*", r"3d", r"mosaic", r"cartoon",
     r"anime", r"avatar", r"sketch\w*", r"drawing", r"impressionis\w*", r"pointillis\w*", r"cubis\w*",
-    r"graffiti", r"stencil", r"inspired", r"art", r"artist", r"sculpture", r"statue", r"carved", r"made",
-    r"crochet", r"lego", r"colou?red", r"shaped", r"futuristic", r"surreal", r"close[- ]up", r"top view",
-    r"long shot", r"wet", r"toy", r"outfit", r"costume", r"dressed", r"wearing", r"character", r"impersonating",
-    r"screaming", r"sleeping", r"sad", r"crystal-clear", r"glass")) + r")\b", re.IGNORECASE)
+    r"graffiti", r"stencil", r"inspired", r"art", r"artist", r"aesthetic", r"steampunk", r"print",
+    r"holograph\w*", r"sculpture", r"statue", r"carved", r"made", r"crafted", r"formed", r"crochet",
+    r"colou?rs?", r"colou?red", r"shaped", r"surreal", r"close[- ]up", r"top view", r"long shot", r"wet", r"dried",
+    r"toy", r"outfit", r"costume", r"dressed", r"wearing", r"character", r"impersonating",
+    r"crystal-clear")) + r")\b", re.IGNORECASE)
+
+# Colour and material words: a change of the concept only when they apply to the concept slot ("A pink {}.",
+# "A blue velvet {} is lying on the sofa.", "{} in rainbow colors."); in the scene they keep the prompt shape
+# preserving ("{} and an orange sofa.", "{} hanging on a golden coat rack.", "A {} on a wooden table ...").
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "violet", "pink", "magenta", "cyan", "turquoise",
+           "teal", "brown", "black", "white", "grey", "gray", "beige", "navy", "maroon", "crimson", "scarlet",
+           "golden", "silver", "bronze", "copper", "colorful", "colourful", "multicolored", "multicoloured",
+           "rainbow", "pastel", "neon")
+MATERIALS = ("wooden", "wood", "metal", "metallic", "marble", "gold", "brass", "iron", "steel", "chrome",
+             "plastic", "paper", "cardboard", "origami", "clay", "ceramic", "porcelain", "stone", "glass",
+             "crystal", "jade", "emerald", "diamond", "amber", "knitted", "wool", "woolen", "woollen", "velvet",
+             "leather", "denim", "silk", "fabric", "rubber", "concrete", "ice", "chocolate", "transparent",
+             "translucent", "lego")
+# Other looks that change the concept on its slot ("A futuristic {}.") but not in the scene ("A {} floating in a
+# futuristic neon-lit room.", "A {} and lego bricks lying on a rug.").
+OTHER_LOOKS = ("futuristic",)
+# Expressions and poses: on the slot ("a sleeping {}.", "A {0} sleeping on ...") but not in the scene ("{} next to
+# a sleeping puppy ...").
+POSES = ("sleeping", "screaming", "sad", "barking", "crying", "yawning")
+_LOOKS = frozenset(COLOURS + MATERIALS + OTHER_LOOKS + POSES)
+_SLOT = re.compile(r"\{\d*\}")
+# Words that end the phrase in front of a slot: what stands before them does not describe the concept.
+_PHRASE_END = frozenset((
+    "a", "an", "the", "of", "in", "on", "at", "with", "and", "or", "to", "from", "by", "for", "near", "beside",
+    "behind", "under", "over", "into", "onto", "next", "like", "as", "is", "are", "was", "its", "this", "that",
+    "his", "her", "their", "our", "my", "your", "some", "inside", "outside", "between", "through", "across",
+    "against", "around", "above", "below", "atop", "among", "towards", "toward", "than"))
+_INTENSITY = r"(?:a|an|pure|solid|bright|light|dark|pale|deep|shiny|matte)"
+_LOOK = r"(?:" + "|".join(sorted(_LOOKS, key=len, reverse=True)) + r")"
+# "{} in red.", "{} in red colour", "{}, all in gold", "a {} of pure gold." (the look ends the phrase)
+_AFTER = re.compile(r"^\s*,?\s*(?:is\s+|all\s+)?(?:in|of)\s+(?:" + _INTENSITY + r"\s+)*" + _LOOK
+                    + r"(?:\s+(?:and|&)\s+" + _LOOK + r")?(?:\s+(?:colou?rs?|tones?|shades?|hues?|finish))?"
+                    + r"\s*(?:[.,;:!?]|$)", re.IGNORECASE)
+_AFTER_POSE = re.compile(r"^\s*(?:is\s+)?(?:" + "|".join(POSES) + r")\b", re.IGNORECASE)
+
+
+def _concept_look(template: str) -> bool:
+    """Whether a colour, material or pose word applies to a concept slot: in the words right before it (back to a
+    phrase-ending word, punctuation or another word in -ing, at most three words), as "in <colour>" right after it
+    or as a pose right after it ("{0} sleeping")."""
+    for slot in _SLOT.finditer(template):
+        phrase = re.split(r"[.,;:!?()\"]", template[: slot.start()].lower())[-1]
+        before = re.split(r"[^\w'-]+", phrase)
+        words = [w for w in before if w][-3:]
+        for word in reversed(words):
+            if word in _LOOKS or any(part in _LOOKS for part in word.split("-")):
+                return True
+            if word in _PHRASE_END or word.endswith("ing"):
+                break
+        after = template[slot.end():]
+        if _AFTER.match(after) or _AFTER_POSE.match(after):
+            return True
+    return False
 
 
 def shape_preserving(template: str) -> bool:
-    """True when ``template`` (a prompt with its concept slot ``{}``/``{0}``/``{1}`` or the subject filled in)
-    only places the concept in a scene, i.e. asks for no change of style, material, colour, shape, outfit,
-    pose or viewpoint."""
-    return _CHANGES.search(re.sub(r"\{\d*\}", " ", template)) is None
+    """True when ``template`` (a prompt with its concept slot ``{}``/``{0}``/``{1}``) only places the concept in
+    a scene, i.e. asks for no change of style, material, colour, shape, outfit, pose or viewpoint.
+
+    A change word (``_CHANGES``: painting, style, made, coloured, outfit, close-up, ...) anywhere makes it
+    False. A colour, material or pose word (``COLOURS``, ``MATERIALS``, ``OTHER_LOOKS``, ``POSES``) makes it False
+    only when it applies to a concept slot ("A pink {}.", "A blue velvet {}", "{} in rainbow colors.", "a sleeping
+    {}."); in the scene it does not ("{} and an orange sofa.", "A {} on a wooden table", "{} next to a sleeping
+    puppy"). Without a slot (the subject filled in) only the change words count.
+    """
+    if _CHANGES.search(_SLOT.sub(" ", template)):
+        return False
+    return not _concept_look(template)

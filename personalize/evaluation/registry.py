@@ -183,6 +183,7 @@ register(Backend(
         MetricSpec("leakage_dino", "no-leak DINO", True, _COS),
         MetricSpec("clip_image_sp", "CLIP-I shape-pres.", True, _COS),  # the Perfusion view (protocol.py)
         MetricSpec("dino_image_sp", "DINO-I shape-pres.", True, _COS),
+        MetricSpec("clip_text_norm_sp", "CLIP-T norm shape-pres.", True, (0.0, None)),
         MetricSpec("h_sp", "H (Perfusion view)", True),
     ),
     validator="personalize.evaluation.validation:clip_validator",
@@ -190,7 +191,7 @@ register(Backend(
     metric_objects="personalize.evaluation:build_metrics",
     options=("clip_weights", "dino_weights", "random_weights"),
     plots=(("clip_text", "clip_image"), ("clip_text", "dino_image")),
-    best_h=("clip_image", "clip_text_norm"),
+    best_h=("clip_image_sp", "clip_text_norm_sp"),  # the Perfusion paper's Best H: shape-preserving prompts
 ))
 
 register(Backend(

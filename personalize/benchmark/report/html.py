@@ -100,7 +100,8 @@ def _html_tables(summary: dict) -> str:
     if summary["best_h"]:
         parts.append(_html_section("Best H per method", _html_table(summary["best_h"]) + (
             '<p class="note">Per class, the setting with the best harmonic mean H of image and text '
-            "similarity; then the mean over classes.</p>")))
+            "similarity (CLIP backend: CLIP-I and normalised CLIP-T on shape-preserving prompts); then the mean "
+            "over classes.</p>")))
     if summary["cost"]:
         parts.append(_html_section("Cost per method", _html_table(summary["cost"]) + (
             '<p class="note">Train time, file size and parameters: mean over concepts. Time per image: '

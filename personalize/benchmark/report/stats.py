@@ -15,7 +15,9 @@ from itertools import combinations
 from typing import Optional
 
 from ...evaluation.bootstrap import diff_ci, mean_ci, pair_by_ids, significant
-from .summary import _best_indices, _group, _is_base, _mean, _result, _samples, _table, setting_label, verdicts
+from ...evaluation.protocol import class_balanced_mean
+from .summary import (_best_indices, _concept_class, _group, _is_base, _mean, _result, _samples, _table,
+                      setting_label, verdicts)
 
 CC101_VIEW = ("clip_text", "clip_image", "dino_image")
 PERFUSION_VIEW = ("clip_image_sp", "clip_text_norm", "h_sp")
@@ -26,10 +28,17 @@ H2H_TEXT = ("Row method minus column method at each one's setting with the highe
             "rows have them, else unpaired. [brackets]: 95 % bootstrap interval of the difference (concepts "
             "resampled; one concept: its prompts); * marks a significant difference (the interval excludes 0), "
             "with 'better' or 'worse' for the row method in the metric's direction.")
-VIEWS_TEXT = ("CC101 view: all prompts, CLIP-T with the token removed (×2.5), all-pairs CLIP-I and DINO-I. "
-              "Perfusion view: image similarity on shape-preserving prompts only (scene changes; no style, "
-              "material, colour, outfit, pose or viewpoint change), CLIP-T normalised by the base's CLIP-T on the "
-              "same prompts with the superclass word, and their harmonic mean.")
+VIEWS_TEXT = ("CC101 view: all prompts, mean over concepts: CLIP-T with the token removed (2.5 × the cosine, "
+              "clipped at 0), all-pairs CLIP-I and DINO-I. Perfusion view (the Perfusion paper's protocol): "
+              "CLIP-I over the images of shape-preserving prompts only (prompts that change the scene; none with "
+              "a style, medium, outfit, pose or viewpoint word, nor a colour or material word on the concept "
+              "itself: 'A pink {}.' is left out, '{} and an orange sofa.' is kept); CLIP-T norm: each image's "
+              "CLIP-T over the base's mean CLIP-T on the same prompt with the superclass word in place of the "
+              "concept, averaged over all prompts (a prompt whose base mean is 0 is left out); H: per concept, "
+              "the harmonic mean of the two. Each Perfusion-view column is class-balanced: the mean over each "
+              "concept class's concepts, then the mean over classes; [brackets]: bootstrap over classes, then "
+              "over the images pooled within each class. Best H (CLIP backend): per class, the setting with the "
+              "best harmonic mean of CLIP-I and CLIP-T norm, both on shape-preserving prompts.")
 COMPOSITION_TEXT = ("Composition pairs (CustomConcept101's dataset_multiconcept.json), scored per concept: CLIP-I "
                     "and DINO-I of the pair's images against that concept's own photos; CLIP-T of the composed "
                     "prompt with both tokens removed (the same for both concepts of a pair). 'all' rows: mean over "
@@ -117,6 +126,46 @@ def view_table(results: Optional[dict], keys: tuple[str, ...]) -> Optional[dict]
     if not results or not any(k in results["keys"] for k in keys):
         return None
     return _table(results["head"], list(keys), results["rows"])
+
+
+def _class_groups(rows: list[dict], key: str) -> Optional[list[list[float]]]:
+    """Per concept class, the per-image values of ``key`` of its concepts pooled; None if a row lacks them."""
+    samples = _samples(rows, key)
+    if samples is None:
+        return None
+    pooled: dict[str, list[float]] = {}
+    for r, values in zip(rows, samples):
+        pooled.setdefault(_concept_class(r), []).extend(values)
+    return list(pooled.values())
+
+
+def perfusion_view_table(scores: list[dict], keys: tuple[str, ...] = PERFUSION_VIEW) -> Optional[dict]:
+    """The Perfusion view, classes balanced as the paper does: per (method, setting), each of ``keys`` is the
+    mean over each concept class's concepts, then the mean over classes
+    (:func:`personalize.evaluation.protocol.class_balanced_mean`), so a class with many concepts counts as much
+    as a class with one. Interval: bootstrap over classes, then over the images pooled within each class (none
+    for H, which has no per-image values). A column without numbers shows "–"; None when no score row has any
+    of ``keys``."""
+    if not any(_result(r, k) is not None for r in scores for k in keys):
+        return None
+    rows = []
+    for (method, setting), group in _group(scores, lambda r: (r.get("method"), setting_label(r))).items():
+        values, ci = {}, {}
+        for k in keys:
+            have = [r for r in group if _result(r, k) is not None]
+            if not have:
+                values[k] = None
+                continue
+            values[k] = class_balanced_mean({i: _result(r, k) for i, r in enumerate(have)},
+                                            {i: _concept_class(r) for i, r in enumerate(have)})
+            groups = _class_groups(have, k)
+            if groups:
+                ci[k] = mean_ci(groups, over_groups=len(groups) > 1)
+        classes = {_concept_class(r) for r in group}
+        rows.append({"method": method, "setting": setting, "reference": _is_base(method),
+                     "cells": [method, setting, f"{len({r.get('concept') for r in group})} / {len(classes)}"],
+                     "ci": {k: v for k, v in ci.items() if v is not None}, "values": values})
+    return _table(["method", "setting", "concepts / classes"], list(keys), rows)
 
 
 def per_concept_table(scores: list[dict], keys: list[str]) -> Optional[dict]:
@@ -227,4 +276,4 @@ def composition_table(rows: list[dict]) -> Optional[dict]:
 
 __all__ = ["CC101_VIEW", "COMPOSITION_TEXT", "H2H_TEXT", "Matched", "PERFUSION_VIEW", "VIEWS_TEXT", "ci_of",
            "clusters_of", "composition_table", "head_to_head_table", "match_samples", "per_concept_table",
-           "prompt_of", "sample_ids", "view_table"]
+           "perfusion_view_table", "prompt_of", "sample_ids", "view_table"]

@@ -401,21 +401,25 @@ def summarize(rows: list[dict]) -> dict:
     "failed": [failed rows]}. Each table is {"head", "keys", "rows", "best"}: a row has "cells" (text),
     "values" ({key: float or None}) and "reference" (the base model); "best" maps each key to the indices
     of its best rows. "results": one row per (method, setting), means over score rows (i.e. concepts).
-    "best_h": one row per method (``best_h`` of the protocol, classes balanced), or None without the
-    needed keys. "cost": one row per method from its train and generate rows, or None without them.
+    "perfusion_view": one row per (method, setting), the Perfusion paper's columns class-balanced (mean per
+    concept class, then over classes; :func:`.stats.perfusion_view_table`). "best_h": one row per method
+    (``best_h`` of the protocol, classes balanced, on the first registered backend's Best-H pair present: for
+    CLIP, CLIP-I and normalised CLIP-T on shape-preserving prompts), or None without the needed keys. "cost":
+    one row per method from its train and generate rows, or None without them.
     """
-    from .stats import (CC101_VIEW, PERFUSION_VIEW, composition_table, head_to_head_table, per_concept_table,
-                        view_table)
+    from .stats import (CC101_VIEW, composition_table, head_to_head_table, per_concept_table,
+                        perfusion_view_table, view_table)
 
     done = [r for r in rows if r.get("status") == "done"]
     scores = [r for r in _of_kind(done, "score") if not (r.get("result") or {}).get("composition")]
     results = _results_table(scores) if scores else None
+    perfusion = perfusion_view_table(scores) if scores else None
     return {
         "counts": _counts(rows),
         "provenance": _provenance(done or rows),
         "results": results,
-        "cc101_view": view_table(results, CC101_VIEW) if view_table(results, PERFUSION_VIEW) else None,
-        "perfusion_view": view_table(results, PERFUSION_VIEW),
+        "cc101_view": view_table(results, CC101_VIEW) if perfusion else None,
+        "perfusion_view": perfusion,
         "per_concept": per_concept_table(scores, results["keys"]) if results else None,
         "head_to_head": head_to_head_table(scores),
         "compositions": composition_table(done),
