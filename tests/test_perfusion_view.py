@@ -57,7 +57,8 @@ def _gens(who: str) -> list[dict]:
 
 
 def test_text_is_normalised_prompt_by_prompt(fake_scores):
-    concept = SimpleNamespace(templates=tuple(t for t, _, _ in PROMPTS.values()), token="<new1>")
+    concept = ConceptEntry(name="barn", superclass="barn", concept_class="scene", token="<new1>",
+                           templates=tuple(t for t, _, _ in PROMPTS.values()), source="cc101")
     base = scoring._clip_base(fake_scores, concept, _gens("base"))
     base = json.loads(json.dumps(base))  # as the database hands it back: prompt indices become strings
     assert base["clip_text_by_prompt"] == pytest.approx({"0": 0.6, "1": 0.4, "2": 0.0})
@@ -76,16 +77,17 @@ def test_text_is_normalised_prompt_by_prompt(fake_scores):
 
 
 def test_without_per_prompt_base_means_there_is_no_normalised_score(fake_scores):
-    concept = SimpleNamespace(templates=tuple(t for t, _, _ in PROMPTS.values()), token="<new1>")
+    concept = ConceptEntry(name="barn", superclass="barn", concept_class="scene", token="<new1>",
+                           templates=tuple(t for t, _, _ in PROMPTS.values()), source="cc101")
     out = scoring._clip_method(fake_scores, concept, _gens("m"), [], [], {"clip_text": 0.5})  # an older base row
     assert out["clip_text_norm"] is None and out["clip_text_norm_sp"] is None
     assert "clip_text_norm" not in out["samples"] and "h_sp" not in out
 
 
 def test_composition_text_is_normalised_prompt_by_prompt(fake_scores):
-    members = [asdict(ConceptEntry(name=n, superclass=n, concept_class="c", token=t, subject=f"{t} {n}",
-                                   templates=("{}",), source="cc101")) for n, t in (("cat", "<new1>"), ("chair", "<new2>"))]
-    info = {"names": ["cat", "chair"], "concepts": members}
+    members = [asdict(ConceptEntry(name=n, superclass=n, concept_class="c", token=t, templates=("{}",),
+                                   source="cc101")) for n, t in (("cat", "<new1>"), ("chair", "<new2>"))]
+    info = {"names": ["cat", "chair"], "concepts": members, "templates": [t for t, _, _ in PROMPTS.values()]}
     gens = {"gb": _gens("base"), "gm": _gens("m")}
     results = {}
     fake_scores.db = SimpleNamespace(rows_by_key=lambda keys: gens[keys], result=lambda key: results[key])
