@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean claims
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The Perfusion claims decided on 4 concepts x 4 training seeds (~30 min on 2 cores; not part of `make test`)
+claims: install
+	PERSONALIZE_CLAIMS=1 $(PY) -m pytest -q tests/test_toyworld_claims.py
 
 clean:
 	rm -rf demo_out .pytest_cache

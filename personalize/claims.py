@@ -137,9 +137,54 @@ def measure_concept(pipe, concept, name: str, work: str | Path, *, reference: Op
             "no_concept_alignment": other["alignment"]}
 
 
+# ---------------------------------------------------------------------------------------------- deciding the claims
+# Claims 2-4 are decided on several concepts and training seeds with paired 95 % intervals (images matched by
+# prompt and sampling seed; concepts resampled: evaluation/bootstrap.py), never on one run.
+CLAIM_CONCEPTS = ("split_triangle", "dotted_square", "striped_heart", "checkered_circle")
+CLAIM_SEEDS = (0, 1, 2, 3)
+BETA_GRID = (0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def per_image(pipe, concept, name: str, templates, key: str, work: str | Path, *, seeds: int = 4,
+              reference: Optional[Path] = None, **knobs) -> dict[str, float]:
+    """``{image stem: key}`` over ``templates`` sampled with ``concept`` attached (None: the base alone) with
+    inference ``knobs``: "alignment" / "fidelity" (prompts with the token) or "leakage" (against
+    ``reference``). Stems ("<prompt>_<seed>") are the same for every concept, so images pair by stem."""
+    import contextlib
+
+    from .compose import attach
+
+    with attach(pipe, concept, **knobs) if concept is not None else contextlib.nullcontext():
+        folder = sample(pipe, templates, Path(work), seeds=seeds)
+    scores = score_folder(folder, concept=name, placeholder=TOKEN, reference=reference)["per_image"]
+    return {stem: e[key] if e.get(key) is not None else 0.0 for stem, e in scores.items() if key in e}
+
+
+def paired(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> dict:
+    """Mean of a - b over runs (``{run: {stem: value}}``, runs named "<concept>/<seed>") with the paired 95 %
+    interval: each run's images matched to the same run's images of ``b`` by stem, concepts resampled (a
+    concept's training seeds and images are not independent of it)."""
+    from .evaluation.bootstrap import mean_ci
+
+    by_concept: dict[str, list[float]] = {}
+    for run in sorted(a):
+        common = sorted(a[run].keys() & b[run].keys())
+        by_concept.setdefault(run.split("/")[0], []).extend(a[run][s] - b[run][s] for s in common)
+    groups = list(by_concept.values())
+    mean = sum(sum(g) / len(g) for g in groups) / len(groups)
+    ci = mean_ci(groups, over_groups=len(groups) > 1)
+    return {"diff": mean, "ci": list(ci) if ci else None, "concepts": len(groups), "images": sum(map(len, groups))}
+
+
+def excludes_zero(result: dict, sign: int) -> bool:
+    """The interval lies wholly on the ``sign`` side of 0."""
+    return result["ci"] is not None and (result["ci"][0] > 0 if sign > 0 else result["ci"][1] < 0)
+
+
 def _summary(scores: dict) -> dict:
     return {k: v for k, v in scores.items() if k != "per_image"}
 
 
-__all__ = ["CONTEXT", "NO_CONCEPT", "RECON", "TOKEN", "context_prompts", "measure_concept", "no_concept_reference", "sample",
+__all__ = ["BETA_GRID", "CLAIM_CONCEPTS", "CLAIM_SEEDS", "CONTEXT", "NO_CONCEPT", "RECON", "TOKEN", "excludes_zero",
+           "paired", "per_image", "context_prompts", "measure_concept", "no_concept_reference", "sample",
            "superclass_baseline", "train_toy_concept"]

@@ -125,8 +125,12 @@ def test_toy_scoring_keeps_per_image_values_whose_means_are_the_scores(tmp_path)
         prompts[f"im{i}"] = "a <tok> on the left, on a blue background" if i < 5 else "a red star, on a blue background"
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     res = score_folder(tmp_path, concept="striped_heart")
-    samples = _per_image(res)
+    kept = _per_image(res)
+    samples = kept["samples"]
     assert len(samples["fidelity"]) == 5 and len(samples["alignment"]) == 6
+    # each value carries its image's id (the stem), so the report pairs images by id, not by position
+    assert kept["sample_ids"]["fidelity"] == [f"im{i}" for i in range(5)]
+    assert [res["per_image"][i]["alignment"] for i in kept["sample_ids"]["alignment"]] == samples["alignment"]
     assert np.mean(samples["fidelity"]) == pytest.approx(res["fidelity"])
     assert np.mean(samples["alignment"]) == pytest.approx(res["alignment"])
 
