@@ -130,7 +130,7 @@ def _random_weights_file(encoder_name: str, tmp_path_factory, filename: str):
 
 @pytest.fixture(scope="session")
 def clip_weights_file(tmp_path_factory):
-    """A local CLIP ViT-B-32 weights file (random init, seed 0): the offline stand-in for the 'openai' weights."""
+    """A local CLIP ViT-B-32-quickgelu weights file (random init, seed 0): the offline stand-in for the 'openai' weights."""
     return _random_weights_file("ClipEncoder", tmp_path_factory, "clip.safetensors")
 
 
