@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from ...evaluation import registry
-from ...evaluation.bootstrap import LEVEL, mean_ci
+from ...evaluation.bootstrap import LEVEL
 from ...evaluation.protocol import best_h
 from ..plan import BASE
 
@@ -239,11 +239,13 @@ def _samples(group: list[dict], key: str) -> Optional[list[list[float]]]:
 
 
 def _results_table(scores: list[dict]) -> dict:
+    from .stats import ci_of, clusters_of
+
     keys = _metric_keys(scores)
     rows = []
     for (method, setting), group in _group(scores, lambda r: (r.get("method"), setting_label(r))).items():
         concepts = {r.get("concept") for r in group}
-        ci = {k: mean_ci(s, over_groups=len(s) > 1) for k in keys if (s := _samples(group, k)) is not None}
+        ci = {k: ci_of(s, clusters_of(group, k)) for k in keys if (s := _samples(group, k)) is not None}
         rows.append({"method": method, "setting": setting, "cells": [method, setting, str(len(concepts))],
                      "reference": _is_base(method), "ci": {k: v for k, v in ci.items() if v is not None},
                      "values": {k: _mean(_result(r, k) for r in group) for k in keys}})
