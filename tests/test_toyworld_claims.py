@@ -115,6 +115,11 @@ def test_claim2_key_locking_helps_alignment(decided):
 
 
 @SLOW
+@pytest.mark.xfail(strict=True, reason=(
+    "not shown at 95 % (benchmarks/toyworld_claims.py, 4 concepts x 4 seeds, 2026-12-06): on prompts without the "
+    "token the gated concept moves the base's images by 0.018 mean pixel difference, the same concept ungated by "
+    "0.055; paired difference -0.037 [-0.108, +0.001] over 256 image pairs, the interval (concepts resampled, "
+    "t with 3 df) just reaching 0; see docs/TOYWORLD.md"))
 def test_claim3_gating_preserves_the_prior(decided):
     """On prompts without the token, the gated concept changes the base's image less than the same concept
     with the gate off (paired by prompt and seed, concepts resampled)."""
@@ -123,6 +128,11 @@ def test_claim3_gating_preserves_the_prior(decided):
 
 
 @SLOW
+@pytest.mark.xfail(strict=True, reason=(
+    "monotone but not significant at the end points (4 concepts, training seed 0, 2026-12-06): fidelity 0.500, "
+    "0.481, 0.446, 0.382, 0.373 and context alignment 0.618, 0.666, 0.716, 0.766, 0.781 at beta 0.6-1.0; "
+    "beta 1.0 minus 0.6: fidelity -0.126 [-0.603, +0.236], alignment +0.163 [-0.031, +0.283]; see "
+    "docs/TOYWORLD.md"))
 def test_claim4_beta_spans_the_tradeoff(decided):
     """Along the beta grid fidelity never rises and context alignment never falls, and the end points differ
     significantly in those directions."""
