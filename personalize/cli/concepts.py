@@ -128,7 +128,7 @@ def covariance(
     The built-in corpus is 32 neutral templates x 261 nouns (8,352 captions).
     Training and generation compute it on first use; run this to do it ahead.
 
-    [bold]Example[/bold]:  personalize covariance --base runwayml/stable-diffusion-v1-5
+    [bold]Example[/bold]:  personalize covariance --base stable-diffusion-v1-5/stable-diffusion-v1-5
     """
     from rich.progress import Progress
 
