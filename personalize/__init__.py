@@ -7,7 +7,7 @@
         images = generate(pipe, "a <teddy> on the beach", num_images=4)
 """
 from .base import fingerprint, load_base
-from .compose import Attachment, attach
+from .compose import Attachment, attach, load_base_for
 from .concept import Concept, load_concept, save_concept
 from .errors import PersonalizeError
 from .generation import generate
@@ -21,6 +21,7 @@ __all__ = [
     "fingerprint",
     "generate",
     "load_base",
+    "load_base_for",
     "load_concept",
     "save_concept",
     "train",

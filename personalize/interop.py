@@ -109,7 +109,7 @@ def import_file(base, path: str | Path, *, method: str, out: str | Path, token: 
     """Convert a foreign file (``method``'s export format) into a concept file for ``base``; returns ``out``.
 
     ``superclass``: one word or class phrase, or (multi-concept methods, e.g. Custom Diffusion) one per concept in the file."""
-    from .base import fingerprint, load_base
+    from .base import base_name, fingerprint, load_base
     from .images import file_sha256
     from .methods.shared import as_list, words_of
     from .text_stack import widths
@@ -153,7 +153,7 @@ def import_file(base, path: str | Path, *, method: str, out: str | Path, token: 
         method_obj.remove()
     sources = [Path(path), *map(Path, embeddings)]
     provenance = {"imported_from": [p.name for p in sources], "sha256": [file_sha256(p) for p in sources],
-                  "base": str(base) if isinstance(base, (str, Path)) else type(base).__name__}
+                  "base": base_name(base)}
     header = concept_header(method, tokens, superclasses, config, defaults, fingerprint(pipe), extras, provenance,
                             widths(pipe))
     return save_concept(out, Concept(header, tensors))
@@ -162,6 +162,8 @@ def import_file(base, path: str | Path, *, method: str, out: str | Path, token: 
 def _pipe(base, concept: Concept):
     from .base import load_base
 
-    if base is None:
-        raise BadInputError(f"exporting a {concept.method} concept needs the base it was trained on: pass --base")
+    if base is None:  # the base the concept's header records (one line when it records none)
+        from .compose import load_base_for
+
+        return load_base_for(concept)
     return load_base(base) if isinstance(base, (str, Path)) else base

@@ -16,7 +16,8 @@
     prompts: ["a photo of a {}", "a {} on the beach"]   # optional; {} = the concept's subject
     seeds: [0, 1]
     samples_per_prompt: 1           # default: 5 with a cc101 source (CustomConcept101's 5 per prompt), else 1
-    sampler: {steps: 25, guidance: 4.0}
+    sampler: {steps: 25, guidance: 4.0, scheduler: ddim}   # scheduler: a --scheduler name; default ddim, the
+                                    # sampler every benchmark has used (pinned, never the base's own)
     methods:
       - method: perfusion
         train: {steps: 150, batch_size: 8}
@@ -55,7 +56,8 @@ TOP_KEYS = {"name", "base", "device", "evaluator", "concepts", "prompts", "max_p
             "seeds", "samples_per_prompt", "sampler", "methods", "compose", "comparability"}
 # CustomConcept101's protocol: 20 prompts x 5 images = 100 per concept (its README's reference numbers).
 CC101_SAMPLES_PER_PROMPT = 5
-SAMPLER_KEYS = {"steps", "guidance"}
+SAMPLER_KEYS = {"steps", "guidance", "scheduler"}
+DEFAULT_SCHEDULER = "ddim"  # what benchmarks have always sampled with (the Perfusion paper's 50 DDIM steps)
 METHOD_KEYS = {"method", "label", "train", "sweep"}
 SOURCE_KEYS = {"toyworld": {"toyworld"}, "cc101": {"cc101", "names", "limit", "compositions"},
                "folder": {"folder", "name", "superclass", "token", "prompts"}}
@@ -99,7 +101,7 @@ class Spec:
     seeds: list[int] = field(default_factory=lambda: [0])
     samples_per_prompt: int = 1
     compose: Optional[list[str]] = None  # composition recipes ("A+B" method labels, or one multi-concept label)
-    sampler: dict = field(default_factory=lambda: {"steps": 50, "guidance": 6.0})
+    sampler: dict = field(default_factory=lambda: {"steps": 50, "guidance": 6.0, "scheduler": DEFAULT_SCHEDULER})
     comparability: Optional[dict] = None  # the published table the numbers stand beside (comparability.py)
     raw: dict = field(default_factory=dict)
 
@@ -248,6 +250,14 @@ def _compositions(value, where: str) -> None:
         raise BadInputError(f"{where} must be true, a count (e.g. 3) or a list of 'conceptA+conceptB' names")
 
 
+def _scheduler(name) -> str:
+    """A sampling scheduler name (:mod:`personalize.schedulers`), lower-cased."""
+    from ..schedulers import scheduler_class
+
+    scheduler_class(name, "sampler.scheduler")
+    return name.lower()
+
+
 def evaluator_keys() -> set[str]:
     """The keys an ``evaluator:`` mapping may have: ``backend`` and every registered backend's options."""
     return {"backend"}.union(*(b.options for b in evaluators.backends()))
@@ -302,7 +312,8 @@ def parse_spec(data: Any, root: Path, name: str = "benchmark") -> Spec:
                                          "samples_per_prompt"),
         compose=compose,
         sampler={"steps": _positive_int(sampler.get("steps", 50), "sampler.steps"),
-                 "guidance": coerce("guidance", sampler.get("guidance", 6.0), float, "sampler.guidance")},
+                 "guidance": coerce("guidance", sampler.get("guidance", 6.0), float, "sampler.guidance"),
+                 "scheduler": _scheduler(sampler.get("scheduler", DEFAULT_SCHEDULER))},
         comparability=comparability.resolve(data.get("comparability")),
         raw=data,
     )

@@ -54,7 +54,7 @@ def export_concept(
     file: Path = typer.Argument(..., help="A concept .safetensors file."),
     fmt: Optional[str] = typer.Option(None, "--format", help="residuals: diffusers-lora; textual-inversion: diffusers | a1111; dreambooth-lora: diffusers-lora | kohya; custom-diffusion: diffusers (default: the first)."),
     out: Path = typer.Option(..., "--out", help="Folder to write."),
-    base: Optional[str] = typer.Option(None, "--base", help="The concept's base; needed by custom-diffusion, whose format stores full K/V weights."),
+    base: Optional[str] = typer.Option(None, "--base", help="The concept's base, used by custom-diffusion (its format stores full K/V weights) \\[default: the base the concept's header records]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into an OUT folder that is not empty (without it, refused)."),
 ):
     """Write a concept in the format its community's tools load (export.json in the folder says how).
@@ -71,7 +71,7 @@ def export_concept(
 
       personalize export lora.safetensors --format kohya --out kohya/     # lora_kohya.safetensors (SDXL: lora_te1_/lora_te2_)
 
-      personalize export cd.safetensors --base tiny --out cd/             # pytorch_custom_diffusion_weights.safetensors + <token>.safetensors
+      personalize export cd.safetensors --out cd/             # pytorch_custom_diffusion_weights.safetensors + <token>.safetensors (on the base cd's header records)
 
     DreamBooth (full) needs no export: its OUT.pipeline/ folder is a diffusers pipeline.
     """
@@ -90,7 +90,7 @@ def import_concept(
     out: Path = typer.Option(..., "--out", help="Concept file to write (.safetensors)."),
     superclass: List[str] = typer.Option(..., "--superclass", help="What the concept is, a word or class phrase ('dog', 'penguin plushie'); custom-diffusion: one per --embeddings file, in the same order (or one for all)."),
     token: Optional[str] = typer.Option(None, "--token", help="Token to use (default: the one the file names; an SDXL clip_l + clip_g embedding names none)."),
-    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    base: str = typer.Option(..., "--base", help=BASE_HELP + " Required: the concept is made for (and records) this base."),
     embeddings: List[Path] = typer.Option([], "--embeddings", help="custom-diffusion: the modifier token file(s), <token>.safetensors."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read a .bin/.pt pickle (weights only: torch.load(weights_only=True))."),
     set_: List[str] = typer.Option([], "--set", help="Method setting KEY=VALUE, e.g. --set identifier=ohwx."),
@@ -100,13 +100,13 @@ def import_concept(
 
     [bold]Examples[/bold]
 
-      personalize import learned_embeds.safetensors --method textual-inversion --superclass cat --base tiny --out cat.safetensors
+      personalize import learned_embeds.safetensors --method textual-inversion --superclass cat --base stable-diffusion-v1-5/stable-diffusion-v1-5 --out cat.safetensors
 
-      personalize import my_lora.safetensors --method dreambooth-lora --superclass dog --token "<dog>" --set identifier=sks --out dog.safetensors
+      personalize import my_lora.safetensors --method dreambooth-lora --base stable-diffusion-v1-5/stable-diffusion-v1-5 --superclass dog --token "<dog>" --set identifier=sks --out dog.safetensors
 
-      personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --method custom-diffusion --superclass cat --out cat.safetensors
+      personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --method custom-diffusion --base stable-diffusion-v1-5/stable-diffusion-v1-5 --superclass cat --out cat.safetensors
 
-      personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --superclass cat --embeddings "<new2>.safetensors" --superclass chair --method custom-diffusion --out two.safetensors
+      personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --superclass cat --embeddings "<new2>.safetensors" --superclass chair --method custom-diffusion --base stable-diffusion-v1-5/stable-diffusion-v1-5 --out two.safetensors
     """
     from ..interop import import_file
     from ..paths import check_output
@@ -118,7 +118,7 @@ def import_concept(
 
 
 def covariance(
-    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    base: str = typer.Option(..., "--base", help=BASE_HELP + " Required."),
     captions: Optional[Path] = typer.Option(None, "--captions", help="Text file, one caption per line [default: the base's own captions.txt if it ships one (the toy base does), else the built-in corpus]."),
     recompute: bool = typer.Option(False, "--recompute", help="Ignore the cache and compute again."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda."),
