@@ -204,7 +204,7 @@ def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.
             )
         pipe = _from_pretrained(str(TOY_WEIGHTS), **kwargs)
         pipe.to(dtype=dtype or torch.float32)  # shipped as fp16 to stay small; run in fp32 unless asked
-    elif Path(spec).exists():
+    elif _exists(spec):
         path = Path(spec)
         if not (path / "model_index.json").is_file():
             raise BadInputError(
@@ -242,6 +242,13 @@ def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _exists(spec: str) -> bool:
+    try:
+        return Path(spec).exists()
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL byte: no such folder
+        return False
 
 
 def base_name(base) -> str:

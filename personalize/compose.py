@@ -222,15 +222,23 @@ def recorded_base(concepts, flag: str = "--base") -> str:
     bases = {}
     for p in parts:
         base = p.concept.header.get("provenance", {}).get("base")
-        usable = isinstance(base, str) and (base in BUILTIN_BASES or Path(base).exists() or _HUB_ID.match(base))
+        usable = isinstance(base, str) and (base in BUILTIN_BASES or _is_path(base)
+                                            or (len(base) <= 200 and _HUB_ID.match(base)))
         if not usable:
             raise BadInputError(f"'{p.name}' records no base it can be loaded from (its header says "
                                 f"{_shown(base)}); pass {flag} with the base it was trained on")
         bases.setdefault(base, p.name)
     if len(bases) > 1:
-        listed = ", ".join(f"'{name}' on {base}" for base, name in bases.items())
+        listed = ", ".join(f"'{name}' on {_shown(base)}" for base, name in bases.items())
         raise BadInputError(f"the concepts record different bases ({listed}); pass {flag} to choose one")
     return next(iter(bases))
+
+
+def _is_path(text: str) -> bool:
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL: not a folder here
+        return False
 
 
 def _shown(value) -> str:
@@ -247,7 +255,8 @@ def load_base_for(concepts, device=None, dtype=None, scheduler: str | None = Non
     try:
         return load_base(base, device=device, dtype=dtype, scheduler=scheduler)
     except PersonalizeError as exc:
-        raise BaseModelError(f"the base the concept records ({base}) does not load: {exc}; pass --base") from exc
+        raise BaseModelError(f"the base the concept records ({_shown(base)}) does not load: {exc}; pass --base") \
+            from exc
 
 
 def attach(pipe, concepts: Concept | str | Path | Sequence, *, lag: bool = False, **knobs: Any) -> Attachment:

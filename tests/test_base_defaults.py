@@ -119,6 +119,13 @@ def test_a_header_without_a_loadable_base_asks_for_one(capsys, world, tmp_path):
                                     "--out", tmp_path / "o", *GEN])
     check_error(code, err, "unknown.safetensors", "StableDiffusionPipeline", "--base")
     assert not (tmp_path / "o").exists()
+    concept = load_concept(world["unknown"])  # a forged header: a path too long for any filesystem
+    concept.header["provenance"]["base"] = "models/" + "x" * 100_000
+    forged = save_concept(tmp_path / "forged.safetensors", concept)
+    code, _, err = run_cli(capsys, ["generate", "--concept", forged, "--prompt", "a <disc>", "--out", tmp_path / "o",
+                                    *GEN])
+    assert len(check_error(code, err, "forged.safetensors", "--base")) < 500
+    assert not (tmp_path / "o").exists()
 
 
 def test_generate_without_a_concept_needs_a_base(capsys, tmp_path):

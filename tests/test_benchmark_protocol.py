@@ -96,6 +96,8 @@ def test_the_residuals_paper_preset_checks_the_spec(cc101, tmp_path):
                          ({"base": "stable-diffusion-v1-5/stable-diffusion-v1-5"}, "the table used 'CompVis"),
                          ({"max_prompts": 3}, "CustomConcept101's own prompts"),
                          ({"sampler": {"steps": 25, "guidance": 6}}, "sampler 25 steps"),
+                         ({"sampler": {"steps": 50, "guidance": 6, "scheduler": "euler"}},
+                          "sampler.scheduler is euler, the table used ddim"),
                          ({"comparability": "perfusion-paper"}, "unknown preset 'perfusion-paper'"),
                          ({"comparability": {"table": "x"}}, "missing base")):
         with pytest.raises(BadInputError, match=says):

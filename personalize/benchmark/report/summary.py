@@ -377,7 +377,8 @@ def comparability_text(block: Optional[dict]) -> str:
         return ("Comparability: none declared; these numbers are not claimed to match a published table's "
                 "protocol (a spec's comparability: checks that).")
     return (f"Comparable with: {block['table']} (checked: base {block['base']}, {block['images_per_prompt']} "
-            f"images per prompt, {block['prompts']} prompts, {block['sampler']['steps']} steps at guidance "
+            f"images per prompt, {block['prompts']} prompts, {block['sampler'].get('scheduler', 'sampler')} "
+            f"{block['sampler']['steps']} steps at guidance "
             f"{block['sampler']['guidance']}).")
 
 
