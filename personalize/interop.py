@@ -76,7 +76,8 @@ def write_info(folder: Path, info: dict[str, Any]) -> Path:
 def export_concept(concept: Concept | str | Path, out: str | Path, fmt: str | None = None, base=None) -> Path:
     """Write ``concept`` into the folder ``out`` in ``fmt`` (default: the method's first format); returns the folder.
 
-    ``base`` (a spec or a pipeline) is needed only by formats that store full weights (Custom Diffusion).
+    ``base`` (a spec or a pipeline) is used only by formats that store full weights (Custom Diffusion); ``None``
+    loads the base the concept's header records (:func:`personalize.compose.load_base_for`).
     """
     concept = concept if isinstance(concept, Concept) else load_concept(Path(concept))
     method_cls = method_registry.get(concept.method)
