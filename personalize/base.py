@@ -163,8 +163,14 @@ def _from_pretrained(source: str, **kwargs):
 
 
 def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """Load a base pipeline from ``spec`` (``tiny``, a local diffusers folder or a hub id)."""
+    """Load a base pipeline from ``spec`` (``tiny``, a single-file checkpoint, a local diffusers folder or a hub id)."""
     spec = str(spec)
+    if Path(spec).is_file():  # a single-file checkpoint (A1111 / ComfyUI layout): personalize/single_file.py
+        from .single_file import load_single_file
+
+        pipe = load_single_file(spec, dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device) if device is not None else pipe
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     if spec in TINY_FAMILIES:
         pipe = build_tiny(TINY_FAMILIES[spec])
