@@ -3,7 +3,7 @@ pipelines written as one.
 
 Reading (``load_single_file``, what ``load_base`` does with a file):
 
-1. the keys say what the file is (``inspect``): ``conditioner.embedders.1.model.*`` (OpenCLIP bigG beside
+1. the keys say what the file is (:func:`identify`): ``conditioner.embedders.1.model.*`` (OpenCLIP bigG beside
    CLIP-L) is SDXL, ``cond_stage_model.model.*`` (OpenCLIP ViT-H) SD 2.x, ``cond_stage_model.transformer.*``
    (CLIP-L) SD 1.x; with ``model.diffusion_model.*`` (the UNet) and ``first_stage_model.*`` (the VAE). Anything
    else -- a LoRA, an embedding, a personalize concept, a diffusers component file, an inpainting or refiner
@@ -24,7 +24,8 @@ Reading (``load_single_file``, what ``load_base`` does with a file):
 The prediction type is not in the weights. SD 1.x and SDXL files are epsilon models; SD 2.x files are taken as
 SD 2.1 (768 px, v-prediction), the default of diffusers' ``from_single_file`` for SD 2.x. Overrides, in order:
 ``prediction_type=`` (Python); A1111's convention of a YAML config beside the file (``model.yaml`` for
-``model.safetensors``; ``parameterization: "v"`` means v-prediction, its absence epsilon); the
+``model.safetensors``; ``parameterization: "v"``, or SDXL's ``VScaling`` denoiser, means v-prediction, else
+epsilon); the
 ``modelspec.prediction_type`` metadata kohya's sd-scripts write (``epsilon``/``v``); ComfyUI's ``v_pred`` marker
 key. An SD 2.x epsilon model is taken as SD 2.x-base (512 px). The scheduler is DDIM with the model's betas and
 prediction type (``sd_shapes``; a single file carries none, and stock ``from_single_file`` falls back to DDIM).
@@ -140,7 +141,7 @@ def _looks_like(layout: Layout) -> str:
     if "personalize" in layout.metadata:
         return ("is a personalize concept file, not a base; pass it with --concept (and its base model with "
                 "--base)")
-    if re.search(r"(^|\.)lora_(unet|te\d?)_|\.lora_(down|up|A|B)\.|\.alpha$|lora\.(down|up)", joined):
+    if re.search(r"(^|\.)lora_(unet|te\d?)_|\.lora_(down|up|A|B)\.|\.alpha$|lora\.(down|up)", joined, re.M):
         return ("looks like a LoRA, not a base model; use it on its base (pipe.load_lora_weights, or personalize "
                 "import --method dreambooth-lora) and pass that base with --base")
     if "custom_diffusion" in joined:
@@ -410,12 +411,13 @@ def prediction_of(layout: Layout, fam: str, override: str | None = None) -> str:
         import yaml
 
         try:
-            config = yaml.safe_load(sidecar.read_text())
-            params = config["model"]["params"]
+            text = sidecar.read_text()
+            params = yaml.safe_load(text)["model"]["params"]
+            v = params.get("parameterization") == "v" or "VScaling" in text  # SDXL's configs: a V denoiser scaling
         except Exception as exc:
             raise BadInputError(f"'{sidecar.name}' beside the checkpoint is not an LDM config (model: params: ...): "
                                 f"{type(exc).__name__}") from exc
-        return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
+        return "v_prediction" if v else "epsilon"
     spec = layout.metadata.get("modelspec.prediction_type", "").strip().lower()
     if spec in ("v", "v_prediction", "v-prediction"):
         return "v_prediction"
@@ -426,7 +428,7 @@ def prediction_of(layout: Layout, fam: str, override: str | None = None) -> str:
     return "v_prediction" if fam == "sd2" else "epsilon"
 
 
-def inspect(path: str | Path, prediction_type: str | None = None) -> dict[str, Any]:
+def identify(path: str | Path, prediction_type: str | None = None) -> dict[str, Any]:
     """What ``load_single_file`` would load: family, matched config, prediction type (refusals as there)."""
     layout = read_layout(path)
     fam = family_of(layout)
@@ -440,7 +442,7 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None, predict
     import diffusers
     from diffusers.utils import logging as dlog
 
-    found = inspect(path, prediction_type)
+    found = identify(path, prediction_type)
     class_name = "StableDiffusionXLPipeline" if found["family"] == "sdxl" else "StableDiffusionPipeline"
     extra = ({"add_watermarker": False} if found["family"] == "sdxl"
              else {"safety_checker": None, "requires_safety_checker": False})
