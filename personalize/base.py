@@ -188,7 +188,7 @@ def check_live_id(spec: str) -> None:
 
 def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
               scheduler: str | None = None):
-    """Load a base pipeline from ``spec`` (``tiny``, a local diffusers folder or a hub id). ``scheduler``: a
+    """Load a base pipeline from ``spec`` (``tiny``, a single-file checkpoint, a local diffusers folder or a hub id). ``scheduler``: a
     :mod:`personalize.schedulers` name to sample with instead of the pipeline's own (callers check it first
     with ``scheduler_class``, before minutes of loading)."""
     spec = str(spec)
@@ -204,6 +204,10 @@ def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.
             )
         pipe = _from_pretrained(str(TOY_WEIGHTS), **kwargs)
         pipe.to(dtype=dtype or torch.float32)  # shipped as fp16 to stay small; run in fp32 unless asked
+    elif _exists(spec) and Path(spec).is_file():  # a single-file checkpoint (A1111 / ComfyUI layout)
+        from .single_file import load_single_file
+
+        pipe = load_single_file(spec, dtype=dtype)
     elif _exists(spec):
         path = Path(spec)
         if not (path / "model_index.json").is_file():

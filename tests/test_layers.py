@@ -14,7 +14,7 @@ LAYERS = [
     ("foundation", {"errors", "settings", "knobs", "paths", "transfer", "tokenizer", "sd_shapes", "parallel",
                     "images", "templates", "text_stack", "schedulers"}),
     ("seams and data", {"edits", "fingerprint", "prompts", "samples", "datasets"}),
-    ("base model", {"base", "covariance", "prior", "generation", "checkpoints", "segment"}),
+    ("base model", {"base", "single_file", "covariance", "prior", "generation", "checkpoints", "segment"}),
     ("methods", {"methods"}),
     ("flow", {"concept", "compose", "training", "interop", "evaluation"}),
     ("tools", {"__init__", "benchmark", "toybase", "claims", "demo"}),

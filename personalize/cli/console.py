@@ -15,8 +15,9 @@ out_console = Console()
 err_console = Console(stderr=True)
 
 BASE_HELP = ("Base model: 'toy' (the toy world's), 'tiny' / 'tiny-sd2' / 'tiny-sdxl' (built-in random test models, "
-             "SD 1.x / SD 2.x / SDXL shapes), or an SD 1.x, SD 2.x or SDXL pipeline as a local diffusers folder or a "
-             "hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0).")
+             "SD 1.x / SD 2.x / SDXL shapes), or an SD 1.x, SD 2.x or SDXL pipeline as a local diffusers folder, a "
+             "hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0) or a single-file checkpoint (model.safetensors, "
+             "as AUTOMATIC1111 and ComfyUI use; read offline).")
 
 
 def _stderr_line(label: str, message: str) -> None:
