@@ -127,14 +127,12 @@ def run(
 
     Then:  personalize benchmark report runs/bench/benchmark.sqlite --out runs/bench/report
     """
-    from ..benchmark.db import is_postgres_url
+    from ..benchmark.db import check_url
     from ..benchmark.runner import run_benchmark
-    from ..errors import BadInputError
     from ..paths import check_output, inside
 
-    if db is not None and not is_postgres_url(db):
-        raise BadInputError(f"--db takes a postgresql://user@host/dbname URL, not '{db}'; without --db the queue is "
-                            "OUT/benchmark.sqlite")
+    if db is not None:
+        check_url(db)  # one line that never shows the password, before anything is read or written
     spec = _load(spec_path, clip_weights, dino_weights)
     out = out or inside(Path("."), f"{spec.name}_out")  # the spec's name: a folder here, never elsewhere
     check_output(out, folder=True)
