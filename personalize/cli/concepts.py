@@ -30,24 +30,40 @@ def inspect(
         out_console.print_json(json.dumps(summary))
         return
     header = summary["header"]
-    out_console.print(f"[bold]{file}[/bold]: {header['method']} concept {header['token']!r} "
-                      f"(superclass {header['superclass']!r}), {summary['file_bytes']:,} bytes")
+    show = _shown
+    out_console.print(f"[bold]{show(file)}[/bold]: {show(header['method'])} concept {show(repr(header['token']))} "
+                      f"(superclass {show(repr(header['superclass']))}), {summary['file_bytes']:,} bytes")
     family = FAMILIES.get(header["base_fingerprint"].get("family"), "family not recorded")
-    out_console.print(f"base fingerprint {header['base_fingerprint'].get('digest')} ({family})  "
-                      f"inference defaults {header.get('inference_defaults')}")
+    out_console.print(f"base fingerprint {show(header['base_fingerprint'].get('digest'))} ({show(family)})  "
+                      f"inference defaults {show(header.get('inference_defaults'))}")
     prov = header.get("provenance", {})
-    out_console.print(f"trained {prov.get('steps')} steps, seed {prov.get('seed')}, on {prov.get('base')}, "
-                      f"{len(prov.get('images', []))} images, personalize {prov.get('package_version')}")
+    out_console.print(f"trained {show(prov.get('steps'))} steps, seed {show(prov.get('seed'))}, on "
+                      f"{show(prov.get('base'))}, {len(prov.get('images', []))} images, personalize "
+                      f"{show(prov.get('package_version'))}")
     if "tokens" in header:
-        out_console.print(f"concepts: {', '.join(f'{t} ({s})' for t, s in zip(header['tokens'], header['superclasses']))}")
+        out_console.print(f"concepts: {show(', '.join(f'{t} ({s})' for t, s in zip(header['tokens'], header['superclasses'])))}")
     if header.get("composable") is False:
-        out_console.print(f"[bold]not composable[/bold]: a new base (the fine-tuned pipeline in '{header.get('pipeline')}/' "
-                          f"beside this file); attach it alone, or use that folder as --base and write "
-                          f"'{header.get('config', {}).get('identifier', 'sks')}' for the token")
+        out_console.print(f"[bold]not composable[/bold]: a new base (the fine-tuned pipeline in "
+                          f"'{show(header.get('pipeline'))}/' beside this file); attach it alone, or use that folder "
+                          f"as --base and write '{show(header.get('config', {}).get('identifier', 'sks'))}' for the token")
     table = Table("tensor", "shape", "dtype", "bytes")
     for name, t in summary["tensors"].items():
-        table.add_row(name, "x".join(map(str, t["shape"])), t["dtype"], f"{t['bytes']:,}")
+        table.add_row(show(name), "x".join(map(str, t["shape"])), t["dtype"], f"{t['bytes']:,}")
     out_console.print(table)
+
+
+#: the longest header value ``inspect`` prints whole (a forged header may hold strings of up to 1 MiB, which
+#: rich's highlighting and wrapping take minutes to lay out); ``--json`` prints everything
+SHOWN_MAX = 200
+
+
+def _shown(value, limit: int = SHOWN_MAX) -> str:
+    """A header value as ``inspect`` prints it: cut to ``limit`` characters (saying how long it was) and escaped,
+    so that it is shown as written, never read as rich markup."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text):,} characters)"
+    return escape(text)
 
 
 def export_concept(
