@@ -113,3 +113,25 @@ def test_every_card_is_its_methods_declaration():
         assert issubclass(cls, card) and issubclass(card, MethodCard) and card.name == cls.name == name
         for attr in ("description", "sites", "Config", "Knobs", "knobs", "train_defaults", "recipe"):
             assert getattr(cls, attr) == getattr(card, attr), (name, attr)
+
+
+def test_libraries_are_quieted_as_they_are_imported(tmp_path, monkeypatch):
+    """main() no longer imports diffusers/transformers to quiet them: a one-shot post-import hook quiets each as
+    it is imported (here on a stand-in module; ``_quiet_libraries`` hooks diffusers' and transformers' logging)."""
+    import importlib
+    import inspect
+
+    app = importlib.import_module("personalize.cli.app")  # the module (personalize.cli.app is also the Typer app)
+
+    (tmp_path / "fake_logging_mod.py").write_text("level = 'warning'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    app._after_import("fake_logging_mod", lambda m: seen.append(m.level))
+    assert seen == [] and any(isinstance(f, app._AfterImport) for f in sys.meta_path)
+    import fake_logging_mod  # noqa: F401
+
+    assert seen == ["warning"] and not any(getattr(f, "name", "") == "fake_logging_mod" for f in sys.meta_path)
+    app._after_import("fake_logging_mod", lambda m: seen.append("again"))  # already imported: at once
+    assert seen == ["warning", "again"]
+    source = inspect.getsource(app._quiet_libraries)
+    assert "diffusers.utils.logging" in source and "transformers.utils.logging" in source
