@@ -20,6 +20,7 @@ _EXPORTS = {
     "Concept": ".concept",
     "PersonalizeError": ".errors",
     "attach": ".compose",
+    "load_base_for": ".compose",
     "fingerprint": ".base",
     "generate": ".generation",
     "load_base": ".base",
@@ -33,7 +34,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .base import fingerprint, load_base
-    from .compose import Attachment, attach
+    from .compose import Attachment, attach, load_base_for
     from .concept import Concept, load_concept, save_concept
     from .errors import PersonalizeError
     from .generation import generate

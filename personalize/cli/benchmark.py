@@ -33,6 +33,17 @@ def _open(database: str):
     return open_db(database, create=False)
 
 
+def _folder(value: Optional[str], option: str) -> Optional[Path]:
+    """A folder option as a Path; an empty string (which Path reads as '.', the current folder) is refused."""
+    from ..errors import BadInputError
+
+    if value is None:
+        return None
+    if not value.strip():
+        raise BadInputError(f"{option} is empty; pass a folder (write '.' for the current one)")
+    return Path(value)
+
+
 def _load(spec_path: Path, clip_weights: Optional[Path] = None, dino_weights: Optional[Path] = None):
     from ..benchmark.spec import load_spec
     from ..errors import BadInputError
@@ -40,6 +51,12 @@ def _load(spec_path: Path, clip_weights: Optional[Path] = None, dino_weights: Op
     spec = load_spec(spec_path)
     for key, path in (("clip_weights", clip_weights), ("dino_weights", dino_weights)):
         if path is not None:
+            from ..evaluation import registry as evaluators
+
+            backend = evaluators.get(spec.evaluator["backend"])
+            if key not in backend.options:  # it would be ignored without a word
+                raise BadInputError(f"--{key.replace('_', '-')}: the spec's evaluator '{backend.name}' takes no "
+                                    "weights file; drop the option (or use backend: clip)")
             if not path.is_file():
                 raise BadInputError(f"--{key.replace('_', '-')} '{path}' does not exist; pass a weights file")
             spec.evaluator[key] = str(path.resolve())
@@ -85,8 +102,8 @@ def validate(spec_path: Path = SPEC_ARG):
 @app.command()
 def run(
     spec_path: Path = SPEC_ARG,
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (database, concepts, images); default "
-                                                          "'<spec name>_out'. Re-use it to resume."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output folder (database, concepts, images); default "
+                                                         "'<spec name>_out'. Re-use it to resume."),
     clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local OpenAI CLIP ViT-B/32 weights "
                                                 "(open_clip state dict; run with QuickGELU) instead of downloading them."),
     dino_weights: Optional[Path] = typer.Option(None, "--dino-weights", help="Local DINO ViT-S/16 weights (timm "
@@ -128,14 +145,13 @@ def run(
 
     Then:  personalize benchmark report runs/bench/benchmark.sqlite --out runs/bench/report
     """
-    from ..benchmark.db import is_postgres_url
+    from ..benchmark.db import check_url
     from ..benchmark.runner import run_benchmark
-    from ..errors import BadInputError
     from ..paths import check_output, inside
 
-    if db is not None and not is_postgres_url(db):
-        raise BadInputError(f"--db takes a postgresql://user@host/dbname URL, not '{db}'; without --db the queue is "
-                            "OUT/benchmark.sqlite")
+    if db is not None:
+        check_url(db)  # one line that never shows the password, before anything is read or written
+    out = _folder(out, "--out")
     spec = _load(spec_path, clip_weights, dino_weights)
     out = out or inside(Path("."), f"{spec.name}_out")  # the spec's name: a folder here, never elsewhere
     check_output(out, folder=True)
@@ -180,8 +196,8 @@ def status(database: str = DB_ARG):
 @app.command()
 def report(
     database: str = DB_ARG,
-    out: Path = typer.Option(..., "--out", help="Folder for index.html (self-contained), report.md and plots/."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="The run's output folder (images, concepts); "
+    out: str = typer.Option(..., "--out", help="Folder for index.html (self-contained), report.md and plots/."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="The run's output folder (images, concepts); "
                                            "default: the SQLite file's folder, or for PostgreSQL the --out the "
                                            "run was given, if it exists here."),
 ):
@@ -201,6 +217,7 @@ def report(
     from ..errors import BadInputError
     from ..paths import check_output
 
+    out, run_dir = _folder(out, "--out"), _folder(run_dir, "--run-dir")
     check_output(out, folder=True)
 
     db = _open(database)

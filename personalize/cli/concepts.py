@@ -30,31 +30,47 @@ def inspect(
         print_json(summary)
         return
     header = summary["header"]
-    say("[bold]{}[/bold]: {} concept {!r} (superclass {!r}), {:,} bytes", file, header["method"], header["token"],
-        header["superclass"], summary["file_bytes"])
+    show = _shown
+    out_console.print(f"[bold]{show(file)}[/bold]: {show(header['method'])} concept {show(repr(header['token']))} "
+                      f"(superclass {show(repr(header['superclass']))}), {summary['file_bytes']:,} bytes")
     family = FAMILIES.get(header["base_fingerprint"].get("family"), "family not recorded")
-    say("base fingerprint {} ({})  inference defaults {}", header["base_fingerprint"].get("digest"), family,
-        header.get("inference_defaults"))
+    out_console.print(f"base fingerprint {show(header['base_fingerprint'].get('digest'))} ({show(family)})  "
+                      f"inference defaults {show(header.get('inference_defaults'))}")
     prov = header.get("provenance", {})
-    say("trained {} steps, seed {}, on {}, {} images, personalize {}", prov.get("steps"), prov.get("seed"),
-        prov.get("base"), len(prov.get("images", [])), prov.get("package_version"))
+    out_console.print(f"trained {show(prov.get('steps'))} steps, seed {show(prov.get('seed'))}, on "
+                      f"{show(prov.get('base'))}, {len(prov.get('images', []))} images, personalize "
+                      f"{show(prov.get('package_version'))}")
     if "tokens" in header:
-        say("concepts: {}", ", ".join(f"{t} ({s})" for t, s in zip(header["tokens"], header["superclasses"])))
+        out_console.print(f"concepts: {show(', '.join(f'{t} ({s})' for t, s in zip(header['tokens'], header['superclasses'])))}")
     if header.get("composable") is False:
-        say("[bold]not composable[/bold]: a new base (the fine-tuned pipeline in '{}/' beside this file); attach it "
-            "alone, or use that folder as --base and write '{}' for the token", header.get("pipeline"),
-            header.get("config", {}).get("identifier", "sks"))
+        out_console.print(f"[bold]not composable[/bold]: a new base (the fine-tuned pipeline in "
+                          f"'{show(header.get('pipeline'))}/' beside this file); attach it alone, or use that folder "
+                          f"as --base and write '{show(header.get('config', {}).get('identifier', 'sks'))}' for the token")
     table = Table("tensor", "shape", "dtype", "bytes")
     for name, t in summary["tensors"].items():
-        table.add_row(*escaped(name, "x".join(map(str, t["shape"])), t["dtype"], f"{t['bytes']:,}"))
+        table.add_row(show(name), "x".join(map(str, t["shape"])), t["dtype"], f"{t['bytes']:,}")
     out_console.print(table)
+
+
+#: the longest header value ``inspect`` prints whole (a forged header may hold strings of up to 1 MiB, which
+#: rich's highlighting and wrapping take minutes to lay out); ``--json`` prints everything
+SHOWN_MAX = 200
+
+
+def _shown(value, limit: int = SHOWN_MAX) -> str:
+    """A header value as ``inspect`` prints it: cut to ``limit`` characters (saying how long it was) and escaped,
+    so that it is shown as written, never read as rich markup."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text):,} characters)"
+    return escape(text)
 
 
 def export_concept(
     file: Path = typer.Argument(..., help="A concept .safetensors file."),
     fmt: Optional[str] = typer.Option(None, "--format", help="residuals: diffusers-lora; textual-inversion: diffusers | a1111; dreambooth-lora: diffusers-lora | kohya; custom-diffusion: diffusers (default: the first)."),
     out: Path = typer.Option(..., "--out", help="Folder to write."),
-    base: Optional[str] = typer.Option(None, "--base", help="The concept's base; needed by custom-diffusion, whose format stores full K/V weights."),
+    base: Optional[str] = typer.Option(None, "--base", help="The concept's base, used by custom-diffusion (its format stores full K/V weights) \\[default: the base the concept's header records]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into an OUT folder that is not empty (without it, refused)."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
@@ -72,7 +88,7 @@ def export_concept(
 
       personalize export lora.safetensors --format kohya --out kohya/     # lora_kohya.safetensors (SDXL: lora_te1_/lora_te2_)
 
-      personalize export cd.safetensors --base tiny --out cd/             # pytorch_custom_diffusion_weights.safetensors + <token>.safetensors
+      personalize export cd.safetensors --out cd/             # pytorch_custom_diffusion_weights.safetensors + <token>.safetensors (on the base cd's header records)
 
     DreamBooth (full) needs no export: its OUT.pipeline/ folder is a diffusers pipeline.
     """
@@ -96,7 +112,7 @@ def import_concept(
     out: Path = typer.Option(..., "--out", help="Concept file to write (.safetensors)."),
     superclass: List[str] = typer.Option(..., "--superclass", help="What the concept is, a word or class phrase ('dog', 'penguin plushie'); custom-diffusion: one per --embeddings file, in the same order (or one for all)."),
     token: Optional[str] = typer.Option(None, "--token", help="Token to use (default: the one the file names; an SDXL clip_l + clip_g embedding names none)."),
-    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    base: str = typer.Option(..., "--base", help=BASE_HELP + " Required: the concept is made for (and records) this base."),
     embeddings: List[Path] = typer.Option([], "--embeddings", help="custom-diffusion: the modifier token file(s), <token>.safetensors."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read a .bin/.pt pickle (weights only: torch.load(weights_only=True))."),
     set_: List[str] = typer.Option([], "--set", help="Method setting KEY=VALUE, e.g. --set identifier=ohwx."),
@@ -107,13 +123,13 @@ def import_concept(
 
     [bold]Examples[/bold]
 
-      personalize import learned_embeds.safetensors --method textual-inversion --superclass cat --base tiny --out cat.safetensors
+      personalize import learned_embeds.safetensors --method textual-inversion --superclass cat --base stable-diffusion-v1-5/stable-diffusion-v1-5 --out cat.safetensors
 
-      personalize import my_lora.safetensors --method dreambooth-lora --superclass dog --token "<dog>" --set identifier=sks --out dog.safetensors
+      personalize import my_lora.safetensors --method dreambooth-lora --base stable-diffusion-v1-5/stable-diffusion-v1-5 --superclass dog --token "<dog>" --set identifier=sks --out dog.safetensors
 
-      personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --method custom-diffusion --superclass cat --out cat.safetensors
+      personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --method custom-diffusion --base stable-diffusion-v1-5/stable-diffusion-v1-5 --superclass cat --out cat.safetensors
 
-      personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --superclass cat --embeddings "<new2>.safetensors" --superclass chair --method custom-diffusion --out two.safetensors
+      personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --superclass cat --embeddings "<new2>.safetensors" --superclass chair --method custom-diffusion --base stable-diffusion-v1-5/stable-diffusion-v1-5 --out two.safetensors
     """
     from ..interop import import_file
     from ..paths import check_output
@@ -125,7 +141,7 @@ def import_concept(
 
 
 def covariance(
-    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    base: str = typer.Option(..., "--base", help=BASE_HELP + " Required."),
     captions: Optional[Path] = typer.Option(None, "--captions", help="Text file, one caption per line [default: the base's own captions.txt if it ships one (the toy base does), else the built-in corpus]."),
     recompute: bool = typer.Option(False, "--recompute", help="Ignore the cache and compute again."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda."),

@@ -34,8 +34,9 @@ out_console = _console()
 err_console = _console(stderr=True)
 
 BASE_HELP = ("Base model: 'toy' (the toy world's), 'tiny' / 'tiny-sd2' / 'tiny-sdxl' (built-in random test models, "
-             "SD 1.x / SD 2.x / SDXL shapes), or an SD 1.x, SD 2.x or SDXL pipeline as a local diffusers folder or a "
-             "hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0).")
+             "SD 1.x / SD 2.x / SDXL shapes), or an SD 1.x, SD 2.x or SDXL pipeline as a local diffusers folder, a "
+             "hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0) or a single-file checkpoint (model.safetensors, "
+             "as AUTOMATIC1111 and ComfyUI use; read offline).")
 JSON_HELP = "Print one JSON object on stdout instead (progress stays on stderr); keys in README 'Scripting'."
 
 

@@ -26,7 +26,7 @@ def train(
     token: List[str] = typer.Option([], "--token", help="New placeholder word to use in prompts, e.g. '<my-teddy>'."),
     out: Path = typer.Option(..., "--out", help="Concept file to write (.safetensors)."),
     method: str = typer.Option("perfusion", "--method", help=METHOD_HELP),
-    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP + " Required (or 'base:' in --config): there is no default, so a forgotten flag never trains on random weights."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in OUT.ckpt/."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (without it an existing concept file is refused; --resume continues it instead)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (trainer and method); flags win."),
@@ -43,7 +43,7 @@ def train(
 
     [bold]Examples[/bold]
 
-      personalize train --method perfusion --base tiny --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
+      personalize train --method perfusion --base stable-diffusion-v1-5/stable-diffusion-v1-5 --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
 
       personalize train ... --steps 400 --batch-size 8 --set lock=trained   # the paper's trained-K ablation
 
@@ -53,13 +53,13 @@ def train(
 
       personalize train ... --mixed-precision bf16 --compile   # GPU: bf16, and torch.compile the UNet (minutes to compile)
 
-      personalize train --method residuals --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
+      personalize train --method residuals --base ./my-sd15/ --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
 
       personalize train --method textual-inversion --num-vectors 2 ...     # also: dreambooth, dreambooth-lora
 
-      personalize train --method custom-diffusion --images cat/ --token "<cat>" --superclass cat --images chair/ --token "<chair>" --superclass chair --out both.safetensors
+      personalize train --method custom-diffusion --base stabilityai/stable-diffusion-xl-base-1.0 --images cat/ --token "<cat>" --superclass cat --images chair/ --token "<chair>" --superclass chair --out both.safetensors
 
-      (or list them in --config as concepts: a list of images / token / superclass mappings)
+      (or list them in --config as concepts: a list of images / token / superclass mappings, and the model as base:)
 
       personalize train ... --clip-weights clip-vit-b-32.safetensors   # keep the best step (validated every 25 steps)
 
@@ -77,6 +77,7 @@ METHOD_DEFAULTS
     check_options(**{k: v for k, v in trainer.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     # the method's own flags are checked as its settings
     settings = _load_settings(config, set_)
+    base = _base(base, settings.pop("base", None))
     settings.update(trainer)
     settings.update(derived.given(METHOD_FLAGS, flags))
     images, token, superclass = _concept_args(images, token, superclass, settings.pop("concepts", None))
@@ -89,6 +90,17 @@ METHOD_DEFAULTS
 
 train.__doc__ = train.__doc__.replace("METHOD_DEFAULTS", derived.defaults_summary(indent="      "))
 derived.with_flags(train, {"base": TRAINER_FLAGS, "set_": METHOD_FLAGS})
+
+
+def _base(flag: Optional[str], configured) -> str:
+    """--base, else ``base:`` from --config; neither is a one-line usage error (no silent default)."""
+    base = flag if flag is not None else configured
+    if base is None:
+        raise BadInputError("train needs a base model: pass --base (e.g. --base stable-diffusion-v1-5/stable-diffusion-v1-5, "
+                            "a local diffusers folder, or 'toy' / 'tiny') or put 'base: ...' in --config")
+    if not isinstance(base, str) or not base.strip():
+        raise BadInputError(f"'base:' in --config must be a model name or path, not {base!r}")
+    return base
 
 
 def _validation(every: Optional[int], evaluator: Optional[str], prompts: List[str], clip_weights: Optional[Path],

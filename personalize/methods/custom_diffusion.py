@@ -169,12 +169,13 @@ class CustomDiffusion(CustomDiffusionCard, Method):
         """diffusers' ``pytorch_custom_diffusion_weights`` (full K/V weights -> deltas over this base) plus the
         modifier tokens' textual-inversion files (``embeddings``); ``superclass``: one for every concept, or one
         per token file, in order."""
-        from .token_files import ti_vectors
+        from .token_files import check_vectors, ti_vectors
 
         if not embeddings:
             raise BadInputError("pass the modifier token file(s) with --embeddings '<token>.safetensors' "
                                 "(written beside the Custom Diffusion weights)")
-        found = [ti_vectors(e) for e in embeddings]  # SDXL's two-key files come back joined, without a name
+        found = [ti_vectors(e, pipe) for e in embeddings]  # SDXL's two-key files come back joined, without a name
+        found = [(name, check_vectors(pipe, v, f"modifier token file {j + 1}")) for j, (name, v) in enumerate(found)]
         tokens = [name for name, _ in found]
         if token and len(tokens) == 1:
             tokens = [token]
@@ -198,7 +199,15 @@ class CustomDiffusion(CustomDiffusionCard, Method):
                                     "crossattn_kv training is supported")
             base = getattr(cross[layer], f"to_{pathway}")
             W = getattr(base, "base_layer", base).weight.detach().float().cpu()
+            if not value.is_floating_point() or tuple(value.shape) != tuple(W.shape):
+                raise BadInputError(f"'{key}' is a {value.dtype} tensor of shape {tuple(value.shape)}; this base's "
+                                    f"weight there is float {tuple(W.shape)}; use the base the file was made for")
             tensors[f"delta.{layer}.to_{pathway}"] = value.float() - W
+        missing = [f"{n}.processor.to_{p}_custom_diffusion.weight" for n in cross for p in PATHWAYS
+                   if f"delta.{n}.to_{p}" not in tensors]
+        if missing:
+            raise BadInputError(f"the Custom Diffusion weights lack {len(missing)} of this base's cross-attention K/V "
+                                f"weights (e.g. '{missing[0]}'); use the base the file was made for")
         if len(tokens) == 1:
             return {"token": tokens[0], "superclass": superclasses[0], "tensors": tensors}
         return {"token": tokens, "superclass": words_of(tokens, superclasses)[1], "tensors": tensors}

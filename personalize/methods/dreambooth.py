@@ -19,7 +19,9 @@ pipeline folder ``OUT.pipeline/`` of the base's own class
 tokenizers and text encoders on SDXL; load it with ``from_pretrained`` and
 prompt with the identifier) and a concept file holding only the header, which names
 the folder. Attaching swaps the folder's UNet in. It cannot be composed with
-any other concept.
+any other concept. ``personalize export --format single-file`` writes the
+folder as one checkpoint in the original layout (``single_file.py``), for
+AUTOMATIC1111, ComfyUI and ``from_single_file``.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from .identifier import IdentifierToken
 from .shared import check_composable, cpu_float, load_into, mark_replaced
 
 
+CHECKPOINT_FILE = "checkpoint.safetensors"  # the single-file export
 # the stock diffusers class of the folder DreamBooth writes, per base family (``text_stack.family``)
 PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
                     "sdxl": "StableDiffusionXLPipeline"}
@@ -46,8 +49,11 @@ PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPip
 
 class DreamBooth(DreamBoothCard, IdentifierToken, Method):
     composable = False
-    no_export_reason = ("the pipeline folder beside it already is a diffusers pipeline (StableDiffusionPipeline, "
-                        "on SDXL StableDiffusionXLPipeline .from_pretrained), nothing to export")
+    export_formats = {
+        "single-file": f"{CHECKPOINT_FILE} (one checkpoint in the original LDM layout, as AUTOMATIC1111, ComfyUI and "
+                       "model sites share them): StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline)"
+                       f".from_single_file('{CHECKPOINT_FILE}'), a checkpoints folder, or personalize --base FILE",
+    }
 
     def __init__(self, pipe, token, superclass, config: DreamBoothConfig, unet=None, text_encoders=None):
         """``text_encoders``: ``{pipeline attribute: trained encoder}`` (``text_encoder``, and ``text_encoder_2``
@@ -129,6 +135,28 @@ class DreamBooth(DreamBoothCard, IdentifierToken, Method):
             pipeline.save_pretrained(tmp, safe_serialization=True)
         return {"pipeline": folder.name, "pipeline_digest": _digest(self.unet, self.text_encoders),
                 "composable": False}
+
+    # -- interop
+    @classmethod
+    def export(cls, concept, fmt: str, folder: Path, pipe=None) -> list[Path]:
+        """The trained pipeline (its folder, checked against the concept's digest) as one single-file checkpoint
+        (``personalize/single_file.py``): UNet, VAE and text encoder(s) under their original keys, in the dtype
+        the folder holds."""
+        from diffusers import DiffusionPipeline
+        from diffusers.utils import logging as dlog
+
+        from ..single_file import save_single_file
+
+        source = pipeline_folder(concept)
+        dlog.disable_progress_bar()
+        trained = DiffusionPipeline.from_pretrained(str(source))
+        tes = {name: getattr(trained, name) for _, name in pairs(trained)} \
+            if cls.make_config(concept.config).train_text_encoder else {}
+        if _digest(trained.unet, tes) != concept.header.get("pipeline_digest"):
+            raise ConceptFileError(f"the pipeline folder '{source}' is not the one this concept file was written "
+                                   "with; re-train, or copy the file and its folder together")
+        title = {"modelspec.title": f"DreamBooth {concept.token} ({concept.superclass})"}
+        return [save_single_file(trained, inside(folder, CHECKPOINT_FILE), metadata=title)]
 
     # -- the pipeline
     def install(self) -> None:

@@ -100,7 +100,7 @@ class TextualInversion(TextualInversionCard, Method):
                      metadata=None) -> dict[str, Any]:
         """``{token: (n, d)}`` (diffusers), ``string_to_param`` (A1111 .pt), ``emb_params`` (A1111 safetensors) or,
         on SDXL, ``{"clip_l", "clip_g"}`` (joined into the concept's (n, d_l + d_g) vectors)."""
-        name, vectors = ti_vectors(state)
+        name, vectors = ti_vectors(state, pipe)
         vectors = check_vectors(pipe, vectors)
         return {"token": token or name, "superclass": superclass, "tensors": {"embedding": vectors},
                 "config": {"num_vectors": vectors.shape[0]}}

@@ -20,10 +20,16 @@ SDXL_KEYS = ("clip_l", "clip_g")  # text_encoder's part, text_encoder_2's part
 SDXL_WIDTHS = (768, 1280)
 
 
-def ti_vectors(state: dict) -> tuple[str | None, torch.Tensor]:
-    """(token name or None, vectors) from any of the textual-inversion layouts (SDXL: clip_l and clip_g joined)."""
+def ti_vectors(state: dict, pipe=None) -> tuple[str | None, torch.Tensor]:
+    """(token name or None, vectors) from any of the textual-inversion layouts (SDXL: clip_l and clip_g joined;
+    with ``pipe``, each part must be as wide as its encoder)."""
     if all(isinstance(state.get(k), torch.Tensor) for k in SDXL_KEYS):
         parts = [torch.atleast_2d(state[k]) for k in SDXL_KEYS]
+        if pipe is not None:
+            from ..text_stack import widths
+
+            for key, part, width in zip(SDXL_KEYS, parts, widths(pipe)):
+                check_vectors(pipe, part, f"the SDXL embedding's '{key}'", width)
         if parts[0].shape[0] != parts[1].shape[0]:
             raise BadInputError(f"the SDXL embedding has {parts[0].shape[0]} clip_l and {parts[1].shape[0]} clip_g "
                                 "vectors; both encoders need one vector per token")
@@ -42,12 +48,22 @@ def ti_vectors(state: dict) -> tuple[str | None, torch.Tensor]:
     return next(iter(tensors.items()))
 
 
-def check_vectors(pipe, vectors: torch.Tensor, what: str = "the embedding") -> torch.Tensor:
-    """``vectors`` as (n, d) float if ``d`` is this base's token width (both SDXL encoders' together), else one line
-    saying which family the file is for."""
+def check_vectors(pipe, vectors: torch.Tensor, what: str = "the embedding", width: int | None = None) -> torch.Tensor:
+    """``vectors`` as (n, d) float if ``d`` is this base's token width (both SDXL encoders' together; ``width``: one
+    encoder's), else one line saying which family the file is for."""
     from ..text_stack import FAMILIES, family, widths
 
+    if not isinstance(vectors, torch.Tensor) or not vectors.is_floating_point():
+        kind = f"a {vectors.dtype} tensor" if isinstance(vectors, torch.Tensor) else f"a {type(vectors).__name__}"
+        raise BadInputError(f"{what} holds {kind}, not floating-point token vectors; is it a textual-inversion file?")
+    if vectors.dim() == 2 and vectors.shape[0] == 0:
+        raise BadInputError(f"{what} holds no vectors (shape {tuple(vectors.shape)}); a token needs at least one")
     vectors = torch.atleast_2d(vectors).float()
+    if width is not None:
+        if vectors.dim() != 2 or vectors.shape[-1] != width:
+            raise BadInputError(f"{what} holds {tuple(vectors.shape)} vectors; this base's encoder takes {width}-wide "
+                                "ones")
+        return vectors
     need = widths(pipe)
     if vectors.shape[-1] == sum(need) and vectors.dim() == 2:
         return vectors
