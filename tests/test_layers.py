@@ -18,7 +18,7 @@ LAYERS = [
     ("methods", {"methods"}),
     ("flow", {"concept", "compose", "training", "interop", "evaluation"}),
     ("tools", {"__init__", "benchmark", "toybase", "claims", "demo"}),
-    ("cli", {"cli"}),
+    ("cli", {"cli", "__main__"}),
 ]
 LAYER_OF = {unit: i for i, (_, units) in enumerate(LAYERS) for unit in units}
 LEAVES = {"datasets": {"errors", "images", "samples", "prompts", "templates", "paths", "datasets"}}

@@ -5,9 +5,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from .console import out_console
+from .console import escaped, markup, out_console, say
 
 app = typer.Typer(help="Head-to-head benchmarks: methods x concepts x prompts x seeds x inference settings, "
                        "every unit of work a row in SQLite (or PostgreSQL for several machines), ending in an "
@@ -81,21 +82,21 @@ def validate(spec_path: Path = SPEC_ARG):
     spec = _load(spec_path)
     units = build_plan(spec)
     kinds = Counter(u.kind for u in units)
-    table = Table(title=f"{spec.name}: valid", show_header=True)
+    table = Table(title=escape(f"{spec.name}: valid"), show_header=True)
     concepts = resolve_concepts(spec)
     for col in ("method", "train", "settings", "prompted as"):
         table.add_column(col)
     for m in spec.methods:
-        table.add_row(m.label, ", ".join(f"{k}={v}" for k, v in m.train.items()) or "paper defaults",
-                      " | ".join("; ".join(f"{k}: {v}" for k, v in sw.items()) for sw in m.sweeps) or "default",
-                      concepts[0].prompts(m.method)[0] if concepts else "(no concepts)")
+        table.add_row(*escaped(m.label, ", ".join(f"{k}={v}" for k, v in m.train.items()) or "paper defaults",
+                               " | ".join("; ".join(f"{k}: {v}" for k, v in sw.items()) for sw in m.sweeps) or "default",
+                               concepts[0].prompts(m.method)[0] if concepts else "(no concepts)"))
     out_console.print(table)
-    out_console.print(f"{len(concepts)} concept(s): {', '.join(c.name for c in concepts)}; every method keeps its "
-                      "last training step")
+    say("{} concept(s): {}; every method keeps its last training step", len(concepts),
+        ", ".join(c.name for c in concepts))
     if spec.comparability:
-        out_console.print(f"comparable with: {spec.comparability['table']}")
-    out_console.print(f"rows: {kinds['train']} train, {kinds['generate']} generate, {kinds['score']} score "
-                  f"({len(units)} in all); base {spec.base}; evaluator {spec.evaluator['backend']}")
+        say("comparable with: {}", spec.comparability["table"])
+    say("rows: {} train, {} generate, {} score ({} in all); base {}; evaluator {}", kinds["train"], kinds["generate"],
+        kinds["score"], len(units), spec.base, spec.evaluator["backend"])
 
 
 @app.command()
@@ -156,15 +157,20 @@ def run(
     check_output(out, folder=True)
     summary = run_benchmark(spec, out, db_url=db, progress=progress)
     c = summary.counts
-    out_console.print(f"{c['done']}/{c['total']} rows done ({summary.ran} this run), {c['failed']} failed, "
-                  f"{c['pending']} blocked; database {summary.db}")
+    say("{}/{} rows done ({} this run), {} failed, {} blocked; database {}", c["done"], c["total"], summary.ran,
+        c["failed"], c["pending"], summary.db)
     if summary.failures:
         for key, error in summary.failures:
-            out_console.print(f"[red]failed[/red] {key}: {error.splitlines()[0]}", highlight=False)
+            _failed(key, error)
         out_console.print("fix the cause and run the same command again: finished rows are kept, failed ones retried")
         raise typer.Exit(1)
     run_dir = f" --run-dir {out}" if db else ""
-    out_console.print(f"report: personalize benchmark report {summary.db}{run_dir} --out {Path(out) / 'report'}")
+    say("report: personalize benchmark report {}{} --out {}", summary.db, run_dir, Path(out) / "report")
+
+
+def _failed(key: str, error: str) -> None:
+    """One failed row: its key and the first line of its error."""
+    out_console.print(markup("[red]failed[/red] {}: {}", key, (error.splitlines() or [""])[0]), highlight=False)
 
 
 @app.command()
@@ -183,7 +189,7 @@ def status(database: str = DB_ARG):
     c = db.counts()
     out_console.print(f"{c['done']}/{c['total']} done, {c['running']} running, {c['pending']} pending, {c['failed']} failed")
     for key, error in db.failures():
-        out_console.print(f"[red]failed[/red] {key}: {error.splitlines()[0]}", highlight=False)
+        _failed(key, error)
     db.close()
 
 
@@ -224,4 +230,4 @@ def report(
         raise BadInputError(f"the run's output folder '{run_dir}' is not here; pass --run-dir with the folder "
                             "given to 'benchmark run --out'")
     index, md = write_report(rows, run_dir.resolve(), out, title=f"Benchmark: {meta.get('spec_name', '')}")
-    out_console.print(f"wrote {index} and {md}")
+    say("wrote {} and {}", index, md)

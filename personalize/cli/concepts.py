@@ -11,8 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import BadInputError
-from ..text_stack import FAMILIES
-from .console import BASE_HELP, _load_settings, err_console, out_console
+from .console import BASE_HELP, JSON_HELP, _load_settings, err_console, escaped, out_console, print_json, say, wrote_concept
 
 
 def inspect(
@@ -24,10 +23,11 @@ def inspect(
     [bold]Example[/bold]:  personalize inspect teddy.safetensors --json
     """
     from ..concept import file_summary
+    from ..text_stack import FAMILIES
 
     summary = file_summary(file)
     if as_json:
-        out_console.print_json(json.dumps(summary))
+        print_json(summary)
         return
     header = summary["header"]
     show = _shown
@@ -72,6 +72,7 @@ def export_concept(
     out: Path = typer.Option(..., "--out", help="Folder to write."),
     base: Optional[str] = typer.Option(None, "--base", help="The concept's base, used by custom-diffusion (its format stores full K/V weights) \\[default: the base the concept's header records]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into an OUT folder that is not empty (without it, refused)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Write a concept in the format its community's tools load (export.json in the folder says how).
 
@@ -96,8 +97,13 @@ def export_concept(
 
     check_output(out, folder=True, overwrite=overwrite)
     folder = export_concept(file, out, fmt, base)
+    if as_json:  # export.json as written, its file names as paths, and the folder
+        info = json.loads((folder / "export.json").read_text())
+        print_json({**info, "out": str(folder), "files": [str(folder / name) for name in info["files"]],
+                    "export_json": str(folder / "export.json")})
+        return
     names = ", ".join(sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")))
-    out_console.print(f"wrote [bold]{folder}[/bold] ({names})")
+    say("wrote [bold]{}[/bold] ({})", folder, names)
 
 
 def import_concept(
@@ -111,6 +117,7 @@ def import_concept(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read a .bin/.pt pickle (weights only: torch.load(weights_only=True))."),
     set_: List[str] = typer.Option([], "--set", help="Method setting KEY=VALUE, e.g. --set identifier=ohwx."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT concept file (without it, refused)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Turn another tool's file into a concept file for this base.
 
@@ -130,7 +137,7 @@ def import_concept(
     check_output(out, overwrite=overwrite)
     path = import_file(base, file, method=method, out=out, token=token, superclass=superclass, embeddings=embeddings,
                        allow_pickle=allow_pickle, settings=_load_settings(None, set_))
-    out_console.print(f"wrote concept [bold]{path}[/bold] ({path.stat().st_size:,} bytes)")
+    wrote_concept(path, as_json)
 
 
 def covariance(
@@ -164,13 +171,16 @@ def covariance(
     with Progress(console=err_console) as progress:
         task = progress.add_task("encoding captions", total=total)
         C = load_or_compute_covariance(pipe, lines, on_batch=lambda n: progress.advance(task, n), recompute=recompute)
-    out_console.print(f"C {tuple(C.shape)} for corpus {corpus_id(lines)} ({total:,} captions): "
-                      f"{covariance_path(pipe, corpus_id(lines))}")
+    say("C {} for corpus {} ({:,} captions): {}", tuple(C.shape), corpus_id(lines), total,
+        covariance_path(pipe, corpus_id(lines)))
 
 
 def list_methods(
     name: Optional[str] = typer.Argument(None, help="A method: list its settings (--set KEY=VALUE, or the flag where "
                                                     "there is one) with defaults and help, and its inference knobs."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead: {\"methods\": [...]}, "
+                                 "or with NAME that method's: name, description, recipe, sites, train_defaults, "
+                                 "settings (name, default, flag, help, scope), knobs."),
 ):
     """List the registered personalization methods and their defaults; with NAME, that method's settings and knobs.
 
@@ -180,21 +190,27 @@ def list_methods(
 
       personalize methods residuals     # every setting of one method: default, flag, what it does; its knobs
 
+      personalize methods residuals --json | jq '.settings[] | select(.flag) | .flag'   # for scripts
+
       personalize train --method residuals --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors   # then train one
     """
     from .. import methods as registry
     from .flags import fmt, method_fields, trainer_defaults
 
     if name is not None:
-        _method_settings(registry.get(name))
+        cls = registry.card(name)
+        print_json(_method_json(cls)) if as_json else _method_settings(cls)
+        return
+    if as_json:
+        print_json({"methods": [_method_json(registry.card(n)) for n in registry.names()]})
         return
     table = Table("method", "description (recipe: where the defaults come from)", "sites", "defaults")
     for name in registry.names():
-        cls = registry.get(name)
+        cls = registry.card(name)
         shown = {**cls.train_defaults, "masks": trainer_defaults(cls)["masks"]}  # every method's loss masks
         trainer = [f"{k}={fmt(v)}" for k, v in shown.items()]
         defaults = ", ".join(trainer + [f"{f.name}={fmt(f.default)}" for f in method_fields(cls)])
-        table.add_row(name, escape(_described(cls)), ", ".join(cls.sites), escape(defaults))
+        table.add_row(*escaped(name, _described(cls), ", ".join(cls.sites), defaults))
     out_console.print(table)
 
 
@@ -203,26 +219,40 @@ def _described(cls) -> str:
     return f"{cls.description}\nrecipe: {cls.recipe}" if cls.recipe else cls.description
 
 
-def _method_settings(cls) -> None:
-    """``personalize methods NAME``: the method's and the trainer's settings, then its inference knobs."""
+def _settings(cls) -> list[dict]:
+    """Every setting of a method, its Config's then the trainer's: name, default (this method's), flag (None:
+    ``--set NAME=VALUE`` only), help, scope (method | trainer)."""
     import dataclasses
 
-    from ..training import TrainConfig
-    from .flags import fmt, method_fields, trainer_defaults
+    from ..training.config import TrainConfig
+    from .flags import method_fields, trainer_defaults
 
-    table = Table("setting", "default", "flag", "help", title=f"{cls.name}: {cls.description}")
     defaults = trainer_defaults(cls)
-    rows = [(f, fmt(f.default)) for f in method_fields(cls)]
-    rows += [(f, fmt(defaults[f.name])) for f in dataclasses.fields(TrainConfig)]
-    for field, default in rows:
-        flag = field.metadata.get("flag")
-        table.add_row(field.name, default, "--" + field.name.replace("_", "-") if flag else "--set",
-                      escape(field.metadata.get("help", "")))
+    rows = [(f, f.default, "method") for f in method_fields(cls)]
+    rows += [(f, defaults[f.name], "trainer") for f in dataclasses.fields(TrainConfig)]
+    return [{"name": f.name, "default": default,
+             "flag": "--" + f.name.replace("_", "-") if f.metadata.get("flag") else None,
+             "help": f.metadata.get("help", ""), "scope": scope} for f, default, scope in rows]
+
+
+def _method_json(cls) -> dict:
+    """``personalize methods [NAME] --json``: one method's card and settings."""
+    return {"name": cls.name, "description": cls.description, "recipe": cls.recipe, "sites": list(cls.sites),
+            "train_defaults": dict(cls.train_defaults), "settings": _settings(cls), "knobs": dict(cls.knobs)}
+
+
+def _method_settings(cls) -> None:
+    """``personalize methods NAME``: the method's and the trainer's settings, then its inference knobs."""
+    from .flags import fmt
+
+    table = Table("setting", "default", "flag", "help", title=escape(f"{cls.name}: {cls.description}"))
+    for row in _settings(cls):
+        table.add_row(*escaped(row["name"], fmt(row["default"]), row["flag"] or "--set", row["help"]))
     out_console.print(table)
     if cls.recipe:
-        out_console.print(escape(f"recipe: {cls.recipe}"))
+        say("recipe: {}", cls.recipe)
     if cls.knobs:
         knobs = Table("knob", "help", title="inference knobs: generate --concept FILE:KNOB=VALUE,...")
         for knob, text in cls.knobs.items():
-            knobs.add_row(knob, escape(text))
+            knobs.add_row(*escaped(knob, text))
         out_console.print(knobs)

@@ -12,7 +12,7 @@ from ..schedulers import HELP as SCHEDULER_HELP
 from ..schedulers import scheduler_class
 from ..errors import BadInputError
 from ..settings import check_options
-from .console import BASE_HELP, _parse_value, _step_bar, _warn, out_console
+from .console import BASE_HELP, JSON_HELP, _parse_value, _step_bar, _warn, print_json, say
 
 
 def _parse_concept_arg(text: str) -> tuple[str, dict]:
@@ -46,6 +46,7 @@ def generate(
     lock: Optional[str] = typer.Option(None, "--lock", help="Perfusion key-locking: local, or global (K reads the prompt with each concept word replaced by its superclass; default beta then 0.5) [local]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace PNGs of the same prompt and seeds already in OUT (without it they are refused)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Generate images of one or several trained concepts in new scenes (or of the base alone, without --concept).
 
@@ -77,14 +78,24 @@ def generate(
         scheduler_class(scheduler)
     attachment, parts = _attachment(concept, prompt, dict(beta=beta, tau=tau, lag=lag, lock=lock))
     pipe = _load(base, parts, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), scheduler=scheduler)
-    resolution_of(pipe, resolution)  # a size this base cannot make is refused before any work
+    size = resolution_of(pipe, resolution)  # a size this base cannot make is refused before any work
     with attachment(pipe):
         check_prompt_length(pipe, prompt)  # the concepts' tokens are in the tokenizer now
         with _step_bar(f"generating {num_images} image(s)", steps) as on_step:
             images = run_generate(pipe, prompt, num_images=num_images, steps=steps, guidance=guidance, seed=seed,
                                   on_step=on_step, resolution=resolution)
     paths = write_images(images, prompt, out, seed)
-    out_console.print(f"wrote {len(paths)} image(s) to [bold]{out}[/bold]")
+    if as_json:
+        from ..compose import recorded_base
+
+        print_json({"out": str(out), "prompts_json": str(out / "prompts.json"),
+                    "base": str(base) if base is not None else recorded_base(parts),
+                    "scheduler": type(pipe.scheduler).__name__,
+                    "concepts": [dict(zip(("file", "knobs"), _parse_concept_arg(c))) for c in concept],
+                    "prompt": prompt, "steps": steps, "guidance": guidance, "resolution": size,
+                    "images": [{"path": str(path), "prompt": prompt, "seed": seed + k} for k, path in enumerate(paths)]})
+        return
+    say("wrote {} image(s) to [bold]{}[/bold]", len(paths), out)
 
 
 def _load(base: Optional[str], parts: list, **options):

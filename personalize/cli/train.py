@@ -12,7 +12,7 @@ from .. import methods as registry
 from ..errors import BadInputError
 from ..settings import check_options
 from . import flags as derived
-from .console import BASE_HELP, _load_settings, out_console
+from .console import BASE_HELP, JSON_HELP, _load_settings, wrote_concept
 
 METHOD_HELP = (f"{' | '.join(registry.names())}; each defaults to its paper's or reference recipe "
                "('personalize methods' lists them all, 'personalize methods NAME' a method's settings).")
@@ -36,6 +36,7 @@ def train(
     evaluator: Optional[str] = typer.Option(None, "--evaluator", help="What --validate-every scores: clip (CLIP-I vs. the photos, CLIP-T) or toyworld:NAME (the toy world's fidelity and alignment for concept NAME) \\[default: clip]."),
     validation_prompt: List[str] = typer.Option([], "--validation-prompt", help="Prompt to validate with, {} = the concept; repeatable \\[default: 8 prompts as Perfusion §4.4 ('a photo of a {}', 'a {} on the beach', ...), one sample each; toyworld: toy-world scenes]."),
     clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local OpenAI CLIP ViT-B/32 weights file (open_clip state dict; run with QuickGELU) for --evaluator clip \\[default: open_clip's 'openai' weights from the hub]."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     **flags,
 ):
     """Train a concept from a folder of photos and write one .safetensors file.
@@ -84,7 +85,7 @@ METHOD_DEFAULTS
     path = run_train(base, images, token=token, superclass=superclass, out=out, method=method,
                      resume=resume, settings=settings, progress=True, device=device, validation=validation)
     if os.environ.get("RANK", "0") == "0":  # data parallel (accelerate launch / torchrun): the main process says it
-        out_console.print(f"wrote concept [bold]{path}[/bold] ({path.stat().st_size:,} bytes)")
+        wrote_concept(path, as_json, run=True)
 
 
 train.__doc__ = train.__doc__.replace("METHOD_DEFAULTS", derived.defaults_summary(indent="      "))

@@ -27,7 +27,6 @@ for SDXL textual inversions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +36,9 @@ from torch import nn
 from ..edits.deltas import WeightDelta
 from ..edits.placement import cross_attention_layers, site_names
 from ..errors import BadInputError, ConceptFileError
-from ..prior import PriorConfig
 from ..text_stack import pairs, widths
 from .base import Method
+from .cards import CustomDiffusionCard, CustomDiffusionConfig
 from .shared import as_list, cpu_float, load_into, single_tokens, word_vector, words_of
 from .token_files import SDXL_KEYS
 
@@ -47,31 +46,9 @@ WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
 PATHWAYS = ("k", "v")
 
 
-@dataclass
-class CustomDiffusionConfig(PriorConfig):
-    """diffusers train_custom_diffusion README: lr 1e-5 x --scale_lr (batch 2) x 2 under prior preservation = 4e-5,
-    250 steps, 200 class images, lambda 1, AdamW weight decay 1e-2, clipping at 1.0, modifier tokens initialised
-    from 'ktn+pll+ucd'."""
-
-    lr: float = field(default=4e-5, metadata={
-        "help": "learning rate (train_custom_diffusion README: 1e-5 --scale_lr x batch 2 = 2e-5, doubled with prior "
-                "preservation = 4e-5; set 2e-5 with prior_loss_weight=0)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (train_custom_diffusion.py)"})
-    init_words: str = field(default="ktn+pll+ucd", metadata={
-        "help": "words the modifier tokens start from, '+'-separated, one per concept in order"})
-
-
-class CustomDiffusion(Method):
-    name = "custom-diffusion"
-    description = "Cross-attention K/V deltas + modifier token(s), several concepts in one run (Kumari et al. 2023)"
-    sites = ("tokens", "kv")
+class CustomDiffusion(CustomDiffusionCard, Method):
     prompting = "modifier"  # the reference's "photo of a <new1> cat"
-    Config = CustomDiffusionConfig
     multi_concept = True
-    train_defaults = {"steps": 250, "batch_size": 2, "max_grad_norm": 1.0}
-    recipe = ("diffusers train_custom_diffusion README: batch 2, lr 1e-5 with --scale_lr = 1e-5 x 1 x 2 = 2e-5, "
-              "x 2 under prior preservation (train_custom_diffusion.py) = 4e-5 effective; 250 steps, 200 class "
-              "images, lambda 1, AdamW weight decay 1e-2, gradients clipped at 1.0 (--max_grad_norm)")
     export_formats = {
         "diffusers": f"{WEIGHTS_FILE} + <token>.safetensors: pipe.unet.load_attn_procs(DIR, weight_name="
                      f"'{WEIGHTS_FILE}', _pipeline=pipe); pipe.load_textual_inversion(DIR, weight_name='<token>.safetensors')"
