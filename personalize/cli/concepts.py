@@ -91,7 +91,7 @@ def import_concept(
     superclass: List[str] = typer.Option(..., "--superclass", help="What the concept is, a word or class phrase ('dog', 'penguin plushie'); custom-diffusion: one per --embeddings file, in the same order (or one for all)."),
     token: Optional[str] = typer.Option(None, "--token", help="Token to use (default: the one the file names; an SDXL clip_l + clip_g embedding names none)."),
     base: str = typer.Option("tiny", "--base", help=BASE_HELP),
-    embeddings: List[Path] = typer.Option([], "--embeddings", help="custom-diffusion: the modifier token file(s), <token>.safetensors."),
+    embeddings: List[Path] = typer.Option([], "--embeddings", help="custom-diffusion: the modifier token file(s), <token>.safetensors; textual-inversion on SDXL: the second encoder's learned_embeds_2.safetensors (diffusers' textual_inversion_sdxl.py writes a pair)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read a .bin/.pt pickle (weights only: torch.load(weights_only=True))."),
     set_: List[str] = typer.Option([], "--set", help="Method setting KEY=VALUE, e.g. --set identifier=ohwx."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT concept file (without it, refused)."),
@@ -101,6 +101,8 @@ def import_concept(
     [bold]Examples[/bold]
 
       personalize import learned_embeds.safetensors --method textual-inversion --superclass cat --base tiny --out cat.safetensors
+
+      personalize import learned_embeds.safetensors --embeddings learned_embeds_2.safetensors --method textual-inversion --superclass cat --base stabilityai/stable-diffusion-xl-base-1.0 --out cat.safetensors   # diffusers' SDXL pair
 
       personalize import my_lora.safetensors --method dreambooth-lora --superclass dog --token "<dog>" --set identifier=sks --out dog.safetensors
 
