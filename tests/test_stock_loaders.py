@@ -22,9 +22,26 @@ FAMILIES = ["tiny", "tiny-sd2", "tiny-sdxl"]
 PROMPT = "a photo of a <c> ball"
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+_BASES: dict = {}
+
+
+def _base(request, name):
+    """Each tiny base loaded once (tiny: the session's own copy)."""
+    if name not in _BASES:
+        _BASES[name] = request.getfixturevalue("_tiny_master") if name == "tiny" else load_base(name)
+    return _BASES[name]
+
+
+@pytest.fixture(params=FAMILIES)
 def master(request):
-    return load_base(request.param)
+    """Every family: the token seam differs on each (SD 2.x pads with '!', SDXL has two tables)."""
+    return _base(request, request.param)
+
+
+@pytest.fixture(params=["tiny", "tiny-sdxl"])
+def one_and_two_encoders(request):
+    """One text encoder and two (what the UNet-side checks depend on)."""
+    return _base(request, request.param)
 
 
 def _sdxl(pipe) -> bool:
@@ -125,12 +142,12 @@ def test_img2img_twin_made_while_attached_follows_detach(master, tmp_path):
     assert _same(_encode(twin), base)
 
 
-def test_unload_lora_weights_with_a_concept_attached(master, tmp_path):
+def test_unload_lora_weights_with_a_concept_attached(one_and_two_encoders, tmp_path):
     """``pipe.unload_lora_weights()`` removes the whole stock LoRA (UNet and text encoder) and leaves the attached
     concept; detach then gives the base back bit for bit."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    pipe = copy.deepcopy(master)
+    pipe = copy.deepcopy(one_and_two_encoders)
     concept, _ = _ti_concept(pipe, tmp_path)
     base = _unet(pipe)
     handle = attach(pipe, concept)
@@ -149,12 +166,12 @@ def test_unload_lora_weights_with_a_concept_attached(master, tmp_path):
     assert _same(_unet(pipe), base)
 
 
-def test_fused_text_encoder_lora_needs_the_explicit_override(master, tmp_path):
+def test_fused_text_encoder_lora_needs_the_explicit_override(one_and_two_encoders, tmp_path):
     """After a stock ``fuse_lora`` on the text encoder the weights differ: refused in one line naming the override;
     ``attach(..., check_base_weights=False)`` attaches with a warning and equals a stock pipeline holding both."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    pipe = copy.deepcopy(master)
+    pipe = copy.deepcopy(one_and_two_encoders)
     concept, state = _ti_concept(pipe, tmp_path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(4)
@@ -172,12 +189,12 @@ def test_fused_text_encoder_lora_needs_the_explicit_override(master, tmp_path):
 
 
 # --------------------------------------------------------------------------- DreamBooth on fp16/bf16 copies
-def test_dreambooth_digest_accepts_half_precision_copies(master):
+def test_dreambooth_digest_accepts_half_precision_copies(one_and_two_encoders):
     """The DreamBooth folder digest is taken at fp16 and bf16 (``fingerprint.weights_digest``): fp16 and bf16 copies
     of the trained weights match it, a changed weight does not."""
     from personalize.methods.dreambooth import _digest, _same_digest
 
-    unet, te = master.unet, {"text_encoder": master.text_encoder}
+    unet, te = one_and_two_encoders.unet, {"text_encoder": one_and_two_encoders.text_encoder}
     recorded = _digest(unet, te)
     for dtype in (torch.float16, torch.bfloat16):
         assert _same_digest(recorded, copy.deepcopy(unet).to(dtype), {k: copy.deepcopy(v).to(dtype)
@@ -188,24 +205,23 @@ def test_dreambooth_digest_accepts_half_precision_copies(master):
     assert not _same_digest(recorded, changed, te)
 
 
-def test_dreambooth_concept_attaches_to_fp16_and_bf16_copies(tmp_path):
-    """End to end on tiny: a DreamBooth concept (its folder loaded in the pipeline's dtype) attaches to fp16 and
-    bf16 copies of its base and equals stock ``from_pretrained`` of its folder in that dtype."""
+def test_dreambooth_concept_attaches_to_an_fp16_copy(_tiny_master, tmp_path):
+    """End to end on tiny: a DreamBooth concept (its folder loaded in the pipeline's dtype) attaches to an fp16
+    copy of its base and equals stock ``from_pretrained`` of its folder in fp16 (bf16: the digest test above)."""
     from diffusers import StableDiffusionPipeline
 
     from conftest import make_photos
     from personalize import train
 
-    master = load_base("tiny")
+    master = _tiny_master
     path = train(copy.deepcopy(master), make_photos(tmp_path / "photos", n=1), token="<c>", superclass="ball",
                  out=tmp_path / "db.safetensors", method="dreambooth", progress=False,
                  settings={"steps": 1, "batch_size": 1, "checkpoint_every": 0, "masks": "none", "lr": 1e-3,
                            "prior_loss_weight": 0})
-    for dtype in (torch.float16, torch.bfloat16):
-        pipe = copy.deepcopy(master).to(dtype=dtype)
-        stock = StableDiffusionPipeline.from_pretrained(str(tmp_path / "db.pipeline"), torch_dtype=dtype)
-        with attach(pipe, load_concept(path)):
-            assert _same(_unet(pipe, "a photo of a <c> ball"), _unet(stock, "a photo of a sks ball"))
+    pipe = copy.deepcopy(master).to(dtype=torch.float16)
+    stock = StableDiffusionPipeline.from_pretrained(str(tmp_path / "db.pipeline"), dtype=torch.float16)
+    with attach(pipe, load_concept(path)):
+        assert _same(_unet(pipe, "a photo of a <c> ball"), _unet(stock, "a photo of a sks ball"))
 
 
 # --------------------------------------------------------------------------- files for other tools
@@ -243,10 +259,10 @@ def a1111_check(path):
     return names
 
 
-def test_a1111_pt_passes_a1111s_safe_loader(tmp_path):
+def test_a1111_pt_passes_a1111s_safe_loader(_tiny_master, tmp_path):
     """The ``a1111`` export: entries A1111's check accepts, under a fixed, clean top folder (not the temp file's name
     with host and pid), read back by torch (weights_only) and by stock ``load_textual_inversion``."""
-    pipe = load_base("tiny")
+    pipe = copy.deepcopy(_tiny_master)
     concept, state = _ti_concept(pipe, tmp_path)
     folder = export_concept(concept, tmp_path / "a1111", "a1111")
     file = folder / "<c>.pt"
@@ -281,12 +297,12 @@ def _peft_lora_file(pipe, folder, seed=5):
     return folder / "pytorch_lora_weights.safetensors"
 
 
-def test_dreambooth_lora_export_names_text_model_keys(master, tmp_path):
+def test_dreambooth_lora_export_names_text_model_keys(one_and_two_encoders, tmp_path):
     """The diffusers-lora export names text-encoder keys ``text_encoder.text_model.*`` (what ComfyUI and older
     stacks read), and stock ``load_lora_weights`` reads it back equal to the attached concept."""
     from safetensors.torch import load_file
 
-    pipe = copy.deepcopy(master)
+    pipe = copy.deepcopy(one_and_two_encoders)
     file = _peft_lora_file(pipe, tmp_path / "src")
     concept = load_concept(import_file(pipe, file, method="dreambooth-lora", superclass="ball", token="<c>",
                                        out=tmp_path / "lora.safetensors"))
@@ -294,14 +310,14 @@ def test_dreambooth_lora_export_names_text_model_keys(master, tmp_path):
     keys = list(load_file(str(out / "pytorch_lora_weights.safetensors")))
     te_keys = [k for k in keys if k.startswith("text_encoder")]
     assert te_keys and all(k.split(".")[1] == "text_model" for k in te_keys)
-    stock = copy.deepcopy(master)
+    stock = copy.deepcopy(one_and_two_encoders)
     stock.load_lora_weights(str(out))
     with attach(pipe, concept):
         ours = _unet(pipe, "a photo of a <c> ball")
     assert _same(ours, _unet(stock, "a photo of a sks ball"), atol=1e-5)
 
 
-def test_sdxl_textual_inversion_pair_imports(tmp_path, capsys):
+def test_sdxl_textual_inversion_pair_imports(request, tmp_path, capsys):
     """diffusers' textual_inversion_sdxl.py writes learned_embeds.safetensors (text_encoder) and
     learned_embeds_2.safetensors (text_encoder_2), each {token: (n, d)}: FILE + --embeddings imports the pair,
     equal to the stock loading of both; one file alone is refused in one line naming the other."""
@@ -309,7 +325,7 @@ def test_sdxl_textual_inversion_pair_imports(tmp_path, capsys):
 
     from test_bad_input import run_cli
 
-    pipe = load_base("tiny-sdxl")
+    pipe = copy.deepcopy(_base(request, "tiny-sdxl"))
     w1, w2 = text_stack.widths(pipe)
     first, second = _seeded((2, w1), 8), _seeded((2, w2), 9)
     save_file({"<c>": first}, str(tmp_path / "learned_embeds.safetensors"))
@@ -332,12 +348,12 @@ def test_sdxl_textual_inversion_pair_imports(tmp_path, capsys):
     assert not (tmp_path / "half.safetensors").exists()
 
 
-def test_kohya_sdxl_lora_with_proj_in_and_feed_forward(tmp_path):
+def test_kohya_sdxl_lora_with_proj_in_and_feed_forward(request, tmp_path):
     """A kohya SDXL LoRA in its own (SGM) block names covering attention, proj_in/proj_out and the feed-forward
     layers imports and equals stock ``load_lora_weights`` on the same file."""
     from safetensors.torch import save_file
 
-    pipe = load_base("tiny-sdxl")
+    pipe = copy.deepcopy(_base(request, "tiny-sdxl"))
     per_block = pipe.unet.config.layers_per_block
 
     def sgm(name):  # diffusers' block names -> kohya's SDXL ones (the mapping diffusers' loader undoes)
