@@ -68,7 +68,7 @@ class TrainConfig:
                 "(0 = only the final file; diffusers' --checkpointing_steps, here usable concepts, not resume "
                 "state: that is --checkpoint-every)", "flag": True})
     lr_scheduler: str = dataclasses.field(default="constant", metadata={
-        "help": "learning-rate schedule, diffusers' get_scheduler: constant, constant_with_warmup, linear, cosine, "
+        "help": "the learning-rate schedule, diffusers' get_scheduler: constant, constant_with_warmup, linear, cosine, "
                 "cosine_with_restarts or polynomial, decaying over --steps (diffusers' --lr_scheduler; every "
                 "recipe here trains at a constant rate)", "flag": True})
     lr_warmup_steps: int = dataclasses.field(default=0, metadata={

@@ -32,4 +32,8 @@ def make_lr_scheduler(optimizer, name: str, warmup: int, steps: int):
     """diffusers' ``get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)``."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    try:
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    except ValueError as exc:  # polynomial: a learning rate at or below its end rate (1e-7)
+        raise BadInputError(f"--lr-scheduler {name}: {exc}; choose a larger learning rate or another "
+                            "schedule") from exc
