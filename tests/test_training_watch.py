@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import make_photos
 
 from personalize import attach, load_concept, train
-from personalize.training import loop, snapshots
+from personalize.training import snapshots
 from personalize.training.snapshots import samples_dir, steps_dir
 from personalize.training.trackers import Tracker, logs_dir
 
@@ -36,7 +36,7 @@ def logged():
 
     mp = pytest.MonkeyPatch()
     mp.setattr(Tracker, "log", spy)
-    mp.setattr(snapshots, "SAMPLE_STEPS", 2)  # sample images in 2 sampler steps (what is tested is where they go)
+    mp.setattr(snapshots, "SAMPLE_STEPS", 1)  # one sampler step per image (what is tested is where they go)
     yield seen
     mp.undo()
 
@@ -144,9 +144,17 @@ def test_save_every_writes_concepts_that_load_and_attach(watched, _tiny_master):
             assert "<disc>" in pipe.tokenizer.get_vocab()
 
 
-def test_a_baseline_samples_and_saves_its_steps_too(tmp_path, tiny, logged):
-    """Textual Inversion, constant rate: samples at 2 and the last step (3); the step-2 file holds exactly the
-    state the trainer had after step 2, and attaches."""
+def test_a_baseline_samples_and_saves_its_steps_too(tmp_path, tiny, logged, monkeypatch):
+    """Textual Inversion with no schedule flag: every step at its recipe's constant rate; samples at 2 and the
+    last step (3); the step-2 file holds exactly the state the trainer had after step 2, and attaches."""
+    rates = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        rates.append([g["lr"] for g in self.param_groups])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
     photos = make_photos(tmp_path / "photos")
     seen = {}
 
@@ -158,6 +166,7 @@ def test_a_baseline_samples_and_saves_its_steps_too(tmp_path, tiny, logged):
                 method="textual-inversion", progress=False, callbacks=[keep],
                 settings={"steps": 3, "batch_size": 1, "checkpoint_every": 0, "validation_every": 2,
                           "validation_prompt": "a {} on the beach", "save_every": 2})
+    assert rates == [[load_concept(out).config["lr"]]] * 3
     assert sorted(p.name for p in samples_dir(out).iterdir()) == ["step-000002", "step-000003"]
     assert all(len(list((samples_dir(out) / f).glob("*.png"))) == 1 for f in ("step-000002", "step-000003"))
     assert not logs_dir(out).exists()  # --report-to none: no tracker folder
@@ -200,21 +209,3 @@ def test_bad_watch_settings_are_refused_before_any_work(tmp_path, settings, word
         train("no-such-base-is-loaded", tmp_path, token="<disc>", superclass="ball", out=tmp_path / "x.safetensors",
               settings={"steps": 2, **settings}, progress=False)
     assert list(tmp_path.iterdir()) == []
-
-
-def test_the_default_schedule_is_each_recipes_constant_rate(tmp_path, tiny, monkeypatch):
-    """No flag: every step trains at the recipe's own rate (diffusers' constant)."""
-    rates = []
-    real_step = torch.optim.AdamW.step
-
-    def step(self, *a, **k):
-        rates.append([g["lr"] for g in self.param_groups])
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    photos = make_photos(tmp_path / "photos")
-    out = train(tiny, photos, token="<disc>", superclass="ball", out=tmp_path / "r.safetensors", method="residuals",
-                settings={"steps": 2, "batch_size": 1, "checkpoint_every": 0}, progress=False)
-    lr = load_concept(out).config["lr"]
-    assert rates and all(r == [lr] * len(r) for r in rates)
-    assert loop.TrainConfig().lr_scheduler == "constant" and loop.TrainConfig().lr_warmup_steps == 0
