@@ -32,10 +32,9 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (trainer and method); flags win."),
     set_: List[str] = typer.Option([], "--set", help="Method or trainer setting KEY=VALUE, e.g. --set lock=trained --set lr_value=0.02."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
-    validate_every: Optional[int] = typer.Option(None, "--validate-every", min=0, help="Best-step selection: every N steps (and at the last) sample a few images, score them and keep the step with the best harmonic mean (0 = off: keep the last step) \\[default: 25 (Perfusion §4.4) when --evaluator, --validation-prompt or --clip-weights is given, else off]."),
-    evaluator: Optional[str] = typer.Option(None, "--evaluator", help="What --validate-every scores: clip (CLIP-I vs. the photos, CLIP-T) or toyworld:NAME (the toy world's fidelity and alignment for concept NAME) \\[default: clip]."),
-    validation_prompt: List[str] = typer.Option([], "--validation-prompt", help="Prompt to validate with, {} = the concept; repeatable \\[default: 8 prompts as Perfusion §4.4 ('a photo of a {}', 'a {} on the beach', ...), one sample each; toyworld: toy-world scenes]."),
-    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local OpenAI CLIP ViT-B/32 weights file (open_clip state dict; run with QuickGELU) for --evaluator clip \\[default: open_clip's 'openai' weights from the hub]."),
+    validate_every: Optional[int] = typer.Option(None, "--validate-every", min=0, help="Best-step selection every N steps, the older spelling: --validation-every N with --evaluator clip unless another --evaluator is given (0 = off: keep the last step)."),
+    evaluator: Optional[str] = typer.Option(None, "--evaluator", help="Best-step selection: at each --validation-every step also score samples and keep the step with the best harmonic mean (Perfusion §4.4): clip (CLIP-I vs. the photos, CLIP-T) or toyworld:NAME (the toy world's fidelity and alignment for concept NAME); its prompts are --validation-prompt \\[default: none: samples only; clip's 8 prompts as Perfusion §4.4 ('a photo of a {}', 'a {} on the beach', ...), toyworld's toy-world scenes]."),
+    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local OpenAI CLIP ViT-B/32 weights file (open_clip state dict; run with QuickGELU) for --evaluator clip (given alone, it means --evaluator clip) \\[default: open_clip's 'openai' weights from the hub]."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     **flags,
 ):
@@ -61,9 +60,13 @@ def train(
 
       (or list them in --config as concepts: a list of images / token / superclass mappings, and the model as base:)
 
+      personalize train ... --report-to tensorboard --validation-prompt "a {} on the beach" --validation-every 50   # loss curves in OUT.logs/, samples in OUT.samples/
+
+      personalize train ... --lr-scheduler cosine --lr-warmup-steps 50 --save-every 100   # diffusers' schedules; a concept every 100 steps in OUT.steps/
+
       personalize train ... --clip-weights clip-vit-b-32.safetensors   # keep the best step (validated every 25 steps)
 
-      personalize train --base toy ... --validate-every 25 --evaluator toyworld:split_triangle   # toy world: ground-truth scores
+      personalize train --base toy ... --validation-every 25 --evaluator toyworld:split_triangle   # toy world: ground-truth scores
 
     [bold]Method defaults[/bold] (each paper's or reference recipe; flags and --set override)
 
@@ -81,7 +84,7 @@ METHOD_DEFAULTS
     settings.update(trainer)
     settings.update(derived.given(METHOD_FLAGS, flags))
     images, token, superclass = _concept_args(images, token, superclass, settings.pop("concepts", None))
-    validation = _validation(validate_every, evaluator, validation_prompt, clip_weights, images, device)
+    validation = _validation(settings, validate_every, evaluator, clip_weights, images, device)
     path = run_train(base, images, token=token, superclass=superclass, out=out, method=method,
                      resume=resume, settings=settings, progress=True, device=device, validation=validation)
     if os.environ.get("RANK", "0") == "0":  # data parallel (accelerate launch / torchrun): the main process says it
@@ -103,19 +106,40 @@ def _base(flag: Optional[str], configured) -> str:
     return base
 
 
-def _validation(every: Optional[int], evaluator: Optional[str], prompts: List[str], clip_weights: Optional[Path],
-                images, device: Optional[str]):
-    """The --validate-every validator (None when off): an evaluator configured without --validate-every validates
-    on Perfusion's schedule (every 25 steps); --validate-every 0 with an evaluator flag is refused."""
+def _validation(settings: dict, validate_every: Optional[int], evaluator: Optional[str],
+                clip_weights: Optional[Path], images, device: Optional[str]):
+    """Sets ``validation_every`` in ``settings`` and returns the best-step validator (None without an evaluator).
+
+    One cadence, --validation-every N (diffusers' --validation_steps): samples of --validation-prompt every N
+    steps, scored too when an evaluator is given (--evaluator, or --clip-weights meaning clip). Unset, it is
+    Perfusion's 25 when prompts or an evaluator are given. --validate-every N is its older spelling, which
+    selects the best step with clip unless another --evaluator is given."""
     from ..evaluation.validation import VALIDATE_EVERY
 
-    configured = bool(evaluator or prompts or clip_weights)
-    if every is None:
-        every = VALIDATE_EVERY if configured else 0
+    from ..settings import coerce
+
+    every = settings.get("validation_every")
+    every = None if every is None else coerce("validation_every", every, int, "--validation-every")
+    if validate_every is not None:
+        if every is not None and every != validate_every:
+            raise BadInputError(f"--validate-every {validate_every} and --validation-every {every} disagree; "
+                                "give --validation-every only")
+        every = validate_every
+        if validate_every and evaluator is None:
+            evaluator = "clip"
+    prompts = settings.get("validation_prompt")
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    scoring = evaluator is not None or clip_weights is not None
+    if every is None and (scoring or prompts):
+        every = VALIDATE_EVERY
+    if every is not None:
+        settings["validation_every"] = every
     if not every:
-        if configured:
-            raise BadInputError("--validate-every 0 turns validation off: drop --evaluator, --validation-prompt and "
-                                "--clip-weights, or give --validate-every N (N > 0)")
+        if scoring or prompts:
+            raise BadInputError("--validation-every 0 turns validation off: drop --evaluator, --validation-prompt and "
+                                "--clip-weights, or give --validation-every N (N > 0)")
+        return None
+    if not scoring:
         return None
     if clip_weights is not None and not clip_weights.is_file():
         raise BadInputError(f"--clip-weights '{clip_weights}' is not a file; pass an OpenAI CLIP ViT-B/32 state dict (.safetensors)")
