@@ -44,6 +44,7 @@ carries the SAI ModelSpec architecture and prediction type. Reading a written fi
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import re
 import tempfile
@@ -193,9 +194,11 @@ def _no_init():
     return no_init_weights()
 
 
-def write_config_folder(name: str, folder: str | Path, prediction_type: str | None = None) -> Path:
+def write_config_folder(name: str, folder: str | Path, prediction_type: str | None = None,
+                        tokenizers: bool = True) -> Path:
     """A diffusers config folder for the known config ``name`` (no weights): what stock
-    ``from_single_file(file, config=folder, local_files_only=True)`` needs to read a file of that shape offline."""
+    ``from_single_file(file, config=folder, local_files_only=True)`` needs to read a file of that shape offline.
+    ``tokenizers=False`` leaves the tokenizer files out (pass the tokenizers to ``from_single_file`` instead)."""
     folder = Path(folder)
     pipe = config_pipeline(name, prediction_type)
     folder.mkdir(parents=True, exist_ok=True)
@@ -204,10 +207,11 @@ def write_config_folder(name: str, folder: str | Path, prediction_type: str | No
         if module is None:
             continue
         target = folder / part
-        if hasattr(module, "save_config") and not hasattr(module, "save_vocabulary"):  # diffusers model or scheduler
+        if hasattr(module, "save_vocabulary"):  # a tokenizer
+            if tokenizers:
+                module.save_pretrained(target)
+        elif hasattr(module, "save_config"):  # a diffusers model or scheduler
             module.save_config(target)
-        elif hasattr(module, "save_vocabulary"):  # a tokenizer
-            module.save_pretrained(target)
         else:  # a transformers model: its config only
             module.config.save_pretrained(target)
     return folder
@@ -446,9 +450,15 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None, predict
     class_name = "StableDiffusionXLPipeline" if found["family"] == "sdxl" else "StableDiffusionPipeline"
     extra = ({"add_watermarker": False} if found["family"] == "sdxl"
              else {"safety_checker": None, "requires_safety_checker": False})
+    # the tokenizers are passed in (copies of the config's, rebuilt offline): reading them back from files is slower
+    config = config_pipeline(found["config"], found["prediction_type"])
+    extra.update({part: copy.deepcopy(module) for part, module in config.components.items()
+                  if hasattr(module, "save_vocabulary")})
     dlog.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="personalize-config-") as tmp:
-        folder = write_config_folder(found["config"], tmp, found["prediction_type"])
+        folder = write_config_folder(found["config"], tmp, found["prediction_type"], tokenizers=False)
+        verbosity = dlog.get_verbosity()
+        dlog.set_verbosity_error()  # its notes on casting go to stderr; the library does not print
         try:
             if found["family"] == "sdxl":
                 extra["text_encoder_2"] = _openclip_xl(path, folder, dtype)
@@ -458,6 +468,8 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None, predict
             text = str(exc).strip().splitlines()
             raise BaseModelError(f"could not load base from '{Path(path).name}': "
                                  f"{text[0] if text else type(exc).__name__}") from exc
+        finally:
+            dlog.set_verbosity(verbosity)
     missing = [f"{part}.{n}" for part, module in pipe.components.items() if isinstance(module, torch.nn.Module)
                for n, p in module.named_parameters() if p.is_meta]
     if missing:
@@ -484,4 +496,4 @@ def _openclip_xl(path: str | Path, folder: Path, dtype: torch.dtype | None):
         checkpoint = {k: f.get_tensor(k) for k in f.keys() if k.startswith(OPENCLIP_XL)}
     model.load_state_dict(convert_open_clip_checkpoint(model, checkpoint, prefix=OPENCLIP_XL), strict=True,
                           assign=True)
-    return model.to(dtype=dtype).eval() if dtype is not None else model.eval()
+    return model.to(dtype=dtype or torch.float32).eval()  # as from_single_file loads the others
