@@ -203,6 +203,7 @@ def _bad_files(tmp_path, dreambooth):
                             "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.randn(32, 4)}, ("lora",)),
         "embedding": ({"emb_params": torch.randn(1, 768)}, ("textual-inversion",)),
         "diffusers unet": ({"down_blocks.0.resnets.0.conv1.weight": torch.randn(4, 4, 3, 3)}, ("diffusers",)),
+        "flux": ({"double_blocks.0.img_attn.norm.key_norm.scale": torch.randn(4)}, ("another architecture", "flux")),
     }
     paths = {}
     for label, (tensors, words) in files.items():
