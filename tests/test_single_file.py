@@ -228,6 +228,16 @@ def test_files_that_are_no_checkpoint_are_refused_in_one_line(capsys, tmp_path, 
         assert not out.exists(), label
 
 
+def test_inpainting_and_refiner_checkpoints_are_refused_by_name():
+    ldm = {k: tuple(v.shape) for k, v in sf.to_original(sf.config_pipeline("tiny")).items()}
+    inpainting = dict(ldm, **{sf.UNET + "input_blocks.0.0.weight": (32, 9, 3, 3)})
+    with pytest.raises(BadInputError, match="inpainting"):
+        sf.family_of(sf.Layout(Path("in.safetensors"), inpainting))
+    refiner = {k.replace(sf.CLIP_SD1, "conditioner.embedders.0.model."): s for k, s in ldm.items()}
+    with pytest.raises(BadInputError, match="refiner"):
+        sf.family_of(sf.Layout(Path("refiner.safetensors"), refiner))
+
+
 def test_a_checkpoint_of_unknown_shapes_is_refused(tmp_path):
     pipe = build_tiny("sd1")
     ldm = sf.to_original(pipe)
