@@ -12,7 +12,7 @@ from .. import methods as registry
 from ..errors import BadInputError
 from ..settings import check_options
 from . import flags as derived
-from .console import BASE_HELP, _load_settings, out_console
+from .console import BASE_HELP, JSON_HELP, _load_settings, wrote_concept
 
 METHOD_HELP = (f"{' | '.join(registry.names())}; each defaults to its paper's or reference recipe "
                "('personalize methods' lists them all, 'personalize methods NAME' a method's settings).")
@@ -26,7 +26,7 @@ def train(
     token: List[str] = typer.Option([], "--token", help="New placeholder word to use in prompts, e.g. '<my-teddy>'."),
     out: Path = typer.Option(..., "--out", help="Concept file to write (.safetensors)."),
     method: str = typer.Option("perfusion", "--method", help=METHOD_HELP),
-    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP + " Required (or 'base:' in --config): there is no default, so a forgotten flag never trains on random weights."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in OUT.ckpt/."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (without it an existing concept file is refused; --resume continues it instead)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (trainer and method); flags win."),
@@ -36,13 +36,14 @@ def train(
     evaluator: Optional[str] = typer.Option(None, "--evaluator", help="What --validate-every scores: clip (CLIP-I vs. the photos, CLIP-T) or toyworld:NAME (the toy world's fidelity and alignment for concept NAME) \\[default: clip]."),
     validation_prompt: List[str] = typer.Option([], "--validation-prompt", help="Prompt to validate with, {} = the concept; repeatable \\[default: 8 prompts as Perfusion §4.4 ('a photo of a {}', 'a {} on the beach', ...), one sample each; toyworld: toy-world scenes]."),
     clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local OpenAI CLIP ViT-B/32 weights file (open_clip state dict; run with QuickGELU) for --evaluator clip \\[default: open_clip's 'openai' weights from the hub]."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     **flags,
 ):
     """Train a concept from a folder of photos and write one .safetensors file.
 
     [bold]Examples[/bold]
 
-      personalize train --method perfusion --base tiny --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
+      personalize train --method perfusion --base stable-diffusion-v1-5/stable-diffusion-v1-5 --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
 
       personalize train ... --steps 400 --batch-size 8 --set lock=trained   # the paper's trained-K ablation
 
@@ -52,13 +53,13 @@ def train(
 
       personalize train ... --mixed-precision bf16 --compile   # GPU: bf16, and torch.compile the UNet (minutes to compile)
 
-      personalize train --method residuals --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
+      personalize train --method residuals --base ./my-sd15/ --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
 
       personalize train --method textual-inversion --num-vectors 2 ...     # also: dreambooth, dreambooth-lora
 
-      personalize train --method custom-diffusion --images cat/ --token "<cat>" --superclass cat --images chair/ --token "<chair>" --superclass chair --out both.safetensors
+      personalize train --method custom-diffusion --base stabilityai/stable-diffusion-xl-base-1.0 --images cat/ --token "<cat>" --superclass cat --images chair/ --token "<chair>" --superclass chair --out both.safetensors
 
-      (or list them in --config as concepts: a list of images / token / superclass mappings)
+      (or list them in --config as concepts: a list of images / token / superclass mappings, and the model as base:)
 
       personalize train ... --clip-weights clip-vit-b-32.safetensors   # keep the best step (validated every 25 steps)
 
@@ -76,6 +77,7 @@ METHOD_DEFAULTS
     check_options(**{k: v for k, v in trainer.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     # the method's own flags are checked as its settings
     settings = _load_settings(config, set_)
+    base = _base(base, settings.pop("base", None))
     settings.update(trainer)
     settings.update(derived.given(METHOD_FLAGS, flags))
     images, token, superclass = _concept_args(images, token, superclass, settings.pop("concepts", None))
@@ -83,11 +85,22 @@ METHOD_DEFAULTS
     path = run_train(base, images, token=token, superclass=superclass, out=out, method=method,
                      resume=resume, settings=settings, progress=True, device=device, validation=validation)
     if os.environ.get("RANK", "0") == "0":  # data parallel (accelerate launch / torchrun): the main process says it
-        out_console.print(f"wrote concept [bold]{path}[/bold] ({path.stat().st_size:,} bytes)")
+        wrote_concept(path, as_json, run=True)
 
 
 train.__doc__ = train.__doc__.replace("METHOD_DEFAULTS", derived.defaults_summary(indent="      "))
 derived.with_flags(train, {"base": TRAINER_FLAGS, "set_": METHOD_FLAGS})
+
+
+def _base(flag: Optional[str], configured) -> str:
+    """--base, else ``base:`` from --config; neither is a one-line usage error (no silent default)."""
+    base = flag if flag is not None else configured
+    if base is None:
+        raise BadInputError("train needs a base model: pass --base (e.g. --base stable-diffusion-v1-5/stable-diffusion-v1-5, "
+                            "a local diffusers folder, or 'toy' / 'tiny') or put 'base: ...' in --config")
+    if not isinstance(base, str) or not base.strip():
+        raise BadInputError(f"'base:' in --config must be a model name or path, not {base!r}")
+    return base
 
 
 def _validation(every: Optional[int], evaluator: Optional[str], prompts: List[str], clip_weights: Optional[Path],

@@ -15,14 +15,40 @@ and RNG-isolated preview images. A method only supplies its trainable state
 - ``best``: best-step selection and the progress bar;
 - ``loop``: :func:`train`, the loop that ties them together (checkpoints, previews, the concept file).
 """
-from .best import _BestKeeper, _Progress
-from .cache import Batch, LatentCache, PriorData, draw_batch, encode_latents
-from .config import TrainConfig, resolve_settings, split_overrides
-from .fast_path import FrozenInComputeDtype, TextCache
-from .loop import (LOSS_EVERY, _validate_words, concept_header, load_base, preview_dir, train,
-                   write_preview)
-from .step import denoising_loss, denoising_step
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+#: name -> the submodule that defines it; imported on first use (PEP 562), so that ``TrainConfig`` (read by
+#: ``personalize train --help``) comes without torch
+_EXPORTS = {
+    **dict.fromkeys(("_BestKeeper", "_Progress"), ".best"),
+    **dict.fromkeys(("Batch", "LatentCache", "PriorData", "draw_batch", "encode_latents"), ".cache"),
+    **dict.fromkeys(("TrainConfig", "resolve_settings", "split_overrides"), ".config"),
+    **dict.fromkeys(("FrozenInComputeDtype", "TextCache"), ".fast_path"),
+    **dict.fromkeys(("LOSS_EVERY", "_validate_words", "concept_header", "load_base", "preview_dir", "train",
+                     "write_preview"), ".loop"),
+    **dict.fromkeys(("denoising_loss", "denoising_step"), ".step"),
+}
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .best import _BestKeeper, _Progress
+    from .cache import Batch, LatentCache, PriorData, draw_batch, encode_latents
+    from .config import TrainConfig, resolve_settings, split_overrides
+    from .fast_path import FrozenInComputeDtype, TextCache
+    from .loop import (LOSS_EVERY, _validate_words, concept_header, load_base, preview_dir, train,
+                       write_preview)
+    from .step import denoising_loss, denoising_step
 
 __all__ = ["Batch", "FrozenInComputeDtype", "LOSS_EVERY", "LatentCache", "PriorData", "TextCache", "TrainConfig",
            "concept_header", "denoising_loss", "denoising_step", "draw_batch", "encode_latents", "load_base",
            "preview_dir", "resolve_settings", "split_overrides", "train", "write_preview"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

@@ -13,7 +13,7 @@ import torch
 
 from .. import methods as method_registry
 from .. import text_stack
-from ..base import MAX_RESOLUTION, fingerprint, load_base, resolution
+from ..base import MAX_RESOLUTION, base_name, fingerprint, load_base, resolution
 from ..checkpoints import checkpoint_dir, has_checkpoint, load_checkpoint, save_checkpoint
 from ..concept import Concept, save_concept
 from ..errors import BadInputError, CheckpointError
@@ -197,7 +197,7 @@ def train(
             bar.close()
             frozen.restore()
         provenance = {
-            "base": str(base) if isinstance(base, (str, Path)) else type(base).__name__,
+            "base": base_name(base),
             "steps": cfg.steps, "batch_size": cfg.batch_size, "seed": cfg.seed,
             "mixed_precision": cfg.mixed_precision, "images": image_hashes, "resolution": size,
             "package_version": _version(), "torch": torch.__version__,
