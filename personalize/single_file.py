@@ -25,25 +25,27 @@ The prediction type is not in the weights. SD 1.x and SDXL files are epsilon mod
 SD 2.1 (768 px, v-prediction), the default of diffusers' ``from_single_file`` for SD 2.x. Overrides, in order:
 ``prediction_type=`` (Python); A1111's convention of a YAML config beside the file (``model.yaml`` for
 ``model.safetensors``; ``parameterization: "v"``, or SDXL's ``VScaling`` denoiser, means v-prediction, else
-epsilon); the
-``modelspec.prediction_type`` metadata kohya's sd-scripts write (``epsilon``/``v``); ComfyUI's ``v_pred`` marker
-key. An SD 2.x epsilon model is taken as SD 2.x-base (512 px). The scheduler is DDIM with the model's betas and
+epsilon); the ``modelspec.prediction_type`` metadata kohya's sd-scripts write (``epsilon``/``v``); ComfyUI's
+``v_pred`` marker key. An SD 2.x epsilon model is taken as SD 2.x-base (512 px). The scheduler is DDIM with the model's betas and
 prediction type (``sd_shapes``; a single file carries none, and stock ``from_single_file`` falls back to DDIM).
 
 Writing (:func:`save_single_file`, DreamBooth's ``single-file`` export): the inverse of diffusers' converters
 (``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``,
-``convert_open_clip_checkpoint``), which diffusers does not ship: UNet ``input_blocks``/``middle_block``/
+``convert_open_clip_checkpoint``); the package ships only that direction (its
+``scripts/convert_diffusers_to_original_stable_diffusion.py`` is not installed). UNet ``input_blocks``/``middle_block``/
 ``output_blocks``, VAE ``encoder.down.*``/``decoder.up.*`` (attention as 1x1 convolutions), CLIP-L under
 ``cond_stage_model.transformer.text_model.*`` (SDXL: ``conditioner.embedders.0.transformer.text_model.*``),
 OpenCLIP with fused ``in_proj`` and a transposed ``text_projection`` (SD 2.x: ``cond_stage_model.model.*``, SDXL:
 ``conditioner.embedders.1.model.*``). SD 2.x's text encoder is written with the layers diffusers has (23 for SD
-2.1): A1111 and ComfyUI read OpenCLIP's penultimate layer, which is the last one written. Safetensors metadata
+2.1, whose original has 24): loaders that read OpenCLIP's penultimate layer, as A1111 and ComfyUI do for SD 2.x,
+never run the missing last block (not tested here: neither is installed). Safetensors metadata
 carries the SAI ModelSpec architecture and prediction type. Reading a written file back with stock
 ``from_single_file`` gives the same tensors bit for bit (``tests/test_single_file.py``).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import re
 import tempfile
@@ -114,6 +116,10 @@ def family_of(layout: Layout) -> str:
     """``sd1``, ``sd2`` or ``sdxl`` for a single-file checkpoint; any other file is refused saying what it looks
     like and what to pass instead."""
     name = layout.path.name
+    other = _other_architecture(layout)
+    if other:
+        raise BadInputError(f"base '{name}' is a single-file checkpoint of another architecture (diffusers reads it "
+                            f"as '{other}'); personalize takes SD 1.x, SD 2.x and SDXL bases")
     if not (layout.has(UNET) and layout.has(VAE)):
         raise BadInputError(f"base '{name}' {_looks_like(layout)}")
     conv_in = layout.shapes.get(UNET + "input_blocks.0.0.weight")
@@ -132,6 +138,21 @@ def family_of(layout: Layout) -> str:
     raise BadInputError(f"base '{name}' has a UNet and a VAE in the original layout but no text encoder personalize "
                         "knows (SD 1.x: cond_stage_model.transformer.*, SD 2.x: cond_stage_model.model.*, SDXL: "
                         "conditioner.embedders.*)")
+
+
+def _other_architecture(layout: Layout) -> str | None:
+    """The model type diffusers' own detector (``infer_diffusers_model_type``) names for a file of another
+    architecture (SD 3, Flux, a ControlNet, an upscaler, ...); None for SD 1.x/2.x/XL and for what it does not
+    recognise (it answers 'v1' then)."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    ours = {"v1", "v2", "xl_base", "inpainting", "inpainting_v2", "xl_inpaint", "xl_refiner"}  # refused by name below
+    shapes = {k: torch.empty(s, device="meta") for k, s in layout.shapes.items()}  # shapes only, no memory
+    try:
+        kind = infer_diffusers_model_type(shapes)
+    except Exception:  # its checks index tensors they expect; a file it half-recognises is not ours either
+        return None
+    return None if kind in ours else kind
 
 
 def _looks_like(layout: Layout) -> str:
@@ -193,9 +214,11 @@ def _no_init():
     return no_init_weights()
 
 
-def write_config_folder(name: str, folder: str | Path, prediction_type: str | None = None) -> Path:
+def write_config_folder(name: str, folder: str | Path, prediction_type: str | None = None,
+                        tokenizers: bool = True) -> Path:
     """A diffusers config folder for the known config ``name`` (no weights): what stock
-    ``from_single_file(file, config=folder, local_files_only=True)`` needs to read a file of that shape offline."""
+    ``from_single_file(file, config=folder, local_files_only=True)`` needs to read a file of that shape offline.
+    ``tokenizers=False`` leaves the tokenizer files out (pass the tokenizers to ``from_single_file`` instead)."""
     folder = Path(folder)
     pipe = config_pipeline(name, prediction_type)
     folder.mkdir(parents=True, exist_ok=True)
@@ -204,10 +227,11 @@ def write_config_folder(name: str, folder: str | Path, prediction_type: str | No
         if module is None:
             continue
         target = folder / part
-        if hasattr(module, "save_config") and not hasattr(module, "save_vocabulary"):  # diffusers model or scheduler
+        if hasattr(module, "save_vocabulary"):  # a tokenizer
+            if tokenizers:
+                module.save_pretrained(target)
+        elif hasattr(module, "save_config"):  # a diffusers model or scheduler
             module.save_config(target)
-        elif hasattr(module, "save_vocabulary"):  # a tokenizer
-            module.save_pretrained(target)
         else:  # a transformers model: its config only
             module.config.save_pretrained(target)
     return folder
@@ -375,29 +399,20 @@ def save_single_file(pipe, path: str | Path, dtype: torch.dtype | None = None,
 # -- reading a file -------------------------------------------------------------------------------------------------
 def match_config(layout: Layout, fam: str, prediction_type: str | None = None) -> str:
     """The known config of ``fam`` whose every tensor the file holds at the same shape."""
-    conv_in = layout.shapes.get(UNET + "input_blocks.0.0.weight", ())
+    from .sd_shapes import SHAPES
+
+    conv_in = layout.shapes.get(UNET + "input_blocks.0.0.weight", (0,))
     tried = []
     for name in KNOWN[fam]:
-        pipe = None
-        first = _first_channels(name)
-        if conv_in and conv_in[0] == first:
-            pipe = config_pipeline(name, prediction_type)
-            expected = {k: tuple(v.shape) for k, v in to_original(pipe).items()}
-            if all(layout.shapes.get(k) == s for k, s in expected.items()):
-                return name
         tried.append(KNOWN_NAMES[name])
+        if name in SHAPES and conv_in[0] != SHAPES[name][1]["block_out_channels"][0]:
+            continue  # not this real-size model: no need to build it
+        expected = {k: tuple(v.shape) for k, v in to_original(config_pipeline(name, prediction_type)).items()}
+        if all(layout.shapes.get(k) == s for k, s in expected.items()):
+            return name
     raise BadInputError(f"base '{layout.path.name}' is an {FAMILY_NAMES[fam]} checkpoint whose tensors fit none of "
                         f"the {FAMILY_NAMES[fam]} configs personalize knows ({', '.join(tried)}): a different or "
                         "incomplete architecture; pass a diffusers folder of it instead")
-
-
-def _first_channels(name: str) -> int:
-    """The UNet's first width of a known config, read without building it."""
-    from . import sd_shapes
-
-    if name in sd_shapes.SHAPES:
-        return sd_shapes.SHAPES[name][1]["block_out_channels"][0]
-    return 32  # the miniatures (base.py: block_out_channels=(32, 64))
 
 
 def prediction_of(layout: Layout, fam: str, override: str | None = None) -> str:
@@ -446,9 +461,15 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None, predict
     class_name = "StableDiffusionXLPipeline" if found["family"] == "sdxl" else "StableDiffusionPipeline"
     extra = ({"add_watermarker": False} if found["family"] == "sdxl"
              else {"safety_checker": None, "requires_safety_checker": False})
+    # the tokenizers are passed in (copies of the config's, rebuilt offline): reading them back from files is slower
+    config = config_pipeline(found["config"], found["prediction_type"])
+    extra.update({part: copy.deepcopy(module) for part, module in config.components.items()
+                  if hasattr(module, "save_vocabulary")})
     dlog.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="personalize-config-") as tmp:
-        folder = write_config_folder(found["config"], tmp, found["prediction_type"])
+        folder = write_config_folder(found["config"], tmp, found["prediction_type"], tokenizers=False)
+        verbosity = dlog.get_verbosity()
+        dlog.set_verbosity_error()  # its notes on casting go to stderr; the library does not print
         try:
             if found["family"] == "sdxl":
                 extra["text_encoder_2"] = _openclip_xl(path, folder, dtype)
@@ -458,13 +479,14 @@ def load_single_file(path: str | Path, dtype: torch.dtype | None = None, predict
             text = str(exc).strip().splitlines()
             raise BaseModelError(f"could not load base from '{Path(path).name}': "
                                  f"{text[0] if text else type(exc).__name__}") from exc
+        finally:
+            dlog.set_verbosity(verbosity)
     missing = [f"{part}.{n}" for part, module in pipe.components.items() if isinstance(module, torch.nn.Module)
                for n, p in module.named_parameters() if p.is_meta]
     if missing:
         raise BadInputError(f"base '{Path(path).name}' lacks {len(missing)} tensors of its "
                             f"{KNOWN_NAMES[found['config']]} config (e.g. {missing[0]})")
     return pipe
-
 
 
 def _openclip_xl(path: str | Path, folder: Path, dtype: torch.dtype | None):
@@ -484,4 +506,4 @@ def _openclip_xl(path: str | Path, folder: Path, dtype: torch.dtype | None):
         checkpoint = {k: f.get_tensor(k) for k in f.keys() if k.startswith(OPENCLIP_XL)}
     model.load_state_dict(convert_open_clip_checkpoint(model, checkpoint, prefix=OPENCLIP_XL), strict=True,
                           assign=True)
-    return model.to(dtype=dtype).eval() if dtype is not None else model.eval()
+    return model.to(dtype=dtype or torch.float32).eval()  # as from_single_file loads the others

@@ -23,7 +23,8 @@ PROMPT = "a photo of a {} ball on the grass"
 
 
 def _image(pipe, prompt, size=32):
-    return pipe(prompt, num_inference_steps=2, guidance_scale=6.0, height=size, width=size, output_type="np",
+    """2 steps at 32 px; guidance 1 (no unconditional half) keeps it cheap on a CPU."""
+    return pipe(prompt, num_inference_steps=2, guidance_scale=1.0, height=size, width=size, output_type="np",
                 generator=torch.Generator().manual_seed(1)).images
 
 
@@ -49,11 +50,11 @@ def _stock(name, path, folder):
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def written(request, tmp_path_factory):
+def written(request, tmp_path_factory, _tiny_master):
     """(name, original pipeline, its single file, the config folder)."""
     name = request.param
     root = tmp_path_factory.mktemp(f"single-{name}")
-    original = load_base(name)
+    original = _tiny_master if name == "tiny" else load_base(name)  # read only
     path = sf.save_single_file(original, root / f"{name}.safetensors")
     return name, original, path, sf.write_config_folder(name, root / "config")
 
@@ -152,6 +153,18 @@ def test_sd2_without_metadata_is_v_prediction_and_a_yaml_overrides(tmp_path):
     assert load_base(str(path)).scheduler.config.prediction_type == "epsilon"
 
 
+def test_an_fp16_file_runs_in_fp32_unless_asked(tmp_path):
+    """Files are mostly shared in fp16; like stock ``from_single_file`` (and the toy base), the pipeline runs in
+    fp32 unless a dtype is asked for -- SDXL's second encoder, which is read apart, included."""
+    original = build_tiny("sdxl")
+    path = sf.save_single_file(original, tmp_path / "half.safetensors", dtype=torch.float16)
+    pipe = load_base(str(path))
+    for part in _parts(original):
+        assert getattr(pipe, part).dtype == torch.float32, part
+        a, b = getattr(original, part).state_dict(), getattr(pipe, part).state_dict()
+        assert all(torch.equal(a[k].half().float(), b[k]) for k in a), part
+
+
 # -------------------------------------------------------------------------- refusals through the CLI
 def _run(capsys, args):
     from personalize.cli import main
@@ -166,12 +179,12 @@ def _run(capsys, args):
 
 
 @pytest.fixture(scope="module")
-def dreambooth(tmp_path_factory):
+def dreambooth(tmp_path_factory, _tiny_master):
     """A DreamBooth concept trained one step on the tiny base read from a single file."""
     from conftest import make_photos
 
     root = tmp_path_factory.mktemp("db-single")
-    path = sf.save_single_file(build_tiny("sd1"), root / "tiny.safetensors")
+    path = sf.save_single_file(_tiny_master, root / "tiny.safetensors")
     concept = train(load_base(str(path)), make_photos(root / "photos", n=2), token="<disc>", superclass="ball",
                     out=root / "db.safetensors", method="dreambooth", progress=False,
                     settings={"steps": 1, "batch_size": 1, "checkpoint_every": 0, "masks": "none", "lr": 1e-3,
@@ -190,6 +203,7 @@ def _bad_files(tmp_path, dreambooth):
                             "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.randn(32, 4)}, ("lora",)),
         "embedding": ({"emb_params": torch.randn(1, 768)}, ("textual-inversion",)),
         "diffusers unet": ({"down_blocks.0.resnets.0.conv1.weight": torch.randn(4, 4, 3, 3)}, ("diffusers",)),
+        "flux": ({"double_blocks.0.img_attn.norm.key_norm.scale": torch.randn(4)}, ("another architecture", "flux")),
     }
     paths = {}
     for label, (tensors, words) in files.items():
@@ -212,6 +226,16 @@ def test_files_that_are_no_checkpoint_are_refused_in_one_line(capsys, tmp_path, 
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (label, err)
         assert all(w in lines[0].lower() for w in words), (label, lines[0])
         assert not out.exists(), label
+
+
+def test_inpainting_and_refiner_checkpoints_are_refused_by_name():
+    ldm = {k: tuple(v.shape) for k, v in sf.to_original(sf.config_pipeline("tiny")).items()}
+    inpainting = dict(ldm, **{sf.UNET + "input_blocks.0.0.weight": (32, 9, 3, 3)})
+    with pytest.raises(BadInputError, match="inpainting"):
+        sf.family_of(sf.Layout(Path("in.safetensors"), inpainting))
+    refiner = {k.replace(sf.CLIP_SD1, "conditioner.embedders.0.model."): s for k, s in ldm.items()}
+    with pytest.raises(BadInputError, match="refiner"):
+        sf.family_of(sf.Layout(Path("refiner.safetensors"), refiner))
 
 
 def test_a_checkpoint_of_unknown_shapes_is_refused(tmp_path):

@@ -152,7 +152,7 @@ class DreamBooth(DreamBoothCard, IdentifierToken, Method):
         trained = DiffusionPipeline.from_pretrained(str(source))
         tes = {name: getattr(trained, name) for _, name in pairs(trained)} \
             if cls.make_config(concept.config).train_text_encoder else {}
-        if _digest(trained.unet, tes) != concept.header.get("pipeline_digest"):
+        if not _same_digest(concept.header.get("pipeline_digest"), trained.unet, tes):
             raise ConceptFileError(f"the pipeline folder '{source}' is not the one this concept file was written "
                                    "with; re-train, or copy the file and its folder together")
         title = {"modelspec.title": f"DreamBooth {concept.token} ({concept.superclass})"}
