@@ -14,7 +14,7 @@
       - folder: photos/teddy
         superclass: teddy
     prompts: ["a photo of a {}", "a {} on the beach"]   # optional; {} = the concept's subject
-    seeds: [0, 1]
+    seeds: [0, 1]                   # or a count (2 = [0, 1]); each 0 .. 2**32 - 1
     samples_per_prompt: 1           # default: 5 with a cc101 source (CustomConcept101's 5 per prompt), else 1
     sampler: {steps: 25, guidance: 4.0, scheduler: ddim}   # scheduler: a --scheduler name; default ddim, the
                                     # sampler every benchmark has used (pinned, never the base's own)
@@ -34,7 +34,9 @@ Every method keeps its last training step: best-step selection for one method on
 selection scored on the photos that then evaluate it would flatter it. Each method is prompted as it was
 trained (``Method.prompting``): "<new1>" in place of the class word, or "<new1> barn".
 
-Unknown keys anywhere are errors, so a typo never silently runs the defaults.
+Unknown keys anywhere are errors, so a typo never silently runs the defaults; so is a value of the wrong type
+(``name`` is a file name: it names the default output folder; ``cc101:`` and ``folder:`` are paths; a class
+phrase is one line of text).
 """
 from __future__ import annotations
 
