@@ -259,7 +259,8 @@ def load_base_for(concepts, device=None, dtype=None, scheduler: str | None = Non
             from exc
 
 
-def attach(pipe, concepts: Concept | str | Path | Sequence, *, lag: bool = False, **knobs: Any) -> Attachment:
+def attach(pipe, concepts: Concept | str | Path | Sequence, *, lag: bool = False, check_base_weights: bool = True,
+           **knobs: Any) -> Attachment:
     """Attach one or several concepts with inference knobs, e.g. ``beta=0.7`` or ``lock="global"``.
 
     ``pipe``: the base pipeline, or ``None`` to load the one the concepts record (:func:`load_base_for`; it is
@@ -267,13 +268,15 @@ def attach(pipe, concepts: Concept | str | Path | Sequence, *, lag: bool = False
     or a list of these.
     ``lag=True`` (residuals concepts) turns on localized attention-guided sampling: the residuals apply only
     where the concept is attended. ``lock="global"`` (Perfusion): K projections read the prompt with each
-    concept word replaced by its superclass word.
+    concept word replaced by its superclass word. ``check_base_weights=False`` accepts text-encoder weights
+    that differ from the concept's base (e.g. after a stock ``pipe.fuse_lora()`` on the text encoder), with a
+    ``UserWarning``; family, architecture and vocabulary are still checked.
     """
     parts = prepare(concepts, lag=lag, **knobs)
     if pipe is None:
         pipe = load_base_for(parts)
     for p in parts:
-        check_base(p.concept, pipe)
+        check_base(p.concept, pipe, weights=check_base_weights)
         check_composable(pipe, p.method_cls, len(parts))  # DreamBooth (full) replaces the UNet: it attaches alone
     methods: list = []
     try:

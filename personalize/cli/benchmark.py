@@ -89,7 +89,7 @@ def validate(spec_path: Path = SPEC_ARG):
     for m in spec.methods:
         table.add_row(*escaped(m.label, ", ".join(f"{k}={v}" for k, v in m.train.items()) or "paper defaults",
                                " | ".join("; ".join(f"{k}: {v}" for k, v in sw.items()) for sw in m.sweeps) or "default",
-                               concepts[0].prompts(m.method)[0]))
+                               concepts[0].prompts(m.method)[0] if concepts else "(no concepts)"))
     out_console.print(table)
     say("{} concept(s): {}; every method keeps its last training step", len(concepts),
         ", ".join(c.name for c in concepts))

@@ -113,7 +113,7 @@ def import_concept(
     superclass: List[str] = typer.Option(..., "--superclass", help="What the concept is, a word or class phrase ('dog', 'penguin plushie'); custom-diffusion: one per --embeddings file, in the same order (or one for all)."),
     token: Optional[str] = typer.Option(None, "--token", help="Token to use (default: the one the file names; an SDXL clip_l + clip_g embedding names none)."),
     base: str = typer.Option(..., "--base", help=BASE_HELP + " Required: the concept is made for (and records) this base."),
-    embeddings: List[Path] = typer.Option([], "--embeddings", help="custom-diffusion: the modifier token file(s), <token>.safetensors."),
+    embeddings: List[Path] = typer.Option([], "--embeddings", help="custom-diffusion: the modifier token file(s), <token>.safetensors; textual-inversion on SDXL: the second encoder's learned_embeds_2.safetensors (diffusers' textual_inversion_sdxl.py writes a pair)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read a .bin/.pt pickle (weights only: torch.load(weights_only=True))."),
     set_: List[str] = typer.Option([], "--set", help="Method setting KEY=VALUE, e.g. --set identifier=ohwx."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT concept file (without it, refused)."),
@@ -124,6 +124,8 @@ def import_concept(
     [bold]Examples[/bold]
 
       personalize import learned_embeds.safetensors --method textual-inversion --superclass cat --base stable-diffusion-v1-5/stable-diffusion-v1-5 --out cat.safetensors
+
+      personalize import learned_embeds.safetensors --embeddings learned_embeds_2.safetensors --method textual-inversion --superclass cat --base stabilityai/stable-diffusion-xl-base-1.0 --out cat.safetensors   # diffusers' SDXL pair
 
       personalize import my_lora.safetensors --method dreambooth-lora --base stable-diffusion-v1-5/stable-diffusion-v1-5 --superclass dog --token "<dog>" --set identifier=sks --out dog.safetensors
 

@@ -86,7 +86,7 @@ class DreamBooth(DreamBoothCard, IdentifierToken, Method):
             for _, name in pairs(pipe):
                 base = getattr(pipe, name)
                 tes[name] = type(base).from_pretrained(folder, subfolder=name, torch_dtype=dtype).to(base.device)
-        if _digest(unet, tes) != concept.header.get("pipeline_digest"):
+        if not _same_digest(concept.header.get("pipeline_digest"), unet, tes):
             raise ConceptFileError(f"the pipeline folder '{folder}' is not the one this concept file was written with; "
                                    "re-train, or copy the file and its folder together")
         return cls(pipe, concept.token, concept.superclass, config, unet=unet, text_encoders=tes)
@@ -206,5 +206,18 @@ def pipeline_folder(concept) -> Path:
 
 
 def _digest(unet, text_encoders: dict) -> str:
-    """The UNet's digest, then each trained text encoder's (in pipeline order), '+'-joined."""
-    return "+".join([weights_digest(unet), *(weights_digest(te) for te in text_encoders.values())])
+    """The UNet's and the trained text encoders' weights (in pipeline order), hashed at fp16 and at bf16
+    (``fingerprint.weights_digest``): an fp16 or bf16 copy of the pipeline, which loads the folder in its own dtype,
+    reproduces it."""
+    from ..fingerprint import weights_digest as rounded_digest
+
+    return rounded_digest([unet, *text_encoders.values()])
+
+
+def _same_digest(recorded, unet, text_encoders: dict) -> bool:
+    """The folder's weights are the ones the concept file was written with (in whatever dtype they were loaded)."""
+    from ..fingerprint import same_weights
+
+    if isinstance(recorded, str) and not recorded.startswith("v2:"):  # older files: sums at the saved dtype
+        return recorded == "+".join([weights_digest(unet), *(weights_digest(te) for te in text_encoders.values())])
+    return isinstance(recorded, str) and same_weights(recorded, _digest(unet, text_encoders))

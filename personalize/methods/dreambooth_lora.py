@@ -153,7 +153,7 @@ class DreamBoothLora(DreamBoothLoraCard, IdentifierToken, Method):
 
         tensors = {k: v.float() for k, v in concept.tensors.items()}
         if fmt == "diffusers-lora":
-            return [save_safetensors(inside(folder, LORA_FILE), tensors)]
+            return [save_safetensors(inside(folder, LORA_FILE), text_model_names(tensors))]
         kohya = kohya_state(tensors, is_sdxl(concept))
         rank = max(int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_A.weight"))
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
@@ -182,16 +182,23 @@ def kohya_state(tensors: dict[str, torch.Tensor], sdxl: bool) -> dict[str, torch
     the only encoder (``lora_te1_``/``lora_te2_`` are its SDXL names)."""
     from diffusers.utils import convert_state_dict_to_kohya
 
+    kohya = convert_state_dict_to_kohya(text_model_names(tensors))
+    if not sdxl:
+        kohya = {("lora_te_" + k[len("lora_te1_"):] if k.startswith("lora_te1_") else k): v for k, v in kohya.items()}
+    return {k: v.float() if k.endswith(".alpha") else v for k, v in kohya.items()}
+
+
+def text_model_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text-encoder modules named as ``CLIPTextModel`` names them before transformers 5 (``text_encoder.text_model.
+    encoder.layers...``), the names ComfyUI, A1111 and older diffusers read; diffusers here drops the prefix again
+    when it loads (transformers 5 flattens the model to ``text_encoder.encoder...``, our concept layout)."""
     named = {}
     for key, value in tensors.items():
         part, module = key.split(".", 1)
         if part != "unet" and not module.startswith("text_model."):
             module = "text_model." + module
         named[f"{part}.{module}"] = value
-    kohya = convert_state_dict_to_kohya(named)
-    if not sdxl:
-        kohya = {("lora_te_" + k[len("lora_te1_"):] if k.startswith("lora_te1_") else k): v for k, v in kohya.items()}
-    return {k: v.float() if k.endswith(".alpha") else v for k, v in kohya.items()}
+    return named
 
 
 def ranks_in(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:

@@ -26,7 +26,7 @@ from ..errors import BadInputError
 from .base import Method
 from .cards import TextualInversionCard, TextualInversionConfig
 from .shared import cpu_float, load_into, vector_tokens, word_vector
-from .token_files import check_vectors, is_sdxl, sdxl_loading, ti_vectors, token_state
+from .token_files import check_vectors, is_sdxl, save_a1111, sdxl_loading, ti_pair, token_state
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
 
@@ -83,7 +83,7 @@ class TextualInversion(TextualInversionCard, Method):
         if is_sdxl(concept):  # the token names the file: it must stay in the folder
             return [save_safetensors(inside(folder, f"{concept.token}.safetensors"), state)]
         path = inside(folder, f"{concept.token}.pt")
-        _save_a1111(path, concept.token, state[concept.token])
+        save_a1111(path, concept.token, state[concept.token])
         return [path]
 
     @classmethod
@@ -99,18 +99,10 @@ class TextualInversion(TextualInversionCard, Method):
     def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str, embeddings=None,
                      metadata=None) -> dict[str, Any]:
         """``{token: (n, d)}`` (diffusers), ``string_to_param`` (A1111 .pt), ``emb_params`` (A1111 safetensors) or,
-        on SDXL, ``{"clip_l", "clip_g"}`` (joined into the concept's (n, d_l + d_g) vectors)."""
-        name, vectors = ti_vectors(state, pipe)
+        on SDXL, ``{"clip_l", "clip_g"}`` or diffusers' two files (``embeddings``: the second encoder's
+        ``learned_embeds_2.safetensors``), joined into the concept's (n, d_l + d_g) vectors."""
+        name, vectors = ti_pair(state, list(embeddings or ()), pipe)
         vectors = check_vectors(pipe, vectors)
         return {"token": token or name, "superclass": superclass, "tensors": {"embedding": vectors},
                 "config": {"num_vectors": vectors.shape[0]}}
 
-
-def _save_a1111(path: Path, token: str, vectors: torch.Tensor) -> None:
-    """AUTOMATIC1111's embedding layout. It is a pickle by nature; we only write it (reading needs --allow-pickle)."""
-    from ..paths import atomic_path
-
-    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors.clone()}, "name": token,
-            "step": 0, "sd_checkpoint": None, "sd_checkpoint_name": None}
-    with atomic_path(path) as tmp:
-        torch.save(data, tmp)
