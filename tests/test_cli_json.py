@@ -66,8 +66,9 @@ def test_generate_json_lists_the_images_with_prompts_and_seeds(trained, tmp_path
     data = _json(*run(["generate", "--base", "tiny", "--concept", concept,
                        "--prompt", prompt, "--out", out, "--num-images", "2", "--steps", "2", "--seed", "7",
                        "--json"]))
-    assert set(data) == {"out", "prompts_json", "base", "concepts", "prompt", "steps", "guidance", "resolution",
-                         "images"}
+    assert set(data) == {"out", "prompts_json", "base", "scheduler", "concepts", "prompt", "steps", "guidance",
+                         "resolution", "images"}
+    assert data["scheduler"] == "DDIMScheduler"  # tiny's own (no --scheduler)
     assert (data["out"], data["base"], data["prompt"], data["steps"]) == (str(out), "tiny", prompt, 2)
     assert data["concepts"] == [{"file": str(concept), "knobs": {}}]
     written = read_prompts(Path(data["prompts_json"]))
