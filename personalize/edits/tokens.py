@@ -10,6 +10,11 @@ A base with two text encoders (SDXL) gets each token in both tokenizers (the
 same ids: they share the vocabulary) and both embedding tables: a token's
 vector is the two encoders' vectors side by side (``text_stack.widths``), and
 each table reads its own slice of it.
+
+Stock code next to attached concepts: ``ExtendedEmbedding`` is an ``nn.Embedding`` whose ``weight`` is the whole
+table, so a stock ``pipe.load_textual_inversion`` works while concepts are attached and its tokens stay after
+the last detach (``TokenSite._adopt``); a ``from_pipe`` twin made while attached holds our tokenizer copy, which
+follows every later change (``TokenSite._follow``).
 """
 from __future__ import annotations
 

@@ -101,9 +101,10 @@ def check_vectors(pipe, vectors: torch.Tensor, what: str = "the embedding", widt
     if vectors.shape[-1] == sum(need) and vectors.dim() == 2:
         return vectors
     if len(need) > 1 and vectors.dim() == 2 and vectors.shape[-1] in need:
-        raise BadInputError(f"{what} holds {tuple(vectors.shape)} vectors, one encoder's half of an SDXL embedding; "
-                            "diffusers' textual_inversion_sdxl.py writes two files: pass learned_embeds.safetensors "
-                            "as FILE and learned_embeds_2.safetensors with --embeddings")
+        raise BadInputError(f"{what} holds {tuple(vectors.shape)} vectors; an SDXL base needs an SDXL embedding "
+                            f"(clip_l {need[0]} + clip_g {need[1]} wide): diffusers' textual_inversion_sdxl.py "
+                            "writes two files, pass learned_embeds.safetensors as FILE and "
+                            "learned_embeds_2.safetensors with --embeddings")
     if len(need) > 1:
         raise BadInputError(f"{what} holds {tuple(vectors.shape)} vectors; an SDXL base needs an SDXL embedding "
                             f"(clip_l {need[0]} + clip_g {need[1]} wide)")
