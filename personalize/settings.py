@@ -17,7 +17,7 @@ from typing import Any
 from .errors import BadInputError
 
 #: > 0
-POSITIVE = frozenset({"steps", "batch_size", "num_images", "class_steps", "num_vectors"})
+POSITIVE = frozenset({"steps", "batch_size", "num_images", "class_steps", "num_vectors", "init_timeout"})
 POSITIVE_PREFIXES = ("lr", "tau")  # learning rates (lr, lr_value, lr_embedding ...), gate temperatures
 #: >= 0
 NON_NEGATIVE = frozenset({"checkpoint_every", "preview_every", "num_class_images", "weight_decay", "prior_loss_weight",

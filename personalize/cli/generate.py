@@ -42,7 +42,7 @@ def generate(
     lag: bool = typer.Option(False, "--lag", help="Residuals: localized attention-guided sampling, the residuals apply only where the concept is attended."),
     lock: Optional[str] = typer.Option(None, "--lock", help="Perfusion key-locking: local, or global (K reads the prompt with each concept word replaced by its superclass; default beta then 0.5) [local]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace PNGs of the same prompt and seeds already in OUT (without it they are refused)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps; a device this machine lacks is refused [default: cuda if available]."),
 ):
     """Generate images of one or several trained concepts in new scenes (or of the base alone, without --concept).
 
@@ -59,18 +59,19 @@ def generate(
       personalize generate --concept teddy.safetensors:beta=0.6 --concept teapot.safetensors:lag=1 --concept style.safetensors \
           --prompt "a <teddy> pouring tea from a <teapot> teapot, in <watercolor> style" --lock global --out samples/
     """
-    import torch
-
     from ..base import load_base
     from ..base import resolution as resolution_of
     from ..generation import generate as run_generate
     from ..generation import write_images
     from ..prompts import check_prompt_length
 
+    from ..devices import resolve_device
+
+    device = resolve_device(device)  # a device this machine lacks: one line, before any work
     check_options(num_images=num_images, steps=steps, guidance=guidance, seed=seed, beta=beta, tau=tau)
     _check_generate_out(out, prompt, seed, num_images, overwrite)
     attachment = _attachment(concept, prompt, dict(beta=beta, tau=tau, lag=lag, lock=lock))
-    pipe = load_base(base, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = load_base(base, device=device)
     resolution_of(pipe, resolution)  # a size this base cannot make is refused before any work
     with attachment(pipe):
         check_prompt_length(pipe, prompt)  # the concepts' tokens are in the tokenizer now

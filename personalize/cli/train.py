@@ -31,7 +31,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (without it an existing concept file is refused; --resume continues it instead)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (trainer and method); flags win."),
     set_: List[str] = typer.Option([], "--set", help="Method or trainer setting KEY=VALUE, e.g. --set lock=trained --set lr_value=0.02."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps; a device this machine lacks is refused [default: cuda if available]."),
     validate_every: Optional[int] = typer.Option(None, "--validate-every", min=0, help="Best-step selection: every N steps (and at the last) sample a few images, score them and keep the step with the best harmonic mean (0 = off: keep the last step) \\[default: 25 (Perfusion §4.4) when --evaluator, --validation-prompt or --clip-weights is given, else off]."),
     evaluator: Optional[str] = typer.Option(None, "--evaluator", help="What --validate-every scores: clip (CLIP-I vs. the photos, CLIP-T) or toyworld:NAME (the toy world's fidelity and alignment for concept NAME) \\[default: clip]."),
     validation_prompt: List[str] = typer.Option([], "--validation-prompt", help="Prompt to validate with, {} = the concept; repeatable \\[default: 8 prompts as Perfusion §4.4 ('a photo of a {}', 'a {} on the beach', ...), one sample each; toyworld: toy-world scenes]."),
@@ -71,6 +71,9 @@ METHOD_DEFAULTS
     from ..paths import check_output
     from ..training import train as run_train
 
+    from ..devices import resolve_device
+
+    resolve_device(device)  # a device this machine lacks: one line, before any work
     check_output(out, overwrite=overwrite or resume)  # before minutes of training, not after
     trainer = derived.given(TRAINER_FLAGS, flags)
     check_options(**{k: v for k, v in trainer.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -106,12 +109,11 @@ def _validation(every: Optional[int], evaluator: Optional[str], prompts: List[st
         return None
     if clip_weights is not None and not clip_weights.is_file():
         raise BadInputError(f"--clip-weights '{clip_weights}' is not a file; pass an OpenAI CLIP ViT-B/32 state dict (.safetensors)")
-    import torch
-
+    from ..devices import resolve_device
     from ..evaluation.validation import make_validator
 
     return make_validator(evaluator or "clip", every, images, prompts=prompts or None, clip_weights=clip_weights,
-                          device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                          device=resolve_device(device))
 
 
 def _concept_args(images: list, tokens: list, superclasses: list, listed) -> tuple:

@@ -18,7 +18,8 @@ from ..checkpoints import checkpoint_dir, has_checkpoint, load_checkpoint, save_
 from ..concept import Concept, save_concept
 from ..errors import BadInputError, CheckpointError
 from ..images import file_sha256, list_images, load_captions, load_images, stack_masks
-from ..parallel import DataParallel
+from ..devices import resolve_device
+from ..parallel import DataParallel, join
 from ..segment import mask_files
 from ..paths import atomic_path
 from ..templates import check_new_token, check_token, phrase_ids
@@ -85,6 +86,7 @@ def train(
     from diffusers import DDPMScheduler
 
     method_cls = method_registry.get(method)
+    device = resolve_device(device)  # a device this machine lacks is refused before any work
     if not (isinstance(masks, str) and masks == "default"):  # the argument wins over settings and the method
         settings = {**(settings or {}), "masks": "none" if masks is None else masks}
     masks = (settings or {}).get("masks")
@@ -105,10 +107,12 @@ def train(
                                 "one concept at a time")
     # before any training work: an unreachable segmenter stops the run here (masks are segmented once, cached)
     phrases = [sc for sc, paths in zip(superclasses, per_concept) for _ in paths]
-    mask_paths, mask_source = mask_files(masks, image_paths, phrases, cfg.segmenter,
-                                         device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mask_paths, mask_source = mask_files(masks, image_paths, phrases, cfg.segmenter, device)
 
-    accelerator = _accelerator(cfg.mixed_precision, cpu=(str(device) == "cpu"))
+    if join(device, cfg.init_timeout) is None and device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device.index)  # one process on cuda:N (a launcher gives each process its own GPU)
+    # cpu=True on a CPU device: under a launcher accelerate then trains data-parallel with gloo (MULTI_CPU)
+    accelerator = _accelerator(cfg.mixed_precision, cpu=(device.type == "cpu"))
     device = accelerator.device
     parallel = DataParallel(accelerator, cfg.batch_size)
     progress = progress and parallel.main
