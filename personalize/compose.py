@@ -26,7 +26,7 @@ from .concept import Concept, check_base, load_concept
 from .errors import BadInputError
 from .methods.shared import check_composable
 from .knobs import parse as parse_knobs
-from .templates import check_token
+from .templates import check_new_token, check_token
 from .text_stack import FAMILIES
 
 
@@ -212,10 +212,14 @@ def attach(pipe, concepts: Concept | str | Path | Sequence, *, lag: bool = False
     where the concept is attended. ``lock="global"`` (Perfusion): K projections read the prompt with each
     concept word replaced by its superclass word.
     """
+    from .edits.tokens import base_tokenizer
+
     parts = prepare(concepts, lag=lag, **knobs)
     for p in parts:
         check_base(p.concept, pipe)
         check_composable(pipe, p.method_cls, len(parts))  # DreamBooth (full) replaces the UNet: it attaches alone
+        for token in concept_tokens(p.concept):  # e.g. token=dog: a word the base already knows cannot be added
+            check_new_token(base_tokenizer(pipe), token)
     methods: list = []
     try:
         for p in parts:

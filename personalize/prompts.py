@@ -45,7 +45,19 @@ def check_prompt_length(pipe, prompt: str, flag: str = "--prompt") -> None:
     lost = f", so the concept token {', '.join(concepts)} would be lost" if concepts else ""
     raise BadInputError(f"{flag} is {len(ids) - 2} tokens, more than the {limit - 2} the text encoder reads; the "
                         f"words after '{tokenizer.decode(ids[limit - 3:limit - 1]).strip()}' would be cut{lost}; "
-                        "shorten the prompt")
+                        f"shorten {'the prompt' if flag.startswith('--') else 'it'}")
+
+
+def check_captions(pipe, captions: Sequence[str | None], image_paths: Sequence[Path], words: Sequence[str],
+                   labels: Sequence[int]) -> None:
+    """Each photo's caption (``{}`` filled with its concept's training words, tokens in the tokenizer) within
+    what the text encoder reads: a longer caption is refused, never cut (:func:`check_prompt_length`), naming the
+    caption file and its token count."""
+    from .templates import fill
+
+    for caption, path, label in zip(captions, image_paths, labels):
+        if caption is not None:
+            check_prompt_length(pipe, fill(caption, words[label]), flag=f"caption '{Path(path).with_suffix('.txt')}'")
 
 
 def _added_tokens(pipe, ids: Sequence[int]) -> list[str]:

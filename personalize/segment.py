@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .errors import BaseModelError, BadInputError
-from .images import file_sha256, open_rgb
+from .images import check_foreground, file_sha256, find_masks, open_rgb
 from .paths import atomic_path, cache_dir
 
 DEFAULT_SEGMENTER = "CIDAS/clipseg-rd64-refined"
@@ -105,12 +105,28 @@ def load_segmenter(folder: Path, device: str | torch.device = "cpu"):
 
     tlog.disable_progress_bar()  # library code prints nothing
     try:
-        model = CLIPSegForImageSegmentation.from_pretrained(str(folder), use_safetensors=True)
+        model, info = CLIPSegForImageSegmentation.from_pretrained(str(folder), use_safetensors=True,
+                                                                  output_loading_info=True)
         processor = CLIPSegProcessor.from_pretrained(str(folder))
     except Exception as exc:
         raise BaseModelError(f"could not load the segmenter from '{folder}': {_first_line(exc)[:120]}; "
                              f"{GET_WEIGHTS}") from None
+    check_loading_info(folder, info)
     return model.to(device).eval(), processor
+
+
+def check_loading_info(folder, info: dict) -> None:
+    """Refuse weights that do not fit the model (transformers would fill the gaps with random values and go on):
+    one line naming how many tensors are missing, unexpected or of another shape, and the first of them."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        found = list(info.get(kind) or ())
+        if found:
+            first = found[0][0] if isinstance(found[0], tuple) else found[0]
+            problems.append(f"{len(found)} {kind.replace('_keys', '').replace('_msgs', '')} (e.g. {str(first)[:60]})")
+    if problems:
+        raise BaseModelError(f"the segmenter weights in '{folder}' do not fit its config.json ({'; '.join(problems)}): "
+                             f"they would load as a random CLIPSeg; {GET_WEIGHTS}")
 
 
 @torch.no_grad()
@@ -147,7 +163,8 @@ def mask_files(masks: str | os.PathLike | None, image_paths: Sequence[Path], phr
         return None, {}
     if isinstance(masks, str) and masks.strip().lower() == "auto":
         files = auto_mask_paths(image_paths, phrases, segmenter, device)
+        check_foreground(files, list(image_paths), f"the segmenter '{segmenter}' (prompted with its superclass)")
         return files, {"masks": "auto", "segmenter": str(segmenter)}
-    from .images import find_masks
-
-    return find_masks(masks, list(image_paths)), {"masks": "folder"}
+    files = find_masks(masks, list(image_paths))
+    check_foreground(files, list(image_paths), f"the mask folder '{masks}'")
+    return files, {"masks": "folder"}

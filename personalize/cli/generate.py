@@ -14,17 +14,13 @@ from .console import BASE_HELP, _parse_value, _step_bar, _warn, out_console
 
 
 def _parse_concept_arg(text: str) -> tuple[str, dict]:
-    """``FILE:beta=0.6,lag=1,token=<x>`` -> ``(FILE, {knob: value})``, each value JSON-parsed where it can be; the
-    values are checked where they are used (:func:`personalize.compose.prepare`), not here."""
-    path, _, rest = text.partition(":")
-    knobs = {}
-    if rest:
-        for part in rest.split(","):
-            key, sep, value = part.partition("=")
-            if not sep:
-                raise BadInputError(f"--concept '{text}': knobs must look like FILE:beta=0.6,tau=0.15")
-            knobs[key.strip()] = _parse_value(value.strip())
-    return path, knobs
+    """``FILE:beta=0.6,lag=1,token=<x>`` -> ``(FILE, {knob: value})`` (:func:`personalize.knobs.split_concept_arg`:
+    a FILE holding ':' works too), each value JSON-parsed where it can be; the values are checked where they are
+    used (:func:`personalize.compose.prepare`), not here."""
+    from ..knobs import split_concept_arg
+
+    path, knobs = split_concept_arg(text)
+    return path, {key: _parse_value(value) for key, value in knobs.items()}
 
 
 def generate(

@@ -22,7 +22,8 @@ from ..devices import resolve_device
 from ..parallel import DataParallel, join
 from ..segment import mask_files
 from ..paths import atomic_path
-from ..templates import check_new_token, check_token, phrase_ids
+from ..prompts import check_captions
+from ..templates import check_new_token, check_phrases_without_tokens, check_token, phrase_ids
 from .best import _BestKeeper, _Progress
 from .cache import LatentCache, PriorData, draw_batch
 from .config import TrainConfig, resolve_settings
@@ -96,6 +97,7 @@ def train(
     out = Path(out)
     _check_run(cfg, out, resume, validation)
     folders, tokens, superclasses = _concepts(method_cls, images, token, superclass)
+    check_phrases_without_tokens(tokens, superclasses)  # before any work
     per_concept = [list_images(f) for f in folders]
     image_paths = [p for paths in per_concept for p in paths]
     if len(folders) == 1:
@@ -136,6 +138,7 @@ def train(
 
     trainable = method_cls.for_training(pipe, token, superclass, mcfg)
     try:
+        check_captions(pipe, captions, image_paths, trainable.placeholders(), labels.tolist())  # tokens added now
         with parallel.main_first():  # class images are sampled (and cached) once
             prior = _prior_data(pipe, trainable, superclasses, size, progress)
         groups = [{k: v for k, v in g.items() if k != "name"} for g in trainable.param_groups()]
