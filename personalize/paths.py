@@ -72,6 +72,7 @@ def check_output(path: str | os.PathLike, *, folder: bool = False, overwrite: bo
     from .errors import BadInputError
 
     path = Path(path)
+    check_name(path.name)
     if path.exists():
         if folder and not path.is_dir():
             raise BadInputError(f"{flag} '{path}' is a file; pass a folder for the output")

@@ -50,6 +50,16 @@ def fill(template: str, words: str) -> str:
     return template.replace("{}", words)
 
 
+def check_template(text, what: str) -> str:
+    """``text`` if it is a prompt template naming the concept exactly once as ``{}`` (no other braces), else a
+    one-line BadInputError naming ``what``."""
+    if not isinstance(text, str) or text.count("{}") != 1 or "{" in text.replace("{}", "") \
+            or "}" in text.replace("{}", ""):
+        raise BadInputError(f"{what} must name the concept exactly once as {{}} and hold no other braces, e.g. "
+                            f"'a photo of a {{}}'; it reads {shown(text)}")
+    return text
+
+
 def word_position(tokenizer, template: str, word: str) -> int:
     """Index (BOS counted) of the first token of ``word`` in ``fill(template, word)``."""
     prefix = template.split("{}")[0].strip()

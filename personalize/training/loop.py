@@ -23,7 +23,7 @@ from ..parallel import DataParallel, join
 from ..segment import mask_files
 from ..paths import atomic_path
 from ..prompts import check_captions
-from ..templates import check_new_token, check_phrases_without_tokens, check_token, phrase_ids
+from ..templates import check_new_token, check_phrases_without_tokens, check_template, check_token, phrase_ids
 from .best import _BestKeeper, _Progress
 from .cache import LatentCache, PriorData, draw_batch
 from .config import TrainConfig, resolve_settings
@@ -138,7 +138,8 @@ def train(
 
     trainable = method_cls.for_training(pipe, token, superclass, mcfg)
     try:
-        check_captions(pipe, captions, image_paths, trainable.placeholders(), labels.tolist())  # tokens added now
+        check_captions(pipe, captions, image_paths, trainable.placeholders(), labels.tolist(),  # tokens added now
+                       (*trainable.templates(), *([cfg.preview_prompt] if cfg.preview_every else [])))
         with parallel.main_first():  # class images are sampled (and cached) once
             prior = _prior_data(pipe, trainable, superclasses, size, progress)
         groups = [{k: v for k, v in g.items() if k != "name"} for g in trainable.param_groups()]
@@ -317,6 +318,7 @@ def _check_run(cfg: TrainConfig, out: Path, resume: bool, validation=None) -> No
         raise BadInputError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 (or no) on a CPU")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise BadInputError("--steps and --batch-size must be at least 1")
+    check_template(cfg.preview_prompt, "setting 'preview_prompt'")  # formatted at every preview, after training began
     if not 0 <= cfg.resolution <= MAX_RESOLUTION:  # the base's own stride is checked once it is loaded
         raise BadInputError(f"--resolution {cfg.resolution} is out of range: give a size up to {MAX_RESOLUTION} "
                             "pixels, or 0 for the base's native size")
