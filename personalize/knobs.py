@@ -123,7 +123,10 @@ def _knob_text(rest: str) -> dict[str, str] | None:
     parts = rest.split(",")
     if not rest or not all(_KNOB_PART.fullmatch(p) for p in parts):
         return None
-    return {key.strip(): value.strip() for key, _, value in (p.partition("=") for p in parts)}
+    pairs = [(key.strip(), value.strip()) for key, _, value in (p.partition("=") for p in parts)]
+    if len({key for key, _ in pairs}) != len(pairs):
+        return None  # a knob given twice: no valid knob list (refused by the caller)
+    return dict(pairs)
 
 
 def split_concept_arg(text: str) -> tuple[str, dict[str, str]]:
@@ -145,5 +148,5 @@ def split_concept_arg(text: str) -> tuple[str, dict[str, str]]:
         return splits[0]
     for i, c in enumerate(text):
         if c == ":" and os.path.isfile(text[:i]):
-            raise BadInputError(f"--concept {text!r}: knobs must look like FILE:beta=0.6,tau=0.15")
+            raise BadInputError(f"--concept {text!r}: knobs must look like FILE:beta=0.6,tau=0.15, each given once")
     return text, {}

@@ -242,8 +242,10 @@ def _torchrun(args: list) -> subprocess.CompletedProcess:
 
 
 def _dp_args(photos, out, batch: int) -> list:
-    """No --device: the CPU is the default here, and CPU processes must still train data-parallel."""
-    return ["train", "--base", "tiny", "--images", photos, "--token", TOKEN, "--superclass", "ball", "--steps", "2",
+    """No --device: the CPU is the default here, and CPU processes must still train data-parallel (Textual
+    Inversion: the lightest method; tests/test_data_parallel.py runs Perfusion and Residuals with --device cpu)."""
+    return ["train", "--base", "tiny", "--method", "textual-inversion", "--images", photos, "--token", TOKEN,
+            "--superclass", "ball", "--steps", "2",
             "--batch-size", str(batch), "--checkpoint-every", "0", "--masks", "none", "--out", out]
 
 
@@ -261,6 +263,7 @@ def test_torchrun_on_cpu_splits_the_batch_without_device_flag(photos, tmp_path):
     from personalize.concept import load_concept
 
     one = train("tiny", photos, token=TOKEN, superclass="ball", out=tmp_path / "one.safetensors", progress=False,
+                method="textual-inversion",
                 settings={"steps": 2, "batch_size": 2, "checkpoint_every": 0, "masks": "none"})
     two = tmp_path / "two.safetensors"
     result = _torchrun(_dp_args(photos, two, 2))
@@ -376,3 +379,18 @@ def test_sdxl_refuses_the_same_edges(capsys, photos, out):
     code, _, err = run_cli(capsys, train_args(photos, out, superclass=f"{TOKEN} dog", base="tiny-sdxl"))
     check_error(code, err, "contains the concept token")
     assert_no_train_output(out)
+
+
+# ------------------------------------------------------------------------------ found by trying, on generate
+def test_more_sampling_steps_than_the_scheduler_has_is_one_line(capsys, concept, tmp_path):
+    samples = tmp_path / "samples"
+    code, _, err = run_cli(capsys, gen_args(concept, samples, "--steps", "1001"))
+    check_error(code, err, "--steps 1001", "1 to 1000")
+    assert_no_images(samples)
+
+
+def test_a_knob_given_twice_is_refused(capsys, concept, tmp_path):
+    samples = tmp_path / "samples"
+    code, _, err = run_cli(capsys, gen_args(f"{concept}:token=<a>,token=<b>", samples))
+    check_error(code, err, "knobs must look like", "once")
+    assert_no_images(samples)

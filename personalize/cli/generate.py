@@ -58,7 +58,7 @@ def generate(
     from ..base import load_base
     from ..base import resolution as resolution_of
     from ..generation import generate as run_generate
-    from ..generation import write_images
+    from ..generation import check_steps, write_images
     from ..prompts import check_prompt_length
 
     from ..devices import resolve_device
@@ -69,6 +69,7 @@ def generate(
     attachment = _attachment(concept, prompt, dict(beta=beta, tau=tau, lag=lag, lock=lock))
     pipe = load_base(base, device=device)
     resolution_of(pipe, resolution)  # a size this base cannot make is refused before any work
+    check_steps(pipe, steps)  # and so are more steps than its scheduler has
     with attachment(pipe):
         check_prompt_length(pipe, prompt)  # the concepts' tokens are in the tokenizer now
         with _step_bar(f"generating {num_images} image(s)", steps) as on_step:
