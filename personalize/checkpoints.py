@@ -1,8 +1,9 @@
 """Training checkpoints: one ``state.safetensors`` per run, written atomically.
 
 It holds the method's state tensors, the optimizer state (tensors, plus JSON
-for the scalars and param groups) and the training generator's state, so a
-resumed run continues bit-exactly. The metadata records which run it belongs
+for the scalars and param groups), the learning-rate scheduler's state (plain
+numbers, JSON) and the training generator's state, so a resumed run continues
+bit-exactly, mid-warm-up included. The metadata records which run it belongs
 to; resuming another run is refused, naming what differs.
 """
 from __future__ import annotations
@@ -56,7 +57,8 @@ def load_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict, pref
     optimizer.load_state_dict({"state": state, "param_groups": meta["groups"]})
 
 
-def save_checkpoint(path: Path, step: int, run_id: dict, method, optimizer, generator: torch.Generator) -> None:
+def save_checkpoint(path: Path, step: int, run_id: dict, method, optimizer, generator: torch.Generator,
+                    lr_scheduler=None) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"method.{k}": v for k, v in method.state_tensors().items()}
@@ -64,12 +66,17 @@ def save_checkpoint(path: Path, step: int, run_id: dict, method, optimizer, gene
     tensors.update(opt_tensors)
     tensors["rng.generator"] = generator.get_state()
     meta = {"step": step, "run": run_id, "optimizer": opt_meta, "i_star_initialized": getattr(method, "i_star_initialized", None)}
+    if lr_scheduler is not None:  # a LambdaLR's state: step counts and rates (its lambdas are rebuilt, not saved)
+        meta["lr_scheduler"] = {k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}
     path.mkdir(parents=True, exist_ok=True)
     with atomic_path(path / STATE_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"personalize_checkpoint": json.dumps(meta)})
 
 
-def load_checkpoint(path: Path, run_id: dict, method, optimizer, generator: torch.Generator) -> int:
+def load_checkpoint(path: Path, run_id: dict, method, optimizer, generator: torch.Generator,
+                    lr_scheduler=None) -> int:
+    """Restore a run's state; returns its step. ``lr_scheduler`` (built on ``optimizer`` before this call)
+    continues from the saved state; a checkpoint from before schedules were saved leaves it as built."""
     from safetensors import safe_open
 
     file = path / STATE_FILE
@@ -91,5 +98,7 @@ def load_checkpoint(path: Path, run_id: dict, method, optimizer, generator: torc
     if meta.get("i_star_initialized") is not None:
         method.i_star_initialized = meta["i_star_initialized"]
     load_optimizer(optimizer, tensors, meta["optimizer"])
+    if lr_scheduler is not None and "lr_scheduler" in meta:
+        lr_scheduler.load_state_dict({**meta["lr_scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     generator.set_state(tensors["rng.generator"])
     return int(meta["step"])

@@ -14,6 +14,12 @@ seams combine several concepts (one shared Perfusion projection, additive
 deltas after it, residuals summed per block) is in ``docs/ARCHITECTURE.md``;
 every seam combines its occupants in a fixed order, so attach order never
 changes the output.
+
+``attach(None, concepts)`` (and ``load_base_for(concepts)``) load the base the
+concepts' headers record (``provenance.base``: the ``--base`` they were trained
+or imported with); concepts recording different bases are refused, and a header
+that records no loadable base (a concept trained on a pipeline object) asks for
+the base to be given.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from typing import Any, Sequence
 
 from . import methods as method_registry
 from .concept import Concept, check_base, load_concept
-from .errors import BadInputError
+from .errors import BadInputError, BaseModelError, PersonalizeError
 from .methods.shared import check_composable
 from .knobs import parse as parse_knobs
 from .templates import check_new_token, check_token
@@ -204,19 +210,75 @@ def prepare(concepts, **shared: Any) -> list[Part]:
     return parts
 
 
-def attach(pipe, concepts: Concept | str | Path | Sequence, *, lag: bool = False, **knobs: Any) -> Attachment:
+def recorded_base(concepts, flag: str = "--base") -> str:
+    """The base the concepts' headers record (``provenance.base``), one for all of them; several different
+    ones, or a header without a loadable one, are refused in one line asking for ``flag``."""
+    from .base import BUILTIN_BASES, _HUB_ID
+
+    parts = concepts if isinstance(concepts, list) and all(isinstance(p, Part) for p in concepts) \
+        else [_part(item) for item in _items(concepts)]
+    if not parts:
+        raise BadInputError("no concept given; pass at least one concept file")
+    bases = {}
+    for p in parts:
+        base = p.concept.header.get("provenance", {}).get("base")
+        usable = isinstance(base, str) and (base in BUILTIN_BASES or _is_path(base)
+                                            or (len(base) <= 200 and _HUB_ID.match(base)))
+        if not usable:
+            raise BadInputError(f"'{p.name}' records no base it can be loaded from (its header says "
+                                f"{_shown(base)}); pass {flag} with the base it was trained on")
+        bases.setdefault(base, p.name)
+    if len(bases) > 1:
+        listed = ", ".join(f"'{name}' on {_shown(base)}" for base, name in bases.items())
+        raise BadInputError(f"the concepts record different bases ({listed}); pass {flag} to choose one")
+    return next(iter(bases))
+
+
+def _is_path(text: str) -> bool:
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL: not a folder here
+        return False
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def load_base_for(concepts, device=None, dtype=None, scheduler: str | None = None):
+    """The base pipeline the concepts' headers record (:func:`recorded_base`), loaded with
+    :func:`personalize.base.load_base`; a recorded base that no longer loads is one line naming it."""
+    from .base import load_base
+
+    base = recorded_base(concepts)
+    try:
+        return load_base(base, device=device, dtype=dtype, scheduler=scheduler)
+    except PersonalizeError as exc:
+        raise BaseModelError(f"the base the concept records ({_shown(base)}) does not load: {exc}; pass --base") \
+            from exc
+
+
+def attach(pipe, concepts: Concept | str | Path | Sequence, *, lag: bool = False, check_base_weights: bool = True,
+           **knobs: Any) -> Attachment:
     """Attach one or several concepts with inference knobs, e.g. ``beta=0.7`` or ``lock="global"``.
 
-    ``concepts``: a concept or file path, ``(concept, {"beta": 0.6, "token": "<b2>"})``, or a list of these.
+    ``pipe``: the base pipeline, or ``None`` to load the one the concepts record (:func:`load_base_for`; it is
+    ``handle.pipe`` then). ``concepts``: a concept or file path, ``(concept, {"beta": 0.6, "token": "<b2>"})``,
+    or a list of these.
     ``lag=True`` (residuals concepts) turns on localized attention-guided sampling: the residuals apply only
     where the concept is attended. ``lock="global"`` (Perfusion): K projections read the prompt with each
-    concept word replaced by its superclass word.
+    concept word replaced by its superclass word. ``check_base_weights=False`` accepts text-encoder weights
+    that differ from the concept's base (e.g. after a stock ``pipe.fuse_lora()`` on the text encoder), with a
+    ``UserWarning``; family, architecture and vocabulary are still checked.
     """
     from .edits.tokens import base_tokenizer
 
     parts = prepare(concepts, lag=lag, **knobs)
+    if pipe is None:
+        pipe = load_base_for(parts)
     for p in parts:
-        check_base(p.concept, pipe)
+        check_base(p.concept, pipe, weights=check_base_weights)
         check_composable(pipe, p.method_cls, len(parts))  # DreamBooth (full) replaces the UNet: it attaches alone
         for token in concept_tokens(p.concept):  # e.g. token=dog: a word the base already knows cannot be added
             check_new_token(base_tokenizer(pipe), token)

@@ -339,8 +339,9 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
-def check_base(concept: Concept, pipe) -> None:
-    """Refuse a concept trained on another base, naming what differs."""
+def check_base(concept: Concept, pipe, *, weights: bool = True) -> None:
+    """Refuse a concept trained on another base, naming what differs. ``weights=False``: text-encoder weights that
+    differ only warn (``attach(..., check_base_weights=False)``, e.g. a LoRA fused into the text encoder)."""
     here = fingerprint(pipe)
     theirs = concept.base_fingerprint
     if theirs.family and here.family and theirs.family != here.family:
@@ -348,6 +349,12 @@ def check_base(concept: Concept, pipe) -> None:
             f"concept '{concept.path or concept.token}' was trained on an {FAMILIES.get(theirs.family, theirs.family)} base and this "
             f"base is {FAMILIES.get(here.family, here.family)}; a concept works only on the family (and base) it was trained on")
     differs = theirs.differences(here)
+    if differs == ["text_encoder"] and not weights:
+        import warnings
+
+        warnings.warn(f"concept '{concept.path or concept.token}': this base's text-encoder weights differ from the "
+                      "ones it was trained on (attached anyway: check_base_weights=False)", stacklevel=3)
+        return
     if differs:
         what = ", ".join({"architecture": "UNet/text-encoder architecture", "tokenizer": "tokenizer vocabulary",
                           "text_encoder": "text-encoder weights"}[d] for d in differs)
@@ -357,8 +364,10 @@ def check_base(concept: Concept, pipe) -> None:
                 f"concept '{concept.path or concept.token}' was written by an older personalize, whose fingerprint "
                 "holds fp16-rounded text-encoder weights that a bf16 pipeline cannot reproduce; attach it to an "
                 "fp32 or fp16 copy of the base (or re-save it: import/train it again)")
+        hint = (" (a LoRA fused into the text encoder changes them: pipe.unfuse_lora(), or attach(..., "
+                "check_base_weights=False) to accept it)") if differs == ["text_encoder"] else ""
         raise ConceptFileError(
-            f"concept '{concept.path or concept.token}' was trained on {base}, not this base ({what} differ); "
+            f"concept '{concept.path or concept.token}' was trained on {base}, not this base ({what} differ{hint}); "
             "use the base it was trained on or re-train it"
         )
 

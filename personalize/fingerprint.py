@@ -165,6 +165,14 @@ def fingerprint(pipe) -> Fingerprint:
     architecture = _hash_json(parts)
     tokenizer = _hash_json(vocab)
     tensors = base_text_encoder_tensors(pipe, vocab_size)
+    fp16, bf16 = rounded_hashes(tensors)
+    return Fingerprint(architecture=architecture, tokenizer=tokenizer, text_encoder=fp16, text_encoder_bf16=bf16,
+                       precision=precision_of(tensors), text_encoder_sample=_sample(tensors), family=family(pipe))
+
+
+def rounded_hashes(tensors: list[tuple[str, torch.Tensor]]) -> tuple[str, str]:
+    """The named tensors rounded to fp16 and to bf16, each hashed (16 hex digits): an fp32, fp16 or bf16 copy of the
+    same weights gives the same hash at its own precision or coarser (see the module docstring)."""
     fp16, bf16 = hashlib.sha256(), hashlib.sha256()
     for name, tensor in tensors:
         tensor = tensor.detach().to("cpu")
@@ -173,10 +181,31 @@ def fingerprint(pipe) -> Fingerprint:
             digest.update(name.encode())
             digest.update(str(tuple(t.shape)).encode())
             digest.update(memoryview(t.view(torch.int16).numpy()))  # the bytes, without a copy
-    precision = max((_DTYPES.get(t.dtype, "fp32") for _, t in tensors), key=COARSENESS.get, default="fp32")
-    return Fingerprint(architecture=architecture, tokenizer=tokenizer, text_encoder=fp16.hexdigest()[:16],
-                       text_encoder_bf16=bf16.hexdigest()[:16], precision=precision,
-                       text_encoder_sample=_sample(tensors), family=family(pipe))
+    return fp16.hexdigest()[:16], bf16.hexdigest()[:16]
+
+
+def precision_of(tensors: list[tuple[str, torch.Tensor]]) -> str:
+    """The coarsest dtype among the tensors: fp32, fp16 or bf16."""
+    return max((_DTYPES.get(t.dtype, "fp32") for _, t in tensors), key=COARSENESS.get, default="fp32")
+
+
+def weights_digest(modules) -> str:
+    """A digest of whole modules' weights (DreamBooth's trained UNet and text encoders) that an fp16 or bf16 copy of
+    them reproduces: ``v2:<fp16 hash>:<bf16 hash>:<precision>`` (:func:`rounded_hashes`, names prefixed by the
+    module's position)."""
+    tensors = [(f"{k}.{n}", t) for k, m in enumerate(modules) for n, t in sorted(m.state_dict().items())
+               if t.is_floating_point()]
+    return "v2:{}:{}:{}".format(*rounded_hashes(tensors), precision_of(tensors))
+
+
+def same_weights(recorded: str, found: str) -> bool:
+    """Two :func:`weights_digest` values of one set of weights, compared at the coarser precision: fp32/fp16 copies
+    by the fp16 hash, anything with bf16 by the bf16 hash (an fp16 copy against a bf16 copy of fp32 weights can
+    round differently; it is refused)."""
+    a, b = recorded.split(":"), found.split(":")
+    if len(a) != 4 or len(b) != 4:
+        return False
+    return a[2] == b[2] if "bf16" in (a[3], b[3]) else a[1] == b[1]
 
 
 def _sample(tensors: list[tuple[str, torch.Tensor]]) -> str:

@@ -37,9 +37,11 @@ def read_state(path: str | Path, allow_pickle: bool = False) -> dict[str, Any]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            state = load_file(str(path))
         except Exception as exc:
             raise BadInputError(f"'{path}' is not a readable safetensors file ({type(exc).__name__})") from exc
+        check_finite(state, path.name)
+        return state
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise BadInputError(f"'{path.name}' is a pickle, which can run code when loaded; convert it to safetensors, "
@@ -51,8 +53,23 @@ def read_state(path: str | Path, allow_pickle: bool = False) -> dict[str, Any]:
                                 "it holds more than tensors, so it is refused") from exc
         if not isinstance(state, dict):
             raise BadInputError(f"'{path.name}' holds a {type(state).__name__}, not a dict of tensors")
+        check_finite(state, path.name)
         return state
     raise BadInputError(f"'{path.name}': unknown file type; import .safetensors (or .bin/.pt with --allow-pickle)")
+
+
+def check_finite(state: Any, source: str, where: str = "") -> None:
+    """Every floating-point tensor in ``state`` (nested dicts and lists too, as in A1111's ``string_to_param``)
+    holds only finite numbers: a NaN or Inf would be written into a concept that generates noise."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() and state.numel() and not bool(torch.isfinite(state).all()):
+            bad = int((~torch.isfinite(state)).sum())
+            raise BadInputError(f"'{source}': tensor '{where}' holds {bad} NaN or infinite value(s) of "
+                                f"{state.numel()}; the file is damaged (or was saved from a diverged run)")
+        return
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for key, value in items:
+        check_finite(value, source, f"{where}.{key}" if where else str(key))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -62,8 +79,11 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return {}
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:
+        raise BadInputError(f"'{path.name}' is not a readable safetensors file ({type(exc).__name__})") from None
 
 
 def write_info(folder: Path, info: dict[str, Any]) -> Path:
@@ -76,7 +96,8 @@ def write_info(folder: Path, info: dict[str, Any]) -> Path:
 def export_concept(concept: Concept | str | Path, out: str | Path, fmt: str | None = None, base=None) -> Path:
     """Write ``concept`` into the folder ``out`` in ``fmt`` (default: the method's first format); returns the folder.
 
-    ``base`` (a spec or a pipeline) is needed only by formats that store full weights (Custom Diffusion).
+    ``base`` (a spec or a pipeline) is used only by formats that store full weights (Custom Diffusion); ``None``
+    loads the base the concept's header records (:func:`personalize.compose.load_base_for`).
     """
     concept = concept if isinstance(concept, Concept) else load_concept(Path(concept))
     method_cls = method_registry.get(concept.method)
@@ -110,7 +131,7 @@ def import_file(base, path: str | Path, *, method: str, out: str | Path, token: 
     """Convert a foreign file (``method``'s export format) into a concept file for ``base``; returns ``out``.
 
     ``superclass``: one word or class phrase, or (multi-concept methods, e.g. Custom Diffusion) one per concept in the file."""
-    from .base import fingerprint, load_base
+    from .base import base_name, fingerprint, load_base
     from .images import file_sha256
     from .methods.shared import as_list, words_of
     from .text_stack import widths
@@ -136,6 +157,7 @@ def import_file(base, path: str | Path, *, method: str, out: str | Path, token: 
     pipe = load_base(base) if isinstance(base, (str, Path)) else base
     found = method_cls.import_state(pipe, state, token=token, embeddings=extra, metadata=read_metadata(path),
                                     superclass=superclasses[0] if len(superclasses) == 1 else superclasses)
+    check_finite(found["tensors"], Path(path).name)  # what the conversion made of them, before anything is written
     if not found["token"]:
         raise BadInputError(f"'{Path(path).name}' does not name its token; pass --token '<name>'")
     for tok in as_list(found["token"]):
@@ -154,7 +176,7 @@ def import_file(base, path: str | Path, *, method: str, out: str | Path, token: 
         method_obj.remove()
     sources = [Path(path), *map(Path, embeddings)]
     provenance = {"imported_from": [p.name for p in sources], "sha256": [file_sha256(p) for p in sources],
-                  "base": str(base) if isinstance(base, (str, Path)) else type(base).__name__}
+                  "base": base_name(base)}
     header = concept_header(method, tokens, superclasses, config, defaults, fingerprint(pipe), extras, provenance,
                             widths(pipe))
     return save_concept(out, Concept(header, tensors))
@@ -163,6 +185,8 @@ def import_file(base, path: str | Path, *, method: str, out: str | Path, token: 
 def _pipe(base, concept: Concept):
     from .base import load_base
 
-    if base is None:
-        raise BadInputError(f"exporting a {concept.method} concept needs the base it was trained on: pass --base")
+    if base is None:  # the base the concept's header records (one line when it records none)
+        from .compose import load_base_for
+
+        return load_base_for(concept)
     return load_base(base) if isinstance(base, (str, Path)) else base

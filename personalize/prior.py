@@ -15,12 +15,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import BadInputError
 from .paths import atomic_path, cache_dir
+
+if TYPE_CHECKING:  # torch is imported where it is used: PriorConfig is read by --help, which loads no torch
+    import torch
 
 
 @dataclass
@@ -73,13 +74,15 @@ def spec_from_config(config: PriorConfig, superclasses: Sequence[str]) -> PriorS
                      weight=float(config.prior_loss_weight))
 
 
-@torch.no_grad()
 def weights_digest(module: torch.nn.Module) -> str:
     """A cheap content digest of a module's weights (names, shapes, rounded sums); changes when any tensor does."""
+    import torch
+
     digest = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().double()
-        digest.update(f"{name}|{tuple(t.shape)}|{float(t.sum()):.6e}|{float((t * t).sum()):.6e}".encode())
+    with torch.no_grad():
+        for name, t in sorted(module.state_dict().items()):
+            t = t.detach().double()
+            digest.update(f"{name}|{tuple(t.shape)}|{float(t.sum()):.6e}|{float((t * t).sum()):.6e}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -16,14 +16,14 @@ import functools
 import hashlib
 import os
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from .errors import BaseModelError, BadInputError
-from .images import check_foreground, file_sha256, find_masks, open_rgb
 from .paths import atomic_path, cache_dir
+
+if TYPE_CHECKING:  # numpy, torch and the image readers load where they are used: --help reads DEFAULT_SEGMENTER
+    import numpy as np
+    import torch
 
 DEFAULT_SEGMENTER = "CIDAS/clipseg-rd64-refined"
 RECIPE = "clipseg sigmoid, bilinear to the photo, / max; v1"  # part of every cache key
@@ -67,6 +67,8 @@ def segmenter_identity(folder: Path) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _identity(files: tuple) -> str:
+    from .images import file_sha256
+
     h = hashlib.sha256()
     for name, path, _, _ in files:
         h.update(f"{name}\0{file_sha256(Path(path))}\n".encode())
@@ -80,6 +82,8 @@ def cache_key(image_sha256: str, identity: str, phrase: str) -> str:
 def auto_mask_paths(image_paths: Sequence[Path], phrases: Sequence[str], segmenter: str | os.PathLike,
                     device: str | torch.device = "cpu") -> list[Path]:
     """One cached mask PNG per photo (``phrases[i]`` prompts photo i), segmenting only those not cached yet."""
+    from .images import file_sha256, open_rgb
+
     folder = resolve_segmenter(segmenter)
     identity = segmenter_identity(folder)
     targets = [cache_dir("masks") / f"{cache_key(file_sha256(p), identity, phrase)}.png"
@@ -129,23 +133,26 @@ def check_loading_info(folder, info: dict) -> None:
                              f"they would load as a random CLIPSeg; {GET_WEIGHTS}")
 
 
-@torch.no_grad()
 def soft_masks(model, processor, images: list, phrases: list[str]) -> list[np.ndarray]:
     """Perfusion §4.4's soft masks: ``sigmoid(logits)`` resized (bilinear) to each photo, divided by its max."""
+    import torch
+
     inputs = processor(text=list(phrases), images=images, padding=True, return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    logits = model(**inputs).logits.float()
-    logits = logits.reshape(len(images), 1, *logits.shape[-2:])  # CLIPSeg drops the batch axis for one image
-    out = []
-    for prob, img in zip(torch.sigmoid(logits), images):
-        m = torch.nn.functional.interpolate(prob[None], size=(img.height, img.width), mode="bilinear",
-                                            align_corners=False)[0, 0]
-        out.append((m / m.max().clamp_min(1e-6)).clamp(0, 1).cpu().numpy())
+    with torch.no_grad():
+        logits = model(**inputs).logits.float()
+        logits = logits.reshape(len(images), 1, *logits.shape[-2:])  # CLIPSeg drops the batch axis for one image
+        out = []
+        for prob, img in zip(torch.sigmoid(logits), images):
+            m = torch.nn.functional.interpolate(prob[None], size=(img.height, img.width), mode="bilinear",
+                                                align_corners=False)[0, 0]
+            out.append((m / m.max().clamp_min(1e-6)).clamp(0, 1).cpu().numpy())
     return out
 
 
 def write_mask(target: Path, mask: np.ndarray) -> None:
     """A [0, 1] mask as a 16-bit grayscale PNG, written atomically."""
+    import numpy as np
     from PIL import Image
 
     img = Image.fromarray(np.round(mask * 65535).astype(np.uint16))
@@ -159,6 +166,8 @@ def mask_files(masks: str | os.PathLike | None, image_paths: Sequence[Path], phr
     """A run's ``masks`` setting resolved to one mask file per photo (None: no masks) and what the concept's
     provenance records. ``masks``: ``"none"``/None, ``"auto"`` (segmented, ``phrases[i]`` prompting photo i),
     or a folder of masks named like the photos (a ``Path`` is always a folder, even one named ``auto``)."""
+    from .images import check_foreground, find_masks
+
     if masks is None or (isinstance(masks, str) and masks.strip().lower() in ("none", "")):
         return None, {}
     if isinstance(masks, str) and masks.strip().lower() == "auto":

@@ -21,7 +21,8 @@ POSITIVE = frozenset({"steps", "batch_size", "num_images", "class_steps", "num_v
 POSITIVE_PREFIXES = ("lr", "tau")  # learning rates (lr, lr_value, lr_embedding ...), gate temperatures
 #: >= 0
 NON_NEGATIVE = frozenset({"checkpoint_every", "preview_every", "num_class_images", "weight_decay", "prior_loss_weight",
-                          "max_grad_norm", "guidance", "class_guidance", "rank", "validate_every",
+                          "max_grad_norm", "guidance", "class_guidance", "rank", "validate_every", "validation_every",
+                          "save_every", "lr_warmup_steps",
                           "beta", "beta_train", "beta_global"})  # Perfusion's gate threshold on s (s = 1 at the concept)
 #: in [0, 1]
 UNIT = frozenset({"flip_p", "ema"})
@@ -32,10 +33,10 @@ _TRUE, _FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
 
 def bound(name: str) -> tuple[float, bool, float] | None:
     """``(low, low_inclusive, high)`` for the setting ``name`` (None: any finite value)."""
+    if name in NON_NEGATIVE:  # first: lr_warmup_steps is a count, not a learning rate
+        return 0.0, True, math.inf
     if name in POSITIVE or name.startswith(POSITIVE_PREFIXES):
         return 0.0, False, math.inf
-    if name in NON_NEGATIVE:
-        return 0.0, True, math.inf
     if name in UNIT:
         return 0, True, 1
     if name == "seed":

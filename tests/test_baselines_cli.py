@@ -48,13 +48,14 @@ def test_methods_lists_every_method_with_its_defaults(capsys, monkeypatch):
 
 def test_multi_concept_run_from_repeated_flags_and_from_yaml(capsys, photos, tmp_path):
     other = make_photos(tmp_path / "other", n=2)
-    args = ["train", "--method", "custom-diffusion", "--images", photos, "--token", "<disc>", "--superclass", "ball",
+    args = ["train", "--method", "custom-diffusion", "--base", "tiny", "--images", photos, "--token", "<disc>",
+            "--superclass", "ball",
             "--images", other, "--token", "<blob>", "--superclass", "cup", "--prior-loss-weight", "0",
             "--steps", "1", "--batch-size", "2", "--checkpoint-every", "0", "--device", "cpu"]
     code, _, err = run_cli(capsys, [*args, "--out", tmp_path / "flags.safetensors"])
     assert code == 0, err
     config = tmp_path / "two.yaml"
-    config.write_text(f"concepts:\n  - {{images: {photos}, token: <disc>, superclass: ball}}\n"
+    config.write_text(f"base: tiny\nconcepts:\n  - {{images: {photos}, token: <disc>, superclass: ball}}\n"
                       f"  - {{images: {other}, token: <blob>, superclass: cup}}\nprior_loss_weight: 0\n")
     code, _, err = run_cli(capsys, ["train", "--method", "custom-diffusion", "--config", config, "--steps", "1",
                                     "--batch-size", "2", "--checkpoint-every", "0", "--device", "cpu",
@@ -75,12 +76,12 @@ def test_export_then_import_from_the_command_line(capsys, ti_concept, tmp_path):
     pt = tmp_path / "a1111" / "<disc>.pt"
     assert pt.is_file() and (tmp_path / "a1111" / "export.json").is_file()
     back = tmp_path / "back.safetensors"
-    code, _, err = run_cli(capsys, ["import", pt, "--method", "textual-inversion", "--superclass", "ball",
-                                    "--out", back])
+    code, _, err = run_cli(capsys, ["import", pt, "--method", "textual-inversion", "--base", "tiny",
+                                    "--superclass", "ball", "--out", back])
     check_error(code, err, "pickle", "--allow-pickle")
     assert not back.exists()
-    code, _, err = run_cli(capsys, ["import", pt, "--method", "textual-inversion", "--superclass", "ball",
-                                    "--out", back, "--allow-pickle"])
+    code, _, err = run_cli(capsys, ["import", pt, "--method", "textual-inversion", "--base", "tiny",
+                                    "--superclass", "ball", "--out", back, "--allow-pickle"])
     assert code == 0, err
     from personalize import load_concept
 
@@ -112,7 +113,7 @@ def test_several_concepts_need_a_multi_concept_method(capsys, photos, tmp_path, 
 
 
 def test_train_without_images(capsys, out):
-    code, _, err = run_cli(capsys, ["train", "--token", "<a>", "--superclass", "ball", "--out", out])
+    code, _, err = run_cli(capsys, ["train", "--base", "tiny", "--token", "<a>", "--superclass", "ball", "--out", out])
     check_error(code, err, "missing", "--images")
 
 
@@ -148,7 +149,8 @@ def test_bad_export(capsys, ti_concept, tmp_path, args, words):
 def test_bad_import(capsys, tmp_path, make, args, words):
     make(tmp_path)
     out = tmp_path / "out" / "c.safetensors"
-    code, _, err = run_cli(capsys, ["import", tmp_path / args[0], *args[1:], "--superclass", "ball", "--out", out])
+    code, _, err = run_cli(capsys, ["import", tmp_path / args[0], *args[1:], "--base", "tiny", "--superclass", "ball",
+                                    "--out", out])
     check_error(code, err, *words)
     assert not out.exists()
     shutil.rmtree(tmp_path / "out", ignore_errors=True)

@@ -390,7 +390,8 @@ def test_cc101_and_folder_sources_plan_with_their_prompts_tokens_and_classes(cc1
     assert gens["generate/residuals/teddy/default/p0_s0"].prompt == "a <ted> teddy at sea"
     protocols = {(u.method, u.concept): u.payload["protocol"] for u in units if u.kind == "score" and u.method != "base"}
     assert protocols["perfusion", "scene_barn"] == {"prompting": "word", "subject": "<new1>", "selection": "last step",
-                                                    "comparability": None}
+                                                    "sampler": spec.sampler, "comparability": None}
+    assert spec.sampler["scheduler"] == "ddim"  # pinned: the spec names none, so the benchmarks' DDIM
     assert protocols["residuals", "teddy"]["prompting"] == "modifier"
     assert protocols["residuals", "teddy"]["subject"] == "<ted> teddy"
     classes = {u.concept: u.concept_class for u in units if u.kind == "train"}

@@ -96,6 +96,8 @@ def test_the_residuals_paper_preset_checks_the_spec(cc101, tmp_path):
                          ({"base": "stable-diffusion-v1-5/stable-diffusion-v1-5"}, "the table used 'CompVis"),
                          ({"max_prompts": 3}, "CustomConcept101's own prompts"),
                          ({"sampler": {"steps": 25, "guidance": 6}}, "sampler 25 steps"),
+                         ({"sampler": {"steps": 50, "guidance": 6, "scheduler": "euler"}},
+                          "sampler.scheduler is euler, the table used ddim"),
                          ({"comparability": "perfusion-paper"}, "unknown preset 'perfusion-paper'"),
                          ({"comparability": {"table": "x"}}, "missing base")):
         with pytest.raises(BadInputError, match=says):
@@ -112,8 +114,9 @@ def test_the_report_states_prompting_selection_and_comparability(tmp_path):
              "payload": {"protocol": protocol(spec, m, concept)}} for m in ("perfusion", "residuals")]
     table = summarize(rows)["protocol"]
     cells = {r["cells"][0]: r["cells"][1:] for r in table["rows"]}
-    assert cells["perfusion"] == ["token in place of the class word", "<tok> (split_triangle)", "last step"]
-    assert cells["residuals"] == ["token before the class word", "<tok> triangle (split_triangle)", "last step"]
+    sampler = f"ddim, {spec.sampler['steps']} steps, guidance {spec.sampler['guidance']}"
+    assert cells["perfusion"] == ["token in place of the class word", "<tok> (split_triangle)", "last step", sampler]
+    assert cells["residuals"] == ["token before the class word", "<tok> triangle (split_triangle)", "last step", sampler]
     assert comparability_text(None).startswith("Comparability: none declared")
     block = load_spec(EXAMPLES / "cc101_residuals_paper.yaml").comparability
     assert "Personalized Residuals" in comparability_text(block) and "50 images per prompt" in comparability_text(block)

@@ -80,9 +80,9 @@ def test_resume_after_interruption_equals_uninterrupted(tiny, photos, tmp_path, 
 
 def test_resume_refuses_a_different_run(photos, tmp_path, capsys):
     out = tmp_path / "c.safetensors"
-    code, _, _ = run(["train", "--images", str(photos), "--superclass", "ball", "--token", "<disc>", "--out",
+    code, _, _ = run(["train", "--base", "tiny", "--images", str(photos), "--superclass", "ball", "--token", "<disc>", "--out",
                       str(out), "--steps", "2", "--batch-size", "1", "--checkpoint-every", "1", "--masks", "none"], capsys)
     assert code == 0
-    code, _, err = run(["train", "--images", str(photos), "--superclass", "cup", "--token", "<disc>", "--out",
+    code, _, err = run(["train", "--base", "tiny", "--images", str(photos), "--superclass", "cup", "--token", "<disc>", "--out",
                         str(out), "--steps", "3", "--batch-size", "1", "--masks", "none", "--resume"], capsys)
     assert code == 2 and "different run" in err and "superclass" in err

@@ -12,13 +12,13 @@ ROOT = Path(personalize.__file__).parent
 #: bottom to top; a module's layer is that of its top-level module or sub-package
 LAYERS = [
     ("foundation", {"errors", "settings", "knobs", "paths", "transfer", "tokenizer", "sd_shapes", "parallel", "devices",
-                    "images", "templates", "text_stack"}),
+                    "images", "templates", "text_stack", "schedulers"}),
     ("seams and data", {"edits", "fingerprint", "prompts", "samples", "datasets"}),
-    ("base model", {"base", "covariance", "prior", "generation", "checkpoints", "segment"}),
+    ("base model", {"base", "single_file", "covariance", "prior", "generation", "checkpoints", "segment"}),
     ("methods", {"methods"}),
     ("flow", {"concept", "compose", "training", "interop", "evaluation"}),
     ("tools", {"__init__", "benchmark", "toybase", "claims", "demo"}),
-    ("cli", {"cli"}),
+    ("cli", {"cli", "__main__"}),
 ]
 LAYER_OF = {unit: i for i, (_, units) in enumerate(LAYERS) for unit in units}
 LEAVES = {"datasets": {"errors", "images", "samples", "prompts", "templates", "paths", "datasets"}}

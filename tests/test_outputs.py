@@ -62,10 +62,11 @@ def _read_only_folder(tmp_path: Path) -> Path:
 
 OUT_VERBS = {  # each command with its --out as {out} (a concept file, or a folder); the inputs need not exist
     "train": (lambda p: train_args(p["photos"], "{out}/disc.safetensors")),
-    "generate": (lambda p: ["generate", "--prompt", "a ball", "--out", "{out}/gen", "--device", "cpu"]),
+    "generate": (lambda p: ["generate", "--base", "tiny", "--prompt", "a ball", "--out", "{out}/gen", "--device",
+                                "cpu"]),
     "export": (lambda p: ["export", p["tmp"] / "x.safetensors", "--out", "{out}/lora"]),
-    "import": (lambda p: ["import", p["tmp"] / "e.safetensors", "--method", "textual-inversion", "--superclass",
-                          "ball", "--out", "{out}/cat.safetensors"]),
+    "import": (lambda p: ["import", p["tmp"] / "e.safetensors", "--method", "textual-inversion", "--base", "tiny",
+                          "--superclass", "ball", "--out", "{out}/cat.safetensors"]),
     "demo": (lambda p: ["demo", "--out", "{out}/demo"]),
     "benchmark-run": (lambda p: ["benchmark", "run", p["spec"], "--out", "{out}/runs"]),
     "benchmark-report": (lambda p: ["benchmark", "report", p["tmp"] / "b.sqlite", "--out", "{out}/report"]),
@@ -128,7 +129,7 @@ def test_import_refuses_an_existing_concept_file(capsys, no_model, tmp_path):
     out = tmp_path / "cat.safetensors"
     out.write_bytes(b"mine")
     code, _, err = run_cli(capsys, ["import", tmp_path / "embeds.safetensors", "--method", "textual-inversion",
-                                    "--superclass", "ball", "--out", out])
+                                    "--base", "tiny", "--superclass", "ball", "--out", out])
     check_error(code, err, "cat.safetensors", "already exists", "--overwrite")
     assert out.read_bytes() == b"mine"
 
@@ -293,8 +294,8 @@ def test_plain_pickle_import_prints_only_our_line(tmp_path):
     file = tmp_path / "plain.bin"
     file.write_bytes(pickle.dumps({"a": 1}, protocol=4))
     out = tmp_path / "out" / "cat.safetensors"
-    proc = _cli_process(["import", file, "--method", "textual-inversion", "--superclass", "ball", "--out", out,
-                         "--allow-pickle"])
+    proc = _cli_process(["import", file, "--method", "textual-inversion", "--base", "tiny", "--superclass", "ball",
+                         "--out", out, "--allow-pickle"])
     check_error(proc.returncode, proc.stderr, "plain.bin", "weights-only")
     assert not out.parent.exists()
 
@@ -315,7 +316,8 @@ LONG = " ".join(["a very small red ball"] * 16)  # 80 CLIP tokens
 def test_generate_refuses_a_prompt_over_77_tokens(capsys, concept, tmp_path, where):
     folder = tmp_path / "gen"
     if where == "no-concept":
-        args = ["generate", "--prompt", LONG, "--out", folder, "--num-images", "1", "--steps", "1", "--device", "cpu"]
+        args = ["generate", "--base", "tiny", "--prompt", LONG, "--out", folder, "--num-images", "1", "--steps", "1",
+                "--device", "cpu"]
     else:
         args = gen_args(concept, folder)
         args[args.index("--prompt") + 1] = f"{LONG} with a {TOKEN}"
@@ -339,8 +341,8 @@ def test_generate_warns_when_the_prompt_leaves_out_the_concept(capsys, concept, 
 # --------------------------------------------------------------------------- the base alone; progress on stderr
 def test_generate_without_a_concept_renders_the_base_with_a_progress_bar_on_stderr(capsys, tmp_path):
     folder = tmp_path / "gen"
-    code, stdout, err = run_cli(capsys, ["generate", "--prompt", "a ball on a table", "--out", folder,
-                                         "--num-images", "1", "--steps", "2", "--device", "cpu"])
+    code, stdout, err = run_cli(capsys, ["generate", "--base", "tiny", "--prompt", "a ball on a table", "--out",
+                                         folder, "--num-images", "1", "--steps", "2", "--device", "cpu"])
     assert code == 0, err
     assert len(list(folder.glob("*.png"))) == 1
     assert "2/2" in err and "warning" not in err  # the per-step bar, on stderr

@@ -24,7 +24,8 @@ def test_config_yaml_sets_method_and_trainer_settings(photos, tmp_path, capsys):
     config = tmp_path / "settings.yaml"
     config.write_text("steps: 2\nbatch_size: 1\ncheckpoint_every: 0\nperfusion:\n  lock: trained\n  beta: 0.65\n")
     out = tmp_path / "c.safetensors"
-    main(["train", "--images", str(photos), "--superclass", "ball", "--token", "<disc>", "--out", str(out),
+    main(["train", "--base", "tiny", "--images", str(photos), "--superclass", "ball", "--token", "<disc>",
+          "--out", str(out),
           "--config", str(config), "--steps", "1", "--masks", "none"])  # returns normally on success
     from personalize import load_concept
 

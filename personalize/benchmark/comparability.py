@@ -22,7 +22,7 @@ PRESETS: dict[str, dict] = {
         "base": "CompVis/stable-diffusion-v1-4",
         "images_per_prompt": 50,
         "prompts": "cc101",
-        "sampler": {"steps": 50, "guidance": 6.0},
+        "sampler": {"scheduler": "ddim", "steps": 50, "guidance": 6.0},
     },
 }
 KEYS = {"table", "base", "images_per_prompt", "prompts", "sampler"}
@@ -51,8 +51,10 @@ def resolve(value) -> Optional[dict]:
         raise BadInputError(f"comparability.images_per_prompt must be a whole number >= 1, got {n!r}")
     if value["prompts"] not in PROMPTS:
         raise BadInputError(f"comparability.prompts must be one of {', '.join(PROMPTS)}, got {value['prompts']!r}")
-    if not isinstance(value["sampler"], dict) or set(value["sampler"]) != {"steps", "guidance"}:
-        raise BadInputError("comparability.sampler must be a mapping {steps: N, guidance: G}")
+    if not isinstance(value["sampler"], dict) or not {"steps", "guidance"} <= set(value["sampler"]) \
+            <= {"steps", "guidance", "scheduler"}:
+        raise BadInputError("comparability.sampler must be a mapping {steps: N, guidance: G} (and optionally "
+                            "scheduler: NAME)")
     return dict(value)
 
 
@@ -76,6 +78,9 @@ def check(block: Optional[dict], spec) -> None:
                                                                    float(block["sampler"]["guidance"])):
         problems.append(f"sampler {spec.sampler['steps']} steps at guidance {spec.sampler['guidance']}, the table "
                         f"used {block['sampler']['steps']} at {block['sampler']['guidance']}")
+    scheduler = block["sampler"].get("scheduler")
+    if scheduler is not None and str(scheduler).lower() != spec.sampler["scheduler"]:
+        problems.append(f"sampler.scheduler is {spec.sampler['scheduler']}, the table used {scheduler}")
     if problems:
         raise BadInputError(f"comparability ({name}): {problems[0]}" + (f" (and {len(problems) - 1} more)"
                             if len(problems) > 1 else "") + "; change the spec or drop comparability:")

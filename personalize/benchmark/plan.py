@@ -224,9 +224,10 @@ SELECTION = "last step"  # every method alike: no best-step search (see spec.py)
 
 def protocol(spec: Spec, method_type: str, concept: ConceptEntry) -> dict:
     """How a method's numbers were made, for the report: its prompting (``Method.prompting``) with the
-    concept's subject, the step selection (the same for every method) and the comparability block."""
+    concept's subject, the step selection (the same for every method), the sampler (scheduler, steps, guidance)
+    and the comparability block."""
     return {"prompting": method_registry.get(method_type).prompting, "subject": concept.subject_for(method_type),
-            "selection": SELECTION, "comparability": spec.comparability}
+            "selection": SELECTION, "sampler": spec.sampler, "comparability": spec.comparability}
 
 
 def _evaluator_id(spec: Spec) -> dict:

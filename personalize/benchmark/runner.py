@@ -154,9 +154,12 @@ class _Bar:
 
     def refresh(self, current: Optional[str]) -> None:
         if self.progress is not None:
+            from rich.markup import escape
+
             counts = self.db.counts()
             text = current or ("waiting for other processes" if counts["running"] else "")
-            self.progress.update(self.task, completed=counts["done"], total=counts["total"], description=text[:60])
+            # a row's key holds the spec's names: shown as typed, never read as markup
+            self.progress.update(self.task, completed=counts["done"], total=counts["total"], description=escape(text[:60]))
 
     def close(self) -> None:
         if self.progress is not None:

@@ -16,7 +16,8 @@
     prompts: ["a photo of a {}", "a {} on the beach"]   # optional; {} = the concept's subject
     seeds: [0, 1]
     samples_per_prompt: 1           # default: 5 with a cc101 source (CustomConcept101's 5 per prompt), else 1
-    sampler: {steps: 25, guidance: 4.0}
+    sampler: {steps: 25, guidance: 4.0, scheduler: ddim}   # scheduler: a --scheduler name; default ddim, the
+                                    # sampler every benchmark has used (pinned, never the base's own)
     methods:
       - method: perfusion
         train: {steps: 150, batch_size: 8}
@@ -40,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -55,7 +57,8 @@ TOP_KEYS = {"name", "base", "device", "evaluator", "concepts", "prompts", "max_p
             "seeds", "samples_per_prompt", "sampler", "methods", "compose", "comparability"}
 # CustomConcept101's protocol: 20 prompts x 5 images = 100 per concept (its README's reference numbers).
 CC101_SAMPLES_PER_PROMPT = 5
-SAMPLER_KEYS = {"steps", "guidance"}
+SAMPLER_KEYS = {"steps", "guidance", "scheduler"}
+DEFAULT_SCHEDULER = "ddim"  # what benchmarks have always sampled with (the Perfusion paper's 50 DDIM steps)
 METHOD_KEYS = {"method", "label", "train", "sweep"}
 SOURCE_KEYS = {"toyworld": {"toyworld"}, "cc101": {"cc101", "names", "limit", "compositions"},
                "folder": {"folder", "name", "superclass", "token", "prompts"}}
@@ -99,7 +102,7 @@ class Spec:
     seeds: list[int] = field(default_factory=lambda: [0])
     samples_per_prompt: int = 1
     compose: Optional[list[str]] = None  # composition recipes ("A+B" method labels, or one multi-concept label)
-    sampler: dict = field(default_factory=lambda: {"steps": 50, "guidance": 6.0})
+    sampler: dict = field(default_factory=lambda: {"steps": 50, "guidance": 6.0, "scheduler": DEFAULT_SCHEDULER})
     comparability: Optional[dict] = None  # the published table the numbers stand beside (comparability.py)
     raw: dict = field(default_factory=dict)
 
@@ -151,11 +154,19 @@ def _positive_int(value, where: str) -> int:
     return value
 
 
+MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range; torch takes it too
+MAX_SEEDS = 10_000
+
+
 def _seeds(value) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
-        return list(range(_positive_int(value, "seeds")))
+        if _positive_int(value, "seeds") > MAX_SEEDS:
+            raise BadInputError(f"seeds: a count of {value} seeds is more than {MAX_SEEDS:,}; give fewer")
+        return list(range(value))
     if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
         raise BadInputError("seeds must be a count (e.g. 2) or a list of whole numbers (e.g. [0, 1])")
+    if not all(0 <= s <= MAX_SEED for s in value):
+        raise BadInputError(f"seeds must be whole numbers from 0 to {MAX_SEED}, not {value}")
     if len(set(value)) != len(value):
         raise BadInputError(f"seeds {value} repeat a seed; list each once")
     return list(value)
@@ -203,6 +214,25 @@ def _sweep(cls, sweep: dict, where: str) -> dict:
     return {k: list(v) for k, v in sweep.items()}
 
 
+def _text(value, where: str, example: str) -> str:
+    """A non-empty one-line string from the spec (a path, a class phrase): anything else is one line."""
+    if not isinstance(value, str) or not value.strip():
+        shown = "an empty string" if isinstance(value, str) else f"a {type(value).__name__}"
+        raise BadInputError(f"{where} must be a non-empty string (e.g. {example}), not {shown}")
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise BadInputError(f"{where} {value!r} has control characters; write it on one line without them")
+    return value
+
+
+def _spec_name(value) -> str:
+    """The spec's name names the default output folder ('<name>_out') and titles the report: a file name."""
+    name = _text(value, "spec: name", "name: my-benchmark")
+    if "/" in name or "\\" in name or name in (".", "..") or len(name) > 100:
+        raise BadInputError(f"spec: name {name[:100]!r} must be a file name (at most 100 characters, no '/' or '\\', "
+                            "not '.' or '..'): it names the output folder")
+    return name
+
+
 def _source(entry, i: int) -> dict:
     where = f"concepts[{i}]"
     entry = _mapping(entry, where)
@@ -216,7 +246,7 @@ def _source(entry, i: int) -> dict:
 
         names = entry["toyworld"]
         names = list(CONCEPTS) if names == "all" else names
-        if not isinstance(names, list) or not names:
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise BadInputError(f"{where}.toyworld must be a list of toy-world concept names or 'all'")
         bad = [n for n in names if n not in CONCEPTS]
         if bad:
@@ -224,15 +254,18 @@ def _source(entry, i: int) -> dict:
                                 f"{', '.join(CONCEPTS)}")
         return {"kind": kind, "names": names}
     if kind == "cc101":
+        _text(entry["cc101"], f"{where}.cc101", "cc101: /data/customconcept101")
         if "names" in entry:
             _str_list(entry["names"], f"{where}.names")
-        if "limit" in entry and entry["limit"] != 0:
+        if "limit" in entry and not (type(entry["limit"]) is int and entry["limit"] == 0):
             _positive_int(entry["limit"], f"{where}.limit")
         if "compositions" in entry:
             _compositions(entry["compositions"], f"{where}.compositions")
         return {"kind": kind, **entry}
+    _text(entry["folder"], f"{where}.folder", "folder: photos/teddy")
     if not isinstance(entry.get("superclass"), str):
         raise BadInputError(f"{where}: a folder concept needs 'superclass' (e.g. superclass: teddy)")
+    _text(entry["superclass"], f"{where}.superclass", "superclass: teddy")
     if "prompts" in entry:
         _str_list(entry["prompts"], f"{where}.prompts", slot=True)
     return {"kind": kind, **entry}
@@ -248,6 +281,14 @@ def _compositions(value, where: str) -> None:
         raise BadInputError(f"{where} must be true, a count (e.g. 3) or a list of 'conceptA+conceptB' names")
 
 
+def _scheduler(name) -> str:
+    """A sampling scheduler name (:mod:`personalize.schedulers`), lower-cased."""
+    from ..schedulers import scheduler_class
+
+    scheduler_class(name, "sampler.scheduler")
+    return name.lower()
+
+
 def evaluator_keys() -> set[str]:
     """The keys an ``evaluator:`` mapping may have: ``backend`` and every registered backend's options."""
     return {"backend"}.union(*(b.options for b in evaluators.backends()))
@@ -260,7 +301,7 @@ def parse_spec(data: Any, root: Path, name: str = "benchmark") -> Spec:
     for key in ("base", "concepts", "methods"):
         if key not in data:
             raise BadInputError(f"spec: '{key}' is required")
-    if not isinstance(data["base"], str):
+    if not isinstance(data["base"], str) or not data["base"].strip():
         raise BadInputError("spec: base must be a string ('tiny', 'toy', a diffusers folder or a hub id)")
     evaluator = _mapping(data.get("evaluator"), "evaluator")
     _unknown(evaluator, evaluator_keys(), "evaluator")
@@ -291,7 +332,7 @@ def parse_spec(data: Any, root: Path, name: str = "benchmark") -> Spec:
     if device not in ("auto", "cpu", "cuda"):
         raise BadInputError(f"device must be auto, cpu or cuda, not {device!r}")
     spec = Spec(
-        name=str(data.get("name", name)), base=data["base"], methods=methods, sources=sources, root=Path(root),
+        name=_spec_name(data.get("name", name)), base=data["base"], methods=methods, sources=sources, root=Path(root),
         device=device, evaluator=evaluator,
         prompts=_str_list(data["prompts"], "prompts", slot=True) if "prompts" in data else None,
         max_prompts=_positive_int(data["max_prompts"], "max_prompts") if "max_prompts" in data else None,
@@ -302,7 +343,8 @@ def parse_spec(data: Any, root: Path, name: str = "benchmark") -> Spec:
                                          "samples_per_prompt"),
         compose=compose,
         sampler={"steps": _positive_int(sampler.get("steps", 50), "sampler.steps"),
-                 "guidance": coerce("guidance", sampler.get("guidance", 6.0), float, "sampler.guidance")},
+                 "guidance": coerce("guidance", sampler.get("guidance", 6.0), float, "sampler.guidance"),
+                 "scheduler": _scheduler(sampler.get("scheduler", DEFAULT_SCHEDULER))},
         comparability=comparability.resolve(data.get("comparability")),
         raw=data,
     )

@@ -34,7 +34,7 @@ class Worker:
         if self._pipe is None:
             from ..base import fingerprint, load_base
 
-            self._pipe = load_base(self.spec.base)
+            self._pipe = load_base(self.spec.base, scheduler=self.spec.sampler["scheduler"])  # the spec pins it
             self._pipe.to(self.device)
             self._pipe.set_progress_bar_config(disable=True)
             self.base_fingerprint = fingerprint(self._pipe).digest

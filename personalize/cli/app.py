@@ -6,6 +6,8 @@ error becomes one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
 import sys
 from typing import Optional
@@ -36,7 +38,10 @@ app.add_typer(benchmark.app, name="benchmark")
 
 
 def _quiet_libraries() -> None:
-    """Library warnings (hub retries, deprecations) would bury our one-line errors."""
+    """Library warnings (hub retries, deprecations) and loading bars would bury our one-line errors.
+
+    diffusers and transformers are quieted as they are imported, not imported to be quieted: a command that
+    needs them imports them in its body, and ``--help`` never does (it loads no torch)."""
     import logging
     import warnings
 
@@ -44,16 +49,44 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     # torch's weights-only reader warns (2 lines) about a plain pickle's protocol before we refuse or read it
     warnings.filterwarnings("ignore", module=r"torch\._weights_only_unpickler")
-    try:
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
+    for module in ("diffusers.utils.logging", "transformers.utils.logging"):
+        _after_import(module, _quiet)
 
-        dlog.set_verbosity_error()
-        tlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-        tlog.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+
+def _quiet(logging_module) -> None:
+    """diffusers' or transformers' ``utils.logging``: errors only, no progress bars."""
+    logging_module.set_verbosity_error()
+    logging_module.disable_progress_bar()
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``action(module)`` once module ``name`` has been imported (a one-shot post-import hook)."""
+
+    def __init__(self, name: str, action):
+        self.name, self.action = name, action
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # one shot; and the search below must not find this finder again
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                self.action(module)
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+def _after_import(name: str, action) -> None:
+    """``action(module)`` now if ``name`` is imported, else right after its import."""
+    if name in sys.modules:
+        action(sys.modules[name])
+    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, action))
 
 
 def _usage_error(exc) -> str:

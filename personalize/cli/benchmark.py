@@ -5,9 +5,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from .console import out_console
+from .console import escaped, markup, out_console, say
 
 app = typer.Typer(help="Head-to-head benchmarks: methods x concepts x prompts x seeds x inference settings, "
                        "every unit of work a row in SQLite (or PostgreSQL for several machines), ending in an "
@@ -32,6 +33,17 @@ def _open(database: str):
     return open_db(database, create=False)
 
 
+def _folder(value: Optional[str], option: str) -> Optional[Path]:
+    """A folder option as a Path; an empty string (which Path reads as '.', the current folder) is refused."""
+    from ..errors import BadInputError
+
+    if value is None:
+        return None
+    if not value.strip():
+        raise BadInputError(f"{option} is empty; pass a folder (write '.' for the current one)")
+    return Path(value)
+
+
 def _load(spec_path: Path, clip_weights: Optional[Path] = None, dino_weights: Optional[Path] = None):
     from ..benchmark.spec import load_spec
     from ..errors import BadInputError
@@ -39,6 +51,12 @@ def _load(spec_path: Path, clip_weights: Optional[Path] = None, dino_weights: Op
     spec = load_spec(spec_path)
     for key, path in (("clip_weights", clip_weights), ("dino_weights", dino_weights)):
         if path is not None:
+            from ..evaluation import registry as evaluators
+
+            backend = evaluators.get(spec.evaluator["backend"])
+            if key not in backend.options:  # it would be ignored without a word
+                raise BadInputError(f"--{key.replace('_', '-')}: the spec's evaluator '{backend.name}' takes no "
+                                    "weights file; drop the option (or use backend: clip)")
             if not path.is_file():
                 raise BadInputError(f"--{key.replace('_', '-')} '{path}' does not exist; pass a weights file")
             spec.evaluator[key] = str(path.resolve())
@@ -64,28 +82,28 @@ def validate(spec_path: Path = SPEC_ARG):
     spec = _load(spec_path)
     units = build_plan(spec)
     kinds = Counter(u.kind for u in units)
-    table = Table(title=f"{spec.name}: valid", show_header=True)
+    table = Table(title=escape(f"{spec.name}: valid"), show_header=True)
     concepts = resolve_concepts(spec)
     for col in ("method", "train", "settings", "prompted as"):
         table.add_column(col)
     for m in spec.methods:
-        table.add_row(m.label, ", ".join(f"{k}={v}" for k, v in m.train.items()) or "paper defaults",
-                      " | ".join("; ".join(f"{k}: {v}" for k, v in sw.items()) for sw in m.sweeps) or "default",
-                      concepts[0].prompts(m.method)[0])
+        table.add_row(*escaped(m.label, ", ".join(f"{k}={v}" for k, v in m.train.items()) or "paper defaults",
+                               " | ".join("; ".join(f"{k}: {v}" for k, v in sw.items()) for sw in m.sweeps) or "default",
+                               concepts[0].prompts(m.method)[0] if concepts else "(no concepts)"))
     out_console.print(table)
-    out_console.print(f"{len(concepts)} concept(s): {', '.join(c.name for c in concepts)}; every method keeps its "
-                      "last training step")
+    say("{} concept(s): {}; every method keeps its last training step", len(concepts),
+        ", ".join(c.name for c in concepts))
     if spec.comparability:
-        out_console.print(f"comparable with: {spec.comparability['table']}")
-    out_console.print(f"rows: {kinds['train']} train, {kinds['generate']} generate, {kinds['score']} score "
-                  f"({len(units)} in all); base {spec.base}; evaluator {spec.evaluator['backend']}")
+        say("comparable with: {}", spec.comparability["table"])
+    say("rows: {} train, {} generate, {} score ({} in all); base {}; evaluator {}", kinds["train"], kinds["generate"],
+        kinds["score"], len(units), spec.base, spec.evaluator["backend"])
 
 
 @app.command()
 def run(
     spec_path: Path = SPEC_ARG,
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (database, concepts, images); default "
-                                                          "'<spec name>_out'. Re-use it to resume."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output folder (database, concepts, images); default "
+                                                         "'<spec name>_out'. Re-use it to resume."),
     clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local OpenAI CLIP ViT-B/32 weights "
                                                 "(open_clip state dict; run with QuickGELU) instead of downloading them."),
     dino_weights: Optional[Path] = typer.Option(None, "--dino-weights", help="Local DINO ViT-S/16 weights (timm "
@@ -127,28 +145,32 @@ def run(
 
     Then:  personalize benchmark report runs/bench/benchmark.sqlite --out runs/bench/report
     """
-    from ..benchmark.db import is_postgres_url
+    from ..benchmark.db import check_url
     from ..benchmark.runner import run_benchmark
-    from ..errors import BadInputError
     from ..paths import check_output, inside
 
-    if db is not None and not is_postgres_url(db):
-        raise BadInputError(f"--db takes a postgresql://user@host/dbname URL, not '{db}'; without --db the queue is "
-                            "OUT/benchmark.sqlite")
+    if db is not None:
+        check_url(db)  # one line that never shows the password, before anything is read or written
+    out = _folder(out, "--out")
     spec = _load(spec_path, clip_weights, dino_weights)
     out = out or inside(Path("."), f"{spec.name}_out")  # the spec's name: a folder here, never elsewhere
     check_output(out, folder=True)
     summary = run_benchmark(spec, out, db_url=db, progress=progress)
     c = summary.counts
-    out_console.print(f"{c['done']}/{c['total']} rows done ({summary.ran} this run), {c['failed']} failed, "
-                  f"{c['pending']} blocked; database {summary.db}")
+    say("{}/{} rows done ({} this run), {} failed, {} blocked; database {}", c["done"], c["total"], summary.ran,
+        c["failed"], c["pending"], summary.db)
     if summary.failures:
         for key, error in summary.failures:
-            out_console.print(f"[red]failed[/red] {key}: {error.splitlines()[0]}", highlight=False)
+            _failed(key, error)
         out_console.print("fix the cause and run the same command again: finished rows are kept, failed ones retried")
         raise typer.Exit(1)
     run_dir = f" --run-dir {out}" if db else ""
-    out_console.print(f"report: personalize benchmark report {summary.db}{run_dir} --out {Path(out) / 'report'}")
+    say("report: personalize benchmark report {}{} --out {}", summary.db, run_dir, Path(out) / "report")
+
+
+def _failed(key: str, error: str) -> None:
+    """One failed row: its key and the first line of its error."""
+    out_console.print(markup("[red]failed[/red] {}: {}", key, (error.splitlines() or [""])[0]), highlight=False)
 
 
 @app.command()
@@ -167,15 +189,15 @@ def status(database: str = DB_ARG):
     c = db.counts()
     out_console.print(f"{c['done']}/{c['total']} done, {c['running']} running, {c['pending']} pending, {c['failed']} failed")
     for key, error in db.failures():
-        out_console.print(f"[red]failed[/red] {key}: {error.splitlines()[0]}", highlight=False)
+        _failed(key, error)
     db.close()
 
 
 @app.command()
 def report(
     database: str = DB_ARG,
-    out: Path = typer.Option(..., "--out", help="Folder for index.html (self-contained), report.md and plots/."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="The run's output folder (images, concepts); "
+    out: str = typer.Option(..., "--out", help="Folder for index.html (self-contained), report.md and plots/."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="The run's output folder (images, concepts); "
                                            "default: the SQLite file's folder, or for PostgreSQL the --out the "
                                            "run was given, if it exists here."),
 ):
@@ -195,6 +217,7 @@ def report(
     from ..errors import BadInputError
     from ..paths import check_output
 
+    out, run_dir = _folder(out, "--out"), _folder(run_dir, "--run-dir")
     check_output(out, folder=True)
 
     db = _open(database)
@@ -207,4 +230,4 @@ def report(
         raise BadInputError(f"the run's output folder '{run_dir}' is not here; pass --run-dir with the folder "
                             "given to 'benchmark run --out'")
     index, md = write_report(rows, run_dir.resolve(), out, title=f"Benchmark: {meta.get('spec_name', '')}")
-    out_console.print(f"wrote {index} and {md}")
+    say("wrote {} and {}", index, md)

@@ -11,8 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import BadInputError
-from ..text_stack import FAMILIES
-from .console import BASE_HELP, _load_settings, err_console, out_console
+from .console import BASE_HELP, JSON_HELP, _load_settings, err_console, escaped, out_console, print_json, say, wrote_concept
 
 
 def inspect(
@@ -24,38 +23,56 @@ def inspect(
     [bold]Example[/bold]:  personalize inspect teddy.safetensors --json
     """
     from ..concept import file_summary
+    from ..text_stack import FAMILIES
 
     summary = file_summary(file)
     if as_json:
-        out_console.print_json(json.dumps(summary))
+        print_json(summary)
         return
     header = summary["header"]
-    out_console.print(f"[bold]{file}[/bold]: {header['method']} concept {header['token']!r} "
-                      f"(superclass {header['superclass']!r}), {summary['file_bytes']:,} bytes")
+    show = _shown
+    out_console.print(f"[bold]{show(file)}[/bold]: {show(header['method'])} concept {show(repr(header['token']))} "
+                      f"(superclass {show(repr(header['superclass']))}), {summary['file_bytes']:,} bytes")
     family = FAMILIES.get(header["base_fingerprint"].get("family"), "family not recorded")
-    out_console.print(f"base fingerprint {header['base_fingerprint'].get('digest')} ({family})  "
-                      f"inference defaults {header.get('inference_defaults')}")
+    out_console.print(f"base fingerprint {show(header['base_fingerprint'].get('digest'))} ({show(family)})  "
+                      f"inference defaults {show(header.get('inference_defaults'))}")
     prov = header.get("provenance", {})
-    out_console.print(f"trained {prov.get('steps')} steps, seed {prov.get('seed')}, on {prov.get('base')}, "
-                      f"{len(prov.get('images', []))} images, personalize {prov.get('package_version')}")
+    out_console.print(f"trained {show(prov.get('steps'))} steps, seed {show(prov.get('seed'))}, on "
+                      f"{show(prov.get('base'))}, {len(prov.get('images', []))} images, personalize "
+                      f"{show(prov.get('package_version'))}")
     if "tokens" in header:
-        out_console.print(f"concepts: {', '.join(f'{t} ({s})' for t, s in zip(header['tokens'], header['superclasses']))}")
+        out_console.print(f"concepts: {show(', '.join(f'{t} ({s})' for t, s in zip(header['tokens'], header['superclasses'])))}")
     if header.get("composable") is False:
-        out_console.print(f"[bold]not composable[/bold]: a new base (the fine-tuned pipeline in '{header.get('pipeline')}/' "
-                          f"beside this file); attach it alone, or use that folder as --base and write "
-                          f"'{header.get('config', {}).get('identifier', 'sks')}' for the token")
+        out_console.print(f"[bold]not composable[/bold]: a new base (the fine-tuned pipeline in "
+                          f"'{show(header.get('pipeline'))}/' beside this file); attach it alone, or use that folder "
+                          f"as --base and write '{show(header.get('config', {}).get('identifier', 'sks'))}' for the token")
     table = Table("tensor", "shape", "dtype", "bytes")
     for name, t in summary["tensors"].items():
-        table.add_row(name, "x".join(map(str, t["shape"])), t["dtype"], f"{t['bytes']:,}")
+        table.add_row(show(name), "x".join(map(str, t["shape"])), t["dtype"], f"{t['bytes']:,}")
     out_console.print(table)
+
+
+#: the longest header value ``inspect`` prints whole (a forged header may hold strings of up to 1 MiB, which
+#: rich's highlighting and wrapping take minutes to lay out); ``--json`` prints everything
+SHOWN_MAX = 200
+
+
+def _shown(value, limit: int = SHOWN_MAX) -> str:
+    """A header value as ``inspect`` prints it: cut to ``limit`` characters (saying how long it was) and escaped,
+    so that it is shown as written, never read as rich markup."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text):,} characters)"
+    return escape(text)
 
 
 def export_concept(
     file: Path = typer.Argument(..., help="A concept .safetensors file."),
     fmt: Optional[str] = typer.Option(None, "--format", help="residuals: diffusers-lora; textual-inversion: diffusers | a1111; dreambooth-lora: diffusers-lora | kohya; custom-diffusion: diffusers (default: the first)."),
     out: Path = typer.Option(..., "--out", help="Folder to write."),
-    base: Optional[str] = typer.Option(None, "--base", help="The concept's base; needed by custom-diffusion, whose format stores full K/V weights."),
+    base: Optional[str] = typer.Option(None, "--base", help="The concept's base, used by custom-diffusion (its format stores full K/V weights) \\[default: the base the concept's header records]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into an OUT folder that is not empty (without it, refused)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Write a concept in the format its community's tools load (export.json in the folder says how).
 
@@ -71,7 +88,7 @@ def export_concept(
 
       personalize export lora.safetensors --format kohya --out kohya/     # lora_kohya.safetensors (SDXL: lora_te1_/lora_te2_)
 
-      personalize export cd.safetensors --base tiny --out cd/             # pytorch_custom_diffusion_weights.safetensors + <token>.safetensors
+      personalize export cd.safetensors --out cd/             # pytorch_custom_diffusion_weights.safetensors + <token>.safetensors (on the base cd's header records)
 
     DreamBooth (full) needs no export: its OUT.pipeline/ folder is a diffusers pipeline.
     """
@@ -80,8 +97,13 @@ def export_concept(
 
     check_output(out, folder=True, overwrite=overwrite)
     folder = export_concept(file, out, fmt, base)
+    if as_json:  # export.json as written, its file names as paths, and the folder
+        info = json.loads((folder / "export.json").read_text())
+        print_json({**info, "out": str(folder), "files": [str(folder / name) for name in info["files"]],
+                    "export_json": str(folder / "export.json")})
+        return
     names = ", ".join(sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")))
-    out_console.print(f"wrote [bold]{folder}[/bold] ({names})")
+    say("wrote [bold]{}[/bold] ({})", folder, names)
 
 
 def import_concept(
@@ -90,23 +112,26 @@ def import_concept(
     out: Path = typer.Option(..., "--out", help="Concept file to write (.safetensors)."),
     superclass: List[str] = typer.Option(..., "--superclass", help="What the concept is, a word or class phrase ('dog', 'penguin plushie'); custom-diffusion: one per --embeddings file, in the same order (or one for all)."),
     token: Optional[str] = typer.Option(None, "--token", help="Token to use (default: the one the file names; an SDXL clip_l + clip_g embedding names none)."),
-    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
-    embeddings: List[Path] = typer.Option([], "--embeddings", help="custom-diffusion: the modifier token file(s), <token>.safetensors."),
+    base: str = typer.Option(..., "--base", help=BASE_HELP + " Required: the concept is made for (and records) this base."),
+    embeddings: List[Path] = typer.Option([], "--embeddings", help="custom-diffusion: the modifier token file(s), <token>.safetensors; textual-inversion on SDXL: the second encoder's learned_embeds_2.safetensors (diffusers' textual_inversion_sdxl.py writes a pair)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read a .bin/.pt pickle (weights only: torch.load(weights_only=True))."),
     set_: List[str] = typer.Option([], "--set", help="Method setting KEY=VALUE, e.g. --set identifier=ohwx."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT concept file (without it, refused)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Turn another tool's file into a concept file for this base.
 
     [bold]Examples[/bold]
 
-      personalize import learned_embeds.safetensors --method textual-inversion --superclass cat --base tiny --out cat.safetensors
+      personalize import learned_embeds.safetensors --method textual-inversion --superclass cat --base stable-diffusion-v1-5/stable-diffusion-v1-5 --out cat.safetensors
 
-      personalize import my_lora.safetensors --method dreambooth-lora --superclass dog --token "<dog>" --set identifier=sks --out dog.safetensors
+      personalize import learned_embeds.safetensors --embeddings learned_embeds_2.safetensors --method textual-inversion --superclass cat --base stabilityai/stable-diffusion-xl-base-1.0 --out cat.safetensors   # diffusers' SDXL pair
 
-      personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --method custom-diffusion --superclass cat --out cat.safetensors
+      personalize import my_lora.safetensors --method dreambooth-lora --base stable-diffusion-v1-5/stable-diffusion-v1-5 --superclass dog --token "<dog>" --set identifier=sks --out dog.safetensors
 
-      personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --superclass cat --embeddings "<new2>.safetensors" --superclass chair --method custom-diffusion --out two.safetensors
+      personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --method custom-diffusion --base stable-diffusion-v1-5/stable-diffusion-v1-5 --superclass cat --out cat.safetensors
+
+      personalize import pytorch_custom_diffusion_weights.safetensors --embeddings "<new1>.safetensors" --superclass cat --embeddings "<new2>.safetensors" --superclass chair --method custom-diffusion --base stable-diffusion-v1-5/stable-diffusion-v1-5 --out two.safetensors
     """
     from ..interop import import_file
     from ..paths import check_output
@@ -114,11 +139,11 @@ def import_concept(
     check_output(out, overwrite=overwrite)
     path = import_file(base, file, method=method, out=out, token=token, superclass=superclass, embeddings=embeddings,
                        allow_pickle=allow_pickle, settings=_load_settings(None, set_))
-    out_console.print(f"wrote concept [bold]{path}[/bold] ({path.stat().st_size:,} bytes)")
+    wrote_concept(path, as_json)
 
 
 def covariance(
-    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    base: str = typer.Option(..., "--base", help=BASE_HELP + " Required."),
     captions: Optional[Path] = typer.Option(None, "--captions", help="Text file, one caption per line [default: the base's own captions.txt if it ships one (the toy base does), else the built-in corpus]."),
     recompute: bool = typer.Option(False, "--recompute", help="Ignore the cache and compute again."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps; a device this machine lacks is refused [default: cuda if available]."),
@@ -151,13 +176,16 @@ def covariance(
     with Progress(console=err_console) as progress:
         task = progress.add_task("encoding captions", total=total)
         C = load_or_compute_covariance(pipe, lines, on_batch=lambda n: progress.advance(task, n), recompute=recompute)
-    out_console.print(f"C {tuple(C.shape)} for corpus {corpus_id(lines)} ({total:,} captions): "
-                      f"{covariance_path(pipe, corpus_id(lines))}")
+    say("C {} for corpus {} ({:,} captions): {}", tuple(C.shape), corpus_id(lines), total,
+        covariance_path(pipe, corpus_id(lines)))
 
 
 def list_methods(
     name: Optional[str] = typer.Argument(None, help="A method: list its settings (--set KEY=VALUE, or the flag where "
                                                     "there is one) with defaults and help, and its inference knobs."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead: {\"methods\": [...]}, "
+                                 "or with NAME that method's: name, description, recipe, sites, train_defaults, "
+                                 "settings (name, default, flag, help, scope), knobs."),
 ):
     """List the registered personalization methods and their defaults; with NAME, that method's settings and knobs.
 
@@ -167,21 +195,27 @@ def list_methods(
 
       personalize methods residuals     # every setting of one method: default, flag, what it does; its knobs
 
+      personalize methods residuals --json | jq '.settings[] | select(.flag) | .flag'   # for scripts
+
       personalize train --method residuals --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors   # then train one
     """
     from .. import methods as registry
     from .flags import fmt, method_fields, trainer_defaults
 
     if name is not None:
-        _method_settings(registry.get(name))
+        cls = registry.card(name)
+        print_json(_method_json(cls)) if as_json else _method_settings(cls)
+        return
+    if as_json:
+        print_json({"methods": [_method_json(registry.card(n)) for n in registry.names()]})
         return
     table = Table("method", "description (recipe: where the defaults come from)", "sites", "defaults")
     for name in registry.names():
-        cls = registry.get(name)
+        cls = registry.card(name)
         shown = {**cls.train_defaults, "masks": trainer_defaults(cls)["masks"]}  # every method's loss masks
         trainer = [f"{k}={fmt(v)}" for k, v in shown.items()]
         defaults = ", ".join(trainer + [f"{f.name}={fmt(f.default)}" for f in method_fields(cls)])
-        table.add_row(name, escape(_described(cls)), ", ".join(cls.sites), escape(defaults))
+        table.add_row(*escaped(name, _described(cls), ", ".join(cls.sites), defaults))
     out_console.print(table)
 
 
@@ -190,26 +224,40 @@ def _described(cls) -> str:
     return f"{cls.description}\nrecipe: {cls.recipe}" if cls.recipe else cls.description
 
 
-def _method_settings(cls) -> None:
-    """``personalize methods NAME``: the method's and the trainer's settings, then its inference knobs."""
+def _settings(cls) -> list[dict]:
+    """Every setting of a method, its Config's then the trainer's: name, default (this method's), flag (None:
+    ``--set NAME=VALUE`` only), help, scope (method | trainer)."""
     import dataclasses
 
-    from ..training import TrainConfig
-    from .flags import fmt, method_fields, trainer_defaults
+    from ..training.config import TrainConfig
+    from .flags import method_fields, trainer_defaults
 
-    table = Table("setting", "default", "flag", "help", title=f"{cls.name}: {cls.description}")
     defaults = trainer_defaults(cls)
-    rows = [(f, fmt(f.default)) for f in method_fields(cls)]
-    rows += [(f, fmt(defaults[f.name])) for f in dataclasses.fields(TrainConfig)]
-    for field, default in rows:
-        flag = field.metadata.get("flag")
-        table.add_row(field.name, default, "--" + field.name.replace("_", "-") if flag else "--set",
-                      escape(field.metadata.get("help", "")))
+    rows = [(f, f.default, "method") for f in method_fields(cls)]
+    rows += [(f, defaults[f.name], "trainer") for f in dataclasses.fields(TrainConfig)]
+    return [{"name": f.name, "default": default,
+             "flag": "--" + f.name.replace("_", "-") if f.metadata.get("flag") else None,
+             "help": f.metadata.get("help", ""), "scope": scope} for f, default, scope in rows]
+
+
+def _method_json(cls) -> dict:
+    """``personalize methods [NAME] --json``: one method's card and settings."""
+    return {"name": cls.name, "description": cls.description, "recipe": cls.recipe, "sites": list(cls.sites),
+            "train_defaults": dict(cls.train_defaults), "settings": _settings(cls), "knobs": dict(cls.knobs)}
+
+
+def _method_settings(cls) -> None:
+    """``personalize methods NAME``: the method's and the trainer's settings, then its inference knobs."""
+    from .flags import fmt
+
+    table = Table("setting", "default", "flag", "help", title=escape(f"{cls.name}: {cls.description}"))
+    for row in _settings(cls):
+        table.add_row(*escaped(row["name"], fmt(row["default"]), row["flag"] or "--set", row["help"]))
     out_console.print(table)
     if cls.recipe:
-        out_console.print(escape(f"recipe: {cls.recipe}"))
+        say("recipe: {}", cls.recipe)
     if cls.knobs:
         knobs = Table("knob", "help", title="inference knobs: generate --concept FILE:KNOB=VALUE,...")
         for knob, text in cls.knobs.items():
-            knobs.add_row(knob, escape(text))
+            knobs.add_row(*escaped(knob, text))
         out_console.print(knobs)

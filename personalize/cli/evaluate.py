@@ -1,7 +1,6 @@
 """``personalize evaluate``: CustomConcept101's CLIP-T / CLIP-I / DINO-I for a folder of generated images."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +8,7 @@ import typer
 
 from ..errors import BadInputError
 from ..samples import read_samples
-from .console import out_console
+from .console import markup, out_console, print_json
 
 
 def _weights(flag: str, path: Optional[Path]) -> Optional[Path]:
@@ -57,11 +56,12 @@ def evaluate(
     dino = DinoEncoder(weights=dino_weights, device=device)
     scores = score_concept(clip, dino, images, prompts, references, token=token)
     if as_json:
-        out_console.print_json(json.dumps({**scores, "samples": str(samples), "reference": str(reference)}))
+        print_json({**scores, "samples": str(samples), "reference": str(reference)})
         return
     from rich.table import Table
 
-    table = Table("score", "value", title=f"{samples}: {scores['n_images']} images vs. {len(references)} photos")
+    table = Table("score", "value", title=markup("{}: {} images vs. {} photos", samples, scores["n_images"],
+                                                 len(references)))
     for key, name in (("clip_text", "CLIP-T"), ("clip_image", "CLIP-I"), ("dino_image", "DINO-I")):
         table.add_row(name, f"{scores[key]:.4f}")
     out_console.print(table)

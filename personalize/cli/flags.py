@@ -38,14 +38,16 @@ def fmt(value) -> str:
 
 
 def method_classes() -> list[tuple[str, Any]]:
+    """``(name, card)`` of every registered method: its declaration without its module (no torch; see
+    :func:`personalize.methods.card`)."""
     from .. import methods as registry
 
-    return [(name, registry.get(name)) for name in registry.names()]
+    return [(name, registry.card(name)) for name in registry.names()]
 
 
 def trainer_defaults(method_cls) -> dict[str, Any]:
-    """Every TrainConfig field's default for ``method_cls`` (its ``train_defaults`` win)."""
-    from ..training import TrainConfig
+    """Every TrainConfig field's default for ``method_cls`` (a method or its card; its ``train_defaults`` win)."""
+    from ..training.config import TrainConfig
 
     return {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **method_cls.train_defaults}
 
@@ -96,7 +98,7 @@ def _option(name: str, annotation, help_text: str):
 
 def trainer_flags() -> list[Flag]:
     """--steps, --batch-size ...: TrainConfig's flagged fields, defaults per method."""
-    from ..training import TrainConfig
+    from ..training.config import TrainConfig
 
     classes = method_classes()
     flags = []

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..demo import STEPS as DEMO_STEPS
 from ..errors import BadInputError
-from .console import out_console
+from .console import escaped, out_console, say
 
 app = typer.Typer(help="The toy world: a procedural image world, its held-out concepts, measurers and base model.",
                   no_args_is_help=True, rich_markup_mode="rich")
@@ -47,7 +47,7 @@ def concepts(as_json: bool = typer.Option(False, "--json", help="Print as JSON."
         return
     table = Table("name", "superclass", "description")
     for row in rows:
-        table.add_row(row["name"], row["superclass"], row["description"])
+        table.add_row(*escaped(row["name"], row["superclass"], row["description"]))
     out_console.print(table)
 
 
@@ -81,7 +81,7 @@ def render(
         check_output(masks, folder=True)
     paths = render_concept_examples(_concept_name(name), out, n=n, seed=seed, captions=captions, masks_dir=masks)
     extra = (" and captions" if captions else "") + (f", masks to {masks}" if masks is not None else "")
-    out_console.print(f"wrote {len(paths)} images{extra} to [bold]{out}[/bold]")
+    say("wrote {} images{} to [bold]{}[/bold]", len(paths), extra, out)
 
 
 @app.command()
@@ -194,7 +194,7 @@ def evaluate_base(
     torch.set_num_threads(threads)
     if export_from is not None:
         dest = E.export_from_checkpoint(export_from, to if to is not None else E.WEIGHTS_DIR)
-        out_console.print(f"exported to {dest} ({folder_size_mb(dest):.1f} MB)")
+        say("exported to {} ({:.1f} MB)", dest, folder_size_mb(dest))
         out_console.print_json(json.dumps({"exported": str(dest)}))
         return
     res = E.evaluate_base(pipeline, n=n, out_dir=samples, steps=steps, guidance=guidance, seed=seed, grid=grid)
@@ -217,5 +217,5 @@ def demo(
     from ..paths import check_output
 
     check_output(out, folder=True)
-    index = run_demo(out, steps=steps, log=lambda s: out_console.print(s))
-    out_console.print(f"open [bold]{index.resolve()}[/bold]")
+    index = run_demo(out, steps=steps, log=lambda s: out_console.print(s, markup=False))
+    say("open [bold]{}[/bold]", index.resolve())

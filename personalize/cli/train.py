@@ -12,7 +12,7 @@ from .. import methods as registry
 from ..errors import BadInputError
 from ..settings import check_options
 from . import flags as derived
-from .console import BASE_HELP, _load_settings, out_console
+from .console import BASE_HELP, JSON_HELP, _load_settings, wrote_concept
 
 METHOD_HELP = (f"{' | '.join(registry.names())}; each defaults to its paper's or reference recipe "
                "('personalize methods' lists them all, 'personalize methods NAME' a method's settings).")
@@ -26,23 +26,23 @@ def train(
     token: List[str] = typer.Option([], "--token", help="New placeholder word to use in prompts, e.g. '<my-teddy>'."),
     out: Path = typer.Option(..., "--out", help="Concept file to write (.safetensors)."),
     method: str = typer.Option("perfusion", "--method", help=METHOD_HELP),
-    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP + " Required (or 'base:' in --config): there is no default, so a forgotten flag never trains on random weights."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in OUT.ckpt/."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (without it an existing concept file is refused; --resume continues it instead)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (trainer and method); flags win."),
     set_: List[str] = typer.Option([], "--set", help="Method or trainer setting KEY=VALUE, e.g. --set lock=trained --set lr_value=0.02."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps; a device this machine lacks is refused [default: cuda if available]."),
-    validate_every: Optional[int] = typer.Option(None, "--validate-every", min=0, help="Best-step selection: every N steps (and at the last) sample a few images, score them and keep the step with the best harmonic mean (0 = off: keep the last step) \\[default: 25 (Perfusion §4.4) when --evaluator, --validation-prompt or --clip-weights is given, else off]."),
-    evaluator: Optional[str] = typer.Option(None, "--evaluator", help="What --validate-every scores: clip (CLIP-I vs. the photos, CLIP-T) or toyworld:NAME (the toy world's fidelity and alignment for concept NAME) \\[default: clip]."),
-    validation_prompt: List[str] = typer.Option([], "--validation-prompt", help="Prompt to validate with, {} = the concept; repeatable \\[default: 8 prompts as Perfusion §4.4 ('a photo of a {}', 'a {} on the beach', ...), one sample each; toyworld: toy-world scenes]."),
-    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local OpenAI CLIP ViT-B/32 weights file (open_clip state dict; run with QuickGELU) for --evaluator clip \\[default: open_clip's 'openai' weights from the hub]."),
+    validate_every: Optional[int] = typer.Option(None, "--validate-every", min=0, help="Best-step selection every N steps, the older spelling: --validation-every N with --evaluator clip unless another --evaluator is given (0 = off: keep the last step)."),
+    evaluator: Optional[str] = typer.Option(None, "--evaluator", help="Best-step selection: at each --validation-every step also score samples and keep the step with the best harmonic mean (Perfusion §4.4): clip (CLIP-I vs. the photos, CLIP-T) or toyworld:NAME (the toy world's fidelity and alignment for concept NAME); its prompts are --validation-prompt \\[default: none: samples only; clip's 8 prompts as Perfusion §4.4 ('a photo of a {}', 'a {} on the beach', ...), toyworld's toy-world scenes]."),
+    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local OpenAI CLIP ViT-B/32 weights file (open_clip state dict; run with QuickGELU) for --evaluator clip (given alone, it means --evaluator clip) \\[default: open_clip's 'openai' weights from the hub]."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     **flags,
 ):
     """Train a concept from a folder of photos and write one .safetensors file.
 
     [bold]Examples[/bold]
 
-      personalize train --method perfusion --base tiny --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
+      personalize train --method perfusion --base stable-diffusion-v1-5/stable-diffusion-v1-5 --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
 
       personalize train ... --steps 400 --batch-size 8 --set lock=trained   # the paper's trained-K ablation
 
@@ -52,17 +52,21 @@ def train(
 
       personalize train ... --mixed-precision bf16 --compile   # GPU: bf16, and torch.compile the UNet (minutes to compile)
 
-      personalize train --method residuals --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
+      personalize train --method residuals --base ./my-sd15/ --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
 
       personalize train --method textual-inversion --num-vectors 2 ...     # also: dreambooth, dreambooth-lora
 
-      personalize train --method custom-diffusion --images cat/ --token "<cat>" --superclass cat --images chair/ --token "<chair>" --superclass chair --out both.safetensors
+      personalize train --method custom-diffusion --base stabilityai/stable-diffusion-xl-base-1.0 --images cat/ --token "<cat>" --superclass cat --images chair/ --token "<chair>" --superclass chair --out both.safetensors
 
-      (or list them in --config as concepts: a list of images / token / superclass mappings)
+      (or list them in --config as concepts: a list of images / token / superclass mappings, and the model as base:)
+
+      personalize train ... --report-to tensorboard --validation-prompt "a {} on the beach" --validation-every 50   # loss curves in OUT.logs/, samples in OUT.samples/
+
+      personalize train ... --lr-scheduler cosine --lr-warmup-steps 50 --save-every 100   # diffusers' schedules; a concept every 100 steps in OUT.steps/
 
       personalize train ... --clip-weights clip-vit-b-32.safetensors   # keep the best step (validated every 25 steps)
 
-      personalize train --base toy ... --validate-every 25 --evaluator toyworld:split_triangle   # toy world: ground-truth scores
+      personalize train --base toy ... --validation-every 25 --evaluator toyworld:split_triangle   # toy world: ground-truth scores
 
     [bold]Method defaults[/bold] (each paper's or reference recipe; flags and --set override)
 
@@ -79,33 +83,66 @@ METHOD_DEFAULTS
     check_options(**{k: v for k, v in trainer.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     # the method's own flags are checked as its settings
     settings = _load_settings(config, set_)
+    base = _base(base, settings.pop("base", None))
     settings.update(trainer)
     settings.update(derived.given(METHOD_FLAGS, flags))
     images, token, superclass = _concept_args(images, token, superclass, settings.pop("concepts", None))
-    validation = _validation(validate_every, evaluator, validation_prompt, clip_weights, images, device)
+    validation = _validation(settings, validate_every, evaluator, clip_weights, images, device)
     path = run_train(base, images, token=token, superclass=superclass, out=out, method=method,
                      resume=resume, settings=settings, progress=True, device=device, validation=validation)
     if os.environ.get("RANK", "0") == "0":  # data parallel (accelerate launch / torchrun): the main process says it
-        out_console.print(f"wrote concept [bold]{path}[/bold] ({path.stat().st_size:,} bytes)")
+        wrote_concept(path, as_json, run=True)
 
 
 train.__doc__ = train.__doc__.replace("METHOD_DEFAULTS", derived.defaults_summary(indent="      "))
 derived.with_flags(train, {"base": TRAINER_FLAGS, "set_": METHOD_FLAGS})
 
 
-def _validation(every: Optional[int], evaluator: Optional[str], prompts: List[str], clip_weights: Optional[Path],
-                images, device: Optional[str]):
-    """The --validate-every validator (None when off): an evaluator configured without --validate-every validates
-    on Perfusion's schedule (every 25 steps); --validate-every 0 with an evaluator flag is refused."""
+def _base(flag: Optional[str], configured) -> str:
+    """--base, else ``base:`` from --config; neither is a one-line usage error (no silent default)."""
+    base = flag if flag is not None else configured
+    if base is None:
+        raise BadInputError("train needs a base model: pass --base (e.g. --base stable-diffusion-v1-5/stable-diffusion-v1-5, "
+                            "a local diffusers folder, or 'toy' / 'tiny') or put 'base: ...' in --config")
+    if not isinstance(base, str) or not base.strip():
+        raise BadInputError(f"'base:' in --config must be a model name or path, not {base!r}")
+    return base
+
+
+def _validation(settings: dict, validate_every: Optional[int], evaluator: Optional[str],
+                clip_weights: Optional[Path], images, device: Optional[str]):
+    """Sets ``validation_every`` in ``settings`` and returns the best-step validator (None without an evaluator).
+
+    One cadence, --validation-every N (diffusers' --validation_steps): samples of --validation-prompt every N
+    steps, scored too when an evaluator is given (--evaluator, or --clip-weights meaning clip). Unset, it is
+    Perfusion's 25 when prompts or an evaluator are given. --validate-every N is its older spelling, which
+    selects the best step with clip unless another --evaluator is given."""
     from ..evaluation.validation import VALIDATE_EVERY
 
-    configured = bool(evaluator or prompts or clip_weights)
-    if every is None:
-        every = VALIDATE_EVERY if configured else 0
+    from ..settings import coerce
+
+    every = settings.get("validation_every")
+    every = None if every is None else coerce("validation_every", every, int, "--validation-every")
+    if validate_every is not None:
+        if every is not None and every != validate_every:
+            raise BadInputError(f"--validate-every {validate_every} and --validation-every {every} disagree; "
+                                "give --validation-every only")
+        every = validate_every
+        if validate_every and evaluator is None:
+            evaluator = "clip"
+    prompts = settings.get("validation_prompt")
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    scoring = evaluator is not None or clip_weights is not None
+    if every is None and (scoring or prompts):
+        every = VALIDATE_EVERY
+    if every is not None:
+        settings["validation_every"] = every
     if not every:
-        if configured:
-            raise BadInputError("--validate-every 0 turns validation off: drop --evaluator, --validation-prompt and "
-                                "--clip-weights, or give --validate-every N (N > 0)")
+        if scoring or prompts:
+            raise BadInputError("--validation-every 0 turns validation off: drop --evaluator, --validation-prompt and "
+                                "--clip-weights, or give --validation-every N (N > 0)")
+        return None
+    if not scoring:
         return None
     if clip_weights is not None and not clip_weights.is_file():
         raise BadInputError(f"--clip-weights '{clip_weights}' is not a file; pass an OpenAI CLIP ViT-B/32 state dict (.safetensors)")

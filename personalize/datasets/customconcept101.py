@@ -35,7 +35,11 @@ def read_prompt_file(path: Union[str, Path]) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"CustomConcept101: prompt file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"CustomConcept101: prompt file {path} is not UTF-8 text (byte {exc.start}); save it "
+                            "as UTF-8") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -132,6 +136,21 @@ def _load_json(path: Path, what: str):
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise BadInputError(f"CustomConcept101: {path} is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"CustomConcept101: {path} is not UTF-8 JSON (byte {exc.start}); save it as UTF-8") from None
+
+
+def _string(entry: dict, key: str, where: str, optional: bool = False):
+    """``entry[key]`` as a non-empty string (``optional``: or absent / null), else one line naming the field."""
+    value = entry.get(key)
+    if optional and value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        found = "an empty string" if isinstance(value, str) else f"a {type(value).__name__}"
+        raise BadInputError(f"CustomConcept101: {where} {key!r} must be a non-empty string, not {found}")
+    if "\x00" in value:
+        raise BadInputError(f"CustomConcept101: {where} {key!r} contains a NUL character")
+    return value
 
 
 _REQUIRED = ("instance_prompt", "class_prompt", "instance_data_dir", "prompt_filename")
@@ -143,6 +162,8 @@ def _parse_concept(root: Path, entry, where: str, check_images: bool) -> CC101Co
     for key in _REQUIRED:
         if key not in entry:
             raise BadInputError(f"CustomConcept101: {where} lacks {key!r}")
+        _string(entry, key, where)
+    _string(entry, "class_data_dir", where, optional=True)
     tokens = _TOKEN_RE.findall(entry["instance_prompt"])
     if len(tokens) != 1:
         raise BadInputError(f"CustomConcept101: {where} instance_prompt {entry['instance_prompt']!r} "
@@ -196,7 +217,7 @@ def load_customconcept101(root: Union[str, Path], multiconcept: bool = True,
                                     "{\"prompt_filename_compose\": ...}]")
             a = _parse_concept(root, triple[0], f"{where}[0]", check_images)
             b = _parse_concept(root, triple[1], f"{where}[1]", check_images)
-            pf = _resolve(root, triple[2]["prompt_filename_compose"])
+            pf = _resolve(root, _string(triple[2], "prompt_filename_compose", where))
             templates = tuple(read_prompt_file(pf))
             if not templates:
                 raise BadInputError(f"CustomConcept101: prompt file {pf} is empty ({where})")

@@ -42,6 +42,11 @@ class SiteWrapper(nn.Module):
                 raise
             return getattr(base, name)  # weight, bias, in_features, kernel_size, ... of the wrapped layer
 
+    def get_base_layer(self) -> nn.Module:
+        """Itself: diffusers' ``unload_lora_weights`` replaces every module that has a ``base_layer`` by its
+        ``get_base_layer()``; a site wrapper is no LoRA layer and stays (see the module docstring)."""
+        return self
+
     def occupants(self) -> list:
         return [self._occupants[k] for k in sorted(self._occupants, key=lambda k: (getattr(self._occupants[k], "order", 0), k))]
 

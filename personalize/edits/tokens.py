@@ -22,22 +22,61 @@ from ..text_stack import pairs
 from .state import pipeline_state, release
 
 
-class ExtendedEmbedding(nn.Module):
-    """``base_layer`` for ids below its size; registered vectors for the ids after it."""
+class ExtendedEmbedding(nn.Embedding):
+    """``base_layer`` for ids below its size; registered vectors for the ids after it.
+
+    To stock code it is the whole table, an ``nn.Embedding`` (like ``sites.LinearSite``, it never ran the
+    Embedding constructor): ``weight`` is base rows + our rows, so ``text_encoder.resize_token_embeddings`` and a
+    stock ``pipe.load_textual_inversion`` work while concepts are attached. transformers' resize keeps this module
+    and swaps ``weight.data`` for a grown table; the rows after ours (the stock loader's tokens) are then read from
+    it, and :class:`TokenSite` makes them part of the base on the next change (``_adopt``)."""
 
     def __init__(self, base_layer: nn.Embedding, columns: slice = slice(None)):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Embedding's constructor: the table is base_layer's
         self.base_layer = base_layer
         self.columns = columns  # this table's part of a token vector (SDXL: one encoder's)
         self.extra: list[tuple[int, torch.Tensor]] = []  # (first id, (n, d) tensor), set by TokenSite
+        self._table: torch.Tensor | None = None  # the whole table, built when stock code reads ``weight``
+        self._rows: int | None = None  # rows of ``_table`` once a stock resize grew it
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name.startswith("_"):
+                raise
+            return getattr(base, name)  # padding_idx, max_norm, sparse, ... of the frozen table
+
+    def get_base_layer(self) -> nn.Module:
+        """Itself: diffusers' ``unload_lora_weights`` replaces every module with a ``base_layer`` by this; our table
+        is no LoRA layer and stays."""
+        return self
+
+    @property
+    def ours(self) -> int:
+        """The ids ``base_layer`` has plus the ones registered after it."""
+        return self.base_layer.num_embeddings + sum(t.shape[0] for _, t in self.extra)
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        """The whole table (no gradient): base rows, then our tokens' vectors, then rows a stock loader added."""
+        base = self.base_layer.weight
+        with torch.no_grad():
+            ours = [v[:, self.columns].to(base.device, base.dtype) for _, v in self.extra]
+            if self._table is None:
+                self._table = torch.cat([base.detach(), *ours]).requires_grad_(base.requires_grad)
+            elif ours:  # our vectors may have trained since: refresh their rows
+                self._table.data[base.shape[0]:self.ours] = torch.cat(ours)
+        return self._table
 
     @property
     def num_embeddings(self) -> int:
-        return self.base_layer.num_embeddings + sum(t.shape[0] for _, t in self.extra)
+        return self._rows if self._rows is not None else self.ours
+
+    @num_embeddings.setter
+    def num_embeddings(self, rows: int) -> None:  # transformers' resize_token_embeddings sets it
+        self._rows = int(rows)
 
     @property
     def embedding_dim(self) -> int:
@@ -52,7 +91,13 @@ class ExtendedEmbedding(nn.Module):
             # no `if hit.any()`: that would make the host wait for the device at every encoding
             rows = vectors[:, self.columns].to(out.dtype)[offset.clamp(0, vectors.shape[0] - 1)]
             out = torch.where(hit.unsqueeze(-1), rows, out)
+        if self._rows is not None and self._rows > self.ours:  # tokens a stock loader added after ours
+            rows = self._table.to(out.device, out.dtype)[ids.clamp(max=self._rows - 1)]
+            out = torch.where((ids >= self.ours).unsqueeze(-1), rows, out)
         return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
 class TokenSite:
@@ -116,12 +161,51 @@ class TokenSite:
         tokens, _ = self.entries[key]
         return self.pipe.tokenizer.convert_tokens_to_ids(tokens)
 
+    def _adopt(self) -> None:
+        """Tokens a stock ``load_textual_inversion`` added while ours were attached (after our ids, in the tokenizer
+        copy; their rows in the grown table, ``ExtendedEmbedding._rows``) become part of the base: a copy of the
+        original tokenizer with those tokens and a table of the base rows and theirs, which ``remove`` of the last
+        concept leaves in the pipeline (as if the user had loaded them there). Any other replacement of a tokenizer
+        or table under attached concepts is undone by the next change (the pipeline gets ours back)."""
+        if not self._copies:
+            return
+        for k, ((tok_name, te_name), (original, table)) in enumerate(zip(self.names, self.originals)):
+            tokenizer, embedding = self._copies[k], self.embeddings[k]
+            grown = embedding._rows
+            end = len(original) + sum(v.shape[0] for _, v in embedding.extra)  # ids after ours
+            if (getattr(self.pipe, tok_name) is tokenizer and getattr(self.pipe, te_name).get_input_embeddings()
+                    is embedding and grown is not None and len(tokenizer) > end and grown >= len(tokenizer)):
+                found = sorted((i, t) for t, i in tokenizer.get_added_vocab().items() if i >= end)
+                with torch.no_grad():
+                    rows = embedding.weight.detach()[[i for i, _ in found]].to(table.weight.dtype)
+                    adopted = nn.Embedding(len(original) + len(found), table.embedding_dim,
+                                           device=table.weight.device, dtype=table.weight.dtype)
+                    adopted.weight.copy_(torch.cat([table.weight.detach(), rows]))
+                adopted.requires_grad_(table.weight.requires_grad)
+                base = copy.deepcopy(original)
+                base.add_tokens([t for _, t in found])
+                self.originals[k] = (base, adopted)
+                embedding.base_layer = adopted
+                self._applied = []  # start again from the new base
+            embedding._table, embedding._rows = None, None
+
+    def _follow(self, old: list, new: list) -> None:
+        """Tokenizer copies handed out before (a twin made with ``from_pipe`` while attached holds one) take the
+        state of their replacement, so the twin reads what its shared text encoder now reads."""
+        for before, after in zip(old, new):
+            if before is not after and all(before is not o for o, _ in self.originals):
+                before.__dict__.clear()
+                before.__dict__.update(after.__dict__)
+
     def _rebuild(self) -> None:
+        handed_out = list(self._copies)
+        self._adopt()
         if not self.entries:
             self._copies, self._applied = [], []
             for (tok_name, te_name), (tokenizer, table) in zip(self.names, self.originals):
                 setattr(self.pipe, tok_name, tokenizer)
                 getattr(self.pipe, te_name).set_input_embeddings(table)
+            self._follow(handed_out, [tokenizer for tokenizer, _ in self.originals])
             state = pipeline_state(self.pipe, create=False)
             if state is not None and state.tokens is self:
                 state.tokens = None
@@ -150,6 +234,7 @@ class TokenSite:
             getattr(self.pipe, te_name).set_input_embeddings(embedding)
             copies.append(tokenizer)
         self._copies, self._applied = copies, keys
+        self._follow(handed_out, copies)
 
     def _count(self, keys: list[str]) -> int:
         return sum(len(self.entries[k][0]) for k in keys if k in self.entries)

@@ -4,8 +4,9 @@ A :class:`Validator` is called by ``training.train(..., validation=...)`` every 
 last step, with the live pipeline (the method's edits installed) and the method; it returns at least
 ``{"h": float}`` plus its component scores. The trainer keeps the state with the highest ``h``.
 
-Both validators here sample a few images (prompts × seeds, DDIM) from their own generators inside
-``torch.random.fork_rng``, so validating never changes the training trajectory:
+Both validators here sample a few images (prompts × seeds, with the base's own scheduler: DDIM on tiny and
+toy) from their own generators inside ``torch.random.fork_rng``, so validating never changes the training
+trajectory:
 
 - :class:`ClipValidator`: CLIP-I against the training photos (all-pairs mean cosine) and CLIP-T
   (``2.5 * max(cos, 0)``) against the prompt with the concept words replaced by the superclass, i.e.

@@ -1,4 +1,5 @@
-"""Method registry: names map lazily to ``module:Class`` so importing the package stays cheap."""
+"""Method registry: names map lazily to ``module:Class`` so importing the package stays cheap; a built-in
+method's card (:mod:`.cards`) is there without importing its module."""
 from __future__ import annotations
 
 import difflib
@@ -27,12 +28,27 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name: str):
-    """The method class registered as ``name`` (with a did-you-mean error)."""
+def _known(name: str) -> None:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise BadInputError(f"unknown method '{name}'; {hint}known methods: {', '.join(names())}")
+
+
+def card(name: str):
+    """The card of the method registered as ``name`` (:mod:`.cards`: name, description, sites, ``Config``,
+    ``Knobs``, trainer defaults, recipe), without importing the method's module, torch or diffusers: what
+    ``--help`` and ``personalize methods`` show. A method registered without a card: its class (a subclass of
+    its card in any case)."""
+    _known(name)
+    from .cards import CARDS
+
+    return CARDS[name] if name in CARDS else get(name)
+
+
+def get(name: str):
+    """The method class registered as ``name`` (with a did-you-mean error)."""
+    _known(name)
     module, _, cls = _REGISTRY[name].partition(":")
     method = getattr(importlib.import_module(module), cls)
     from .base import Method

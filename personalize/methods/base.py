@@ -19,27 +19,16 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from ..errors import BadInputError
-from ..knobs import NoKnobs, describe, parse
+from ..knobs import parse
+from .cards import MethodCard
 
 
-class Method:
-    name: ClassVar[str]
-    description: ClassVar[str]
-    #: the seams it edits: "tokens" and site kinds of ``edits/placement.py`` ("kv", "attention", "proj_out",
-    #: "text_attention"), or "unet" (the whole UNet swapped)
-    sites: ClassVar[tuple[str, ...]]
-    Config: ClassVar[type]
+class Method(MethodCard):
+    """A method: its card (:class:`~personalize.methods.cards.MethodCard`: name, description, sites, ``Config``,
+    ``Knobs``, ``train_defaults``, ``recipe``; torch-free) and what it does to a pipeline."""
+
     #: the ``edits.groups.SiteGroup`` its concepts share (one occupant per site for all of them), if any
     Group: ClassVar[type | None] = None
-    #: the inference knobs ``attach`` / ``handle.set`` accept, a dataclass of ``knobs.knob`` fields
-    Knobs: ClassVar[type] = NoKnobs
-    #: ``{knob: help}``, derived from :attr:`Knobs` (shown in --help, ``personalize methods`` and errors)
-    knobs: ClassVar[dict[str, str]] = {}
-    #: TrainConfig fields this method defaults differently (explicit settings win)
-    train_defaults: ClassVar[dict[str, Any]] = {}
-    #: where the defaults come from (paper or reference script, the effective learning rate spelled out);
-    #: shown by ``personalize methods``
-    recipe: ClassVar[str] = ""
     #: the reference's best-step schedule: validate every N steps and keep the best harmonic mean (0 = keep the
     #: last step); the default of ``train --validate-every`` with an evaluator (a benchmark keeps every
     #: method's last step)
@@ -58,10 +47,6 @@ class Method:
     export_needs_base: ClassVar[bool] = False
     #: why a method without export formats needs none (shown instead of the list of exporting methods)
     no_export_reason: ClassVar[str] = ""
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        cls.knobs = describe(cls.Knobs)
 
     def __init__(self, pipe, token: str, superclass: str, config):
         self.pipe = pipe

@@ -27,7 +27,6 @@ for SDXL textual inversions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +36,9 @@ from torch import nn
 from ..edits.deltas import WeightDelta
 from ..edits.placement import cross_attention_layers, site_names
 from ..errors import BadInputError, ConceptFileError
-from ..prior import PriorConfig
 from ..text_stack import pairs, widths
 from .base import Method
+from .cards import CustomDiffusionCard, CustomDiffusionConfig
 from .shared import as_list, cpu_float, load_into, single_tokens, word_vector, words_of
 from .token_files import SDXL_KEYS
 
@@ -47,31 +46,9 @@ WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
 PATHWAYS = ("k", "v")
 
 
-@dataclass
-class CustomDiffusionConfig(PriorConfig):
-    """diffusers train_custom_diffusion README: lr 1e-5 x --scale_lr (batch 2) x 2 under prior preservation = 4e-5,
-    250 steps, 200 class images, lambda 1, AdamW weight decay 1e-2, clipping at 1.0, modifier tokens initialised
-    from 'ktn+pll+ucd'."""
-
-    lr: float = field(default=4e-5, metadata={
-        "help": "learning rate (train_custom_diffusion README: 1e-5 --scale_lr x batch 2 = 2e-5, doubled with prior "
-                "preservation = 4e-5; set 2e-5 with prior_loss_weight=0)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (train_custom_diffusion.py)"})
-    init_words: str = field(default="ktn+pll+ucd", metadata={
-        "help": "words the modifier tokens start from, '+'-separated, one per concept in order"})
-
-
-class CustomDiffusion(Method):
-    name = "custom-diffusion"
-    description = "Cross-attention K/V deltas + modifier token(s), several concepts in one run (Kumari et al. 2023)"
-    sites = ("tokens", "kv")
+class CustomDiffusion(CustomDiffusionCard, Method):
     prompting = "modifier"  # the reference's "photo of a <new1> cat"
-    Config = CustomDiffusionConfig
     multi_concept = True
-    train_defaults = {"steps": 250, "batch_size": 2, "max_grad_norm": 1.0}
-    recipe = ("diffusers train_custom_diffusion README: batch 2, lr 1e-5 with --scale_lr = 1e-5 x 1 x 2 = 2e-5, "
-              "x 2 under prior preservation (train_custom_diffusion.py) = 4e-5 effective; 250 steps, 200 class "
-              "images, lambda 1, AdamW weight decay 1e-2, gradients clipped at 1.0 (--max_grad_norm)")
     export_formats = {
         "diffusers": f"{WEIGHTS_FILE} + <token>.safetensors: pipe.unet.load_attn_procs(DIR, weight_name="
                      f"'{WEIGHTS_FILE}', _pipeline=pipe); pipe.load_textual_inversion(DIR, weight_name='<token>.safetensors')"
@@ -192,12 +169,13 @@ class CustomDiffusion(Method):
         """diffusers' ``pytorch_custom_diffusion_weights`` (full K/V weights -> deltas over this base) plus the
         modifier tokens' textual-inversion files (``embeddings``); ``superclass``: one for every concept, or one
         per token file, in order."""
-        from .token_files import ti_vectors
+        from .token_files import check_vectors, ti_vectors
 
         if not embeddings:
             raise BadInputError("pass the modifier token file(s) with --embeddings '<token>.safetensors' "
                                 "(written beside the Custom Diffusion weights)")
-        found = [ti_vectors(e) for e in embeddings]  # SDXL's two-key files come back joined, without a name
+        found = [ti_vectors(e, pipe) for e in embeddings]  # SDXL's two-key files come back joined, without a name
+        found = [(name, check_vectors(pipe, v, f"modifier token file {j + 1}")) for j, (name, v) in enumerate(found)]
         tokens = [name for name, _ in found]
         if token and len(tokens) == 1:
             tokens = [token]
@@ -221,7 +199,15 @@ class CustomDiffusion(Method):
                                     "crossattn_kv training is supported")
             base = getattr(cross[layer], f"to_{pathway}")
             W = getattr(base, "base_layer", base).weight.detach().float().cpu()
+            if not value.is_floating_point() or tuple(value.shape) != tuple(W.shape):
+                raise BadInputError(f"'{key}' is a {value.dtype} tensor of shape {tuple(value.shape)}; this base's "
+                                    f"weight there is float {tuple(W.shape)}; use the base the file was made for")
             tensors[f"delta.{layer}.to_{pathway}"] = value.float() - W
+        missing = [f"{n}.processor.to_{p}_custom_diffusion.weight" for n in cross for p in PATHWAYS
+                   if f"delta.{n}.to_{p}" not in tensors]
+        if missing:
+            raise BadInputError(f"the Custom Diffusion weights lack {len(missing)} of this base's cross-attention K/V "
+                                f"weights (e.g. '{missing[0]}'); use the base the file was made for")
         if len(tokens) == 1:
             return {"token": tokens[0], "superclass": superclasses[0], "tensors": tensors}
         return {"token": tokens, "superclass": words_of(tokens, superclasses)[1], "tensors": tensors}

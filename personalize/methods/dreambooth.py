@@ -19,12 +19,13 @@ pipeline folder ``OUT.pipeline/`` of the base's own class
 tokenizers and text encoders on SDXL; load it with ``from_pretrained`` and
 prompt with the identifier) and a concept file holding only the header, which names
 the folder. Attaching swaps the folder's UNet in. It cannot be composed with
-any other concept.
+any other concept. ``personalize export --format single-file`` writes the
+folder as one checkpoint in the original layout (``single_file.py``), for
+AUTOMATIC1111, ComfyUI and ``from_single_file``.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,46 +33,27 @@ import torch
 
 from ..errors import BadInputError, ConceptFileError
 from ..paths import inside
-from ..prior import PriorConfig, weights_digest
+from ..prior import weights_digest
 from ..text_stack import family, pairs
 from .base import Method
+from .cards import DreamBoothCard, DreamBoothConfig
 from .identifier import IdentifierToken
 from .shared import check_composable, cpu_float, load_into, mark_replaced
 
 
-@dataclass
-class DreamBoothConfig(PriorConfig):
-    """diffusers DreamBooth README with prior preservation: lr 5e-6 (800 steps at batch 1, no --scale_lr), 200 class
-    images, lambda 1, AdamW weight decay 1e-2, clipping at 1.0; identifier 'sks'."""
-
-    lr: float = field(default=5e-6, metadata={
-        "help": "learning rate of the UNet (train_dreambooth README: 5e-6 at batch 1, not scaled)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (train_dreambooth.py)"})
-    train_text_encoder: bool = field(default=False, metadata={
-        "help": "also train the text encoder (SDXL: both, as train_dreambooth_lora_sdxl.py)", "flag": True})
-    lr_text_encoder: float = field(default=5e-6, metadata={
-        "help": "learning rate of the text encoder (train_dreambooth.py: the same --learning_rate)"})
-    identifier: str = field(default="sks", metadata={
-        "help": "one rare token of the base vocabulary; the concept token copies its embedding"})
-
-
+CHECKPOINT_FILE = "checkpoint.safetensors"  # the single-file export
 # the stock diffusers class of the folder DreamBooth writes, per base family (``text_stack.family``)
 PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
                     "sdxl": "StableDiffusionXLPipeline"}
 
 
-class DreamBooth(IdentifierToken, Method):
-    name = "dreambooth"
-    description = "Full UNet fine-tune with prior preservation (Ruiz et al. 2023); a new base (3.4 GB UNet), not composable"
-    sites = ("tokens", "unet", "text_encoder")  # SDXL: text_encoder_2 too
-    Config = DreamBoothConfig
+class DreamBooth(DreamBoothCard, IdentifierToken, Method):
     composable = False
-    no_export_reason = ("the pipeline folder beside it already is a diffusers pipeline (StableDiffusionPipeline, "
-                        "on SDXL StableDiffusionXLPipeline .from_pretrained), nothing to export")
-    train_defaults = {"steps": 800, "batch_size": 1, "checkpoint_every": 200, "max_grad_norm": 1.0}
-    recipe = ("diffusers train_dreambooth README (prior preservation): batch 1, lr 5e-6 without --scale_lr = 5e-6 "
-              "effective, 800 steps, 200 class images, lambda 1, AdamW weight decay 1e-2, gradients clipped at 1.0 "
-              "(--max_grad_norm)")
+    export_formats = {
+        "single-file": f"{CHECKPOINT_FILE} (one checkpoint in the original LDM layout, as AUTOMATIC1111, ComfyUI and "
+                       "model sites share them): StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline)"
+                       f".from_single_file('{CHECKPOINT_FILE}'), a checkpoints folder, or personalize --base FILE",
+    }
 
     def __init__(self, pipe, token, superclass, config: DreamBoothConfig, unet=None, text_encoders=None):
         """``text_encoders``: ``{pipeline attribute: trained encoder}`` (``text_encoder``, and ``text_encoder_2``
@@ -104,7 +86,7 @@ class DreamBooth(IdentifierToken, Method):
             for _, name in pairs(pipe):
                 base = getattr(pipe, name)
                 tes[name] = type(base).from_pretrained(folder, subfolder=name, torch_dtype=dtype).to(base.device)
-        if _digest(unet, tes) != concept.header.get("pipeline_digest"):
+        if not _same_digest(concept.header.get("pipeline_digest"), unet, tes):
             raise ConceptFileError(f"the pipeline folder '{folder}' is not the one this concept file was written with; "
                                    "re-train, or copy the file and its folder together")
         return cls(pipe, concept.token, concept.superclass, config, unet=unet, text_encoders=tes)
@@ -154,6 +136,28 @@ class DreamBooth(IdentifierToken, Method):
         return {"pipeline": folder.name, "pipeline_digest": _digest(self.unet, self.text_encoders),
                 "composable": False}
 
+    # -- interop
+    @classmethod
+    def export(cls, concept, fmt: str, folder: Path, pipe=None) -> list[Path]:
+        """The trained pipeline (its folder, checked against the concept's digest) as one single-file checkpoint
+        (``personalize/single_file.py``): UNet, VAE and text encoder(s) under their original keys, in the dtype
+        the folder holds."""
+        from diffusers import DiffusionPipeline
+        from diffusers.utils import logging as dlog
+
+        from ..single_file import save_single_file
+
+        source = pipeline_folder(concept)
+        dlog.disable_progress_bar()
+        trained = DiffusionPipeline.from_pretrained(str(source))
+        tes = {name: getattr(trained, name) for _, name in pairs(trained)} \
+            if cls.make_config(concept.config).train_text_encoder else {}
+        if _digest(trained.unet, tes) != concept.header.get("pipeline_digest"):
+            raise ConceptFileError(f"the pipeline folder '{source}' is not the one this concept file was written "
+                                   "with; re-train, or copy the file and its folder together")
+        title = {"modelspec.title": f"DreamBooth {concept.token} ({concept.superclass})"}
+        return [save_single_file(trained, inside(folder, CHECKPOINT_FILE), metadata=title)]
+
     # -- the pipeline
     def install(self) -> None:
         """Swap the trained UNet (and text encoders) in, then add the identifier token (``Method.install``)."""
@@ -202,5 +206,18 @@ def pipeline_folder(concept) -> Path:
 
 
 def _digest(unet, text_encoders: dict) -> str:
-    """The UNet's digest, then each trained text encoder's (in pipeline order), '+'-joined."""
-    return "+".join([weights_digest(unet), *(weights_digest(te) for te in text_encoders.values())])
+    """The UNet's and the trained text encoders' weights (in pipeline order), hashed at fp16 and at bf16
+    (``fingerprint.weights_digest``): an fp16 or bf16 copy of the pipeline, which loads the folder in its own dtype,
+    reproduces it."""
+    from ..fingerprint import weights_digest as rounded_digest
+
+    return rounded_digest([unet, *text_encoders.values()])
+
+
+def _same_digest(recorded, unet, text_encoders: dict) -> bool:
+    """The folder's weights are the ones the concept file was written with (in whatever dtype they were loaded)."""
+    from ..fingerprint import same_weights
+
+    if isinstance(recorded, str) and not recorded.startswith("v2:"):  # older files: sums at the saved dtype
+        return recorded == "+".join([weights_digest(unet), *(weights_digest(te) for te in text_encoders.values())])
+    return isinstance(recorded, str) and same_weights(recorded, _digest(unet, text_encoders))

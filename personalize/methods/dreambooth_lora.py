@@ -20,7 +20,6 @@ unless ``prior_loss_weight`` > 0.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,37 +30,14 @@ from ..edits.lora_bank import ADAPTER, LoraBank
 from ..edits.placement import site_names
 from .. import text_stack
 from ..errors import BadInputError
-from ..knobs import knob
-from ..prior import PriorConfig
 from .base import Method
+from .cards import DreamBoothLoraCard, DreamBoothLoraConfig, DreamBoothLoraKnobs  # noqa: F401 (the method's declaration)
 from .identifier import IdentifierToken
 from .shared import load_into
 from .token_files import is_sdxl
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
-
-
-@dataclass
-class DreamBoothLoraConfig(PriorConfig):
-    """diffusers train_dreambooth_lora README: rank 4 (alpha = rank), lr 1e-4, AdamW weight decay 1e-2 (500 steps at
-    batch 1, clipping at 1.0); prior preservation off unless prior_loss_weight > 0."""
-
-    prior_loss_weight: float = field(default=0.0, metadata={
-        "help": "weight of the class-image loss (lambda), 0 = off", "flag": True})
-    rank: int = field(default=4, metadata={"help": "LoRA rank on every attention projection", "flag": True})
-    lr: float = field(default=1e-4, metadata={
-        "help": "learning rate (train_dreambooth_lora README: 1e-4 at batch 1, not scaled)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (train_dreambooth_lora.py)"})
-    train_text_encoder: bool = field(default=False, metadata={
-        "help": "LoRA on the text encoder's attention too (SDXL: both encoders; same lr)", "flag": True})
-    identifier: str = field(default="sks", metadata={
-        "help": "one rare token of the base vocabulary; the concept token copies its embedding"})
-
-
-@dataclass
-class DreamBoothLoraKnobs:
-    scale: float = knob(1.0, "LoRA strength: 0 = the base model, 1 = as trained (default)", low=-10, high=10)
 
 
 def lora_sites(pipe, train_text_encoder: bool) -> dict[str, list[str]]:
@@ -101,16 +77,7 @@ class _LoraSite:
         return out + (self.method.scale * self.bank.bank.delta(self.name, x)).to(out.dtype)
 
 
-class DreamBoothLora(IdentifierToken, Method):
-    name = "dreambooth-lora"
-    description = "DreamBooth with peft LoRA (r=4) on every UNet attention projection; ~3 MB per SD 1.5 concept"
-    sites = ("tokens", "attention", "text_attention")
-    Config = DreamBoothLoraConfig
-    Knobs = DreamBoothLoraKnobs
-    train_defaults = {"steps": 500, "batch_size": 1, "max_grad_norm": 1.0}
-    recipe = ("diffusers train_dreambooth_lora README: rank 4, batch 1, lr 1e-4 without --scale_lr = 1e-4 "
-              "effective, 500 steps, no prior preservation, AdamW weight decay 1e-2, gradients clipped at 1.0 "
-              "(--max_grad_norm)")
+class DreamBoothLora(DreamBoothLoraCard, IdentifierToken, Method):
     export_formats = {
         "diffusers-lora": f"{LORA_FILE}: pipe.load_lora_weights(DIR)",
         "kohya": f"{KOHYA_FILE} (kohya keys lora_unet_/lora_te_, SDXL lora_te1_/lora_te2_, written by diffusers' "
@@ -186,7 +153,7 @@ class DreamBoothLora(IdentifierToken, Method):
 
         tensors = {k: v.float() for k, v in concept.tensors.items()}
         if fmt == "diffusers-lora":
-            return [save_safetensors(inside(folder, LORA_FILE), tensors)]
+            return [save_safetensors(inside(folder, LORA_FILE), text_model_names(tensors))]
         kohya = kohya_state(tensors, is_sdxl(concept))
         rank = max(int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_A.weight"))
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
@@ -215,16 +182,23 @@ def kohya_state(tensors: dict[str, torch.Tensor], sdxl: bool) -> dict[str, torch
     the only encoder (``lora_te1_``/``lora_te2_`` are its SDXL names)."""
     from diffusers.utils import convert_state_dict_to_kohya
 
+    kohya = convert_state_dict_to_kohya(text_model_names(tensors))
+    if not sdxl:
+        kohya = {("lora_te_" + k[len("lora_te1_"):] if k.startswith("lora_te1_") else k): v for k, v in kohya.items()}
+    return {k: v.float() if k.endswith(".alpha") else v for k, v in kohya.items()}
+
+
+def text_model_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text-encoder modules named as ``CLIPTextModel`` names them before transformers 5 (``text_encoder.text_model.
+    encoder.layers...``), the names ComfyUI, A1111 and older diffusers read; diffusers here drops the prefix again
+    when it loads (transformers 5 flattens the model to ``text_encoder.encoder...``, our concept layout)."""
     named = {}
     for key, value in tensors.items():
         part, module = key.split(".", 1)
         if part != "unet" and not module.startswith("text_model."):
             module = "text_model." + module
         named[f"{part}.{module}"] = value
-    kohya = convert_state_dict_to_kohya(named)
-    if not sdxl:
-        kohya = {("lora_te_" + k[len("lora_te1_"):] if k.startswith("lora_te1_") else k): v for k, v in kohya.items()}
-    return {k: v.float() if k.endswith(".alpha") else v for k, v in kohya.items()}
+    return named
 
 
 def ranks_in(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:

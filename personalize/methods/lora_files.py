@@ -35,6 +35,7 @@ def read_lora(pipe, state: dict, metadata: dict | None = None) -> dict[str, torc
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    _check_tensors(tensors)
     try:
         # the SDXL loader's lora_state_dict is this same function; unet_config maps kohya's SDXL (SGM) block names
         converted, alphas = StableDiffusionPipeline.lora_state_dict(tensors, unet_config=pipe.unet.config)
@@ -44,7 +45,13 @@ def read_lora(pipe, state: dict, metadata: dict | None = None) -> dict[str, torc
     if outside:
         raise BadInputError(f"not a LoRA this method reads: unexpected tensors {', '.join(outside[:3])}")
     raw = (metadata or {}).get(LORA_ADAPTER_METADATA_KEY)
-    adapter = json.loads(raw) if raw else None
+    try:
+        adapter = json.loads(raw) if raw else None
+    except ValueError:
+        adapter = None
+    if raw and not isinstance(adapter, dict):
+        raise BadInputError(f"the file's '{LORA_ADAPTER_METADATA_KEY}' is not a JSON object of LoRA settings; "
+                            "diffusers could not load it either")
     if adapter and alphas:
         raise BadInputError("the file has both kohya alphas and diffusers adapter metadata; diffusers refuses it too")
     out: dict[str, torch.Tensor] = {}
@@ -57,6 +64,18 @@ def read_lora(pipe, state: dict, metadata: dict | None = None) -> dict[str, torc
     if not out:
         raise BadInputError("the file holds no LoRA pairs for the UNet or the text encoder(s)")
     return out
+
+
+def _check_tensors(tensors: dict) -> None:
+    """LoRA weights are floating-point matrices (Conv2d: 4-D kernels) and each ``alpha`` one number."""
+    for key, value in tensors.items():
+        if key.endswith(".alpha"):
+            if value.numel() != 1 or value.dtype == torch.bool:
+                raise BadInputError(f"the LoRA's '{key}' holds {value.numel()} values of {value.dtype}; an alpha is "
+                                    "one number")
+        elif not value.is_floating_point() or value.dim() not in (2, 4) or 0 in value.shape:
+            raise BadInputError(f"the LoRA's '{key}' is a {value.dtype} tensor of shape {tuple(value.shape)}; "
+                                "LoRA weights are non-empty floating-point matrices (or 4-D conv kernels)")
 
 
 def _strip(key: str, part: str) -> str:
@@ -79,7 +98,10 @@ def _part_pairs(pipe, part: str, pairs: dict, alphas: dict, meta: dict | None) -
         if "lora_A" not in next(iter(pairs)):
             pairs = convert_unet_state_dict_to_peft(pairs)
     else:
-        pairs = convert_state_dict_to_peft(convert_state_dict_to_diffusers(pairs))
+        try:  # raises on a layout it cannot name (a kohya text-encoder LoRA on q_proj alone): so does the loader
+            pairs = convert_state_dict_to_peft(convert_state_dict_to_diffusers(pairs))
+        except (ValueError, KeyError) as exc:
+            raise BadInputError(f"not a {part} LoRA diffusers reads: {_first_line(exc)}") from None
         if not hasattr(module, "text_model"):  # transformers 5 flattens CLIPTextModel
             pairs = {k.removeprefix("text_model."): v for k, v in pairs.items()}
     if any("lora_magnitude_vector" in k or k.endswith(".bias") for k in pairs):
@@ -87,17 +109,21 @@ def _part_pairs(pipe, part: str, pairs: dict, alphas: dict, meta: dict | None) -
     bad = sorted(k for k in pairs if not k.endswith(PAIR))
     if bad:
         raise BadInputError(f"not a LoRA this method reads: unexpected tensors {', '.join(bad[:3])}")
-    ranks = {k: v.shape[0] for k, v in pairs.items() if k.endswith(PAIR[0])}
-    names = sorted(k[: -len(PAIR[0])] for k in ranks)
+    names = sorted(k[: -len(PAIR[0])] for k in pairs if k.endswith(PAIR[0]))
     _check_layers(part, module, names, pairs)
+    ranks = {n + PAIR[0]: pairs[n + PAIR[0]].shape[0] for n in names}
     if part == "unet":  # the ranks as each loader collects them (they seed LoraConfig's r and rank_pattern)
         rank_keys = {f"^{n}{PAIR[1]}": int(pairs[n + PAIR[1]].shape[1]) for n in names}
     else:
         rank_keys = {f"{n}{PAIR[1]}": int(pairs[n + PAIR[1]].shape[1]) for n in names if n.endswith(TE_RANKED)}
     if not rank_keys and not meta:
         raise BadInputError(f"diffusers cannot load this {part} LoRA: it covers none of {', '.join(TE_RANKED)}")
-    config = _create_lora_config(pairs, alphas or None, meta, rank_keys, is_unet=part == "unet",
-                                 model_state_dict=module.state_dict() if part == "unet" else None)
+    try:
+        config = _create_lora_config(pairs, alphas or None, meta, rank_keys, is_unet=part == "unet",
+                                     model_state_dict=module.state_dict() if part == "unet" else None)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise BadInputError(f"the {part} LoRA's settings are not a LoraConfig diffusers reads: "
+                            f"{_first_line(exc)}") from None
     if config.use_dora or config.lora_bias:
         raise BadInputError("the LoRA's config asks for DoRA or LoRA biases; only plain LoRA pairs are supported")
     config.target_modules = set(names)  # the loader injects where the file has tensors (state_dict=...)
@@ -123,14 +149,31 @@ def _check_layers(part: str, module, names: list[str], pairs: dict) -> None:
         if not isinstance(layer, (nn.Linear, nn.Conv2d)) or getattr(layer, "groups", 1) != 1:
             raise BadInputError(f"the LoRA covers '{part}.{name}', a {type(layer).__name__}; "
                                 "LoRA is supported on Linear and Conv2d layers")
+        down, up = (pairs.get(name + p) for p in PAIR)
+        if up is None:
+            raise BadInputError(f"the LoRA's '{part}.{name}' has lora_A but no lora_B (lora_up); the file is "
+                                "incomplete")
+        conv = isinstance(layer, nn.Conv2d)
+        n_in, n_out = (layer.in_channels, layer.out_channels) if conv else (layer.in_features, layer.out_features)
+        rank = down.shape[0]
+        want_down = (rank, n_in, *(down.shape[2:] if conv and down.dim() == 4 else ()))
+        want_up = (n_out, rank, *((1, 1) if conv and up.dim() == 4 else ()))
+        if tuple(down.shape) != want_down or tuple(up.shape) != want_up or (down.dim() == 4) != conv:
+            raise BadInputError(f"the LoRA's '{part}.{name}' has lora_A {tuple(down.shape)} and lora_B "
+                                f"{tuple(up.shape)}; this base's layer there needs ({rank}, {n_in}) and "
+                                f"({n_out}, {rank}); use the base the file was made for")
 
 
 def _scales(module, names: list[str], config, ranks: dict[str, int]) -> dict[str, float]:
     """Each layer's LoRA scale as peft sets it from ``config`` (on stand-ins, so ``module`` is not touched)."""
     from ..edits.lora_bank import ADAPTER, LoraBank
 
-    with torch.random.fork_rng(devices=[]):  # peft initialises the stand-ins' LoRA weights
-        bank = LoraBank(module, ranks, config)
+    try:
+        with torch.random.fork_rng(devices=[]):  # peft initialises the stand-ins' LoRA weights
+            bank = LoraBank(module, ranks, config)
+    except (TypeError, ValueError, KeyError) as exc:  # settings peft refuses (a rank or alpha that is not a number)
+        raise BadInputError(f"the LoRA's settings are not ones peft accepts: {_first_line(exc)}; diffusers could "
+                            "not load it either") from None
     found = {n: (getattr(bank.layers[n], "r", {}).get(ADAPTER), getattr(bank.layers[n], "scaling", {}).get(ADAPTER))
              for n in names}
     wrong = sorted(n for n, (r, _) in found.items() if r != ranks[n])

@@ -38,7 +38,6 @@ inference (``edits/pooled.py``, held by the group).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,9 +50,9 @@ from ..edits.pooled import PooledSuperclass
 from ..edits.tokens import base_tokenizer, token_site
 from ..errors import BadInputError, ConceptFileError
 from .. import text_stack
-from ..knobs import knob
 from ..templates import NEUTRAL_TEMPLATES, phrase_last_position
 from .base import Method
+from .cards import PerfusionCard, PerfusionConfig, PerfusionKnobs  # noqa: F401 (the method's declaration)
 from .rank1 import Gate, Rank1Projection
 from .shared import word_vector
 
@@ -186,54 +185,8 @@ class PerfusionSite:
 
 
 # ----------------------------------------------------------------------------- the method
-@dataclass
-class PerfusionConfig:
-    """Paper defaults (Perfusion §4-5): beta 0.75 / tau 0.10 in training; lr 0.006 / 0.03 (the recipe: ``recipe``)."""
-
-    lock: str = field(default="local", metadata={
-        "help": "key locking in training: local (o*_K frozen at the superclass) or trained (the paper's ablation)"})
-    beta_train: float = field(default=0.75, metadata={"help": "gate threshold while training"})
-    tau_train: float = field(default=0.10, metadata={"help": "gate temperature while training"})
-    beta: float = field(default=0.70, metadata={
-        "help": "inference default gate threshold, local lock (paper: 0.6-0.75)"})
-    beta_global: float = field(default=0.50, metadata={
-        "help": "inference default gate threshold, global lock (paper: 0.4-0.6)"})
-    tau: float = field(default=0.15, metadata={"help": "inference default gate temperature"})
-    lr_embedding: float = field(default=0.006, metadata={
-        "help": "learning rate of the token embedding (paper §4.4: 0.006 at batch 16, not scaled)"})
-    lr_value: float = field(default=0.03, metadata={
-        "help": "learning rate of o*_V (paper §4.4: 0.03 at batch 16, not scaled)"})
-    ema: float = field(default=0.99, metadata={"help": "EMA decay of the superclass key i*"})
-
-
-@dataclass
-class PerfusionKnobs:
-    beta: float | None = knob(None, "gate threshold; higher = weaker concept, better text alignment (s = 1 at the "
-                                    "concept, about 0 for unrelated words, so a negative beta would open the gate "
-                                    "on every word; default: the concept's beta, or beta_global with lock=global)",
-                              low=0)
-    tau: float | None = knob(None, "gate temperature (default: the concept's tau)", low=0, low_open=True)
-    gate: bool = knob(True, "on (default) or off: off applies the ungated edit of Eq. 2 (an ablation)")
-    lock: str = knob("local", "local (default) or global: K reads the prompt with the concept word replaced by its "
-                              "superclass", choices=("local", "global"))
-
-
-class Perfusion(Method):
-    name = "perfusion"
-    description = "Key-locked gated rank-1 edits of cross-attention K/V (~56 KB per concept)"
-    sites = ("tokens", "kv")
-    Config = PerfusionConfig
+class Perfusion(PerfusionCard, Method):
     Group = PerfusionGroup
-    Knobs = PerfusionKnobs
-    # §4.4: the loss is weighted by a zero-shot soft mask of the superclass (§5.3: it raises text similarity)
-    # Gradient clipping at 1.0 is ours, not the paper's (which lists none): with the mask-weighted loss
-    # (normalised by the mask's area) rare huge steps, unclipped, dropped the toy world's split_triangle from
-    # fidelity 0.893 to 0.206 (docs/TOYWORLD.md); unmasked runs never reach the clip, so it changes nothing there.
-    train_defaults = {"steps": 250, "batch_size": 16, "max_grad_norm": 1.0, "masks": "auto"}
-    recipe = ("Perfusion paper §4.4: batch 16, lr 0.03 (o*_V) / 0.006 (embedding) = the effective rates; loss "
-              "weighted by a zero-shot CLIPSeg mask of the superclass; gradient norm clipped at 1.0 (ours: the "
-              "paper lists no clipping, and the masked loss without it collapsed the toy world's fidelity "
-              "0.893 -> 0.206); 8 validation prompts every 25 steps, best harmonic mean kept (with an evaluator)")
     validate_every = 25
 
     def __init__(self, pipe, token, superclass, config: PerfusionConfig, C_inv: torch.Tensor):

@@ -27,7 +27,6 @@ concept's masked delta. Concept tensors are peft's state dict with a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +39,8 @@ from ..edits.lora_bank import PREFIX, LoraBank, lora_config
 from ..edits.placement import site_names
 from ..edits.tokens import base_tokenizer, token_site
 from ..errors import BadInputError, ConceptFileError
-from ..knobs import knob
 from .base import Method
+from .cards import ResidualsCard, ResidualsConfig, ResidualsKnobs  # noqa: F401 (the method's declaration)
 from .shared import word_vector
 
 
@@ -94,40 +93,9 @@ class ResidualSite:
 
 
 # ----------------------------------------------------------------------------- the method
-@dataclass
-class ResidualsConfig:
-    """Paper defaults (§4.1): r_i = 0.05 m_i, lr 1e-3 (150 steps at batch 4, no clipping: ``train_defaults``),
-    token frozen."""
-
-    rank_fraction: float = field(default=0.05, metadata={
-        "help": "rank = round(F x channels) per proj_out", "flag": True})
-    rank: int = field(default=0, metadata={
-        "help": "> 0: the same LoRA rank in every proj_out instead of --rank-fraction", "flag": True})
-    train_token: bool = field(default=False, metadata={
-        "help": "also train the token's vector V* (the paper's ablation; overfits)", "flag": True})
-    lr: float = field(default=1e-3, metadata={"help": "learning rate (paper §4.1: 1.0e-3 at batch 4, not scaled)"})
-    init_token: str = field(default="httr", metadata={
-        "help": "single token V* starts at (a late BPE merge, i.e. a rarely used token)"})
-
-
-@dataclass
-class ResidualsKnobs:
-    lag: bool | None = knob(None, "localized attention-guided sampling: apply the residuals only where the concept "
-                                  "is attended (default: off)")
-
-
-class Residuals(Method):
-    name = "residuals"
-    description = "Low-rank residuals on every transformer proj_out, optional LAG sampling (~5 MB per SD 1.5 concept)"
-    sites = ("tokens", "proj_out")
+class Residuals(ResidualsCard, Method):
     prompting = "modifier"  # §3: "a photo of a V* <macro class>"
-    Config = ResidualsConfig
     Group = ResidualGroup
-    Knobs = ResidualsKnobs
-    train_defaults = {"steps": 150, "batch_size": 4, "max_grad_norm": None}
-    recipe = ("Personalized Residuals paper §4.1: rank 0.05 x channels, 150 iterations at batch 4, lr 1e-3 "
-              "(= the effective rate, nothing scaled), token frozen, no regularisation images; the paper lists no "
-              "gradient clipping, so none")
     export_formats = {
         "diffusers-lora": f"{LORA_FILE} + {TOKEN_FILE}: pipe.load_lora_weights(DIR); "
                           f"pipe.load_textual_inversion(DIR/'{TOKEN_FILE}') (the residuals without LAG)",

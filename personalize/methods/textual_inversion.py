@@ -16,7 +16,6 @@ same update (the script averages the 4 accumulated losses), 3000 steps.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,36 +24,14 @@ from torch import nn
 
 from ..errors import BadInputError
 from .base import Method
+from .cards import TextualInversionCard, TextualInversionConfig
 from .shared import cpu_float, load_into, vector_tokens, word_vector
-from .token_files import check_vectors, is_sdxl, sdxl_loading, ti_vectors, token_state
+from .token_files import check_vectors, is_sdxl, save_a1111, sdxl_loading, ti_pair, token_state
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
 
 
-@dataclass
-class TextualInversionConfig:
-    """diffusers textual_inversion README: lr 5e-4 x --scale_lr (batch 1 x 4 accumulation) = 2e-3, AdamW weight
-    decay 1e-2 (3000 updates of 4 images: ``train_defaults``, no clipping)."""
-
-    num_vectors: int = field(default=1, metadata={"help": "vectors per token", "flag": True})
-    init_word: str | None = field(default=None, metadata={
-        "help": "word the vectors start from (None: the superclass); a multi-token word starts at its pieces' mean",
-        "flag": True})
-    lr: float = field(default=2e-3, metadata={
-        "help": "learning rate (diffusers textual_inversion README: 5e-4 --scale_lr x batch 1 x 4 accumulation "
-                "= 2e-3 effective; here batch 4 in one step)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (textual_inversion.py)"})
-
-
-class TextualInversion(Method):
-    name = "textual-inversion"
-    description = "Only new token vector(s) train (Gal et al. 2022); 3 KB per vector on SD 1.5"
-    sites = ("tokens",)
-    Config = TextualInversionConfig
-    train_defaults = {"steps": 3000, "batch_size": 4, "max_grad_norm": None}
-    recipe = ("diffusers textual_inversion README: batch 1 x 4 gradient accumulation, lr 5e-4 with --scale_lr "
-              "= 5e-4 x 4 x 1 = 2e-3 effective, 3000 updates, AdamW weight decay 1e-2, no gradient clipping "
-              "(textual_inversion.py never clips); here batch 4 per step at lr 2e-3, the same update")
+class TextualInversion(TextualInversionCard, Method):
     export_formats: ClassVar[dict[str, str]] = {
         "diffusers": f"{DIFFUSERS_FILE}: pipe.load_textual_inversion(DIR)",
         "a1111": "<token>.pt (string_to_param, AUTOMATIC1111 embeddings folder; a pickle, written not read); "
@@ -106,7 +83,7 @@ class TextualInversion(Method):
         if is_sdxl(concept):  # the token names the file: it must stay in the folder
             return [save_safetensors(inside(folder, f"{concept.token}.safetensors"), state)]
         path = inside(folder, f"{concept.token}.pt")
-        _save_a1111(path, concept.token, state[concept.token])
+        save_a1111(path, concept.token, state[concept.token])
         return [path]
 
     @classmethod
@@ -122,18 +99,10 @@ class TextualInversion(Method):
     def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str, embeddings=None,
                      metadata=None) -> dict[str, Any]:
         """``{token: (n, d)}`` (diffusers), ``string_to_param`` (A1111 .pt), ``emb_params`` (A1111 safetensors) or,
-        on SDXL, ``{"clip_l", "clip_g"}`` (joined into the concept's (n, d_l + d_g) vectors)."""
-        name, vectors = ti_vectors(state)
+        on SDXL, ``{"clip_l", "clip_g"}`` or diffusers' two files (``embeddings``: the second encoder's
+        ``learned_embeds_2.safetensors``), joined into the concept's (n, d_l + d_g) vectors."""
+        name, vectors = ti_pair(state, list(embeddings or ()), pipe)
         vectors = check_vectors(pipe, vectors)
         return {"token": token or name, "superclass": superclass, "tensors": {"embedding": vectors},
                 "config": {"num_vectors": vectors.shape[0]}}
 
-
-def _save_a1111(path: Path, token: str, vectors: torch.Tensor) -> None:
-    """AUTOMATIC1111's embedding layout. It is a pickle by nature; we only write it (reading needs --allow-pickle)."""
-    from ..paths import atomic_path
-
-    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors.clone()}, "name": token,
-            "step": 0, "sd_checkpoint": None, "sd_checkpoint_name": None}
-    with atomic_path(path) as tmp:
-        torch.save(data, tmp)

@@ -1,7 +1,8 @@
 """Token-vector files of other tools, read and written by every method that moves token vectors (Textual
 Inversion, Residuals' V*, Custom Diffusion's modifier tokens).
 
-Layouts read: diffusers' ``{token: (n, d)}``, AUTOMATIC1111's ``string_to_param`` (.pt) and its safetensors
+Layouts read: diffusers' ``{token: (n, d)}`` (on SDXL the pair ``learned_embeds.safetensors`` +
+``learned_embeds_2.safetensors`` of diffusers' ``textual_inversion_sdxl.py``, one file per encoder), AUTOMATIC1111's ``string_to_param`` (.pt) and its safetensors
 ``emb_params``, and the SDXL two-key layout ``{"clip_l": (n, 768), "clip_g": (n, 1280)}`` (the one SDXL
 embeddings are shared in: diffusers' docs load it with two ``load_textual_inversion`` calls, one per text
 encoder, and AUTOMATIC1111 reads it from its embeddings folder). On SDXL a token vector here is the two
@@ -10,20 +11,58 @@ two-key file is that vector split at ``text_stack.widths``.
 """
 from __future__ import annotations
 
+import io
+import re
+import zipfile
+from pathlib import Path
+
 import torch
 
 from ..errors import BadInputError
 
+#: the archive's top folder in an A1111 ``.pt``: torch.save names it after the file written (our temp file carried
+#: the host name and process id); "archive" is what torch itself uses for a buffer
+A1111_ARCHIVE = "archive"
+#: the entries AUTOMATIC1111's safe loader (modules/safe.py) lets through: data.pkl, version and data/<n> under one
+#: top folder; torch >= 2 adds .format_version, .storage_alignment, byteorder and .data/serialization_id
+_A1111_ENTRY = re.compile(r"(data\.pkl|version|data/\d+)")
 SDXL_KEYS = ("clip_l", "clip_g")  # text_encoder's part, text_encoder_2's part
 #: the real SDXL's encoder widths (CLIP ViT-L, OpenCLIP ViT-bigG): the split of a concept file that predates
 #: the header's ``text_widths``
 SDXL_WIDTHS = (768, 1280)
 
 
-def ti_vectors(state: dict) -> tuple[str | None, torch.Tensor]:
-    """(token name or None, vectors) from any of the textual-inversion layouts (SDXL: clip_l and clip_g joined)."""
+def ti_pair(state: dict, second: list[dict], pipe=None) -> tuple[str | None, torch.Tensor]:
+    """``ti_vectors`` of ``state``, joined with the second encoder's file when one is given: diffusers'
+    ``textual_inversion_sdxl.py`` writes ``learned_embeds.safetensors`` (text_encoder) and
+    ``learned_embeds_2.safetensors`` (text_encoder_2), each ``{token: (n, d)}``."""
+    name, vectors = ti_vectors(state, pipe)
+    if not second:
+        return name, vectors
+    if len(second) > 1:
+        raise BadInputError(f"textual-inversion takes one --embeddings file (the second encoder's, "
+                            f"learned_embeds_2.safetensors), not {len(second)}")
+    name_2, vectors_2 = ti_vectors(second[0])
+    if name and name_2 and name != name_2:
+        raise BadInputError(f"the two files name different tokens ({name!r}, {name_2!r}); pass the pair one "
+                            "textual_inversion_sdxl.py run wrote")
+    first, other = torch.atleast_2d(vectors), torch.atleast_2d(vectors_2)
+    if first.dim() != 2 or other.dim() != 2 or first.shape[0] != other.shape[0]:
+        raise BadInputError(f"the two files hold {tuple(first.shape)} and {tuple(other.shape)} vectors; both "
+                            "encoders need one vector per token")
+    return name or name_2, torch.cat([first, other], dim=1)
+
+
+def ti_vectors(state: dict, pipe=None) -> tuple[str | None, torch.Tensor]:
+    """(token name or None, vectors) from any of the textual-inversion layouts (SDXL: clip_l and clip_g joined;
+    with ``pipe``, each part must be as wide as its encoder)."""
     if all(isinstance(state.get(k), torch.Tensor) for k in SDXL_KEYS):
         parts = [torch.atleast_2d(state[k]) for k in SDXL_KEYS]
+        if pipe is not None:
+            from ..text_stack import widths
+
+            for key, part, width in zip(SDXL_KEYS, parts, widths(pipe)):
+                check_vectors(pipe, part, f"the SDXL embedding's '{key}'", width)
         if parts[0].shape[0] != parts[1].shape[0]:
             raise BadInputError(f"the SDXL embedding has {parts[0].shape[0]} clip_l and {parts[1].shape[0]} clip_g "
                                 "vectors; both encoders need one vector per token")
@@ -42,15 +81,29 @@ def ti_vectors(state: dict) -> tuple[str | None, torch.Tensor]:
     return next(iter(tensors.items()))
 
 
-def check_vectors(pipe, vectors: torch.Tensor, what: str = "the embedding") -> torch.Tensor:
-    """``vectors`` as (n, d) float if ``d`` is this base's token width (both SDXL encoders' together), else one line
-    saying which family the file is for."""
+def check_vectors(pipe, vectors: torch.Tensor, what: str = "the embedding", width: int | None = None) -> torch.Tensor:
+    """``vectors`` as (n, d) float if ``d`` is this base's token width (both SDXL encoders' together; ``width``: one
+    encoder's), else one line saying which family the file is for."""
     from ..text_stack import FAMILIES, family, widths
 
+    if not isinstance(vectors, torch.Tensor) or not vectors.is_floating_point():
+        kind = f"a {vectors.dtype} tensor" if isinstance(vectors, torch.Tensor) else f"a {type(vectors).__name__}"
+        raise BadInputError(f"{what} holds {kind}, not floating-point token vectors; is it a textual-inversion file?")
+    if vectors.dim() == 2 and vectors.shape[0] == 0:
+        raise BadInputError(f"{what} holds no vectors (shape {tuple(vectors.shape)}); a token needs at least one")
     vectors = torch.atleast_2d(vectors).float()
+    if width is not None:
+        if vectors.dim() != 2 or vectors.shape[-1] != width:
+            raise BadInputError(f"{what} holds {tuple(vectors.shape)} vectors; this base's encoder takes {width}-wide "
+                                "ones")
+        return vectors
     need = widths(pipe)
     if vectors.shape[-1] == sum(need) and vectors.dim() == 2:
         return vectors
+    if len(need) > 1 and vectors.dim() == 2 and vectors.shape[-1] in need:
+        raise BadInputError(f"{what} holds {tuple(vectors.shape)} vectors, one encoder's half of an SDXL embedding; "
+                            "diffusers' textual_inversion_sdxl.py writes two files: pass learned_embeds.safetensors "
+                            "as FILE and learned_embeds_2.safetensors with --embeddings")
     if len(need) > 1:
         raise BadInputError(f"{what} holds {tuple(vectors.shape)} vectors; an SDXL base needs an SDXL embedding "
                             f"(clip_l {need[0]} + clip_g {need[1]} wide)")
@@ -92,3 +145,25 @@ def sdxl_loading(file: str, token: str) -> str:
             f"pipe.load_textual_inversion(state['clip_l'], token='{token}', text_encoder=pipe.text_encoder, "
             f"tokenizer=pipe.tokenizer); pipe.load_textual_inversion(state['clip_g'], token='{token}', "
             "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)")
+
+
+def save_a1111(path: Path, token: str, vectors: torch.Tensor) -> None:
+    """AUTOMATIC1111's embedding layout (``string_to_param``), a pickle by nature (we only write it). torch's zip is
+    rewritten with only the entries A1111's safe loader accepts (``A1111_ARCHIVE/data.pkl``, ``version``,
+    ``data/<n>``; torch reads it back without the others: the byte order is the host's, little-endian), under a
+    fixed top folder, then written atomically."""
+    from ..paths import atomic_path
+
+    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors.detach().float().clone()}, "name": token,
+            "step": 0, "sd_checkpoint": None, "sd_checkpoint_name": None}
+    raw = io.BytesIO()
+    torch.save(data, raw)
+    out = io.BytesIO()
+    with zipfile.ZipFile(raw) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for entry in src.infolist():
+            inner = entry.filename.split("/", 1)[1]
+            if _A1111_ENTRY.fullmatch(inner):
+                dst.writestr(zipfile.ZipInfo(f"{A1111_ARCHIVE}/{inner}", date_time=(1980, 1, 1, 0, 0, 0)),
+                             src.read(entry))
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(out.getvalue())

@@ -6,8 +6,6 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 VOCAB_SIZE = 49408  # full SD 1.x CLIP vocabulary: real token ids work unchanged
 MAX_LENGTH = 77
 
@@ -166,6 +164,8 @@ def export_pipeline(pipe, out_dir: os.PathLike | str, info: Optional[dict] = Non
     """save_pretrained ``pipe`` as fp16 safetensors into ``out_dir`` (+ TRAINING.json with ``info``, and
     ``captions.txt``, the base's caption corpus)."""
     import copy
+
+    import torch  # here, not at the top: the toy base's recipe (DEFAULT_ARCH) is read by --help
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ class _Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),  # tokens as typed
             *([TextColumn("loss {task.fields[loss]}")] if with_loss else []),
             *([TextColumn("h {task.fields[h]}")] if with_h else []),
             TimeRemainingColumn(), transient=False, console=Console(stderr=True),

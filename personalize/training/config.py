@@ -48,6 +48,36 @@ class TrainConfig:
         "help": "data parallel (torchrun / accelerate launch): seconds to wait for the master and the other "
                 "processes before a one-line error (torch's own default is 30 minutes)"})
 
+    # -- watching a run: trackers, sample images, intermediate concepts, the learning-rate schedule (the diffusers
+    # example scripts' --report_to, --validation_prompt/--validation_steps, --checkpointing_steps, --lr_scheduler,
+    # --lr_warmup_steps; training/watch.py)
+    report_to: str = dataclasses.field(default="none", metadata={
+        "help": "log loss, learning rate, gradient norm, step time and the sample images to a tracker through "
+                "accelerate: tensorboard (event files in OUT.logs/), wandb (WANDB_MODE=offline works without a "
+                "network), trackio (a local database, TRACKIO_DIR, default OUT.logs/trackio) or none (diffusers' "
+                "train_dreambooth.py --report_to; its default is tensorboard, ours none)", "flag": True})
+    validation_prompt: Any = dataclasses.field(default=None, metadata={
+        "help": "prompt of the sample images, {} = the concept (the token, or the token and class word as the "
+                "method trains); repeatable; also what --evaluator scores (diffusers' --validation_prompt) "
+                "(unset: the evaluator's prompts, else preview_prompt)", "flag": "multiple"})
+    validation_every: int = dataclasses.field(default=0, metadata={
+        "help": "every N steps and at the last, sample one image per --validation-prompt (25 sampler steps, "
+                "guidance 6, seed --seed; the training RNG untouched) into OUT.samples/step-NNNNNN/ and the "
+                "tracker; with --evaluator the same steps are scored and the best kept (0 = off; train uses 25, "
+                "Perfusion §4.4, when --validation-prompt, --evaluator or --clip-weights is given; diffusers' "
+                "--validation_steps)", "flag": True})
+    save_every: int = dataclasses.field(default=0, metadata={
+        "help": "also write the concept every N steps as OUT.steps/step-NNNNNN.safetensors, each a complete concept "
+                "(0 = only the final file; diffusers' --checkpointing_steps, here usable concepts, not resume "
+                "state: that is --checkpoint-every)", "flag": True})
+    lr_scheduler: str = dataclasses.field(default="constant", metadata={
+        "help": "the learning-rate schedule, diffusers' get_scheduler: constant, constant_with_warmup, linear, cosine, "
+                "cosine_with_restarts or polynomial, decaying over --steps (diffusers' --lr_scheduler; every "
+                "recipe here trains at a constant rate)", "flag": True})
+    lr_warmup_steps: int = dataclasses.field(default=0, metadata={
+        "help": "steps of linear warm-up from 0 to the learning rate, for every schedule but constant "
+                "(diffusers' --lr_warmup_steps; its scripts default to 500, the recipes here to 0)", "flag": True})
+
 
 def split_overrides(method_cls, overrides: dict[str, Any] | None) -> tuple[dict, dict]:
     """Split a flat settings dict (e.g. from --config YAML) into trainer and method settings."""

@@ -12,7 +12,10 @@ def _adamw(groups: list[dict], device) -> torch.optim.Optimizer:
     """AdamW; the fused CUDA kernel when every parameter is a floating tensor on a GPU."""
     params = [p for g in groups for p in g["params"]]
     fused = torch.device(device).type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(groups, weight_decay=0.0, **({"fused": True} if fused else {}))
+    # the default rate is the first group's (every group sets its own): diffusers' polynomial schedule decays
+    # from optimizer.defaults["lr"] to its lr_end, as in the scripts, whose optimizer is built with their rate
+    lr = groups[0].get("lr", 1e-3) if groups else 1e-3
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, **({"fused": True} if fused else {}))
 
 
 class TextCache:

@@ -13,7 +13,7 @@ import torch
 
 from .. import methods as method_registry
 from .. import text_stack
-from ..base import MAX_RESOLUTION, fingerprint, load_base, resolution
+from ..base import MAX_RESOLUTION, base_name, fingerprint, load_base, resolution
 from ..checkpoints import checkpoint_dir, has_checkpoint, load_checkpoint, save_checkpoint
 from ..concept import Concept, save_concept
 from ..errors import BadInputError, CheckpointError
@@ -21,14 +21,17 @@ from ..images import file_sha256, list_images, load_captions, load_images, stack
 from ..devices import resolve_device
 from ..parallel import DataParallel, join
 from ..segment import mask_files
-from ..paths import atomic_path
-from ..prompts import check_captions
+from ..paths import atomic_path, check_output
+from ..prompts import check_captions, check_prompt_length, check_prompt_text
 from ..templates import check_new_token, check_phrases_without_tokens, check_template, check_token, phrase_ids
 from .best import _BestKeeper, _Progress
 from .cache import LatentCache, PriorData, draw_batch
 from .config import TrainConfig, resolve_settings
 from .fast_path import FrozenInComputeDtype, TextCache, _adamw
+from .lr_schedule import check_schedule, make_lr_scheduler
+from .snapshots import sample_prompts, step_concept, write_samples
 from .step import denoising_step
+from .trackers import Tracker, check_report_to, hyperparameters, logs_dir
 
 
 def preview_dir(out: str | Path) -> Path:
@@ -83,6 +86,11 @@ def train(
     ties) is what the concept file gets; the header's provenance records
     ``best_step`` and every ``validation`` result. A resumed run tracks the
     best only from the steps it validates after resuming.
+    Watching a run (settings, see :class:`TrainConfig`): ``report_to`` logs loss, learning rate, gradient norm,
+    step time and the sample images to a tracker (:mod:`.trackers`); ``validation_every`` writes one sample per
+    ``validation_prompt`` (default: the validator's prompts, else ``preview_prompt``) to ``OUT.samples/`` every
+    N steps and at the last; ``save_every`` writes a complete concept to ``OUT.steps/`` every N steps;
+    ``lr_scheduler``/``lr_warmup_steps`` schedule the learning rate with diffusers' ``get_scheduler``.
     """
     from diffusers import DDPMScheduler
 
@@ -95,7 +103,7 @@ def train(
                                  if isinstance(masks, os.PathLike) else settings)
     masks = masks if isinstance(masks, os.PathLike) else cfg.masks
     out = Path(out)
-    _check_run(cfg, out, resume, validation)
+    templates = _check_run(cfg, out, resume, validation)
     folders, tokens, superclasses = _concepts(method_cls, images, token, superclass)
     check_phrases_without_tokens(tokens, superclasses)  # before any work
     per_concept = [list_images(f) for f in folders]
@@ -142,8 +150,14 @@ def train(
                        (*trainable.templates(), *([cfg.preview_prompt] if cfg.preview_every else [])))
         with parallel.main_first():  # class images are sampled (and cached) once
             prior = _prior_data(pipe, trainable, superclasses, size, progress)
-        groups = [{k: v for k, v in g.items() if k != "name"} for g in trainable.param_groups()]
+        named = trainable.param_groups()
+        group_names = [g.get("name", str(i)) for i, g in enumerate(named)]
+        groups = [{k: v for k, v in g.items() if k != "name"} for g in named]
         optimizer = accelerator.prepare(_adamw(groups, device))
+        lr_scheduler = make_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.steps)
+        prompts = sample_prompts(templates, trainable.placeholders()) if cfg.validation_every else []
+        for prompt in prompts:  # a prompt the text encoder would cut is refused before training, not at step N
+            check_prompt_length(pipe, prompt, "--validation-prompt")
         params = [p for g in optimizer.param_groups for p in g["params"]]
         frozen = FrozenInComputeDtype(pipe, params, cfg.mixed_precision)
         texts = TextCache() if trainable.text_path_frozen() else None
@@ -158,15 +172,55 @@ def train(
             **({"captions": captions} if any(c is not None for c in captions) else {}),
             **({"masks": _tensor_sha256(mask_tensor)} if mask_tensor is not None else {}),
             **({"resolution": size} if cfg.resolution else {}),
+            **({"lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps}
+               if (cfg.lr_scheduler, cfg.lr_warmup_steps) != ("constant", 0) else {}),
         }
         ckpt = checkpoint_dir(out)
-        start = load_checkpoint(ckpt, run_id, trainable, optimizer, generator) if resume else 0
-        bar = _Progress(progress, cfg.steps, start, f"training {method} {' '.join(tokens)}", validation is not None)
+        start = load_checkpoint(ckpt, run_id, trainable, optimizer, generator, lr_scheduler) if resume else 0
         best = _BestKeeper(validation) if validation is not None else None
+        logging = cfg.report_to != "none"  # the same in every process (the loss is averaged by all of them)
         began = time.time()
+
+        def concept_at(step: int, final: bool = False) -> Concept:
+            """The concept file of the live state after ``step`` steps (``final``: with the best-step record)."""
+            provenance = {
+                "base": base_name(base),
+                "steps": step, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                "mixed_precision": cfg.mixed_precision, "images": image_hashes, "resolution": size,
+                "package_version": _version(), "torch": torch.__version__,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "seconds": round(time.time() - began, 1), **mask_source,
+                **(best.provenance() if best is not None and final else {}),
+            }
+            header = concept_header(method, token, superclass, mcfg, trainable.inference_defaults(), base_fp,
+                                    trainable.header_fields(), provenance, text_stack.widths(pipe))
+            return Concept(header=header, tensors=trainable.concept_tensors())
+
+        def save_step(step: int) -> None:
+            """``OUT.steps/step-NNNNNN.safetensors`` (and its artifacts), as the final concept is written:
+            frozen weights back in their own dtype and the method's edits out, then both put back."""
+            frozen.restore()
+            try:
+                concept = concept_at(step)
+                path = step_concept(out, step)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                trainable.remove()
+                try:
+                    concept.header.update(trainable.write_artifacts(path))
+                    save_concept(path, concept)
+                finally:
+                    trainable.install()
+            finally:
+                frozen.cast()
+
+        bar = _Progress(progress, cfg.steps, start, f"training {method} {' '.join(tokens)}", validation is not None)
+        tracker = None
         try:
+            tracker = Tracker(cfg.report_to, out, {"method": method, **hyperparameters(cfg, mcfg)},
+                              enabled=parallel.main)
             frozen.cast()
             for step in range(start + 1, cfg.steps + 1):
+                began_step = time.perf_counter()
                 batch = draw_batch(cache, cfg.batch_size, cfg.flip_p, scheduler.config.num_train_timesteps,
                                    trainable.placeholders(), generator, device, trainable.templates())
                 prior_batch = None if prior is None else draw_batch(
@@ -178,21 +232,38 @@ def train(
                                           rows=parallel.rows)
                 accelerator.backward(loss)
                 parallel.average_gradients(params)
+                grad_norm = None
                 if cfg.max_grad_norm:  # 0 / None: no clipping (the method's reference does not clip)
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                elif logging:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                lrs = [g["lr"] for g in optimizer.param_groups]  # the rates this step trains with
                 optimizer.step()
+                lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss.detach()
-                # reading the loss waits for the device: only every LOSS_EVERY steps (and the last); data
-                # parallel: the whole batch's loss (every process takes part)
-                read = step % LOSS_EVERY == 0 or step == cfg.steps
-                bar.update(step, float(parallel.mean(loss)) if read else None)
+                # reading the loss waits for the device: only every LOSS_EVERY steps (and the last, and every step
+                # for a tracker); data parallel: the whole batch's loss (every process takes part)
+                read = step % LOSS_EVERY == 0 or step == cfg.steps or logging
+                mean_loss = float(parallel.mean(loss)) if read else None
+                bar.update(step, mean_loss)
+                if tracker.active:
+                    tracker.log({"loss": mean_loss, "grad_norm": float(grad_norm), "lr": lrs[0],
+                                 "step_time": time.perf_counter() - began_step,
+                                 **({f"lr/{n}": lr for n, lr in zip(group_names, lrs)} if len(lrs) > 1 else {})},
+                                step)
                 if parallel.main and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                    save_checkpoint(ckpt, step, run_id, trainable, optimizer, generator)
+                    save_checkpoint(ckpt, step, run_id, trainable, optimizer, generator, lr_scheduler)
                 if parallel.main and cfg.preview_every and step % cfg.preview_every == 0:
                     with accelerator.autocast():
-                        write_preview(pipe, preview_dir(out) / f"step_{step:06d}.png",
-                                      cfg.preview_prompt.format(trainable.placeholder()), cfg.seed)
+                        image = write_preview(pipe, preview_dir(out) / f"step_{step:06d}.png",
+                                              cfg.preview_prompt.format(trainable.placeholder()), cfg.seed)
+                    tracker.log_images({"preview": image}, step)
+                if parallel.main and cfg.validation_every and (step % cfg.validation_every == 0 or step == cfg.steps):
+                    with accelerator.autocast():
+                        tracker.log_images(write_samples(pipe, out, step, prompts, cfg.seed), step)
+                if parallel.main and cfg.save_every and step % cfg.save_every == 0:
+                    save_step(step)
                 if parallel.main and best is not None and step % validation.every == 0:
                     with accelerator.autocast():
                         bar.show_h(best.validate(pipe, trainable, step))
@@ -203,19 +274,10 @@ def train(
                     best.finish(pipe, trainable, cfg.steps)
         finally:
             bar.close()
+            if tracker is not None:
+                tracker.finish()
             frozen.restore()
-        provenance = {
-            "base": str(base) if isinstance(base, (str, Path)) else type(base).__name__,
-            "steps": cfg.steps, "batch_size": cfg.batch_size, "seed": cfg.seed,
-            "mixed_precision": cfg.mixed_precision, "images": image_hashes, "resolution": size,
-            "package_version": _version(), "torch": torch.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(time.time() - began, 1), **mask_source,
-            **(best.provenance() if best is not None else {}),
-        }
-        header = concept_header(method, token, superclass, mcfg, trainable.inference_defaults(), base_fp,
-                                trainable.header_fields(), provenance, text_stack.widths(pipe))
-        concept = Concept(header=header, tensors=trainable.concept_tensors())
+        concept = concept_at(cfg.steps, final=True)
     finally:
         trainable.remove()
         if cfg.gradient_checkpointing:
@@ -308,10 +370,21 @@ def _class_images(pipe, spec, size: int, progress: bool) -> PriorData:
     return PriorData(cache, spec.prompts, spec.weight)
 
 
-def _check_run(cfg: TrainConfig, out: Path, resume: bool, validation=None) -> None:
-    """Refuse bad settings before anything is loaded or written."""
+def _check_run(cfg: TrainConfig, out: Path, resume: bool, validation=None) -> tuple[str, ...]:
+    """Refuse bad settings before anything is loaded or written; returns the sample images' prompt templates."""
     if validation is not None and not (isinstance(validation.every, int) and validation.every >= 1):
         raise BadInputError(f"validation every {validation.every!r} steps: use a positive whole number of steps")
+    for name in ("validation_every", "save_every"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise BadInputError(f"--{name.replace('_', '-')} must be a whole number >= 0, not {value!r}")
+    templates = _validation_prompts(cfg.validation_prompt)
+    if templates and not cfg.validation_every:
+        raise BadInputError("--validation-prompt needs --validation-every N (N > 0): the steps to sample at")
+    check_report_to(cfg.report_to)
+    check_schedule(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.steps)
+    if cfg.report_to != "none":
+        check_output(logs_dir(out), folder=True, flag="--report-to")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise BadInputError(f"--mixed-precision must be no, fp16 or bf16, not '{cfg.mixed_precision}'")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -328,6 +401,19 @@ def _check_run(cfg: TrainConfig, out: Path, resume: bool, validation=None) -> No
         raise BadInputError(f"--out '{out}' must end in .safetensors")
     if resume and not has_checkpoint(out):
         raise CheckpointError(f"--resume: no checkpoint in '{checkpoint_dir(out)}'; run without --resume to start training")
+    return templates or tuple(getattr(validation, "prompts", None) or ()) or (cfg.preview_prompt,)
+
+
+def _validation_prompts(value) -> tuple[str, ...]:
+    """The ``validation_prompt`` setting (one prompt or a list) as a tuple, each a non-empty text."""
+    if value is None:
+        return ()
+    prompts = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
+    if prompts is None or not all(isinstance(p, str) for p in prompts):
+        raise BadInputError(f"--validation-prompt must be text (one or a list), not {value!r}")
+    for p in prompts:
+        check_prompt_text(p, "--validation-prompt")
+    return prompts
 
 
 def _accelerator(mixed_precision: str, cpu: bool):
@@ -353,8 +439,9 @@ def _version() -> str:
 
 
 @torch.no_grad()
-def write_preview(pipe, path: Path, prompt: str, seed: int) -> None:
-    """One preview image from its own generator; the training RNG is untouched."""
+def write_preview(pipe, path: Path, prompt: str, seed: int):
+    """One preview image from its own generator (returned, and written to ``path``); the training RNG is
+    untouched."""
     with torch.random.fork_rng(devices=[]):
         image = pipe(
             prompt, num_inference_steps=25, guidance_scale=6.0,
@@ -362,3 +449,4 @@ def write_preview(pipe, path: Path, prompt: str, seed: int) -> None:
         ).images[0]
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
+    return image

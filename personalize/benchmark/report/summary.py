@@ -353,8 +353,17 @@ def _protocol_table(scores: list[dict]) -> Optional[dict]:
             continue
         rows.append({"method": method, "reference": False, "values": {},
                      "cells": [method, PROMPTING_TEXT.get(proto["prompting"], str(proto["prompting"])),
-                               f"{proto['subject']} ({group[0].get('concept')})", proto["selection"]]})
-    return _table(["method", "prompting", "subject, e.g.", "training step kept"], [], rows) if rows else None
+                               f"{proto['subject']} ({group[0].get('concept')})", proto["selection"],
+                               _sampler_text(proto.get("sampler"))]})
+    return _table(["method", "prompting", "subject, e.g.", "training step kept", "sampler"], [], rows) \
+        if rows else None
+
+
+def _sampler_text(sampler: Optional[dict]) -> str:
+    """"ddim, 50 steps, guidance 6.0" (a database written before schedulers were recorded: "–")."""
+    if not sampler:
+        return "–"
+    return f"{sampler.get('scheduler', 'ddim')}, {sampler.get('steps')} steps, guidance {sampler.get('guidance')}"
 
 
 def _comparability(scores: list[dict]) -> Optional[dict]:
@@ -368,7 +377,8 @@ def comparability_text(block: Optional[dict]) -> str:
         return ("Comparability: none declared; these numbers are not claimed to match a published table's "
                 "protocol (a spec's comparability: checks that).")
     return (f"Comparable with: {block['table']} (checked: base {block['base']}, {block['images_per_prompt']} "
-            f"images per prompt, {block['prompts']} prompts, {block['sampler']['steps']} steps at guidance "
+            f"images per prompt, {block['prompts']} prompts, {block['sampler'].get('scheduler', 'sampler')} "
+            f"{block['sampler']['steps']} steps at guidance "
             f"{block['sampler']['guidance']}).")
 
 
