@@ -32,7 +32,7 @@ from .concept import Concept, check_base, load_concept
 from .errors import BadInputError, BaseModelError, PersonalizeError
 from .methods.shared import check_composable
 from .knobs import parse as parse_knobs
-from .templates import check_token
+from .templates import check_new_token, check_token
 from .text_stack import FAMILIES
 
 
@@ -272,12 +272,16 @@ def attach(pipe, concepts: Concept | str | Path | Sequence, *, lag: bool = False
     that differ from the concept's base (e.g. after a stock ``pipe.fuse_lora()`` on the text encoder), with a
     ``UserWarning``; family, architecture and vocabulary are still checked.
     """
+    from .edits.tokens import base_tokenizer
+
     parts = prepare(concepts, lag=lag, **knobs)
     if pipe is None:
         pipe = load_base_for(parts)
     for p in parts:
         check_base(p.concept, pipe, weights=check_base_weights)
         check_composable(pipe, p.method_cls, len(parts))  # DreamBooth (full) replaces the UNet: it attaches alone
+        for token in concept_tokens(p.concept):  # e.g. token=dog: a word the base already knows cannot be added
+            check_new_token(base_tokenizer(pipe), token)
     methods: list = []
     try:
         for p in parts:

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from .base import resolution as resolution_of
+from .errors import BadInputError
 from .paths import atomic_path, inside
 from .prompts import check_prompt_length, check_prompt_text, read_prompts
 
@@ -30,6 +31,7 @@ def generate(pipe, prompt: str, num_images: int = 1, steps: int = 50, guidance: 
     check_prompt_text(prompt, "prompt")
     check_prompt_length(pipe, prompt, "prompt")
     size = resolution_of(pipe, resolution, "resolution")
+    check_steps(pipe, steps, "steps")
     device = pipe.unet.device
     gen_device = "cpu" if device.type == "mps" else device
     generators = [torch.Generator(gen_device).manual_seed(seed + k) for k in range(num_images)]
@@ -44,6 +46,16 @@ def generate(pipe, prompt: str, num_images: int = 1, steps: int = 50, guidance: 
         prompt, num_images_per_prompt=num_images, num_inference_steps=steps, guidance_scale=guidance,
         generator=generators, negative_prompt=negative_prompt, output_type="pil", height=size, width=size, **extra,
     ).images
+
+
+def check_steps(pipe, steps: int, flag: str = "--steps") -> int:
+    """``steps`` if the base's scheduler can sample that many (1 to its training timesteps, 1000 for SD), else a
+    one-line BadInputError (diffusers raises a ValueError from inside the pipeline call)."""
+    limit = int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000) or 1000)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= limit:
+        raise BadInputError(f"{flag} {steps!r}: the base's scheduler samples 1 to {limit} steps (its training "
+                            "timesteps); use e.g. 50 (Perfusion paper)")
+    return steps
 
 
 def slug(text: str, limit: int = 40) -> str:

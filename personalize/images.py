@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -47,7 +48,10 @@ def load_captions(image_paths: list[Path], token: str | tuple[str, ...] | list[s
     A caption names the concept with ``{}`` (or with its token, which becomes ``{}``), e.g.
     ``a {} on the left, on a green background``: the run trains on it instead of the method's neutral
     templates, so the concept absorbs its appearance and the caption explains the rest of the scene.
-    An image with a caption is never mirrored (a caption may say "left").
+    An image with a caption is never mirrored (a caption may say "left"). Refused in one line naming the file:
+    an unreadable or empty caption, one over CAPTION_MAX characters or holding a control character (line breaks
+    and tabs count as spaces); one longer than the text encoder reads (75 CLIP tokens) is refused by the trainer
+    once the tokens are known (``prompts.check_captions``), never cut.
     """
     tokens = [token] if isinstance(token, str) else list(token)
     out: list[str | None] = []
@@ -62,6 +66,10 @@ def load_captions(image_paths: list[Path], token: str | tuple[str, ...] | list[s
             raise BadInputError(f"caption '{side}' is unreadable ({e.__class__.__name__}); save it as UTF-8 text") from None
         if not text or len(text) > CAPTION_MAX:
             raise BadInputError(f"caption '{side}' must hold 1-{CAPTION_MAX} characters; it has {len(text)}")
+        control = next((c for c in text if unicodedata.category(c) == "Cc"), None)  # tabs and newlines are folded
+        if control is not None:
+            raise BadInputError(f"caption '{side}' holds the control character U+{ord(control):04X} at position "
+                                f"{text.index(control)}; save it as plain text")
         if "{}" not in text:
             for t in tokens:
                 if t in text:
@@ -157,6 +165,20 @@ def find_masks(folder: str | Path, image_paths: list[Path]) -> list[Path]:
             raise BadInputError(f"no mask for image '{path.name}' in '{folder}'; add '{path.stem}.png' or pass --masks none")
         found.append(mask_path)
     return found
+
+
+def check_foreground(mask_paths: list[Path], image_paths: list[Path], source: str) -> None:
+    """Refuse a mask with no foreground (all zero): its photo's loss would be exactly 0, and an all-black set
+    of masks would write an untrained concept. One line naming the photo; ``source`` says where the mask came
+    from (``"the mask folder"``, ``"the segmenter"``)."""
+    for mask_path, photo in zip(mask_paths, image_paths):
+        img = open_image(mask_path)
+        values = np.asarray(img, dtype=np.float32) if img.mode in ("I;16", "I;16B", "I;16L", "I", "F") \
+            else np.asarray(img.convert("L"))
+        if not np.isfinite(values).all() or float(values.max()) <= 0:
+            raise BadInputError(f"the mask of photo '{photo.name}' from {source} ('{Path(mask_path).name}') has no "
+                                "foreground (all zero): that photo would train on a loss of 0; fix or remove it, or "
+                                "pass --masks none")
 
 
 def stack_masks(mask_paths: list[Path], size: int) -> torch.Tensor:

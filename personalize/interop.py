@@ -22,7 +22,7 @@ import torch
 from . import methods as method_registry
 from .concept import Concept, load_concept, save_concept
 from .errors import BadInputError
-from .paths import atomic_path, inside
+from .paths import atomic_path, inside, staged_folder
 from .templates import check_token
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -116,11 +116,12 @@ def export_concept(concept: Concept | str | Path, out: str | Path, fmt: str | No
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out '{out}' is a file; pass a folder for the exported files")
     pipe = _pipe(base, concept) if method_cls.export_needs_base else None
-    files = method_cls.export(concept, fmt, out, pipe)
-    write_info(out, {"format": fmt, "method": concept.method, "token": concept.token,
-                     "superclass": concept.superclass, "files": [f.name for f in files],
-                     "how_to_load": formats[fmt], "source": str(concept.path) if concept.path else None,
-                     **method_cls.export_notes(concept, fmt)})
+    with staged_folder(out) as staging:  # all files or none: a failure half-way leaves OUT as it was
+        files = method_cls.export(concept, fmt, staging, pipe)
+        write_info(staging, {"format": fmt, "method": concept.method, "token": concept.token,
+                             "superclass": concept.superclass, "files": [f.name for f in files],
+                             "how_to_load": formats[fmt], "source": str(concept.path) if concept.path else None,
+                             **method_cls.export_notes(concept, fmt)})
     return out
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import typing
 from typing import Any
 
@@ -111,3 +113,40 @@ def parse(method_cls, values: dict[str, Any], where: str = "") -> dict[str, Any]
 def describe(knobs_cls: type) -> dict[str, str]:
     """``{name: help, with what it accepts}`` for ``--help``, ``personalize methods`` and errors."""
     return {name: f"{spec.help} ({spec.allowed()})" for name, spec in specs(knobs_cls).items()}
+
+
+_KNOB_PART = re.compile(r"\s*[A-Za-z_][A-Za-z0-9_]*\s*=.*", re.S)
+
+
+def _knob_text(rest: str) -> dict[str, str] | None:
+    """``beta=0.6,lag=1`` as ``{name: value text}``; None when ``rest`` is not such a list."""
+    parts = rest.split(",")
+    if not rest or not all(_KNOB_PART.fullmatch(p) for p in parts):
+        return None
+    pairs = [(key.strip(), value.strip()) for key, _, value in (p.partition("=") for p in parts)]
+    if len({key for key, _ in pairs}) != len(pairs):
+        return None  # a knob given twice: no valid knob list (refused by the caller)
+    return dict(pairs)
+
+
+def split_concept_arg(text: str) -> tuple[str, dict[str, str]]:
+    """``FILE:beta=0.6,lag=1,token=<x>`` -> ``(FILE, {knob: value text})``: the CLI's ``--concept`` syntax.
+
+    A path may hold ``:`` itself (``runs/12:30/teddy.safetensors``): when the whole text names an existing file it
+    is the path, with no knobs; else the text splits at the last ``:`` whose right side is a knob list
+    (``name=value`` parts separated by ``,``), preferring a split whose left side is an existing file (so a
+    ``token=<a:b>`` value may hold ``:`` too). Without such a split the whole text is the path. ``FILE:beta``
+    (a colon after an existing file, then no ``=``) is refused in one line."""
+    if os.path.isfile(text):
+        return text, {}
+    splits = [(text[:i], knobs) for i in range(len(text) - 1, 0, -1) if text[i] == ":"
+              for knobs in [_knob_text(text[i + 1:])] if knobs is not None]
+    for path, knobs in splits:
+        if os.path.isfile(path):
+            return path, knobs
+    if splits:
+        return splits[0]
+    for i, c in enumerate(text):
+        if c == ":" and os.path.isfile(text[:i]):
+            raise BadInputError(f"--concept {text!r}: knobs must look like FILE:beta=0.6,tau=0.15, each given once")
+    return text, {}

@@ -31,12 +31,34 @@ def inside(folder: str | os.PathLike, *parts: str) -> Path:
     from .errors import BadInputError
 
     folder = Path(folder)
+    for part in parts:
+        check_name(Path(part).name)
     path = folder.joinpath(*parts)
     root = folder.resolve()
     if not parts or not path.resolve().is_relative_to(root) or path.resolve() == root:
         raise BadInputError(f"refusing to write {str(Path(*parts)) if parts else ''!r}: the name leaves the output "
                             f"folder '{folder}'; use a plain file name (no '/', '\\' or '..')")
     return path
+
+
+NAME_MAX = 255  # bytes in one file name (Linux ext4/xfs/btrfs, macOS APFS counts UTF-8 bytes too)
+TEMP_EXTRA = 64  # bytes an atomic write's temp name adds: ".NAME.<pid>@<host>.<random>.tmp"
+NAME_BYTES_MAX = NAME_MAX - TEMP_EXTRA  # 191: the longest name written here (its temp file must fit too)
+
+
+def check_name(name: str) -> str:
+    """``name`` if it fits in one file name with its temp (:data:`NAME_BYTES_MAX` UTF-8 bytes), else a one-line
+    BadInputError: a name built from a token of wide characters (CJK, emoji: 3-4 bytes each) or a long --out
+    would otherwise fail half-way through a write with the operating system's 'File name too long'."""
+    from .errors import BadInputError
+
+    size = len(str(name).encode("utf-8", "surrogateescape"))
+    if size > NAME_BYTES_MAX:
+        shown = str(name) if len(str(name)) <= 40 else str(name)[:37] + "..."
+        raise BadInputError(f"the file name {shown!r} is {size} bytes (UTF-8), over the {NAME_BYTES_MAX} a name "
+                            f"written here may have ({NAME_MAX} per file name, less the temp file's suffix); use a "
+                            "shorter name or token")
+    return name
 
 
 # ----------------------------------------------------------------------------------------------- output checks
@@ -50,6 +72,7 @@ def check_output(path: str | os.PathLike, *, folder: bool = False, overwrite: bo
     from .errors import BadInputError
 
     path = Path(path)
+    check_name(path.name)
     if path.exists():
         if folder and not path.is_dir():
             raise BadInputError(f"{flag} '{path}' is a file; pass a folder for the output")
@@ -159,6 +182,7 @@ def atomic_path(target: str | os.PathLike):
 
     Stale temps of ``target`` left by killed writers are removed first (:func:`clean_stale_temps`)."""
     target = Path(target)
+    check_name(target.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(target)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
@@ -188,6 +212,7 @@ def atomic_dir(target: str | os.PathLike, replace: bool = True):
     Stale temps of ``target`` left by killed writers are removed first (:func:`clean_stale_temps`).
     """
     target = Path(target)
+    check_name(target.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
@@ -212,6 +237,25 @@ def atomic_dir(target: str | os.PathLike, replace: bool = True):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_folder(target: str | os.PathLike):
+    """Yield an empty temp folder beside ``target``; when the block succeeds, its files move into ``target``
+    (created if needed, other files there kept), else none of them reaches ``target``: a write of several files
+    (an export) is all or nothing."""
+    target = Path(target)
+    check_name(target.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        target.mkdir(exist_ok=True)
+        for entry in sorted(tmp.iterdir()):
+            os.replace(entry, target / entry.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:

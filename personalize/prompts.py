@@ -31,10 +31,12 @@ def missing_tokens(prompt: str, tokens: Sequence[str]) -> list[str]:
     return [t for t in tokens if t.lower() not in lowered]
 
 
-def check_prompt_length(pipe, prompt: str, flag: str = "--prompt") -> None:
-    """Refuse a prompt longer than the text encoder reads (as the pipeline tokenizes it, concepts attached)."""
+def check_prompt_length(pipe, prompt: str, flag: str = "--prompt", convert: bool = True) -> None:
+    """Refuse a prompt longer than the text encoder reads (as the pipeline tokenizes it, concepts attached).
+
+    ``convert=False``: the prompt already spells out multi-vector tokens (a training prompt)."""
     tokenizer = pipe.tokenizer
-    if hasattr(pipe, "maybe_convert_prompt"):  # a multi-vector token <t> becomes '<t> <t>_1 ...', as when sampling
+    if convert and hasattr(pipe, "maybe_convert_prompt"):  # a multi-vector token <t> becomes '<t> <t>_1 ...', as when sampling
         prompt = pipe.maybe_convert_prompt(prompt, tokenizer)
     limit = min(int(getattr(tokenizer, "model_max_length", MAX_TOKENS) or MAX_TOKENS), MAX_TOKENS)
     ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
@@ -45,7 +47,25 @@ def check_prompt_length(pipe, prompt: str, flag: str = "--prompt") -> None:
     lost = f", so the concept token {', '.join(concepts)} would be lost" if concepts else ""
     raise BadInputError(f"{flag} is {len(ids) - 2} tokens, more than the {limit - 2} the text encoder reads; the "
                         f"words after '{tokenizer.decode(ids[limit - 3:limit - 1]).strip()}' would be cut{lost}; "
-                        "shorten the prompt")
+                        f"shorten {'the prompt' if flag.startswith('--') else 'it'}")
+
+
+def check_captions(pipe, captions: Sequence[str | None], image_paths: Sequence[Path], words: Sequence[str],
+                   labels: Sequence[int], templates: Sequence[str] = ()) -> None:
+    """Each photo's caption, and each training template (``{}`` filled with each concept's training words, the
+    tokens in the tokenizer), within what the text encoder reads: a longer one is refused, never cut
+    (:func:`check_prompt_length`), naming the caption file (or the template) and its token count. Cut, a caption
+    with ``{}`` after the cut would train that photo without the concept."""
+    from .templates import fill
+
+    for caption, path, label in zip(captions, image_paths, labels):
+        if caption is not None:
+            check_prompt_length(pipe, fill(caption, words[label]), flag=f"caption '{Path(path).with_suffix('.txt')}'",
+                                convert=False)
+    for template in templates:
+        for word in dict.fromkeys(words):
+            check_prompt_length(pipe, fill(template, word), flag=f"the training prompt {template!r} for {word!r}",
+                                convert=False)
 
 
 def _added_tokens(pipe, ids: Sequence[int]) -> list[str]:

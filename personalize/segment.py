@@ -109,12 +109,28 @@ def load_segmenter(folder: Path, device: str | torch.device = "cpu"):
 
     tlog.disable_progress_bar()  # library code prints nothing
     try:
-        model = CLIPSegForImageSegmentation.from_pretrained(str(folder), use_safetensors=True)
+        model, info = CLIPSegForImageSegmentation.from_pretrained(str(folder), use_safetensors=True,
+                                                                  output_loading_info=True)
         processor = CLIPSegProcessor.from_pretrained(str(folder))
     except Exception as exc:
         raise BaseModelError(f"could not load the segmenter from '{folder}': {_first_line(exc)[:120]}; "
                              f"{GET_WEIGHTS}") from None
+    check_loading_info(folder, info)
     return model.to(device).eval(), processor
+
+
+def check_loading_info(folder, info: dict) -> None:
+    """Refuse weights that do not fit the model (transformers would fill the gaps with random values and go on):
+    one line naming how many tensors are missing, unexpected or of another shape, and the first of them."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        found = list(info.get(kind) or ())
+        if found:
+            first = found[0][0] if isinstance(found[0], tuple) else found[0]
+            problems.append(f"{len(found)} {kind.replace('_keys', '').replace('_msgs', '')} (e.g. {str(first)[:60]})")
+    if problems:
+        raise BaseModelError(f"the segmenter weights in '{folder}' do not fit its config.json ({'; '.join(problems)}): "
+                             f"they would load as a random CLIPSeg; {GET_WEIGHTS}")
 
 
 def soft_masks(model, processor, images: list, phrases: list[str]) -> list[np.ndarray]:
@@ -150,11 +166,14 @@ def mask_files(masks: str | os.PathLike | None, image_paths: Sequence[Path], phr
     """A run's ``masks`` setting resolved to one mask file per photo (None: no masks) and what the concept's
     provenance records. ``masks``: ``"none"``/None, ``"auto"`` (segmented, ``phrases[i]`` prompting photo i),
     or a folder of masks named like the photos (a ``Path`` is always a folder, even one named ``auto``)."""
+    from .images import check_foreground, find_masks
+
     if masks is None or (isinstance(masks, str) and masks.strip().lower() in ("none", "")):
         return None, {}
     if isinstance(masks, str) and masks.strip().lower() == "auto":
         files = auto_mask_paths(image_paths, phrases, segmenter, device)
+        check_foreground(files, list(image_paths), f"the segmenter '{segmenter}' (prompted with its superclass)")
         return files, {"masks": "auto", "segmenter": str(segmenter)}
-    from .images import find_masks
-
-    return find_masks(masks, list(image_paths)), {"masks": "folder"}
+    files = find_masks(masks, list(image_paths))
+    check_foreground(files, list(image_paths), f"the mask folder '{masks}'")
+    return files, {"masks": "folder"}

@@ -17,12 +17,13 @@ from typing import Any
 from .errors import BadInputError
 
 #: > 0
-POSITIVE = frozenset({"steps", "batch_size", "num_images", "class_steps", "num_vectors"})
+POSITIVE = frozenset({"steps", "batch_size", "num_images", "class_steps", "num_vectors", "init_timeout"})
 POSITIVE_PREFIXES = ("lr", "tau")  # learning rates (lr, lr_value, lr_embedding ...), gate temperatures
 #: >= 0
 NON_NEGATIVE = frozenset({"checkpoint_every", "preview_every", "num_class_images", "weight_decay", "prior_loss_weight",
                           "max_grad_norm", "guidance", "class_guidance", "rank", "validate_every", "validation_every",
-                          "save_every", "lr_warmup_steps"})
+                          "save_every", "lr_warmup_steps",
+                          "beta", "beta_train", "beta_global"})  # Perfusion's gate threshold on s (s = 1 at the concept)
 #: in [0, 1]
 UNIT = frozenset({"flip_p", "ema"})
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed's limit

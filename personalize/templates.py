@@ -11,8 +11,9 @@ import unicodedata
 from .errors import BadInputError
 
 TOKEN_MAX = 64
-TOKEN_RULE = (f"a token is 1-{TOKEN_MAX} characters without spaces, control characters, '/', '\\' or '..', "
-              "e.g. '<my-teddy>'")
+TOKEN_BYTES_MAX = 128  # UTF-8: file names are built from tokens (<token>.safetensors), 255 bytes per name on Linux
+TOKEN_RULE = (f"a token is 1-{TOKEN_MAX} characters ({TOKEN_BYTES_MAX} UTF-8 bytes) without spaces, control "
+              "characters, '/', '\\' or '..', e.g. '<my-teddy>'")
 
 NEUTRAL_TEMPLATES = (
     "a photo of a {}",
@@ -49,6 +50,16 @@ def fill(template: str, words: str) -> str:
     return template.replace("{}", words)
 
 
+def check_template(text, what: str) -> str:
+    """``text`` if it is a prompt template naming the concept exactly once as ``{}`` (no other braces), else a
+    one-line BadInputError naming ``what``."""
+    if not isinstance(text, str) or text.count("{}") != 1 or "{" in text.replace("{}", "") \
+            or "}" in text.replace("{}", ""):
+        raise BadInputError(f"{what} must name the concept exactly once as {{}} and hold no other braces, e.g. "
+                            f"'a photo of a {{}}'; it reads {shown(text)}")
+    return text
+
+
 def word_position(tokenizer, template: str, word: str) -> int:
     """Index (BOS counted) of the first token of ``word`` in ``fill(template, word)``."""
     prefix = template.split("{}")[0].strip()
@@ -77,6 +88,20 @@ def phrase_ids(tokenizer, phrase: str) -> list[int]:
     return ids
 
 
+def check_phrases_without_tokens(tokens, phrases) -> None:
+    """Refuse a class phrase that contains a concept token of the run (``--superclass '<x> toy'`` with
+    ``--token '<x>'``): the "class" prompts would name the concept itself, and Perfusion's key lock would read the
+    concept in place of its superclass. Tokens match case-insensitively, as the tokenizer matches added tokens."""
+    tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+    phrases = [phrases] if isinstance(phrases, str) else list(phrases)
+    for phrase in phrases:
+        for token in tokens:
+            if isinstance(phrase, str) and isinstance(token, str) and token and token.lower() in phrase.lower():
+                raise BadInputError(f"superclass {shown(phrase)} contains the concept token {shown(token)}; the "
+                                    "superclass names what the concept is without it, e.g. 'teddy' for "
+                                    f"{shown(token)}")
+
+
 def phrase_last_position(tokenizer, template: str, phrase: str) -> int:
     """Index (BOS counted) of the *last* token of ``phrase`` in ``fill(template, phrase)`` (for a one-token phrase,
     :func:`word_position`)."""
@@ -94,7 +119,9 @@ def token_problem(token) -> str | None:
 
     Tokens become prompt words and file names (``personalize export``: ``<token>.pt``), so one rule holds
     wherever they enter (train, import, a concept file's header, ``token=`` renames): 1-64 characters, no
-    whitespace, no control or invisible format characters, no path separators, no ``..``.
+    whitespace, no control or invisible format characters, no path separators, no ``..``, and at most
+    TOKEN_BYTES_MAX UTF-8 bytes, so a file name made from it (plus its suffix and an atomic write's temp) fits
+    the 255 bytes a file name may have.
     """
     if not isinstance(token, str):
         return f"it is a {type(token).__name__}, not text"
@@ -102,6 +129,8 @@ def token_problem(token) -> str | None:
         return "it is empty"
     if len(token) > TOKEN_MAX:
         return f"it is {len(token)} characters long"
+    if len(token.encode("utf-8", "surrogatepass")) > TOKEN_BYTES_MAX:  # wide characters: 3-4 bytes each
+        return f"it is {len(token.encode('utf-8', 'surrogatepass'))} bytes long in UTF-8"
     if any(c.isspace() for c in token):
         return "it has whitespace"
     if any(unicodedata.category(c).startswith("C") for c in token):

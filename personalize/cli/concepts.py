@@ -146,7 +146,7 @@ def covariance(
     base: str = typer.Option(..., "--base", help=BASE_HELP + " Required."),
     captions: Optional[Path] = typer.Option(None, "--captions", help="Text file, one caption per line [default: the base's own captions.txt if it ships one (the toy base does), else the built-in corpus]."),
     recompute: bool = typer.Option(False, "--recompute", help="Ignore the cache and compute again."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps; a device this machine lacks is refused [default: cuda if available]."),
 ):
     """Compute and cache C, the text-encoder covariance Perfusion needs (once per base).
 
@@ -160,6 +160,9 @@ def covariance(
     from ..base import load_base
     from ..covariance import base_captions, builtin_captions, covariance_path, corpus_id, load_or_compute_covariance
 
+    from ..devices import resolve_device
+
+    device = resolve_device(device)
     lines = None
     if captions is not None:
         if not captions.is_file():

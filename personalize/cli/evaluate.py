@@ -30,7 +30,7 @@ def evaluate(
     clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local OpenAI CLIP ViT-B/32 weights file (open_clip state dict; run with QuickGELU) \\[default: open_clip's 'openai' weights from the hub]."),
     dino_weights: Optional[Path] = typer.Option(None, "--dino-weights", help="Local DINO ViT-S/16 weights file \\[default: timm's vit_small_patch16_224.dino from the hub]."),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda \\[default: cuda if available]."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps; a device this machine lacks is refused \\[default: cuda if available]."),
 ):
     """Score generated images the CustomConcept101 way: CLIP-T (2.5 x max(cos, 0) with the prompt minus the token),
     CLIP-I and DINO-I (all-pairs mean cosine against the reference photos).
@@ -41,10 +41,10 @@ def evaluate(
 
       personalize evaluate --samples samples/ --reference photos/ --clip-weights clip.safetensors --dino-weights dino.safetensors --json   # offline
     """
-    import torch
-
+    from ..devices import resolve_device
     from ..evaluation import ClipEncoder, DinoEncoder, list_images, score_concept
 
+    device = str(resolve_device(device))  # a device this machine lacks: one line, before any work
     images, prompts = _samples(samples)
     if not reference.is_dir():
         raise BadInputError(f"--reference '{reference}' is not a folder; pass the folder of the concept's photos")
@@ -52,7 +52,6 @@ def evaluate(
     if not references:
         raise BadInputError(f"--reference '{reference}' has no images CustomConcept101 scores (.png .jpg .jpeg .tiff .JPG); pass the concept's photos")
     clip_weights, dino_weights = _weights("--clip-weights", clip_weights), _weights("--dino-weights", dino_weights)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     clip = ClipEncoder(weights=clip_weights, device=device)
     dino = DinoEncoder(weights=dino_weights, device=device)
     scores = score_concept(clip, dino, images, prompts, references, token=token)

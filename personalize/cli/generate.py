@@ -16,17 +16,13 @@ from .console import BASE_HELP, JSON_HELP, _parse_value, _step_bar, _warn, print
 
 
 def _parse_concept_arg(text: str) -> tuple[str, dict]:
-    """``FILE:beta=0.6,lag=1,token=<x>`` -> ``(FILE, {knob: value})``, each value JSON-parsed where it can be; the
-    values are checked where they are used (:func:`personalize.compose.prepare`), not here."""
-    path, _, rest = text.partition(":")
-    knobs = {}
-    if rest:
-        for part in rest.split(","):
-            key, sep, value = part.partition("=")
-            if not sep:
-                raise BadInputError(f"--concept '{text}': knobs must look like FILE:beta=0.6,tau=0.15")
-            knobs[key.strip()] = _parse_value(value.strip())
-    return path, knobs
+    """``FILE:beta=0.6,lag=1,token=<x>`` -> ``(FILE, {knob: value})`` (:func:`personalize.knobs.split_concept_arg`:
+    a FILE holding ':' works too), each value JSON-parsed where it can be; the values are checked where they are
+    used (:func:`personalize.compose.prepare`), not here."""
+    from ..knobs import split_concept_arg
+
+    path, knobs = split_concept_arg(text)
+    return path, {key: _parse_value(value) for key, value in knobs.items()}
 
 
 def generate(
@@ -45,7 +41,7 @@ def generate(
     lag: bool = typer.Option(False, "--lag", help="Residuals: localized attention-guided sampling, the residuals apply only where the concept is attended."),
     lock: Optional[str] = typer.Option(None, "--lock", help="Perfusion key-locking: local, or global (K reads the prompt with each concept word replaced by its superclass; default beta then 0.5) [local]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace PNGs of the same prompt and seeds already in OUT (without it they are refused)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps; a device this machine lacks is refused [default: cuda if available]."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Generate images of one or several trained concepts in new scenes (or of the base alone, without --concept).
@@ -65,20 +61,22 @@ def generate(
       personalize generate --concept teddy.safetensors:beta=0.6 --concept teapot.safetensors:lag=1 --concept style.safetensors \
           --prompt "a <teddy> pouring tea from a <teapot> teapot, in <watercolor> style" --lock global --out samples/
     """
-    import torch
-
     from ..base import resolution as resolution_of
     from ..generation import generate as run_generate
-    from ..generation import write_images
+    from ..generation import check_steps, write_images
     from ..prompts import check_prompt_length
 
+    from ..devices import resolve_device
+
+    device = resolve_device(device)  # a device this machine lacks: one line, before any work
     check_options(num_images=num_images, steps=steps, guidance=guidance, seed=seed, beta=beta, tau=tau)
     _check_generate_out(out, prompt, seed, num_images, overwrite)
     if scheduler is not None:
         scheduler_class(scheduler)
     attachment, parts = _attachment(concept, prompt, dict(beta=beta, tau=tau, lag=lag, lock=lock))
-    pipe = _load(base, parts, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), scheduler=scheduler)
+    pipe = _load(base, parts, device=device, scheduler=scheduler)
     size = resolution_of(pipe, resolution)  # a size this base cannot make is refused before any work
+    check_steps(pipe, steps)  # and so are more steps than its scheduler has
     with attachment(pipe):
         check_prompt_length(pipe, prompt)  # the concepts' tokens are in the tokenizer now
         with _step_bar(f"generating {num_images} image(s)", steps) as on_step:

@@ -31,7 +31,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (without it an existing concept file is refused; --resume continues it instead)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (trainer and method); flags win."),
     set_: List[str] = typer.Option([], "--set", help="Method or trainer setting KEY=VALUE, e.g. --set lock=trained --set lr_value=0.02."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: cuda if available]."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps; a device this machine lacks is refused [default: cuda if available]."),
     validate_every: Optional[int] = typer.Option(None, "--validate-every", min=0, help="Best-step selection every N steps, the older spelling: --validation-every N with --evaluator clip unless another --evaluator is given (0 = off: keep the last step)."),
     evaluator: Optional[str] = typer.Option(None, "--evaluator", help="Best-step selection: at each --validation-every step also score samples and keep the step with the best harmonic mean (Perfusion §4.4): clip (CLIP-I vs. the photos, CLIP-T) or toyworld:NAME (the toy world's fidelity and alignment for concept NAME); its prompts are --validation-prompt \\[default: none: samples only; clip's 8 prompts as Perfusion §4.4 ('a photo of a {}', 'a {} on the beach', ...), toyworld's toy-world scenes]."),
     clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local OpenAI CLIP ViT-B/32 weights file (open_clip state dict; run with QuickGELU) for --evaluator clip (given alone, it means --evaluator clip) \\[default: open_clip's 'openai' weights from the hub]."),
@@ -75,6 +75,9 @@ METHOD_DEFAULTS
     from ..paths import check_output
     from ..training import train as run_train
 
+    from ..devices import resolve_device
+
+    resolve_device(device)  # a device this machine lacks: one line, before any work
     check_output(out, overwrite=overwrite or resume)  # before minutes of training, not after
     trainer = derived.given(TRAINER_FLAGS, flags)
     check_options(**{k: v for k, v in trainer.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -143,12 +146,11 @@ def _validation(settings: dict, validate_every: Optional[int], evaluator: Option
         return None
     if clip_weights is not None and not clip_weights.is_file():
         raise BadInputError(f"--clip-weights '{clip_weights}' is not a file; pass an OpenAI CLIP ViT-B/32 state dict (.safetensors)")
-    import torch
-
+    from ..devices import resolve_device
     from ..evaluation.validation import make_validator
 
     return make_validator(evaluator or "clip", every, images, prompts=prompts or None, clip_weights=clip_weights,
-                          device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                          device=resolve_device(device))
 
 
 def _concept_args(images: list, tokens: list, superclasses: list, listed) -> tuple:

@@ -64,7 +64,9 @@ class PerfusionConfig:
 @dataclass
 class PerfusionKnobs:
     beta: float | None = knob(None, "gate threshold; higher = weaker concept, better text alignment (s = 1 at the "
-                                    "concept; default: the concept's beta, or beta_global with lock=global)")
+                                    "concept, about 0 for unrelated words, so a negative beta would open the gate "
+                                    "on every word; default: the concept's beta, or beta_global with lock=global)",
+                              low=0)
     tau: float | None = knob(None, "gate temperature (default: the concept's tau)", low=0, low_open=True)
     gate: bool = knob(True, "on (default) or off: off applies the ungated edit of Eq. 2 (an ablation)")
     lock: str = knob("local", "local (default) or global: K reads the prompt with the concept word replaced by its "

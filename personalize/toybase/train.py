@@ -54,12 +54,6 @@ def param_groups(module: torch.nn.Module, wd: float):
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def min_snr_weights(sched, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Per-sample loss weights of min-SNR-gamma: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v."""
     ac = sched.alphas_cumprod.to(t.device)[t]
@@ -79,6 +73,8 @@ def train_base(recipe: Optional[BaseRecipe] = None, *, out: os.PathLike | str, r
     command = args.command(out, resume, export, device, workers)
     arch = args.arch()
     torch.set_num_threads(args.threads)
+    from ..devices import resolve_device
+
     device = resolve_device(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

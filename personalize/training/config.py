@@ -44,6 +44,9 @@ class TrainConfig:
     segmenter: str = dataclasses.field(default=DEFAULT_SEGMENTER, metadata={
         "help": "CLIPSeg model of --masks auto: a hub id or a local folder (save_pretrained; safetensors)",
         "flag": True})
+    init_timeout: float = dataclasses.field(default=60.0, metadata={
+        "help": "data parallel (torchrun / accelerate launch): seconds to wait for the master and the other "
+                "processes before a one-line error (torch's own default is 30 minutes)"})
 
     # -- watching a run: trackers, sample images, intermediate concepts, the learning-rate schedule (the diffusers
     # example scripts' --report_to, --validation_prompt/--validation_steps, --checkpointing_steps, --lr_scheduler,

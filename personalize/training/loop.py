@@ -18,11 +18,12 @@ from ..checkpoints import checkpoint_dir, has_checkpoint, load_checkpoint, save_
 from ..concept import Concept, save_concept
 from ..errors import BadInputError, CheckpointError
 from ..images import file_sha256, list_images, load_captions, load_images, stack_masks
-from ..parallel import DataParallel
+from ..devices import resolve_device
+from ..parallel import DataParallel, join
 from ..segment import mask_files
 from ..paths import atomic_path, check_output
-from ..prompts import check_prompt_length, check_prompt_text
-from ..templates import check_new_token, check_token, phrase_ids
+from ..prompts import check_captions, check_prompt_length, check_prompt_text
+from ..templates import check_new_token, check_phrases_without_tokens, check_template, check_token, phrase_ids
 from .best import _BestKeeper, _Progress
 from .cache import LatentCache, PriorData, draw_batch
 from .config import TrainConfig, resolve_settings
@@ -94,6 +95,7 @@ def train(
     from diffusers import DDPMScheduler
 
     method_cls = method_registry.get(method)
+    device = resolve_device(device)  # a device this machine lacks is refused before any work
     if not (isinstance(masks, str) and masks == "default"):  # the argument wins over settings and the method
         settings = {**(settings or {}), "masks": "none" if masks is None else masks}
     masks = (settings or {}).get("masks")
@@ -103,6 +105,7 @@ def train(
     out = Path(out)
     templates = _check_run(cfg, out, resume, validation)
     folders, tokens, superclasses = _concepts(method_cls, images, token, superclass)
+    check_phrases_without_tokens(tokens, superclasses)  # before any work
     per_concept = [list_images(f) for f in folders]
     image_paths = [p for paths in per_concept for p in paths]
     if len(folders) == 1:
@@ -114,10 +117,12 @@ def train(
                                 "one concept at a time")
     # before any training work: an unreachable segmenter stops the run here (masks are segmented once, cached)
     phrases = [sc for sc, paths in zip(superclasses, per_concept) for _ in paths]
-    mask_paths, mask_source = mask_files(masks, image_paths, phrases, cfg.segmenter,
-                                         device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mask_paths, mask_source = mask_files(masks, image_paths, phrases, cfg.segmenter, device)
 
-    accelerator = _accelerator(cfg.mixed_precision, cpu=(str(device) == "cpu"))
+    if join(device, cfg.init_timeout) is None and device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device.index)  # one process on cuda:N (a launcher gives each process its own GPU)
+    # cpu=True on a CPU device: under a launcher accelerate then trains data-parallel with gloo (MULTI_CPU)
+    accelerator = _accelerator(cfg.mixed_precision, cpu=(device.type == "cpu"))
     device = accelerator.device
     parallel = DataParallel(accelerator, cfg.batch_size)
     progress = progress and parallel.main
@@ -141,6 +146,8 @@ def train(
 
     trainable = method_cls.for_training(pipe, token, superclass, mcfg)
     try:
+        check_captions(pipe, captions, image_paths, trainable.placeholders(), labels.tolist(),  # tokens added now
+                       (*trainable.templates(), *([cfg.preview_prompt] if cfg.preview_every else [])))
         with parallel.main_first():  # class images are sampled (and cached) once
             prior = _prior_data(pipe, trainable, superclasses, size, progress)
         named = trainable.param_groups()
@@ -384,6 +391,7 @@ def _check_run(cfg: TrainConfig, out: Path, resume: bool, validation=None) -> tu
         raise BadInputError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 (or no) on a CPU")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise BadInputError("--steps and --batch-size must be at least 1")
+    check_template(cfg.preview_prompt, "setting 'preview_prompt'")  # formatted at every preview, after training began
     if not 0 <= cfg.resolution <= MAX_RESOLUTION:  # the base's own stride is checked once it is loaded
         raise BadInputError(f"--resolution {cfg.resolution} is out of range: give a size up to {MAX_RESOLUTION} "
                             "pixels, or 0 for the base's native size")
