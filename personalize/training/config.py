@@ -46,16 +46,16 @@ class TrainConfig:
         "flag": True})
     # -- the data as practitioners prepare it (kohya sd-scripts' dataset options, diffusers' example scripts)
     repeats: Any = dataclasses.field(default=None, metadata={
-        "help": "kohya's dataset repeats (the N of an N_name folder), one value or one per --images in order: a "
-                "row of a step is photo i with probability repeats_i / sum of repeats, the share an epoch of "
-                "kohya's repeated list gives it. Steps, not epochs, set the run's length, so one value for every "
-                "photo changes nothing; different values balance concepts of a multi-concept run "
-                "(unset = 1 each)", "flag": "multiple"})
+        "help": "how often photos are drawn, as kohya's dataset repeats (the N of an N_name folder), one value or "
+                "one per --images in order: a row of a step is photo i with probability repeats_i / sum of repeats, "
+                "the share an epoch of kohya's repeated list gives it. Steps, not epochs, set the run's length, so "
+                "one value for every photo changes nothing; different values balance concepts of a multi-concept "
+                "run (unset = 1 each)", "flag": "multiple"})
     caption_dropout: float = dataclasses.field(default=0.0, metadata={
         "help": "probability that a photo's prompt is replaced by the empty prompt \"\" (kohya's "
                 "caption_dropout_rate, diffusers' proportion_empty_prompts; 0 = never, their default): the rows "
                 "train the unconditional prediction that classifier-free guidance subtracts. Refused for methods "
-                "that train only the token's vector (textual_inversion: a row without the token gives it no "
+                "that train only the token's vector (textual-inversion: a row without the token gives it no "
                 "gradient); class images keep their prompt", "flag": True})
     shuffle_tags: bool = dataclasses.field(default=False, metadata={
         "help": "shuffle the comma-separated tags of each caption (IMAGE.txt) every time it is drawn, as kohya's "
@@ -64,7 +64,7 @@ class TrainConfig:
         "help": "with --shuffle-tags, keep the first N tags in place (kohya's keep_tokens, counted in tags)",
         "flag": True})
     buckets: bool = dataclasses.field(default=False, metadata={
-        "help": "aspect-ratio buckets instead of square centre crops (kohya's enable_bucket): frames with sides "
+        "help": "train on aspect-ratio buckets instead of square centre crops (kohya's enable_bucket): frames with sides "
                 "multiples of 64 (the UNet stride on tiny bases) and area up to resolution², each photo, its mask "
                 "and each class image scaled to cover the closest-ratio frame and centre-cropped, no distortion; "
                 "a step draws from one bucket; SDXL rows carry their original size and crop", "flag": True})
