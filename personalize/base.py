@@ -273,6 +273,11 @@ def _first_line(exc: BaseException) -> str:
 MAX_RESOLUTION = 4096
 
 
+def pixel_stride(pipe) -> int:
+    """The pixel stride of the UNet's deepest level: image sides must be multiples of it."""
+    return int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+
 def resolution(pipe, requested: int | None = 0, flag: str = "--resolution") -> int:
     """The image size to work at: ``requested``, or the base's native size when it is 0/None. It must be a
     multiple of the pixel stride of the UNet's deepest level (so every level's feature map is whole)."""
@@ -280,7 +285,7 @@ def resolution(pipe, requested: int | None = 0, flag: str = "--resolution") -> i
 
     if not requested:
         return native_resolution(pipe)
-    stride = int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    stride = pixel_stride(pipe)
     if isinstance(requested, bool) or not isinstance(requested, int) or not stride <= requested <= MAX_RESOLUTION \
             or requested % stride:
         raise BadInputError(f"{flag} {requested!r} does not fit this base: give a multiple of {stride} from {stride} "

@@ -14,7 +14,9 @@ import hashlib
 import re
 import unicodedata
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -188,15 +190,74 @@ def stack_masks(mask_paths: list[Path], size: int) -> torch.Tensor:
 
     masks = []
     for mask_path in mask_paths:
-        img = open_image(mask_path)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            full = 65535.0 if img.mode != "F" else 1.0
-            img = Image.fromarray(np.asarray(img, dtype=np.float32) / full)  # mode F
-        else:
-            img = img.convert("L")
-        arr = np.asarray(_square(img, size, Image.Resampling.BILINEAR), dtype=np.float32)
+        arr = np.asarray(_square(_open_mask(mask_path), size, Image.Resampling.BILINEAR), dtype=np.float32)
         masks.append(arr / max(float(arr.max()), 1e-6))
     return torch.from_numpy(np.stack(masks)).unsqueeze(1)
+
+
+def _open_mask(mask_path: Path):
+    """A mask file as 8-bit ``L`` or, for 16-bit and float masks, as float ``F`` in [0, 1]."""
+    from PIL import Image
+
+    img = open_image(mask_path)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        full = 65535.0 if img.mode != "F" else 1.0
+        return Image.fromarray(np.asarray(img, dtype=np.float32) / full)  # mode F
+    return img.convert("L")
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """One image resized to cover a ``height`` x ``width`` frame (aspect kept) and centre-cropped to it: the
+    pixels, the size it was opened at and where the crop starts in the resized image (SDXL's micro-conditioning
+    reads all three: ``original_size``, ``crops_coords_top_left``, ``target_size``)."""
+
+    pixels: torch.Tensor  # (C, height, width)
+    original: tuple[int, int]  # (height, width) as opened (EXIF applied)
+    resized: tuple[int, int]  # (height, width) after the covering resize
+    top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+
+
+def cover_crop(img, height: int, width: int, resample) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """``img`` scaled by one factor (no distortion) so it just covers ``height`` x ``width``, then centre-cropped:
+    the array, the resized (height, width) and the crop's (top, left). kohya sd-scripts' bucket resize
+    (``trim_and_resize_if_required``): the side that fits is scaled exactly, the other one is trimmed evenly."""
+    w0, h0 = img.size
+    scale = max(width / w0, height / h0)
+    rw, rh = max(width, int(w0 * scale + 0.5)), max(height, int(h0 * scale + 0.5))
+    top, left = (rh - height) // 2, (rw - width) // 2
+    resized = img.resize((rw, rh), resample)
+    return np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.float32), (rh, rw), (top, left)
+
+
+def load_fitted(paths: list[Path], frame: Callable[[int, int], tuple[int, int]]) -> list[Fitted]:
+    """Each photo in [-1, 1] at the (height, width) ``frame(height, width)`` picks for its own size (an
+    aspect-ratio bucket), by :func:`cover_crop`."""
+    from PIL import Image
+
+    out = []
+    for path in paths:
+        img = open_rgb(path)
+        height, width = frame(img.height, img.width)
+        arr, resized, top_left = cover_crop(img, height, width, Image.Resampling.BICUBIC)
+        out.append(Fitted(torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0, (img.height, img.width), resized,
+                          top_left))
+    return out
+
+
+def load_fitted_masks(mask_paths: list[Path], photos: list[Fitted]) -> list[torch.Tensor]:
+    """(1, height, width) masks in [0, 1] (divided by their max), each cropped exactly as its photo: a mask of
+    another size is first resized to the photo's, then goes through the same :func:`cover_crop`."""
+    from PIL import Image
+
+    out = []
+    for mask_path, photo in zip(mask_paths, photos):
+        img = _open_mask(mask_path)
+        if (img.height, img.width) != photo.original:
+            img = img.resize(photo.original[::-1], Image.Resampling.BILINEAR)
+        arr, _, _ = cover_crop(img, *photo.pixels.shape[-2:], Image.Resampling.BILINEAR)
+        out.append(torch.from_numpy(arr / max(float(arr.max()), 1e-6)).unsqueeze(0))
+    return out
 
 
 def file_sha256(path: Path) -> str:

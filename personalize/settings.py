@@ -21,11 +21,12 @@ POSITIVE = frozenset({"steps", "batch_size", "num_images", "class_steps", "num_v
 POSITIVE_PREFIXES = ("lr", "tau")  # learning rates (lr, lr_value, lr_embedding ...), gate temperatures
 #: >= 0
 NON_NEGATIVE = frozenset({"checkpoint_every", "preview_every", "num_class_images", "weight_decay", "prior_loss_weight",
-                          "max_grad_norm", "guidance", "class_guidance", "rank", "validate_every", "validation_every",
+                          "max_grad_norm", "guidance", "class_guidance", "rank", "validate_every", "validation_every", "keep_tags",
+                          "bucket_step", "bucket_min", "bucket_max",
                           "save_every", "lr_warmup_steps",
                           "beta", "beta_train", "beta_global"})  # Perfusion's gate threshold on s (s = 1 at the concept)
 #: in [0, 1]
-UNIT = frozenset({"flip_p", "ema"})
+UNIT = frozenset({"flip_p", "ema", "caption_dropout"})
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed's limit
 
 _TRUE, _FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")

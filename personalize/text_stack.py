@@ -90,11 +90,18 @@ def time_ids(height: int, width: int, rows: int, device=None, dtype=None) -> tor
     return row.expand(rows, 6)
 
 
-def unet_kwargs(pipe, encoding_pooled: torch.Tensor | None, height: int, width: int) -> dict:
-    """Extra UNet arguments of the family: SDXL's ``added_cond_kwargs`` (pooled text, time ids); else none."""
+def unet_kwargs(pipe, encoding_pooled: torch.Tensor | None, height: int, width: int,
+                rows_time_ids: torch.Tensor | None = None) -> dict:
+    """Extra UNet arguments of the family: SDXL's ``added_cond_kwargs`` (pooled text, time ids); else none.
+
+    ``rows_time_ids``: each row's own (original size, crop top-left, target size), e.g. of a bucketed photo;
+    None = an uncropped ``height`` x ``width`` image for every row."""
     if encoding_pooled is None:
         return {}
-    ids = time_ids(height, width, encoding_pooled.shape[0], encoding_pooled.device, encoding_pooled.dtype)
+    if rows_time_ids is not None:
+        ids = rows_time_ids.to(encoding_pooled.device, encoding_pooled.dtype)
+    else:
+        ids = time_ids(height, width, encoding_pooled.shape[0], encoding_pooled.device, encoding_pooled.dtype)
     return {"added_cond_kwargs": {"text_embeds": encoding_pooled, "time_ids": ids}}
 
 

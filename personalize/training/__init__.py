@@ -10,7 +10,8 @@ schedules and intermediate concept files. A method only supplies its trainable
 state (see :class:`personalize.methods.base.Method`).
 
 - ``config``: :class:`TrainConfig` and how a run's settings are resolved;
-- ``cache``: the VAE latent cache and each step's random :class:`Batch`;
+- ``cache``: the VAE latent cache and each step's random :class:`Batch` (repeats, caption dropout, tag shuffling);
+- ``buckets``: aspect-ratio buckets (photos, masks and class images fitted without distortion);
 - ``step``: one step's denoising loss;
 - ``fast_path``: fused AdamW, cached text encodings, frozen weights in the compute dtype;
 - ``best``: best-step selection and the progress bar;
@@ -28,7 +29,9 @@ from typing import TYPE_CHECKING
 #: ``personalize train --help``) comes without torch
 _EXPORTS = {
     **dict.fromkeys(("_BestKeeper", "_Progress"), ".best"),
-    **dict.fromkeys(("Batch", "LatentCache", "PriorData", "draw_batch", "encode_latents"), ".cache"),
+    **dict.fromkeys(("BucketedCache", "bucket_sizes", "bucketed_cache", "closest_bucket"), ".buckets"),
+    **dict.fromkeys(("Batch", "CaptionOptions", "LatentCache", "PriorData", "draw_batch", "encode_latents",
+                     "shuffle_tags"), ".cache"),
     **dict.fromkeys(("TrainConfig", "resolve_settings", "split_overrides"), ".config"),
     **dict.fromkeys(("FrozenInComputeDtype", "TextCache"), ".fast_path"),
     **dict.fromkeys(("LOSS_EVERY", "_validate_words", "concept_header", "load_base", "preview_dir", "train",
@@ -40,7 +43,8 @@ _EXPORTS = {
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .best import _BestKeeper, _Progress
-    from .cache import Batch, LatentCache, PriorData, draw_batch, encode_latents
+    from .buckets import BucketedCache, bucket_sizes, bucketed_cache, closest_bucket
+    from .cache import Batch, CaptionOptions, LatentCache, PriorData, draw_batch, encode_latents, shuffle_tags
     from .config import TrainConfig, resolve_settings, split_overrides
     from .fast_path import FrozenInComputeDtype, TextCache
     from .loop import (LOSS_EVERY, _validate_words, concept_header, load_base, preview_dir, train,
@@ -49,10 +53,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .step import denoising_loss, denoising_step
     from .trackers import logs_dir
 
-__all__ = ["Batch", "FrozenInComputeDtype", "LOSS_EVERY", "LatentCache", "PriorData", "TextCache", "TrainConfig",
+__all__ = ["Batch", "BucketedCache", "CaptionOptions", "FrozenInComputeDtype", "LOSS_EVERY", "LatentCache", "PriorData", "TextCache", "TrainConfig",
            "concept_header", "denoising_loss", "denoising_step", "draw_batch", "encode_latents", "load_base",
            "logs_dir", "preview_dir", "resolve_settings", "samples_dir", "split_overrides", "steps_dir", "train",
-           "write_preview"]
+           "write_preview", "bucket_sizes", "bucketed_cache", "closest_bucket", "shuffle_tags"]
 
 
 def __getattr__(name: str):

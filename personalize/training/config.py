@@ -78,6 +78,38 @@ class TrainConfig:
         "help": "steps of linear warm-up from 0 to the learning rate, for every schedule but constant "
                 "(diffusers' --lr_warmup_steps; its scripts default to 500, the recipes here to 0)", "flag": True})
 
+    # -- the data as practitioners prepare it (kohya sd-scripts' dataset options, diffusers' example scripts)
+    repeats: Any = dataclasses.field(default=None, metadata={
+        "help": "how often photos are drawn, as kohya's dataset repeats (the N of an N_name folder), one value or "
+                "one per --images in order: a row of a step is photo i with probability repeats_i / sum of repeats, "
+                "the share an epoch of kohya's repeated list gives it. Steps, not epochs, set the run's length, so "
+                "one value for every photo changes nothing; different values balance concepts of a multi-concept "
+                "run (unset = 1 each)", "flag": "multiple"})
+    caption_dropout: float = dataclasses.field(default=0.0, metadata={
+        "help": "probability that a photo's prompt is replaced by the empty prompt \"\" (kohya's "
+                "caption_dropout_rate, diffusers' proportion_empty_prompts; 0 = never, their default): the rows "
+                "train the unconditional prediction that classifier-free guidance subtracts. Refused for methods "
+                "that train only the token's vector (textual-inversion: a row without the token gives it no "
+                "gradient); class images keep their prompt", "flag": True})
+    shuffle_tags: bool = dataclasses.field(default=False, metadata={
+        "help": "shuffle the comma-separated tags of each caption (IMAGE.txt) every time it is drawn, as kohya's "
+                "shuffle_caption; no tag is dropped, so the one naming the concept ({}) always stays", "flag": True})
+    keep_tags: int = dataclasses.field(default=0, metadata={
+        "help": "with --shuffle-tags, keep the first N tags in place (kohya's keep_tokens, counted in tags)",
+        "flag": True})
+    buckets: bool = dataclasses.field(default=False, metadata={
+        "help": "train on aspect-ratio buckets instead of square centre crops (kohya's enable_bucket): frames with sides "
+                "multiples of 64 (the UNet stride on tiny bases) and area up to resolution², each photo, its mask "
+                "and each class image scaled to cover the closest-ratio frame and centre-cropped, no distortion; "
+                "a step draws from one bucket; SDXL rows carry their original size and crop", "flag": True})
+    bucket_step: int = dataclasses.field(default=0, metadata={
+        "help": "side step of the buckets in pixels (kohya's bucket_reso_steps: 64; 0 = 64, or the UNet stride "
+                "where 64 does not fit)"})
+    bucket_min: int = dataclasses.field(default=0, metadata={
+        "help": "smallest bucket side in pixels (kohya's min_bucket_reso: 256 at 512; 0 = resolution / 2)"})
+    bucket_max: int = dataclasses.field(default=0, metadata={
+        "help": "largest bucket side in pixels (kohya's max_bucket_reso: 1024 at 512; 0 = 2 x resolution)"})
+
 
 def split_overrides(method_cls, overrides: dict[str, Any] | None) -> tuple[dict, dict]:
     """Split a flat settings dict (e.g. from --config YAML) into trainer and method settings."""

@@ -25,7 +25,9 @@ from ..paths import atomic_path, check_output
 from ..prompts import check_captions, check_prompt_length, check_prompt_text
 from ..templates import check_new_token, check_phrases_without_tokens, check_template, check_token, phrase_ids
 from .best import _BestKeeper, _Progress
-from .cache import LatentCache, PriorData, draw_batch
+from .buckets import bucket_sizes, bucketed_cache
+from .buckets import settings as bucket_settings
+from .cache import CaptionOptions, LatentCache, PriorData, draw_batch
 from .config import TrainConfig, resolve_settings
 from .fast_path import FrozenInComputeDtype, TextCache, _adamw
 from .lr_schedule import check_schedule, make_lr_scheduler
@@ -106,6 +108,7 @@ def train(
     templates = _check_run(cfg, out, resume, validation)
     folders, tokens, superclasses = _concepts(method_cls, images, token, superclass)
     check_phrases_without_tokens(tokens, superclasses)  # before any work
+    repeats = _check_data(cfg, method_cls, len(folders))
     per_concept = [list_images(f) for f in folders]
     image_paths = [p for paths in per_concept for p in paths]
     if len(folders) == 1:
@@ -131,9 +134,9 @@ def train(
     for tok, sc in zip(tokens, superclasses):
         _validate_words(pipe, tok, sc)
     size = resolution(pipe, cfg.resolution)
+    frames = bucket_sizes(size, *bucket_settings(pipe, size, cfg.bucket_step, cfg.bucket_min, cfg.bucket_max)) \
+        if cfg.buckets else None
     captions = load_captions(image_paths, tokens)
-    pixels = load_images(image_paths, size)
-    mask_tensor = stack_masks(mask_paths, size) if mask_paths is not None else None
 
     for module in (pipe.unet, pipe.vae, *text_stack.encoders(pipe)):
         module.requires_grad_(False)
@@ -141,7 +144,17 @@ def train(
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     labels = torch.tensor([i for i, paths in enumerate(per_concept) for _ in paths])
-    cache = LatentCache(pipe.vae, pixels, mask_tensor, labels, captions)
+    weights = torch.tensor([float(repeats[label]) for label in labels.tolist()])
+    if frames is None:
+        mask_tensor = stack_masks(mask_paths, size) if mask_paths is not None else None
+        cache = LatentCache(pipe.vae, load_images(image_paths, size), mask_tensor, labels, captions, weights)
+    else:
+        cache = bucketed_cache(pipe.vae, image_paths, frames, mask_paths=mask_paths, labels=labels,
+                               captions=captions, weights=weights)
+        mask_tensor = None if mask_paths is None else torch.cat([c.masks.flatten() for c in cache.caches])
+    data = _data_settings(cfg, repeats)
+    caption_options = CaptionOptions(cfg.caption_dropout, cfg.shuffle_tags, cfg.keep_tags) \
+        if cfg.caption_dropout or cfg.shuffle_tags else None
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     trainable = method_cls.for_training(pipe, token, superclass, mcfg)
@@ -149,7 +162,7 @@ def train(
         check_captions(pipe, captions, image_paths, trainable.placeholders(), labels.tolist(),  # tokens added now
                        (*trainable.templates(), *([cfg.preview_prompt] if cfg.preview_every else [])))
         with parallel.main_first():  # class images are sampled (and cached) once
-            prior = _prior_data(pipe, trainable, superclasses, size, progress)
+            prior = _prior_data(pipe, trainable, superclasses, size, progress, frames)
         named = trainable.param_groups()
         group_names = [g.get("name", str(i)) for i, g in enumerate(named)]
         groups = [{k: v for k, v in g.items() if k != "name"} for g in named]
@@ -174,6 +187,7 @@ def train(
             **({"resolution": size} if cfg.resolution else {}),
             **({"lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps}
                if (cfg.lr_scheduler, cfg.lr_warmup_steps) != ("constant", 0) else {}),
+            **({"data": data} if data else {}),
         }
         ckpt = checkpoint_dir(out)
         start = load_checkpoint(ckpt, run_id, trainable, optimizer, generator, lr_scheduler) if resume else 0
@@ -190,6 +204,8 @@ def train(
                 "package_version": _version(), "torch": torch.__version__,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "seconds": round(time.time() - began, 1), **mask_source,
+                **({"data": data} if data else {}),
+                **({"buckets": cache.sizes()} if frames is not None else {}),
                 **(best.provenance() if best is not None and final else {}),
             }
             header = concept_header(method, token, superclass, mcfg, trainable.inference_defaults(), base_fp,
@@ -222,7 +238,8 @@ def train(
             for step in range(start + 1, cfg.steps + 1):
                 began_step = time.perf_counter()
                 batch = draw_batch(cache, cfg.batch_size, cfg.flip_p, scheduler.config.num_train_timesteps,
-                                   trainable.placeholders(), generator, device, trainable.templates())
+                                   trainable.placeholders(), generator, device, trainable.templates(),
+                                   caption_options)
                 prior_batch = None if prior is None else draw_batch(
                     prior.cache, cfg.batch_size, cfg.flip_p, scheduler.config.num_train_timesteps, prior.prompts,
                     generator, device, ("{}",))
@@ -336,8 +353,10 @@ def _concepts(method_cls, images, token, superclass) -> tuple[list, list[str], l
     return folders, tokens, superclasses
 
 
-def _prior_data(pipe, trainable, superclasses: list[str], size: int, progress: bool) -> PriorData | None:
-    """The run's class images (generated by the base and cached, or the user's), encoded once.
+def _prior_data(pipe, trainable, superclasses: list[str], size: int, progress: bool,
+                frames: list[tuple[int, int]] | None = None) -> PriorData | None:
+    """The run's class images (generated by the base and cached, or the user's), encoded once (in ``frames``,
+    the run's aspect-ratio buckets, when it has them).
 
     Called once the method is built (so its settings are checked before minutes of sampling); its edits are
     taken out meanwhile, so the images are the base model's."""
@@ -346,12 +365,12 @@ def _prior_data(pipe, trainable, superclasses: list[str], size: int, progress: b
         return None
     trainable.remove()
     try:
-        return _class_images(pipe, spec, size, progress)
+        return _class_images(pipe, spec, size, progress, frames)
     finally:
         trainable.install()
 
 
-def _class_images(pipe, spec, size: int, progress: bool) -> PriorData:
+def _class_images(pipe, spec, size: int, progress: bool, frames: list[tuple[int, int]] | None = None) -> PriorData:
     from .. import prior as prior_images
 
     todo = prior_images.missing_count(pipe, spec)
@@ -366,8 +385,51 @@ def _class_images(pipe, spec, size: int, progress: bool) -> PriorData:
         paths, labels = prior_images.resolve(pipe, spec, on_image=tick)
     finally:
         bar.close()
-    cache = LatentCache(pipe.vae, load_images(paths, size), None, torch.tensor(labels))
+    if frames is None:
+        cache = LatentCache(pipe.vae, load_images(paths, size), None, torch.tensor(labels))
+    else:
+        cache = bucketed_cache(pipe.vae, paths, frames, labels=torch.tensor(labels))
     return PriorData(cache, spec.prompts, spec.weight)
+
+
+def _check_data(cfg: TrainConfig, method_cls, concepts: int) -> list[int]:
+    """The data settings checked before anything is loaded; returns the repeats of each concept."""
+    given = cfg.repeats if isinstance(cfg.repeats, (list, tuple)) else [] if cfg.repeats is None else [cfg.repeats]
+    repeats = []
+    for value in given:
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            number = 0
+        if isinstance(value, bool) or not 1 <= number <= 10_000:
+            raise BadInputError(f"--repeats {value!r}: give a whole number of repeats from 1 to 10000")
+        repeats.append(number)
+    if len(repeats) not in (0, 1, concepts):
+        raise BadInputError(f"{len(repeats)} --repeats values for {concepts} image folders; give one value, or one "
+                            "per --images in order")
+    repeats = repeats * concepts if len(repeats) == 1 else repeats or [1] * concepts
+    if cfg.caption_dropout >= 1:
+        raise BadInputError(f"--caption-dropout {cfg.caption_dropout}: every prompt would be empty and the concept "
+                            "never named; give a probability below 1, e.g. 0.1")
+    if cfg.caption_dropout and tuple(method_cls.sites) == ("tokens",):
+        raise BadInputError(f"--caption-dropout does not fit {method_cls.name}: it trains only the token's vector, "
+                            "and a row whose prompt is dropped has no token (no gradient) while the unconditional "
+                            "prediction it would train cannot change; leave it at 0")
+    if cfg.keep_tags and not cfg.shuffle_tags:
+        raise BadInputError("--keep-tags only acts with --shuffle-tags (the tags kept in place while the rest "
+                            "are shuffled); add --shuffle-tags or drop --keep-tags")
+    if not cfg.buckets and (cfg.bucket_step or cfg.bucket_min or cfg.bucket_max):
+        raise BadInputError("bucket_step / bucket_min / bucket_max only act with --buckets; add --buckets")
+    return repeats
+
+
+def _data_settings(cfg: TrainConfig, repeats: list[int]) -> dict[str, Any]:
+    """The data settings that differ from the defaults (recorded in the checkpoint key and the provenance)."""
+    found = {"repeats": repeats if len(set(repeats)) > 1 else None, "caption_dropout": cfg.caption_dropout or None,
+             "shuffle_tags": cfg.shuffle_tags or None, "keep_tags": cfg.keep_tags or None,
+             "buckets": cfg.buckets or None, "bucket_step": cfg.bucket_step or None,
+             "bucket_min": cfg.bucket_min or None, "bucket_max": cfg.bucket_max or None}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def _check_run(cfg: TrainConfig, out: Path, resume: bool, validation=None) -> tuple[str, ...]:

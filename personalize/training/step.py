@@ -1,6 +1,8 @@
 """One training step's loss: encode the prompts, noise the latents, predict, compare (optionally mask-weighted)."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,37 +27,61 @@ def denoising_step(pipe, scheduler, method, batch: Batch, prior: Batch | None = 
                    rows: Callable[[int], slice] | None = None) -> torch.Tensor:
     """Encode the prompts (method hook), noise the latents, predict, and return the loss.
 
-    With a ``prior`` batch (class images, prior preservation) both go through one UNet pass and the loss is
-    ``loss(batch) + prior_weight * loss(prior)``. ``unet``: the module to call instead of ``pipe.unet`` (its
-    compiled form); ``texts``: encodings kept per prompt (when nothing trained acts on the text path);
-    ``rows(n)``: the slice of an n-row batch part this process trains on (data parallel: the prompts of the whole
-    batch are still encoded, so the method's text hook sees the same rows in every process)."""
+    With a ``prior`` batch (class images, prior preservation) the loss is ``loss(batch) + prior_weight *
+    loss(prior)``; both go through one UNet pass when their images have one size (always, without buckets), else
+    through one pass each. ``unet``: the module to call instead of ``pipe.unet`` (its compiled form); ``texts``:
+    encodings kept per prompt (when nothing trained acts on the text path); ``rows(n)``: the slice of an n-row
+    batch part this process trains on (data parallel: the prompts of the whole batch are still encoded, so the
+    method's text hook sees the same rows in every process)."""
     n = batch.latents.shape[0]
-    if prior is not None:
-        batch = Batch(torch.cat([batch.latents, prior.latents]), batch.mask, torch.cat([batch.noise, prior.noise]),
-                      torch.cat([batch.timesteps, prior.timesteps]), batch.prompts + prior.prompts)
-    ids = [to_device(i, batch.latents.device) for i in text_stack.tokenize(pipe, batch.prompts)]
-    encoding = text_stack.encode_ids(pipe, ids) if texts is None else texts.encode(pipe, batch.prompts, ids)
+    parts = [batch] if prior is None else [batch, prior]
+    prompts = [p for part in parts for p in part.prompts]
+    ids = [to_device(i, batch.latents.device) for i in text_stack.tokenize(pipe, prompts)]
+    encoding = text_stack.encode_ids(pipe, ids) if texts is None else texts.encode(pipe, prompts, ids)
     hidden, pooled = encoding.context, encoding.pooled
     method.on_text_encoded(encoding.ids, hidden)
-    mask = batch.mask
-    if rows is not None and rows(n) != slice(0, n):  # this process's rows of the photos (and of the class images)
-        mine = torch.arange(batch.latents.shape[0])
-        mine = torch.cat([mine[:n][rows(n)], mine[n:][rows(n)]]) if prior is not None else mine[rows(n)]
-        mine = to_device(mine, batch.latents.device)
-        batch = Batch(batch.latents[mine], None, batch.noise[mine], batch.timesteps[mine], [])
-        hidden = hidden[mine]
-        pooled = None if pooled is None else pooled[mine]
-        mask = None if mask is None else mask[rows(n)]
-        n = len(range(n)[rows(n)])
-    noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-    size = batch.latents.shape[-1] * pipe.vae_scale_factor
-    extra = text_stack.unet_kwargs(pipe, pooled, batch.latents.shape[-2] * pipe.vae_scale_factor, size)
-    pred = (pipe.unet if unet is None else unet)(noisy, batch.timesteps, hidden, **extra).sample
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
+    mine = rows(n) if rows is not None else slice(0, n)  # this process's rows of the photos (and class images)
+    starts = [0, n]  # where each part's rows begin in the encoded prompts
+    pieces = [_Rows(part.latents[mine], part.noise[mine], part.timesteps[mine],
+                    hidden[start:start + len(part.prompts)][mine],
+                    None if pooled is None else pooled[start:start + len(part.prompts)][mine],
+                    None if part.time_ids is None else part.time_ids[mine]) for start, part in zip(starts, parts)]
+    mask = batch.mask if batch.mask is None or rows is None else batch.mask[mine]
+    m = pieces[0].latents.shape[0]
+    if len(pieces) == 2 and pieces[0].latents.shape[1:] == pieces[1].latents.shape[1:]:
+        pred, target = _predict(pipe, scheduler, unet, _Rows.join(pieces))
+        preds, targets = [pred[:m], pred[m:]], [target[:m], target[m:]]
     else:
-        target = batch.noise
+        preds, targets = zip(*(_predict(pipe, scheduler, unet, piece) for piece in pieces))
+    loss = denoising_loss(preds[0], targets[0], mask)
     if prior is None:
-        return denoising_loss(pred, target, mask)
-    return denoising_loss(pred[:n], target[:n], mask) + prior_weight * denoising_loss(pred[n:], target[n:], None)
+        return loss
+    return loss + prior_weight * denoising_loss(preds[1], targets[1], None)
+
+
+@dataclass
+class _Rows:
+    """The rows of one UNet pass."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None
+    time_ids: torch.Tensor | None
+
+    @staticmethod
+    def join(pieces: list["_Rows"]) -> "_Rows":
+        cat = lambda *ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+        return _Rows(*(cat(*(getattr(p, f.name) for p in pieces)) for f in dataclasses.fields(_Rows)))
+
+
+def _predict(pipe, scheduler, unet, r: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's prediction for noised ``r.latents`` and its target (the noise, or v for v-prediction)."""
+    noisy = scheduler.add_noise(r.latents, r.noise, r.timesteps)
+    height, width = (s * pipe.vae_scale_factor for s in r.latents.shape[-2:])
+    extra = text_stack.unet_kwargs(pipe, r.pooled, height, width, r.time_ids)
+    pred = (pipe.unet if unet is None else unet)(noisy, r.timesteps, r.hidden, **extra).sample
+    if scheduler.config.prediction_type == "v_prediction":
+        return pred, scheduler.get_velocity(r.latents, r.noise, r.timesteps)
+    return pred, r.noise
