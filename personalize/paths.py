@@ -203,6 +203,14 @@ def _umask() -> int:
     return mask
 
 
+def _temp_folder_beside(target: Path) -> Path:
+    """A new temp folder next to ``target`` (its name checked, stale temps of killed writers removed first)."""
+    check_name(target.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(target)
+    return Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, replace: bool = True):
     """Yield a temporary folder beside ``target``; it replaces ``target`` only if the block succeeds.
@@ -212,10 +220,7 @@ def atomic_dir(target: str | os.PathLike, replace: bool = True):
     Stale temps of ``target`` left by killed writers are removed first (:func:`clean_stale_temps`).
     """
     target = Path(target)
-    check_name(target.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
+    tmp = _temp_folder_beside(target)
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
@@ -245,10 +250,7 @@ def staged_folder(target: str | os.PathLike):
     (created if needed, other files there kept), else none of them reaches ``target``: a write of several files
     (an export) is all or nothing."""
     target = Path(target)
-    check_name(target.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
+    tmp = _temp_folder_beside(target)
     try:
         yield tmp
         target.mkdir(exist_ok=True)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -198,3 +200,12 @@ def assert_eq4_group(pipe, concepts, layers, width: int | None = None) -> None:
             out = pipe.unet.get_submodule(f"{layer}.to_v")(i_star)[0, 0]
             o_star = concept.tensors[f"o_v.{_key(layer)}"]
             torch.testing.assert_close(out, o_star, rtol=1e-3, atol=1e-3 * o_star.abs().max().item())
+
+
+@pytest.fixture
+def residuals_copy(tmp_path, trained_residuals) -> Path:
+    """A copy of the session's residuals concept that a test may overwrite or export."""
+    path = tmp_path / "concepts" / "res.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    shutil.copyfile(trained_residuals, path)
+    return path

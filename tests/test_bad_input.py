@@ -400,14 +400,6 @@ def test_process_hub_base_offline_prints_one_line(tmp_path, out):
 
 
 # --------------------------------------------------------------------------- residuals: LAG, export, settings
-@pytest.fixture
-def residuals(tmp_path, trained_residuals) -> Path:
-    path = tmp_path / "concepts" / "res.safetensors"
-    path.parent.mkdir(exist_ok=True)
-    shutil.copyfile(trained_residuals, path)
-    return path
-
-
 def test_lag_on_a_concept_without_residuals(capsys, concept, tmp_path):
     folder = tmp_path / "gen"
     code, _, err = run_cli(capsys, gen_args(concept, folder, "--lag"))
@@ -415,9 +407,9 @@ def test_lag_on_a_concept_without_residuals(capsys, concept, tmp_path):
     assert_no_images(folder)
 
 
-def test_valid_lag_generation(capsys, residuals, tmp_path):
+def test_valid_lag_generation(capsys, residuals_copy, tmp_path):
     folder = tmp_path / "gen"
-    code, _, err = run_cli(capsys, gen_args(residuals, folder, "--lag"))
+    code, _, err = run_cli(capsys, gen_args(residuals_copy, folder, "--lag"))
     assert code == 0, err
     assert len(list(folder.glob("*.png"))) == 1
 
@@ -428,16 +420,16 @@ def test_export_a_concept_without_residuals(capsys, concept, tmp_path):
     assert not (tmp_path / "lora").exists()
 
 
-def test_export_unknown_format(capsys, residuals, tmp_path):
-    code, _, err = run_cli(capsys, ["export", residuals, "--format", "kohya", "--out", tmp_path / "lora"])
+def test_export_unknown_format(capsys, residuals_copy, tmp_path):
+    code, _, err = run_cli(capsys, ["export", residuals_copy, "--format", "kohya", "--out", tmp_path / "lora"])
     check_error(code, err, "'kohya'", "diffusers-lora")
     assert not (tmp_path / "lora").exists()
 
 
-def test_export_out_is_a_file(capsys, residuals, tmp_path):
+def test_export_out_is_a_file(capsys, residuals_copy, tmp_path):
     target = tmp_path / "lora"
     target.write_text("notes")
-    code, _, err = run_cli(capsys, ["export", residuals, "--out", target])
+    code, _, err = run_cli(capsys, ["export", residuals_copy, "--out", target])
     check_error(code, err, "lora", ("file", "folder"))
     assert target.read_text() == "notes"
 
@@ -553,7 +545,7 @@ USAGE = {
     "evaluate-missing-reference": (["evaluate", "--samples", "{photos}"], ["missing option", "--reference"]),
     "covariance-unknown-option": (["covariance", "--corpus", "x"], ["no such option", "--corpus"]),
     "demo-steps-word": (["demo", "--out", "{outdir}", "--steps", "many"], ["--steps"]),
-    "methods-unknown-option": (["methods", "--json"], ["no such option", "--json"]),
+    "methods-unknown-option": (["methods", "--yaml"], ["no such option", "--yaml"]),
     # the command itself
     "no-command": ([], ["no command given"]),
     "unknown-command": (["trian"], ["no such command", "trian"]),

@@ -15,21 +15,8 @@ import pytest
 import torch
 
 from conftest import make_photos
-from test_bad_input import (TOKEN, assert_no_images, assert_no_train_output, assert_one_line, check_error, gen_args,
-                            run_cli, train_args)
-
-
-@pytest.fixture
-def out(tmp_path) -> Path:
-    return tmp_path / "out" / "disc.safetensors"
-
-
-@pytest.fixture
-def concept(tmp_path, trained_concept) -> Path:
-    path = tmp_path / "concepts" / "disc.safetensors"
-    path.parent.mkdir()
-    shutil.copyfile(trained_concept, path)
-    return path
+from test_bad_input import (TOKEN, assert_no_images, assert_no_train_output, assert_one_line, check_error,  # noqa: F401
+                            concept, gen_args, out, run_cli, train_args)  # concept, out: the same fixtures
 
 
 # ------------------------------------------------------------------------------------------- segmenter and masks
@@ -292,14 +279,6 @@ def test_a_file_name_too_long_is_one_line(capsys, photos, tmp_path, residuals_co
     assert not out.parent.exists() or not list(out.parent.iterdir())
     code, _, err = run_cli(capsys, ["export", residuals_copy, "--out", tmp_path / ("e" * 250)])
     check_error(code, err, "file name", "bytes")
-
-
-@pytest.fixture
-def residuals_copy(tmp_path, trained_residuals) -> Path:
-    path = tmp_path / "concepts" / "res.safetensors"
-    path.parent.mkdir(exist_ok=True)
-    shutil.copyfile(trained_residuals, path)
-    return path
 
 
 def test_an_export_that_fails_half_way_leaves_nothing(tmp_path, residuals_copy, monkeypatch):

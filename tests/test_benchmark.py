@@ -306,7 +306,7 @@ def test_a_file_that_is_not_a_benchmark_database_is_one_line(tmp_path, capsys, c
         with pytest.raises(SystemExit) as info:
             main(["benchmark", command, str(path), *extra])
         err = capsys.readouterr().err
-        assert info.value.code == 2 and "is not a benchmark database" in err and "Traceback" not in err
+        assert info.value.code == 2 and "not a benchmark database" in err and "Traceback" not in err
         assert not (tmp_path / "r").exists()
 
 

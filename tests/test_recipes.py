@@ -136,10 +136,12 @@ def test_an_evaluator_without_validate_every_validates_every_25_steps(photos):
     from personalize.cli.train import _validation
     from personalize.evaluation.validation import DEFAULT_PROMPTS, SamplingValidator
 
-    validator = _validation(None, "toyworld:split_triangle", [], None, photos, "cpu")
-    assert validator.every == 25
-    assert _validation(None, None, [], None, photos, "cpu") is None  # no evaluator: keep the last step
-    assert _validation(7, "toyworld:split_triangle", [], None, photos, "cpu").every == 7
+    settings = {}
+    validator = _validation(settings, None, "toyworld:split_triangle", None, photos, "cpu")
+    assert validator.every == 25 and settings["validation_every"] == 25  # samples on the same cadence
+    assert _validation({}, None, None, None, photos, "cpu") is None  # no evaluator: keep the last step
+    assert _validation({"validation_every": 7}, None, "toyworld:split_triangle", None, photos, "cpu").every == 7
+    assert _validation({}, 7, "toyworld:split_triangle", None, photos, "cpu").every == 7  # the older spelling
     # Perfusion §4.4: 8 validation prompts (one sample each by default)
     assert len(DEFAULT_PROMPTS) == 8 and len(set(DEFAULT_PROMPTS)) == 8
     assert SamplingValidator(25, DEFAULT_PROMPTS).num_seeds == 1

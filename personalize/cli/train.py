@@ -139,7 +139,8 @@ def _validation(settings: dict, validate_every: Optional[int], evaluator: Option
         settings["validation_every"] = every
     if not every:
         if scoring or prompts:
-            raise BadInputError("--validation-every 0 turns validation off: drop --evaluator, --validation-prompt and "
+            flag = "--validate-every" if validate_every is not None else "--validation-every"
+            raise BadInputError(f"{flag} 0 turns validation off: drop --evaluator, --validation-prompt and "
                                 "--clip-weights, or give --validation-every N (N > 0)")
         return None
     if not scoring:

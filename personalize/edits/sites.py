@@ -25,13 +25,9 @@ import torch
 from torch import nn
 
 
-class SiteWrapper(nn.Module):
-    """Wraps ``base_layer``; the output is the base output transformed by each occupant."""
-
-    def __init__(self, base_layer: nn.Module):
-        nn.Module.__init__(self)  # not the Linear/Conv2d constructors of the typed subclasses below
-        self.base_layer = base_layer
-        self._occupants: dict[str, Callable] = {}
+class WrapsBaseLayer(nn.Module):
+    """A module standing in for its ``base_layer``: an attribute it lacks is the wrapped layer's (weight, bias,
+    in_features, kernel_size, padding_idx, ...), so code reading the layer it replaced keeps working."""
 
     def __getattr__(self, name: str):
         try:
@@ -40,12 +36,22 @@ class SiteWrapper(nn.Module):
             base = self.__dict__.get("_modules", {}).get("base_layer")
             if base is None or name.startswith("_"):
                 raise
-            return getattr(base, name)  # weight, bias, in_features, kernel_size, ... of the wrapped layer
+            return getattr(base, name)
 
     def get_base_layer(self) -> nn.Module:
         """Itself: diffusers' ``unload_lora_weights`` replaces every module that has a ``base_layer`` by its
-        ``get_base_layer()``; a site wrapper is no LoRA layer and stays (see the module docstring)."""
+        ``get_base_layer()``; a site wrapper or token table is no LoRA layer and stays (see the module docstring)."""
         return self
+
+
+class SiteWrapper(WrapsBaseLayer):
+    """Wraps ``base_layer``; the output is the base output transformed by each occupant."""
+
+    def __init__(self, base_layer: nn.Module):
+        nn.Module.__init__(self)  # not the Linear/Conv2d constructors of the typed subclasses below
+        self.base_layer = base_layer
+        self._occupants: dict[str, Callable] = {}
+
 
     def occupants(self) -> list:
         return [self._occupants[k] for k in sorted(self._occupants, key=lambda k: (getattr(self._occupants[k], "order", 0), k))]

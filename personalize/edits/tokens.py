@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 from ..text_stack import pairs
+from .sites import WrapsBaseLayer
 from .state import pipeline_state, release
 
 
-class ExtendedEmbedding(nn.Embedding):
+class ExtendedEmbedding(WrapsBaseLayer, nn.Embedding):
     """``base_layer`` for ids below its size; registered vectors for the ids after it.
 
     To stock code it is the whole table, an ``nn.Embedding`` (like ``sites.LinearSite``, it never ran the
@@ -43,20 +44,6 @@ class ExtendedEmbedding(nn.Embedding):
         self.extra: list[tuple[int, torch.Tensor]] = []  # (first id, (n, d) tensor), set by TokenSite
         self._table: torch.Tensor | None = None  # the whole table, built when stock code reads ``weight``
         self._rows: int | None = None  # rows of ``_table`` once a stock resize grew it
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("_modules", {}).get("base_layer")
-            if base is None or name.startswith("_"):
-                raise
-            return getattr(base, name)  # padding_idx, max_norm, sparse, ... of the frozen table
-
-    def get_base_layer(self) -> nn.Module:
-        """Itself: diffusers' ``unload_lora_weights`` replaces every module with a ``base_layer`` by this; our table
-        is no LoRA layer and stays."""
-        return self
 
     @property
     def ours(self) -> int:
