@@ -68,7 +68,7 @@ def _shown(value, limit: int = SHOWN_MAX) -> str:
 
 def export_concept(
     file: Path = typer.Argument(..., help="A concept .safetensors file."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="residuals: diffusers-lora; textual-inversion: diffusers | a1111; dreambooth-lora: diffusers-lora | kohya; custom-diffusion: diffusers (default: the first)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="residuals: diffusers-lora; textual-inversion: diffusers | a1111; dreambooth-lora: diffusers-lora | kohya; custom-diffusion: diffusers; dreambooth: single-file (default: the first)."),
     out: Path = typer.Option(..., "--out", help="Folder to write."),
     base: Optional[str] = typer.Option(None, "--base", help="The concept's base, used by custom-diffusion (its format stores full K/V weights) \\[default: the base the concept's header records]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into an OUT folder that is not empty (without it, refused)."),
@@ -87,6 +87,8 @@ def export_concept(
       personalize export ti.safetensors --format a1111 --out embeddings/  # <token>.pt (string_to_param; SDXL: <token>.safetensors)
 
       personalize export lora.safetensors --format kohya --out kohya/     # lora_kohya.safetensors (SDXL: lora_te1_/lora_te2_)
+
+      personalize export db.safetensors --format single-file --out ckpt/  # DreamBooth: checkpoint.safetensors for A1111 / ComfyUI / --base FILE
 
       personalize export cd.safetensors --out cd/             # pytorch_custom_diffusion_weights.safetensors + <token>.safetensors (on the base cd's header records)
 
