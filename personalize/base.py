@@ -204,11 +204,11 @@ def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.
             )
         pipe = _from_pretrained(str(TOY_WEIGHTS), **kwargs)
         pipe.to(dtype=dtype or torch.float32)  # shipped as fp16 to stay small; run in fp32 unless asked
-    elif _exists(spec) and Path(spec).is_file():  # a single-file checkpoint (A1111 / ComfyUI layout)
+    elif path_exists(spec) and Path(spec).is_file():  # a single-file checkpoint (A1111 / ComfyUI layout)
         from .single_file import load_single_file
 
         pipe = load_single_file(spec, dtype=dtype)
-    elif _exists(spec):
+    elif path_exists(spec):
         path = Path(spec)
         if not (path / "model_index.json").is_file():
             raise BadInputError(
@@ -248,7 +248,8 @@ def load_base(spec: str, device: str | torch.device | None = None, dtype: torch.
     return pipe
 
 
-def _exists(spec: str) -> bool:
+def path_exists(spec: str) -> bool:
+    """Whether ``spec`` names an existing path (False for a name too long for the filesystem or holding a NUL)."""
     try:
         return Path(spec).exists()
     except (OSError, ValueError):  # a name too long for the filesystem, a NUL byte: no such folder

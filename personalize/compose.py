@@ -213,7 +213,7 @@ def prepare(concepts, **shared: Any) -> list[Part]:
 def recorded_base(concepts, flag: str = "--base") -> str:
     """The base the concepts' headers record (``provenance.base``), one for all of them; several different
     ones, or a header without a loadable one, are refused in one line asking for ``flag``."""
-    from .base import BUILTIN_BASES, _HUB_ID
+    from .base import BUILTIN_BASES, _HUB_ID, path_exists
 
     parts = concepts if isinstance(concepts, list) and all(isinstance(p, Part) for p in concepts) \
         else [_part(item) for item in _items(concepts)]
@@ -222,7 +222,7 @@ def recorded_base(concepts, flag: str = "--base") -> str:
     bases = {}
     for p in parts:
         base = p.concept.header.get("provenance", {}).get("base")
-        usable = isinstance(base, str) and (base in BUILTIN_BASES or _is_path(base)
+        usable = isinstance(base, str) and (base in BUILTIN_BASES or path_exists(base)
                                             or (len(base) <= 200 and _HUB_ID.match(base)))
         if not usable:
             raise BadInputError(f"'{p.name}' records no base it can be loaded from (its header says "
@@ -232,13 +232,6 @@ def recorded_base(concepts, flag: str = "--base") -> str:
         listed = ", ".join(f"'{name}' on {_shown(base)}" for base, name in bases.items())
         raise BadInputError(f"the concepts record different bases ({listed}); pass {flag} to choose one")
     return next(iter(bases))
-
-
-def _is_path(text: str) -> bool:
-    try:
-        return Path(text).exists()
-    except (OSError, ValueError):  # a name too long for the filesystem, a NUL: not a folder here
-        return False
 
 
 def _shown(value) -> str:
