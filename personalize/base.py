@@ -38,13 +38,14 @@ from pathlib import Path
 
 import torch
 
+from . import families
 from .errors import BadInputError, BaseModelError
+from .families import pipeline_classes
 from .fingerprint import Fingerprint, fingerprint  # noqa: F401  (re-exported: the base's identity)
 from .schedulers import use_scheduler
 
-BUILTIN_BASES = ("tiny", "tiny-sd2", "tiny-sdxl", "toy")
-TINY_FAMILIES = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # the classes a base folder may declare
+TINY_FAMILIES = families.TINY  # built-in random test base -> family name
+BUILTIN_BASES = (*TINY_FAMILIES, "toy")
 TOY_WEIGHTS = Path(__file__).resolve().parent / "toybase" / "weights"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -60,95 +61,16 @@ REMOVED_IDS = {
 }
 
 
-# SD 2.x in miniature, where it differs from SD 1.x (diffusers' stable-diffusion-2-1 configs)
-_SD2_UNET = {"use_linear_projection": True, "attention_head_dim": (2, 4), "upcast_attention": True}
-_SD2_TEXT = {"hidden_act": "gelu"}
-_SD2_SCHEDULER = {"prediction_type": "v_prediction"}
-# SDXL in miniature (diffusers' SDXL pipeline test configs): the UNet reads the pooled text and six time ids
-_SDXL_UNET = {"use_linear_projection": True, "attention_head_dim": (2, 4), "cross_attention_dim": 64,
-              "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-              "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "transformer_layers_per_block": (1, 2),
-              "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-              "projection_class_embeddings_input_dim": 6 * 8 + 32}
-
-
-def _tiny_components(family: str = "sd1"):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .tokenizer import SD_VOCAB_SIZE, build_clip_tokenizer
-
-    sd2, xl = family == "sd2", family == "sdxl"
-    unet_shape = dict(
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        **(_SD2_UNET if sd2 else {"attention_head_dim": 8}),
-    )
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        norm_num_groups=16,
-        **(_SDXL_UNET if xl else unet_shape),
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=32,
-    )
-    def text_config(pad_id: int, **extra):
-        return CLIPTextConfig(vocab_size=SD_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-                              bos_token_id=49406, eos_token_id=49407, pad_token_id=pad_id, **extra)
-
-    text_encoder = CLIPTextModel(text_config(0 if sd2 else 49407, **(_SD2_TEXT if sd2 else {})))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        **(_SD2_SCHEDULER if sd2 else {}),
-    )
-    tokenizer = build_clip_tokenizer()
-    if sd2:
-        tokenizer.pad_token = "!"  # OpenCLIP pads with "!" (id 0), SD 1.x with the end token
-    parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-    if xl:  # SDXL's second encoder is OpenCLIP bigG: GELU, a text projection, and a tokenizer padding with "!"
-        from transformers import CLIPTextModelWithProjection
-
-        parts["text_encoder_2"] = CLIPTextModelWithProjection(text_config(0, **_SD2_TEXT))
-        parts["tokenizer_2"] = build_clip_tokenizer()
-        parts["tokenizer_2"].pad_token = "!"
-    return parts
-
-
 def build_tiny(family: str = "sd1"):
-    """The ``tiny`` base (``family="sd2"``: ``tiny-sd2``, ``"sdxl"``: ``tiny-sdxl``): SD classes and shapes in
-    miniature, seeded so every process builds the same weights."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        parts = _tiny_components(family)
-    return _assemble("StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline", parts)
+    """The built-in random test base of ``family`` (``sd1``: ``tiny``, ``sd2``: ``tiny-sd2``, ``sdxl``:
+    ``tiny-sdxl``, ...): the family's classes and shapes in miniature, seeded so every process builds the same
+    weights (``personalize/families/``)."""
+    return families.get(family).build_tiny()
 
 
 def _assemble(class_name: str, parts: dict):
     """A pipeline of ``class_name`` from its parts, without safety checker or watermarker."""
-    import diffusers
-
-    cls = getattr(diffusers, class_name)
-    if class_name == "StableDiffusionXLPipeline":
-        return cls(**parts, add_watermarker=False)
-    return cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipeline_classes()[class_name][0].assemble(parts, class_name)
 
 
 def pipeline_class(source: str) -> str:
@@ -161,10 +83,14 @@ def pipeline_class(source: str) -> str:
             declared = DiffusionPipeline.load_config(source).get("_class_name", "")
     except Exception:  # unreadable or unreachable: the loader says why, in one line
         return "StableDiffusionPipeline"
-    if declared not in PIPELINES:
+    if declared not in pipeline_classes():
         raise BadInputError(f"base '{source}' is a {declared or 'pipeline of unknown class'}; personalize supports "
-                            "SD 1.x, SD 2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline) bases")
+                            f"{_supported()}")
     return declared
+
+
+def _supported() -> str:
+    return "; ".join(f"{', '.join(f.label for f in fams)} ({cls})" for cls, fams in pipeline_classes().items())
 
 
 def _from_pretrained(source: str, **kwargs):
@@ -173,8 +99,7 @@ def _from_pretrained(source: str, **kwargs):
 
     dlog.disable_progress_bar()
     class_name = pipeline_class(source)
-    extra = ({"add_watermarker": False} if class_name == "StableDiffusionXLPipeline"
-             else {"safety_checker": None, "requires_safety_checker": False})
+    extra = pipeline_classes()[class_name][0].load_kwargs(class_name)
     return getattr(diffusers, class_name).from_pretrained(source, **extra, **kwargs)
 
 
@@ -275,8 +200,8 @@ MAX_RESOLUTION = 4096
 
 
 def pixel_stride(pipe) -> int:
-    """The pixel stride of the UNet's deepest level: image sides must be multiples of it."""
-    return int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    """The pixel stride image sides must be multiples of (the UNet's deepest level; a transformer's patches)."""
+    return families.of(pipe).pixel_stride(pipe)
 
 
 def resolution(pipe, requested: int | None = 0, flag: str = "--resolution") -> int:

@@ -192,11 +192,12 @@ def config_pipeline(name: str, prediction_type: str | None = None):
         if name in sd_shapes.SHAPES:
             pipe = sd_shapes.pipeline(name, device="meta")
         else:
-            from .base import TINY_FAMILIES, _assemble, _tiny_components
+            from . import families
 
+            family = families.by_tiny(name)
             with torch.device("meta"):
-                parts = _tiny_components(TINY_FAMILIES[name])
-            pipe = _assemble("StableDiffusionXLPipeline" if name == "tiny-sdxl" else "StableDiffusionPipeline", parts)
+                parts = family.tiny_components()
+            pipe = family.assemble(parts)
     if prediction_type is not None and prediction_type != pipe.scheduler.config.prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
         if name == "sd21" and prediction_type == "epsilon":  # SD 2.x-base: 512 px

@@ -12,6 +12,7 @@ import torch
 from personalize import text_stack
 from personalize.base import fingerprint, load_base, resolution
 from personalize.errors import BadInputError
+from personalize.families.sd import square_time_ids
 
 FAMILY_OF = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 
@@ -72,7 +73,7 @@ def test_time_ids_equal_the_stock_pipeline(sdxl):
     size = 48
     stock = sdxl._get_add_time_ids((size, size), (0, 0), (size, size), dtype=torch.float32,
                                    text_encoder_projection_dim=sdxl.text_encoder_2.config.projection_dim)
-    assert torch.equal(text_stack.time_ids(size, size, 1), stock)
+    assert torch.equal(square_time_ids(size, size, 1), stock)
 
 
 def test_training_step_feeds_the_unet_what_the_pipeline_does(sdxl):

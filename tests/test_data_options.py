@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from personalize import text_stack
+from personalize.families.sd import StableDiffusionXL
 from personalize.base import load_base
 from personalize.errors import BadInputError
 from personalize.images import load_fitted, load_fitted_masks
@@ -130,14 +130,14 @@ def test_sdxl_rows_carry_their_photos_size_and_crop(sdxl, tmp_path, monkeypatch)
     cache = bucketed_cache(sdxl.vae, sorted(folder.glob("*.png")), buckets)
     assert {tuple(map(int, row)) for c in cache.caches for row in c.time_ids} == expected
     seen = []
-    real = text_stack.unet_kwargs
+    real = StableDiffusionXL.unet_kwargs
 
-    def spy(pipe, pooled, height, width, rows_time_ids=None):
-        out = real(pipe, pooled, height, width, rows_time_ids)
+    def spy(self, pipe, pooled, latents, time_ids=None):
+        out = real(self, pipe, pooled, latents, time_ids)
         seen.append(out["added_cond_kwargs"]["time_ids"].clone())
         return out
 
-    monkeypatch.setattr(text_stack, "unet_kwargs", spy)
+    monkeypatch.setattr(StableDiffusionXL, "unet_kwargs", spy)
     main(["train", "--base", "tiny-sdxl", "--images", str(folder), "--token", "<disc>", "--superclass", "ball",
           "--out", str(tmp_path / "c.safetensors"), "--method", "dreambooth-lora", "--class-images", str(classes),
           "--steps", "2", "--batch-size", "2", "--checkpoint-every", "0", "--masks", "none", "--buckets",

@@ -16,7 +16,8 @@ from personalize.base import build_tiny, load_base
 from personalize.errors import BadInputError
 from personalize.fingerprint import fingerprint
 from personalize import single_file as sf
-from personalize.text_stack import encode, family, unet_kwargs
+from personalize import families
+from personalize.text_stack import encode, family
 
 FAMILIES = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 PROMPT = "a photo of a {} ball on the grass"
@@ -82,12 +83,12 @@ def test_stock_and_load_base_read_the_file_back(written):
     with torch.no_grad():
         ctx = encode(original, ["a photo of a dog"])
         x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-        want = original.unet(x, 10, ctx.context, **unet_kwargs(original, ctx.pooled, 64, 64)).sample
+        want = original.unet(x, 10, ctx.context, **families.of(original).unet_kwargs(original, ctx.pooled, x)).sample
         for pipe in (ours, stock):
             got = encode(pipe, ["a photo of a dog"])
             assert torch.equal(got.context, ctx.context)
             assert got.pooled is None if ctx.pooled is None else torch.equal(got.pooled, ctx.pooled)
-            assert torch.equal(pipe.unet(x, 10, got.context, **unet_kwargs(pipe, got.pooled, 64, 64)).sample, want)
+            assert torch.equal(pipe.unet(x, 10, got.context, **families.of(pipe).unet_kwargs(pipe, got.pooled, x)).sample, want)
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
     assert type(ours.scheduler) is type(original.scheduler)
     assert public(ours.scheduler.config) == public(original.scheduler.config)

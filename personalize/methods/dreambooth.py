@@ -34,7 +34,7 @@ import torch
 from ..errors import BadInputError, ConceptFileError
 from ..paths import inside
 from ..prior import weights_digest
-from ..text_stack import family, pairs
+from ..text_stack import pairs
 from .base import Method
 from .cards import DreamBoothCard, DreamBoothConfig
 from .identifier import IdentifierToken
@@ -42,9 +42,6 @@ from .shared import check_composable, cpu_float, load_into, mark_replaced
 
 
 CHECKPOINT_FILE = "checkpoint.safetensors"  # the single-file export
-# the stock diffusers class of the folder DreamBooth writes, per base family (``text_stack.family``)
-PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
-                    "sdxl": "StableDiffusionXLPipeline"}
 
 
 class DreamBooth(DreamBoothCard, IdentifierToken, Method):
@@ -120,17 +117,18 @@ class DreamBooth(DreamBoothCard, IdentifierToken, Method):
         """The trained pipeline as a diffusers folder beside ``out`` (atomically replaced), of the base's family:
         ``StableDiffusionPipeline`` (SD 1.x / 2.x) or ``StableDiffusionXLPipeline`` (both tokenizers and text
         encoders), each loadable with the stock class's ``from_pretrained``."""
-        from ..base import _assemble
+        from .. import families
         from ..paths import atomic_dir
 
         folder = pipeline_dir(out)
-        parts = {"vae": self.pipe.vae, "unet": self.unet, "scheduler": self.pipe.scheduler}
+        family = families.of(self.pipe)
+        parts = {"vae": self.pipe.vae, family.denoiser: self.unet, "scheduler": self.pipe.scheduler}
         for tok, te in pairs(self.pipe):
             parts[tok] = getattr(self.pipe, tok)
             parts[te] = self.text_encoders.get(te, getattr(self.pipe, te))
         if "force_zeros_for_empty_prompt" in self.pipe.config:  # SDXL's own setting, kept as the base has it
             parts["force_zeros_for_empty_prompt"] = self.pipe.config.force_zeros_for_empty_prompt
-        pipeline = _assemble(PIPELINE_CLASSES[family(self.pipe)], parts)
+        pipeline = family.assemble(parts)
         with atomic_dir(folder) as tmp:
             pipeline.save_pretrained(tmp, safe_serialization=True)
         return {"pipeline": folder.name, "pipeline_digest": _digest(self.unet, self.text_encoders),

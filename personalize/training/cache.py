@@ -13,12 +13,14 @@ from ..transfer import to_device
 
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of the VAE posterior for each image, already scaled by the VAE's scaling factor."""
+    """Mean and std of the VAE posterior for each image in the denoiser's latent space: shifted by the VAE's shift
+    factor (SD3's and Flux's VAEs; SD's have none) and scaled by its scaling factor, as the training scripts of
+    each family do (``(latents - shift_factor) * scaling_factor``)."""
     means, stds = [], []
-    scale = vae.config.scaling_factor
+    scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
     for start in range(0, images.shape[0], batch):
         dist = vae.encode(images[start : start + batch].to(vae.device, vae.dtype)).latent_dist
-        means.append(dist.mean.float() * scale)
+        means.append((dist.mean.float() - shift) * scale)
         stds.append(dist.std.float() * scale)
     return torch.cat(means), torch.cat(stds)
 

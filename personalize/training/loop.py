@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from .. import methods as method_registry
-from .. import text_stack
+from .. import families, text_stack
 from ..base import MAX_RESOLUTION, base_name, fingerprint, load_base, resolution
 from ..checkpoints import checkpoint_dir, has_checkpoint, load_checkpoint, save_checkpoint
 from ..concept import Concept, save_concept
@@ -94,8 +94,6 @@ def train(
     N steps and at the last; ``save_every`` writes a complete concept to ``OUT.steps/`` every N steps;
     ``lr_scheduler``/``lr_warmup_steps`` schedule the learning rate with diffusers' ``get_scheduler``.
     """
-    from diffusers import DDPMScheduler
-
     method_cls = method_registry.get(method)
     device = resolve_device(device)  # a device this machine lacks is refused before any work
     if not (isinstance(masks, str) and masks == "default"):  # the argument wins over settings and the method
@@ -138,11 +136,12 @@ def train(
         if cfg.buckets else None
     captions = load_captions(image_paths, tokens)
 
-    for module in (pipe.unet, pipe.vae, *text_stack.encoders(pipe)):
+    family = families.of(pipe)
+    for module in (family.denoiser_of(pipe), pipe.vae, *text_stack.encoders(pipe)):
         module.requires_grad_(False)
         module.eval()
     if cfg.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        family.denoiser_of(pipe).enable_gradient_checkpointing()
     labels = torch.tensor([i for i, paths in enumerate(per_concept) for _ in paths])
     weights = torch.tensor([float(repeats[label]) for label in labels.tolist()])
     if frames is None:
@@ -155,7 +154,7 @@ def train(
     data = _data_settings(cfg, repeats)
     caption_options = CaptionOptions(cfg.caption_dropout, cfg.shuffle_tags, cfg.keep_tags) \
         if cfg.caption_dropout or cfg.shuffle_tags else None
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    scheduler = family.noise_schedule(pipe)  # training's: DDPM or flow matching, whatever samples
 
     trainable = method_cls.for_training(pipe, token, superclass, mcfg)
     try:
@@ -174,7 +173,8 @@ def train(
         params = [p for g in optimizer.param_groups for p in g["params"]]
         frozen = FrozenInComputeDtype(pipe, params, cfg.mixed_precision)
         texts = TextCache() if trainable.text_path_frozen() else None
-        unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet  # the pipeline keeps its own module
+        denoiser = family.denoiser_of(pipe)  # DreamBooth's trained copy once installed
+        unet = torch.compile(denoiser) if cfg.compile else denoiser  # the pipeline keeps its own module
         generator = torch.Generator().manual_seed(cfg.seed)
         base_fp = fingerprint(pipe)
         image_hashes = [file_sha256(p) for p in image_paths]
@@ -237,11 +237,11 @@ def train(
             frozen.cast()
             for step in range(start + 1, cfg.steps + 1):
                 began_step = time.perf_counter()
-                batch = draw_batch(cache, cfg.batch_size, cfg.flip_p, scheduler.config.num_train_timesteps,
+                batch = draw_batch(cache, cfg.batch_size, cfg.flip_p, family.num_train_steps(scheduler),
                                    trainable.placeholders(), generator, device, trainable.templates(),
                                    caption_options)
                 prior_batch = None if prior is None else draw_batch(
-                    prior.cache, cfg.batch_size, cfg.flip_p, scheduler.config.num_train_timesteps, prior.prompts,
+                    prior.cache, cfg.batch_size, cfg.flip_p, family.num_train_steps(scheduler), prior.prompts,
                     generator, device, ("{}",))
                 with accelerator.autocast():
                     loss = denoising_step(pipe, scheduler, trainable, batch, prior_batch,
@@ -298,7 +298,7 @@ def train(
     finally:
         trainable.remove()
         if cfg.gradient_checkpointing:
-            pipe.unet.disable_gradient_checkpointing()
+            family.denoiser_of(pipe).disable_gradient_checkpointing()
     if not parallel.main:  # the main process writes the concept (and its artifacts)
         parallel.wait()
         return out

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from .. import text_stack
+from .. import families, text_stack
 from ..transfer import to_device
 from .cache import Batch
 from .fast_path import TextCache
@@ -77,11 +77,12 @@ class _Rows:
 
 
 def _predict(pipe, scheduler, unet, r: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """The UNet's prediction for noised ``r.latents`` and its target (the noise, or v for v-prediction)."""
-    noisy = scheduler.add_noise(r.latents, r.noise, r.timesteps)
-    height, width = (s * pipe.vae_scale_factor for s in r.latents.shape[-2:])
-    extra = text_stack.unet_kwargs(pipe, r.pooled, height, width, r.time_ids)
-    pred = (pipe.unet if unet is None else unet)(noisy, r.timesteps, r.hidden, **extra).sample
-    if scheduler.config.prediction_type == "v_prediction":
-        return pred, scheduler.get_velocity(r.latents, r.noise, r.timesteps)
-    return pred, r.noise
+    """The denoiser's prediction for ``r.latents`` noised at the drawn steps, and its target (the family decides
+    both: ε or v for the DDPM families, the flow-matching velocity for the flow families)."""
+    family = families.of(pipe)
+    noised = family.noised(scheduler, r.latents, r.noise, r.timesteps)
+    pred = family.predict(pipe, family.denoiser_of(pipe) if unet is None else unet, noised, r.hidden, r.pooled,
+                          r.time_ids)
+    if noised.weight is not None:
+        return pred * noised.weight.sqrt(), noised.target * noised.weight.sqrt()
+    return pred, noised.target

@@ -1,0 +1,131 @@
+"""The ``Family`` interface: everything a model family decides, in one object per family.
+
+Generic code (the trainer, the seams, the methods, loading) asks the family of a pipeline
+(``personalize.families.of(pipe)``) instead of assuming an SD UNet:
+
+- **recognition and building**: the pipeline class a diffusers folder declares (``pipeline_classes``), the
+  extra ``from_pretrained`` arguments (``load_kwargs``), whether a loaded pipeline is of this family
+  (``matches``), and the built-in random test base (``tiny``, ``build_tiny``);
+- **the denoiser**: its pipeline attribute (``denoiser``: ``unet`` or ``transformer``) and which edit kinds it
+  has sites for (``edit_kinds``; a method naming another kind is refused on this family before any work);
+- **text**: the (tokenizer, text encoder) pairs, each tokenizer's length, and how ids become the denoiser's
+  conditioning (``encode_ids`` -> :class:`Encoding`);
+- **the objective**: the noise schedule of training (``noise_schedule``), how a drawn step index noises the
+  latents and what the prediction is compared with (``noised``), and the denoiser call (``predict``);
+- **image sizes**: the native resolution and the pixel stride sides must be multiples of.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class Encoding:
+    """A prompt batch as the denoiser reads it: ``context`` (B, L, D), the pooled vector (SDXL, SD3, Flux; else
+    None), the first tokenizer's ids (where a concept's token sits), and family-specific extras."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None
+    ids: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Noised:
+    """One training step's denoiser input and target: the noised latents, the timestep the denoiser reads, and
+    what its prediction is compared with (ε, v, or the flow-matching velocity); ``weight``: per-row loss weights
+    (None: 1)."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor | None = None
+
+
+class Family:
+    """One model family (see the module docstring). Subclasses set the class attributes and implement the
+    methods that raise ``NotImplementedError``."""
+
+    name: ClassVar[str]  # "sd1"
+    label: ClassVar[str]  # "SD 1.x": what messages and the README's table call it
+    pipeline_classes: ClassVar[tuple[str, ...]]  # the diffusers classes a folder of this family declares
+    tiny: ClassVar[str]  # the built-in random test base
+    denoiser: ClassVar[str] = "unet"
+    edit_kinds: ClassVar[frozenset[str]]  # site kinds (edits.placement.KINDS) the denoiser has
+    text_pairs: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"),)
+
+    # -- recognition and building ------------------------------------------------------------------------------
+    def matches(self, pipe) -> bool:
+        raise NotImplementedError
+
+    def build_tiny(self):
+        """The family's built-in random test base, seeded so that every process builds the same weights."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            parts = self.tiny_components()
+        return self.assemble(parts)
+
+    def tiny_components(self) -> dict:
+        raise NotImplementedError
+
+    def load_kwargs(self, class_name: str) -> dict:
+        """Extra ``from_pretrained`` / constructor arguments (no safety checker or watermarker)."""
+        return {}
+
+    def assemble(self, parts: dict, class_name: str | None = None):
+        """A pipeline from its parts."""
+        import diffusers
+
+        class_name = class_name or self.pipeline_classes[0]
+        return getattr(diffusers, class_name)(**parts, **self.load_kwargs(class_name))
+
+    # -- the denoiser ------------------------------------------------------------------------------------------
+    def denoiser_of(self, pipe):
+        return getattr(pipe, self.denoiser)
+
+    # -- text --------------------------------------------------------------------------------------------------
+    def pairs(self, pipe) -> list[tuple[str, str]]:
+        """The (tokenizer, text encoder) attribute names present on the pipeline, in the order their outputs are
+        joined."""
+        return [(tok, te) for tok, te in self.text_pairs if getattr(pipe, te, None) is not None]
+
+    def max_length(self, pipe, tokenizer_name: str) -> int:
+        """The number of ids a prompt is padded/cut to for one tokenizer."""
+        return int(getattr(pipe, tokenizer_name).model_max_length)
+
+    def tokenize(self, pipe, prompts: list[str], device=None) -> list[torch.Tensor]:
+        """Each tokenizer's ids for ``prompts``, padded to its length."""
+        out = []
+        for tok_name, _ in self.pairs(pipe):
+            tok = getattr(pipe, tok_name)
+            ids = tok(prompts, padding="max_length", max_length=self.max_length(pipe, tok_name), truncation=True,
+                      return_tensors="pt").input_ids
+            out.append(ids if device is None else ids.to(device))
+        return out
+
+    def encode_ids(self, pipe, ids: list[torch.Tensor]) -> Encoding:
+        raise NotImplementedError
+
+    # -- the objective -----------------------------------------------------------------------------------------
+    def noise_schedule(self, pipe):
+        raise NotImplementedError
+
+    def num_train_steps(self, schedule) -> int:
+        return int(schedule.config.num_train_timesteps)
+
+    def noised(self, schedule, latents: torch.Tensor, noise: torch.Tensor, steps: torch.Tensor) -> Noised:
+        raise NotImplementedError
+
+    def predict(self, pipe, denoiser, noised: Noised, context: torch.Tensor, pooled: torch.Tensor | None,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- image sizes -------------------------------------------------------------------------------------------
+    def native_resolution(self, pipe) -> int:
+        raise NotImplementedError
+
+    def pixel_stride(self, pipe) -> int:
+        raise NotImplementedError
