@@ -41,3 +41,37 @@ def token_pieces(tokenizer, text: str) -> list[str]:
     """The BPE pieces ``text`` splits into (no BOS/EOS)."""
     ids = tokenizer(text, add_special_tokens=False).input_ids
     return tokenizer.convert_ids_to_tokens(ids)
+
+
+T5_TINY_WORDS = 4000  # whole words of the tiny T5 vocabulary (the real T5 has 32,000 pieces and 100 extra ids)
+
+
+@functools.lru_cache(maxsize=1)
+def _t5_pieces() -> tuple[tuple[str, float], ...]:
+    """A small SentencePiece-style unigram vocabulary: T5's special tokens at T5's ids (``<pad>`` 0, ``</s>`` 1,
+    ``<unk>`` 2), then the ``T5_TINY_WORDS`` most frequent whole English words of the CLIP BPE file as ``▁word``
+    pieces (scored by rank), then single characters (scored low), so every ASCII text tokenizes."""
+    vocab, _ = _vocab_and_merges()
+    words = [tok[:-4] for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])
+             if tok.endswith("</w>") and tok[:-4].isascii() and tok[:-4].isalpha() and len(tok) > 5]
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    seen = {p for p, _ in pieces}
+    for rank, word in enumerate(words[:T5_TINY_WORDS]):
+        piece = "▁" + word
+        if piece not in seen:
+            seen.add(piece)
+            pieces.append((piece, -3.0 - rank * 1e-3))
+    for c in (chr(i) for i in range(33, 127)):
+        for piece in (c, "▁" + c):
+            if piece not in seen:
+                seen.add(piece)
+                pieces.append((piece, -20.0))
+    return tuple(pieces)
+
+
+def build_t5_tokenizer(model_max_length: int = 512):
+    """A small T5 tokenizer (``transformers.T5TokenizerFast``, unigram, ``▁`` word marks, ``</s>`` appended) for
+    the built-in random test bases: the real bases load the hub's own T5 tokenizer from their folder."""
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast(vocab=list(_t5_pieces()), extra_ids=0, model_max_length=model_max_length)
