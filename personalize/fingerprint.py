@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import families
+
 COARSENESS = {"fp32": 0, "fp16": 1, "bf16": 2}
 SAMPLES = 256
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -110,20 +112,21 @@ def _config_dict(config) -> dict:
     return {k: v for k, v in data.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
 
 
-def base_vocab_size(pipe, tokenizer) -> int:
-    """Rows of the text encoder's embedding table that belong to the base vocabulary (tokens added to the tokenizer
+def base_vocab_size(pipe, tokenizer, text_encoder: str = "text_encoder") -> int:
+    """Rows of a text encoder's embedding table that belong to the base vocabulary (tokens added to the tokenizer
     after its own vocabulary, e.g. by ``load_textual_inversion``, are not counted)."""
     from .edits.sites import inner_layer
 
-    te = pipe.text_encoder
+    te = getattr(pipe, text_encoder)
     rows = min(te.config.vocab_size, inner_layer(te.get_input_embeddings()).num_embeddings)
     added = sum(1 for i in tokenizer.get_added_vocab().values() if i >= tokenizer.vocab_size)
     return rows - added
 
 
-def base_text_encoder_tensors(pipe, vocab_size: int) -> list[tuple[str, torch.Tensor]]:
-    """The text encoders' own weights by canonical name (sorted): no wrappers, adapters or added token rows. A
-    second encoder's (SDXL) names start with ``text_encoder_2.``; the first's carry no prefix."""
+def base_text_encoder_tensors(pipe, vocab_sizes: list[int]) -> list[tuple[str, torch.Tensor]]:
+    """The text encoders' own weights by canonical name (sorted): no wrappers, adapters or added token rows
+    (``vocab_sizes``: each encoder's base rows). A second encoder's (SDXL) names start with ``text_encoder_2.``;
+    the first's carry no prefix."""
     from .edits.sites import inner_layer
     from .text_stack import pairs
 
@@ -137,7 +140,7 @@ def base_text_encoder_tensors(pipe, vocab_size: int) -> list[tuple[str, torch.Te
             if "personalize_" in name or any(p.startswith("lora_") for p in parts):
                 continue
             if tensor.data_ptr() == table.data_ptr() and tensor.shape == table.shape:
-                tensor = tensor[:vocab_size]
+                tensor = tensor[:vocab_sizes[k]]
             found[prefix + ".".join(p for p in parts if p != "base_layer")] = tensor
     return sorted(found.items())
 
@@ -149,25 +152,31 @@ def fingerprint(pipe) -> Fingerprint:
     skipped, so a pipeline fingerprints the same before and after ``attach``.
     """
     from .edits.tokens import base_tokenizer
-    from .text_stack import family
+    from .text_stack import pairs
 
-    tok = base_tokenizer(pipe)
-    vocab_size = base_vocab_size(pipe, tok)
-    te_config = dict(_config_dict(pipe.text_encoder.config), vocab_size=vocab_size)
-    parts = {"unet": _config_dict(pipe.unet.config), "text_encoder": te_config}
-    vocab = sorted((i, t) for t, i in tok.get_vocab().items() if i < vocab_size)
-    second = getattr(pipe, "text_encoder_2", None)
-    if second is not None:  # SDXL: the second encoder and tokenizer count too (SD 1.x/2.x hashes are unchanged)
-        tok2 = base_tokenizer(pipe, "tokenizer_2")
-        parts["text_encoder_2"] = dict(_config_dict(second.config), vocab_size=vocab_size)
-        vocab = {"tokenizer": vocab, "tokenizer_2": sorted((i, t) for t, i in tok2.get_vocab().items()
-                                                           if i < vocab_size), "pad_2": tok2.pad_token}
+    names = pairs(pipe)
+    sizes = [base_vocab_size(pipe, base_tokenizer(pipe, tok), te) for tok, te in names]
+    te_config = dict(_config_dict(pipe.text_encoder.config), vocab_size=sizes[0])
+    family = families.of(pipe)  # its denoiser's config under its attribute name ("unet": SD hashes unchanged)
+    parts = {family.denoiser: _config_dict(family.denoiser_of(pipe).config), "text_encoder": te_config}
+    vocab = _vocab(base_tokenizer(pipe), sizes[0])
+    if len(names) > 1:  # SDXL, SD3, Flux: the other encoders and tokenizers count too (SD 1.x/2.x hashes unchanged)
+        vocab = {"tokenizer": vocab}
+        for (tok_name, te_name), size in zip(names[1:], sizes[1:]):
+            tokenizer = base_tokenizer(pipe, tok_name)
+            parts[te_name] = dict(_config_dict(getattr(pipe, te_name).config), vocab_size=size)
+            vocab[tok_name] = _vocab(tokenizer, size)
+            vocab["pad_" + tok_name.rsplit("_", 1)[-1]] = tokenizer.pad_token
     architecture = _hash_json(parts)
     tokenizer = _hash_json(vocab)
-    tensors = base_text_encoder_tensors(pipe, vocab_size)
+    tensors = base_text_encoder_tensors(pipe, sizes)
     fp16, bf16 = rounded_hashes(tensors)
     return Fingerprint(architecture=architecture, tokenizer=tokenizer, text_encoder=fp16, text_encoder_bf16=bf16,
-                       precision=precision_of(tensors), text_encoder_sample=_sample(tensors), family=family(pipe))
+                       precision=precision_of(tensors), text_encoder_sample=_sample(tensors), family=family.name)
+
+
+def _vocab(tokenizer, size: int) -> list[tuple[int, str]]:
+    return sorted((i, t) for t, i in tokenizer.get_vocab().items() if i < size)
 
 
 def rounded_hashes(tensors: list[tuple[str, torch.Tensor]]) -> tuple[str, str]:

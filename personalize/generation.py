@@ -14,6 +14,7 @@ import torch
 
 from .base import resolution as resolution_of
 from .errors import BadInputError
+from .families import denoiser
 from .paths import atomic_path, inside
 from .prompts import check_prompt_length, check_prompt_text, read_prompts
 
@@ -32,7 +33,7 @@ def generate(pipe, prompt: str, num_images: int = 1, steps: int = 50, guidance: 
     check_prompt_length(pipe, prompt, "prompt")
     size = resolution_of(pipe, resolution, "resolution")
     check_steps(pipe, steps, "steps")
-    device = pipe.unet.device
+    device = denoiser(pipe).device
     gen_device = "cpu" if device.type == "mps" else device
     generators = [torch.Generator(gen_device).manual_seed(seed + k) for k in range(num_images)]
     extra = {}

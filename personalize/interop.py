@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import families
 from . import methods as method_registry
 from .concept import Concept, load_concept, save_concept
 from .errors import BadInputError
@@ -101,7 +102,13 @@ def export_concept(concept: Concept | str | Path, out: str | Path, fmt: str | No
     """
     concept = concept if isinstance(concept, Concept) else load_concept(Path(concept))
     method_cls = method_registry.get(concept.method)
-    formats = method_cls.export_formats
+    family = families.FAMILIES.get(concept.header.get("base_fingerprint", {}).get("family", "sd1"))
+    formats = method_registry.export_formats_on(concept.method, family) if family else method_cls.export_formats
+    if method_cls.export_formats and not formats:
+        elsewhere = [f.label for f in families.FAMILIES.values()
+                     if method_registry.export_formats_on(concept.method, f)]
+        raise BadInputError(f"{concept.method} concepts of {family.label} bases have no export format yet (its "
+                            f"formats are for {', '.join(elsewhere)} bases); attach them with personalize")
     if not formats:
         name = concept.path.name if concept.path is not None else concept.token
         if method_cls.no_export_reason:

@@ -88,10 +88,11 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 def class_image_dir(pipe, prompt: str, steps: int, guidance: float, size: int) -> Path:
     """The cache folder for ``prompt`` on this base and sampler setting."""
+    from . import families
     from .base import fingerprint
 
-    key = {"base": fingerprint(pipe).digest, "unet": weights_digest(pipe.unet), "prompt": prompt, "steps": steps,
-           "guidance": guidance, "size": size, "scheduler": dict(pipe.scheduler.config)}
+    key = {"base": fingerprint(pipe).digest, "unet": weights_digest(families.denoiser(pipe)), "prompt": prompt,
+           "steps": steps, "guidance": guidance, "size": size, "scheduler": dict(pipe.scheduler.config)}
     name = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     folder = cache_dir("class-images", name)
     meta = folder / "key.json"
@@ -106,7 +107,9 @@ def generated_class_images(pipe, prompt: str, count: int, steps: int, guidance: 
     """``count`` images of ``prompt`` from the base, generated once and then read from the cache."""
     from .generation import generate
 
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    from .text_stack import native_resolution
+
+    size = native_resolution(pipe)
     folder = class_image_dir(pipe, prompt, steps, guidance, size)
     paths = [folder / f"{k:06d}.png" for k in range(count)]
     missing = [k for k, p in enumerate(paths) if not p.exists()]
@@ -149,7 +152,9 @@ def resolve(pipe, spec: PriorSpec, on_image: Callable[[int], None] | None = None
 
 def missing_count(pipe, spec: PriorSpec) -> int:
     """How many class images the run still has to generate (for a progress bar)."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    from .text_stack import native_resolution
+
+    size = native_resolution(pipe)
     total = 0
     for prompt, folder in zip(spec.prompts, spec.folders):
         if folder is None:

@@ -1,8 +1,8 @@
 """The prompt rules, checked wherever a prompt is given, and a generation folder's ``prompts.json``.
 
 - A prompt must say something: an empty (or blank) one is refused.
-- The text encoder reads 77 CLIP tokens, the start and end markers included, so 75 of the prompt's own. Cut
-  silently, a longer prompt would lose its last words, a concept's token among them; it is refused instead,
+- The text encoder reads 77 CLIP tokens, the start and end markers included, so 75 of the prompt's own (Flux:
+  its T5 reads ``max_sequence_length``; the family's ``prompt_tokenizer`` decides). Cut silently, a longer prompt would lose its last words, a concept's token among them; it is refused instead,
   whether or not a concept's token is past the cut (the message says when one is).
 - A prompt naming none of the attached concepts' tokens is allowed (the base alone, for comparison), but the
   CLI warns: the concept would not show.
@@ -35,18 +35,25 @@ def check_prompt_length(pipe, prompt: str, flag: str = "--prompt", convert: bool
     """Refuse a prompt longer than the text encoder reads (as the pipeline tokenizes it, concepts attached).
 
     ``convert=False``: the prompt already spells out multi-vector tokens (a training prompt)."""
-    tokenizer = pipe.tokenizer
+    from .families import of
+
+    family = of(pipe)
+    name = family.prompt_tokenizer
+    tokenizer = getattr(pipe, name)
     if convert and hasattr(pipe, "maybe_convert_prompt"):  # a multi-vector token <t> becomes '<t> <t>_1 ...', as when sampling
         prompt = pipe.maybe_convert_prompt(prompt, tokenizer)
-    limit = min(int(getattr(tokenizer, "model_max_length", MAX_TOKENS) or MAX_TOKENS), MAX_TOKENS)
+    limit = family.max_length(pipe, name)
+    if name == "tokenizer":  # CLIP reads 77 whatever the tokenizer file says
+        limit = min(int(limit or MAX_TOKENS), MAX_TOKENS)
     ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
     if len(ids) <= limit:
         return
+    marks = len(tokenizer("", verbose=False).input_ids)  # start and end markers (CLIP 2, T5 only the end: 1)
     dropped = ids[limit - 1:-1]  # what a cut to ``limit`` would lose (the end marker stays)
-    concepts = _added_tokens(pipe, dropped)
+    concepts = _added_tokens(pipe, dropped, tokenizer)
     lost = f", so the concept token {', '.join(concepts)} would be lost" if concepts else ""
-    raise BadInputError(f"{flag} is {len(ids) - 2} tokens, more than the {limit - 2} the text encoder reads; the "
-                        f"words after '{tokenizer.decode(ids[limit - 3:limit - 1]).strip()}' would be cut{lost}; "
+    raise BadInputError(f"{flag} is {len(ids) - marks} tokens, more than the {limit - marks} the text encoder reads; "
+                        f"the words after '{tokenizer.decode(ids[limit - 3:limit - 1]).strip()}' would be cut{lost}; "
                         f"shorten {'the prompt' if flag.startswith('--') else 'it'}")
 
 
@@ -68,12 +75,13 @@ def check_captions(pipe, captions: Sequence[str | None], image_paths: Sequence[P
                                 convert=False)
 
 
-def _added_tokens(pipe, ids: Sequence[int]) -> list[str]:
-    """The attached concepts' tokens among ``ids`` (ids past the base vocabulary)."""
+def _added_tokens(pipe, ids: Sequence[int], tokenizer) -> list[str]:
+    """The attached concepts' tokens among ``ids`` of ``tokenizer`` (ids past its base vocabulary)."""
     from .edits.tokens import base_tokenizer
 
-    base_size = len(base_tokenizer(pipe))
-    return sorted({t for i, t in zip(ids, pipe.tokenizer.convert_ids_to_tokens(list(ids))) if i >= base_size})
+    name = next(n for n in ("tokenizer", "tokenizer_2", "tokenizer_3") if getattr(pipe, n, None) is tokenizer)
+    base_size = len(base_tokenizer(pipe, name))
+    return sorted({t for i, t in zip(ids, tokenizer.convert_ids_to_tokens(list(ids))) if i >= base_size})
 
 
 def read_prompts(path: str | Path) -> dict[str, str]:

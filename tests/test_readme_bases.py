@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from personalize import methods, text_stack
+from personalize import families, methods, text_stack
 from personalize.base import BUILTIN_BASES, TINY_FAMILIES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -48,14 +48,15 @@ def per_method(cell: str) -> dict[str, list[str]]:
     return out
 
 
-def export_formats() -> dict[str, list[str]]:
-    return {n: list(methods.get(n).export_formats) for n in methods.names() if methods.get(n).export_formats}
+def export_formats(family) -> dict[str, list[str]]:
+    return {n: list(methods.export_formats_on(n, family)) for n in methods.names_for(family)
+            if methods.export_formats_on(n, family)}
 
 
-def import_formats() -> dict[str, list[str]]:
+def import_formats(family) -> dict[str, list[str]]:
     """A method with ``import_state`` reads its formats back (``import_formats`` where it declares them)."""
     out = {}
-    for n in methods.names():
+    for n in methods.names_for(family):
         cls = methods.get(n)
         if hasattr(cls, "import_state"):
             out[n] = list(getattr(cls, "import_formats", cls.export_formats))
@@ -74,9 +75,10 @@ def test_one_row_per_family(rows):
 @pytest.mark.parametrize("family", list(text_stack.FAMILIES))
 def test_row_matches_the_code(rows, family):
     row = rows[text_stack.FAMILIES[family]]
-    assert listed(row["methods"]) == methods.names()
-    assert per_method(row["export formats (out)"]) == export_formats()
-    assert per_method(row["import formats (in)"]) == import_formats()
+    fam = families.get(family)
+    assert listed(row["methods"]) == methods.names_for(fam)
+    assert per_method(row["export formats (out)"]) == export_formats(fam)
+    assert per_method(row["import formats (in)"]) == import_formats(fam)
     bases = re.findall(r"`([^`]+)`", row["built-in test base"])
     tiny = [spec for spec, fam in TINY_FAMILIES.items() if fam == family]
     assert [b for b in bases if b in TINY_FAMILIES] == tiny and set(bases) <= set(BUILTIN_BASES)

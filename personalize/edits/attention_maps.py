@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInputError
+from ..families import denoiser
 from ..transfer import to_device
 from .placement import block_cross_attentions, transformer_blocks
 from .prompt_rows import prompt_rows
@@ -113,7 +114,7 @@ class AttentionMaps:
             self._uninstall()
 
     def _install(self) -> None:
-        unet = self.pipe.unet
+        unet = denoiser(self.pipe)
         names = {id(m): n for n, m in unet.named_modules()}
         prompt_rows(self.pipe).subscribe(_KEY)
         self._handles.append(unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
@@ -130,7 +131,7 @@ class AttentionMaps:
         for handle in self._handles:
             handle.remove()
         for site in self._sites:
-            vacate(self.pipe.unet, site, _KEY)
+            vacate(denoiser(self.pipe), site, _KEY)
         self._handles, self._sites = [], []
         self._captured, self.plan, self._plan_key = {}, None, None
         prompt_rows(self.pipe).unsubscribe(_KEY)

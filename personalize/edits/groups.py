@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Callable, ClassVar
 
+from ..families import denoiser
+
 from .placement import site_names
 from .sites import occupy, vacate
 from .state import pipeline_state, release
@@ -41,7 +43,7 @@ class SiteGroup:
 
     @property
     def sites(self) -> list[str]:
-        return site_names(self.pipe.unet, self.KIND)
+        return site_names(denoiser(self.pipe), self.KIND)
 
 
 def join(pipe, key: str, make: Callable[[], SiteGroup], member) -> SiteGroup:
@@ -53,11 +55,11 @@ def join(pipe, key: str, make: Callable[[], SiteGroup], member) -> SiteGroup:
         placed = []
         try:
             for site in group.sites:
-                occupy(pipe.unet, site, key, group.occupant(site))
+                occupy(denoiser(pipe), site, key, group.occupant(site))
                 placed.append(site)
         except BaseException:
             for site in placed:
-                vacate(pipe.unet, site, key)
+                vacate(denoiser(pipe), site, key)
             release(pipe)
             raise
         state.groups[key] = group
@@ -82,7 +84,7 @@ def leave(pipe, group: SiteGroup, member) -> None:
 
 def _dissolve(pipe, group: SiteGroup) -> None:
     for site in group.sites:
-        vacate(pipe.unet, site, group.KEY)
+        vacate(denoiser(pipe), site, group.KEY)
     state = pipeline_state(pipe, create=False)
     if state is not None and state.groups.get(group.KEY) is group:
         del state.groups[group.KEY]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInputError
+from ..families import denoiser
 from .prompt_rows import prompt_rows
 
 Replacements = Callable[[], dict[int, list[int]]]  # locked token id -> its superclass phrase's ids
@@ -41,7 +42,7 @@ class KeyLock:
 
     def install(self) -> "KeyLock":
         prompt_rows(self.pipe).subscribe(_KEY, self._superclass_encoding)
-        self._handles = [self.pipe.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True)]
+        self._handles = [denoiser(self.pipe).register_forward_pre_hook(self._on_unet, with_kwargs=True)]
         self._handles += [m.register_forward_pre_hook(self._on_key) for m in self.to_k]
         return self
 

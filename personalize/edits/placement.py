@@ -15,6 +15,18 @@ their module names; it never searches the model itself. Kinds:
 The token seam (``tokens.py``) and the whole-UNet swap (DreamBooth) need no names.
 Works on any diffusers UNet built from ``Transformer2DModel`` blocks and
 ``Attention`` modules (SD 1.x, 2.x, XL), also on the meta device.
+
+On a diffusion transformer (Flux.1, SD3: joint-attention blocks where the text stream and the image stream are
+projected separately and attend together) the kinds have their counterparts:
+
+=================  ======================================================================================
+``cross_attention``  every joint attention (one with text-stream projections ``add_k_proj``/``add_v_proj``)
+``kv``               ``<joint attention>.add_k_proj`` and ``.add_v_proj``: the text tokens' keys and values
+``proj_out``         each block's attention output projection: ``attn.to_out.0`` of a joint block (image
+                     stream), ``proj_out`` of a Flux single block (its attention output and MLP, fused)
+``attention``        the modules diffusers' DreamBooth-LoRA script of the family trains (``Family.lora_targets``)
+``transformer``      the blocks (``transformer_blocks.N``, Flux's ``single_transformer_blocks.N``)
+=================  ======================================================================================
 """
 from __future__ import annotations
 
@@ -66,8 +78,41 @@ def linear_sites(root: nn.Module, suffixes: tuple[str, ...], within: Callable[[n
     return list(dict.fromkeys(names))
 
 
+def joint_attentions(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, attention)`` for every joint attention of a diffusion transformer (text-stream K/V), in order."""
+    return [(n, m) for n, m in root.named_modules()
+            if getattr(m, "add_k_proj", None) is not None and getattr(m, "to_q", None) is not None]
+
+
+def dit_blocks(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, block)`` for every block of a diffusion transformer: the joint blocks, then Flux's single ones."""
+    return [(f"{stack}.{i}", block) for stack in ("transformer_blocks", "single_transformer_blocks")
+            for i, block in enumerate(getattr(root, stack, None) or ())]
+
+
+def _dit_site_names(root: nn.Module, family, kind: str) -> list[str]:
+    if kind == "cross_attention":
+        return [name for name, _ in joint_attentions(root)]
+    if kind == "kv":
+        return [f"{name}.add_{p}_proj" for name, _ in joint_attentions(root) for p in ("k", "v")]
+    if kind == "proj_out":
+        return [f"{name}.attn.to_out.0" if getattr(block.attn, "to_out", None) is not None else f"{name}.proj_out"
+                for name, block in dit_blocks(root)]
+    if kind == "transformer":
+        return [name for name, _ in dit_blocks(root)]
+    if kind == "attention":
+        return linear_sites(root, family.lora_targets, lambda m: m is root)
+    raise ValueError(f"unknown site kind {kind!r} for a diffusion transformer; known: {', '.join(KINDS)}")
+
+
 def site_names(root: nn.Module, kind: str) -> list[str]:
-    """Module names of every site of ``kind`` in ``root`` (the UNet; the text encoder for ``text_attention``)."""
+    """Module names of every site of ``kind`` in ``root`` (the denoiser; the text encoder for
+    ``text_attention``)."""
+    from .. import families
+
+    family = families.of_denoiser(root)
+    if family is not None and family.denoiser == "transformer" and kind != "text_attention":
+        return _dit_site_names(root, family, kind)
     if kind == "cross_attention":
         return [name for name, _ in cross_attention_layers(root)]
     if kind == "kv":

@@ -35,6 +35,13 @@ def of(pipe) -> Family:
                         f"{', '.join(LABELS.values())}")
 
 
+def of_denoiser(module) -> Family | None:
+    """The (first) family whose denoiser is of ``module``'s class (SD 1.x, 2.x and XL share the UNet class and
+    all its site rules); None for another module."""
+    name = type(module).__name__
+    return next((fam for fam in FAMILIES.values() if name in fam.denoiser_classes), None)
+
+
 def pipeline_classes() -> dict[str, list[Family]]:
     """Each pipeline class a base folder may declare -> the families that use it."""
     found: dict[str, list[Family]] = {}

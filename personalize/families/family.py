@@ -25,7 +25,8 @@ import torch
 @dataclass
 class Encoding:
     """A prompt batch as the denoiser reads it: ``context`` (B, L, D), the pooled vector (SDXL, SD3, Flux; else
-    None), the first tokenizer's ids (where a concept's token sits), and family-specific extras."""
+    None), the ids aligned with the context's rows (where a concept's token sits: CLIP's on SD, T5's on Flux),
+    and family-specific extras (tensors with one row per prompt, batch first)."""
 
     context: torch.Tensor
     pooled: torch.Tensor | None
@@ -54,8 +55,25 @@ class Family:
     pipeline_classes: ClassVar[tuple[str, ...]]  # the diffusers classes a folder of this family declares
     tiny: ClassVar[str]  # the built-in random test base
     denoiser: ClassVar[str] = "unet"
+    denoiser_classes: ClassVar[tuple[str, ...]] = ("UNet2DConditionModel",)  # diffusers classes of the denoiser
+    #: the denoiser modules DreamBooth-LoRA trains (site kind ``attention``): module-name suffixes matched as peft
+    #: matches ``target_modules`` (the whole name, or its end after a dot); None: every diffusers ``Attention``'s
+    #: ``to_q``/``to_k``/``to_v``/``to_out.0`` (diffusers' ``train_dreambooth_lora.py``)
+    lora_targets: ClassVar[tuple[str, ...] | None] = None
     edit_kinds: ClassVar[frozenset[str]]  # site kinds (edits.placement.KINDS) the denoiser has
+    #: methods this family refuses although it has their site kinds: method name -> why (one line's worth)
+    refuses: ClassVar[dict[str, str]] = {}
     text_pairs: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"),)
+    #: the export formats this family keeps per method (method name -> format names); a method not named keeps
+    #: all of its ``export_formats``
+    exports: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: the keys of a token file holding one part per text encoder, in ``text_pairs`` order (SDXL ``clip_l``,
+    #: ``clip_g``); empty: one encoder, ``{token: vectors}``
+    token_keys: ClassVar[tuple[str, ...]] = ()
+    #: the tokenizer whose length a prompt must fit (a longer prompt is refused, never cut: ``prompts.py``)
+    prompt_tokenizer: ClassVar[str] = "tokenizer"
+    #: the text encoders DreamBooth-LoRA's ``train_text_encoder`` puts LoRA on (the family's diffusers script's)
+    lora_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
 
     # -- recognition and building ------------------------------------------------------------------------------
     def matches(self, pipe) -> bool:

@@ -161,6 +161,7 @@ class StableDiffusionXL(StableDiffusion):
     pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusionXLPipeline",)
     tiny: ClassVar[str] = "tiny-sdxl"
     text_pairs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+    token_keys = ("clip_l", "clip_g")  # the two-key layout SDXL embeddings are shared in
 
     def matches(self, pipe) -> bool:
         return getattr(pipe, "unet", None) is not None and getattr(pipe, "text_encoder_2", None) is not None

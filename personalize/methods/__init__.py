@@ -56,3 +56,28 @@ def get(name: str):
     if not (isinstance(method, type) and issubclass(method, Method)):
         raise TypeError(f"{_REGISTRY[name]} is not a personalize Method")
     return method
+
+
+def refusal(name: str, family) -> str | None:
+    """Why the method ``name`` does not work on bases of ``family`` (a :class:`personalize.families.Family`), or
+    None: the family refuses it by name (``Family.refuses``), or lacks a site kind its card names."""
+    from ..edits.placement import KINDS
+
+    reason = family.refuses.get(name)
+    if reason is not None:
+        return reason
+    missing = [kind for kind in card(name).sites if kind in KINDS and kind not in family.edit_kinds]
+    return f"its {' and '.join(missing)} sites have no counterpart in this family yet" if missing else None
+
+
+def names_for(family) -> list[str]:
+    """The methods that work on bases of ``family``."""
+    return [n for n in names() if refusal(n, family) is None]
+
+
+def export_formats_on(name: str, family) -> dict[str, str]:
+    """The method's export formats (name -> how a stock tool loads it) that exist for ``family``'s bases
+    (``Family.exports``: the formats it keeps per method; a method it does not name keeps all)."""
+    formats = get(name).export_formats
+    kept = family.exports.get(name)
+    return dict(formats) if kept is None else {f: how for f, how in formats.items() if f in kept}

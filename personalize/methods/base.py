@@ -49,6 +49,7 @@ class Method(MethodCard):
     no_export_reason: ClassVar[str] = ""
 
     def __init__(self, pipe, token: str, superclass: str, config):
+        self.check_base(pipe)
         self.pipe = pipe
         self.token = token
         self.superclass = superclass
@@ -60,6 +61,20 @@ class Method(MethodCard):
         self._placed: list[tuple[str, list[str]]] = []  # (pipeline part, site names) of own occupants
 
     # -- construction -------------------------------------------------------------
+    @classmethod
+    def check_base(cls, pipe) -> None:
+        """Refuse (one line) a base whose family lacks a site kind this method edits, or that the family refuses
+        for this method, before any work: nothing installs "only the token"."""
+        from .. import families
+        from . import names_for, refusal
+
+        family = families.of(pipe)
+        reason = refusal(cls.name, family)
+        if reason is not None:
+            supported = [f.label for f in families.FAMILIES.values() if cls.name in names_for(f)]
+            raise BadInputError(f"{cls.name} does not work on {family.label} bases: {reason}; use a base of "
+                                f"{', '.join(supported)}, or another method")
+
     @classmethod
     def make_config(cls, overrides: dict[str, Any] | None = None):
         """The method's config with ``overrides`` applied; unknown keys are errors, and every value is coerced to

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import families
 from ..edits.deltas import WeightDelta
 from ..edits.placement import cross_attention_layers, site_names
 from ..errors import BadInputError, ConceptFileError
@@ -40,7 +41,7 @@ from ..text_stack import pairs, widths
 from .base import Method
 from .cards import CustomDiffusionCard, CustomDiffusionConfig
 from .shared import as_list, cpu_float, load_into, single_tokens, word_vector, words_of
-from .token_files import SDXL_KEYS
+from .token_files import token_keys
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
 PATHWAYS = ("k", "v")
@@ -66,11 +67,14 @@ class CustomDiffusion(CustomDiffusionCard, Method):
         if len(inits) < len(self.tokens):
             raise BadInputError(f"init_words '{config.init_words}' has {len(inits)} word(s) for {len(self.tokens)} "
                                 "concepts; give one per concept, '+'-separated")
-        device = pipe.unet.device
+        self.part = families.of(pipe).denoiser  # "unet", or "transformer" on a diffusion transformer
+        denoiser = getattr(pipe, self.part)
+        device = denoiser.device
         self.embedding = nn.Parameter(torch.stack([word_vector(pipe, w) for w in inits[: len(self.tokens)]]).to(device))
-        self._sites = site_names(pipe.unet, "kv")  # <cross-attention>.to_k / .to_v
+        # <cross-attention>.to_k / .to_v; on a diffusion transformer the text stream's add_k_proj / add_v_proj
+        self._sites = site_names(denoiser, "kv")
         self.deltas: dict[str, nn.Parameter] = {
-            f"delta.{name}": nn.Parameter(torch.zeros(pipe.unet.get_submodule(name).weight.shape, device=device))
+            f"delta.{name}": nn.Parameter(torch.zeros(denoiser.get_submodule(name).weight.shape, device=device))
             for name in self._sites}
 
     @classmethod
@@ -125,7 +129,7 @@ class CustomDiffusion(CustomDiffusionCard, Method):
         return self.tokens, self.embedding
 
     def occupants(self) -> dict[str, dict]:
-        return {"unet": {n: WeightDelta(self.deltas[f"delta.{n}"], detach_first=True) for n in self._sites}}
+        return {self.part: {n: WeightDelta(self.deltas[f"delta.{n}"], detach_first=True) for n in self._sites}}
 
     # -- interop
     @classmethod
@@ -222,4 +226,4 @@ def token_file(pipe, token: str, vectors: torch.Tensor) -> dict[str, torch.Tenso
                             f"{'+'.join(map(str, sizes))}; pass the base it was trained on")
     if len(pairs(pipe)) == 1:
         return {token: vectors}
-    return dict(zip(SDXL_KEYS, vectors.split(sizes, dim=-1)))  # diffusers' SDXL textual-inversion layout
+    return dict(zip(token_keys(pipe), vectors.split(sizes, dim=-1)))  # SDXL: diffusers' clip_l / clip_g layout

@@ -34,7 +34,7 @@ import torch
 from ..errors import BadInputError, ConceptFileError
 from ..paths import inside
 from ..prior import weights_digest
-from ..text_stack import pairs
+from .. import families
 from .base import Method
 from .cards import DreamBoothCard, DreamBoothConfig
 from .identifier import IdentifierToken
@@ -58,9 +58,10 @@ class DreamBooth(DreamBoothCard, IdentifierToken, Method):
         super().__init__(pipe, token, superclass, config)
         check_composable(pipe, type(self))
         self._init_identifier()
-        self.unet = unet if unet is not None else copy.deepcopy(pipe.unet)
+        self.part = families.of(pipe).denoiser  # "unet", or "transformer" on a diffusion transformer
+        self.unet = unet if unet is not None else copy.deepcopy(getattr(pipe, self.part))
         if text_encoders is None and config.train_text_encoder:
-            text_encoders = {name: copy.deepcopy(getattr(pipe, name)) for _, name in pairs(pipe)}
+            text_encoders = {name: copy.deepcopy(getattr(pipe, name)) for name in trained_text_encoders(pipe)}
         self.text_encoders: dict[str, Any] = dict(text_encoders or {})
         self.replaced: dict[str, Any] = {}
 
@@ -76,11 +77,13 @@ class DreamBooth(DreamBoothCard, IdentifierToken, Method):
     def rebuild(cls, pipe, concept) -> "DreamBooth":
         config = cls.make_config(concept.config)
         folder = pipeline_folder(concept)
-        dtype, device = pipe.unet.dtype, pipe.unet.device
-        unet = type(pipe.unet).from_pretrained(folder, subfolder="unet", torch_dtype=dtype).to(device)
+        family = families.of(pipe)
+        base_denoiser = family.denoiser_of(pipe)
+        dtype, device = base_denoiser.dtype, base_denoiser.device
+        unet = type(base_denoiser).from_pretrained(folder, subfolder=family.denoiser, torch_dtype=dtype).to(device)
         tes = {}
         if config.train_text_encoder:
-            for _, name in pairs(pipe):
+            for name in trained_text_encoders(pipe):
                 base = getattr(pipe, name)
                 tes[name] = type(base).from_pretrained(folder, subfolder=name, torch_dtype=dtype).to(base.device)
         if not _same_digest(concept.header.get("pipeline_digest"), unet, tes):
@@ -90,7 +93,7 @@ class DreamBooth(DreamBoothCard, IdentifierToken, Method):
 
     # -- training
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
-        params = {f"unet.{n}": p for n, p in self.unet.named_parameters()}
+        params = {f"{self.part}.{n}": p for n, p in self.unet.named_parameters()}
         for name, te in self.text_encoders.items():
             params.update({f"{name}.{n}": p for n, p in te.named_parameters() if ".embeddings." not in f".{n}"})
         return params
@@ -100,7 +103,7 @@ class DreamBooth(DreamBoothCard, IdentifierToken, Method):
 
     def param_groups(self) -> list[dict]:
         params = self._trainable()
-        lrs = {"unet": self.config.lr, **{name: self.config.lr_text_encoder for name in self.text_encoders}}
+        lrs = {self.part: self.config.lr, **{name: self.config.lr_text_encoder for name in self.text_encoders}}
         return [{"params": [p for n, p in params.items() if n.startswith(f"{part}.")], "lr": lr,
                  "weight_decay": self.config.weight_decay, "name": part} for part, lr in lrs.items()]
 
@@ -123,7 +126,7 @@ class DreamBooth(DreamBoothCard, IdentifierToken, Method):
         folder = pipeline_dir(out)
         family = families.of(self.pipe)
         parts = {"vae": self.pipe.vae, family.denoiser: self.unet, "scheduler": self.pipe.scheduler}
-        for tok, te in pairs(self.pipe):
+        for tok, te in family.pairs(self.pipe):
             parts[tok] = getattr(self.pipe, tok)
             parts[te] = self.text_encoders.get(te, getattr(self.pipe, te))
         if "force_zeros_for_empty_prompt" in self.pipe.config:  # SDXL's own setting, kept as the base has it
@@ -148,9 +151,9 @@ class DreamBooth(DreamBoothCard, IdentifierToken, Method):
         source = pipeline_folder(concept)
         dlog.disable_progress_bar()
         trained = DiffusionPipeline.from_pretrained(str(source))
-        tes = {name: getattr(trained, name) for _, name in pairs(trained)} \
+        tes = {name: getattr(trained, name) for name in trained_text_encoders(trained)} \
             if cls.make_config(concept.config).train_text_encoder else {}
-        if not _same_digest(concept.header.get("pipeline_digest"), trained.unet, tes):
+        if not _same_digest(concept.header.get("pipeline_digest"), families.denoiser(trained), tes):
             raise ConceptFileError(f"the pipeline folder '{source}' is not the one this concept file was written "
                                    "with; re-train, or copy the file and its folder together")
         title = {"modelspec.title": f"DreamBooth {concept.token} ({concept.superclass})"}
@@ -163,7 +166,7 @@ class DreamBooth(DreamBoothCard, IdentifierToken, Method):
             return
         check_composable(self.pipe, type(self))
         self.replaced = {}
-        for name, module in {"unet": self.unet, **self.text_encoders}.items():
+        for name, module in {self.part: self.unet, **self.text_encoders}.items():
             self.replaced[name] = getattr(self.pipe, name)
             setattr(self.pipe, name, module)
         try:
@@ -201,6 +204,13 @@ def pipeline_folder(concept) -> Path:
     if not (folder / "model_index.json").is_file():
         raise ConceptFileError(f"the DreamBooth pipeline folder '{folder}' is missing; keep it beside '{concept.path.name}'")
     return folder
+
+
+def trained_text_encoders(pipe) -> list[str]:
+    """The text encoders ``train_text_encoder`` fine-tunes: those the family's diffusers script trains (SD 1.x/2.x
+    its one, SDXL and SD3 both CLIPs, Flux CLIP-L; never T5)."""
+    family = families.of(pipe)
+    return [te for _, te in family.pairs(pipe) if te in family.lora_text_encoders]
 
 
 def _digest(unet, text_encoders: dict) -> str:

@@ -28,7 +28,7 @@ import torch
 from ..edits.deltas import ADDITIVE_ORDER
 from ..edits.lora_bank import ADAPTER, LoraBank
 from ..edits.placement import site_names
-from .. import text_stack
+from .. import families, text_stack
 from ..errors import BadInputError
 from .base import Method
 from .cards import DreamBoothLoraCard, DreamBoothLoraConfig, DreamBoothLoraKnobs  # noqa: F401 (the method's declaration)
@@ -42,11 +42,15 @@ KOHYA_FILE = "lora_kohya.safetensors"
 
 def lora_sites(pipe, train_text_encoder: bool) -> dict[str, list[str]]:
     """``{"unet": [...], "text_encoder": [...], "text_encoder_2": [...]}``: the Linear layers LoRA goes on, in
-    module order (the text encoders only with ``train_text_encoder``; ``text_encoder_2`` on SDXL)."""
-    sites = {"unet": site_names(pipe.unet, "attention")}
+    module order (the denoiser's part is ``transformer`` on a diffusion transformer); the text encoders only with
+    ``train_text_encoder``, and only those the family's DreamBooth-LoRA script trains (``Family.lora_text_encoders``:
+    SDXL and SD3 both CLIPs, Flux CLIP-L; never T5)."""
+    family = families.of(pipe)
+    sites = {family.denoiser: site_names(family.denoiser_of(pipe), "attention")}
     if train_text_encoder:
-        for _, te in text_stack.pairs(pipe):
-            sites[te] = site_names(getattr(pipe, te), "text_attention")
+        for _, te in family.pairs(pipe):
+            if te in family.lora_text_encoders:
+                sites[te] = site_names(getattr(pipe, te), "text_attention")
     return sites
 
 
@@ -195,7 +199,7 @@ def text_model_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     named = {}
     for key, value in tensors.items():
         part, module = key.split(".", 1)
-        if part != "unet" and not module.startswith("text_model."):
+        if part.startswith("text_encoder") and not module.startswith("text_model."):
             module = "text_model." + module
         named[f"{part}.{module}"] = value
     return named
@@ -203,7 +207,7 @@ def text_model_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def ranks_in(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
     """``{part: {module: rank}}`` from a concept's (or diffusers file's) tensor names."""
-    ranks: dict[str, dict[str, int]] = {"unet": {}}
+    ranks: dict[str, dict[str, int]] = {}
     for key, value in tensors.items():
         if key.endswith(".lora_A.weight"):
             part, module = key[: -len(".lora_A.weight")].split(".", 1)

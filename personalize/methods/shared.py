@@ -8,7 +8,7 @@ import torch
 from ..edits.state import pipeline_state, release
 from ..edits.tokens import base_tokenizer
 from ..errors import BadInputError, ConceptFileError
-from ..text_stack import encoders
+from ..text_stack import pairs
 
 
 def as_list(value) -> list:
@@ -23,16 +23,18 @@ def vector_tokens(token: str, n: int) -> list[str]:
 @torch.no_grad()
 def word_vector(pipe, word: str, single: bool = False, what: str = "") -> torch.Tensor:
     """The base input embedding of ``word``: its row, or the mean of its pieces' rows (``single``: one token only;
-    ``what`` names the setting in the error)."""
-    ids = base_tokenizer(pipe)(word, add_special_tokens=False).input_ids
-    if not ids:
-        raise BadInputError(f"'{word}' has no tokens; give a word such as 'sks' or the superclass")
-    if single and len(ids) != 1:
-        raise BadInputError(f"{what + ' ' if what else ''}'{word}' is {len(ids)} tokens in this base's tokenizer; "
-                            "pick a single-token, rarely used word such as 'sks' or 'httr'")
+    ``what`` names the setting in the error). With several text encoders, each encoder's rows side by side
+    (``edits/tokens.py``), each read with its own tokenizer's ids (SDXL's two share CLIP's; T5 has its own)."""
     rows = []
-    for te in encoders(pipe):  # SDXL: both encoders' rows side by side (edits/tokens.py)
-        table = te.get_input_embeddings()
+    for tok_name, te_name in pairs(pipe):
+        ids = base_tokenizer(pipe, tok_name)(word, add_special_tokens=False).input_ids
+        if not ids:
+            raise BadInputError(f"'{word}' has no tokens; give a word such as 'sks' or the superclass")
+        if single and len(ids) != 1:
+            which = "" if tok_name == "tokenizer" else f" ({tok_name})"
+            raise BadInputError(f"{what + ' ' if what else ''}'{word}' is {len(ids)} tokens in this base's "
+                                f"tokenizer{which}; pick a single-token, rarely used word such as 'sks' or 'httr'")
+        table = getattr(pipe, te_name).get_input_embeddings()
         table = getattr(table, "base_layer", table)
         rows.append(table.weight[ids].detach().float().mean(0).to(pipe.text_encoder.device))
     return torch.cat(rows).clone()

@@ -26,7 +26,6 @@ A1111_ARCHIVE = "archive"
 #: the entries AUTOMATIC1111's safe loader (modules/safe.py) lets through: data.pkl, version and data/<n> under one
 #: top folder; torch >= 2 adds .format_version, .storage_alignment, byteorder and .data/serialization_id
 _A1111_ENTRY = re.compile(r"(data\.pkl|version|data/\d+)")
-SDXL_KEYS = ("clip_l", "clip_g")  # text_encoder's part, text_encoder_2's part
 #: the real SDXL's encoder widths (CLIP ViT-L, OpenCLIP ViT-bigG): the split of a concept file that predates
 #: the header's ``text_widths``
 SDXL_WIDTHS = (768, 1280)
@@ -56,16 +55,20 @@ def ti_pair(state: dict, second: list[dict], pipe=None) -> tuple[str | None, tor
 def ti_vectors(state: dict, pipe=None) -> tuple[str | None, torch.Tensor]:
     """(token name or None, vectors) from any of the textual-inversion layouts (SDXL: clip_l and clip_g joined;
     with ``pipe``, each part must be as wide as its encoder)."""
-    if all(isinstance(state.get(k), torch.Tensor) for k in SDXL_KEYS):
-        parts = [torch.atleast_2d(state[k]) for k in SDXL_KEYS]
+    keys = _layout_keys(state)
+    if keys:
+        parts = [torch.atleast_2d(state[k]) for k in keys]
         if pipe is not None:
             from ..text_stack import widths
 
-            for key, part, width in zip(SDXL_KEYS, parts, widths(pipe)):
-                check_vectors(pipe, part, f"the SDXL embedding's '{key}'", width)
-        if parts[0].shape[0] != parts[1].shape[0]:
-            raise BadInputError(f"the SDXL embedding has {parts[0].shape[0]} clip_l and {parts[1].shape[0]} clip_g "
-                                "vectors; both encoders need one vector per token")
+            if keys != token_keys(pipe):
+                raise BadInputError(f"the embedding holds {', '.join(keys)}; this base's token files hold "
+                                    f"{', '.join(token_keys(pipe)) or 'one token -> vectors entry'}")
+            for key, part, width in zip(keys, parts, widths(pipe)):
+                check_vectors(pipe, part, f"the embedding's '{key}'", width)
+        if len({p.shape[0] for p in parts}) != 1:
+            raise BadInputError(f"the embedding has {', '.join(f'{p.shape[0]} {k}' for k, p in zip(keys, parts))} "
+                                "vectors; every encoder needs one vector per token")
         return None, torch.cat(parts, dim=1)
     if "string_to_param" in state:
         params = state["string_to_param"]
@@ -79,6 +82,14 @@ def ti_vectors(state: dict, pipe=None) -> tuple[str | None, torch.Tensor]:
         raise BadInputError(f"not a textual-inversion file: expected one token -> vectors entry, found {len(tensors)} "
                             f"tensors ({', '.join(list(tensors)[:3])})")
     return next(iter(tensors.items()))
+
+
+def _layout_keys(state: dict) -> tuple[str, ...]:
+    """The multi-encoder layout ``state`` is in (the longest family ``token_keys`` all present), or ()."""
+    from .. import families
+
+    layouts = sorted({f.token_keys for f in families.FAMILIES.values() if f.token_keys}, key=len, reverse=True)
+    return next((keys for keys in layouts if all(isinstance(state.get(k), torch.Tensor) for k in keys)), ())
 
 
 def check_vectors(pipe, vectors: torch.Tensor, what: str = "the embedding", width: int | None = None) -> torch.Tensor:
@@ -113,27 +124,39 @@ def check_vectors(pipe, vectors: torch.Tensor, what: str = "the embedding", widt
 
 
 def concept_widths(concept, vectors: torch.Tensor) -> list[int]:
-    """Each text encoder's width for a concept's token ``vectors``: one width except on SDXL, where the header's
-    ``text_widths`` (or, in a file without it, the real SDXL's 768 + 1280) splits them."""
-    if not is_sdxl(concept):
+    """Each text encoder's width for a concept's token ``vectors``: one width on a one-encoder family; else the
+    header's ``text_widths`` (or, in an SDXL file without it, the real SDXL's 768 + 1280) split them."""
+    keys = token_keys(concept)
+    if not keys:
         return [int(vectors.shape[-1])]
     found = [int(w) for w in concept.header.get("text_widths") or ()]
-    if not found and vectors.shape[-1] == sum(SDXL_WIDTHS):
+    if not found and is_sdxl(concept) and vectors.shape[-1] == sum(SDXL_WIDTHS):
         found = list(SDXL_WIDTHS)
-    if len(found) != 2 or sum(found) != vectors.shape[-1]:
-        raise BadInputError(f"the SDXL concept's {vectors.shape[-1]}-wide token vectors cannot be split into "
-                            "clip_l and clip_g (no text_widths in its header); re-import or retrain it")
+    if len(found) != len(keys) or sum(found) != vectors.shape[-1]:
+        raise BadInputError(f"the concept's {vectors.shape[-1]}-wide token vectors cannot be split into "
+                            f"{', '.join(keys)} (no text_widths in its header); re-import or retrain it")
     return found
 
 
 def token_state(concept, token: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The file content a stock loader reads for ``vectors``: ``{token: (n, d)}``, or on SDXL
-    ``{"clip_l": ..., "clip_g": ...}`` (no token inside: the loader is told the token)."""
+    """The file content a stock loader reads for ``vectors``: ``{token: (n, d)}``, or on a family with several
+    text encoders one key per encoder (SDXL ``{"clip_l": ..., "clip_g": ...}``, Flux ``clip_l``/``t5``, SD3
+    ``clip_l``/``clip_g``/``t5``; no token inside: the loader is told the token)."""
     vectors = vectors.detach().float().contiguous()
     sizes = concept_widths(concept, vectors)
     if len(sizes) == 1:
         return {token: vectors}
-    return {k: part.contiguous() for k, part in zip(SDXL_KEYS, vectors.split(sizes, dim=-1))}
+    return {k: part.contiguous() for k, part in zip(token_keys(concept), vectors.split(sizes, dim=-1))}
+
+
+def token_keys(concept_or_pipe) -> tuple[str, ...]:
+    """The keys of the family's multi-encoder token file (``Family.token_keys``; empty for one encoder)."""
+    from .. import families
+
+    if hasattr(concept_or_pipe, "header"):
+        name = concept_or_pipe.header.get("base_fingerprint", {}).get("family", "sd1")
+        return families.FAMILIES[name].token_keys if name in families.FAMILIES else ()
+    return families.of(concept_or_pipe).token_keys
 
 
 def is_sdxl(concept) -> bool:

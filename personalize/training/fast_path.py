@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from .. import text_stack
+from .. import families, text_stack
 
 
 def _adamw(groups: list[dict], device) -> torch.optim.Optimizer:
@@ -23,7 +23,7 @@ class TextCache:
     from a few templates, so after the first steps the text encoder no longer runs)."""
 
     def __init__(self):
-        self.rows: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # prompt -> (context, pooled)
+        self.rows: dict[str, text_stack.Encoding] = {}  # prompt -> its one-row encoding
 
     @torch.no_grad()
     def encode(self, pipe, prompts: list[str], ids: list[torch.Tensor]) -> text_stack.Encoding:
@@ -36,10 +36,14 @@ class TextCache:
             order = list(first.values())
             new = text_stack.encode_ids(pipe, [t[order] for t in ids])
             for k, i in enumerate(order):
-                self.rows[prompts[i]] = (new.context[k], None if new.pooled is None else new.pooled[k])
-        context = torch.stack([self.rows[p][0] for p in prompts])
-        pooled = None if self.rows[prompts[0]][1] is None else torch.stack([self.rows[p][1] for p in prompts])
-        return text_stack.Encoding(context, pooled, ids[0])
+                self.rows[prompts[i]] = text_stack.Encoding(
+                    new.context[k], None if new.pooled is None else new.pooled[k], new.ids[k],
+                    {key: value[k] for key, value in new.extra.items()})
+        rows = [self.rows[p] for p in prompts]
+        stack = lambda ts: None if ts[0] is None else torch.stack(ts)  # noqa: E731
+        return text_stack.Encoding(stack([r.context for r in rows]), stack([r.pooled for r in rows]),
+                                   stack([r.ids for r in rows]), {key: stack([r.extra[key] for r in rows])
+                                                                  for key in rows[0].extra})
 
 
 class FrozenInComputeDtype:
@@ -55,7 +59,7 @@ class FrozenInComputeDtype:
     def __init__(self, pipe, trainable: Sequence[torch.Tensor], mixed_precision: str):
         self.dtype = self.DTYPES.get(mixed_precision)
         keep = {id(p) for p in trainable}
-        modules = [m for m in (pipe.unet, *text_stack.encoders(pipe), pipe.vae) if m is not None]
+        modules = [m for m in (families.denoiser(pipe), *text_stack.encoders(pipe), pipe.vae) if m is not None]
         seen: set[int] = set()
         self.frozen = []
         for module in modules:

@@ -129,6 +129,7 @@ def train(
     progress = progress and parallel.main
     pipe = load_base(base) if isinstance(base, (str, Path)) else base
     pipe.to(device)
+    method_cls.check_base(pipe)  # a family without this method's sites: refused before any work
     for tok, sc in zip(tokens, superclasses):
         _validate_words(pipe, tok, sc)
     size = resolution(pipe, cfg.resolution)
