@@ -5,6 +5,8 @@ call, the noising against ``train_dreambooth_lora_flux.py``'s formulas written o
 (one guidance-embedded pass each, no CFG batch) and a trainer step through a real latent cache."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -54,6 +56,18 @@ def test_tiny_flux_is_flux_dev_in_miniature(pipe, family):
     assert pipe.transformer.config.joint_attention_dim == pipe.text_encoder_2.config.d_model
     assert pipe.transformer.config.pooled_projection_dim == pipe.text_encoder.config.hidden_size
     assert pipe.vae.config.shift_factor and pipe.vae.config.scaling_factor != 1
+    # CLIP-L pools as FLUX.1's (legacy eos_token_id 2): at a row's highest id, i.e. an added token where there is one
+    tok = pipe.tokenizer
+    ids = tok(["a photo of a dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    clip = copy.deepcopy(pipe.text_encoder)
+    with torch.no_grad():
+        out = clip(ids)
+        end = int((ids[0] == tok.eos_token_id).nonzero()[0])
+        assert torch.equal(out.pooler_output[0], out.last_hidden_state[0, end])
+        ids[0, 2] = len(tok)  # a token id above the base vocabulary (as textual inversion adds)
+        clip.resize_token_embeddings(len(tok) + 1)
+        out = clip(ids)
+    assert torch.equal(out.pooler_output[0], out.last_hidden_state[0, 2])
     assert families.of(pipe) is family and text_stack.family(pipe) == "flux"
     assert family.denoiser_of(pipe) is pipe.transformer and families.denoiser(pipe) is pipe.transformer
     assert not any(f.matches(pipe) for f in families.FAMILIES.values() if f is not family)
@@ -129,18 +143,19 @@ def test_noised_follows_the_dreambooth_lora_flux_script(pipe, family, folder):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-    copy = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    scheduler_copy = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
     u = compute_density_for_timestep_sampling(weighting_scheme="none", batch_size=6, logit_mean=0.0, logit_std=1.0,
                                               mode_scale=1.29, generator=torch.Generator().manual_seed(1))
-    indices = (u * copy.config.num_train_timesteps).long()
-    indices[0], indices[1] = 0, copy.config.num_train_timesteps - 1  # both ends of the table
-    timesteps = copy.timesteps[indices]
-    step_indices = [(copy.timesteps == t).nonzero().item() for t in timesteps]
-    sigmas = copy.sigmas.to(dtype=torch.float32)[step_indices].flatten().reshape(-1, 1, 1, 1)
+    indices = (u * scheduler_copy.config.num_train_timesteps).long()
+    indices[0], indices[1] = 0, scheduler_copy.config.num_train_timesteps - 1  # both ends of the table
+    timesteps = scheduler_copy.timesteps[indices]
+    step_indices = [(scheduler_copy.timesteps == t).nonzero().item() for t in timesteps]
+    sigmas = scheduler_copy.sigmas.to(dtype=torch.float32)[step_indices].flatten().reshape(-1, 1, 1, 1)
     latents, noise, _ = _noised(pipe, family, (6, 4, 8, 12))
 
     schedule = family.noise_schedule(pipe)
-    assert family.num_train_steps(schedule) == copy.config.num_train_timesteps == len(copy.timesteps)
+    assert family.num_train_steps(schedule) == scheduler_copy.config.num_train_timesteps
+    assert len(scheduler_copy.timesteps) == scheduler_copy.config.num_train_timesteps
     got = family.noised(schedule, latents, noise, indices)
     assert torch.equal(got.latents, (1.0 - sigmas) * latents + sigmas * noise)
     assert torch.equal(got.timesteps, timesteps)
@@ -211,8 +226,6 @@ def test_stock_sampling_is_one_guidance_embedded_pass_per_step_and_predict_match
 def test_a_training_step_through_the_family(pipe, family):
     """The trainer's loss on a real latent cache (VAE shift and scale applied): finite, and its gradient reaches
     the transformer and both text encoders (T5 through the context, CLIP through the pooled vector)."""
-    import copy
-
     from personalize.training.cache import LatentCache, draw_batch
     from personalize.training.step import denoising_step
 
@@ -241,8 +254,6 @@ def test_a_training_step_through_the_family(pipe, family):
 
 def test_schnell_has_no_guidance_embedding_and_gets_no_guidance(pipe, family):
     """Flux.1-schnell's transformer (``guidance_embeds=False``) is called without a guidance value."""
-    import copy
-
     from diffusers import FluxTransformer2DModel
 
     schnell = copy.copy(pipe)

@@ -27,7 +27,8 @@ read through CLIP-L's pooled vector and T5's hidden states, its latents packed i
 
 The built-in random test base ``tiny-flux`` is Flux.1-dev in miniature (classes and shapes of diffusers' own
 Flux pipeline tests, a little wider): a 2-joint-block, 1-single-block transformer 32 wide (2 heads of 16, RoPE
-axes 4/6/6) with the guidance embedding, a 2-layer 32-wide CLIP-L (the real CLIP vocabulary), a 2-layer 32-wide
+axes 4/6/6) with the guidance embedding, a 2-layer 32-wide CLIP-L (the real CLIP vocabulary and, as FLUX.1's,
+the legacy ``eos_token_id`` 2 that pools at a row's highest id), a 2-layer 32-wide
 T5 encoder (gated GELU, relative attention) over the small offline T5 tokenizer (77 ids: a training step is four
 times faster than at 512), the tiny bases' two-level VAE
 with 4 latent channels (16 packed) and Flux's shift/scaling factors, and Flux.1-dev's scheduler config.
@@ -83,10 +84,14 @@ class Flux(Family):
             patch_size=1, in_channels=16, num_layers=2, num_single_layers=1, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
             axes_dims_rope=(4, 6, 6))
+        clip = tiny_clip_config(49407)  # CLIP-L's tokenizer pads with its end token
+        # FLUX.1's text_encoder/config.json keeps CLIP's legacy eos_token_id 2, with which transformers pools at the
+        # highest id of each row (an added token's, where a prompt holds one) instead of at the end token
+        clip.eos_token_id = 2
         parts = dict(
             transformer=transformer,
             vae=tiny_vae(latent_channels=4, **_FLUX_VAE),
-            text_encoder=CLIPTextModel(tiny_clip_config(49407)),  # CLIP-L's tokenizer pads with its end token
+            text_encoder=CLIPTextModel(clip),
             tokenizer=build_clip_tokenizer(),
             text_encoder_2=text_encoder_2,
             tokenizer_2=tokenizer_2,
