@@ -10,20 +10,25 @@ A *spec* is one of
 - ``"tiny-sdxl"``: the same in SDXL's shape: two text encoders (the second with a projection, whose pooled
   output the UNet reads with the ``add_time_ids``), a 64-wide context that is their outputs side by side, a first
   block without attention and two transformer layers in the second;
+- ``"tiny-flux"``: Flux.1-dev in miniature (``families/flux.py``): a joint- and single-block transformer with the
+  guidance embedding, CLIP-L (pooled) and T5 (context, a small offline tokenizer) text encoders, a VAE with
+  Flux's shift and scaling factors, Flux.1-dev's flow-matching scheduler config;
 - ``"toy"``: the toy world's trained base, shipped inside the package
   (``personalize/toybase/weights``, see docs/TOYWORLD.md);
 - a local diffusers folder (``model_index.json`` inside): its ``_class_name`` picks the pipeline class
-  (SD 1.x and SD 2.x: ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``); another class is
+  (SD 1.x and SD 2.x: ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``, Flux.1:
+  ``FluxPipeline``); another class is
   refused in one line;
 - a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (same loader; offline it
   fails at once with a one-line message). An id the hub no longer serves (``REMOVED_IDS``: runwayml's SD 1.5,
   stabilityai's SD 2.x) is refused before any network access, naming its maintained copy.
 
 The pipeline keeps the sampling scheduler it was saved with (``tiny``, ``tiny-sd2``, ``tiny-sdxl`` and
-``toy`` have always been built with DDIM); ``load_base(..., scheduler="euler")`` swaps it for one of
+``toy`` have always been built with DDIM, ``tiny-flux`` with Flux's flow-matching Euler); ``load_base(..., scheduler="euler")`` swaps it for one of
 ``personalize.schedulers.SCHEDULERS`` built from the pipeline's own scheduler config (same betas, prediction
-type and timestep spacing). Training does not depend on it: its noise schedule is always a DDPM scheduler made
-from that config (``personalize/training/loop.py``).
+type and timestep spacing). Training does not depend on it: its noise schedule is one the family makes from
+that config (SD: a DDPM scheduler; Flux: the flow-matching scheduler's construction-time tables;
+``personalize/training/loop.py``).
 
 The fingerprint (``personalize/fingerprint.py``, re-exported here) identifies
 the parts a concept depends on (architecture, tokenizer, text-encoder weights)

@@ -117,11 +117,12 @@ def test_a_folder_of_another_pipeline_class_is_refused(tmp_path, sdxl):
     folder = tmp_path / "base"
     sdxl.save_pretrained(folder, safe_serialization=True)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "HunyuanDiTPipeline"}))
     with pytest.raises(BadInputError) as err:
         load_base(str(folder))
     message = str(err.value)
-    assert "FluxPipeline" in message and "SDXL" in message and "\n" not in message
+    assert "HunyuanDiTPipeline" in message and "SDXL" in message and "FluxPipeline" in message
+    assert "\n" not in message
 
 
 def test_sdxl_fingerprint_covers_the_second_encoder_and_tokenizer(sdxl):

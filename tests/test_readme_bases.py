@@ -13,8 +13,9 @@ from personalize.base import BUILTIN_BASES, TINY_FAMILIES
 README = Path(__file__).resolve().parents[1] / "README.md"
 COLUMNS = ["family", "built-in test base", "methods", "export formats (out)", "import formats (in)",
            "native resolution"]
-# the real models' native sizes (SD 1.5: 512, SD 2.1: 768, SDXL: 1024; checked against sd_shapes' configs below)
-NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+# the real models' native sizes (SD 1.5: 512, SD 2.1: 768, SDXL: 1024; checked against sd_shapes' configs below;
+# Flux.1-dev/schnell: 1024, their VAE's sample_size and FluxPipeline's default height)
+NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "flux": 1024}
 
 
 def table() -> dict[str, dict[str, str]]:
@@ -36,13 +37,14 @@ def table() -> dict[str, dict[str, str]]:
 
 
 def listed(cell: str) -> list[str]:
-    return [w.strip() for w in cell.split(",") if w.strip()]
+    """'a, b' -> ['a', 'b']; '—' (nothing) -> []."""
+    return [w.strip() for w in cell.split(",") if w.strip() and w.strip() != "—"]
 
 
 def per_method(cell: str) -> dict[str, list[str]]:
     """'a: x, y; b: z' -> {'a': ['x', 'y'], 'b': ['z']}."""
     out = {}
-    for part in filter(None, (p.strip() for p in cell.split(";"))):
+    for part in filter(None, (p.strip() for p in cell.split(";") if p.strip() != "—")):
         name, _, formats = part.partition(":")
         out[name.strip()] = listed(formats)
     return out
@@ -106,6 +108,8 @@ def test_the_native_sizes_are_the_real_models_and_the_trainer_documents_them():
     shapes = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
     help_text = next(f for f in dataclasses.fields(TrainConfig) if f.name == "resolution").metadata["help"]
     for family, size in NATIVE.items():
+        if family not in shapes:
+            continue
         unet, vae = SHAPES[shapes[family]][1], SHAPES[shapes[family]][4]
         vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
         assert unet["sample_size"] * vae_scale == vae["sample_size"] == size, family

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from ..errors import BadInputError
 from .family import Encoding, Family, Noised  # noqa: F401  (the interface)
+from .flux import Flux
 from .sd import StableDiffusion, StableDiffusion2, StableDiffusionXL
 
-_CLASSES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusion2, StableDiffusionXL)
+_CLASSES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusion2, StableDiffusionXL, Flux)
 FAMILIES: dict[str, Family] = {cls.name: cls() for cls in _CLASSES}
 LABELS: dict[str, str] = {name: fam.label for name, fam in FAMILIES.items()}
 TINY: dict[str, str] = {fam.tiny: name for name, fam in FAMILIES.items()}  # built-in test base -> family name
