@@ -10,20 +10,25 @@ A *spec* is one of
 - ``"tiny-sdxl"``: the same in SDXL's shape: two text encoders (the second with a projection, whose pooled
   output the UNet reads with the ``add_time_ids``), a 64-wide context that is their outputs side by side, a first
   block without attention and two transformer layers in the second;
+- ``"tiny-sd3"``: the same in SD3.5's shape: CLIP-L and CLIP-G (both with projections) and a T5 encoder (the
+  small offline T5 tokenizer), an ``SD3Transformer2DModel`` of two joint blocks (the last ``context_pre_only``)
+  with RMS qk-norm, 16 latent channels, SD3's VAE shift and scaling factors and its flow-matching scheduler
+  (shift 3) (``personalize/families/sd3.py``);
 - ``"toy"``: the toy world's trained base, shipped inside the package
   (``personalize/toybase/weights``, see docs/TOYWORLD.md);
 - a local diffusers folder (``model_index.json`` inside): its ``_class_name`` picks the pipeline class
-  (SD 1.x and SD 2.x: ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``); another class is
+  (SD 1.x and SD 2.x: ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``, SD3 and SD3.5:
+  ``StableDiffusion3Pipeline``); another class is
   refused in one line;
 - a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (same loader; offline it
   fails at once with a one-line message). An id the hub no longer serves (``REMOVED_IDS``: runwayml's SD 1.5,
   stabilityai's SD 2.x) is refused before any network access, naming its maintained copy.
 
 The pipeline keeps the sampling scheduler it was saved with (``tiny``, ``tiny-sd2``, ``tiny-sdxl`` and
-``toy`` have always been built with DDIM); ``load_base(..., scheduler="euler")`` swaps it for one of
-``personalize.schedulers.SCHEDULERS`` built from the pipeline's own scheduler config (same betas, prediction
-type and timestep spacing). Training does not depend on it: its noise schedule is always a DDPM scheduler made
-from that config (``personalize/training/loop.py``).
+``toy`` have always been built with DDIM, ``tiny-sd3`` with flow-matching Euler); ``load_base(...,
+scheduler="euler")`` swaps it for one of ``personalize.schedulers.SCHEDULERS`` built from the pipeline's own scheduler config (same betas, prediction
+type and timestep spacing). Training does not depend on it: its noise schedule is the family's, made from that
+config (a DDPM scheduler for the UNet families, SD3's flow-matching one; ``personalize/training/loop.py``).
 
 The fingerprint (``personalize/fingerprint.py``, re-exported here) identifies
 the parts a concept depends on (architecture, tokenizer, text-encoder weights)

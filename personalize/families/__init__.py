@@ -10,8 +10,9 @@ from __future__ import annotations
 from ..errors import BadInputError
 from .family import Encoding, Family, Noised  # noqa: F401  (the interface)
 from .sd import StableDiffusion, StableDiffusion2, StableDiffusionXL
+from .sd3 import StableDiffusion3
 
-_CLASSES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusion2, StableDiffusionXL)
+_CLASSES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusion2, StableDiffusionXL, StableDiffusion3)
 FAMILIES: dict[str, Family] = {cls.name: cls() for cls in _CLASSES}
 LABELS: dict[str, str] = {name: fam.label for name, fam in FAMILIES.items()}
 TINY: dict[str, str] = {fam.tiny: name for name, fam in FAMILIES.items()}  # built-in test base -> family name
