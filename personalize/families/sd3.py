@@ -19,10 +19,10 @@ with their defaults): latents ``(z - shift_factor) * scaling_factor`` (the laten
 ``FlowMatchEulerDiscreteScheduler`` built from the pipeline's scheduler config and never given ``set_timesteps``
 (the script's ``noise_scheduler_copy``: shift 3, so ``sigmas[k] = 3s / (1 + 2s)``, ``s = (1000 - k) / 1000``), the
 timestep index ``int(u * 1000)`` with ``u = sigmoid(N(logit_mean, logit_std))`` (``--weighting_scheme
-logit_normal``, mean 0, std 1, the script's default "following the SD3 paper"), ``x_t = (1 - σ) x_0 + σ n``, the raw
-``timesteps[index]`` (0..1000, not divided) passed to the transformer, and ``--precondition_outputs 1``: the loss
-compares ``x̂_0 = x_t - σ v̂`` with ``x_0`` (EDM, section 5), weighted by ``compute_loss_weighting_for_sd3`` (1 for
-logit_normal).
+logit_normal``, mean 0, std 1, the script's default "following the SD3 paper"; its first version defaulted to
+``sigma_sqrt``), ``x_t = (1 - σ) x_0 + σ n``, the raw ``timesteps[index]`` (0..1000, not divided) passed to the
+transformer, and ``--precondition_outputs 1``: the loss compares ``x̂_0 = x_t - σ v̂`` with ``x_0`` (EDM,
+section 5), weighted by ``compute_loss_weighting_for_sd3`` (1 for logit_normal).
 
 Two departures, both exact in distribution or in real arithmetic:
 
@@ -41,6 +41,8 @@ wide, CLIP-G 64 wide with GELU and ``!`` padding, a 2-layer gated-GELU T5 128 wi
 tokenizer), so the CLIP features are zero-padded from 96 to 128 as 2,048 are to 4,096; a transformer of two joint
 blocks (the last ``context_pre_only``, as in every SD3) with RMS qk-norm, patch 2, 16 latent channels; a two-level
 VAE with SD3's shift and scaling factors and no quant convs; the SD3 scheduler (shift 3). Its native size is 32 px.
+Its CLIPs pool at the first end token (``eos_token_id`` 49407, as the other tiny bases); the real SD3 configs say
+2, which transformers reads as "pool at the largest id" (the same place unless a prompt holds an added token).
 """
 from __future__ import annotations
 
@@ -162,10 +164,11 @@ class StableDiffusion3(Family):
     def noised(self, schedule, latents, noise, steps) -> Noised:
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-        index = self.indices(schedule, steps)
-        timesteps = schedule.timesteps[index].to(latents.device)
-        sigmas = schedule.sigmas[index].to(latents.device, latents.dtype)
-        sigmas = sigmas.reshape(-1, *[1] * (latents.ndim - 1))
+        # each drawn index's timestep and σ, looked up where the steps are (no wait for the device)
+        index = self.indices(schedule, torch.arange(self.num_train_steps(schedule)))
+        timesteps = schedule.timesteps[index].to(steps.device)[steps]
+        sigmas = schedule.sigmas[index].to(steps.device, latents.dtype)[steps]
+        sigmas = sigmas.to(latents.device).reshape(-1, *[1] * (latents.ndim - 1))
         noisy = (1.0 - sigmas) * latents + sigmas * noise
         weight = compute_loss_weighting_for_sd3(WEIGHTING["weighting_scheme"], sigmas).float()
         if PRECONDITION_OUTPUTS:  # (x_t - σ v̂) - x_0 = -σ (v̂ - (n - x_0)): the velocity loss weighted by σ²
