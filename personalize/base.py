@@ -26,9 +26,10 @@ A *spec* is one of
 
 The pipeline keeps the sampling scheduler it was saved with (``tiny``, ``tiny-sd2``, ``tiny-sdxl`` and
 ``toy`` have always been built with DDIM, ``tiny-sd3`` with flow-matching Euler); ``load_base(...,
-scheduler="euler")`` swaps it for one of ``personalize.schedulers.SCHEDULERS`` built from the pipeline's own scheduler config (same betas, prediction
-type and timestep spacing). Training does not depend on it: its noise schedule is the family's, made from that
-config (a DDPM scheduler for the UNet families, SD3's flow-matching one; ``personalize/training/loop.py``).
+scheduler="euler")`` swaps it for one of ``personalize.schedulers.SCHEDULERS`` built from the pipeline's own
+scheduler config (same betas, prediction type and timestep spacing). Training does not depend on it: its noise
+schedule is the family's, made from that config (a DDPM scheduler for the UNet families, SD3's flow-matching one;
+``personalize/training/loop.py``).
 
 The fingerprint (``personalize/fingerprint.py``, re-exported here) identifies
 the parts a concept depends on (architecture, tokenizer, text-encoder weights)
