@@ -10,24 +10,28 @@ A *spec* is one of
 - ``"tiny-sdxl"``: the same in SDXL's shape: two text encoders (the second with a projection, whose pooled
   output the UNet reads with the ``add_time_ids``), a 64-wide context that is their outputs side by side, a first
   block without attention and two transformer layers in the second;
+- ``"tiny-sd3"``: the same in SD3.5's shape: CLIP-L and CLIP-G (both with projections) and a T5 encoder (the
+  small offline T5 tokenizer), an ``SD3Transformer2DModel`` of two joint blocks (the last ``context_pre_only``)
+  with RMS qk-norm, 16 latent channels, SD3's VAE shift and scaling factors and its flow-matching scheduler
+  (shift 3) (``personalize/families/sd3.py``);
 - ``"tiny-flux"``: Flux.1-dev in miniature (``families/flux.py``): a joint- and single-block transformer with the
   guidance embedding, CLIP-L (pooled) and T5 (context, a small offline tokenizer) text encoders, a VAE with
   Flux's shift and scaling factors, Flux.1-dev's flow-matching scheduler config;
 - ``"toy"``: the toy world's trained base, shipped inside the package
   (``personalize/toybase/weights``, see docs/TOYWORLD.md);
 - a local diffusers folder (``model_index.json`` inside): its ``_class_name`` picks the pipeline class
-  (SD 1.x and SD 2.x: ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``, Flux.1:
-  ``FluxPipeline``); another class is
-  refused in one line;
+  (SD 1.x and SD 2.x: ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``, SD3 and SD3.5:
+  ``StableDiffusion3Pipeline``, Flux.1: ``FluxPipeline``); another class is refused in one line;
 - a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (same loader; offline it
   fails at once with a one-line message). An id the hub no longer serves (``REMOVED_IDS``: runwayml's SD 1.5,
   stabilityai's SD 2.x) is refused before any network access, naming its maintained copy.
 
 The pipeline keeps the sampling scheduler it was saved with (``tiny``, ``tiny-sd2``, ``tiny-sdxl`` and
-``toy`` have always been built with DDIM, ``tiny-flux`` with Flux's flow-matching Euler); ``load_base(..., scheduler="euler")`` swaps it for one of
-``personalize.schedulers.SCHEDULERS`` built from the pipeline's own scheduler config (same betas, prediction
-type and timestep spacing). Training does not depend on it: its noise schedule is one the family makes from
-that config (SD: a DDPM scheduler; Flux: the flow-matching scheduler's construction-time tables;
+``toy`` have always been built with DDIM, ``tiny-sd3`` and ``tiny-flux`` with flow-matching Euler); ``load_base(...,
+scheduler="euler")`` swaps it for one of ``personalize.schedulers.SCHEDULERS`` built from the pipeline's own
+scheduler config (same betas, prediction type and timestep spacing). Training does not depend on it: its noise
+schedule is the family's, made from that config (a DDPM scheduler for the UNet families, the flow-matching one
+of SD3 and Flux;
 ``personalize/training/loop.py``).
 
 The fingerprint (``personalize/fingerprint.py``, re-exported here) identifies

@@ -13,9 +13,11 @@ from personalize.base import BUILTIN_BASES, TINY_FAMILIES
 README = Path(__file__).resolve().parents[1] / "README.md"
 COLUMNS = ["family", "built-in test base", "methods", "export formats (out)", "import formats (in)",
            "native resolution"]
-# the real models' native sizes (SD 1.5: 512, SD 2.1: 768, SDXL: 1024; checked against sd_shapes' configs below;
-# Flux.1-dev/schnell: 1024, their VAE's sample_size and FluxPipeline's default height)
-NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "flux": 1024}
+# the real models' native sizes (SD 1.5: 512, SD 2.1: 768, SDXL: 1024, checked against sd_shapes' configs below;
+# SD3/3.5: 1024, the pipeline's default of the transformer's sample_size 128 x the VAE's 8, in every published
+# transformer/config.json, tests/test_family_sd3.py; Flux.1-dev/schnell: 1024, their VAE's sample_size and
+# FluxPipeline's default height)
+NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
 
 
 def table() -> dict[str, dict[str, str]]:
@@ -108,9 +110,12 @@ def test_the_native_sizes_are_the_real_models_and_the_trainer_documents_them():
     shapes = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
     help_text = next(f for f in dataclasses.fields(TrainConfig) if f.name == "resolution").metadata["help"]
     for family, size in NATIVE.items():
-        if family not in shapes:
+# the real models' native sizes (SD 1.5: 512, SD 2.1: 768, SDXL: 1024, checked against sd_shapes' configs below;
+# SD3/3.5: 1024, the pipeline's default of the transformer's sample_size 128 x the VAE's 8, in every published
+# transformer/config.json, tests/test_family_sd3.py; Flux.1-dev/schnell: 1024, their VAE's sample_size and
+# FluxPipeline's default height)
+NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024}
             continue
         unet, vae = SHAPES[shapes[family]][1], SHAPES[shapes[family]][4]
         vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
         assert unet["sample_size"] * vae_scale == vae["sample_size"] == size, family
-        assert str(size) in help_text, (family, help_text)

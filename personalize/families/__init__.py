@@ -11,8 +11,9 @@ from ..errors import BadInputError
 from .family import Encoding, Family, Noised  # noqa: F401  (the interface)
 from .flux import Flux
 from .sd import StableDiffusion, StableDiffusion2, StableDiffusionXL
+from .sd3 import StableDiffusion3
 
-_CLASSES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusion2, StableDiffusionXL, Flux)
+_CLASSES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusion2, StableDiffusionXL, StableDiffusion3, Flux)
 FAMILIES: dict[str, Family] = {cls.name: cls() for cls in _CLASSES}
 LABELS: dict[str, str] = {name: fam.label for name, fam in FAMILIES.items()}
 TINY: dict[str, str] = {fam.tiny: name for name, fam in FAMILIES.items()}  # built-in test base -> family name
