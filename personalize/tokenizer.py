@@ -43,6 +43,9 @@ def token_pieces(tokenizer, text: str) -> list[str]:
     return tokenizer.convert_ids_to_tokens(ids)
 
 
+#: DreamBooth's default identifier, one piece in the tiny T5 vocabulary as in CLIP's (the identifier must be one
+#: token in every tokenizer of a base: ``methods/identifier.py``)
+T5_TINY_IDENTIFIERS = ("sks",)
 T5_TINY_WORDS = 4000  # whole words of the tiny T5 vocabulary (the real T5 has 32,000 pieces and 100 extra ids)
 
 
@@ -55,6 +58,7 @@ def _t5_pieces() -> tuple[tuple[str, float], ...]:
     words = [tok[:-4] for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])
              if tok.endswith("</w>") and tok[:-4].isascii() and tok[:-4].isalpha() and len(tok) > 5]
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + word, -3.0) for word in T5_TINY_IDENTIFIERS]
     seen = {p for p, _ in pieces}
     for rank, word in enumerate(words[:T5_TINY_WORDS]):
         piece = "▁" + word

@@ -39,7 +39,8 @@ from typing import ClassVar
 
 import torch
 
-from .family import Encoding, Family, Noised
+from .dit import DiffusionTransformer
+from .family import Encoding, Noised
 from .sd import tiny_clip_config, tiny_vae
 
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.__call__'s max_sequence_length and train_dreambooth_lora_flux.py's default
@@ -52,16 +53,24 @@ FLUX_DEV_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_
 _FLUX_VAE = dict(shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
 
 
-class Flux(Family):
+class Flux(DiffusionTransformer):
     """Flux.1 (dev and schnell): CLIP-L pooled + T5 context, flow matching, packed latents."""
 
     name: ClassVar[str] = "flux"
     label: ClassVar[str] = "Flux.1"
     pipeline_classes: ClassVar[tuple[str, ...]] = ("FluxPipeline",)
     tiny: ClassVar[str] = "tiny-flux"
-    denoiser: ClassVar[str] = "transformer"
-    edit_kinds = frozenset()  # no site kinds mapped on the Flux transformer yet (edits/placement)
+    denoiser_classes: ClassVar[tuple[str, ...]] = ("FluxTransformer2DModel",)
     text_pairs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+    token_keys = ("clip_l", "t5")  # the layout of diffusers' advanced Flux script's pivotal-tuning embeddings
+    prompt_tokenizer = "tokenizer_2"  # T5 reads the context; CLIP-L only the pooled vector (the stock pipeline cuts it)
+    lora_text_encoders = ("text_encoder",)  # train_dreambooth_lora_flux.py --train_text_encoder: CLIP-L only
+    # train_dreambooth_lora_flux.py's default target modules (matched as peft matches them: the joint blocks'
+    # attention both streams and feed-forwards, and the single blocks' to_q/k/v) plus proj_mlp, which later
+    # versions of the script add (diffusers' train_dreambooth_lora_flux_kontext.py)
+    lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                    "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                    "ff_context.net.2", "proj_mlp")
 
     def matches(self, pipe) -> bool:
         """A pipeline whose denoiser is a Flux transformer (an img2img twin made with ``from_pipe`` too)."""

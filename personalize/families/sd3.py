@@ -50,7 +50,8 @@ from typing import ClassVar
 
 import torch
 
-from .family import Encoding, Family, Noised
+from .dit import DiffusionTransformer
+from .family import Encoding, Noised
 
 T5_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
 CLIP_ROWS = 77
@@ -82,15 +83,18 @@ def timestep_quantile(q: torch.Tensor, weighting_scheme: str, logit_mean: float 
     return q
 
 
-class StableDiffusion3(Family):
+class StableDiffusion3(DiffusionTransformer):
     """SD3 / SD3.5: CLIP-L + CLIP-G + T5 text, an MMDiT, flow matching with logit-normal timesteps."""
 
     name: ClassVar[str] = "sd3"
     label: ClassVar[str] = "SD3"
     pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusion3Pipeline",)
     tiny: ClassVar[str] = "tiny-sd3"
-    denoiser: ClassVar[str] = "transformer"
-    edit_kinds = frozenset()
+    denoiser_classes: ClassVar[tuple[str, ...]] = ("SD3Transformer2DModel",)
+    token_keys = ("clip_l", "clip_g", "t5")
+    # train_dreambooth_lora_sd3.py's default --lora_layers (README_sd3.md): both streams' attention projections
+    lora_targets = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                    "attn.to_out.0", "attn.to_q", "attn.to_v")
     text_pairs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"))
 
     def matches(self, pipe) -> bool:
