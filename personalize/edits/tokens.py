@@ -99,6 +99,10 @@ class TokenSite:
         self.pipe = pipe
         self.names = pairs(pipe)  # (tokenizer, text encoder) attributes
         self.originals = [(getattr(pipe, tok), getattr(pipe, te).get_input_embeddings()) for tok, te in self.names]
+        # modules that are other objects holding the same table (T5's encoder.embed_tokens next to ``shared``):
+        # set_input_embeddings replaces them too, so the last removal puts each back where it was
+        self._twins = [_tied_embeddings(getattr(pipe, te), table) for (_, te), (_, table) in zip(self.names,
+                                                                                                   self.originals)]
         self.entries: dict[str, tuple[list[str], torch.Tensor]] = {}
         self._copies: list = []  # the tokenizer copies in the pipeline now, holding the tokens of ``_applied``
         self._applied: list[str] = []
@@ -194,16 +198,20 @@ class TokenSite:
         self._adopt()
         if not self.entries:
             self._copies, self._applied = [], []
-            for (tok_name, te_name), (tokenizer, table) in zip(self.names, self.originals):
+            for (tok_name, te_name), (tokenizer, table), twins in zip(self.names, self.originals, self._twins):
                 setattr(self.pipe, tok_name, tokenizer)
                 getattr(self.pipe, te_name).set_input_embeddings(table)
+                for parent, attr, module in twins:
+                    setattr(parent, attr, module)
             self._follow(handed_out, [tokenizer for tokenizer, _ in self.originals])
             state = pipeline_state(self.pipe, create=False)
             if state is not None and state.tokens is self:
                 state.tokens = None
                 release(self.pipe)
             return
-        keys = list(self.entries)
+        # ids in key order, not attach order: a composition's ids (and so a CLIP that pools at the highest id, as
+        # FLUX.1's and the real SD configs' legacy eos_token_id 2 makes it) do not depend on the order of attaching
+        keys = sorted(self.entries)
         # a tokenizer copy costs a good part of a second: while concepts are only added, the current copy gets
         # just the new tokens; a removal (or a copy someone else grew) starts again from the original
         grow = keys[:len(self._applied)] == self._applied and all(
@@ -216,7 +224,7 @@ class TokenSite:
             for key in keys[len(self._applied):] if grow else keys:
                 tokenizer.add_tokens(list(self.entries[key][0]))
             extra, next_id = [], len(original)
-            for tokens, vectors in self.entries.values():
+            for tokens, vectors in (self.entries[key] for key in keys):
                 extra.append((next_id, vectors))
                 next_id += len(tokens)
             if len(tokenizer) != next_id:
@@ -230,6 +238,15 @@ class TokenSite:
 
     def _count(self, keys: list[str]) -> int:
         return sum(len(self.entries[k][0]) for k in keys if k in self.entries)
+
+
+def _tied_embeddings(text_encoder: nn.Module, table: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, attribute, module)`` of every embedding module in ``text_encoder`` other than ``table`` that
+    holds ``table``'s weight tensor (tied: e.g. ``T5EncoderModel.encoder.embed_tokens`` and ``shared``)."""
+    weight = getattr(table, "weight", None)
+    return [(parent, attr, child) for parent in text_encoder.modules() for attr, child in parent._modules.items()
+            if isinstance(child, nn.Embedding) and child is not table and weight is not None
+            and getattr(child, "weight", None) is weight]
 
 
 def token_site(pipe) -> TokenSite:
