@@ -40,6 +40,7 @@ so that a concept trained on one base is refused by another.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -110,6 +111,24 @@ def _from_pretrained(source: str, **kwargs):
     class_name = pipeline_class(source)
     extra = pipeline_classes()[class_name][0].load_kwargs(class_name)
     return getattr(diffusers, class_name).from_pretrained(source, **extra, **kwargs)
+
+
+def declared_families(spec) -> list:
+    """The families a base spec can be, read without loading weights or going online: a built-in base's, or those
+    of the class a local folder's ``model_index.json`` declares (SD 1.x and 2.x share one); [] when unknown (a hub
+    id, a single file, an unreadable folder: the loaded pipeline decides)."""
+    spec = str(spec)
+    if spec in TINY_FAMILIES:
+        return [families.by_tiny(spec)]
+    if spec == "toy":
+        return [families.get("sd1")]
+    if not (path_exists(spec) and (Path(spec) / "model_index.json").is_file()):
+        return []
+    try:
+        declared = json.loads((Path(spec) / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return list(pipeline_classes().get(declared, []))
 
 
 def check_live_id(spec: str) -> None:

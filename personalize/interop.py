@@ -162,6 +162,11 @@ def import_file(base, path: str | Path, *, method: str, out: str | Path, token: 
     state = read_state(path, allow_pickle)
     extra = [read_state(e, allow_pickle) for e in embeddings]
     pipe = load_base(base) if isinstance(base, (str, Path)) else base
+    method_cls.check_base(pipe)  # a family without the method: refused before reading the file's tensors
+    family = families.of(pipe)
+    if not method_registry.import_formats_on(method, family):
+        raise BadInputError(f"{method} files do not import into {family.label} bases yet; train on this base with "
+                            "personalize train instead")
     found = method_cls.import_state(pipe, state, token=token, embeddings=extra, metadata=read_metadata(path),
                                     superclass=superclasses[0] if len(superclasses) == 1 else superclasses)
     check_finite(found["tensors"], Path(path).name)  # what the conversion made of them, before anything is written

@@ -48,10 +48,17 @@ SUPPORTED = [(spec, name) for spec in BASES for name in NAMES if _supported(spec
 REFUSED = [(spec, name) for spec in BASES for name in NAMES if not _supported(spec, name)]
 
 
+# each base loaded and each method trained on it once per run, however pytest orders the parametrized tests
+_BASES: dict[str, object] = {}
+_TRAINED: dict[str, dict] = {}
+
+
 @pytest.fixture(scope="module")
 def base(request):
-    """The built-in base a test's ``base`` parameter names (one per module and base)."""
-    return load_base(request.param)
+    """The built-in base a test's ``base`` parameter names."""
+    if request.param not in _BASES:
+        _BASES[request.param] = load_base(request.param)
+    return _BASES[request.param]
 
 
 @pytest.fixture
@@ -63,6 +70,13 @@ def tiny(base):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, base):
     """Each method trained two steps on the base; with the image its live pipeline rendered at the last step."""
+    spec = base._personalize_base
+    if spec not in _TRAINED:
+        _TRAINED[spec] = _train_all(tmp_path_factory, base)
+    return _TRAINED[spec]
+
+
+def _train_all(tmp_path_factory, base):
     from conftest import make_photos
 
     root = tmp_path_factory.mktemp("contract")

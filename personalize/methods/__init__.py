@@ -81,3 +81,14 @@ def export_formats_on(name: str, family) -> dict[str, str]:
     formats = get(name).export_formats
     kept = family.exports.get(name)
     return dict(formats) if kept is None else {f: how for f, how in formats.items() if f in kept}
+
+
+def import_formats_on(name: str, family) -> list[str]:
+    """The formats ``personalize import --method name`` reads for ``family``'s bases: the method's own
+    (``import_formats``, else its export formats; none without ``import_state``), as ``Family.exports`` keeps
+    them."""
+    cls = get(name)
+    if not hasattr(cls, "import_state"):
+        return []
+    kept = family.exports.get(name)
+    return [f for f in getattr(cls, "import_formats", cls.export_formats) if kept is None or f in kept]

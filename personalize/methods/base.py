@@ -66,9 +66,15 @@ class Method(MethodCard):
         """Refuse (one line) a base whose family lacks a site kind this method edits, or that the family refuses
         for this method, before any work: nothing installs "only the token"."""
         from .. import families
+
+        cls.check_family(families.of(pipe))
+
+    @classmethod
+    def check_family(cls, family) -> None:
+        """:meth:`check_base` for a family known before its base is loaded (``base.declared_families``)."""
+        from .. import families
         from . import names_for, refusal
 
-        family = families.of(pipe)
         reason = refusal(cls.name, family)
         if reason is not None:
             supported = [f.label for f in families.FAMILIES.values() if cls.name in names_for(f)]

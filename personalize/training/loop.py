@@ -13,7 +13,7 @@ import torch
 
 from .. import methods as method_registry
 from .. import families, text_stack
-from ..base import MAX_RESOLUTION, base_name, fingerprint, load_base, resolution
+from ..base import MAX_RESOLUTION, base_name, declared_families, fingerprint, load_base, resolution
 from ..checkpoints import checkpoint_dir, has_checkpoint, load_checkpoint, save_checkpoint
 from ..concept import Concept, save_concept
 from ..errors import BadInputError, CheckpointError
@@ -116,6 +116,10 @@ def train(
         if isinstance(masks, os.PathLike) or masks not in ("none", "auto"):
             raise BadInputError("--masks DIR works with one concept per run; use --masks auto or none, or train "
                                 "one concept at a time")
+    if isinstance(base, (str, Path)):  # a method the base's family lacks: refused before masks or weights load
+        declared = declared_families(base)
+        if declared and all(method_registry.refusal(method_cls.name, f) for f in declared):
+            method_cls.check_family(declared[0])
     # before any training work: an unreachable segmenter stops the run here (masks are segmented once, cached)
     phrases = [sc for sc, paths in zip(superclasses, per_concept) for _ in paths]
     mask_paths, mask_source = mask_files(masks, image_paths, phrases, cfg.segmenter, device)
