@@ -42,6 +42,9 @@ def use_scheduler(pipe, name):
         return pipe
     import diffusers
 
+    if "FlowMatch" in type(pipe.scheduler).__name__:  # SD3, Flux: these names are DDPM-family samplers
+        raise BadInputError(f"--scheduler {name} is a sampler for SD 1.x/2.x/XL bases; this base samples with its "
+                            f"own flow-matching scheduler ({type(pipe.scheduler).__name__}): leave --scheduler out")
     pipe.scheduler = getattr(diffusers, scheduler_class(name)).from_config(pipe.scheduler.config)
     return pipe
 

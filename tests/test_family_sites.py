@@ -11,6 +11,7 @@ from torch import nn
 from personalize import families, methods
 from personalize.base import declared_families, load_base
 from personalize.edits.placement import site_names
+from personalize.errors import BadInputError
 
 DIT = ("tiny-sd3", "tiny-flux")
 
@@ -115,3 +116,9 @@ def test_an_attached_token_reads_its_own_row_in_every_tokenizer(pipe):
         assert torch.equal(table(torch.tensor([token_id])), vector[:, start:start + width])
         start += width
     site.remove("k")
+
+
+def test_a_ddpm_sampler_is_refused_on_a_flow_matching_base():
+    with pytest.raises(BadInputError) as err:
+        load_base("tiny-flux", scheduler="euler")
+    assert "flow-matching" in str(err.value) and "\n" not in str(err.value)

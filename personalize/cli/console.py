@@ -33,10 +33,11 @@ def _console(stderr: bool = False) -> Console:
 out_console = _console()
 err_console = _console(stderr=True)
 
-BASE_HELP = ("Base model: 'toy' (the toy world's), 'tiny' / 'tiny-sd2' / 'tiny-sdxl' (built-in random test models, "
-             "SD 1.x / SD 2.x / SDXL shapes), or an SD 1.x, SD 2.x or SDXL pipeline as a local diffusers folder, a "
-             "hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0) or a single-file checkpoint (model.safetensors, "
-             "as AUTOMATIC1111 and ComfyUI use; read offline).")
+BASE_HELP = ("Base model: 'toy' (the toy world's), 'tiny' / 'tiny-sd2' / 'tiny-sdxl' / 'tiny-sd3' / 'tiny-flux' "
+             "(built-in random test models, SD 1.x / SD 2.x / SDXL / SD3 / Flux.1 shapes), or an SD 1.x, SD 2.x, "
+             "SDXL, SD3 or Flux.1 pipeline as a local diffusers folder or a hub id (e.g. "
+             "stabilityai/stable-diffusion-xl-base-1.0, black-forest-labs/FLUX.1-dev), or an SD 1.x, SD 2.x or "
+             "SDXL single-file checkpoint (model.safetensors, as AUTOMATIC1111 and ComfyUI use; read offline).")
 JSON_HELP = "Print one JSON object on stdout instead (progress stays on stderr); keys in README 'Scripting'."
 
 

@@ -62,8 +62,13 @@ def ti_vectors(state: dict, pipe=None) -> tuple[str | None, torch.Tensor]:
             from ..text_stack import widths
 
             if keys != token_keys(pipe):
-                raise BadInputError(f"the embedding holds {', '.join(keys)}; this base's token files hold "
-                                    f"{', '.join(token_keys(pipe)) or 'one token -> vectors entry'}")
+                from .. import families
+
+                owners = " or ".join(f.label for f in families.FAMILIES.values() if f.token_keys == keys)
+                raise BadInputError(f"the embedding holds {', '.join(keys)} vectors, as {owners} embeddings do; "
+                                    f"this {families.of(pipe).label} base's hold "
+                                    f"{', '.join(token_keys(pipe)) or 'one token -> vectors entry'}: it needs an "
+                                    f"{owners} base")
             for key, part, width in zip(keys, parts, widths(pipe)):
                 check_vectors(pipe, part, f"the embedding's '{key}'", width)
         if len({p.shape[0] for p in parts}) != 1:
