@@ -182,6 +182,11 @@ def test_the_real_dit_configs_have_the_published_sizes(dit_pipes):
     assert count(flux.text_encoder) == 123_060_480 and count(large.text_encoder_2) == 694_659_840  # CLIP-L, bigG
     assert flux.text_encoder_2.get_input_embeddings().num_embeddings == 32_128
     assert len(medium.transformer_blocks) == 24 and sum(b.attn2 is not None for b in medium.transformer_blocks) == 13
+    # the families read them as the real bases: 1,024 px native (README's "Supported bases" table)
+    from personalize import families
+
+    sizes = {name: families.of(p).native_resolution(p) for name, p in dit_pipes.items()}
+    assert sizes == dict.fromkeys(dit_pipes, 1024)
 
 
 @pytest.mark.parametrize("base", ["tiny-flux", "tiny-sd3"])
