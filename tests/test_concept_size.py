@@ -1,5 +1,5 @@
-"""Concept sizes on SD 1.5, SD 2.1 and SDXL shapes (meta device), checked against counts made here from the
-published configs, and the shapes they are computed from."""
+"""Concept sizes on SD 1.5, SD 2.1, SDXL, Flux.1-dev and SD3.5 shapes (meta device), checked against counts made
+here from the published configs, and the shapes they are computed from."""
 import importlib.util
 from pathlib import Path
 
@@ -142,3 +142,125 @@ def test_sdxl_rows_match_the_methods_built_on_a_meta_sdxl_pipeline(rows):
         method = cls(pipe, f"<my-teddy-{i}>", "teddy", cls.make_config(), *extra)
         floats = sum(p.numel() for g in method.param_groups() for p in g["params"]) + stored_frozen.get(name, 0)
         assert 4 * floats == rows["sdxl", label]["tensor_bytes"], name
+
+
+# ----------------------------------------------------------------------------- Flux.1-dev and SD3.5
+@pytest.fixture(scope="module")
+def dit_pipes():
+    """The stock pipelines of the real shapes on the meta device, built once."""
+    from personalize import dit_shapes
+
+    return {name: dit_shapes.pipeline(name) for name in dit_shapes.SHAPES}
+
+
+@pytest.fixture(scope="module")
+def dit_rows(dit_pipes):
+    bench = _benchmark()
+    return {(r["base"], r["method"]): r for base, pipe in dit_pipes.items() for r in bench.dit_rows(pipe, base)}
+
+
+def test_the_benchmark_prints_the_dit_rows(dit_rows):
+    """``measure`` builds the same rows from the base names (one base: the others are built the same way)."""
+    rows = _benchmark().measure(("sd35-medium",))
+    assert {(r["base"], r["method"]): r for r in rows} == {k: v for k, v in dit_rows.items() if k[0] == "sd35-medium"}
+
+
+def test_the_real_dit_configs_have_the_published_sizes(dit_pipes):
+    """Flux.1-dev "12 B" (guidance-distilled transformer), SD3.5-large "8.1 B" and SD3.5-medium "2.5 B" (each with
+    its stored positional table, a persistent buffer), T5 v1.1 XXL's 4.76 B encoder; the exact counts pin the
+    configs (docs/PERFORMANCE.md cites the sources)."""
+    def count(module, buffers=False):
+        tensors = module.state_dict(keep_vars=True).values() if buffers else module.parameters()
+        return sum(t.numel() for t in {id(t): t for t in tensors}.values())
+
+    flux, large, medium = dit_pipes["flux-dev"], dit_pipes["sd35-large"], dit_pipes["sd35-medium"].transformer
+    assert type(flux).__name__ == "FluxPipeline" and type(large).__name__ == "StableDiffusion3Pipeline"
+    assert count(flux.transformer) == 11_901_408_320 and round(count(flux.transformer) / 1e9) == 12
+    assert count(large.transformer) == 8_056_627_520 and round(count(large.transformer, True) / 1e8) == 81
+    assert count(medium) == 2_243_171_520 and round(count(medium, True) / 1e8) == 25
+    assert count(flux.text_encoder_2) == count(large.text_encoder_3) == 4_762_310_656  # T5-XXL encoder
+    assert count(flux.text_encoder) == 123_060_480 and count(large.text_encoder_2) == 694_659_840  # CLIP-L, bigG
+    assert flux.text_encoder_2.get_input_embeddings().num_embeddings == 32_128
+    assert len(medium.transformer_blocks) == 24 and sum(b.attn2 is not None for b in medium.transformer_blocks) == 13
+    # the families read them as the real bases: 1,024 px native (README's "Supported bases" table)
+    from personalize import families
+
+    sizes = {name: families.of(p).native_resolution(p) for name, p in dit_pipes.items()}
+    assert sizes == dict.fromkeys(dit_pipes, 1024)
+
+
+@pytest.mark.parametrize("base", ["tiny-flux", "tiny-sd3"])
+def test_dit_rows_name_the_tensors_each_method_saves(base):
+    """The benchmark's tensors, found on the base built on the meta device, are those each method writes into its
+    concept file (``concept_tensors``, what training saves) on the real tiny base: names and shapes; DreamBooth's
+    file holds none, and its trainable count is its state."""
+    from personalize.base import load_base
+    from personalize import families
+    from personalize.methods import get, names_for
+    from personalize.methods.residuals import Residuals
+    from personalize.single_file import config_pipeline
+
+    bench, pipe, meta = _benchmark(), load_base(base), config_pipeline(base)
+    methods = names_for(families.of(pipe))
+    assert set(methods) == {"textual-inversion", "dreambooth", "dreambooth-lora", "custom-diffusion"}
+    for i, name in enumerate(methods):
+        cls = get(name)
+        method = cls(pipe, f"<my-teddy-{i}>", "teddy", cls.make_config())
+        saved = {k: tuple(v.shape) for k, v in method.concept_tensors().items()}
+        assert saved == bench.dit_concept_shapes(meta, name), name
+        if name == "dreambooth":
+            row = next(r for r in bench.dit_rows(meta, base) if r["method"].startswith("dreambooth ("))
+            assert row["trainable"] == sum(v.numel() for v in method.state_tensors().values())
+    # Residuals' count: the peft LoRA bank the method builds (Residuals.trainable_count) on the same sites
+    assert bench.residual_row(meta.transformer, base)["trainable"] == Residuals.trainable_count(pipe.transformer)
+
+
+def _dit_width(config: dict) -> int:
+    return config["num_attention_heads"] * config["attention_head_dim"]
+
+
+def test_flux_dev_rows_count_what_the_config_implies(dit_rows):
+    from personalize.dit_shapes import FLUX_DEV_TRANSFORMER as cfg
+
+    d, joint, single = _dit_width(cfg), cfg["num_layers"], cfg["num_single_layers"]
+    assert (d, joint, single) == (3072, 19, 38)
+    # rank 4 (A: 4 x in, B: out x 4) on train_dreambooth_lora_flux.py's targets: per joint block 8 attention
+    # projections d -> d and 4 feed-forwards d <-> 4d; per single block to_q/k/v d -> d and proj_mlp d -> 4d
+    lora = dit_rows["flux-dev", "dreambooth-lora (rank 4, transformer)"]
+    assert lora["modules"] == 12 * joint + 4 * single == 380
+    assert lora["tensor_bytes"] == 4 * 4 * (joint * (8 * 2 * d + 4 * 5 * d) + single * (3 * 2 * d + 5 * d))
+    assert lora["tensor_bytes"] // 4 - 4 * single * 5 * d == 11_206_656  # the 342 modules without proj_mlp
+    text = 768 + 4096  # CLIP-L | T5-XXL
+    assert dit_rows["flux-dev", "textual-inversion (1 vector)"]["tensor_bytes"] == 4 * text
+    # dW of the joint blocks' add_k_proj / add_v_proj (d x d; single blocks have no text-stream projections)
+    assert dit_rows["flux-dev", "custom-diffusion (2 concepts)"]["tensor_bytes"] == 4 * (2 * joint * d * d + 2 * text)
+    db = dit_rows["flux-dev", "dreambooth (header; weights in OUT.pipeline/)"]
+    assert db["trainable"] == 11_901_408_320 and db["tensors"] == 0
+    assert db["pipeline_bytes"] == 4 * (11_901_408_320 + 4_762_310_656 + 123_060_480 + 83_819_683)
+    # Residuals: rank round(0.05 d) = 154 on attn.to_out.0 (d -> d) of each joint block; with the single blocks'
+    # proj_out (attention output | MLP, 5d -> d)
+    res, r = dit_rows["flux-dev", "residuals (rank 0.05 x width; trainable only)"], round(0.05 * d)
+    assert res["trainable_joint"] == joint * r * 2 * d == 17_977_344
+    assert res["trainable"] == res["trainable_joint"] + single * r * 6 * d == 125_841_408
+    assert res["sites"] == {"transformer_blocks.N.attn.to_out.0": {"blocks": joint, "shape": [d, d], "rank": r},
+                            "single_transformer_blocks.N.proj_out": {"blocks": single, "shape": [d, 5 * d], "rank": r}}
+
+
+@pytest.mark.parametrize("base", ["sd35-large", "sd35-medium"])
+def test_sd35_rows_count_what_the_config_implies(dit_rows, base):
+    from personalize.dit_shapes import SHAPES
+
+    cfg = SHAPES[base][1]
+    d, blocks = _dit_width(cfg), cfg["num_layers"]
+    # rank 4 on train_dreambooth_lora_sd3.py's eight attention projections (d -> d), the last block (context_pre_only)
+    # without to_add_out; not the dual blocks' attn2 (the list names attn.*)
+    lora = dit_rows[base, "dreambooth-lora (rank 4, transformer)"]
+    assert lora["modules"] == 8 * blocks - 1 and lora["tensor_bytes"] == 4 * 4 * 2 * d * (8 * blocks - 1)
+    text = 768 + 1280 + 4096  # CLIP-L | CLIP-G | T5-XXL
+    assert dit_rows[base, "textual-inversion (1 vector)"]["tensor_bytes"] == 4 * text
+    assert dit_rows[base, "custom-diffusion (1 concept)"]["tensor_bytes"] == 4 * (2 * blocks * d * d + text)
+    res, r = dit_rows[base, "residuals (rank 0.05 x width; trainable only)"], round(0.05 * d)
+    assert res["trainable"] == res["trainable_joint"] == blocks * r * 2 * d
+    assert res["sites"] == {"transformer_blocks.N.attn.to_out.0": {"blocks": blocks, "shape": [d, d], "rank": r}}
+    assert {"sd35-large": (303, 5_895_168, 22_549_504), "sd35-medium": (191, 2_347_008, 5_677_056)}[base] == (
+        lora["modules"], lora["tensor_bytes"] // 4, res["trainable"])  # the research note's meta-device counts

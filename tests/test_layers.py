@@ -11,8 +11,8 @@ ROOT = Path(personalize.__file__).parent
 
 #: bottom to top; a module's layer is that of its top-level module or sub-package
 LAYERS = [
-    ("foundation", {"errors", "settings", "knobs", "paths", "transfer", "tokenizer", "sd_shapes", "parallel", "devices",
-                    "images", "templates", "text_stack", "schedulers", "families"}),
+    ("foundation", {"errors", "settings", "knobs", "paths", "transfer", "tokenizer", "sd_shapes", "dit_shapes",
+                    "parallel", "devices", "images", "templates", "text_stack", "schedulers", "families"}),
     ("seams and data", {"edits", "fingerprint", "prompts", "samples", "datasets"}),
     ("base model", {"base", "single_file", "covariance", "prior", "generation", "checkpoints", "segment"}),
     ("methods", {"methods"}),
