@@ -18,8 +18,12 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/personalize demo --out demo_out
 
+# The suite runs in one process per core (pytest-xdist); conftest.py keeps each file's module fixtures in one process
+# and starts the slowest files first. `make test TEST_PROCESSES=0` runs it in this process alone.
+TEST_PROCESSES ?= auto
+
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 # The Perfusion claims decided on 4 concepts x 4 training seeds (~30 min on 2 cores; not part of `make test`)
 claims: install

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 from pathlib import Path
@@ -12,13 +13,78 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# `make test` runs the suite in several processes (pytest-xdist, one per core, whole files per process): each takes
+# its share of the cores for torch and for the CLI subprocesses it starts (OMP_NUM_THREADS).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(min(_THREADS, torch.get_num_threads()))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+
+
+# `make test` runs the suite with pytest-xdist, `-n auto --dist loadfile`. The scheduler below refines loadfile: a work
+# unit is a test file, or one value of a file's module-scoped fixture parameter (each base of a file parametrized
+# by base), so that every module fixture is still built once, in one process, while a long file's bases run side
+# by side. Units start slowest first, so that no long one is left running alone at the end. (pytest 9 keeps
+# xdist's own `--dist loadgroup` from regrouping tests, hence a scheduler here.) The processes write the units of
+# their collection beside their temp folders; the scheduler, in the main process, reads them.
+SLOW_FIRST = (  # file names, slowest first: measured with `--durations` (2026-12-06)
+    "test_method_contract.py", "test_families.py", "test_toyworld_claims.py", "test_benchmark_cc101.py",
+    "test_class_phrases.py", "test_benchmark.py", "test_bad_input_training.py", "test_demo.py", "test_fast_path.py",
+    "test_cc101_end_to_end.py", "test_data_parallel.py", "test_attach.py", "test_baselines.py", "test_bad_input.py")
+
+
+def _work_unit(item) -> str:
+    """``test_x.py``, or ``test_x.py[base=1]`` for the second value of the module-scoped fixture ``base``."""
+    callspec = getattr(item, "callspec", None)
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    params = [f"{name}={callspec.indices[name]}" for name in sorted(callspec.params)
+              if defs.get(name) and defs[name][-1].scope == "module"] if callspec is not None else []
+    return item.path.name + (f"[{','.join(params)}]" if params else "")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture parameter
+def pytest_collection_modifyitems(config, items):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker or not getattr(config.option, "basetemp", None):
+        return
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    units = {item.nodeid: _work_unit(item) for item in items}
+    (Path(config.option.basetemp).parent / f"work-units-{worker}.json").write_text(json.dumps(units))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    root = config._tmp_path_factory.getbasetemp()
+
+    class ByWorkUnit(LoadScopeScheduling):
+        units: dict = {}
+
+        def _split_scope(self, nodeid: str) -> str:
+            if not self.units:
+                for path in sorted(root.glob("work-units-*.json")):
+                    self.units.update(json.loads(path.read_text()))
+            return self.units.get(nodeid) or nodeid.split("::", 1)[0]
+
+    config.option.loadscopereorder = False  # keep the collection's order: slowest first
+    return ByWorkUnit(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
-    """Caches (covariance, ...) go to a temp folder shared by the whole test session."""
+    """Caches (covariance, ...) go to a temp folder shared by the whole test session. Under pytest-xdist each
+    process has its own cache, but the covariances (the same file for the same base, written atomically) are in
+    one folder of the run that every process reads and fills: each base's C is computed once per run."""
     path = tmp_path_factory.mktemp("cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "shared-covariance"
+        shared.mkdir(exist_ok=True)
+        (path / "covariance").symlink_to(shared, target_is_directory=True)
     old = os.environ.get("PERSONALIZE_CACHE")
     os.environ["PERSONALIZE_CACHE"] = str(path)
     yield path
