@@ -79,7 +79,8 @@ def pytest_xdist_make_scheduler(config, log):
 def _private_cache(tmp_path_factory):
     """Caches (covariance, ...) go to a temp folder shared by the whole test session. Under pytest-xdist each
     process has its own cache, but the covariances (the same file for the same base, written atomically) are in
-    one folder of the run that every process reads and fills: each base's C is computed once per run."""
+    one folder of the run that every process reads and fills: a base's C is computed by the first process that
+    needs it and read by the others (unless both need it at the same moment)."""
     path = tmp_path_factory.mktemp("cache")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = tmp_path_factory.getbasetemp().parent / "shared-covariance"
