@@ -36,10 +36,12 @@ SLOW_FIRST = (  # file names, slowest first: per-file totals of a parallel run's
 
 
 def _work_unit(item) -> str:
-    """``test_x.py``, or ``test_x.py[base=1]`` for the second value of the module-scoped fixture ``base``."""
+    """``test_x.py``, or ``test_x.py[base=tiny-sd2]`` for one value of the module-scoped fixture ``base`` (its
+    value where it is a string: an indirect parameter's index counts rows of each test's own list)."""
     callspec = getattr(item, "callspec", None)
     defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-    params = [f"{name}={callspec.indices[name]}" for name in sorted(callspec.params)
+    value = lambda name: callspec.params[name] if isinstance(callspec.params[name], str) else callspec.indices[name]  # noqa: E731
+    params = [f"{name}={value(name)}" for name in sorted(callspec.params)
               if defs.get(name) and defs[name][-1].scope == "module"] if callspec is not None else []
     return item.path.name + (f"[{','.join(params)}]" if params else "")
 
