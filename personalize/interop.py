@@ -105,6 +105,9 @@ def export_concept(concept: Concept | str | Path, out: str | Path, fmt: str | No
     family = families.FAMILIES.get(concept.header.get("base_fingerprint", {}).get("family", "sd1"))
     formats = method_registry.export_formats_on(concept.method, family) if family else method_cls.export_formats
     if method_cls.export_formats and not formats:
+        reason = getattr(family, "export_refusals", {}).get(concept.method)
+        if reason:
+            raise BadInputError(f"{concept.method} concepts of {family.label} bases have no export format: {reason}")
         elsewhere = [f.label for f in families.FAMILIES.values()
                      if method_registry.export_formats_on(concept.method, f)]
         raise BadInputError(f"{concept.method} concepts of {family.label} bases have no export format yet (its "

@@ -8,7 +8,12 @@ modules of the family's diffusers DreamBooth-LoRA script (``attention``), the te
 attention output projections are found, but the residual sites and LAG from the joint attention are not built),
 and Perfusion is refused by name (``refuses``): its key lock needs text keys that depend on the prompt alone.
 
-Export formats (``exports``): none yet for these families; concepts attach, compose and generate in personalize.
+Export formats (``exports``; ``export_refusals`` says why a method keeps none, ``personalize export`` shows it):
+DreamBooth-LoRA's ``diffusers-lora`` (``transformer.*`` / ``text_encoder.*`` keys, what diffusers' own
+``train_dreambooth_lora_flux.py`` / ``_sd3.py`` save and ``FluxPipeline`` / ``StableDiffusion3Pipeline
+.load_lora_weights`` read); its ``kohya`` file is SD's layout (diffusers has no writer for the Flux one, and none
+for SD3). Flux adds Textual Inversion (``families/flux.py``). DreamBooth's ``single-file`` export writes the SD
+checkpoint layout; its pipeline folder ``OUT.pipeline/`` loads with the family's stock ``from_pretrained``.
 """
 from __future__ import annotations
 
@@ -27,4 +32,12 @@ class DiffusionTransformer(Family):
     edit_kinds = frozenset({"cross_attention", "kv", "attention", "text_attention", "transformer"})
     refuses: ClassVar[dict[str, str]] = {"perfusion": PERFUSION_REASON}
     exports: ClassVar[dict[str, tuple[str, ...]]] = {
-        name: () for name in ("custom-diffusion", "dreambooth", "dreambooth-lora", "residuals", "textual-inversion")}
+        **{name: () for name in ("custom-diffusion", "dreambooth", "residuals", "textual-inversion")},
+        "dreambooth-lora": ("diffusers-lora",)}
+    #: why a method keeps no export format on this family (method name -> one line's worth)
+    export_refusals: ClassVar[dict[str, str]] = {
+        "dreambooth": "its single-file export writes the SD checkpoint layout; the trained pipeline folder "
+                      "OUT.pipeline/ beside the concept file is the export (the family's stock from_pretrained "
+                      "loads it; prompt with the identifier word)",
+        "textual-inversion": "no stock diffusers pipeline of this family loads token embeddings",
+    }

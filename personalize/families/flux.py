@@ -65,6 +65,9 @@ class Flux(DiffusionTransformer):
     token_keys = ("clip_l", "t5")  # the layout of diffusers' advanced Flux script's pivotal-tuning embeddings
     prompt_tokenizer = "tokenizer_2"  # T5 reads the context; CLIP-L only the pooled vector (the stock pipeline cuts it)
     lora_text_encoders = ("text_encoder",)  # train_dreambooth_lora_flux.py --train_text_encoder: CLIP-L only
+    # textual inversion as the advanced Flux script's {"clip_l", "t5"} file, which FluxPipeline (a
+    # TextualInversionLoaderMixin) loads with one load_textual_inversion call per encoder (export.json says how)
+    exports = {**DiffusionTransformer.exports, "textual-inversion": ("diffusers",)}
     # train_dreambooth_lora_flux.py's default target modules (matched as peft matches them: the joint blocks'
     # attention both streams and feed-forwards, and the single blocks' to_q/k/v) plus proj_mlp, which later
     # versions of the script add (diffusers' train_dreambooth_lora_flux_kontext.py)

@@ -14,16 +14,26 @@ alpha = rank), for any Linear or Conv2d layer the file covers (attention,
 ``proj_in``/``proj_out``, feed-forward, text-encoder MLP ...). On SDXL the parts are ``unet``, ``text_encoder``
 and ``text_encoder_2`` (kohya's ``lora_te1_``/``lora_te2_``), and kohya's SDXL block names (``input_blocks`` ...)
 are mapped with the UNet's config, as ``StableDiffusionXLPipeline.load_lora_weights`` maps them.
+
+On a diffusion transformer the family's own stock class reads the file (``FluxPipeline.lora_state_dict``:
+diffusers/ai-toolkit ``transformer.*`` keys, kohya sd-scripts / ComfyUI / XLabs Flux files through diffusers'
+converters; ``StableDiffusion3Pipeline.lora_state_dict``: diffusers keys only, no converter exists for SD3), and
+the parts are the denoiser (``transformer``) and the text encoders that loader fills (Flux: CLIP-L; SD3: both
+CLIPs; never T5). diffusers' kohya Flux converter assumes Flux.1's widths and block counts (single blocks'
+``linear1`` is split at 3,072 x 3 + 12,288): a file it cannot convert is refused in one line, as the loader
+would fail on it.
 """
 from __future__ import annotations
 
+import inspect
 import json
 
 import torch
 
+from .. import families
 from ..errors import BadInputError
 
-PARTS = ("unet", "text_encoder", "text_encoder_2")  # SDXL's second encoder: kohya's lora_te2_
+PARTS = ("unet", "text_encoder", "text_encoder_2")  # SD: SDXL's second encoder is kohya's lora_te2_
 PAIR = (".lora_A.weight", ".lora_B.weight")
 TE_RANKED = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")  # load_lora_into_text_encoder's layers
 
@@ -31,17 +41,13 @@ TE_RANKED = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")  # lo
 def read_lora(pipe, state: dict, metadata: dict | None = None) -> dict[str, torch.Tensor]:
     """``{"<part>.<module>.lora_A.weight": A, "...lora_B.weight": scale * B}`` for ``pipe``, as diffusers would load
     ``state`` (a LoRA file's tensors; ``metadata`` its safetensors metadata)."""
-    from diffusers import StableDiffusionPipeline
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     _check_tensors(tensors)
-    try:
-        # the SDXL loader's lora_state_dict is this same function; unet_config maps kohya's SDXL (SGM) block names
-        converted, alphas = StableDiffusionPipeline.lora_state_dict(tensors, unet_config=pipe.unet.config)
-    except (ValueError, KeyError) as exc:
-        raise BadInputError(f"not a LoRA diffusers reads: {_first_line(exc)}") from exc
-    outside = sorted(k for k in converted if not k.startswith(tuple(p + "." for p in PARTS)) or "lora" not in k)
+    converted, alphas = _stock_state_dict(pipe, tensors)
+    parts = lora_parts(pipe)
+    outside = sorted(k for k in converted if not k.startswith(tuple(p + "." for p in parts)) or "lora" not in k)
     if outside:
         raise BadInputError(f"not a LoRA this method reads: unexpected tensors {', '.join(outside[:3])}")
     raw = (metadata or {}).get(LORA_ADAPTER_METADATA_KEY)
@@ -55,15 +61,47 @@ def read_lora(pipe, state: dict, metadata: dict | None = None) -> dict[str, torc
     if adapter and alphas:
         raise BadInputError("the file has both kohya alphas and diffusers adapter metadata; diffusers refuses it too")
     out: dict[str, torch.Tensor] = {}
-    for part in PARTS:
+    for part in parts:
         pairs = {_strip(k, part): v for k, v in converted.items() if k.startswith(part + ".")}
         if pairs:
             part_alphas = {_strip(k, part): v for k, v in (alphas or {}).items() if k.startswith(part + ".")}
             part_meta = {_strip(k, part): v for k, v in adapter.items() if k.startswith(part + ".")} if adapter else None
             out.update(_part_pairs(pipe, part, pairs, part_alphas, part_meta))
     if not out:
-        raise BadInputError("the file holds no LoRA pairs for the UNet or the text encoder(s)")
+        raise BadInputError(f"the file holds no LoRA pairs for the {families.of(pipe).denoiser} or the text "
+                            "encoder(s)")
     return out
+
+
+def lora_parts(pipe) -> tuple[str, ...]:
+    """The pipeline parts the family's stock ``load_lora_weights`` fills: the denoiser, then the text encoders
+    (SD: ``unet``, ``text_encoder``, ``text_encoder_2``; Flux: ``transformer``, ``text_encoder``; SD3:
+    ``transformer``, ``text_encoder``, ``text_encoder_2``)."""
+    family = families.of(pipe)
+    if family.denoiser == "unet":
+        return PARTS
+    return (family.denoiser, *family.lora_text_encoders)
+
+
+def _stock_state_dict(pipe, tensors: dict) -> tuple[dict, dict | None]:
+    """(state dict, alphas) as the family's stock ``lora_state_dict`` returns them (its format converters run)."""
+    import diffusers
+
+    family = families.of(pipe)
+    try:
+        if family.denoiser == "unet":
+            # the SDXL loader's lora_state_dict is this same function; unet_config maps kohya's SDXL (SGM) names
+            return diffusers.StableDiffusionPipeline.lora_state_dict(tensors, unet_config=pipe.unet.config)
+        loader = getattr(diffusers, family.pipeline_classes[0])
+        if "return_alphas" in inspect.signature(loader.lora_state_dict).parameters:  # Flux: alphas popped
+            return loader.lora_state_dict(dict(tensors), return_alphas=True)
+        return loader.lora_state_dict(dict(tensors)), None  # SD3: keys as they are, no alphas
+    except AssertionError as exc:  # diffusers' kohya Flux converter asserts Flux.1's widths
+        raise BadInputError(f"diffusers' {family.label} LoRA converter cannot read this file on this base (it "
+                            f"assumes the real model's layer widths: {_first_line(exc)}); load_lora_weights fails "
+                            "on it too") from None
+    except (ValueError, KeyError, IndexError, RuntimeError) as exc:
+        raise BadInputError(f"not a LoRA diffusers reads: {_first_line(exc)}") from exc
 
 
 def _check_tensors(tensors: dict) -> None:
@@ -94,7 +132,8 @@ def _part_pairs(pipe, part: str, pairs: dict, alphas: dict, meta: dict | None) -
     module = getattr(pipe, part, None)
     if module is None:
         raise BadInputError(f"the LoRA covers {part}, which this base does not have (an SDXL LoRA needs an SDXL base)")
-    if part == "unet":
+    denoiser = part == families.of(pipe).denoiser  # unet or transformer: load_lora_adapter's rules
+    if denoiser:
         if "lora_A" not in next(iter(pairs)):
             pairs = convert_unet_state_dict_to_peft(pairs)
     else:
@@ -112,15 +151,15 @@ def _part_pairs(pipe, part: str, pairs: dict, alphas: dict, meta: dict | None) -
     names = sorted(k[: -len(PAIR[0])] for k in pairs if k.endswith(PAIR[0]))
     _check_layers(part, module, names, pairs)
     ranks = {n + PAIR[0]: pairs[n + PAIR[0]].shape[0] for n in names}
-    if part == "unet":  # the ranks as each loader collects them (they seed LoraConfig's r and rank_pattern)
+    if denoiser:  # the ranks as each loader collects them (they seed LoraConfig's r and rank_pattern)
         rank_keys = {f"^{n}{PAIR[1]}": int(pairs[n + PAIR[1]].shape[1]) for n in names}
     else:
         rank_keys = {f"{n}{PAIR[1]}": int(pairs[n + PAIR[1]].shape[1]) for n in names if n.endswith(TE_RANKED)}
     if not rank_keys and not meta:
         raise BadInputError(f"diffusers cannot load this {part} LoRA: it covers none of {', '.join(TE_RANKED)}")
     try:
-        config = _create_lora_config(pairs, alphas or None, meta, rank_keys, is_unet=part == "unet",
-                                     model_state_dict=module.state_dict() if part == "unet" else None)
+        config = _create_lora_config(pairs, alphas or None, meta, rank_keys, is_unet=denoiser,
+                                     model_state_dict=module.state_dict() if denoiser else None)
     except (TypeError, ValueError, KeyError) as exc:
         raise BadInputError(f"the {part} LoRA's settings are not a LoraConfig diffusers reads: "
                             f"{_first_line(exc)}") from None

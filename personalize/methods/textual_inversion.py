@@ -26,7 +26,8 @@ from ..errors import BadInputError
 from .base import Method
 from .cards import TextualInversionCard, TextualInversionConfig
 from .shared import cpu_float, load_into, vector_tokens, word_vector
-from .token_files import check_vectors, is_sdxl, save_a1111, sdxl_loading, ti_pair, token_state
+from .token_files import (check_vectors, family_of, is_sdxl, multi_key_loading, save_a1111, sdxl_loading, ti_pair,
+                          token_keys, token_state)
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
 
@@ -74,7 +75,8 @@ class TextualInversion(TextualInversionCard, Method):
     def export(cls, concept, fmt: str, folder: Path, pipe=None) -> list[Path]:
         """diffusers: ``learned_embeds.safetensors``; a1111: ``<token>.pt``. On SDXL both hold the two-key
         ``{"clip_l", "clip_g"}`` layout (``token_files.token_state``); AUTOMATIC1111 reads SDXL embeddings only
-        as such a safetensors file, so its export is ``<token>.safetensors``."""
+        as such a safetensors file, so its export is ``<token>.safetensors``. On Flux (diffusers only) the file is
+        ``{"clip_l", "t5"}``, the advanced Flux script's layout."""
         from ..paths import inside, save_safetensors
 
         state = token_state(concept, concept.token, concept.tensors["embedding"])
@@ -88,8 +90,10 @@ class TextualInversion(TextualInversionCard, Method):
 
     @classmethod
     def export_notes(cls, concept, fmt: str) -> dict[str, Any]:
-        if not is_sdxl(concept):
+        if not token_keys(concept):
             return {}
+        if not is_sdxl(concept):  # Flux: the advanced Flux script's clip_l + t5 file
+            return {"how_to_load": multi_key_loading(DIFFUSERS_FILE, concept.token, family_of(concept))}
         file = DIFFUSERS_FILE if fmt == "diffusers" else f"{concept.token}.safetensors"
         how = sdxl_loading(file, concept.token) if fmt == "diffusers" else \
             f"{file} (clip_l + clip_g) in AUTOMATIC1111's embeddings folder"

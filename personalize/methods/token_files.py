@@ -7,7 +7,10 @@ Layouts read: diffusers' ``{token: (n, d)}`` (on SDXL the pair ``learned_embeds.
 embeddings are shared in: diffusers' docs load it with two ``load_textual_inversion`` calls, one per text
 encoder, and AUTOMATIC1111 reads it from its embeddings folder). On SDXL a token vector here is the two
 encoders' vectors side by side (``edits/tokens.py``: ``clip_l`` = ``text_encoder``'s columns first), so the
-two-key file is that vector split at ``text_stack.widths``.
+two-key file is that vector split at ``text_stack.widths``. Flux writes (and reads) the layout of diffusers' advanced
+Flux DreamBooth script's pivotal-tuning embeddings, ``{"clip_l": (n, 768), "t5": (n, 4096)}``, which a stock
+``FluxPipeline`` loads with two ``load_textual_inversion`` calls (CLIP-L and T5 with ``tokenizer_2``); SD3's
+three-key layout is read and written for personalize only (the stock SD3 pipeline loads no embeddings).
 """
 from __future__ import annotations
 
@@ -170,10 +173,25 @@ def is_sdxl(concept) -> bool:
 
 def sdxl_loading(file: str, token: str) -> str:
     """How a stock ``StableDiffusionXLPipeline`` loads a two-key file (``export.json``'s ``how_to_load``)."""
-    return (f"state = safetensors.torch.load_file('{file}'); "
-            f"pipe.load_textual_inversion(state['clip_l'], token='{token}', text_encoder=pipe.text_encoder, "
-            f"tokenizer=pipe.tokenizer); pipe.load_textual_inversion(state['clip_g'], token='{token}', "
-            "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)")
+    from ..families import get
+
+    return multi_key_loading(file, token, get("sdxl"))
+
+
+def multi_key_loading(file: str, token: str, family) -> str:
+    """How a stock pipeline of ``family`` loads a file in its multi-encoder layout: one ``load_textual_inversion``
+    call per key, each with its encoder and tokenizer (SDXL ``clip_l``/``clip_g``; Flux ``clip_l``/``t5``, as
+    diffusers' advanced Flux script's model card loads its pivotal-tuning embeddings)."""
+    calls = [f"pipe.load_textual_inversion(state['{key}'], token='{token}', text_encoder=pipe.{te}, "
+             f"tokenizer=pipe.{tok})" for key, (tok, te) in zip(family.token_keys, family.text_pairs)]
+    return "; ".join([f"state = safetensors.torch.load_file('{file}')", *calls])
+
+
+def family_of(concept):
+    """The family a concept's header records (None: one personalize does not know)."""
+    from .. import families
+
+    return families.FAMILIES.get(concept.header.get("base_fingerprint", {}).get("family", "sd1"))
 
 
 def save_a1111(path: Path, token: str, vectors: torch.Tensor) -> None:
