@@ -136,8 +136,64 @@ def test_lora_export_loads_in_the_stock_pipeline_and_imports_back(concepts, mast
     assert back.tensors.keys() == concept.tensors.keys()
     assert all(torch.equal(back.tensors[k], v) for k, v in concept.tensors.items())
     assert back.config["train_text_encoder"] is True
-    with pytest.raises(BadInputError, match="exports as diffusers-lora, not 'kohya'"):  # SD's layout only
-        export_concept(concept, tmp_path / "kohya", "kohya")
+    if base == "tiny-sd3":  # diffusers reads no kohya SD3 layout
+        with pytest.raises(BadInputError, match="exports as diffusers-lora, not 'kohya'"):
+            export_concept(concept, tmp_path / "kohya", "kohya")
+
+
+def test_flux_kohya_export_loads_through_diffusers_converter(concepts, masters, tmp_path):
+    """kohya sd-scripts' Flux names (fused img/txt qkv as one block-diagonal LoRA, CLIP-L as lora_te1_) read by the
+    stock loader to the attach image, and imported back exactly. The joint blocks only: diffusers' converter splits
+    a single block's linear1 at Flux.1's widths, so the whole tiny-flux concept is refused (next test)."""
+    full, pipe = concepts["dreambooth-lora", "tiny-flux"], masters["tiny-flux"]
+    concept = Concept(full.header, {k: v for k, v in full.tensors.items() if "single_transformer_blocks" not in k})
+    folder = export_concept(concept, tmp_path / "kohya", "kohya")
+    file = folder / "lora_kohya.safetensors"
+    keys = load_file(str(file))
+    assert {k.split(".")[0] for k in keys} >= {"lora_unet_double_blocks_0_img_attn_qkv",
+                                                "lora_unet_double_blocks_0_txt_attn_qkv"}
+    assert any(k.startswith("lora_te1_") for k in keys)
+    stock = _stock(pipe)
+    stock.load_lora_weights(str(folder), weight_name=file.name)
+    _assert_same(_ours(pipe, concept, "sks"), _image(stock, "sks"), _base_image(pipe, "sks"))
+    back = load_concept(import_file(pipe, file, method="dreambooth-lora", superclass="ball", token="<disc>",
+                                    out=tmp_path / "back.safetensors"))
+    assert back.tensors.keys() == concept.tensors.keys()
+    assert all(torch.equal(back.tensors[k], v) for k, v in concept.tensors.items())
+
+    _one_line_refusal(lambda: export_concept(full, tmp_path / "all", "kohya"), "linear1", "3072")
+    assert not (tmp_path / "all").exists()
+
+
+def test_flux_kohya_single_block_names_round_trip_at_flux_widths():
+    """At Flux.1's widths (3,072; the mlp 12,288) a single block's q, k, v and proj_mlp written as one linear1 come
+    back from diffusers' converter (``FluxPipeline.lora_state_dict``) as the same pairs, bit for bit; so do a joint
+    block's fused qkv of unequal ranks (padded) and its output projection. Tensors only: no 12B model needed."""
+    from diffusers import FluxPipeline
+
+    from personalize.methods.dreambooth_lora import kohya_flux_state
+
+    g = torch.Generator().manual_seed(5)
+    shapes = {"single_transformer_blocks.0.attn.to_q": (3072, 2), "single_transformer_blocks.0.attn.to_k": (3072, 2),
+              "single_transformer_blocks.0.attn.to_v": (3072, 2), "single_transformer_blocks.0.proj_mlp": (12288, 2),
+              "transformer_blocks.3.attn.add_q_proj": (3072, 2), "transformer_blocks.3.attn.add_k_proj": (3072, 1),
+              "transformer_blocks.3.attn.add_v_proj": (3072, 2), "transformer_blocks.3.attn.to_out.0": (3072, 2)}
+    ours = {}
+    for module, (n_out, rank) in shapes.items():
+        ours[f"transformer.{module}.lora_A.weight"] = torch.randn(rank, 3072, generator=g)
+        ours[f"transformer.{module}.lora_B.weight"] = torch.randn(n_out, rank, generator=g)
+    kohya = kohya_flux_state(ours)
+    assert {k.split(".")[0] for k in kohya} == {"lora_unet_single_blocks_0_linear1",
+                                                "lora_unet_double_blocks_3_txt_attn_qkv",
+                                                "lora_unet_double_blocks_3_img_attn_proj"}
+    back = FluxPipeline.lora_state_dict(dict(kohya))
+    padded = {k: v for k, v in back.items() if "add_k_proj" in k}  # rank 1 padded to 2 with zeros
+    back = {k: v for k, v in back.items() if "add_k_proj" not in k}
+    assert back.keys() == {k for k in ours if "add_k_proj" not in k}
+    assert all(torch.equal(v, ours[k]) for k, v in back.items())
+    a, b = (padded[f"transformer.transformer_blocks.3.attn.add_k_proj.lora_{x}.weight"] for x in "AB")
+    assert torch.equal(b @ a, ours["transformer.transformer_blocks.3.attn.add_k_proj.lora_B.weight"]
+                       @ ours["transformer.transformer_blocks.3.attn.add_k_proj.lora_A.weight"])
 
 
 def _script_lora(pipe, folder, alpha_keys=False):

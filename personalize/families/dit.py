@@ -11,8 +11,8 @@ and Perfusion is refused by name (``refuses``): its key lock needs text keys tha
 Export formats (``exports``; ``export_refusals`` says why a method keeps none, ``personalize export`` shows it):
 DreamBooth-LoRA's ``diffusers-lora`` (``transformer.*`` / ``text_encoder.*`` keys, what diffusers' own
 ``train_dreambooth_lora_flux.py`` / ``_sd3.py`` save and ``FluxPipeline`` / ``StableDiffusion3Pipeline
-.load_lora_weights`` read); its ``kohya`` file is SD's layout (diffusers has no writer for the Flux one, and none
-for SD3). Flux adds Textual Inversion (``families/flux.py``). DreamBooth's ``single-file`` export writes the SD
+.load_lora_weights`` read). Flux adds Textual Inversion and DreamBooth-LoRA's ``kohya`` file in kohya sd-scripts'
+Flux names (``families/flux.py``); SD3 has no kohya layout diffusers reads. DreamBooth's ``single-file`` export writes the SD
 checkpoint layout; its pipeline folder ``OUT.pipeline/`` loads with the family's stock ``from_pretrained``.
 """
 from __future__ import annotations

@@ -67,7 +67,9 @@ class Flux(DiffusionTransformer):
     lora_text_encoders = ("text_encoder",)  # train_dreambooth_lora_flux.py --train_text_encoder: CLIP-L only
     # textual inversion as the advanced Flux script's {"clip_l", "t5"} file, which FluxPipeline (a
     # TextualInversionLoaderMixin) loads with one load_textual_inversion call per encoder (export.json says how)
-    exports = {**DiffusionTransformer.exports, "textual-inversion": ("diffusers",)}
+    # DreamBooth-LoRA also as kohya sd-scripts' Flux file (methods/dreambooth_lora.py kohya_flux_state)
+    exports = {**DiffusionTransformer.exports, "textual-inversion": ("diffusers",),
+               "dreambooth-lora": ("diffusers-lora", "kohya")}
     # train_dreambooth_lora_flux.py's default target modules (matched as peft matches them: the joint blocks'
     # attention both streams and feed-forwards, and the single blocks' to_q/k/v) plus proj_mlp, which later
     # versions of the script add (diffusers' train_dreambooth_lora_flux_kontext.py)

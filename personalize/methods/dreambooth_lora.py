@@ -34,7 +34,7 @@ from .base import Method
 from .cards import DreamBoothLoraCard, DreamBoothLoraConfig, DreamBoothLoraKnobs  # noqa: F401 (the method's declaration)
 from .identifier import IdentifierToken
 from .shared import load_into
-from .token_files import is_sdxl
+from .token_files import family_of, is_sdxl
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -158,10 +158,22 @@ class DreamBoothLora(DreamBoothLoraCard, IdentifierToken, Method):
         tensors = {k: v.float() for k, v in concept.tensors.items()}
         if fmt == "diffusers-lora":
             return [save_safetensors(inside(folder, LORA_FILE), text_model_names(tensors))]
-        kohya = kohya_state(tensors, is_sdxl(concept))
-        rank = max(int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_A.weight"))
+        if family_of(concept) is families.get("flux"):
+            kohya = kohya_flux_state(tensors)
+        else:
+            kohya = kohya_state(tensors, is_sdxl(concept))
+        rank = max(int(v.shape[0]) for k, v in kohya.items() if k.endswith(".lora_down.weight"))
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
         return [save_safetensors(inside(folder, KOHYA_FILE), kohya, meta)]
+
+    @classmethod
+    def export_notes(cls, concept, fmt: str) -> dict[str, Any]:
+        notes = super().export_notes(concept, fmt)
+        if fmt == "kohya" and family_of(concept) is families.get("flux"):
+            notes["how_to_load"] = (f"{KOHYA_FILE} (kohya sd-scripts' Flux names: lora_unet_double_blocks_N_img_attn_qkv "
+                                    "..., lora_unet_single_blocks_N_linear1, lora_te1_ for CLIP-L): ComfyUI, or "
+                                    f"FluxPipeline.load_lora_weights(DIR, weight_name='{KOHYA_FILE}')")
+        return notes
 
     @classmethod
     def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str, embeddings=None,
@@ -190,6 +202,81 @@ def kohya_state(tensors: dict[str, torch.Tensor], sdxl: bool) -> dict[str, torch
     if not sdxl:
         kohya = {("lora_te_" + k[len("lora_te1_"):] if k.startswith("lora_te1_") else k): v for k, v in kohya.items()}
     return {k: v.float() if k.endswith(".alpha") else v for k, v in kohya.items()}
+
+
+# kohya sd-scripts' Flux LoRA names (BFL module names) -> diffusers' modules, the table of diffusers'
+# _convert_sd_scripts_to_ai_toolkit (lora_conversion_utils.py), inverted. Fused BFL layers list their parts in order.
+_FLUX_DOUBLE = {"img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn_proj": ("attn.to_out.0",),
+                "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",), "img_mod_lin": ("norm1.linear",),
+                "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                "txt_attn_proj": ("attn.to_add_out",), "txt_mlp_0": ("ff_context.net.0.proj",),
+                "txt_mlp_2": ("ff_context.net.2",), "txt_mod_lin": ("norm1_context.linear",)}
+_FLUX_SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",),
+                "modulation_lin": ("norm.linear",)}
+#: the widths diffusers' converter splits a single block's linear1 at (Flux.1's q, k, v, mlp), whatever the base
+FLUX_LINEAR1_DIMS = (3072, 3072, 3072, 12288)
+
+
+def kohya_flux_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our Flux LoRA pairs (alpha = rank) in kohya sd-scripts' Flux layout, the inverse of diffusers'
+    ``_convert_sd_scripts_to_ai_toolkit`` (diffusers has no writer: ``convert_state_dict_to_kohya`` keeps diffusers'
+    module names, which no Flux loader reads). A fused BFL layer (a double block's ``img/txt_attn_qkv``, a single
+    block's ``linear1`` = q, k, v, mlp) gets ``lora_down`` = its parts' A stacked and ``lora_up`` = their B
+    block-diagonal (parts of lower rank padded with zeros; a fused layer the concept covers only in part is
+    refused), alpha = that rank:
+    diffusers' converter takes such an up matrix as "sparse" and recovers every part's pair exactly. CLIP-L is
+    ``lora_te1_`` (diffusers' ``convert_state_dict_to_kohya``). diffusers splits ``linear1`` at Flux.1's widths
+    (``FLUX_LINEAR1_DIMS``), so a single-block LoRA of another width is refused: no loader could read it."""
+    text = {k: v for k, v in tensors.items() if not k.startswith("transformer.")}
+    found = {key[len("transformer."): -len(".lora_A.weight")]: (down, tensors[key.replace(".lora_A.", ".lora_B.")])
+             for key, down in tensors.items() if key.startswith("transformer.") and key.endswith(".lora_A.weight")}
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for ours, theirs, table in (("transformer_blocks", "double_blocks", _FLUX_DOUBLE),
+                                ("single_transformer_blocks", "single_blocks", _FLUX_SINGLE)):
+        indices = sorted({int(m.split(".")[1]) for m in found if m.startswith(ours + ".")})
+        for i in indices:
+            for name, parts in table.items():
+                modules = [f"{ours}.{i}.{part}" for part in parts]
+                if not any(m in found for m in modules):
+                    continue
+                if name == "linear1":
+                    dims = tuple(int(found[m][1].shape[0]) if m in found else 0 for m in modules)
+                    if any(d and d != want for d, want in zip(dims, FLUX_LINEAR1_DIMS)):
+                        raise BadInputError(
+                            f"the concept's LoRA covers {ours}.{i}'s q/k/v/mlp ({', '.join(map(str, dims))} wide); "
+                            "kohya files fuse them into linear1, which diffusers' converter splits at Flux.1's "
+                            f"{', '.join(map(str, FLUX_LINEAR1_DIMS))}, so no loader reads it on this base: export "
+                            "diffusers-lora instead")
+                down, up = _fused(found, modules)
+                key = f"lora_unet_{theirs}_{i}_{name}"
+                out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = down, up
+                out[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
+                used.update(modules)
+    left = sorted(set(found) - used)
+    if left:
+        raise BadInputError(f"the concept's LoRA covers transformer.{left[0]}, which kohya's Flux layout names no "
+                            "block layer for; export diffusers-lora instead")
+    if text:
+        out.update(kohya_state(text, sdxl=True))  # CLIP-L: lora_te1_, as kohya sd-scripts' Flux files name it
+    return out
+
+
+def _fused(found: dict, modules: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LoRA pair for a fused layer whose output is ``modules``' outputs stacked: A's stacked, B block-diagonal,
+    each part at the largest rank (zero rows / columns pad a lower rank)."""
+    rank = max(int(found[m][0].shape[0]) for m in modules if m in found)
+    width = next(int(found[m][0].shape[1]) for m in modules if m in found)
+    downs, ups = [], []
+    for m in modules:
+        if m not in found:  # its share of the fused output would need a width this file does not give
+            raise BadInputError(f"the concept's LoRA covers {', '.join(x for x in modules if x in found)} but not "
+                                f"{m}; kohya's fused layer needs all of them (export diffusers-lora instead)")
+        down, up = found[m]
+        r = int(down.shape[0])
+        downs.append(torch.cat([down, down.new_zeros(rank - r, width)]))
+        ups.append(torch.cat([up, up.new_zeros(up.shape[0], rank - r)], dim=1))
+    return torch.cat(downs).contiguous(), torch.block_diag(*ups).contiguous()
 
 
 def text_model_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
