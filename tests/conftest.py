@@ -29,7 +29,8 @@ if _WORKERS > 1:
 # xdist's own `--dist loadgroup` from regrouping tests, hence a scheduler here.) The processes write the units of
 # their collection beside their temp folders; the scheduler, in the main process, reads them.
 SLOW_FIRST = (  # file names, slowest first: per-file totals of a parallel run's junit times (2026-12-06)
-    "test_method_contract.py", "test_fast_path.py", "test_interop.py", "test_interop_dit.py", "test_class_phrases.py", "test_baselines.py",
+    "test_method_contract.py", "test_fast_path.py", "test_interop.py", "test_interop_dit.py", "test_class_phrases.py",
+    "test_baselines.py",
     "test_families.py", "test_toyworld_claims.py", "test_interop_families.py", "test_base.py", "test_bad_input.py",
     "test_benchmark.py", "test_best_step.py", "test_stock_loaders.py", "test_base_defaults.py",
     "test_data_parallel.py", "test_bad_input_training.py", "test_dreambooth_families.py", "test_benchmark_cc101.py")
