@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from personalize import families, text_stack
-from personalize.base import load_base, pipeline_class, resolution
+from personalize.base import load_base, resolution
 
-PROMPTS = ["a photo of a dog", "a red cube on a table, studio light"]
+from family_checks import PROMPTS, same_weights, saved_folder_loads_as_the_family
+
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +32,6 @@ def folder(pipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("flux") / "base"
     pipe.save_pretrained(out, safe_serialization=True)
     return out
-
-
-def _modules(p):
-    return {n: getattr(p, n) for n in ("transformer", "vae", "text_encoder", "text_encoder_2")}
-
-
-def _same_weights(a, b):
-    for name, module in _modules(a).items():
-        theirs = _modules(b)[name].state_dict()
-        for key, tensor in module.state_dict().items():
-            assert torch.equal(tensor, theirs[key]), (name, key)
 
 
 def test_tiny_flux_is_flux_dev_in_miniature(pipe, family):
@@ -75,14 +65,11 @@ def test_tiny_flux_is_flux_dev_in_miniature(pipe, family):
 
 
 def test_tiny_flux_builds_the_same_weights_twice(pipe):
-    _same_weights(pipe, load_base("tiny-flux"))
+    same_weights(pipe, load_base("tiny-flux"))
 
 
 def test_a_saved_folder_loads_as_flux(pipe, folder):
-    assert pipeline_class(str(folder)) == "FluxPipeline"
-    loaded = load_base(str(folder))
-    assert type(loaded) is type(pipe) and text_stack.family(loaded) == "flux"
-    _same_weights(pipe, loaded)
+    loaded = saved_folder_loads_as_the_family(pipe, folder, "FluxPipeline")
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
     assert public(loaded.scheduler.config) == public(pipe.scheduler.config)
     for a, b in zip(text_stack.tokenize(loaded, PROMPTS), text_stack.tokenize(pipe, PROMPTS)):

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from personalize import families, text_stack
-from personalize.base import load_base, pipeline_class
+from personalize.base import load_base
 from personalize.families.sd3 import CLIP_ROWS, T5_LENGTH, StableDiffusion3
 
-PROMPTS = ["a photo of a dog", "a red cube on a table, studio light"]
+from family_checks import PROMPTS, same_weights, saved_folder_loads_as_the_family
+
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +32,6 @@ def folder(pipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("sd3") / "base"
     pipe.save_pretrained(out, safe_serialization=True)
     return out
-
-
-def _state(p) -> dict[str, torch.Tensor]:
-    return {f"{name}.{k}": v for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-            for k, v in getattr(p, name).state_dict().items()}
-
-
-def _same_weights(a, b) -> None:
-    sa, sb = _state(a), _state(b)
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
 
 
 # -- the built-in base and loading ---------------------------------------------------------------------------------
@@ -80,16 +69,11 @@ def test_the_family_is_recognised_and_no_sd_family_claims_it(pipe):
 
 
 def test_tiny_sd3_is_deterministic(pipe):
-    _same_weights(pipe, load_base("tiny-sd3"))
+    same_weights(pipe, load_base("tiny-sd3"))
 
 
 def test_a_saved_folder_loads_as_the_family(pipe, folder):
-    assert pipeline_class(str(folder)) == "StableDiffusion3Pipeline"
-    loaded = load_base(str(folder))
-    assert type(loaded) is type(pipe) and text_stack.family(loaded) == "sd3"
-    _same_weights(pipe, loaded)
-    ours, theirs = text_stack.encode(pipe, PROMPTS), text_stack.encode(loaded, PROMPTS)
-    assert torch.equal(ours.ids, theirs.ids) and torch.equal(ours.context, theirs.context)
+    saved_folder_loads_as_the_family(pipe, folder, "StableDiffusion3Pipeline")
 
 
 # -- text ----------------------------------------------------------------------------------------------------------
