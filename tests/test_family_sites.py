@@ -122,3 +122,26 @@ def test_a_ddpm_sampler_is_refused_on_a_flow_matching_base():
     with pytest.raises(BadInputError) as err:
         load_base("tiny-flux", scheduler="euler")
     assert "flow-matching" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_aliased_token_encodes_as_its_word_where_clip_pools_at_the_highest_id():
+    """FLUX.1's CLIP-L pools at a row's highest id (legacy ``eos_token_id`` 2): a new token's id would move the
+    pooled vector. A token registered with an alias (DreamBooth's identifier) is read as the word itself: the
+    encoding of "a <zz> dog" is that of "a sks dog", bit for bit; without the alias the pooled vector moves."""
+    import copy
+
+    from personalize import text_stack
+    from personalize.edits.tokens import token_site
+    from personalize.methods.shared import word_vector
+
+    pipe = copy.deepcopy(load_base("tiny-flux"))
+    assert pipe.text_encoder.config.eos_token_id == 2
+    word = text_stack.encode(pipe, ["a sks dog"])
+    site = token_site(pipe)
+    for alias in ("sks", None):
+        site.add("k", ["<zz>"], word_vector(pipe, "sks", single=True).unsqueeze(0), alias=alias)
+        ours = text_stack.encode(pipe, ["a <zz> dog"])
+        assert torch.equal(ours.context, word.context)  # the same rows either way (T5's context)
+        assert torch.equal(ours.pooled, word.pooled) == (alias is not None)
+        site.remove("k")
+    assert not pipe.text_encoder._forward_pre_hooks and not pipe.text_encoder_2._forward_pre_hooks

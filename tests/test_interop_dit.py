@@ -14,11 +14,10 @@ against stock diffusers on the other side:
 - DreamBooth: the pipeline folder loads with the stock class's ``from_pretrained`` to the attach image; its
   SD-layout ``single-file`` export is refused.
 
-Prompts: on Flux the stock side and personalize both say "sks" (DreamBooth's identifier word). Flux.1's CLIP-L
-keeps the legacy ``eos_token_id`` 2, so transformers pools its output at a row's highest id: at an added token
-(the concept's ``<disc>``) instead of the end token, which moves the pooled vector ``"sks"`` gives; the LoRA
-weights are compared exactly, the token is not. tiny-sd3 pools at the end token, so there the concept's own token
-is compared with "sks".
+Prompts: personalize says the concept's token ``<disc>``, the stock side "sks" (DreamBooth's identifier word).
+Flux.1's CLIP-L keeps the legacy ``eos_token_id`` 2, so transformers pools its output at a row's highest id: at
+an added token, were the encoders to read ``<disc>``'s own id. The token seam gives them the identifier's id
+there (``TokenSite`` aliases), so the pooled vector is the one "sks" gives, bit for bit.
 """
 import copy
 
@@ -34,7 +33,7 @@ from personalize.interop import export_concept, import_file
 FAST = {"steps": 1, "batch_size": 1, "checkpoint_every": 0, "masks": "none"}
 PROMPT = "a photo of a {} ball"
 BASES = ("tiny-flux", "tiny-sd3")
-WORD = {"tiny-flux": "sks", "tiny-sd3": "<disc>"}  # the word personalize prompts with (module docstring)
+WORD = {"tiny-flux": "<disc>", "tiny-sd3": "<disc>"}  # the word personalize prompts with (module docstring)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +154,7 @@ def test_flux_kohya_export_loads_through_diffusers_converter(concepts, masters, 
     assert any(k.startswith("lora_te1_") for k in keys)
     stock = _stock(pipe)
     stock.load_lora_weights(str(folder), weight_name=file.name)
-    _assert_same(_ours(pipe, concept, "sks"), _image(stock, "sks"), _base_image(pipe, "sks"))
+    _assert_same(_ours(pipe, concept, "<disc>"), _image(stock, "sks"), _base_image(pipe, "sks"))
     back = load_concept(import_file(pipe, file, method="dreambooth-lora", superclass="ball", token="<disc>",
                                     out=tmp_path / "back.safetensors"))
     assert back.tensors.keys() == concept.tensors.keys()

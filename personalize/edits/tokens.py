@@ -104,6 +104,8 @@ class TokenSite:
         self._twins = [_tied_embeddings(getattr(pipe, te), table) for (_, te), (_, table) in zip(self.names,
                                                                                                    self.originals)]
         self.entries: dict[str, tuple[list[str], torch.Tensor]] = {}
+        self.aliases: dict[str, list[list[int]]] = {}  # key -> each tokenizer's id of the word its token stands for
+        self._alias_hooks: list = []
         self._copies: list = []  # the tokenizer copies in the pipeline now, holding the tokens of ``_applied``
         self._applied: list[str] = []
         start, self.embeddings = 0, []
@@ -135,8 +137,12 @@ class TokenSite:
                 return key
         return None
 
-    def add(self, key: str, tokens: list[str], vectors: torch.Tensor) -> list[int]:
-        """Register ``tokens`` (one row of ``vectors`` each) under ``key``; returns their ids."""
+    def add(self, key: str, tokens: list[str], vectors: torch.Tensor, alias: str | None = None) -> list[int]:
+        """Register ``tokens`` (one row of ``vectors`` each) under ``key``; returns their ids. ``alias``: a word of
+        the base vocabulary (one token in every tokenizer) the single token stands for (DreamBooth's identifier):
+        the text encoders then read the word's own id where the token's is (:meth:`_read_aliases`), so that a
+        CLIP pooling at a row's highest id (the legacy ``eos_token_id`` 2 of FLUX.1's and the real SD configs)
+        pools where the stock pipeline prompted with the word does."""
         if vectors.shape[0] != len(tokens):
             raise ValueError("one vector per token")
         if vectors.shape[-1] != self.width:
@@ -146,11 +152,17 @@ class TokenSite:
             if owner is not None:
                 raise ValueError(f"token {token!r} is already attached (by {owner})")
         self.entries[key] = (list(tokens), vectors)
+        if alias is not None:
+            self.aliases[key] = [base(alias, add_special_tokens=False).input_ids for base, _ in self.originals]
+            if any(len(ids) != 1 for ids in self.aliases[key]) or len(tokens) != 1:
+                del self.entries[key], self.aliases[key]
+                raise ValueError(f"alias {alias!r} must be one token in every tokenizer, for one token")
         self._rebuild()
         return self.ids(key)
 
     def remove(self, key: str) -> None:
         self.entries.pop(key, None)
+        self.aliases.pop(key, None)
         self._rebuild()
 
     def ids(self, key: str) -> list[int]:
@@ -204,6 +216,7 @@ class TokenSite:
                 for parent, attr, module in twins:
                     setattr(parent, attr, module)
             self._follow(handed_out, [tokenizer for tokenizer, _ in self.originals])
+            self._read_aliases()
             state = pipeline_state(self.pipe, create=False)
             if state is not None and state.tokens is self:
                 state.tokens = None
@@ -235,9 +248,42 @@ class TokenSite:
             copies.append(tokenizer)
         self._copies, self._applied = copies, keys
         self._follow(handed_out, copies)
+        self._read_aliases()
+
+    def _read_aliases(self) -> None:
+        """One forward pre-hook per text encoder while an aliased token is attached: it gives the encoder the
+        alias word's id in place of the token's (the same embedding row: the token's vector is a copy of the
+        word's). Removed with the last aliased token."""
+        for handle in self._alias_hooks:
+            handle.remove()
+        self._alias_hooks = []
+        if not self.aliases:
+            return
+        for k, (tok_name, te_name) in enumerate(self.names):
+            tokenizer = getattr(self.pipe, tok_name)
+            swaps = [(tokenizer.convert_tokens_to_ids(self.entries[key][0][0]), ids[k][0])
+                     for key, ids in self.aliases.items()]
+            self._alias_hooks.append(getattr(self.pipe, te_name).register_forward_pre_hook(
+                _alias_hook(swaps), with_kwargs=True))
 
     def _count(self, keys: list[str]) -> int:
         return sum(len(self.entries[k][0]) for k in keys if k in self.entries)
+
+
+def _alias_hook(swaps: list[tuple[int, int]]):
+    """A text encoder's forward pre-hook reading each ``(token id, word id)`` pair's word id for the token's."""
+    def hook(module, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor):
+            ids, args = args[0], args[1:]
+        elif isinstance(kwargs.get("input_ids"), torch.Tensor):
+            ids = kwargs.pop("input_ids")
+        else:
+            return None
+        for token_id, word_id in swaps:
+            ids = torch.where(ids == token_id, torch.full_like(ids, word_id), ids)
+        return (ids, *args), kwargs
+
+    return hook
 
 
 def _tied_embeddings(text_encoder: nn.Module, table: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:

@@ -240,6 +240,10 @@ class Method(MethodCard):
     def on_remove(self) -> None:
         """Before the seams are vacated."""
 
+    def token_alias(self) -> str | None:
+        """A base word the concept token stands for exactly (DreamBooth's identifier), or None (a new token)."""
+        return None
+
     def install(self) -> None:
         """Occupy the seams: tokens, own occupants, the group; all or nothing."""
         from ..edits.groups import join
@@ -249,7 +253,7 @@ class Method(MethodCard):
         if self.installed:
             return
         tokens, vectors = self.token_vectors()
-        token_site(self.pipe).add(self.key, tokens, vectors)
+        token_site(self.pipe).add(self.key, tokens, vectors, alias=self.token_alias())
         try:
             for part, occupants in self.occupants().items():
                 occupy_all(getattr(self.pipe, part), occupants, self.key)

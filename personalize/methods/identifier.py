@@ -22,6 +22,11 @@ class IdentifierToken:
     def token_vectors(self) -> tuple[list[str], torch.Tensor]:
         return [self.token], self.vector
 
+    def token_alias(self) -> str:
+        """The text encoders read the identifier's own id where the token is (``edits/tokens.py``): its vector is
+        the word's, and a CLIP pooling at the highest id pools as for "sks" (FLUX.1's CLIP-L)."""
+        return self.config.identifier
+
     def templates(self) -> tuple[str, ...]:
         return ("a photo of a {}",)  # the reference's instance prompt "a photo of [V] [class]"
 
