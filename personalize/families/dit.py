@@ -4,9 +4,9 @@ methods work on it.
 Site kinds (``edits/placement.py``): the joint attentions (``cross_attention``), their text-stream K/V
 projections ``add_k_proj`` / ``add_v_proj`` (``kv``: Custom Diffusion's counterpart of cross-attention K/V), the
 modules of the family's diffusers DreamBooth-LoRA script (``attention``), the text encoders' attention
-(``text_attention``) and the blocks (``transformer``). Not yet: ``proj_out`` (Personalized Residuals: the blocks'
-attention output projections are found, but the residual sites and LAG from the joint attention are not built),
-and Perfusion is refused by name (``refuses``): its key lock needs text keys that depend on the prompt alone.
+(``text_attention``), each block's attention output projection (``proj_out``: Personalized Residuals, with LAG
+from the joint attention, ``edits/joint_maps.py``) and the blocks (``transformer``). Perfusion is refused by name
+(``refuses``): its key lock needs text keys that depend on the prompt alone.
 
 Export formats (``exports``; ``export_refusals`` says why a method keeps none, ``personalize export`` shows it):
 DreamBooth-LoRA's ``diffusers-lora`` (``transformer.*`` / ``text_encoder.*`` keys, what diffusers' own
@@ -29,11 +29,19 @@ class DiffusionTransformer(Family):
     """A family whose denoiser is a diffusion transformer with joint (text + image) attention blocks."""
 
     denoiser: ClassVar[str] = "transformer"
-    edit_kinds = frozenset({"cross_attention", "kv", "attention", "text_attention", "transformer"})
+    sample_arg = ("hidden_states", 0)
+    context_arg = ("encoder_hidden_states", 1)
+    edit_kinds = frozenset({"cross_attention", "kv", "proj_out", "attention", "text_attention", "transformer"})
     refuses: ClassVar[dict[str, str]] = {"perfusion": PERFUSION_REASON}
     exports: ClassVar[dict[str, tuple[str, ...]]] = {
-        **{name: () for name in ("custom-diffusion", "dreambooth", "residuals", "textual-inversion")},
-        "dreambooth-lora": ("diffusers-lora",)}
+        **{name: () for name in ("custom-diffusion", "dreambooth", "textual-inversion")},
+        "dreambooth-lora": ("diffusers-lora",), "residuals": ("diffusers-lora",)}
+    def token_grid(self, denoiser, args, kwargs) -> tuple[int, int]:
+        """The latent grid over the patch size (SD3: ``hidden_states`` is (N, C, H, W), patched p x p)."""
+        sample, _ = self.denoiser_inputs(args, kwargs)
+        p = int(denoiser.config.patch_size)
+        return int(sample.shape[-2]) // p, int(sample.shape[-1]) // p
+
     #: why a method keeps no export format on this family (method name -> one line's worth)
     export_refusals: ClassVar[dict[str, str]] = {
         "dreambooth": "its single-file export writes the SD checkpoint layout; the trained pipeline folder "

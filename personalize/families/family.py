@@ -74,6 +74,11 @@ class Family:
     prompt_tokenizer: ClassVar[str] = "tokenizer"
     #: the text encoders DreamBooth-LoRA's ``train_text_encoder`` puts LoRA on (the family's diffusers script's)
     lora_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
+    #: the denoiser's forward arguments (keyword, position) of the noisy input and of the text context
+    sample_arg: ClassVar[tuple[str, int]] = ("sample", 0)
+    context_arg: ClassVar[tuple[str, int]] = ("encoder_hidden_states", 2)
+    #: the tokenizers whose ids make up the context's rows, in row order: (tokenizer, rows; None = the rest)
+    context_tokenizers: ClassVar[tuple[tuple[str, int | None], ...]] = (("tokenizer", None),)
 
     # -- recognition and building ------------------------------------------------------------------------------
     def matches(self, pipe) -> bool:
@@ -104,7 +109,31 @@ class Family:
     def denoiser_of(self, pipe):
         return getattr(pipe, self.denoiser)
 
+    def denoiser_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The noisy input and the text context of one denoiser call (a forward pre-hook's arguments)."""
+        def read(arg):
+            name, position = arg
+            return args[position] if len(args) > position else kwargs.get(name)
+
+        return read(self.sample_arg), read(self.context_arg)
+
+    def token_grid(self, denoiser, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+        """(H, W) of the image tokens of one denoiser call, where every block sees the same grid (a diffusion
+        transformer); None where each block records its own (a UNet's blocks work at several sizes)."""
+        return None
+
     # -- text --------------------------------------------------------------------------------------------------
+    def context_segments(self, pipe, length: int) -> list[tuple[int, int, str]]:
+        """``(start, stop, tokenizer)``: which tokenizer's ids sit in each run of a context's ``length`` rows
+        (``Encoding.ids``; SD3: CLIP's 77, then T5's). A tokenizer the pipeline lacks has no run."""
+        out, start = [], 0
+        for name, rows in self.context_tokenizers:
+            stop = length if rows is None else min(length, start + rows)
+            if getattr(pipe, name, None) is not None and stop > start:
+                out.append((start, stop, name))
+            start = stop
+        return out
+
     def pairs(self, pipe) -> list[tuple[str, str]]:
         """The (tokenizer, text encoder) attribute names present on the pipeline, in the order their outputs are
         joined."""
