@@ -239,11 +239,19 @@ class Residuals(ResidualsCard, Method):
 
     @classmethod
     def export_notes(cls, concept, fmt: str) -> dict[str, Any]:
-        from .token_files import is_sdxl, sdxl_loading
+        from .token_files import family_of, multi_key_loading, token_keys
 
-        sdxl = {"how_to_load": f"pipe.load_lora_weights(DIR); {sdxl_loading(TOKEN_FILE, concept.token)}"
-                               " (the residuals without LAG)"} if is_sdxl(concept) else {}
-        return {**sdxl, "prompt": f"a photo of a {concept.token} {concept.superclass}",
+        family = family_of(concept)
+        how = {}
+        if token_keys(concept) and family.exports.get("textual-inversion") == ():  # no stock token loader
+            how = {"how_to_load": f"pipe.load_lora_weights(DIR) (the residuals without LAG); "
+                                  f"{family.export_refusals['textual-inversion']}: {TOKEN_FILE} "
+                                  f"({'/'.join(family.token_keys)}) is for personalize import, and a stock "
+                                  f"pipeline takes the prompt's embeddings made with the token added"}
+        elif token_keys(concept):
+            how = {"how_to_load": f"pipe.load_lora_weights(DIR); "
+                                  f"{multi_key_loading(TOKEN_FILE, concept.token, family)} (the residuals without LAG)"}
+        return {**how, "prompt": f"a photo of a {concept.token} {concept.superclass}",
                 "token_trained": bool(concept.config.get("train_token", False)),
                 "init_token": concept.config.get("init_token"),
                 "base_fingerprint": concept.header.get("base_fingerprint", {}).get("digest")}
