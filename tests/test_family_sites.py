@@ -60,9 +60,12 @@ def test_proj_out_sites_are_each_blocks_attention_output(pipe):
 @pytest.mark.parametrize("spec", DIT)
 def test_supported_methods_follow_the_family(spec):
     family = families.by_tiny(spec)
-    assert methods.names_for(family) == ["custom-diffusion", "dreambooth", "dreambooth-lora", "textual-inversion"]
+    assert methods.names_for(family) == ["custom-diffusion", "dreambooth", "dreambooth-lora", "residuals",
+                                         "textual-inversion"]
     assert "key lock" in methods.refusal("perfusion", family)
-    assert "proj_out" in methods.refusal("residuals", family)
+    assert methods.refusal("residuals", family) is None
+    lacking = type("Lacking", (type(family),), {"edit_kinds": family.edit_kinds - {"proj_out"}})()
+    assert "proj_out" in methods.refusal("residuals", lacking)  # a family without a site kind refuses its methods
     for sd in ("sd1", "sd2", "sdxl"):
         assert methods.names_for(families.get(sd)) == methods.names()
 

@@ -8,6 +8,10 @@ modules of the family's diffusers DreamBooth-LoRA script (``attention``), the te
 from the joint attention, ``edits/joint_maps.py``) and the blocks (``transformer``). Perfusion is refused by name
 (``refuses``): its key lock needs text keys that depend on the prompt alone.
 
+Custom Diffusion's K/V deltas export as a full-rank diffusers LoRA on ``add_k_proj`` / ``add_v_proj`` (``lora_A`` =
+the identity, ``lora_B`` = dW: ``B A x = dW x`` exactly), the one stock path there is for a weight delta on these
+pipelines (diffusers' ``load_attn_procs`` reads Custom Diffusion weights into UNets only).
+
 Export formats (``exports``; ``export_refusals`` says why a method keeps none, ``personalize export`` shows it):
 DreamBooth-LoRA's ``diffusers-lora`` (``transformer.*`` / ``text_encoder.*`` keys, what diffusers' own
 ``train_dreambooth_lora_flux.py`` / ``_sd3.py`` save and ``FluxPipeline`` / ``StableDiffusion3Pipeline
@@ -34,8 +38,8 @@ class DiffusionTransformer(Family):
     edit_kinds = frozenset({"cross_attention", "kv", "proj_out", "attention", "text_attention", "transformer"})
     refuses: ClassVar[dict[str, str]] = {"perfusion": PERFUSION_REASON}
     exports: ClassVar[dict[str, tuple[str, ...]]] = {
-        **{name: () for name in ("custom-diffusion", "dreambooth", "textual-inversion")},
-        "dreambooth-lora": ("diffusers-lora",), "residuals": ("diffusers-lora",)}
+        **{name: () for name in ("dreambooth", "textual-inversion")},
+        "dreambooth-lora": ("diffusers-lora",), "residuals": ("diffusers-lora",), "custom-diffusion": ("diffusers-lora",)}
     def token_grid(self, denoiser, args, kwargs) -> tuple[int, int]:
         """The latent grid over the patch size (SD3: ``hidden_states`` is (N, C, H, W), patched p x p)."""
         sample, _ = self.denoiser_inputs(args, kwargs)
