@@ -270,3 +270,26 @@ def test_build_metrics_shares_models():
     assert m["clip_text"].clip is m["clip_image"].encoder
     assert m["dino_image"].encoder is m["leakage_dino"].dino
     assert all(x.higher_is_better for x in m.values())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_preprocessed_batches_are_the_in_process_decode_in_file_order(tmp_path, workers):
+    """Workers decode small chunks (``decode.CHUNK``) and the main process joins them into the caller's batches:
+    the same tensors as decoding each file in this process, in file order, in full batches and then the rest."""
+    from PIL import Image
+
+    from personalize.evaluation import decode
+    from personalize.evaluation.models import load_image, pixel_transform
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2 * decode.CHUNK + 5):  # chunks that straddle the batches
+        path = tmp_path / f"{i:03d}.png"
+        Image.fromarray(rng.integers(0, 255, (20 + i % 7, 24, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    transforms = [pixel_transform(16, 16), pixel_transform(20, 12)]
+    batches = list(decode.preprocessed_batches(paths, transforms, batch_size=10, num_workers=workers))
+    assert [b[0].shape[0] for b in batches] == [10, 10, 10, 7]
+    for k, t in enumerate(transforms):
+        expected = torch.stack([t(load_image(p)) for p in paths])
+        assert torch.equal(torch.cat([b[k] for b in batches]), expected)
