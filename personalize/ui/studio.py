@@ -483,7 +483,10 @@ def _toy_scorer(toy_concept: str | None, base: str):
     from ..datasets.toyworld.concepts import get_concept
     from ..datasets.toyworld.measure import score_image
 
-    get_concept(toy_concept)  # an unknown name: one line listing them
+    try:
+        get_concept(toy_concept)
+    except KeyError as exc:  # the toy world's own message, listing the concepts
+        raise BadInputError(str(exc.args[0])) from None
 
     def score(image, prompt, token):
         result = score_image(image, prompt, placeholder=token, concept=toy_concept)
