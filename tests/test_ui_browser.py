@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -67,10 +68,19 @@ def _upload(page, files) -> None:
                            arg=1)
 
 
-def test_server_is_local_only(app):
-    assert app["url"].startswith("http://127.0.0.1:")
-    html = urllib.request.urlopen(app["url"]).read().decode()
-    assert "personalize" in html
+def test_server_is_local_only_and_serves_only_the_app_folder(app):
+    url, studio = app["url"], app["studio"]
+    assert url.startswith("http://127.0.0.1:")
+    assert "personalize" in urllib.request.urlopen(url).read().decode()
+    report = studio.folder / "reports" / "bench" / "index.html"
+    report.parent.mkdir(parents=True)
+    report.write_text("<html>a benchmark report</html>")
+    assert studio.reports() == [report]
+    assert urllib.request.urlopen(f"{url}gradio_api/file={report}").read() == report.read_bytes()
+    for outside in ("/etc/passwd", str(studio.folder.parent / "bad" / "holiday.png")):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{url}gradio_api/file={outside}")
+        assert err.value.code == 403
 
 
 def test_bad_upload_is_refused_with_the_one_line_message(app):

@@ -19,6 +19,8 @@ INSTALL = "the web app needs gradio: pip install 'personalize[ui]'"
 CSS = """
 .pixelated img, img.pixelated {image-rendering: pixelated;}
 #train-progress progress {width: 100%; height: 18px;}
+#gen-images img, #train-samples img, #gallery img {width: 192px !important; height: 192px !important;
+    object-fit: contain; image-rendering: pixelated;}
 .ui-error {color: #b00020; font-weight: 600;}
 .ui-info {color: #1b5e20;}
 """
@@ -86,6 +88,7 @@ def build(studio: Studio):
                 with gr.Column():
                     photos = gr.File(file_count="multiple", label=f"Photos, and captions as photo.txt ({studio.limits.text()})",
                                      elem_id="photos")
+                    folder_pick = gr.File(file_count="directory", label="... or a folder of photos", elem_id="photo-folder")
                     masks = gr.File(file_count="multiple", label="Masks (optional, one per photo, same name)",
                                     elem_id="masks")
                     with gr.Row():
@@ -119,14 +122,14 @@ def build(studio: Studio):
 
             method.change(on_method, method, [recipe_md, settings])
 
-            def on_train(files, mask_files, tok, sc, meth, nm, sets):
+            def on_train(files, picked, mask_files, tok, sc, meth, nm, sets):
                 try:
-                    job = studio.train(files or [], tok, sc, meth, nm, sets, mask_files or [])
+                    job = studio.train([*(files or []), *(picked or [])], tok, sc, meth, nm, sets, mask_files or [])
                 except PersonalizeError as exc:
                     return None, _message(str(exc), True)
                 return job.id, _message(f"queued run '{job.name}' (job {job.id})")
 
-            train_btn.click(on_train, [photos, masks, token, superclass, method, name, settings], [job_id, train_msg])
+            train_btn.click(on_train, [photos, folder_pick, masks, token, superclass, method, name, settings], [job_id, train_msg])
 
             def on_cancel(jid):
                 if jid is None or jid not in jobs:
@@ -189,7 +192,7 @@ def build(studio: Studio):
                 count = gr.Number(1, label="Images", precision=0, elem_id="num-images")
             gen_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
             gen_msg = gr.HTML(elem_id="gen-msg")
-            result = gr.Gallery(label="Images", columns=4, height=280, object_fit="contain", elem_id="gen-images", elem_classes=["pixelated"])
+            result = gr.Gallery(label="Images", columns=4, height=260, object_fit="contain", preview=False, elem_id="gen-images", elem_classes=["pixelated"])
 
             library = {}
 
@@ -290,6 +293,18 @@ def build(studio: Studio):
                          r["alignment"], r["fidelity"]] for r in out["rows"]]
                 return str(out["grid"]), rows, _message(f"{len(rows)} image(s) in {out['folder']}")
 
+            with gr.Accordion("Benchmark reports in the app folder (reports/NAME/index.html)", open=False):
+                reports = gr.HTML(elem_id="reports")
+
+            def on_reports():
+                found = studio.reports()
+                if not found:
+                    return ("<p>none yet: <code>personalize benchmark report DB --out "
+                            f"{html.escape(str(studio.folder / 'reports' / 'NAME'))}</code> puts one here</p>")
+                return "<ul>" + "".join(f'<li><a href="/gradio_api/file={html.escape(str(p))}" target="_blank">'
+                                        f"{html.escape(p.parent.name)}</a></li>" for p in found) + "</ul>"
+
+            demo.load(on_reports, None, reports)
             cmp_btn.click(on_compare, [cmp_names, cmp_prompt, cmp_seed, cmp_knob, cmp_values, cmp_toy],
                           [cmp_grid, cmp_table, cmp_msg])
             refresh.click(lambda: gr.update(choices=names()), None, cmp_names)

@@ -5,7 +5,8 @@ compare grid. Each takes what a widget gives and raises the library's one-line
 
 The app folder holds everything the app writes: ``runs/NAME/`` (the uploaded photos, masks, captions and
 ``run.json``), ``concepts/NAME.safetensors`` (with the trainer's ``.ckpt/`` and ``.samples/`` beside it),
-``gallery/`` (each PNG with its settings as JSON beside it) and ``compare/``. Names come from the app
+``gallery/`` (each PNG with its settings as JSON beside it), ``compare/`` and ``reports/`` (benchmark reports the
+page links to). Names come from the app
 (:func:`concept_name`, ``inside``), never a browser path.
 """
 from __future__ import annotations
@@ -448,6 +449,11 @@ class Studio:
         save_json(folder / "scores.json", {"prompt": template, "seed": seed, "steps": steps, "guidance": guidance,
                                            "toy_concept": toy_concept, "rows": rows})
         return {"grid": grid, "rows": rows, "folder": folder}
+
+    def reports(self) -> list[Path]:
+        """Benchmark reports in the app folder (``reports/NAME/index.html``, written by ``personalize benchmark``),
+        which the page links to (gradio serves the app folder only)."""
+        return sorted((self.folder / "reports").glob("*/index.html")) if (self.folder / "reports").is_dir() else []
 
     def close(self) -> None:
         self.queue.run(self._detach)
