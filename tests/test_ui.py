@@ -142,6 +142,10 @@ def test_training_settings_are_the_clis(studio, photos):
 def test_cancel_then_resume(studio, photos):
     job = studio.train(photos["sq"], "<sq2>", "square",
                        settings={"steps": 10, "batch_size": 2, "validation_every": 0, "checkpoint_every": 2})
+    with pytest.raises(BadInputError, match="^a run named 'sq2' is queued or running"):  # a second tab, same name
+        studio.train(photos["sq"], "<sq2>", "square")
+    with pytest.raises(BadInputError, match="^run 'sq2' is queued or running already"):
+        studio.resume("sq2")
     while job.step < 3 and not job.finished:
         time.sleep(0.01)
     studio.queue.cancel(job.id)

@@ -1,6 +1,7 @@
 """``personalize ui``: the local web app (:mod:`personalize.ui`), served on 127.0.0.1 unless asked otherwise."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -36,5 +37,11 @@ def ui(
     folder = folder if folder is not None else default_folder()
     check_output(folder, folder=True, flag="--folder")
     studio = Studio(folder, base=base, device=device)
+    demo, _ = launch(studio, host=host, port=port, block=False)
     say("serving the web app at [bold]http://{}:{}[/bold] (folder {}); Ctrl-C stops it", host, port, folder)
-    launch(studio, host=host, port=port, block=True)
+    try:
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        demo.close()
+        say("stopped; a training run that was going resumes from its last checkpoint (Train tab, Resume)")

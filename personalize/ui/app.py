@@ -252,8 +252,12 @@ def build(studio: Studio):
                     paths = studio.generate(selection, p, neg, sd, st, gd, n)
                 except PersonalizeError as exc:
                     return gr.skip(), _message(str(exc), True)
+                from ..prompts import missing_tokens
+
                 shown = ", ".join(f"{n}: " + " ".join(f"{k}={v}" for k, v in kn.items()) for n, kn in selection)
-                return [str(x) for x in paths], _message(f"{len(paths)} image(s) · {shown or 'the base alone'}")
+                missing = missing_tokens(p, [library[n]["token"] for n, _ in selection if n in library])
+                warn = f" · warning: the prompt does not name {', '.join(missing)}" if missing else ""
+                return [str(x) for x in paths], _message(f"{len(paths)} image(s) · {shown or 'the base alone'}{warn}")
 
             gen_inputs = [*slots, *flat_controls, prompt, negative, seed, steps, guidance, count]
             gen_btn.click(on_generate, gen_inputs, [result, gen_msg])

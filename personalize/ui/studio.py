@@ -200,6 +200,8 @@ class Studio:
         out = inside(self.concepts_dir, f"{name}.safetensors")
         if out.exists():
             raise BadInputError(f"a concept named '{name}' is already in the library; pick another name")
+        if any(job.name == name and not job.finished for job in self.queue.jobs.values()):
+            raise BadInputError(f"a run named '{name}' is queued or running (another tab?); pick another name")
         given = settings if isinstance(settings, dict) else parse_settings(settings)
         run_settings = {**(WATCH if given.get("validation_every", 1) else {}), **given}
         cfg, _ = resolve_settings(method_cls, run_settings)  # the CLI's checks and messages, before storing
@@ -219,6 +221,8 @@ class Studio:
         from ..checkpoints import has_checkpoint
 
         name = concept_name(name, "")
+        if any(job.name == name and not job.finished for job in self.queue.jobs.values()):
+            raise BadInputError(f"run '{name}' is queued or running already")
         record_path = inside(self.folder / "runs", name, "run.json")
         if not record_path.is_file():
             raise BadInputError(f"no stopped run named '{name}'; start it with Train")
