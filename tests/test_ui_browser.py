@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio's first import, as personalize.ui.app does
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no chromium (install it from the OS packages)")]
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed: pip install -e '.[dev]'")
@@ -154,3 +155,22 @@ def test_generate_compose_and_move_a_slider(app):
     assert first != second, (before, after)
     assert studio.attach_count == 1  # the knob went through handle.set(), no re-attach
     page.screenshot(path=str(app["shots"] / "slider.png"), full_page=True)
+
+
+def test_compare_grid_with_toy_world_scores(app):
+    page = app["page"]
+    page.get_by_role("tab", name="Compare").click()
+    for name in ("tri", "sq"):
+        page.locator("#compare-concepts input").click()
+        page.locator(f"#compare-concepts li[role=option][aria-label='{name}']").click()
+    page.locator("#compare-knob input").click()
+    page.locator("#compare-knob li[role=option][aria-label='beta']").click()
+    page.fill("#compare-values textarea, #compare-values input", "0.6, 0.9")
+    page.locator("#compare-toy input").click()
+    page.locator("#compare-toy li[role=option][aria-label='split_triangle']").click()
+    page.click("#compare-btn")
+    page.wait_for_selector("#compare-grid img")
+    page.wait_for_function("() => (document.querySelector('#compare-msg .ui-info') || {}).innerText?.includes('4 image')")
+    table = page.inner_text("#compare-scores")
+    assert table.count("tri") == 2 and table.count("sq") == 2 and "0.9" in table
+    page.screenshot(path=str(app["shots"] / "compare.png"), full_page=True)
