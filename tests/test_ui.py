@@ -261,3 +261,29 @@ def test_ui_help_and_usage_errors(tmp_path):
     not_a_folder.write_text("x")
     code, _, err = run(["ui", "--folder", str(not_a_folder)])
     assert (code, err.strip()) == (2, f"error: --folder '{not_a_folder}' is a file; pass a folder for the output")
+
+
+@pytest.mark.parametrize("method", ["perfusion", "residuals", "textual-inversion", "dreambooth", "dreambooth-lora",
+                                    "custom-diffusion"])
+def test_each_methods_recipe_box_and_knob_controls(method):
+    """The settings box a method starts with reads back as exactly its default recipe (the CLI's settings), and
+    every knob it takes has a control inside the knob's own range."""
+    from personalize import methods
+    from personalize.knobs import specs
+    from personalize.training import resolve_settings
+    from personalize.ui.studio import knob_controls, parse_settings, recipe
+
+    cls = methods.get(method)
+    text, box = recipe(method)
+    assert text == cls.recipe
+    given = parse_settings(box)
+    defaults = resolve_settings(cls, {"masks": "none"})
+    assert resolve_settings(cls, {**given, "masks": "none"}) == defaults
+    controls = {c.name: c for c in knob_controls(method)}
+    assert set(controls) == set(specs(cls.Knobs))
+    for name, spec in specs(cls.Knobs).items():
+        c = controls[name]
+        if c.kind == "slider":
+            assert (spec.low is None or c.low >= spec.low) and (spec.high is None or c.high <= spec.high)
+            spec.parse(c.low, name), spec.parse(c.high, name)  # both ends are values the knob accepts
+        assert c.kind == {bool: "checkbox", str: "choice"}.get(spec.kind, "slider")
