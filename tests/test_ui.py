@@ -126,6 +126,9 @@ def test_training_settings_are_the_clis(studio, photos):
         with pytest.raises(BadInputError) as ui:
             studio.train(photos["tri"], "<new>", "triangle", settings=text)
         assert str(ui.value) == str(cli.value)
+    for server_path in ("masks=/etc", "segmenter=/tmp", "segmenter=../x", 'class_images=["/home"]'):  # nothing on the server is named
+        with pytest.raises(BadInputError, match="the page takes no folder on the server"):
+            studio.train(photos["tri"], "<new>", "triangle", settings=server_path)
     with pytest.raises(BadInputError, match=r"^--set 'steps' must look like KEY=VALUE"):
         studio.train(photos["tri"], "<new>", "triangle", settings="steps")
     with pytest.raises(BadInputError, match="is not a valid token"):
