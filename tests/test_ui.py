@@ -242,6 +242,24 @@ def test_compare_grid_with_toy_world_scores(studio):
 
     assert Image.open(out["grid"]).size == (2 * 128, 2 * (128 + 14))
     assert json.loads((out["folder"] / "scores.json").read_text())["rows"] == rows
+    # CLIP-T / CLIP-I through the evaluators' own metrics, on an encoder that records what it is given (the
+    # metrics' math is tested in tests/test_evaluation.py): the prompt without the token, the concept's own photos
+    seen = {"texts": [], "images": 0}
+
+    class Encoder:
+        def encode_texts(self, texts):
+            seen["texts"] += list(texts)
+            return np.array([[1.0, 0.0, 0.0] for _ in texts])
+
+        def encode_images(self, images):
+            images = list(images)
+            seen["images"] += len(images)
+            return np.array([[0.6, 0.8, 0.0] for _ in images])
+
+    studio._clip = Encoder()
+    out = studio.compare(["tri", "sq"], "a {} on the left", seed=1, steps=2, clip=True)
+    assert [(r["clip_text"], r["clip_image"]) for r in out["rows"]] == [(pytest.approx(2.5 * 0.6), pytest.approx(1.0))] * 2
+    assert set(seen["texts"]) == {"a on the left"} and seen["images"] == 2 * (1 + 1 + 5)  # CLIP-T 1, CLIP-I 1 + 5 photos
     with pytest.raises(BadInputError, match=r"needs \{\} where each concept's token goes"):
         studio.compare(["tri"], "a photo")
     with pytest.raises(BadInputError, match="^unknown toy-world concept 'nope'; known: "):
@@ -264,6 +282,10 @@ def test_ui_help_and_usage_errors(tmp_path):
     not_a_folder.write_text("x")
     code, _, err = run(["ui", "--folder", str(not_a_folder)])
     assert (code, err.strip()) == (2, f"error: --folder '{not_a_folder}' is a file; pass a folder for the output")
+    code, _, err = run(["ui", "--folder", str(tmp_path / "app"), "--clip-weights", str(tmp_path / "none.safetensors")])
+    assert (code, err.count("\n"), "--clip-weights" in err) == (2, 1, True)
+    code, _, err = run(["ui", "--folder", str(tmp_path / "app"), "--device", "cuda:7"])
+    assert (code, err.count("\n"), "cuda:7" in err) == (2, 1, True)
 
 
 @pytest.mark.parametrize("method", ["perfusion", "residuals", "textual-inversion", "dreambooth", "dreambooth-lora",

@@ -15,6 +15,7 @@ def ui(
     port: int = typer.Option(7860, "--port", min=1, max=65535, help="Port to serve on (gradio's default, 7860)."),
     base: str = typer.Option("toy", "--base", help=BASE_HELP + " \\[default: toy, the toy world's small model shipped in the package: works offline on a CPU]."),
     folder: Optional[Path] = typer.Option(None, "--folder", help="The app's folder: uploaded photos (runs/), concept files (concepts/), the gallery and compare grids; nothing is written outside it \\[default: $XDG_DATA_HOME/personalize/ui, i.e. ~/.local/share/personalize/ui]."),
+    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local OpenAI CLIP ViT-B/32 weights (open_clip state dict, .safetensors) for the Compare tab's CLIP-T / CLIP-I scores \\[default: open_clip's 'openai' weights from the hub, fetched when first asked for]."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps; one job at a time runs on it (a queue) [default: cuda if available]."),
 ):
     """Start the web app: train from photos, compose concepts with knob sliders, compare them side by side.
@@ -36,7 +37,12 @@ def ui(
 
     folder = folder if folder is not None else default_folder()
     check_output(folder, folder=True, flag="--folder")
-    studio = Studio(folder, base=base, device=device)
+    if clip_weights is not None and not clip_weights.is_file():
+        from ..errors import BadInputError
+
+        raise BadInputError(f"--clip-weights '{clip_weights}' is not a file; pass an OpenAI CLIP ViT-B/32 state dict "
+                            "(.safetensors)")
+    studio = Studio(folder, base=base, device=device, clip_weights=clip_weights)
     demo, _ = launch(studio, host=host, port=port, block=False)
     say("serving the web app at [bold]http://{}:{}[/bold] (folder {}); Ctrl-C stops it", host, port, folder)
     try:

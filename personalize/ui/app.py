@@ -281,20 +281,23 @@ def build(studio: Studio):
                 cmp_toy = gr.Dropdown(["none", *toy_names], value="none", visible=studio.base == "toy",
                                       label="Score against the toy world's concept (ground truth)",
                                       elem_id="compare-toy")
+                cmp_clip = gr.Checkbox(False, label="CLIP-T / CLIP-I scores (CLIP ViT-B/32: --clip-weights, else the hub's)",
+                                       elem_id="compare-clip")
             cmp_btn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
             cmp_msg = gr.HTML(elem_id="compare-msg")
             cmp_grid = gr.Image(label="Grid", type="filepath", elem_id="compare-grid", elem_classes=["pixelated"])
-            cmp_table = gr.Dataframe(headers=["concept", "knob", "value", "alignment", "fidelity"],
+            cmp_table = gr.Dataframe(headers=["concept", "knob", "value", "alignment", "fidelity", "clip_text",
+                                              "clip_image"],
                                      elem_id="compare-scores")
 
-            def on_compare(chosen, template, sd, knob, vals, toy):
+            def on_compare(chosen, template, sd, knob, vals, toy, clip):
                 try:
                     out = studio.compare(chosen or [], template, sd, None if knob == "none" else knob, vals,
-                                         None if toy == "none" else toy)
+                                         None if toy == "none" else toy, clip=bool(clip))
                 except PersonalizeError as exc:
                     return gr.skip(), gr.skip(), _message(str(exc), True)
                 rows = [[r["concept"], r["knob"] or "", "" if r["value"] is None else r["value"],
-                         r["alignment"], r["fidelity"]] for r in out["rows"]]
+                         r["alignment"], r["fidelity"], r.get("clip_text"), r.get("clip_image")] for r in out["rows"]]
                 return str(out["grid"]), rows, _message(f"{len(rows)} image(s) in {out['folder']}")
 
             with gr.Accordion("Benchmark reports in the app folder (reports/NAME/index.html)", open=False):
@@ -309,7 +312,7 @@ def build(studio: Studio):
                                         f"{html.escape(p.parent.name)}</a></li>" for p in found) + "</ul>"
 
             demo.load(on_reports, None, reports)
-            cmp_btn.click(on_compare, [cmp_names, cmp_prompt, cmp_seed, cmp_knob, cmp_values, cmp_toy],
+            cmp_btn.click(on_compare, [cmp_names, cmp_prompt, cmp_seed, cmp_knob, cmp_values, cmp_toy, cmp_clip],
                           [cmp_grid, cmp_table, cmp_msg])
             refresh.click(lambda: gr.update(choices=names()), None, cmp_names)
             demo.load(lambda: gr.update(choices=names()), None, cmp_names)

@@ -124,7 +124,7 @@ class Studio:
     to it (kept attached while the selection stays, so a knob change is ``handle.set()``, not a re-attach)."""
 
     def __init__(self, folder: str | Path | None = None, base: str = "toy", device: str | None = None,
-                 limits: Limits = LIMITS):
+                 limits: Limits = LIMITS, clip_weights: str | Path | None = None):
         from ..devices import resolve_device
 
         self.folder = Path(folder) if folder is not None else default_folder()
@@ -137,6 +137,8 @@ class Studio:
         self._pipes: dict[str, Any] = {}
         self._attached: tuple[tuple, Any] | None = None  # (selection key, Attachment)
         self.attach_count = 0  # how many times concepts were attached (a knob change must not add one)
+        self.clip_weights = clip_weights  # the Compare tab's CLIP scores: a local file, else open_clip's hub weights
+        self._clip = None
 
     # -- folders --------------------------------------------------------------------------------------
     @property
@@ -387,11 +389,13 @@ class Studio:
     # -- compare --------------------------------------------------------------------------------------
     def compare(self, names: Sequence[str], template: str, seed: int = 0, knob: str | None = None,
                 values: str | Sequence = (), toy_concept: str | None = None, steps: int | None = None,
-                guidance: float | None = None) -> dict[str, Any]:
+                guidance: float | None = None, clip: bool = False) -> dict[str, Any]:
         """One image per (concept, knob value): ``template`` with ``{}`` filled by each concept's token, the same
         seed everywhere; scored by the toy world's ground truth when ``toy_concept`` names one of its concepts
-        (the toy base). Writes ``compare/STAMP/`` (the images, ``grid.png``, ``scores.json``) and returns
-        ``{"grid": path, "rows": [{concept, knob value, image, alignment, fidelity}]}``."""
+        (the toy base), and with ``clip`` by CLIP-T (the prompt without the token, :class:`ClipTextScore`) and
+        CLIP-I (against the concept's uploaded photos, :class:`ClipImageScore`), the evaluators' own metrics. Writes
+        ``compare/STAMP/`` (the images, ``grid.png``, ``scores.json``) and returns
+        ``{"grid": path, "rows": [{concept, knob value, image, alignment, fidelity, clip_text, clip_image}]}``."""
         from ..prompts import check_prompt_text
         from ..settings import check_options
 
@@ -435,6 +439,7 @@ class Studio:
             return cells
 
         cells = self.queue.run(work)
+        clip_scores = self.queue.run(lambda: self._clip_scores(cells)) if clip else {}
         folder.mkdir(parents=True)
         rows = []
         for i, (n, token, value, image, prompt) in enumerate(cells):
@@ -446,6 +451,7 @@ class Studio:
                 row["image"] = str(path)
                 if scorer is not None:
                     row.update(scorer(image, prompt, token))
+                row.update(clip_scores.get(i, {}))
             else:
                 row["note"] = prompt
             rows.append(row)
@@ -454,6 +460,34 @@ class Studio:
         save_json(folder / "scores.json", {"prompt": template, "seed": seed, "steps": steps, "guidance": guidance,
                                            "toy_concept": toy_concept, "rows": rows})
         return {"grid": grid, "rows": rows, "folder": folder}
+
+    def _clip_encoder(self):
+        if self._clip is None:
+            from ..evaluation import ClipEncoder
+
+            self._clip = ClipEncoder(weights=self.clip_weights, device=self.device)
+        return self._clip
+
+    def _clip_scores(self, cells: list) -> dict[int, dict[str, float | None]]:
+        """``{cell index: {"clip_text", "clip_image"}}``; CLIP-I is None for a concept without uploaded photos."""
+        from ..evaluation import ClipImageScore, ClipTextScore
+        from ..images import list_images
+
+        encoder = self._clip_encoder()
+        out = {}
+        for i, (name, token, _value, image, prompt) in enumerate(cells):
+            if image is None:
+                continue
+            text = ClipTextScore(encoder)
+            text.update([image], prompt, token)
+            photos = self.folder / "runs" / name / "photos"
+            image_score = None
+            if photos.is_dir():
+                metric = ClipImageScore(encoder)
+                metric.update(generated=[image], reference=list_images(photos))
+                image_score = metric.compute()
+            out[i] = {"clip_text": text.compute(), "clip_image": image_score}
+        return out
 
     def reports(self) -> list[Path]:
         """Benchmark reports in the app folder (``reports/NAME/index.html``, written by ``personalize benchmark``),
