@@ -33,7 +33,8 @@ SLOW_FIRST = (  # file names, slowest first: per-file totals of a parallel run's
     "test_baselines.py",
     "test_families.py", "test_toyworld_claims.py", "test_interop_families.py", "test_base.py", "test_bad_input.py",
     "test_benchmark.py", "test_best_step.py", "test_stock_loaders.py", "test_base_defaults.py",
-    "test_data_parallel.py", "test_bad_input_training.py", "test_dreambooth_families.py", "test_benchmark_cc101.py")
+    "test_data_parallel.py", "test_bad_input_training.py", "test_dreambooth_families.py", "test_benchmark_cc101.py",
+    "test_ui_browser.py")  # a browser, a server and a training run: started early rather than left for the end
 
 
 def _work_unit(item) -> str:

@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from ..errors import PersonalizeError
-from . import benchmark, concepts, evaluate, generate, toyworld, train
+from . import benchmark, concepts, evaluate, generate, toyworld, train, ui
 from .console import _error, err_console
 
 app = typer.Typer(
@@ -33,6 +33,7 @@ app.command()(concepts.covariance)
 app.command("methods")(concepts.list_methods)
 app.command()(toyworld.demo)
 app.command()(evaluate.evaluate)
+app.command()(ui.ui)
 app.add_typer(toyworld.app, name="toyworld")
 app.add_typer(benchmark.app, name="benchmark")
 
