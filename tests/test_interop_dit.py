@@ -114,6 +114,14 @@ def _assert_same(ours, theirs, base, changed=0.01):
     assert np.abs(ours - base).max() > changed, "the concept did not change the image"
 
 
+def _load_flux_token(stock, state):
+    """The advanced Flux script's model card: one stock ``load_textual_inversion`` call per encoder."""
+    stock.load_textual_inversion(state["clip_l"], token="<disc>", text_encoder=stock.text_encoder,
+                                 tokenizer=stock.tokenizer)
+    stock.load_textual_inversion(state["t5"], token="<disc>", text_encoder=stock.text_encoder_2,
+                                 tokenizer=stock.tokenizer_2)
+
+
 def _one_line_refusal(call, *words):
     with pytest.raises(BadInputError) as err:
         call()
@@ -308,10 +316,7 @@ def test_flux_textual_inversion_is_the_advanced_scripts_file_and_loads_in_stock_
 
     # the advanced Flux script's model card: one call per encoder
     stock = _stock(pipe, "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-    stock.load_textual_inversion(state["clip_l"], token="<disc>", text_encoder=stock.text_encoder,
-                                 tokenizer=stock.tokenizer)
-    stock.load_textual_inversion(state["t5"], token="<disc>", text_encoder=stock.text_encoder_2,
-                                 tokenizer=stock.tokenizer_2)
+    _load_flux_token(stock, state)
     _assert_same(_ours(pipe, concept, "<disc>"), _image(stock, "<disc>"), _base_image(pipe, "ball"))
     import json
 
@@ -357,10 +362,7 @@ def test_flux_lora_exports_load_with_the_advanced_scripts_token_file(concepts, m
     state = load_file(str(folder / TOKEN_FILE[method]))
     stock = _stock(pipe, "transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     stock.load_lora_weights(str(folder))
-    stock.load_textual_inversion(state["clip_l"], token="<disc>", text_encoder=stock.text_encoder,
-                                 tokenizer=stock.tokenizer)
-    stock.load_textual_inversion(state["t5"], token="<disc>", text_encoder=stock.text_encoder_2,
-                                 tokenizer=stock.tokenizer_2)
+    _load_flux_token(stock, state)
     _assert_same(_ours(pipe, concept, "<disc>"), _image(stock, "<disc>"), _base_image(pipe, "ball"))
     how = json.loads((folder / "export.json").read_text())["how_to_load"]
     assert how.startswith("pipe.load_lora_weights(DIR)") and "state['t5']" in how
