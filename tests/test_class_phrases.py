@@ -305,7 +305,7 @@ def test_residuals_train_with_the_phrase_after_v_star(tiny):
     method = methods.get("residuals").for_training(tiny, "<tok>", SAMPLE, methods.get("residuals").make_config())
     try:
         assert method.placeholder() == f"<tok> {SAMPLE}" and method.templates() == ("a photo of a {}",)
-        assert method.macro_ids == phrase_ids(tiny.tokenizer, SAMPLE)
+        assert method.macro_ids == {"tokenizer": phrase_ids(tiny.tokenizer, SAMPLE)}  # the context is CLIP's rows
     finally:
         method.remove()
 
