@@ -30,7 +30,7 @@ class DiffusionTransformer(Family):
 
     denoiser: ClassVar[str] = "transformer"
     edit_kinds = frozenset({"cross_attention", "kv", "attention", "text_attention", "transformer"})
-    refuses: ClassVar[dict[str, str]] = {"perfusion": PERFUSION_REASON}
+    refuses: ClassVar[dict[str, str]] = {}
     exports: ClassVar[dict[str, tuple[str, ...]]] = {
         **{name: () for name in ("custom-diffusion", "dreambooth", "residuals", "textual-inversion")},
         "dreambooth-lora": ("diffusers-lora",)}

@@ -74,6 +74,10 @@ class Family:
     prompt_tokenizer: ClassVar[str] = "tokenizer"
     #: the text encoders DreamBooth-LoRA's ``train_text_encoder`` puts LoRA on (the family's diffusers script's)
     lora_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
+    #: the (tokenizer, text encoder) pairs whose pooled output the denoiser reads beside the context (SDXL's
+    #: ``text_embeds``, SD3's two CLIPs, Flux's CLIP-L): Perfusion gives a row holding its token the superclass
+    #: prompt's pooled vector there (``edits/pooled.py``)
+    pooled_encoders: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     # -- recognition and building ------------------------------------------------------------------------------
     def matches(self, pipe) -> bool:
@@ -126,6 +130,11 @@ class Family:
 
     def encode_ids(self, pipe, ids: list[torch.Tensor]) -> Encoding:
         raise NotImplementedError
+
+    def context_segments(self, pipe) -> list[tuple[str, int]]:
+        """The context's rows by the tokenizer whose ids they are aligned with: ``(tokenizer name, rows)`` in
+        order (``Encoding.ids``); one segment on SD (CLIP's 77; SDXL's two tokenizers share the ids)."""
+        return [("tokenizer", self.max_length(pipe, "tokenizer"))]
 
     # -- the objective -----------------------------------------------------------------------------------------
     def noise_schedule(self, pipe):
