@@ -127,15 +127,14 @@ def reference_steps(pipe) -> list[int]:
 
 
 @torch.no_grad()
-def site_inputs(pipe, ids: list[torch.Tensor], sites: list[str], step: int, seed: int) -> dict[str, torch.Tensor]:
-    """The input of each of ``sites`` (module names in the denoiser) when the *base* denoiser reads the prompts
-    ``ids`` (one tensor per text encoder) at a reference state: latents ``x_0 = 0`` (the normalised latents'
-    mean) noised at step index ``step`` with Gaussian noise from ``seed``, at :data:`REFERENCE_SIDE`. Every
-    attached edit is set aside (``edits/site_inputs.bare``); the call stops after the last site."""
+def site_inputs(pipe, encoding, sites: list[str], step: int, seed: int) -> dict[str, torch.Tensor]:
+    """The input of each of ``sites`` (module names in the denoiser) when the *base* denoiser reads the encoded
+    prompts ``encoding`` (``text_stack.encode_ids``) at a reference state: latents ``x_0 = 0`` (the normalised
+    latents' mean) noised at step index ``step`` with Gaussian noise from ``seed``, at :data:`REFERENCE_SIDE`.
+    Every attached edit is set aside (``edits/site_inputs.bare``); the call stops after the last site."""
     from .edits.site_inputs import bare, captured
 
     family, den = families.of(pipe), families.denoiser(pipe)
-    encoding = text_stack.encode_ids(pipe, ids)
     batch = encoding.context.shape[0]
     side = min(REFERENCE_SIDE, family.native_resolution(pipe) // int(pipe.vae_scale_factor)) // 2 * 2
     noise = torch.randn(batch, int(pipe.vae.config.latent_channels), side, side,
@@ -162,7 +161,7 @@ def segment_masks(pipe, prompts: Sequence[str], device=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compute_site_covariance(pipe, captions: Sequence[str], batch_size: int = 64,
+def compute_site_covariance(pipe, captions: Sequence[str], batch_size: int = 16,
                             on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
     """(blocks, d, d): E[x x^T] of each joint block's ``add_k_proj`` input over the captions' non-padding text
     rows at the reference states (caption batch k at ``reference_steps()[k % 4]``, noise seed k), float64. The
@@ -183,7 +182,7 @@ def compute_site_covariance(pipe, captions: Sequence[str], batch_size: int = 64,
             break
         batch = list(captions[start: start + batch_size])
         ids = text_stack.tokenize(pipe, batch, den.device)
-        seen = site_inputs(pipe, ids, sites, steps[k % len(steps)], seed=k)
+        seen = site_inputs(pipe, text_stack.encode_ids(pipe, ids), sites, steps[k % len(steps)], seed=k)
         mask = segment_masks(pipe, batch, den.device)
         vectors = torch.stack([seen[s][mask].double() for s in sites])  # (blocks, N, d)
         outer = vectors.mT @ vectors
@@ -201,7 +200,7 @@ def compute_covariance(
     """E[e e^T] over every non-padding position (BOS..EOS) of every caption, float64 (a diffusion transformer:
     per joint block, :func:`compute_site_covariance`)."""
     if families.of(pipe).denoiser == "transformer":
-        return compute_site_covariance(pipe, captions, batch_size, on_batch)
+        return compute_site_covariance(pipe, captions, on_batch=on_batch)
     device = pipe.text_encoder.device
     total, count = None, 0
     for start in range(0, len(captions), batch_size):

@@ -60,8 +60,8 @@ def test_proj_out_sites_are_each_blocks_attention_output(pipe):
 @pytest.mark.parametrize("spec", DIT)
 def test_supported_methods_follow_the_family(spec):
     family = families.by_tiny(spec)
-    assert methods.names_for(family) == ["custom-diffusion", "dreambooth", "dreambooth-lora", "textual-inversion"]
-    assert "key lock" in methods.refusal("perfusion", family)
+    assert methods.names_for(family) == ["custom-diffusion", "dreambooth", "dreambooth-lora", "perfusion",
+                                         "textual-inversion"]
     assert "proj_out" in methods.refusal("residuals", family)
     for sd in ("sd1", "sd2", "sdxl"):
         assert methods.names_for(families.get(sd)) == methods.names()
@@ -80,8 +80,8 @@ def test_declared_families_read_without_loading(tmp_path):
 
 
 def test_train_refuses_a_method_the_family_lacks_before_masks_or_weights(tmp_path, capsys):
-    """Perfusion on SD3 with the default ``--masks auto``: the family's refusal comes before the segmenter is
-    looked for (offline, it would be the error) and before anything is written."""
+    """Residuals on SD3 with ``--masks auto``: the family's refusal comes before the segmenter is looked for
+    (offline, it would be the error) and before anything is written."""
     from conftest import make_photos
 
     from personalize.cli import main
@@ -90,10 +90,10 @@ def test_train_refuses_a_method_the_family_lacks_before_masks_or_weights(tmp_pat
     out = tmp_path / "p.safetensors"
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--base", "tiny-sd3", "--images", str(photos), "--token", "<e>", "--superclass", "ball",
-              "--method", "perfusion", "--out", str(out)])
+              "--method", "residuals", "--masks", "auto", "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "\n" not in err and "Traceback" not in err
-    assert "perfusion does not work on SD3 bases" in err and "segmenter" not in err
+    assert "residuals does not work on SD3 bases" in err and "segmenter" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 
 

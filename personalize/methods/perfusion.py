@@ -137,7 +137,8 @@ class PerfusionGroup(SiteGroup):
                 C_inv = (self.C_inv if layer is None else self.C_inv[self.layers.index(layer)]).to(i_stars.device)
                 self._factors[where] = (C_inv, torch.linalg.cholesky(C_inv).mT)
             C_inv, upper = self._factors[where]
-            cached = self._cache[layer] = (key, Rank1Projection.from_targets(i_stars, C_inv, upper).to(dtype, device))
+            projection = Rank1Projection.from_targets(i_stars, C_inv, upper, dual=self.per_site)
+            cached = self._cache[layer] = (key, projection.to(dtype, device))
         return cached[1]
 
     def gate(self, dtype, device) -> Gate | None:
@@ -292,6 +293,21 @@ class Perfusion(PerfusionCard, Method):
                                 f"{', '.join(sorted(corpora))}; re-train them against one caption corpus")
 
     @classmethod
+    def from_concept(cls, pipe, concept, **knobs) -> "Perfusion":
+        """``lock=global`` on a diffusion transformer is refused here, before anything is built."""
+        from ..knobs import parse
+
+        if parse(cls, knobs).get("lock") == "global":
+            cls._refuse_global(pipe)
+        return super().from_concept(pipe, concept, **knobs)
+
+    @staticmethod
+    def _refuse_global(pipe) -> None:
+        family = families.of(pipe)
+        if family.denoiser == "transformer":
+            raise BadInputError(f"lock=global does not work on {family.label}: {DIT_GLOBAL_LOCK}; use lock=local")
+
+    @classmethod
     def rebuild(cls, pipe, concept) -> "Perfusion":
         cls.check_base(pipe)
         corpus = concept.header.get("covariance", "builtin")
@@ -307,10 +323,12 @@ class Perfusion(PerfusionCard, Method):
     def knobs_changed(self, old) -> None:
         """beta, tau, gate and lock, also while attached (the group rebuilds its gate and key lock)."""
         k, defaults, config = self.knob_values, self.concept_defaults, self.config
-        if k.lock == "global" and self.per_site:
-            self.knob_values = old
-            raise BadInputError(f"lock=global does not work on {families.of(self.pipe).label}: {DIT_GLOBAL_LOCK}; "
-                                "use lock=local")
+        if k.lock == "global":
+            try:
+                self._refuse_global(self.pipe)
+            except BadInputError:
+                self.knob_values = old
+                raise
         self.global_lock = k.lock == "global"
         default_beta = defaults.get("beta_global", config.beta_global) if self.global_lock else defaults.get("beta", config.beta)
         self.beta = None if not k.gate else (default_beta if k.beta is None else k.beta)
@@ -567,8 +585,9 @@ def superclass_site_inputs(pipe, superclass: str, layers: list[str]) -> dict[str
     sites = [f"{layer}.add_k_proj" for layer in layers]
     total = None
     steps = reference_steps(pipe)
+    encoding = text_stack.encode_ids(pipe, ids)
     for k, step in enumerate(steps):
-        seen = site_inputs(pipe, ids, sites, step, seed=k)
+        seen = site_inputs(pipe, encoding, sites, step, seed=k)
         rows = torch.arange(len(prompts))
         picked = {s: torch.stack([seen[s][rows, w.to(seen[s].device)].double().mean(0) for w in where]) for s in sites}
         total = picked if total is None else {s: total[s] + picked[s] for s in sites}
