@@ -1,4 +1,7 @@
-"""SDXL's pooled text vector with every Perfusion concept read as its superclass (training and inference).
+"""The pooled text vector(s) with every Perfusion concept read as its superclass (training and inference): SDXL's
+``text_embeds``, SD3's two CLIP ``text_embeds``, Flux's CLIP-L ``pooler_output`` (``Family.pooled_encoders``; one
+hook per encoder). Told here for SDXL; on SD3 and Flux the pooled vector enters the transformer's timestep
+embedding, i.e. the modulation of every block, just as ungated.
 
 Beside the cross-attention context, SDXL's UNet reads the second text encoder's pooled, projected output
 (``added_cond_kwargs["text_embeds"]``, ``text_stack.py``). It is taken at the end token, which in a causal

@@ -5,10 +5,13 @@ Site kinds (``edits/placement.py``): the joint attentions (``cross_attention``),
 projections ``add_k_proj`` / ``add_v_proj`` (``kv``: Custom Diffusion's counterpart of cross-attention K/V), the
 modules of the family's diffusers DreamBooth-LoRA script (``attention``), the text encoders' attention
 (``text_attention``) and the blocks (``transformer``). Not yet: ``proj_out`` (Personalized Residuals: the blocks'
-attention output projections are found, but the residual sites and LAG from the joint attention are not built),
-and Perfusion is refused by name (``refuses``): its key lock needs text keys that depend on the prompt alone.
+attention output projections are found, but the residual sites and LAG from the joint attention are not built).
+Perfusion edits the ``kv`` sites with i*, C and the superclass key taken per joint block (its text keys depend on
+the image stream through the blocks before it, so the lock is exact at each block's i*, not for every image and
+timestep: docs/PERFUSION_DIT.md); its global key lock is refused (``methods/perfusion.py``).
 
-Export formats (``exports``; ``export_refusals`` says why a method keeps none, ``personalize export`` shows it):
+Export formats (``exports``; ``export_refusals`` says why a method keeps none, ``personalize export`` shows it;
+Perfusion has no export format on any family, no stock loader applies a gated edit):
 DreamBooth-LoRA's ``diffusers-lora`` (``transformer.*`` / ``text_encoder.*`` keys, what diffusers' own
 ``train_dreambooth_lora_flux.py`` / ``_sd3.py`` save and ``FluxPipeline`` / ``StableDiffusion3Pipeline
 .load_lora_weights`` read). Flux adds Textual Inversion and DreamBooth-LoRA's ``kohya`` file in kohya sd-scripts'
@@ -20,9 +23,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 from .family import Family
-
-PERFUSION_REASON = ("Perfusion's key lock needs text keys that depend on the prompt alone, and a joint-attention "
-                    "block's text keys also depend on the image through the blocks before it")
 
 
 class DiffusionTransformer(Family):

@@ -34,7 +34,20 @@ classes get exactly the single-word rules; the gate's i*/o* math is unchanged.
 
 SDXL: the pooled text vector (``text_embeds``) conditions the whole UNet outside the K/V sites, so no gate or
 key lock covers it; a row with a Perfusion token gets the superclass prompt's pooled vector, in training and
-inference (``edits/pooled.py``, held by the group).
+inference (``edits/pooled.py``, held by the group; SD3's two CLIP pooled vectors and Flux's CLIP-L one alike,
+``Family.pooled_encoders``).
+
+Diffusion transformers (SD3, Flux.1; the derivation and every departure in docs/PERFUSION_DIT.md): the sites are
+each joint attention's text-stream ``add_k_proj`` / ``add_v_proj``, whose input x_l (the block's normed,
+timestep-modulated text hidden state) depends on the image stream after the first block. Everything the SD edit
+shares across layers is then per joint block l, and per context segment s (Flux: T5's rows; SD3: CLIP's, then
+T5's, each with the concept token's own id): C_l (``covariance.compute_site_covariance``, stacked), i*_{l,s} (an
+EMA of x_l at the token's first row of segment s, read by the sites during the training forward,
+:meth:`Perfusion.observe`), e_super_{l,s} (the base's x_l at the superclass over the neutral templates at fixed
+reference states, :func:`superclass_site_inputs`), o*_K = W_K e_super (stored: it costs transformer passes) and
+o*_V. The gate reads the dual coordinates of x on the targets (``Rank1Projection.from_targets(dual=True)``), so
+each target maps exactly to its o* (the paper's s_j for one target). Flux's single-stream blocks are not edited;
+``lock=global`` is refused.
 """
 from __future__ import annotations
 
