@@ -1,6 +1,6 @@
 """Perfusion on the diffusion transformers, measured on the tiny bases (docs/PERFUSION_DIT.md).
 
-    python benchmarks/perfusion_dit.py [--bases tiny-flux,tiny-sd3] [--steps 40]
+    python benchmarks/perfusion_dit.py [--bases tiny-flux,tiny-sd3,tiny] [--steps 40]
 
 Trains a Perfusion concept (synthetic disc photos, ``masks=none``) on each base, attaches it with its inference
 defaults (local lock, beta 0.7, tau 0.15), and for each joint block l and each of the four reference step indices
@@ -24,7 +24,8 @@ with the same noise: the image the text stream attends to). Prints one JSON line
 - per block once: ``segment_cosine`` (SD3: the C^-1-cosine between a block's CLIP-row and T5-row targets, the reason
   for the dual coordinates).
 
-CPU, a minute or two per base; the numbers in docs/PERFUSION_DIT.md come from the defaults.
+``tiny`` (SD 1.x) gives the same lock error where the encoder output is the projections' input, for comparison
+(``measure_sd``). CPU, a minute or two per base; the numbers in docs/PERFUSION_DIT.md come from the defaults.
 """
 from __future__ import annotations
 
@@ -183,14 +184,53 @@ def measure(spec: str, steps: int, out: Path) -> list[dict]:
     return records
 
 
+def measure_sd(spec: str, steps: int, out: Path) -> list[dict]:
+    """The same lock error on an SD base (``tiny``) for comparison: there every cross-attention reads the
+    encoder output, which depends on the prompt only, so the error comes from the prompts alone (the concept row's
+    encoding against i*, each template's superclass encoding against their mean e_super)."""
+    from personalize import attach, load_base, load_concept, text_stack, train
+    from personalize.edits.placement import cross_attention_layers
+    from personalize.templates import NEUTRAL_TEMPLATES, fill, phrase_last_position
+
+    base = load_base(spec)
+    path = train(copy.deepcopy(base), photos(out / "photos"), token="<disc>", superclass="ball",
+                 out=out / f"{spec}.safetensors", method="perfusion",
+                 settings={"steps": steps, "batch_size": 2, "checkpoint_every": 0, "masks": "none"}, progress=False)
+    prompts = [fill(t, "<disc>") for t in NEUTRAL_TEMPLATES]
+    supers = [fill(t, "ball") for t in NEUTRAL_TEMPLATES]
+    rows = torch.tensor([phrase_last_position(base.tokenizer, t, "ball") for t in NEUTRAL_TEMPLATES])
+    n = len(prompts)
+    records = []
+    with torch.no_grad(), attach(base, load_concept(path)) as handle:
+        xs = text_stack.encode(base, supers).context[torch.arange(n), rows].double()
+        method = handle.methods[0]
+        xc = text_stack.encode(base, prompts).context[torch.arange(n), rows].double()
+        C_inv = method.C_inv.double()
+        for name, attn in cross_attention_layers(base.unet):
+            key = attn.to_k
+            k_base = key.base_layer(xs.float()).double()
+            k_edit = key(xc.float()).double()
+            handle.set(gate=False)
+            k_open = key(xc.float()).double()
+            handle.set(gate=None)
+            err = lambda k: ((k - k_base).norm(dim=-1) / k_base.norm(dim=-1)).mean().item()  # noqa: E731
+            records.append(dict(base=spec, block=name, lock_error=round(err(k_edit), 4),
+                                lock_error_ungated=round(err(k_open), 4)))
+        mean = xs.mean(0)
+        spread = (c_norm(xs - mean, C_inv) / c_norm(mean, C_inv)).mean().item()
+        records.append(dict(base=spec, template_spread=round(spread, 4)))
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bases", default="tiny-flux,tiny-sd3")
+    parser.add_argument("--bases", default="tiny-flux,tiny-sd3,tiny")
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.bases.split(","):
-            for record in measure(spec, args.steps, Path(tmp) / spec):
+            run = measure_sd if spec in ("tiny", "tiny-sd2", "tiny-sdxl") else measure
+            for record in run(spec, args.steps, Path(tmp) / spec):
                 print(json.dumps(record), flush=True)
 
 
