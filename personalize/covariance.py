@@ -179,6 +179,8 @@ def compute_site_covariance(pipe, captions: Sequence[str], batch_size: int = 16,
     total, count = None, 0
     for k, start in enumerate(range(0, len(captions), batch_size)):
         if count >= needed:
+            if on_batch is not None:  # the rest of the corpus is not needed: the progress is complete
+                on_batch(len(captions) - start)
             break
         batch = list(captions[start: start + batch_size])
         ids = text_stack.tokenize(pipe, batch, den.device)

@@ -167,7 +167,6 @@ def test_an_identity_concept_with_the_gate_off_gives_the_base_output(run):
     pool at the token's row, its highest id)."""
     pipe, concept = run["base"], load_concept(run["path"])
     base = denoise(pipe, PROMPT.replace("<disc>", "ball"))
-    assert not torch.equal(base, denoise(pipe, PROMPT.replace("<disc>", "cup")))
     tensors = dict(concept.tensors, embedding=word_vector(pipe, "ball").view(1, -1).float())
     for name, attn in sites(pipe):
         e = run["e_super"][name]

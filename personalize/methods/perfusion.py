@@ -601,7 +601,8 @@ def superclass_site_inputs(pipe, superclass: str, layers: list[str]) -> dict[str
     encoding = text_stack.encode_ids(pipe, ids)
     for k, step in enumerate(steps):
         seen = site_inputs(pipe, encoding, sites, step, seed=k)
-        rows = torch.arange(len(prompts))
-        picked = {s: torch.stack([seen[s][rows, w.to(seen[s].device)].double().mean(0) for w in where]) for s in sites}
+        rows = torch.arange(len(prompts), device=seen[sites[0]].device)
+        picked = {s: torch.stack([seen[s][rows, w.to(rows.device)].double().mean(0) for w in where]).cpu()
+                  for s in sites}
         total = picked if total is None else {s: total[s] + picked[s] for s in sites}
     return {layer: (total[site] / len(steps)).float() for layer, site in zip(layers, sites)}
