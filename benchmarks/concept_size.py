@@ -20,9 +20,9 @@ tensors named and shaped as the method saves them, found by the methods' own sit
 CLIP-L + CLIP-G + T5: 6,144), DreamBooth-LoRA rank 4 on the family's ``lora_targets`` (diffusers'
 ``train_dreambooth_lora_flux.py`` / ``_sd3.py``), Custom Diffusion dW of every joint attention's ``add_k_proj`` /
 ``add_v_proj`` + the token, Perfusion per joint block i*, o*_V and o*_K with one row per context segment (Flux:
-T5's; SD3: CLIP's and T5's; docs/PERFUSION_DIT.md) + the token, DreamBooth a header (its "pipeline_bytes": the fp32 state dicts of the folder it writes;
-"trainable": the whole transformer). Personalized Residuals (refused on these families for now) gets a row of
-trainable counts only: rank round(0.05 x width) LoRA on each block's attention output projection
+T5's; SD3: CLIP's and T5's; docs/PERFUSION_DIT.md) + the token, DreamBooth a header (its "pipeline_bytes": the fp32
+state dicts of the folder it writes; "trainable": the whole transformer). Personalized Residuals: its LoRA tensors
+and V*, and the trainable counts: rank round(0.05 x width) LoRA on each block's attention output projection
 (``site_names(transformer, "proj_out")``), "trainable_joint" on the joint blocks' ``attn.to_out.0`` alone,
 "trainable" with Flux's single blocks' ``proj_out`` too, and "sites" the module patterns used.
 """
@@ -76,16 +76,16 @@ def _row(method: str, label: str, base: str, config: dict, shapes: dict[str, tup
     return row if exact else {**row, "exact": False}
 
 
-def residual_shapes(unet, text: int, rank_fraction: float = 0.05) -> dict[str, tuple]:
+def residual_shapes(unet, text: int, rank_fraction: float = 0.05, prefix: str = "unet.") -> dict[str, tuple]:
     """The tensors of a Residuals concept: its peft LoRA bank's state dict (built on ``unet``, meta is fine) and V*."""
     from peft import get_peft_model_state_dict
 
-    from personalize.edits.lora_bank import ADAPTER, PREFIX, LoraBank
+    from personalize.edits.lora_bank import ADAPTER, LoraBank
     from personalize.methods.residuals import layer_ranks
 
     bank = LoraBank(unet, layer_ranks(unet, rank_fraction))
     lora = get_peft_model_state_dict(bank.root, adapter_name=ADAPTER)
-    return {"embedding": (1, text), **{PREFIX + k: tuple(v.shape) for k, v in lora.items()}}
+    return {"embedding": (1, text), **{prefix + k: tuple(v.shape) for k, v in lora.items()}}
 
 
 def perfusion_rows(unet, base: str, text: int) -> list[dict]:
@@ -146,6 +146,8 @@ def dit_concept_shapes(pipe, method: str, rank: int = 4, concepts: int = 1) -> d
             shapes[f"{part}.{name}.lora_A.weight"] = (rank, layer.in_features)
             shapes[f"{part}.{name}.lora_B.weight"] = (layer.out_features, rank)
         return shapes
+    if method == "residuals":
+        return residual_shapes(denoiser, text, prefix=f"{part}.")
     if method == "custom-diffusion":
         return {"embedding": (concepts, text), **{f"delta.{name}": tuple(denoiser.get_submodule(name).weight.shape)
                                                   for name in site_names(denoiser, "kv")}}
@@ -158,7 +160,7 @@ def dit_concept_shapes(pipe, method: str, rank: int = 4, concepts: int = 1) -> d
     raise ValueError(f"no concept shapes for {method!r} on a diffusion transformer")
 
 
-def residual_row(transformer, base: str) -> dict:
+def residual_counts(transformer) -> dict:
     """Personalized Residuals on a diffusion transformer: the trainable count of rank round(0.05 x width) LoRA pairs
     (A: r x in, B: out x r) on each block's attention output projection (``Residuals.layer_ranks``: the sites
     ``site_names(transformer, "proj_out")``, ``attn.to_out.0`` of a joint block, ``proj_out`` of a Flux single block;
@@ -176,19 +178,18 @@ def residual_row(transformer, base: str) -> dict:
                                 {"blocks": 0, "shape": [layer.out_features, layer.in_features], "rank": r})
         site["blocks"] += 1
     counts = {name: r * sum(transformer.get_submodule(name).weight.shape) for name, r in ranks.items()}
-    return {"method": "residuals (rank 0.05 x width; trainable only)", "base": base,
-            "trainable_joint": sum(n for k, n in counts.items() if k.startswith("transformer_blocks.")),
+    return {"trainable_joint": sum(n for k, n in counts.items() if k.startswith("transformer_blocks.")),
             "trainable": sum(counts.values()), "sites": sites}
 
 
 def dit_rows(pipe, base: str) -> list[dict]:
-    """A row per method that works on the pipeline's family, and the Residuals counts."""
+    """A row per method that works on the pipeline's family; the Residuals row with its trainable counts."""
     from personalize import families
     from personalize.methods import get, names_for
 
     family = families.of(pipe)
     denoiser = family.denoiser_of(pipe)
-    labels = {"textual-inversion": "textual-inversion (1 vector)",
+    labels = {"textual-inversion": "textual-inversion (1 vector)", "residuals": "residuals (rank 0.05 x width)",
               "dreambooth-lora": f"dreambooth-lora (rank 4, {family.denoiser})",
               "custom-diffusion": "custom-diffusion (1 concept)",
               "dreambooth": "dreambooth (header; weights in OUT.pipeline/)",
@@ -199,6 +200,8 @@ def dit_rows(pipe, base: str) -> list[dict]:
         rows.append(_row(name, labels[name], base, config, dit_concept_shapes(pipe, name)))
         if name == "dreambooth-lora":
             rows[-1]["modules"] = rows[-1]["tensors"] // 2
+        if name == "residuals":
+            rows[-1].update(residual_counts(denoiser))
         if name == "custom-diffusion":
             two = dit_concept_shapes(pipe, name, concepts=2)
             rows.append(_row(name, "custom-diffusion (2 concepts)", base, config, two))
@@ -208,7 +211,7 @@ def dit_rows(pipe, base: str) -> list[dict]:
             # what save_pretrained writes: each part's state dict, tied tensors once (T5's shared embedding)
             tensors = {id(t): t for part in parts for t in part.state_dict(keep_vars=True).values()}
             rows[-1]["pipeline_bytes"] = sum(t.element_size() * t.numel() for t in tensors.values())
-    return rows + [residual_row(denoiser, base)]
+    return rows
 
 
 def measure(bases: tuple[str, ...] = BASES) -> list[dict]:

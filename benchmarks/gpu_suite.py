@@ -3,6 +3,7 @@
     python benchmarks/gpu_suite.py [--out DIR] [--parts train,sample,eval,scripts] [--anchors DIR]
     python benchmarks/gpu_suite.py --dry-run       # the same code on the CPU with `tiny`, in seconds
     python benchmarks/gpu_suite.py --base sdxl     # SD 2.1 / SDXL base 1.0 shapes at 768 / 1024 px (sd21, sdxl)
+    python benchmarks/gpu_suite.py --base flux     # Flux.1-dev / SD3.5-medium shapes at 512 px (flux, sd3)
 
 Writes one JSON line per measurement to stdout and to ``OUT/gpu_suite.jsonl``:
 
@@ -21,7 +22,17 @@ Writes one JSON line per measurement to stdout and to ``OUT/gpu_suite.jsonl``:
   preprocessed tensors in memory and from PNG files decoded by worker processes.
 - ``scripts``: the diffusers example scripts (``--anchors``, the
   ``perf-anchors`` folder), unmodified, on the same pipeline saved to disk, the
-  same batch and precision, and the ratio of their median step to ours.
+  same batch and precision, and the ratio of their median step to ours. On
+  ``--base flux|sd3`` the script is diffusers' ``train_dreambooth_lora_flux.py`` /
+  ``_sd3.py`` against DreamBooth-LoRA, looked for in ``--anchors``'
+  ``diffusers-examples/`` (copy it there unmodified; the suite says so where it
+  is missing), run with the same step timer (``sitecustomize.py``).
+
+On a diffusion transformer a method the family refuses (Perfusion) gets a
+``skipped`` row; sampling uses the family's stock scheduler (flow matching, 28
+steps as the stock pipelines' default) with Flux.1-dev's guidance embedding at
+3.5 (one pass per step) or SD3's CFG at 7.0, and DreamBooth-LoRA stands in for
+Perfusion as the attached concept.
 
 ``--budget-s`` (default 420) skips what would start after that many seconds, so
 a run on a lent machine always ends inside its limit with what it measured.
@@ -50,12 +61,15 @@ PAPER_STEPS, PAPER_BATCH = 210, 16  # Perfusion paper: 210 steps on average at b
 # the diffusers example script timed against each method, and its prompt words
 SCRIPTS = {"dreambooth": "dreambooth", "dreambooth-lora": "dreambooth_lora",
            "textual-inversion": "textual_inversion", "custom-diffusion": "custom_diffusion"}
+# on the diffusion transformers: the family's DreamBooth-LoRA script, against our DreamBooth-LoRA
+DIT_SCRIPTS = {"flux": "train_dreambooth_lora_flux.py", "sd3": "train_dreambooth_lora_sd3.py"}
+DIT = ("flux", "sd3")
 
 
 class Suite:
     def __init__(self, out: Path, dry_run: bool, budget_s: float, compile_unet: bool = False, base: str = "sd15"):
         self.out, self.dry, self.compile, self.base = out, dry_run, compile_unet, base
-        self.res = 32 if dry_run else {"sd15": 512, "sd21": 768, "sdxl": 1024}[base]
+        self.res = 32 if dry_run else {"sd15": 512, "sd21": 768, "sdxl": 1024, "flux": 512, "sd3": 512}[base]
         self.device = "cpu" if dry_run or not torch.cuda.is_available() else "cuda"
         self.began, self.budget = time.perf_counter(), budget_s
         out.mkdir(parents=True, exist_ok=True)
@@ -118,15 +132,20 @@ class Suite:
 
     # -- training
     def train(self, methods: list[str], steps: int) -> dict[str, dict]:
-        from personalize import train
-        from personalize.methods import get
+        from personalize import families, train
+        from personalize.methods import get, refusal
         from personalize.prior import PriorConfig
         from personalize.training import TrainConfig
 
         rows = {}
+        family = families.get(self.base) if self.base in DIT else None  # the family names are the base names
         for method in methods:
             if not self.in_budget(f"train {method}"):
                 break
+            reason = refusal(method, family) if family is not None else None
+            if reason:
+                self.emit(bench="skipped", what=f"train {method}", reason=reason)
+                continue
             cls = get(method)
             batch = 2 if self.dry else cls.train_defaults.get("batch_size", TrainConfig.batch_size)
             prior_off = {"prior_loss_weight": 0.0} if issubclass(cls.Config, PriorConfig) else {}
@@ -189,15 +208,19 @@ class Suite:
 
     # -- sampling
     def sample(self, steps: int, batches: tuple[int, ...], reps: int) -> None:
-        from personalize import attach, train
+        from personalize import attach, families, train
 
         if not self.in_budget("sample"):
             return
         pipe = self.pipeline()
+        dit = self.base in DIT
+        edit = "dreambooth-lora" if dit else "perfusion"  # Perfusion is refused on the diffusion transformers
+        guidance = (3.5 if self.base == "flux" else 7.0) if dit else 7.5
+        steps = steps if self.dry or not dit else 28  # the stock Flux / SD3 pipelines' default
         concepts = {}
         with tempfile.TemporaryDirectory() as tmp:
             photos = _photos(Path(tmp) / "photos", 64)
-            for method in ("perfusion", "residuals"):
+            for method in (edit, "residuals"):
                 concepts[method] = train(pipe, photos, token=f"<{method[:4]}>", superclass="dog",
                                          out=Path(tmp) / f"{method}.safetensors", method=method, progress=False, masks="none",
                                          device=self.device, settings={"steps": 1, "batch_size": 1,
@@ -205,7 +228,7 @@ class Suite:
             if self.device == "cuda":
                 pipe.to(dtype=torch.float16)  # fp16 inference (a bf16 pipeline's fingerprint differs today)
             settings = {"bare": (None, {}, "a photo of a dog on the beach"),
-                        "perfusion": (concepts["perfusion"], {}, "a photo of a <perf> on the beach"),
+                        edit: (concepts[edit], {}, f"a photo of a <{edit[:4]}> on the beach"),
                         "residuals_lag": (concepts["residuals"], {"lag": True}, "a photo of a <resi> dog on the beach")}
             for nb in batches:
                 if not self.in_budget(f"sample batch {nb}"):
@@ -215,17 +238,19 @@ class Suite:
                     for name, (concept, knobs, prompt) in settings.items():
                         ctx = attach(pipe, concept, **knobs) if concept is not None else contextlib.nullcontext()
                         with ctx:
-                            t = _time_once(lambda: pipe([prompt] * nb, num_inference_steps=steps, guidance_scale=7.5,
-                                                        output_type="latent",
+                            t = _time_once(lambda: pipe([prompt] * nb, num_inference_steps=steps, guidance_scale=guidance,
+                                                        output_type="latent", height=self.res, width=self.res,
                                                         generator=torch.Generator(self.device).manual_seed(0)),
                                            self.sync)
                         if rep:
                             times[name].append(t)
                 med = {k: statistics.median(v) for k, v in times.items()}
-                self.emit(bench="sample", sampler=f"ddim{steps}", cfg=7.5, batch=nb, dtype=str(pipe.unet.dtype),
-                          reps=reps, **{f"{k}_s": round(v, 4) for k, v in med.items()},
+                sampler = f"{type(pipe.scheduler).__name__.replace('Scheduler', '').lower()}{steps}"
+                self.emit(bench="sample", sampler=sampler, cfg=guidance, batch=nb,
+                          dtype=str(families.denoiser(pipe).dtype), reps=reps,
+                          **{f"{k.replace('-', '_')}_s": round(v, 4) for k, v in med.items()},
                           images_per_s_bare=round(nb / med["bare"], 2),
-                          perfusion_overhead=round(med["perfusion"] / med["bare"] - 1, 4),
+                          **{f"{edit.replace('-', '_')}_overhead": round(med[edit] / med["bare"] - 1, 4)},
                           lag_overhead=round(med["residuals_lag"] / med["bare"] - 1, 4), peak_gib=self.peak_gib())
         del pipe
 
@@ -275,6 +300,8 @@ class Suite:
 
     # -- the diffusers scripts
     def scripts(self, anchors: Path, ours: dict[str, dict], steps: int, only: list[str]) -> None:
+        if self.base in DIT:
+            return self.dit_script(anchors, ours, steps)
         harness = anchors / "run_diffusers_scripts.sh"
         if not harness.is_file() or self.base != "sd15":
             self.emit(bench="skipped", what="scripts", reason=f"no {harness}" if self.base == "sd15" else
@@ -304,7 +331,70 @@ class Suite:
             shutil.rmtree(model, ignore_errors=True)
 
 
+    def dit_script(self, anchors: Path, ours: dict[str, dict], steps: int) -> None:
+        """The family's diffusers DreamBooth-LoRA script, unmodified, on the same pipeline saved to disk, against our
+        DreamBooth-LoRA step (same batch, resolution, precision, rank 4)."""
+        script = anchors / "diffusers-examples" / DIT_SCRIPTS[self.base]
+        if not script.is_file():
+            self.emit(bench="skipped", what="scripts", reason=f"no {script}: copy diffusers' examples/dreambooth/"
+                      f"{script.name} there, unmodified (the step timer is {anchors / 'sitecustomize.py'})")
+            return
+        if not self.in_budget("scripts: save the pipeline"):
+            return
+        model = Path(tempfile.mkdtemp(prefix=f"{self.base}_"))
+        try:
+            pipe = self.pipeline(torch.bfloat16 if self.device == "cuda" else None)
+            pipe.save_pretrained(model)
+            del pipe
+            self.reset_peak()
+            batch = (ours.get("dreambooth-lora") or {}).get("batch") or 1
+            if not self.in_budget(f"script {script.name}"):
+                return
+            row = {"bench": "diffusers_script", "script": script.stem, "method": "dreambooth-lora", "batch": batch,
+                   "steps": steps, **run_dit_script(anchors, script, model, batch, steps, self.res,
+                                                    "bf16" if self.device == "cuda" else "no")}
+            if "step_s" in row and ours.get("dreambooth-lora", {}).get("step_s"):
+                row["ours_step_s"] = ours["dreambooth-lora"]["step_s"]
+                row["speedup_ours_vs_script"] = round(row["step_s"] / ours["dreambooth-lora"]["step_s"], 3)
+            self.emit(**row)
+        finally:
+            shutil.rmtree(model, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- helpers
+def run_dit_script(anchors: Path, script: Path, model: Path, batch: int, steps: int, res: int,
+                   precision: str) -> dict:
+    """A diffusers DreamBooth-LoRA script for Flux / SD3 with its own defaults (rank 4, its target modules), the
+    same five random photos and step timer as ``run_diffusers_scripts.sh``: median s/step (steps 5..), peak GPU
+    memory and wall time, or ``error``."""
+    outd = Path(tempfile.mkdtemp(prefix=f"script_{script.stem}_"))
+    try:
+        _photos(outd / "data", res)
+        log = outd / "steps.json"
+        env = {**os.environ, "STEP_LOG": str(log),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(anchors), os.environ.get("PYTHONPATH")]))}
+        cmd = [sys.executable, str(script), "--pretrained_model_name_or_path", str(model),
+               "--instance_data_dir", str(outd / "data"), "--instance_prompt", "a photo of sks dog",
+               "--resolution", str(res), "--train_batch_size", str(batch), "--max_train_steps", str(steps),
+               "--mixed_precision", precision, "--checkpointing_steps", "1000000", "--seed", "0",
+               "--learning_rate", "1e-4", "--dataloader_num_workers", "2", "--output_dir", str(outd / "out")]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        try:
+            record = json.loads(log.read_text())
+        except (OSError, ValueError):
+            return {"error": f"rc={proc.returncode} no step log: {proc.stderr[-500:]}".strip()}
+        deltas = [b - a for a, b in zip(record["stamps"], record["stamps"][1:])][4:]
+        if not deltas:
+            return {"error": f"rc={proc.returncode} only {len(record['stamps'])} steps: {proc.stderr[-400:]}".strip()}
+        peak = record.get("peak_gib")
+        return {"step_s": round(statistics.median(deltas), 4), "peak_gib": round(peak, 2) if peak else None,
+                "wall_s": round(wall, 1)}
+    finally:
+        shutil.rmtree(outd, ignore_errors=True)
+
+
 def run_script(anchors: Path, model: Path, name: str, batch: int, steps: int, res: int, precision: str) -> dict:
     """One diffusers example script, unmodified, through the perf-anchors harness: its median s/step (steps 5..),
     peak GPU memory and wall time, or ``error``."""
@@ -394,8 +484,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--anchors", type=Path, default=ROOT.parent / "shared" / "perf-anchors",
                         help="the perf-anchors folder (run_diffusers_scripts.sh, diffusers-examples/)")
     parser.add_argument("--scripts", default=",".join(SCRIPTS), help="methods whose diffusers script is timed")
-    parser.add_argument("--base", choices=("sd15", "sd21", "sdxl"), default="sd15",
-                        help="real-size shape (random weights): SD 1.5, SD 2.1, SDXL base 1.0")
+    parser.add_argument("--base", choices=("sd15", "sd21", "sdxl", "flux", "sd3"), default="sd15",
+                        help="real-size shape (random weights): SD 1.5, SD 2.1, SDXL base 1.0, Flux.1-dev, "
+                             "SD3.5-medium (the last two at 512 px)")
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--compile", action="store_true", help="train with torch.compile of the UNet (step 1 compiles)")
     parser.add_argument("--workers", type=int, default=max(1, min(15, (os.cpu_count() or 2) - 1)))

@@ -1,8 +1,8 @@
 """Sampling time of a residuals concept with and without LAG, side by side in one run (alternating runs).
 
-    python benchmarks/lag_sampling.py [--steps 20] [--repeats 4] [--base tiny|sd15] [--size PX]
+    python benchmarks/lag_sampling.py [--steps 20] [--repeats 4] [--base tiny|tiny-sd3|tiny-flux|sd15] [--size PX]
 
-``tiny`` (default) runs on the CPU; ``sd15`` is an SD 1.5-shaped pipeline with
+``tiny`` (default), ``tiny-sd3`` and ``tiny-flux`` (LAG from the joint attention) run on the CPU; ``sd15`` is an SD 1.5-shaped pipeline with
 random weights (fp16 on a GPU, fp32 on the CPU; ``--size`` picks the image
 size, default 512). Prints one JSON line with the best time of each mode, their
 ratio (LAG / no LAG), and the seconds spent inside LAG's own code in the best
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import make_photos  # noqa: E402
 
-from personalize import attach, load_base, train  # noqa: E402
+from personalize import attach, families, load_base, train  # noqa: E402
 
 
 class LagClock:
@@ -55,7 +55,7 @@ def once(pipe, prompt: str, steps: int, size: int | None) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         pipe(prompt, num_images_per_prompt=2, num_inference_steps=steps, guidance_scale=6.0, output_type="latent",
-             generator=torch.Generator(pipe.unet.device).manual_seed(0), **extra)
+             generator=torch.Generator(families.denoiser(pipe).device).manual_seed(0), **extra)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -65,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--base", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--base", choices=("tiny", "tiny-sd3", "tiny-flux", "sd15"), default="tiny")
     parser.add_argument("--size", type=int, default=None, help="image size in pixels (sd15)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,7 +74,7 @@ def main() -> None:
 
         pipe = sd15_pipeline(device, dtype=torch.float16 if device == "cuda" else None)
     else:
-        pipe, device = load_base("tiny"), "cpu"
+        pipe, device = load_base(args.base), "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         photos = make_photos(Path(tmp) / "photos")
         concept = train(pipe, photos, token="<bench>", superclass="ball", out=Path(tmp) / "c.safetensors",

@@ -149,15 +149,13 @@ def site_inputs(pipe, encoding, sites: list[str], step: int, seed: int) -> dict[
 
 def segment_masks(pipe, prompts: Sequence[str], device=None) -> torch.Tensor:
     """(B, L) bool: the context rows that hold a token of the prompt (each segment's BOS..EOS; not padding)."""
-    masks = []
-    for tok_name, rows in families.of(pipe).context_segments(pipe):
-        tok = getattr(pipe, tok_name, None)
-        if tok is None:
-            masks.append(torch.zeros(len(prompts), rows, dtype=torch.bool))
-            continue
-        masks.append(tok(list(prompts), padding="max_length", max_length=rows, truncation=True,
-                         return_tensors="pt").attention_mask.bool())
-    return torch.cat(masks, dim=1).to(device)
+    family = families.of(pipe)
+    length = sum(rows or family.max_length(pipe, name) for name, rows in family.context_tokenizers)
+    mask = torch.zeros(len(prompts), length, dtype=torch.bool)
+    for start, stop, tok_name in family.context_segments(pipe, length):  # a missing tokenizer's rows: none
+        mask[:, start:stop] = getattr(pipe, tok_name)(list(prompts), padding="max_length", max_length=stop - start,
+                                                      truncation=True, return_tensors="pt").attention_mask.bool()
+    return mask.to(device)
 
 
 @torch.no_grad()

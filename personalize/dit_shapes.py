@@ -91,10 +91,18 @@ def pipeline(name: str, device: str = "meta", dtype=None):
     from .families.flux import FLUX_DEV_SCHEDULER
     from .tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
+    import torch
+
     class_name, _, vae_cfg, _ = _shape(name)
     flux = class_name == "FluxPipeline"
-    with _skip_init(device):
-        parts = _models(name, device, flux, vae_cfg)
+    default = torch.get_default_dtype()
+    if dtype is not None and dtype.is_floating_point:  # built in ``dtype``: Flux.1-dev in fp32 is 48 GB
+        torch.set_default_dtype(dtype)
+    try:
+        with _skip_init(device):
+            parts = _models(name, device, flux, vae_cfg)
+    finally:
+        torch.set_default_dtype(default)
     parts["tokenizer"] = build_clip_tokenizer()
     if flux:
         parts["tokenizer_2"] = build_t5_tokenizer(512)

@@ -213,7 +213,8 @@ def test_dit_rows_name_the_tensors_each_method_saves(base):
 
     bench, pipe, meta = _benchmark(), load_base(base), config_pipeline(base)
     methods = names_for(families.of(pipe))
-    assert set(methods) == {"textual-inversion", "dreambooth", "dreambooth-lora", "custom-diffusion", "perfusion"}
+    assert set(methods) == {"textual-inversion", "dreambooth", "dreambooth-lora", "custom-diffusion", "residuals",
+                            "perfusion"}
     for i, name in enumerate(methods):
         cls = get(name)
         # Perfusion: C^-1 and the superclass inputs (transformer passes) do not change what it saves
@@ -225,7 +226,7 @@ def test_dit_rows_name_the_tensors_each_method_saves(base):
             row = next(r for r in bench.dit_rows(meta, base) if r["method"].startswith("dreambooth ("))
             assert row["trainable"] == sum(v.numel() for v in method.state_tensors().values())
     # Residuals' count: the peft LoRA bank the method builds (Residuals.trainable_count) on the same sites
-    assert bench.residual_row(meta.transformer, base)["trainable"] == Residuals.trainable_count(pipe.transformer)
+    assert bench.residual_counts(meta.transformer)["trainable"] == Residuals.trainable_count(pipe.transformer)
 
 
 def _dit_width(config: dict) -> int:
@@ -252,9 +253,10 @@ def test_flux_dev_rows_count_what_the_config_implies(dit_rows):
     assert db["pipeline_bytes"] == 4 * (11_901_408_320 + 4_762_310_656 + 123_060_480 + 83_819_683)
     # Residuals: rank round(0.05 d) = 154 on attn.to_out.0 (d -> d) of each joint block; with the single blocks'
     # proj_out (attention output | MLP, 5d -> d)
-    res, r = dit_rows["flux-dev", "residuals (rank 0.05 x width; trainable only)"], round(0.05 * d)
+    res, r = dit_rows["flux-dev", "residuals (rank 0.05 x width)"], round(0.05 * d)
     assert res["trainable_joint"] == joint * r * 2 * d == 17_977_344
     assert res["trainable"] == res["trainable_joint"] + single * r * 6 * d == 125_841_408
+    assert res["tensor_bytes"] == 4 * (res["trainable"] + text)  # the LoRA pairs and V*, fp32
     assert res["sites"] == {"transformer_blocks.N.attn.to_out.0": {"blocks": joint, "shape": [d, d], "rank": r},
                             "single_transformer_blocks.N.proj_out": {"blocks": single, "shape": [d, 5 * d], "rank": r}}
 
@@ -272,8 +274,9 @@ def test_sd35_rows_count_what_the_config_implies(dit_rows, base):
     text = 768 + 1280 + 4096  # CLIP-L | CLIP-G | T5-XXL
     assert dit_rows[base, "textual-inversion (1 vector)"]["tensor_bytes"] == 4 * text
     assert dit_rows[base, "custom-diffusion (1 concept)"]["tensor_bytes"] == 4 * (2 * blocks * d * d + text)
-    res, r = dit_rows[base, "residuals (rank 0.05 x width; trainable only)"], round(0.05 * d)
+    res, r = dit_rows[base, "residuals (rank 0.05 x width)"], round(0.05 * d)
     assert res["trainable"] == res["trainable_joint"] == blocks * r * 2 * d
+    assert res["tensor_bytes"] == 4 * (res["trainable"] + text)  # the LoRA pairs and V*, fp32
     assert res["sites"] == {"transformer_blocks.N.attn.to_out.0": {"blocks": blocks, "shape": [d, d], "rank": r}}
     assert {"sd35-large": (303, 5_895_168, 22_549_504), "sd35-medium": (191, 2_347_008, 5_677_056)}[base] == (
         lora["modules"], lora["tensor_bytes"] // 4, res["trainable"])  # the research note's meta-device counts

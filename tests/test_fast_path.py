@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,34 @@ def test_methods_keep_pytorch_sdpa_attention(tiny, method):
             {type(p).__name__ for p in processors.values()}
     finally:
         trainable.remove()
+
+
+def test_gpu_suite_dry_run_on_flux_skips_refused_methods_and_times_the_familys_script(tmp_path):
+    """``--base flux``: Perfusion (refused on the family) gets a skipped row saying why; DreamBooth-LoRA trains; the
+    family's diffusers script is run from ``--anchors`` with the same batch, resolution and precision and timed
+    from its step log (a stand-in script here: it records its arguments and writes the log the anchors' step
+    timer writes)."""
+    anchors = tmp_path / "anchors"
+    (anchors / "diffusers-examples").mkdir(parents=True)
+    (anchors / "diffusers-examples" / "train_dreambooth_lora_flux.py").write_text(
+        "import json, os, sys\n"
+        "json.dump(sys.argv[1:], open(os.environ['ARGS_OUT'], 'w'))\n"
+        "json.dump({'stamps': [0.5 * i for i in range(10)], 'peak_gib': None}, open(os.environ['STEP_LOG'], 'w'))\n")
+    out = tmp_path / "suite"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--dry-run", "--base", "flux", "--out", str(out),
+           "--parts", "train,scripts", "--methods", "perfusion,dreambooth-lora", "--anchors", str(anchors)]
+    env = {**os.environ, "ARGS_OUT": str(tmp_path / "args.json")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "gpu_suite.jsonl").read_text().splitlines()]
+    skipped = [r for r in rows if r["bench"] == "skipped"]
+    assert [r["what"] for r in skipped] == ["train perfusion"] and "key lock" in skipped[0]["reason"]
+    (ours,) = [r for r in rows if r["bench"] == "train"]
+    assert ours["method"] == "dreambooth-lora" and "error" not in ours and ours["step_s"] > 0
+    (script,) = [r for r in rows if r["bench"] == "diffusers_script"]
+    assert script["script"] == "train_dreambooth_lora_flux" and script["step_s"] == 0.5
+    assert script["speedup_ours_vs_script"] == round(0.5 / ours["step_s"], 3)
+    args = json.loads((tmp_path / "args.json").read_text())
+    given = dict(zip(args[::2], args[1::2]))
+    assert (given["--resolution"], given["--train_batch_size"], given["--mixed_precision"]) == (
+        "32", str(ours["batch"]), "no")  # the CPU dry run: the tiny base's size, our batch, fp32

@@ -64,6 +64,8 @@ def concepts(tmp_path_factory, masters):
     runs = [("dreambooth-lora", base, {"train_text_encoder": True}, 30.0) for base in BASES]
     runs += [("textual-inversion", "tiny-flux", {"num_vectors": 2}, 3.0)]
     runs += [("dreambooth", base, {"prior_loss_weight": 0.0}, None) for base in BASES]
+    runs += [("residuals", base, {"train_token": True}, 30.0) for base in BASES]
+    runs += [("custom-diffusion", base, {"prior_loss_weight": 0.0}, 300.0) for base in BASES]
     found = {}
     for method, base, extra, push in runs:
         path = train(masters[base], photos, token="<disc>", superclass="ball", out=root / f"{method}-{base}.safetensors",
@@ -330,6 +332,63 @@ def test_sd3_textual_inversion_export_is_refused_saying_why(concepts, tmp_path):
     concept = Concept(header, {"embedding": torch.zeros(1, 8)})
     _one_line_refusal(lambda: export_concept(concept, tmp_path / "x"), "SD3", "load_textual_inversion")
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- Personalized Residuals, Custom Diffusion
+LORA_SITES = {  # the modules each method's diffusers-lora export covers on tiny-flux
+    "residuals": {"transformer_blocks.0.attn.to_out.0", "transformer_blocks.1.attn.to_out.0",
+                  "single_transformer_blocks.0.proj_out"},
+    "custom-diffusion": {f"transformer_blocks.{i}.attn.add_{p}_proj" for i in (0, 1) for p in "kv"},
+}
+TOKEN_FILE = {"residuals": "token.safetensors", "custom-diffusion": "<disc>.safetensors"}
+
+
+@pytest.mark.parametrize("method", ["residuals", "custom-diffusion"])
+def test_flux_lora_exports_load_with_the_advanced_scripts_token_file(concepts, masters, tmp_path, method):
+    """Residuals (LAG off: a LoRA on each block's attention output projection) and Custom Diffusion (its K/V deltas
+    as a full-rank LoRA, A = identity) load with stock ``load_lora_weights``, their token as the advanced Flux
+    script's ``clip_l``/``t5`` file, to the image ``attach`` gives."""
+    import json
+
+    concept, pipe = concepts[method, "tiny-flux"], masters["tiny-flux"]
+    folder = export_concept(concept, tmp_path / "out", "diffusers-lora", base=pipe)
+    lora = load_file(str(folder / "pytorch_lora_weights.safetensors"))
+    assert {k.rsplit(".lora_", 1)[0] for k in lora} == {f"transformer.{site}" for site in LORA_SITES[method]}
+    state = load_file(str(folder / TOKEN_FILE[method]))
+    stock = _stock(pipe, "transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    stock.load_lora_weights(str(folder))
+    stock.load_textual_inversion(state["clip_l"], token="<disc>", text_encoder=stock.text_encoder,
+                                 tokenizer=stock.tokenizer)
+    stock.load_textual_inversion(state["t5"], token="<disc>", text_encoder=stock.text_encoder_2,
+                                 tokenizer=stock.tokenizer_2)
+    _assert_same(_ours(pipe, concept, "<disc>"), _image(stock, "<disc>"), _base_image(pipe, "ball"))
+    how = json.loads((folder / "export.json").read_text())["how_to_load"]
+    assert how.startswith("pipe.load_lora_weights(DIR)") and "state['t5']" in how
+
+
+@pytest.mark.parametrize("method", ["residuals", "custom-diffusion"])
+def test_sd3_lora_exports_load_given_the_prompt_embeddings(concepts, masters, tmp_path, method):
+    """SD3 has no stock token loader: the LoRA file loads with ``load_lora_weights``, and with the prompt's
+    embeddings made with the token added the stock pipeline gives the attach image."""
+    import json
+
+    concept, pipe = concepts[method, "tiny-sd3"], masters["tiny-sd3"]
+    folder = export_concept(concept, tmp_path / "out", "diffusers-lora", base=pipe)
+    stock = _stock(pipe, "transformer")
+    stock.load_lora_weights(str(folder))
+
+    def render(p, **embeds):
+        size = families.of(p).native_resolution(p)
+        return p(num_inference_steps=2, guidance_scale=1.0, output_type="np", height=size, width=size,
+                 generator=torch.Generator().manual_seed(1), **embeds).images
+
+    with attach(pipe, concept):
+        embeds, _, pooled, _ = pipe.encode_prompt(PROMPT.format("<disc>"), None, None, do_classifier_free_guidance=False)
+        ours = render(pipe, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+    theirs = render(stock, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+    _assert_same(ours, theirs, render(pipe, prompt_embeds=embeds, pooled_prompt_embeds=pooled))
+    how = json.loads((folder / "export.json").read_text())["how_to_load"]
+    assert "load_textual_inversion" in how and "\n" not in how
 
 
 # --------------------------------------------------------------------------- DreamBooth

@@ -19,6 +19,11 @@ Nothing here changes a computation; it only reads. While at least one *watcher*
 ``token_maps(block, keys)`` then computes ``softmax(q k^T * scale)`` over the
 text columns only, for the source rows only, averages it over heads and the
 block's cross-attention layers and sums it over each watcher's columns.
+
+On a diffusion transformer (SD3, Flux.1) every block is watched: the capture keeps each block's image queries and
+text keys (``joint_maps.py`` says which projections and how the processor's norms and rotary embedding are
+applied), a pre-hook on its attention keeps Flux's rotary embedding, and the denoiser's pre-hook records the one
+token grid all blocks share (``Family.token_grid``) and the text length.
 """
 from __future__ import annotations
 
@@ -28,10 +33,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import families
 from ..errors import BadInputError
 from ..families import denoiser
 from ..transfer import to_device
-from .placement import block_cross_attentions, transformer_blocks
+from .joint_maps import capture_sites, image_text_probs
+from .placement import block_cross_attentions, dit_blocks, transformer_blocks
 from .prompt_rows import prompt_rows
 from .sites import occupy, vacate
 from .state import pipeline_state, release
@@ -99,6 +106,10 @@ class AttentionMaps:
         self._captured: dict[str, dict[int, list]] = {}
         self._handles: list = []
         self._sites: list[str] = []
+        self.family = families.of(pipe)
+        self._joint = self.family is not None and self.family.denoiser == "transformer"
+        self._rotary: dict[int, object] = {}  # id(joint attention) -> its rotary embedding this forward (Flux)
+        self._text_len = 0
 
     # -- watchers ---------------------------------------------------------------------------
     def watch(self, key: str, columns: Columns) -> None:
@@ -118,6 +129,13 @@ class AttentionMaps:
         names = {id(m): n for n, m in unet.named_modules()}
         prompt_rows(self.pipe).subscribe(_KEY)
         self._handles.append(unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
+        if self._joint:
+            for name, block in dit_blocks(unet):
+                for site, attn, slot in capture_sites(name, block):
+                    occupy(unet, site, _KEY, _Capture(self, name, attn, slot))
+                    self._sites.append(site)
+                self._handles.append(block.attn.register_forward_pre_hook(self._rotary_hook, with_kwargs=True))
+            return
         for name, block in transformer_blocks(unet):
             self._handles.append(block.register_forward_pre_hook(self._size_hook(name), with_kwargs=True))
             for attn in block_cross_attentions(block):
@@ -133,7 +151,7 @@ class AttentionMaps:
         for site in self._sites:
             vacate(denoiser(self.pipe), site, _KEY)
         self._handles, self._sites = [], []
-        self._captured, self.plan, self._plan_key = {}, None, None
+        self._captured, self.plan, self._plan_key, self._rotary = {}, None, None, {}
         prompt_rows(self.pipe).unsubscribe(_KEY)
         state = pipeline_state(self.pipe, create=False)
         if state is not None and state.attention_maps is self:
@@ -149,11 +167,17 @@ class AttentionMaps:
 
         return hook
 
+    def _rotary_hook(self, module, args, kwargs) -> None:
+        self._rotary[id(module)] = kwargs.get("image_rotary_emb")
+
     @torch.no_grad()
     def _on_unet(self, module, args, kwargs) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        sample, context = self.family.denoiser_inputs(args, kwargs)
         self._captured = {}
+        if self._joint:
+            grid = self.family.token_grid(module, args, kwargs)
+            self.sizes = {name: grid for name, _ in dit_blocks(module)}
+            self._text_len = int(context.shape[1])
         # one plan per prompt batch: the pipeline passes the same context tensor at every denoising step,
         # and building a plan waits for the device (it compares rows), so it is reused while nothing changed
         reuse = (context, context._version, tuple(sample.shape), tuple(self.watchers), prompt_rows(self.pipe).version)
@@ -201,13 +225,18 @@ class AttentionMaps:
         device = entries[0][1].device
         if not plan.sources():
             return torch.zeros(len(keys), n, h, w, device=device)
+        text = self._text_len if self._joint else entries[0][2].shape[1]
+        lengths = (h * w, h * w + text) if self._joint else (h * w,)  # a Flux single block: text + image rows
         for _, q, k in entries:
-            if q is None or k is None or q.shape[1] != h * w:
+            if q is None or k is None or q.shape[1] not in lengths:
                 raise RuntimeError(f"{block}: captured queries do not match the block's {h}x{w} grid")
-        rows, columns, assign = plan.tensors(keys, device, entries[0][2].shape[1])
+        rows, columns, assign = plan.tensors(keys, device, text)
         mass = None
         for attn, q, k in entries:
-            probs = text_attention(q[rows], k[rows], attn.heads, attn.scale)  # (S, HW, T)
+            if self._joint:
+                probs = image_text_probs(attn, q[rows], k[rows], text, self._rotary.get(id(attn)))  # (S, HW, T)
+            else:
+                probs = text_attention(q[rows], k[rows], attn.heads, attn.scale)  # (S, HW, T)
             step = torch.einsum("slt,kst->ksl", probs, columns)  # each watcher's mass per source row
             mass = step if mass is None else mass + step
         out = torch.einsum("ns,ksl->knl", assign, mass)  # each batch row reads its source row

@@ -60,7 +60,11 @@ def block_masks(pipe, block: str, keys: list[str], like: torch.Tensor) -> dict[s
     """Each watched concept's LAG mask in ``block`` for this forward, shaped to multiply ``like``.
 
     ``like`` is the input of the block's ``proj_out``: ``(N, C, H, W)`` (SD 1.x
-    Conv2d) or ``(N, H*W, C)`` (SD 2.x/XL Linear). The latest maps and masks
+    Conv2d) or ``(N, H*W, C)`` (SD 2.x/XL Linear, and a diffusion transformer's
+    joint-block ``attn.to_out.0``), or ``(N, T + H*W, C)``: a Flux single block's
+    ``proj_out`` over the text rows and then the image rows, where the text rows
+    keep the residual (mask 1: LAG places a concept in the image; the text
+    stream carries it there, as it did in training). The latest maps and masks
     are also kept, as (N, H, W) tensors, in ``attention_maps(pipe).maps[block]``
     and ``.masks[block]``.
     """
@@ -76,5 +80,10 @@ def block_masks(pipe, block: str, keys: list[str], like: torch.Tensor) -> dict[s
         shaped = masks.unsqueeze(2)  # (K, N, 1, H, W)
     else:
         shaped = masks.view(k, n, h * w, 1)
+        text = like.shape[1] - h * w
+        if text < 0:
+            raise RuntimeError(f"{block}: proj_out input has {like.shape[1]} rows, the block recorded {h}x{w}")
+        if text:
+            shaped = torch.cat([shaped.new_ones(k, n, text, 1), shaped], dim=2)
     shaped = shaped.to(like.dtype)
     return {key: shaped[i] for i, key in enumerate(keys)}

@@ -6,7 +6,7 @@ ones), so peft builds its ``lora.Linear`` / ``lora.Conv2d`` layers while the
 model's modules, ``state_dict()`` and ``requires_grad`` flags stay untouched.
 A method's occupant asks :meth:`LoraBank.delta` for ``scale * B A x`` at its
 site. Tensor names are peft's state-dict names with a part prefix
-(``unet.``): the diffusers LoRA layout.
+(``unet.``, ``transformer.`` on a diffusion transformer): the diffusers LoRA layout.
 """
 from __future__ import annotations
 
@@ -48,10 +48,10 @@ class LoraBank:
     """peft LoRA layers for the layers in ``ranks`` (``proj_out`` here; any Linear/Conv2d for DreamBooth-LoRA), kept
     outside the model; ``config`` (default: :func:`lora_config`, scale 1) is the peft ``LoraConfig`` to inject."""
 
-    def __init__(self, unet: nn.Module, ranks: dict[str, int], config=None):
+    def __init__(self, unet: nn.Module, ranks: dict[str, int], config=None, prefix: str = PREFIX):
         from peft import inject_adapter_in_model
 
-        self.ranks = dict(ranks)
+        self.ranks, self.prefix = dict(ranks), prefix
         self.root = nn.Module()
         for name in self.ranks:
             parent = self.root
@@ -81,7 +81,7 @@ class LoraBank:
         from peft import get_peft_model_state_dict
 
         tensors = get_peft_model_state_dict(self.root, adapter_name=ADAPTER)
-        return {PREFIX + k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+        return {self.prefix + k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict
@@ -92,14 +92,14 @@ class LoraBank:
             raise ConceptFileError(f"residual tensors do not match this base's proj_out layers "
                                    f"(missing {missing[:2]}, unexpected {extra[:2]}); use the base it was trained on")
         device = self.parameters()[0].device
-        state = {k[len(PREFIX):]: v.to(device, torch.float32) for k, v in tensors.items()}
+        state = {k[len(self.prefix):]: v.to(device, torch.float32) for k, v in tensors.items()}
         with torch.no_grad():
             set_peft_model_state_dict(self.root, state, adapter_name=ADAPTER)
 
     @staticmethod
-    def ranks_in(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
-        """The per-layer ranks stored in a concept's tensors."""
+    def ranks_in(tensors: dict[str, torch.Tensor], prefix: str = PREFIX) -> dict[str, int]:
+        """The per-layer ranks stored in a concept's tensors (names starting with ``prefix``)."""
         suffix = ".lora_A.weight"
-        return {k[len(PREFIX):-len(suffix)]: v.shape[0] for k, v in tensors.items()
-                if k.startswith(PREFIX) and k.endswith(suffix)}
+        return {k[len(prefix):-len(suffix)]: v.shape[0] for k, v in tensors.items()
+                if k.startswith(prefix) and k.endswith(suffix)}
 

@@ -14,6 +14,12 @@ until the second one's, and the record is what ``StableDiffusionXLPipeline``
 gives the UNet, the two penultimate hidden states side by side
 (``text_stack.py``); a subscriber's re-encoding runs both encoders the same way.
 
+On a diffusion transformer (SD3, Flux.1) the context is assembled from several encoders in the family's own
+way (SD3: both CLIPs' penultimate states padded and followed by T5's; Flux.1: T5's alone, CLIP-L only pooled),
+so each encoder's ids are held until the last encoder of the pair list is called, and the record is the
+family's ``encode_ids`` of those ids (``families/``): its context, checked bit for bit against the stock
+``encode_prompt`` in the family tests, and its ids aligned with the context's rows.
+
 Subscribers register with :meth:`PromptRows.subscribe`; the hook is installed
 with the first and removed with the last. Encodings a subscriber makes inside
 its own callback (the key lock encodes the superclass prompt) are not recorded.
@@ -27,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import families
 from ..text_stack import encoders
 from .state import pipeline_state, release
 
@@ -86,6 +93,10 @@ class PromptRows:
         ids = args[0] if args else kwargs.get("input_ids")
         if ids is None:
             return
+        family = families.of(self.pipe)
+        if family is not None and family.denoiser == "transformer":
+            self._on_dit_text(family, index, count, ids)
+            return
         if count == 1:
             calls = [(ids, output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state, module,
                       args, kwargs)]
@@ -109,16 +120,42 @@ class PromptRows:
                             (out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state))
             return torch.cat(outs, dim=-1)
 
+        self._record(ids if count == 1 else calls[0][0], context, reencode, [c[0] for c in calls])
+
+    def _on_dit_text(self, family, index: int, count: int, ids: torch.Tensor) -> None:
+        """One encoder call of a diffusion transformer's prompt encoding: hold its ids until the last encoder's."""
+        held = self._pending if isinstance(self._pending, list) else []
+        if index != len(held) or (held and held[0].shape[0] != ids.shape[0]):
+            held = []  # a call out of the pipeline's order starts over (only the first encoder can start)
+            if index != 0:
+                self._pending = None
+                return
+        held = [*held, ids]
+        if len(held) < count:
+            self._pending = held
+            return
+        self._pending = None
+
+        def reencode(new_ids: list) -> torch.Tensor:
+            return family.encode_ids(self.pipe, new_ids).context
+
+        self._busy = True
+        try:
+            encoding = family.encode_ids(self.pipe, held)
+        finally:
+            self._busy = False
+        self._record(encoding.ids, encoding.context, reencode, held)
+
+    def _record(self, ids: torch.Tensor, context: torch.Tensor, reencode: Reencode, all_ids: list) -> None:
         extras = {}
         self._busy = True
         try:
             for key, extra in self._subscribers.items():
                 if extra is not None:
-                    extras[key] = extra(reencode, [c[0] for c in calls], context)
+                    extras[key] = extra(reencode, all_ids, context)
         finally:
             self._busy = False
-        self.recent.append(Encoded(ids.detach().cpu() if count == 1 else calls[0][0].detach().cpu(),
-                                   context.detach(), extras))
+        self.recent.append(Encoded(ids.detach().cpu(), context.detach(), extras))
         self.version += 1
 
     @torch.no_grad()

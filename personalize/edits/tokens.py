@@ -165,9 +165,10 @@ class TokenSite:
         self.aliases.pop(key, None)
         self._rebuild()
 
-    def ids(self, key: str) -> list[int]:
+    def ids(self, key: str, tokenizer: str = "tokenizer") -> list[int]:
+        """The ids of ``key``'s tokens in one of the pipeline's tokenizers (``tokenizer``: its attribute name)."""
         tokens, _ = self.entries[key]
-        return self.pipe.tokenizer.convert_tokens_to_ids(tokens)
+        return getattr(self.pipe, tokenizer).convert_tokens_to_ids(tokens)
 
     def _adopt(self) -> None:
         """Tokens a stock ``load_textual_inversion`` added while ours were attached (after our ids, in the tokenizer

@@ -78,6 +78,11 @@ class Family:
     #: ``text_embeds``, SD3's two CLIPs, Flux's CLIP-L): Perfusion gives a row holding its token the superclass
     #: prompt's pooled vector there (``edits/pooled.py``)
     pooled_encoders: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: the denoiser's forward arguments (keyword, position) of the noisy input and of the text context
+    sample_arg: ClassVar[tuple[str, int]] = ("sample", 0)
+    context_arg: ClassVar[tuple[str, int]] = ("encoder_hidden_states", 2)
+    #: the tokenizers whose ids make up the context's rows, in row order: (tokenizer, rows; None = the rest)
+    context_tokenizers: ClassVar[tuple[tuple[str, int | None], ...]] = (("tokenizer", None),)
 
     # -- recognition and building ------------------------------------------------------------------------------
     def matches(self, pipe) -> bool:
@@ -108,7 +113,31 @@ class Family:
     def denoiser_of(self, pipe):
         return getattr(pipe, self.denoiser)
 
+    def denoiser_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The noisy input and the text context of one denoiser call (a forward pre-hook's arguments)."""
+        def read(arg):
+            name, position = arg
+            return args[position] if len(args) > position else kwargs.get(name)
+
+        return read(self.sample_arg), read(self.context_arg)
+
+    def token_grid(self, denoiser, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+        """(H, W) of the image tokens of one denoiser call, where every block sees the same grid (a diffusion
+        transformer); None where each block records its own (a UNet's blocks work at several sizes)."""
+        return None
+
     # -- text --------------------------------------------------------------------------------------------------
+    def context_segments(self, pipe, length: int) -> list[tuple[int, int, str]]:
+        """``(start, stop, tokenizer)``: which tokenizer's ids sit in each run of a context's ``length`` rows
+        (``Encoding.ids``; SD3: CLIP's 77, then T5's). A tokenizer the pipeline lacks has no run."""
+        out, start = [], 0
+        for name, rows in self.context_tokenizers:
+            stop = length if rows is None else min(length, start + rows)
+            if getattr(pipe, name, None) is not None and stop > start:
+                out.append((start, stop, name))
+            start = stop
+        return out
+
     def pairs(self, pipe) -> list[tuple[str, str]]:
         """The (tokenizer, text encoder) attribute names present on the pipeline, in the order their outputs are
         joined."""
@@ -130,11 +159,6 @@ class Family:
 
     def encode_ids(self, pipe, ids: list[torch.Tensor]) -> Encoding:
         raise NotImplementedError
-
-    def context_segments(self, pipe) -> list[tuple[str, int]]:
-        """The context's rows by the tokenizer whose ids they are aligned with: ``(tokenizer name, rows)`` in
-        order (``Encoding.ids``); one segment on SD (CLIP's 77; SDXL's two tokenizers share the ids)."""
-        return [("tokenizer", self.max_length(pipe, "tokenizer"))]
 
     # -- the objective -----------------------------------------------------------------------------------------
     def noise_schedule(self, pipe):

@@ -78,6 +78,16 @@ class Flux(DiffusionTransformer):
                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                     "ff_context.net.2", "proj_mlp")
 
+    context_tokenizers = (("tokenizer_2", None),)  # the context is T5's
+
+    def token_grid(self, denoiser, args, kwargs) -> tuple[int, int]:
+        """Rows and columns of the packed latents, from the image position ids (``(0, row, col)`` per token)."""
+        ids = kwargs.get("img_ids")
+        if ids is None:
+            ids = args[4]  # FluxTransformer2DModel.forward(hidden_states, encoder_hidden_states, pooled, timestep, img_ids)
+        ids = ids.reshape(-1, ids.shape[-1])
+        return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+
     def matches(self, pipe) -> bool:
         """A pipeline whose denoiser is a Flux transformer (an img2img twin made with ``from_pipe`` too)."""
         from diffusers import FluxTransformer2DModel
@@ -126,10 +136,6 @@ class Flux(DiffusionTransformer):
         if tokenizer_name == "tokenizer_2":
             return min(MAX_SEQUENCE_LENGTH, int(pipe.tokenizer_2.model_max_length))
         return super().max_length(pipe, tokenizer_name)
-
-    def context_segments(self, pipe) -> list[tuple[str, int]]:
-        """The context is T5's rows alone."""
-        return [("tokenizer_2", self.max_length(pipe, "tokenizer_2"))]
 
     def encode_ids(self, pipe, ids: list[torch.Tensor]) -> Encoding:
         """``FluxPipeline.encode_prompt``: T5's last hidden state is the context, CLIP's pooled output the pooled

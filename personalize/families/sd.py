@@ -65,6 +65,8 @@ class StableDiffusion(Family):
     pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusionPipeline",)
     tiny: ClassVar[str] = "tiny"
     edit_kinds = UNET_KINDS
+    # Custom Diffusion as diffusers' own format (load_attn_procs); its full-rank LoRA is for the transformers
+    exports: ClassVar[dict[str, tuple[str, ...]]] = {"custom-diffusion": ("diffusers",)}
 
     def matches(self, pipe) -> bool:
         return (getattr(pipe, "unet", None) is not None and getattr(pipe, "text_encoder_2", None) is None

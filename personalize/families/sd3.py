@@ -97,6 +97,7 @@ class StableDiffusion3(DiffusionTransformer):
                     "attn.to_out.0", "attn.to_q", "attn.to_v")
     text_pairs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"))
     pooled_encoders = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))  # both text_embeds
+    context_tokenizers = (("tokenizer", 77), ("tokenizer_3", None))  # both CLIPs' rows (CLIP-L's ids), then T5's
     export_refusals = {**DiffusionTransformer.export_refusals,
                        "textual-inversion": "StableDiffusion3Pipeline has no load_textual_inversion (diffusers "
                                             "0.42.1): no stock loader reads a token file for SD3"}
@@ -131,10 +132,6 @@ class StableDiffusion3(DiffusionTransformer):
     # -- text --------------------------------------------------------------------------------------------------
     def max_length(self, pipe, tokenizer_name: str) -> int:
         return T5_LENGTH if tokenizer_name == "tokenizer_3" else super().max_length(pipe, tokenizer_name)
-
-    def context_segments(self, pipe) -> list[tuple[str, int]]:
-        """CLIP's 77 rows (CLIP-L's ids), then T5's (``T5_LENGTH``; zeros without T5)."""
-        return [("tokenizer", CLIP_ROWS), ("tokenizer_3", T5_LENGTH)]
 
     def encode_ids(self, pipe, ids: list[torch.Tensor]) -> Encoding:
         """``StableDiffusion3Pipeline.encode_prompt`` (no ``clip_skip``, one image per prompt) from each present

@@ -104,7 +104,8 @@ class ResidualsConfig:
         "help": "also train the token's vector V* (the paper's ablation; overfits)", "flag": True})
     lr: float = field(default=1e-3, metadata={"help": "learning rate (paper §4.1: 1.0e-3 at batch 4, not scaled)"})
     init_token: str = field(default="httr", metadata={
-        "help": "single token V* starts at (a late BPE merge, i.e. a rarely used token)"})
+        "help": "single token V* starts at (a late BPE merge, i.e. a rarely used token; in T5, the mean of "
+                "its pieces)"})
 
 
 @dataclass

@@ -36,6 +36,7 @@ from torch import nn
 from .. import families
 from ..edits.deltas import WeightDelta
 from ..edits.placement import cross_attention_layers, site_names
+from ..edits.sites import inner_layer
 from ..errors import BadInputError, ConceptFileError
 from ..text_stack import pairs, widths
 from .base import Method
@@ -44,6 +45,7 @@ from .shared import as_list, cpu_float, load_into, single_tokens, word_vector, w
 from .token_files import token_keys
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
 PATHWAYS = ("k", "v")
 
 
@@ -56,8 +58,12 @@ class CustomDiffusion(CustomDiffusionCard, Method):
                      "; SDXL: the token file holds clip_l and clip_g: pipe.load_textual_inversion(s['clip_l'], "
                      "token='<token>', text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer), and s['clip_g'] "
                      "with text_encoder_2 / tokenizer_2",
+        "diffusers-lora": f"{LORA_FILE} (SD3 / Flux.1: dW of every add_k_proj / add_v_proj as a full-rank LoRA, "
+                          "A = identity, B = dW) + <token>.safetensors: pipe.load_lora_weights(DIR); Flux: "
+                          "the token file's clip_l / t5 with one pipe.load_textual_inversion call each",
     }
     export_needs_base = True
+    import_formats = ("diffusers",)  # the full-rank LoRA of the transformers is written, not read back
 
     def __init__(self, pipe, token, superclass, config: CustomDiffusionConfig):
         self.tokens, self.superclasses = words_of(token, superclass)
@@ -89,9 +95,8 @@ class CustomDiffusion(CustomDiffusionCard, Method):
     def concept_shapes(unet, text_dim: int, concepts: int = 1) -> dict[str, tuple[int, ...]]:
         """Names and shapes of a concept file's tensors for ``unet`` (works on the meta device)."""
         shapes: dict[str, tuple[int, ...]] = {"embedding": (concepts, text_dim)}
-        for name, attn in cross_attention_layers(unet):
-            for p in PATHWAYS:
-                shapes[f"delta.{name}.to_{p}"] = tuple(getattr(attn, f"to_{p}").weight.shape)
+        for name in site_names(unet, "kv"):  # SD: each cross-attention's to_k/to_v; SD3/Flux: add_k/v_proj
+            shapes[f"delta.{name}"] = tuple(inner_layer(unet.get_submodule(name)).weight.shape)
         return shapes
 
     # -- training
@@ -140,11 +145,21 @@ class CustomDiffusion(CustomDiffusionCard, Method):
 
         tokens = concept.header.get("tokens", [concept.token])
         token_files = [inside(folder, f"{token}.safetensors") for token in tokens]  # checked before any write
-        unet = pipe.unet
+        unet = families.denoiser(pipe)
         shapes = cls.concept_shapes(unet, sum(widths(pipe)), len(tokens))
         if {k: tuple(v.shape) for k, v in concept.tensors.items()} != shapes:
             raise ConceptFileError(f"'{concept.token}' was trained on another base than the one given (its tensors do "
                                    "not fit this UNet and text encoders); pass the base it was trained on")
+        if fmt == "diffusers-lora":
+            files = [save_safetensors(inside(folder, LORA_FILE), full_rank_lora(concept.tensors, families.of(pipe)))]
+        else:
+            files = [save_safetensors(inside(folder, WEIGHTS_FILE), cls._attn_procs(concept, unet))]
+        for j, (token, path) in enumerate(zip(tokens, token_files)):
+            files.append(save_safetensors(path, token_file(pipe, token, concept.tensors["embedding"][j:j + 1])))
+        return files
+
+    @staticmethod
+    def _attn_procs(concept, unet) -> dict[str, torch.Tensor]:
         weights = {}
         cross = dict(cross_attention_layers(unet))
         for name in unet.attn_processors:
@@ -156,16 +171,25 @@ class CustomDiffusion(CustomDiffusionCard, Method):
                 base = getattr(cross[layer], f"to_{p}")
                 W = getattr(base, "base_layer", base).weight.detach().float().cpu()
                 weights[f"{name}.to_{p}_custom_diffusion.weight"] = W + concept.tensors[f"delta.{layer}.to_{p}"].float()
-        files = [save_safetensors(inside(folder, WEIGHTS_FILE), weights)]
-        for j, (token, path) in enumerate(zip(tokens, token_files)):
-            files.append(save_safetensors(path, token_file(pipe, token, concept.tensors["embedding"][j:j + 1])))
-        return files
+        return weights
 
     @classmethod
     def export_notes(cls, concept, fmt: str) -> dict[str, Any]:
+        from .token_files import family_of, multi_key_loading
+
         tokens = concept.header.get("tokens", [concept.token])
         superclasses = concept.header.get("superclasses", [concept.superclass])
-        return {"prompt": " and ".join(f"a {t} {s}" for t, s in zip(tokens, superclasses))}
+        notes = {"prompt": " and ".join(f"a {t} {s}" for t, s in zip(tokens, superclasses))}
+        family = family_of(concept)
+        if fmt == "diffusers-lora":
+            if family.exports.get("textual-inversion") == ():  # SD3: no stock token loader
+                loading = (f"{family.export_refusals['textual-inversion']}: each <token>.safetensors "
+                           f"({'/'.join(family.token_keys)}) is for personalize import, and a stock pipeline takes "
+                           f"the prompt's embeddings made with the tokens added")
+            else:
+                loading = "; ".join(multi_key_loading(f"{t}.safetensors", t, family) for t in tokens)
+            notes["how_to_load"] = f"pipe.load_lora_weights(DIR); {loading}"
+        return notes
 
     @classmethod
     def import_state(cls, pipe, state: dict, *, token: str | None, superclass: str | list[str], embeddings=None,
@@ -215,6 +239,19 @@ class CustomDiffusion(CustomDiffusionCard, Method):
         if len(tokens) == 1:
             return {"token": tokens[0], "superclass": superclasses[0], "tensors": tensors}
         return {"token": tokens, "superclass": words_of(tokens, superclasses)[1], "tensors": tensors}
+
+
+def full_rank_lora(tensors: dict[str, torch.Tensor], family) -> dict[str, torch.Tensor]:
+    """The K/V deltas as a diffusers LoRA: for each ``delta.<site>`` (d_out, d_in), ``lora_A`` = the d_in identity
+    and ``lora_B`` = dW, rank d_in and no alpha (diffusers takes alpha = rank: scale 1), so ``B (A x) = dW x``
+    bit for bit (``A x`` only copies x)."""
+    out = {}
+    for key, delta in tensors.items():
+        if key.startswith("delta."):
+            site = f"{family.denoiser}.{key[len('delta.'):]}"
+            out[f"{site}.lora_A.weight"] = torch.eye(delta.shape[1], dtype=torch.float32)
+            out[f"{site}.lora_B.weight"] = delta.float().contiguous()
+    return out
 
 
 def token_file(pipe, token: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:

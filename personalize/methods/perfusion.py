@@ -555,14 +555,12 @@ def _rows(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def dit_segments(pipe) -> list[tuple[str, int, int]]:
-    """``(tokenizer name, first row, rows)`` of each context segment a concept token appears in (Flux: T5's;
-    SD3: CLIP's 77, then T5's where the pipeline has T5): one rank-1 target per segment and joint block."""
-    out, start = [], 0
-    for tok_name, rows in families.of(pipe).context_segments(pipe):
-        if getattr(pipe, tok_name, None) is not None:
-            out.append((tok_name, start, rows))
-        start += rows
-    return out
+    """``(tokenizer name, first row, rows)`` of each context segment a concept token appears in
+    (``Family.context_segments``; Flux: T5's; SD3: CLIP's 77, then T5's where the pipeline has T5): one rank-1
+    target per segment and joint block."""
+    family = families.of(pipe)
+    length = sum(rows or family.max_length(pipe, name) for name, rows in family.context_tokenizers)
+    return [(name, start, stop - start) for start, stop, name in family.context_segments(pipe, length)]
 
 
 def _phrase_end(row: list[int], phrase: list[int]) -> int | None:

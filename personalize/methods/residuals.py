@@ -1,5 +1,10 @@
 """Personalized Residuals: low-rank residuals on every transformer block's ``proj_out``.
 
+On a diffusion transformer (SD3, Flux.1) the residual sits on each block's attention output projection, the
+counterpart of ``proj_out`` (``edits/placement.py``: a joint block's image-stream ``attn.to_out.0``, a Flux single
+block's ``proj_out``, where attention and MLP outputs are projected together), and LAG reads the joint attention's
+image-to-text block (``edits/joint_maps.py``). docs/RESIDUALS_DIT.md says why these modules.
+
 Notation (Ham et al. 2024, §3.2-3.3):
 
     W_i      frozen output projection of transformer block i, (m_i, m_i) (a 1x1
@@ -33,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import families
 from ..edits.attention_maps import attention_maps
 from ..edits.groups import SiteGroup
 from ..edits.lora_bank import PREFIX, LoraBank, lora_config
@@ -50,15 +56,21 @@ TOKEN_FILE = "token.safetensors"
 
 # ----------------------------------------------------------------------------- the LoRA layers
 def layer_ranks(unet: nn.Module, rank_fraction: float = 0.05, rank: int = 0) -> dict[str, int]:
-    """``{proj_out name: r_i}`` for every transformer block: ``rank`` if > 0, else round(fraction * m_i), >= 1."""
+    """``{proj_out name: r_i}`` for every transformer block: ``rank`` if > 0, else round(fraction * m_i), >= 1
+    (m_i: the layer's output width; a diffusion transformer's blocks all have the model's width)."""
     ranks = {}
     for name in site_names(unet, "proj_out"):
         m = unet.get_submodule(name).weight.shape[0]
         r = rank if rank > 0 else max(1, round(rank_fraction * m))
         ranks[name] = min(r, m)
     if not ranks:
-        raise BadInputError("this UNet has no transformer blocks with a proj_out; residuals need an SD-style UNet")
+        raise BadInputError("this denoiser has no transformer blocks with an output projection for residuals")
     return ranks
+
+
+def prefix_of(tensors: dict[str, torch.Tensor]) -> str:
+    """The part prefix of a concept's LoRA tensors: ``unet.`` (SD) or ``transformer.`` (SD3, Flux.1)."""
+    return "transformer." if any(k.startswith("transformer.") for k in tensors) else PREFIX
 
 
 # ----------------------------------------------------------------------------- the proj_out site
@@ -69,7 +81,9 @@ class ResidualGroup(SiteGroup):
     KIND = "proj_out"
 
     def occupant(self, site: str) -> "ResidualSite":
-        return ResidualSite(self, site[: -len(".proj_out")])
+        blocks = site_names(families.denoiser(self.pipe), "transformer")
+        block = max((b for b in blocks if site.startswith(b + ".")), key=len)
+        return ResidualSite(self, block, site)
 
 
 class ResidualSite:
@@ -77,8 +91,8 @@ class ResidualSite:
 
     order = 20  # additive: after any edit that replaces the base output
 
-    def __init__(self, group: ResidualGroup, block: str):
-        self.group, self.block, self.layer = group, block, f"{block}.proj_out"
+    def __init__(self, group: ResidualGroup, block: str, layer: str):
+        self.group, self.block, self.layer = group, block, layer
 
     def __call__(self, wrapper: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         from ..edits.lag import block_masks
@@ -113,13 +127,16 @@ class Residuals(ResidualsCard, Method):
         super().__init__(pipe, token, superclass, config)
         from ..templates import phrase_ids
 
-        self.macro_ids = phrase_ids(base_tokenizer(pipe), superclass)  # the macro class: one token or several
-        unet = pipe.unet
+        family = families.of(pipe)
+        # the macro class (one token or several) in each tokenizer whose ids the context's rows carry
+        self.macro_ids = {tok: phrase_ids(base_tokenizer(pipe, tok), superclass)
+                          for tok, _ in family.context_tokenizers if getattr(pipe, tok, None) is not None}
+        unet = family.denoiser_of(pipe)
         ranks = ranks or layer_ranks(unet, config.rank_fraction, config.rank)
         with torch.random.fork_rng(devices=[]):  # the same initial A_i in every run
             torch.manual_seed(0)
-            self.bank = LoraBank(unet, ranks)
-        vector = word_vector(pipe, config.init_token, single=True, what="init_token").to(unet.device)
+            self.bank = LoraBank(unet, ranks, prefix=f"{family.denoiser}.")
+        vector = word_vector(pipe, config.init_token, single=True, what="init_token", clip_only=True).to(unet.device)
         self.embedding = nn.Parameter(vector.unsqueeze(0), requires_grad=config.train_token)
         self.lag = False
 
@@ -127,8 +144,8 @@ class Residuals(ResidualsCard, Method):
     @classmethod
     def rebuild(cls, pipe, concept) -> "Residuals":
         config = cls.make_config(concept.config)
-        ranks = LoraBank.ranks_in(concept.tensors)
-        expected = set(layer_ranks(pipe.unet))
+        ranks = LoraBank.ranks_in(concept.tensors, prefix_of(concept.tensors))
+        expected = set(layer_ranks(families.denoiser(pipe)))
         if set(ranks) != expected:
             raise ConceptFileError("concept's residual layers do not match this base's proj_out layers; "
                                    "use the base it was trained on")
@@ -183,11 +200,15 @@ class Residuals(ResidualsCard, Method):
 
     def lag_columns(self, ids: list[int]) -> list[int]:
         """Positions of V* in a prompt's token ids, each with its macro-class phrase's positions when the whole
-        phrase follows it (``edits.lag.concept_columns``; the paper sums V* and all macro-class tokens)."""
+        phrase follows it (``edits.lag.concept_columns``; the paper sums V* and all macro-class tokens). Where the
+        context joins several tokenizers' rows (SD3: CLIP's, then T5's) each run is read with its own ids."""
         from ..edits.lag import concept_columns
 
-        (token_id,) = token_site(self.pipe).ids(self.key)
-        return concept_columns(ids, token_id, self.macro_ids)
+        site, cols = token_site(self.pipe), []
+        for start, stop, tok in families.of(self.pipe).context_segments(self.pipe, len(ids)):
+            (token_id,) = site.ids(self.key, tok)
+            cols += [start + c for c in concept_columns(ids[start:stop], token_id, self.macro_ids[tok])]
+        return cols
 
     def on_install(self) -> None:
         if self.lag:
@@ -206,22 +227,31 @@ class Residuals(ResidualsCard, Method):
         from ..paths import inside, save_safetensors
         from .token_files import token_state
 
-        config = lora_config(LoraBank.ranks_in(concept.tensors)).to_dict()
+        prefix = prefix_of(concept.tensors)
+        config = lora_config(LoraBank.ranks_in(concept.tensors, prefix)).to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-        meta = {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in config.items()}, sort_keys=True,
+        meta = {"lora_adapter_metadata": json.dumps({f"{prefix}{k}": v for k, v in config.items()}, sort_keys=True,
                                                     default=str)}
-        lora = {k: v for k, v in concept.tensors.items() if k.startswith(PREFIX)}
+        lora = {k: v for k, v in concept.tensors.items() if k.startswith(prefix)}
         return [save_safetensors(inside(folder, LORA_FILE), lora, meta),
                 save_safetensors(inside(folder, TOKEN_FILE),
                                  token_state(concept, concept.token, concept.tensors["embedding"]))]
 
     @classmethod
     def export_notes(cls, concept, fmt: str) -> dict[str, Any]:
-        from .token_files import is_sdxl, sdxl_loading
+        from .token_files import family_of, multi_key_loading, token_keys
 
-        sdxl = {"how_to_load": f"pipe.load_lora_weights(DIR); {sdxl_loading(TOKEN_FILE, concept.token)}"
-                               " (the residuals without LAG)"} if is_sdxl(concept) else {}
-        return {**sdxl, "prompt": f"a photo of a {concept.token} {concept.superclass}",
+        family = family_of(concept)
+        how = {}
+        if token_keys(concept) and family.exports.get("textual-inversion") == ():  # no stock token loader
+            how = {"how_to_load": f"pipe.load_lora_weights(DIR) (the residuals without LAG); "
+                                  f"{family.export_refusals['textual-inversion']}: {TOKEN_FILE} "
+                                  f"({'/'.join(family.token_keys)}) is for personalize import, and a stock "
+                                  f"pipeline takes the prompt's embeddings made with the token added"}
+        elif token_keys(concept):
+            how = {"how_to_load": f"pipe.load_lora_weights(DIR); "
+                                  f"{multi_key_loading(TOKEN_FILE, concept.token, family)} (the residuals without LAG)"}
+        return {**how, "prompt": f"a photo of a {concept.token} {concept.superclass}",
                 "token_trained": bool(concept.config.get("train_token", False)),
                 "init_token": concept.config.get("init_token"),
                 "base_fingerprint": concept.header.get("base_fingerprint", {}).get("digest")}

@@ -21,16 +21,19 @@ def vector_tokens(token: str, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def word_vector(pipe, word: str, single: bool = False, what: str = "") -> torch.Tensor:
+def word_vector(pipe, word: str, single: bool = False, what: str = "", clip_only: bool = False) -> torch.Tensor:
     """The base input embedding of ``word``: its row, or the mean of its pieces' rows (``single``: one token only;
-    ``what`` names the setting in the error). With several text encoders, each encoder's rows side by side
-    (``edits/tokens.py``), each read with its own tokenizer's ids (SDXL's two share CLIP's; T5 has its own)."""
+    ``what`` names the setting in the error; ``clip_only``: ``single`` binds only CLIP's BPE tokenizers, and T5's
+    SentencePiece, which has no rare whole-word piece to match a late BPE merge, takes the mean of the word's
+    pieces). With several text encoders, each encoder's rows side by side (``edits/tokens.py``), each read with
+    its own tokenizer's ids (SDXL's two share CLIP's; T5 has its own)."""
     rows = []
     for tok_name, te_name in pairs(pipe):
-        ids = base_tokenizer(pipe, tok_name)(word, add_special_tokens=False).input_ids
+        tokenizer = base_tokenizer(pipe, tok_name)
+        ids = tokenizer(word, add_special_tokens=False).input_ids
         if not ids:
             raise BadInputError(f"'{word}' has no tokens; give a word such as 'sks' or the superclass")
-        if single and len(ids) != 1:
+        if single and len(ids) != 1 and not (clip_only and type(tokenizer).__name__.startswith("T5")):
             which = "" if tok_name == "tokenizer" else f" ({tok_name})"
             raise BadInputError(f"{what + ' ' if what else ''}'{word}' is {len(ids)} tokens in this base's "
                                 f"tokenizer{which}; pick a single-token, rarely used word such as 'sks' or 'httr'")
