@@ -19,9 +19,10 @@ tensors named and shaped as the method saves them, found by the methods' own sit
 (``edits.placement.site_names``): Textual Inversion one vector per text encoder side by side (CLIP-L + T5: 4,864;
 CLIP-L + CLIP-G + T5: 6,144), DreamBooth-LoRA rank 4 on the family's ``lora_targets`` (diffusers'
 ``train_dreambooth_lora_flux.py`` / ``_sd3.py``), Custom Diffusion dW of every joint attention's ``add_k_proj`` /
-``add_v_proj`` + the token, DreamBooth a header (its "pipeline_bytes": the fp32 state dicts of the folder it writes;
-"trainable": the whole transformer). Personalized Residuals: its LoRA tensors and V*, and the trainable counts:
-rank round(0.05 x width) LoRA on each block's attention output projection
+``add_v_proj`` + the token, Perfusion per joint block i*, o*_V and o*_K with one row per context segment (Flux:
+T5's; SD3: CLIP's and T5's; docs/PERFUSION_DIT.md) + the token, DreamBooth a header (its "pipeline_bytes": the fp32
+state dicts of the folder it writes; "trainable": the whole transformer). Personalized Residuals: its LoRA tensors
+and V*, and the trainable counts: rank round(0.05 x width) LoRA on each block's attention output projection
 (``site_names(transformer, "proj_out")``), "trainable_joint" on the joint blocks' ``attn.to_out.0`` alone,
 "trainable" with Flux's single blocks' ``proj_out`` too, and "sites" the module patterns used.
 """
@@ -152,6 +153,10 @@ def dit_concept_shapes(pipe, method: str, rank: int = 4, concepts: int = 1) -> d
                                                   for name in site_names(denoiser, "kv")}}
     if method == "dreambooth":
         return {}
+    if method == "perfusion":  # per joint block: i*, o*_V and the stored o*_K, one row per context segment
+        from personalize.methods.perfusion import Perfusion, dit_segments
+
+        return Perfusion.concept_shapes(denoiser, text, segments=len(dit_segments(pipe)))
     raise ValueError(f"no concept shapes for {method!r} on a diffusion transformer")
 
 
@@ -187,7 +192,8 @@ def dit_rows(pipe, base: str) -> list[dict]:
     labels = {"textual-inversion": "textual-inversion (1 vector)", "residuals": "residuals (rank 0.05 x width)",
               "dreambooth-lora": f"dreambooth-lora (rank 4, {family.denoiser})",
               "custom-diffusion": "custom-diffusion (1 concept)",
-              "dreambooth": "dreambooth (header; weights in OUT.pipeline/)"}
+              "dreambooth": "dreambooth (header; weights in OUT.pipeline/)",
+              "perfusion": "perfusion (per joint block i*, o*_V, o*_K)"}
     rows = []
     for name in names_for(family):
         config = dataclasses.asdict(get(name).make_config())

@@ -214,7 +214,7 @@ class Suite:
             return
         pipe = self.pipeline()
         dit = self.base in DIT
-        edit = "dreambooth-lora" if dit else "perfusion"  # Perfusion is refused on the diffusion transformers
+        edit = "dreambooth-lora" if dit else "perfusion"  # on DiT the sampling rows time DreamBooth-LoRA
         guidance = (3.5 if self.base == "flux" else 7.0) if dit else 7.5
         steps = steps if self.dry or not dit else 28  # the stock Flux / SD3 pipelines' default
         concepts = {}

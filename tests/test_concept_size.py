@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from personalize.concept import load_concept
 from personalize.methods.perfusion import Perfusion
@@ -165,6 +166,16 @@ def test_the_benchmark_prints_the_dit_rows(dit_rows):
     assert {(r["base"], r["method"]): r for r in rows} == {k: v for k, v in dit_rows.items() if k[0] == "sd35-medium"}
 
 
+def test_dit_perfusion_rows_count_the_joint_blocks_and_segments(dit_rows):
+    """Perfusion on the real shapes (docs/PERFUSION_DIT.md): per joint block i*, o*_V and o*_K (the block's width:
+    Flux.1-dev 24 heads x 128, SD3.5-large 38 x 64, SD3.5-medium 24 x 64), one row per context segment (Flux: T5;
+    SD3: CLIP, T5), and the token (CLIP-L + T5; CLIP-L + CLIP-G + T5)."""
+    want = {"flux-dev": 19 * 3 * 1 * 3072 + 768 + 4096, "sd35-large": 38 * 3 * 2 * 2432 + 768 + 1280 + 4096,
+            "sd35-medium": 24 * 3 * 2 * 1536 + 768 + 1280 + 4096}
+    for base, floats in want.items():
+        assert dit_rows[base, "perfusion (per joint block i*, o*_V, o*_K)"]["tensor_bytes"] == 4 * floats, base
+
+
 def test_the_real_dit_configs_have_the_published_sizes(dit_pipes):
     """Flux.1-dev "12 B" (guidance-distilled transformer), SD3.5-large "8.1 B" and SD3.5-medium "2.5 B" (each with
     its stored positional table, a persistent buffer), T5 v1.1 XXL's 4.76 B encoder; the exact counts pin the
@@ -202,10 +213,13 @@ def test_dit_rows_name_the_tensors_each_method_saves(base):
 
     bench, pipe, meta = _benchmark(), load_base(base), config_pipeline(base)
     methods = names_for(families.of(pipe))
-    assert set(methods) == {"textual-inversion", "dreambooth", "dreambooth-lora", "custom-diffusion", "residuals"}
+    assert set(methods) == {"textual-inversion", "dreambooth", "dreambooth-lora", "custom-diffusion", "residuals",
+                            "perfusion"}
     for i, name in enumerate(methods):
         cls = get(name)
-        method = cls(pipe, f"<my-teddy-{i}>", "teddy", cls.make_config())
+        # Perfusion: C^-1 and the superclass inputs (transformer passes) do not change what it saves
+        extra = {"C_inv": torch.eye(2), "fresh": False} if name == "perfusion" else {}
+        method = cls(pipe, f"<my-teddy-{i}>", "teddy", cls.make_config(), **extra)
         saved = {k: tuple(v.shape) for k, v in method.concept_tensors().items()}
         assert saved == bench.dit_concept_shapes(meta, name), name
         if name == "dreambooth":

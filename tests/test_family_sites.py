@@ -60,10 +60,9 @@ def test_proj_out_sites_are_each_blocks_attention_output(pipe):
 @pytest.mark.parametrize("spec", DIT)
 def test_supported_methods_follow_the_family(spec):
     family = families.by_tiny(spec)
-    assert methods.names_for(family) == ["custom-diffusion", "dreambooth", "dreambooth-lora", "residuals",
-                                         "textual-inversion"]
-    assert "key lock" in methods.refusal("perfusion", family)
-    assert methods.refusal("residuals", family) is None
+    assert methods.names_for(family) == ["custom-diffusion", "dreambooth", "dreambooth-lora", "perfusion",
+                                         "residuals", "textual-inversion"]
+    assert methods.refusal("perfusion", family) is None and methods.refusal("residuals", family) is None
     lacking = type("Lacking", (type(family),), {"edit_kinds": family.edit_kinds - {"proj_out"}})()
     assert "proj_out" in methods.refusal("residuals", lacking)  # a family without a site kind refuses its methods
     for sd in ("sd1", "sd2", "sdxl"):
@@ -82,13 +81,15 @@ def test_declared_families_read_without_loading(tmp_path):
     assert declared_families("org/some-model") == []  # a hub id: never fetched here
 
 
-def test_train_refuses_a_method_the_family_lacks_before_masks_or_weights(tmp_path, capsys):
-    """Perfusion on SD3 with the default ``--masks auto``: the family's refusal comes before the segmenter is
-    looked for (offline, it would be the error) and before anything is written."""
+def test_train_refuses_a_method_the_family_lacks_before_masks_or_weights(tmp_path, capsys, monkeypatch):
+    """A method the family refuses (every method works on SD3 now: the refusal is patched in), with Perfusion's
+    default ``--masks auto``: the family's refusal comes before the segmenter is looked for (offline, it would be
+    the error) and before anything is written."""
     from conftest import make_photos
 
     from personalize.cli import main
 
+    monkeypatch.setattr(type(families.get("sd3")), "refuses", {"perfusion": "a reason given by the family"})
     photos = make_photos(tmp_path / "photos", n=3)
     out = tmp_path / "p.safetensors"
     with pytest.raises(SystemExit) as exit_:
@@ -96,7 +97,7 @@ def test_train_refuses_a_method_the_family_lacks_before_masks_or_weights(tmp_pat
               "--method", "perfusion", "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "\n" not in err and "Traceback" not in err
-    assert "perfusion does not work on SD3 bases" in err and "segmenter" not in err
+    assert "perfusion does not work on SD3 bases: a reason given by the family" in err and "segmenter" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 
 

@@ -1,4 +1,7 @@
-"""SDXL's pooled text vector with every Perfusion concept read as its superclass (training and inference).
+"""The pooled text vector(s) with every Perfusion concept read as its superclass (training and inference): SDXL's
+``text_embeds``, SD3's two CLIP ``text_embeds``, Flux's CLIP-L ``pooler_output`` (``Family.pooled_encoders``; one
+hook per encoder). Told here for SDXL; on SD3 and Flux the pooled vector enters the transformer's timestep
+embedding, i.e. the modulation of every block, just as ungated.
 
 Beside the cross-attention context, SDXL's UNet reads the second text encoder's pooled, projected output
 (``added_cond_kwargs["text_embeds"]``, ``text_stack.py``). It is taken at the end token, which in a causal
@@ -23,7 +26,6 @@ from typing import Callable
 
 import torch
 
-from ..text_stack import encoders
 from ..transfer import to_device
 from .tokens import base_tokenizer
 
@@ -31,12 +33,16 @@ Replacements = Callable[[], dict[int, list[int]]]  # Perfusion token id -> its s
 
 
 class PooledSuperclass:
-    """The pooled-vector hook of one SDXL pipeline (see the module docstring)."""
+    """The pooled-vector hook of one text encoder of a pipeline (see the module docstring); ``pair``: the
+    (tokenizer, encoder) names, SDXL's ``text_encoder_2`` by default (``Family.pooled_encoders``)."""
 
-    def __init__(self, pipe, replacements: Replacements):
+    def __init__(self, pipe, replacements: Replacements, pair: tuple[str, str] = ("tokenizer_2", "text_encoder_2")):
         self.pipe, self.replacements = pipe, replacements
-        self.encoder = encoders(pipe)[-1]  # SDXL: text_encoder_2, whose output[0] is the pooled text_embeds
-        self.eos = base_tokenizer(pipe, "tokenizer_2").eos_token_id
+        self.encoder = getattr(pipe, pair[1])
+        # CLIPTextModelWithProjection (SDXL, SD3): text_embeds, output[0]; CLIPTextModel (Flux's CLIP-L):
+        # pooler_output, output[1]
+        self.field = 0 if type(self.encoder).__name__.endswith("WithProjection") else 1
+        self.eos = base_tokenizer(pipe, pair[0]).eos_token_id
         self._tables: tuple | None = None  # (replacements, device, the lookup tensors of swap)
         self._handle = None
 
@@ -51,7 +57,12 @@ class PooledSuperclass:
 
     def _on_text(self, module, args, kwargs, output):
         ids = args[0] if args else kwargs.get("input_ids")
-        pooled = output[0] if isinstance(output, (tuple, list)) or hasattr(output, "keys") else None
+        if isinstance(output, (tuple, list)):
+            pooled = output[self.field] if len(output) > self.field else None
+        elif hasattr(output, "keys"):
+            pooled = output.to_tuple()[self.field] if len(output.to_tuple()) > self.field else None
+        else:
+            pooled = None
         if ids is None or pooled is None or pooled.ndim != 2:
             return None
         replacements = self.replacements()
@@ -62,12 +73,13 @@ class PooledSuperclass:
         rest = {**kwargs, "output_hidden_states": False}
         rest.pop("input_ids", None)
         with torch.no_grad():  # module.forward: not through the hooks (ours, the prompt-row matcher's)
-            superclass = module.forward(swapped, *args[1:], **rest)[0]
+            superclass = module.forward(swapped, *args[1:], **rest)
+        superclass = (superclass if isinstance(superclass, (tuple, list)) else superclass.to_tuple())[self.field]
         new = torch.where(rows[:, None], superclass.to(pooled.dtype), pooled)
         if isinstance(output, (tuple, list)):
-            return type(output)((new, *output[1:]))
+            return type(output)((*output[:self.field], new, *output[self.field + 1:]))
         output = type(output)(**dict(output.items()))
-        output[next(iter(output.keys()))] = new
+        output[list(output.keys())[self.field]] = new
         return output
 
     def _lookup(self, replacements: dict[int, list[int]], device, dtype) -> tuple:

@@ -5,14 +5,17 @@ Site kinds (``edits/placement.py``): the joint attentions (``cross_attention``),
 projections ``add_k_proj`` / ``add_v_proj`` (``kv``: Custom Diffusion's counterpart of cross-attention K/V), the
 modules of the family's diffusers DreamBooth-LoRA script (``attention``), the text encoders' attention
 (``text_attention``), each block's attention output projection (``proj_out``: Personalized Residuals, with LAG
-from the joint attention, ``edits/joint_maps.py``) and the blocks (``transformer``). Perfusion is refused by name
-(``refuses``): its key lock needs text keys that depend on the prompt alone.
+from the joint attention, ``edits/joint_maps.py``) and the blocks (``transformer``). Perfusion edits the ``kv``
+sites with i*, C and the superclass key taken per joint block (its text keys depend on the image stream through
+the blocks before it, so the lock is exact at each block's i*, not for every image and timestep:
+docs/PERFUSION_DIT.md); its global key lock is refused (``methods/perfusion.py``).
 
 Custom Diffusion's K/V deltas export as a full-rank diffusers LoRA on ``add_k_proj`` / ``add_v_proj`` (``lora_A`` =
 the identity, ``lora_B`` = dW: ``B A x = dW x`` exactly), the one stock path there is for a weight delta on these
 pipelines (diffusers' ``load_attn_procs`` reads Custom Diffusion weights into UNets only).
 
-Export formats (``exports``; ``export_refusals`` says why a method keeps none, ``personalize export`` shows it):
+Export formats (``exports``; ``export_refusals`` says why a method keeps none, ``personalize export`` shows it;
+Perfusion has no export format on any family, no stock loader applies a gated edit):
 DreamBooth-LoRA's ``diffusers-lora`` (``transformer.*`` / ``text_encoder.*`` keys, what diffusers' own
 ``train_dreambooth_lora_flux.py`` / ``_sd3.py`` save and ``FluxPipeline`` / ``StableDiffusion3Pipeline
 .load_lora_weights`` read). Flux adds Textual Inversion and DreamBooth-LoRA's ``kohya`` file in kohya sd-scripts'
@@ -25,9 +28,6 @@ from typing import ClassVar
 
 from .family import Family
 
-PERFUSION_REASON = ("Perfusion's key lock needs text keys that depend on the prompt alone, and a joint-attention "
-                    "block's text keys also depend on the image through the blocks before it")
-
 
 class DiffusionTransformer(Family):
     """A family whose denoiser is a diffusion transformer with joint (text + image) attention blocks."""
@@ -36,7 +36,7 @@ class DiffusionTransformer(Family):
     sample_arg = ("hidden_states", 0)
     context_arg = ("encoder_hidden_states", 1)
     edit_kinds = frozenset({"cross_attention", "kv", "proj_out", "attention", "text_attention", "transformer"})
-    refuses: ClassVar[dict[str, str]] = {"perfusion": PERFUSION_REASON}
+    refuses: ClassVar[dict[str, str]] = {}
     exports: ClassVar[dict[str, tuple[str, ...]]] = {
         **{name: () for name in ("dreambooth", "textual-inversion")},
         "dreambooth-lora": ("diffusers-lora",), "residuals": ("diffusers-lora",), "custom-diffusion": ("diffusers-lora",)}

@@ -74,6 +74,10 @@ class Family:
     prompt_tokenizer: ClassVar[str] = "tokenizer"
     #: the text encoders DreamBooth-LoRA's ``train_text_encoder`` puts LoRA on (the family's diffusers script's)
     lora_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
+    #: the (tokenizer, text encoder) pairs whose pooled output the denoiser reads beside the context (SDXL's
+    #: ``text_embeds``, SD3's two CLIPs, Flux's CLIP-L): Perfusion gives a row holding its token the superclass
+    #: prompt's pooled vector there (``edits/pooled.py``)
+    pooled_encoders: ClassVar[tuple[tuple[str, str], ...]] = ()
     #: the denoiser's forward arguments (keyword, position) of the noisy input and of the text context
     sample_arg: ClassVar[tuple[str, int]] = ("sample", 0)
     context_arg: ClassVar[tuple[str, int]] = ("encoder_hidden_states", 2)

@@ -65,6 +65,7 @@ class Flux(DiffusionTransformer):
     token_keys = ("clip_l", "t5")  # the layout of diffusers' advanced Flux script's pivotal-tuning embeddings
     prompt_tokenizer = "tokenizer_2"  # T5 reads the context; CLIP-L only the pooled vector (the stock pipeline cuts it)
     lora_text_encoders = ("text_encoder",)  # train_dreambooth_lora_flux.py --train_text_encoder: CLIP-L only
+    pooled_encoders = (("tokenizer", "text_encoder"),)  # CLIP-L's pooler_output (pooled_projections)
     # textual inversion as the advanced Flux script's {"clip_l", "t5"} file, which FluxPipeline (a
     # TextualInversionLoaderMixin) loads with one load_textual_inversion call per encoder (export.json says how)
     # DreamBooth-LoRA also as kohya sd-scripts' Flux file (methods/dreambooth_lora.py kohya_flux_state)

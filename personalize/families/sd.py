@@ -164,6 +164,7 @@ class StableDiffusionXL(StableDiffusion):
     tiny: ClassVar[str] = "tiny-sdxl"
     text_pairs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     token_keys = ("clip_l", "clip_g")  # the two-key layout SDXL embeddings are shared in
+    pooled_encoders = (("tokenizer_2", "text_encoder_2"),)  # text_embeds in added_cond_kwargs
 
     def matches(self, pipe) -> bool:
         return getattr(pipe, "unet", None) is not None and getattr(pipe, "text_encoder_2", None) is not None

@@ -96,6 +96,7 @@ class StableDiffusion3(DiffusionTransformer):
     lora_targets = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
                     "attn.to_out.0", "attn.to_q", "attn.to_v")
     text_pairs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"))
+    pooled_encoders = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))  # both text_embeds
     context_tokenizers = (("tokenizer", 77), ("tokenizer_3", None))  # both CLIPs' rows (CLIP-L's ids), then T5's
     export_refusals = {**DiffusionTransformer.export_refusals,
                        "textual-inversion": "StableDiffusion3Pipeline has no load_textual_inversion (diffusers "

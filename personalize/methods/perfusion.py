@@ -34,7 +34,20 @@ classes get exactly the single-word rules; the gate's i*/o* math is unchanged.
 
 SDXL: the pooled text vector (``text_embeds``) conditions the whole UNet outside the K/V sites, so no gate or
 key lock covers it; a row with a Perfusion token gets the superclass prompt's pooled vector, in training and
-inference (``edits/pooled.py``, held by the group).
+inference (``edits/pooled.py``, held by the group; SD3's two CLIP pooled vectors and Flux's CLIP-L one alike,
+``Family.pooled_encoders``).
+
+Diffusion transformers (SD3, Flux.1; the derivation and every departure in docs/PERFUSION_DIT.md): the sites are
+each joint attention's text-stream ``add_k_proj`` / ``add_v_proj``, whose input x_l (the block's normed,
+timestep-modulated text hidden state) depends on the image stream after the first block. Everything the SD edit
+shares across layers is then per joint block l, and per context segment s (Flux: T5's rows; SD3: CLIP's, then
+T5's, each with the concept token's own id): C_l (``covariance.compute_site_covariance``, stacked), i*_{l,s} (an
+EMA of x_l at the token's first row of segment s, read by the sites during the training forward,
+:meth:`Perfusion.observe`), e_super_{l,s} (the base's x_l at the superclass over the neutral templates at fixed
+reference states, :func:`superclass_site_inputs`), o*_K = W_K e_super (stored: it costs transformer passes) and
+o*_V. The gate reads the dual coordinates of x on the targets (``Rank1Projection.from_targets(dual=True)``), so
+each target maps exactly to its o* (the paper's s_j for one target). Flux's single-stream blocks are not edited;
+``lock=global`` is refused.
 """
 from __future__ import annotations
 
@@ -49,7 +62,7 @@ from ..edits.placement import cross_attention_layers, site_names
 from ..edits.pooled import PooledSuperclass
 from ..edits.tokens import base_tokenizer, token_site
 from ..errors import BadInputError, ConceptFileError
-from .. import text_stack
+from .. import families, text_stack
 from ..templates import NEUTRAL_TEMPLATES, phrase_last_position
 from .base import Method
 from .cards import PerfusionCard, PerfusionConfig, PerfusionKnobs  # noqa: F401 (the method's declaration)
@@ -70,16 +83,18 @@ class PerfusionGroup(SiteGroup):
 
     def __init__(self, pipe, C_inv: torch.Tensor):
         super().__init__(pipe)
-        self.C_inv = C_inv.double()
-        self._cache: tuple | None = None
-        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (C^-1, its Cholesky U)
+        self.C_inv = C_inv.double()  # SD: (d, d); a diffusion transformer: (blocks, d, d), one per joint block
+        self.per_site = families.of(pipe).denoiser == "transformer"
+        self.layers = site_names(families.denoiser(pipe), "cross_attention")
+        self._cache: dict = {}  # layer (None: every layer, SD) -> (key, projection)
+        self._factors: dict = {}  # (device, layer) -> (C^-1, its Cholesky U)
         self._gate: tuple | None = None
         self.key_lock: KeyLock | None = None
-        self.pooled: PooledSuperclass | None = None  # SDXL: the pooled text vector reads the superclass
+        self.pooled: list[PooledSuperclass] = []  # the pooled text vectors read the superclass (SDXL, SD3, Flux)
 
     def occupant(self, site: str) -> "PerfusionSite":
         layer, _, proj = site.rpartition(".")
-        return PerfusionSite(self, layer, proj[-1])
+        return PerfusionSite(self, layer, "k" if proj in ("to_k", "add_k_proj") else "v")
 
     def admit(self, concept: "Perfusion") -> None:
         if not torch.allclose(self.C_inv, concept.C_inv.double().to(self.C_inv.device), rtol=1e-5, atol=0):
@@ -96,12 +111,13 @@ class PerfusionGroup(SiteGroup):
         elif not wanted and self.key_lock is not None:
             self.key_lock.remove()
             self.key_lock = None
-        pooled = bool(self.members) and text_stack.family(self.pipe) == "sdxl"
-        if pooled and self.pooled is None:
-            self.pooled = PooledSuperclass(self.pipe, self.superclass_replacements).install()
-        elif not pooled and self.pooled is not None:
-            self.pooled.remove()
-            self.pooled = None
+        if self.members and not self.pooled:
+            self.pooled = [PooledSuperclass(self.pipe, self.superclass_replacements, pair).install()
+                           for pair in families.of(self.pipe).pooled_encoders if getattr(self.pipe, pair[1], None)]
+        elif not self.members:
+            for hook in self.pooled:
+                hook.remove()
+            self.pooled = []
 
     def lock_replacements(self) -> dict[int, list[int]]:
         """Token id -> the superclass phrase's token ids, for every globally locked concept."""
@@ -118,28 +134,33 @@ class PerfusionGroup(SiteGroup):
                 out[token_id] = phrase_ids(base_tokenizer(c.pipe), c.superclass)
         return out
 
-    def projection(self, dtype, device) -> Rank1Projection:
-        """The shared projection, recomputed only when an i* changed (every step in training), where the i*
-        live (no copy to the host and back); C^-1's Cholesky factor is computed once per device."""
-        if torch.compiler.is_compiling() and self._cache is not None:  # traced: no cache logic (it would
-            return self._cache[1]  # recompile every step); refreshed eagerly by Perfusion.on_text_encoded
-        key = (tuple((id(c), c.i_star_version) for c in self.members), dtype, device)
-        if self._cache is None or self._cache[0] != key:
-            i_stars = torch.stack([c.i_star.detach().double() for c in self.members])
-            where = str(i_stars.device)
+    def projection(self, dtype, device, layer: str | None = None) -> Rank1Projection:
+        """The shared projection (of one joint block's site on a diffusion transformer: ``layer``), recomputed
+        only when an i* changed (every step in training), where the i* live (no copy to the host and back);
+        C^-1's Cholesky factor is computed once per device."""
+        cached = self._cache.get(layer)
+        if torch.compiler.is_compiling() and cached is not None:  # traced: no cache logic (it would
+            return cached[1]  # recompile every step); refreshed eagerly by Perfusion.on_text_encoded
+        key = (tuple((id(c), c.version_of(layer)) for c in self.members), dtype, device)
+        if cached is None or cached[0] != key:
+            # every concept's targets (J on SD; J x segments on a diffusion transformer, Eq. 4 over all)
+            i_stars = torch.cat([c.input_target(layer).detach().double().reshape(-1, c.width) for c in self.members])
+            where = (str(i_stars.device), layer)
             if where not in self._factors:
-                C_inv = self.C_inv.to(i_stars.device)
+                C_inv = (self.C_inv if layer is None else self.C_inv[self.layers.index(layer)]).to(i_stars.device)
                 self._factors[where] = (C_inv, torch.linalg.cholesky(C_inv).mT)
             C_inv, upper = self._factors[where]
-            self._cache = (key, Rank1Projection.from_targets(i_stars, C_inv, upper).to(dtype, device))
-        return self._cache[1]
+            projection = Rank1Projection.from_targets(i_stars, C_inv, upper, dual=self.per_site)
+            cached = self._cache[layer] = (key, projection.to(dtype, device))
+        return cached[1]
 
     def gate(self, dtype, device) -> Gate | None:
-        """The concepts' gate (betas, taus), rebuilt only when a knob changed."""
+        """The concepts' gate (betas, taus; each concept's once per target row), rebuilt only when a knob
+        changed."""
         if torch.compiler.is_compiling() and self._gate is not None:
             return self._gate[1]  # refreshed eagerly, like the projection
-        beta = tuple(c.beta for c in self.members)
-        tau = tuple(0.1 if c.tau is None else c.tau for c in self.members)
+        beta = tuple(c.beta for c in self.members for _ in range(c.targets))
+        tau = tuple(0.1 if c.tau is None else c.tau for c in self.members for _ in range(c.targets))
         key = (beta, tau, dtype, device)
         if self._gate is None or self._gate[0] != key:
             self._gate = (key, None if all(b is None for b in beta) else Gate.of(list(beta), list(tau), dtype, device))
@@ -157,7 +178,11 @@ class PerfusionSite:
         self._o_star: tuple | None = None  # (versions of the o* tensors and dtype, stacked o*, the tensors)
 
     def __call__(self, wrapper: nn.Module, e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        proj = self.group.projection(e.dtype, e.device)
+        layer = self.layer if self.group.per_site else None
+        if layer is not None:
+            for member in self.group.members:  # training: i* per block from the input this site reads
+                member.observe(layer, e)
+        proj = self.group.projection(e.dtype, e.device, layer)
         return proj.apply(e, out, self._weight_basis(wrapper, proj, e.dtype), self._targets(e.dtype),
                           self.group.gate(e.dtype, e.device))
 
@@ -176,11 +201,11 @@ class PerfusionSite:
         a tensor changed (an optimizer step or an in-place load bumps its version)."""
         tensors = [c.target_output(self.layer, self.pathway) for c in self.group.members]
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            return torch.stack(tensors).to(dtype)
+            return _rows(tensors).to(dtype)
         key = (tuple((id(t), t._version) for t in tensors), dtype)
         if self._o_star is None or self._o_star[0] != key:
             # the tensors themselves are kept too, so no id in the key can be reused by a new tensor
-            self._o_star = (key, torch.stack(tensors).detach().to(dtype), tensors)
+            self._o_star = (key, _rows(tensors).detach().to(dtype), tensors)
         return self._o_star[1]
 
 
@@ -189,28 +214,48 @@ class Perfusion(PerfusionCard, Method):
     Group = PerfusionGroup
     validate_every = 25
 
-    def __init__(self, pipe, token, superclass, config: PerfusionConfig, C_inv: torch.Tensor):
+    def __init__(self, pipe, token, superclass, config: PerfusionConfig, C_inv: torch.Tensor, fresh: bool = True):
+        """``fresh``: False when the state comes from a file next (``rebuild``): on a diffusion transformer the
+        superclass inputs (reference-state forward passes) are then not computed, the file holds o*_K."""
         super().__init__(pipe, token, superclass, config)
         self.corpus = "builtin"  # id of the caption corpus C came from (recorded in the concept header)
         if config.lock not in ("local", "trained"):
             raise BadInputError(f"unknown lock '{config.lock}'; use 'local' or 'trained'")
         self.C_inv = C_inv
-        self.layers = site_names(pipe.unet, "cross_attention")
-        device = pipe.unet.device
-        self.e_super = superclass_encoding(pipe, superclass)
+        den = families.denoiser(pipe)
+        self.per_site = families.of(pipe).denoiser == "transformer"  # docs/PERFUSION_DIT.md
+        self.layers = site_names(den, "cross_attention")
+        self.proj_names = {"k": "add_k_proj", "v": "add_v_proj"} if self.per_site else {"k": "to_k", "v": "to_v"}
+        device = den.device
         self.embedding = nn.Parameter(word_vector(pipe, superclass).unsqueeze(0))  # the phrase's mean row
-        self.i_star = self.e_super.clone()
         self.i_star_initialized = False
         self.i_star_version = 0
         self.global_lock = False  # inference only: K reads the superclass prompt (edits/key_lock.py)
         self.o_v = nn.ParameterDict()
         self.o_k: dict[str, torch.Tensor] = {}
+        if self.per_site:
+            self.segments = dit_segments(pipe)
+            self.targets = len(self.segments)
+            self.width = den.get_submodule(f"{self.layers[0]}.add_k_proj").in_features
+            # e_super per block (S, d): the base's add_k_proj input at the superclass (reference states)
+            self.e_super = (superclass_site_inputs(pipe, superclass, self.layers) if fresh else
+                            {layer: torch.zeros(self.targets, self.width) for layer in self.layers})
+            self.i_star = {layer: e.clone() for layer, e in self.e_super.items()}  # (S, d) per block
+            self.i_star_versions = dict.fromkeys(self.layers, 0)
+            self.i_star_set = dict.fromkeys(self.layers, False)
+            self._observing: tuple | None = None  # training: (first rows (S, B), present (S, B), layers left)
+        else:
+            self.targets = 1
+            self.e_super = superclass_encoding(pipe, superclass)
+            self.width = self.e_super.shape[-1]
+            self.i_star = self.e_super.clone()
         with torch.no_grad():
             for name in self.layers:
-                attn = pipe.unet.get_submodule(name)
+                attn = den.get_submodule(name)
                 key = _key(name)
-                self.o_v[key] = nn.Parameter(_project(attn.to_v, self.e_super))
-                o_k = _project(attn.to_k, self.e_super)
+                e_super = self.e_super[name] if self.per_site else self.e_super
+                self.o_v[key] = nn.Parameter(_project(getattr(attn, self.proj_names["v"]), e_super))
+                o_k = _project(getattr(attn, self.proj_names["k"]), e_super)
                 self.o_k[key] = nn.Parameter(o_k) if config.lock == "trained" else o_k
         self.to(device)
         self.beta, self.tau = config.beta_train, config.tau_train
@@ -218,13 +263,24 @@ class Perfusion(PerfusionCard, Method):
     def to(self, device):
         self.embedding.data = self.embedding.data.to(device)
         self.o_v.to(device)
-        self.i_star = self.i_star.to(device)
+        if self.per_site:
+            self.i_star = {k: v.to(device) for k, v in self.i_star.items()}
+        else:
+            self.i_star = self.i_star.to(device)
         for k, v in self.o_k.items():
             if isinstance(v, nn.Parameter):
                 v.data = v.data.to(device)
             else:
                 self.o_k[k] = v.to(device)
         return self
+
+    # -- the per-layer view the group reads (SD: one i* for every layer)
+    def input_target(self, layer: str | None) -> torch.Tensor:
+        """i*: (d,) on SD (every layer); (S, d) of one joint block on a diffusion transformer."""
+        return self.i_star if layer is None else self.i_star[layer]
+
+    def version_of(self, layer: str | None) -> int:
+        return self.i_star_version if layer is None else self.i_star_versions[layer]
 
     # -- construction
     @classmethod
@@ -233,6 +289,7 @@ class Perfusion(PerfusionCard, Method):
         ships one, else the built-in corpus); ``corpus`` names a given ``C_inv`` in the concept header."""
         from ..covariance import default_covariance, inverse
 
+        cls.check_base(pipe)
         if C_inv is None:
             C, corpus = default_covariance(pipe)
             C_inv = inverse(C)
@@ -249,9 +306,26 @@ class Perfusion(PerfusionCard, Method):
                                 f"{', '.join(sorted(corpora))}; re-train them against one caption corpus")
 
     @classmethod
+    def from_concept(cls, pipe, concept, **knobs) -> "Perfusion":
+        """``lock=global`` on a diffusion transformer is refused here, before anything is built."""
+        from ..knobs import parse
+
+        if parse(cls, knobs).get("lock") == "global":
+            cls._refuse_global(pipe)
+        return super().from_concept(pipe, concept, **knobs)
+
+    @staticmethod
+    def _refuse_global(pipe) -> None:
+        family = families.of(pipe)
+        if family.denoiser == "transformer":
+            raise BadInputError(f"lock=global does not work on {family.label}: {DIT_GLOBAL_LOCK}; use lock=local")
+
+    @classmethod
     def rebuild(cls, pipe, concept) -> "Perfusion":
+        cls.check_base(pipe)
         corpus = concept.header.get("covariance", "builtin")
-        method = cls(pipe, concept.token, concept.superclass, cls.make_config(concept.config), _inverse_for(pipe, corpus))
+        method = cls(pipe, concept.token, concept.superclass, cls.make_config(concept.config),
+                     _inverse_for(pipe, corpus), fresh=False)
         method.corpus = corpus
         method.load_state_tensors(concept.tensors)
         return method
@@ -262,6 +336,12 @@ class Perfusion(PerfusionCard, Method):
     def knobs_changed(self, old) -> None:
         """beta, tau, gate and lock, also while attached (the group rebuilds its gate and key lock)."""
         k, defaults, config = self.knob_values, self.concept_defaults, self.config
+        if k.lock == "global":
+            try:
+                self._refuse_global(self.pipe)
+            except BadInputError:
+                self.knob_values = old
+                raise
         self.global_lock = k.lock == "global"
         default_beta = defaults.get("beta_global", config.beta_global) if self.global_lock else defaults.get("beta", config.beta)
         self.beta = None if not k.gate else (default_beta if k.beta is None else k.beta)
@@ -270,9 +350,20 @@ class Perfusion(PerfusionCard, Method):
             self.group.changed()
 
     @staticmethod
-    def concept_shapes(unet, text_dim: int, lock: str = "local") -> dict[str, tuple[int, ...]]:
-        """Names and shapes of the tensors a concept file holds for ``unet`` (works on the meta device)."""
-        shapes: dict[str, tuple[int, ...]] = {"embedding": (1, text_dim), "i_star": (text_dim,)}
+    def concept_shapes(unet, text_dim: int, lock: str = "local", segments: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the tensors a concept file holds for ``unet`` (works on the meta device); a
+        diffusion transformer (``segments``: its context segments, ``dit_segments``): per joint block i*, o*_V and
+        o*_K, one row per segment."""
+        shapes: dict[str, tuple[int, ...]] = {"embedding": (1, text_dim)}
+        if segments is not None:
+            from ..edits.placement import joint_attentions
+
+            for name, attn in joint_attentions(unet):
+                shapes[f"i_star.{_key(name)}"] = (segments, attn.add_k_proj.in_features)
+                shapes[f"o_v.{_key(name)}"] = (segments, attn.add_v_proj.out_features)
+                shapes[f"o_k.{_key(name)}"] = (segments, attn.add_k_proj.out_features)
+            return shapes
+        shapes["i_star"] = (text_dim,)
         for name, attn in cross_attention_layers(unet):
             shapes[f"o_v.{_key(name)}"] = (attn.to_v.out_features,)
             if lock == "trained":
@@ -291,7 +382,18 @@ class Perfusion(PerfusionCard, Method):
 
     @torch.no_grad()
     def on_text_encoded(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> None:
-        """i* <- ema * i* + (1 - ema) * mean encoding at the concept token (first batch: set)."""
+        """i* <- ema * i* + (1 - ema) * mean encoding at the concept token (first batch: set). On a diffusion
+        transformer the encoding is each joint block's add_k_proj input, read by the sites during the denoiser
+        call that follows (:meth:`observe`); here only where the token sits in each segment."""
+        if self.per_site:
+            firsts, present = [], []
+            for (tok_name, start, rows) in self.segments:
+                (token_id,) = getattr(self.pipe, tok_name).convert_tokens_to_ids([self.token])
+                hits = input_ids[:, start:start + rows] == token_id
+                firsts.append(hits.int().argmax(dim=1) + start)
+                present.append(hits.any(dim=1))
+            self._observing = (torch.stack(firsts), torch.stack(present), set(self.layers))
+            return
         (token_id,) = token_site(self.pipe).ids(self.key)
         hits = input_ids == token_id
         present = hits.any(dim=1)
@@ -315,32 +417,73 @@ class Perfusion(PerfusionCard, Method):
             self.group.projection(hidden.dtype, hidden.device)
             self.group.gate(hidden.dtype, hidden.device)
 
+    @torch.no_grad()
+    def observe(self, layer: str, x: torch.Tensor) -> None:
+        """Training, diffusion transformer: i*_l <- EMA of block ``layer``'s add_k_proj input ``x`` (B, L, d) at
+        the concept token's first row of each segment, once per step (the first of the block's two sites)."""
+        if self._observing is None or layer not in self._observing[2]:
+            return
+        firsts, present, left = self._observing
+        left.discard(layer)
+        if not left:
+            self._observing = None
+        rows = torch.arange(x.shape[0], device=x.device)
+        picked = torch.stack([x[rows, f.to(x.device)].float() for f in firsts])  # (S, B, d)
+        weight = present.to(x.device).float()
+        found = weight.sum(1)  # (S,)
+        e_concept = (picked * weight[..., None]).sum(1) / found.clamp_min(1.0)[:, None]
+        old = self.i_star[layer].to(x.device)
+        if not self.i_star_set[layer]:
+            if not bool(present.any()):
+                return
+            updated = e_concept
+            self.i_star_set[layer] = True
+        else:
+            updated = self.config.ema * old + (1 - self.config.ema) * e_concept
+        self.i_star[layer] = torch.where(found[:, None] > 0, updated, old)
+        self.i_star_versions[layer] += 1
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"embedding": self.embedding.detach(), "i_star": self.i_star.detach()}
-        tensors.update({f"o_v.{k}": v.detach() for k, v in self.o_v.items()})
-        if self.config.lock == "trained":
+        tensors = {"embedding": self.embedding.detach()}
+        if self.per_site:  # o*_K is stored: the superclass inputs need forward passes of the transformer
+            tensors.update({f"i_star.{_key(k)}": v.detach() for k, v in self.i_star.items()})
             tensors.update({f"o_k.{k}": v.detach() for k, v in self.o_k.items()})
+        else:
+            tensors["i_star"] = self.i_star.detach()
+            if self.config.lock == "trained":
+                tensors.update({f"o_k.{k}": v.detach() for k, v in self.o_k.items()})
+        tensors.update({f"o_v.{k}": v.detach() for k, v in self.o_v.items()})
         return {k: v.float().cpu().contiguous() for k, v in tensors.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        expected = set(self.state_tensors())
-        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        if missing or extra:
+        expected = self.state_tensors()
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        shaped = sorted(k for k in set(expected) & set(tensors) if tensors[k].shape != expected[k].shape)
+        if missing or extra or shaped:
             raise ConceptFileError(
                 f"perfusion tensors do not match this base's cross-attention layers "
-                f"(missing {missing[:3]}, unexpected {extra[:3]})"
+                f"(missing {missing[:3]}, unexpected {extra[:3]}, other shapes {shaped[:3]})"
             )
         with torch.no_grad():
             device = self.embedding.device
             self.embedding.copy_(tensors["embedding"].to(device))
-            self.i_star = tensors["i_star"].to(device).float().clone()
+            if self.per_site:
+                for layer in self.layers:
+                    self.i_star[layer] = tensors[f"i_star.{_key(layer)}"].to(device).float().clone()
+                    self.i_star_versions[layer] += 1
+                    self.i_star_set[layer] = True
+            else:
+                self.i_star = tensors["i_star"].to(device).float().clone()
             self.i_star_initialized = True
             self.i_star_version += 1
             for k, v in self.o_v.items():
                 v.copy_(tensors[f"o_v.{k}"].to(device))
             for k, v in self.o_k.items():
                 if f"o_k.{k}" in tensors:
-                    v.copy_(tensors[f"o_k.{k}"].to(device))
+                    if isinstance(v, nn.Parameter):
+                        v.copy_(tensors[f"o_k.{k}"].to(device))
+                    else:
+                        self.o_k[k] = tensors[f"o_k.{k}"].to(device).float().clone()
 
     def concept_tensors(self) -> dict[str, torch.Tensor]:
         return self.state_tensors()
@@ -383,8 +526,10 @@ def _key(layer: str) -> str:
 
 
 def _project(linear: nn.Module, e: torch.Tensor) -> torch.Tensor:
+    """W e (no bias: the site adds o* to the layer's output, which holds the bias); ``e`` (d,) or rows (S, d)."""
     base = getattr(linear, "base_layer", linear)
-    return (base.weight.float() @ e.float().to(base.weight.device)).detach().clone()
+    e = e.float().to(base.weight.device)
+    return (base.weight.float() @ e if e.ndim == 1 else e @ base.weight.float().T).detach().clone()
 
 
 @torch.no_grad()
@@ -397,3 +542,65 @@ def superclass_encoding(pipe, superclass: str) -> torch.Tensor:
     positions = [phrase_last_position(pipe.tokenizer, t, superclass) for t in NEUTRAL_TEMPLATES]
     hidden = text_stack.encode(pipe, prompts).context.float()  # SDXL: both encoders' outputs side by side
     return torch.stack([hidden[i, p] for i, p in enumerate(positions)]).mean(0)
+
+
+# ----------------------------------------------------------------------------- diffusion transformers
+DIT_GLOBAL_LOCK = ("its text keys at a joint block depend on the image stream, so K reading the superclass prompt "
+                   "would need a second transformer pass per step")
+
+
+def _rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The concepts' o* as rows (J, d_out) on SD, (J x segments, d_out) on a diffusion transformer."""
+    return torch.cat([t.reshape(-1, t.shape[-1]) for t in tensors])
+
+
+def dit_segments(pipe) -> list[tuple[str, int, int]]:
+    """``(tokenizer name, first row, rows)`` of each context segment a concept token appears in
+    (``Family.context_segments``; Flux: T5's; SD3: CLIP's 77, then T5's where the pipeline has T5): one rank-1
+    target per segment and joint block."""
+    family = families.of(pipe)
+    length = sum(rows or family.max_length(pipe, name) for name, rows in family.context_tokenizers)
+    return [(name, start, stop - start) for start, stop, name in family.context_segments(pipe, length)]
+
+
+def _phrase_end(row: list[int], phrase: list[int]) -> int | None:
+    """The index of ``phrase``'s last id at its first occurrence in ``row`` (None: absent)."""
+    n = len(phrase)
+    for i in range(len(row) - n + 1):
+        if row[i:i + n] == phrase:
+            return i + n - 1
+    return None
+
+
+@torch.no_grad()
+def superclass_site_inputs(pipe, superclass: str, layers: list[str]) -> dict[str, torch.Tensor]:
+    """e_super per joint block, (S, d): the base transformer's add_k_proj input at the superclass phrase's last
+    token of each context segment, averaged over the neutral templates and the reference states
+    (``covariance.site_inputs``: four step indices, seeded noise on a zero latent)."""
+    from ..covariance import reference_steps, site_inputs
+    from ..templates import fill, phrase_ids
+
+    prompts = [fill(t, superclass) for t in NEUTRAL_TEMPLATES]
+    ids = text_stack.tokenize(pipe, prompts, text_stack.encoders(pipe)[0].device)
+    segments = dit_segments(pipe)
+    positions = []  # (S, B): absolute context rows
+    for tok_name, start, rows in segments:
+        tok = getattr(pipe, tok_name)
+        phrase = phrase_ids(base_tokenizer(pipe, tok_name), superclass)
+        row_ids = tok(prompts, padding="max_length", max_length=rows, truncation=True).input_ids
+        found = [_phrase_end(r, phrase) for r in row_ids]
+        if any(p is None for p in found):
+            raise BadInputError(f"the superclass '{superclass}' was cut from a neutral prompt by {tok_name}")
+        positions.append([start + p for p in found])
+    where = torch.tensor(positions)
+    sites = [f"{layer}.add_k_proj" for layer in layers]
+    total = None
+    steps = reference_steps(pipe)
+    encoding = text_stack.encode_ids(pipe, ids)
+    for k, step in enumerate(steps):
+        seen = site_inputs(pipe, encoding, sites, step, seed=k)
+        rows = torch.arange(len(prompts), device=seen[sites[0]].device)
+        picked = {s: torch.stack([seen[s][rows, w.to(rows.device)].double().mean(0) for w in where]).cpu()
+                  for s in sites}
+        total = picked if total is None else {s: total[s] + picked[s] for s in sites}
+    return {layer: (total[site] / len(steps)).float() for layer, site in zip(layers, sites)}

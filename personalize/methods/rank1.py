@@ -23,8 +23,12 @@ class Rank1Projection:
 
     @classmethod
     def from_targets(cls, i_star: torch.Tensor, C_inv: torch.Tensor,
-                     upper: torch.Tensor | None = None) -> "Rank1Projection":
-        """``upper``: the Cholesky factor U of C^-1 (C^-1 = U^T U), when the caller keeps it."""
+                     upper: torch.Tensor | None = None, dual: bool = False) -> "Rank1Projection":
+        """``upper``: the Cholesky factor U of C^-1 (C^-1 = U^T U), when the caller keeps it. ``dual``: the gate
+        reads the coordinates of e's projection onto the targets, ``(I C^-1 I^T)^-1 I C^-1 e`` (s_j(i*_k) =
+        delta_jk, so every target maps exactly to its o*, also when targets are not C^-1-orthogonal) instead of
+        the paper's ``s_j = i*_j^T C^-1 e / i*_j^T C^-1 i*_j``; the same for one target, or orthogonal ones
+        (the diffusion transformers' variant, docs/PERFUSION_DIT.md)."""
         i_star = torch.atleast_2d(i_star).double()  # (J, d)
         C_inv = C_inv.double().to(i_star.device)
         if upper is None:
@@ -32,6 +36,8 @@ class Rank1Projection:
         q, _ = torch.linalg.qr(upper @ i_star.T)  # orthonormal basis of {U i*_j}
         basis = torch.linalg.solve_triangular(upper, q, upper=True)  # u_j = U^-1 q_j
         c_i = C_inv @ i_star.T  # (d, J)
+        if dual:  # e @ sim_map = G^-1 I C^-1 e, G = I C^-1 I^T
+            return cls(basis=basis, coeff_map=C_inv @ basis, sim_map=torch.linalg.solve(i_star @ c_i, c_i.T).T)
         energy = (i_star.T * c_i).sum(0)  # i*_j^T C^-1 i*_j
         return cls(basis=basis, coeff_map=C_inv @ basis, sim_map=c_i / energy)
 
