@@ -256,10 +256,19 @@ def test_compare_grid_with_toy_world_scores(studio):
             seen["images"] += len(images)
             return np.array([[0.6, 0.8, 0.0] for _ in images])
 
-    studio._clip = Encoder()
+    class Dino:
+        def encode_images(self, images):
+            images = list(images)
+            seen["dino"] = seen.get("dino", 0) + len(images)
+            # the generated image (one) at right angles to the photos (five): DINO-I 0, against CLIP-I 1 above
+            return np.array([[1.0, 0.0, 0.0]] if len(images) == 1 else [[0.0, 1.0, 0.0]] * len(images))
+
+    studio._clip, studio._dino = Encoder(), Dino()
     out = studio.compare(["tri", "sq"], "a {} on the left", seed=1, steps=2, clip=True)
-    assert [(r["clip_text"], r["clip_image"]) for r in out["rows"]] == [(pytest.approx(2.5 * 0.6), pytest.approx(1.0))] * 2
+    assert [(r["clip_text"], r["clip_image"], r["dino_image"]) for r in out["rows"]] == [
+        (pytest.approx(2.5 * 0.6), pytest.approx(1.0), pytest.approx(0.0))] * 2
     assert set(seen["texts"]) == {"a on the left"} and seen["images"] == 2 * (1 + 1 + 5)  # CLIP-T 1, CLIP-I 1 + 5 photos
+    assert seen["dino"] == 2 * (1 + 5)  # DINO-I: the image and the concept's 5 photos
     with pytest.raises(BadInputError, match=r"needs \{\} where each concept's token goes"):
         studio.compare(["tri"], "a photo")
     with pytest.raises(BadInputError, match="^unknown toy-world concept 'nope'; known: "):
@@ -282,8 +291,9 @@ def test_ui_help_and_usage_errors(tmp_path):
     not_a_folder.write_text("x")
     code, _, err = run(["ui", "--folder", str(not_a_folder)])
     assert (code, err.strip()) == (2, f"error: --folder '{not_a_folder}' is a file; pass a folder for the output")
-    code, _, err = run(["ui", "--folder", str(tmp_path / "app"), "--clip-weights", str(tmp_path / "none.safetensors")])
-    assert (code, err.count("\n"), "--clip-weights" in err) == (2, 1, True)
+    for flag in ("--clip-weights", "--dino-weights"):
+        code, _, err = run(["ui", "--folder", str(tmp_path / "app"), flag, str(tmp_path / "none.safetensors")])
+        assert (code, err.count("\n"), flag in err) == (2, 1, True)
     code, _, err = run(["ui", "--folder", str(tmp_path / "app"), "--device", "cuda:7"])
     assert (code, err.count("\n"), "cuda:7" in err) == (2, 1, True)
 

@@ -16,6 +16,7 @@ def ui(
     base: str = typer.Option("toy", "--base", help=BASE_HELP + " \\[default: toy, the toy world's small model shipped in the package: works offline on a CPU]."),
     folder: Optional[Path] = typer.Option(None, "--folder", help="The app's folder: uploaded photos (runs/), concept files (concepts/), the gallery and compare grids; nothing is written outside it \\[default: $XDG_DATA_HOME/personalize/ui, i.e. ~/.local/share/personalize/ui]."),
     clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="Local OpenAI CLIP ViT-B/32 weights (open_clip state dict, .safetensors) for the Compare tab's CLIP-T / CLIP-I scores \\[default: open_clip's 'openai' weights from the hub, fetched when first asked for]."),
+    dino_weights: Optional[Path] = typer.Option(None, "--dino-weights", help="Local DINO ViT-S/16 weights for the Compare tab's DINO-I score \\[default: timm's vit_small_patch16_224.dino from the hub, fetched when first asked for]."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps; one job at a time runs on it (a queue) [default: cuda if available]."),
 ):
     """Start the web app: train from photos, compose concepts with knob sliders, compare them side by side.
@@ -37,12 +38,13 @@ def ui(
 
     folder = folder if folder is not None else default_folder()
     check_output(folder, folder=True, flag="--folder")
-    if clip_weights is not None and not clip_weights.is_file():
-        from ..errors import BadInputError
+    for flag, given, what in (("--clip-weights", clip_weights, "an OpenAI CLIP ViT-B/32 state dict"),
+                              ("--dino-weights", dino_weights, "a DINO ViT-S/16 state dict")):
+        if given is not None and not given.is_file():
+            from ..errors import BadInputError
 
-        raise BadInputError(f"--clip-weights '{clip_weights}' is not a file; pass an OpenAI CLIP ViT-B/32 state dict "
-                            "(.safetensors)")
-    studio = Studio(folder, base=base, device=device, clip_weights=clip_weights)
+            raise BadInputError(f"{flag} '{given}' is not a file; pass {what} (.safetensors)")
+    studio = Studio(folder, base=base, device=device, clip_weights=clip_weights, dino_weights=dino_weights)
     demo, _ = launch(studio, host=host, port=port, block=False)
     say("serving the web app at [bold]http://{}:{}[/bold] (folder {}); Ctrl-C stops it", host, port, folder)
     try:

@@ -281,13 +281,14 @@ def build(studio: Studio):
                 cmp_toy = gr.Dropdown(["none", *toy_names], value="none", visible=studio.base == "toy",
                                       label="Score against the toy world's concept (ground truth)",
                                       elem_id="compare-toy")
-                cmp_clip = gr.Checkbox(False, label="CLIP-T / CLIP-I scores (CLIP ViT-B/32: --clip-weights, else the hub's)",
+                cmp_clip = gr.Checkbox(False, label="CLIP-T / CLIP-I / DINO-I scores (--clip-weights / --dino-weights, "
+                                                    "else the hub's)",
                                        elem_id="compare-clip")
             cmp_btn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
             cmp_msg = gr.HTML(elem_id="compare-msg")
             cmp_grid = gr.Image(label="Grid", type="filepath", elem_id="compare-grid", elem_classes=["pixelated"])
             cmp_table = gr.Dataframe(headers=["concept", "knob", "value", "alignment", "fidelity", "clip_text",
-                                              "clip_image"],
+                                              "clip_image", "dino_image"],
                                      elem_id="compare-scores")
 
             def on_compare(chosen, template, sd, knob, vals, toy, clip):
@@ -297,7 +298,8 @@ def build(studio: Studio):
                 except PersonalizeError as exc:
                     return gr.skip(), gr.skip(), _message(str(exc), True)
                 rows = [[r["concept"], r["knob"] or "", "" if r["value"] is None else r["value"],
-                         r["alignment"], r["fidelity"], r.get("clip_text"), r.get("clip_image")] for r in out["rows"]]
+                         r["alignment"], r["fidelity"], r.get("clip_text"), r.get("clip_image"), r.get("dino_image")]
+                        for r in out["rows"]]
                 return str(out["grid"]), rows, _message(f"{len(rows)} image(s) in {out['folder']}")
 
             with gr.Accordion("Benchmark reports in the app folder (reports/NAME/index.html)", open=False):

@@ -124,7 +124,8 @@ class Studio:
     to it (kept attached while the selection stays, so a knob change is ``handle.set()``, not a re-attach)."""
 
     def __init__(self, folder: str | Path | None = None, base: str = "toy", device: str | None = None,
-                 limits: Limits = LIMITS, clip_weights: str | Path | None = None):
+                 limits: Limits = LIMITS, clip_weights: str | Path | None = None,
+                 dino_weights: str | Path | None = None):
         from ..devices import resolve_device
 
         self.folder = Path(folder) if folder is not None else default_folder()
@@ -137,8 +138,9 @@ class Studio:
         self._pipes: dict[str, Any] = {}
         self._attached: tuple[tuple, Any] | None = None  # (selection key, Attachment)
         self.attach_count = 0  # how many times concepts were attached (a knob change must not add one)
-        self.clip_weights = clip_weights  # the Compare tab's CLIP scores: a local file, else open_clip's hub weights
-        self._clip = None
+        # the Compare tab's CLIP / DINO scores: local files, else open_clip's / timm's hub weights
+        self.clip_weights, self.dino_weights = clip_weights, dino_weights
+        self._clip = self._dino = None
 
     # -- folders --------------------------------------------------------------------------------------
     @property
@@ -392,10 +394,11 @@ class Studio:
                 guidance: float | None = None, clip: bool = False) -> dict[str, Any]:
         """One image per (concept, knob value): ``template`` with ``{}`` filled by each concept's token, the same
         seed everywhere; scored by the toy world's ground truth when ``toy_concept`` names one of its concepts
-        (the toy base), and with ``clip`` by CLIP-T (the prompt without the token, :class:`ClipTextScore`) and
-        CLIP-I (against the concept's uploaded photos, :class:`ClipImageScore`), the evaluators' own metrics. Writes
-        ``compare/STAMP/`` (the images, ``grid.png``, ``scores.json``) and returns
-        ``{"grid": path, "rows": [{concept, knob value, image, alignment, fidelity, clip_text, clip_image}]}``."""
+        (the toy base), and with ``clip`` by CLIP-T (the prompt without the token, :class:`ClipTextScore`), CLIP-I
+        and DINO-I (against the concept's uploaded photos, :class:`ClipImageScore`, :class:`DinoImageScore`), the
+        evaluators' own metrics. Writes ``compare/STAMP/`` (the images, ``grid.png``, ``scores.json``) and returns
+        ``{"grid": path, "rows": [{concept, knob value, image, alignment, fidelity, clip_text, clip_image,
+        dino_image}]}``."""
         from ..prompts import check_prompt_text
         from ..settings import check_options
 
@@ -468,9 +471,17 @@ class Studio:
             self._clip = ClipEncoder(weights=self.clip_weights, device=self.device)
         return self._clip
 
+    def _dino_encoder(self):
+        if self._dino is None:
+            from ..evaluation import DinoEncoder
+
+            self._dino = DinoEncoder(weights=self.dino_weights, device=self.device)
+        return self._dino
+
     def _clip_scores(self, cells: list) -> dict[int, dict[str, float | None]]:
-        """``{cell index: {"clip_text", "clip_image"}}``; CLIP-I is None for a concept without uploaded photos."""
-        from ..evaluation import ClipImageScore, ClipTextScore
+        """``{cell index: {"clip_text", "clip_image", "dino_image"}}``; the image scores are None for a concept
+        without uploaded photos."""
+        from ..evaluation import ClipImageScore, ClipTextScore, DinoImageScore
         from ..images import list_images
 
         encoder = self._clip_encoder()
@@ -481,12 +492,12 @@ class Studio:
             text = ClipTextScore(encoder)
             text.update([image], prompt, token)
             photos = self.folder / "runs" / name / "photos"
-            image_score = None
+            out[i] = {"clip_text": text.compute(), "clip_image": None, "dino_image": None}
             if photos.is_dir():
-                metric = ClipImageScore(encoder)
-                metric.update(generated=[image], reference=list_images(photos))
-                image_score = metric.compute()
-            out[i] = {"clip_text": text.compute(), "clip_image": image_score}
+                for key, metric in (("clip_image", ClipImageScore(encoder)),
+                                    ("dino_image", DinoImageScore(self._dino_encoder()))):
+                    metric.update(generated=[image], reference=list_images(photos))
+                    out[i][key] = metric.compute()
         return out
 
     def reports(self) -> list[Path]:
