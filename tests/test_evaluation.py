@@ -431,3 +431,10 @@ def test_score_concept_file_path_uses_and_fills_the_benchmark_feature_cache(tiny
     assert _same(first, want)  # to float rounding: the files decoded together are other batches
     assert score_concept(cclip, cdino, gen, "a cat", refs, workers=0) == first
     assert len(asked) == 1  # everything cached: nothing decoded
+
+
+def test_default_workers_leave_the_cpu_to_the_networks():
+    from personalize.evaluation.decode import default_workers
+
+    assert default_workers("cpu") == default_workers(torch.device("cpu")) == 0
+    assert 0 <= default_workers("cuda") == default_workers() <= 8

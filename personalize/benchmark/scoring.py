@@ -113,7 +113,7 @@ def _clip_base(worker, concept, gens: list[dict]) -> dict:
     clip, dino = worker.encoders()
     paths, prompts = _images(worker, gens)
     out = score_concept(clip, dino, paths, prompts, reference=list_images(worker.photos(concept)), token=None,
-                       workers=default_workers())
+                       workers=default_workers(worker.device))
     _label(out, _stems_of(gens), ("clip_text", "clip_image", "dino_image"))
     out["clip_text_by_prompt"] = _text_by_prompt(out, gens)
     return _shape_preserving(out, concept, gens)
@@ -158,7 +158,7 @@ def _clip_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
     clip, dino = worker.encoders()
     paths, _ = _images(worker, gens)
     out = score_concept(clip, dino, paths, _class_texts(concept, gens), reference=list_images(worker.photos(concept)),
-                        token=None, workers=default_workers())
+                        token=None, workers=default_workers(worker.device))
     _label(out, _stems_of(gens), ("clip_text", "clip_image", "dino_image"))
     _normalised_text(out, base, gens, keep=[shape_preserving(concept.templates[i]) for i in _prompt_indices(gens)])
     leak = LeakageScore(dino)
@@ -191,7 +191,7 @@ def score_composition(worker, row: dict) -> dict:
     a, b = members  # each member's superclass in its slot: the composed prompt without its tokens (see _class_texts)
     texts = [info["templates"][r["prompt_index"]].replace("{0}", a.superclass).replace("{1}", b.superclass)
              for r in gens for _ in r["outputs"]]
-    out = score_concept(clip, dino, paths, texts, reference=refs, token=None, workers=default_workers())
+    out = score_concept(clip, dino, paths, texts, reference=refs, token=None, workers=default_workers(worker.device))
     out["composition"] = list(info["names"])
     if row["method"] == BASE:
         out["clip_text_by_prompt"] = _text_by_prompt(out, gens)

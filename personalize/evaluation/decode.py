@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -73,9 +73,15 @@ def _take(pending: list[tuple[torch.Tensor, ...]], n: int):
     return batch, ([rest] if rest[0].shape[0] else [])
 
 
-def default_workers() -> int:
-    """Decode workers when none are asked for: one core left to the main process (it runs the encoders and joins
-    the batches), at most 8 (a many-core host does not start dozens of processes for a folder of samples)."""
+def default_workers(device: Union[None, str, torch.device] = None) -> int:
+    """Decode workers when none are asked for. On an accelerator: one core left to the main process (it feeds the
+    encoders and joins the batches), at most 8 (a many-core host does not start dozens of processes for a folder of
+    samples). On the CPU: 0, every file still decoded once, in this process: there the two networks, not the
+    decoding, take the time (~0.08 s against ~0.02 s an image on the 2-core CPU here) and use every core, so a
+    decoding process only competes with them (docs/PERFORMANCE.md: 1 worker beside 2 torch threads on 2 cores was
+    slower)."""
+    if device is not None and torch.device(device).type == "cpu":
+        return 0
     try:
         cores = len(os.sched_getaffinity(0))  # the cores this process may use (a container's share), not the host's
     except (AttributeError, OSError):
