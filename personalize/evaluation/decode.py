@@ -78,8 +78,8 @@ def default_workers(device: Union[None, str, torch.device] = None) -> int:
     encoders and joins the batches), at most 8 (a many-core host does not start dozens of processes for a folder of
     samples). On the CPU: 0, every file still decoded once, in this process: there the two networks, not the
     decoding, take the time (~0.08 s against ~0.02 s an image on the 2-core CPU here) and use every core, so a
-    decoding process only competes with them (docs/PERFORMANCE.md: 1 worker beside 2 torch threads on 2 cores was
-    slower)."""
+    decoding process can only hide that fifth and competes with them for the cores (docs/PERFORMANCE.md: on the
+    2-core CPU here 1 worker was no faster than decoding in this process)."""
     if device is not None and torch.device(device).type == "cpu":
         return 0
     try:
