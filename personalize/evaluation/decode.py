@@ -106,7 +106,7 @@ def encode_files(encoders: Sequence, groups: Sequence[Sequence[Path]], workers: 
 
     def encode(k: int, g: int, n: int) -> None:
         enc = encoders[k]
-        rows = torch.cat(held[k])
+        rows = held[k][0] if len(held[k]) == 1 else torch.cat(held[k])  # one piece: still pinned, copied async
         held[k] = [rows[n:]] if rows.shape[0] > n else []
         x = normalize_pixels(rows[:n].to(enc.device, non_blocking=True), *enc.preprocess[2:])
         out[g][k].append(_normalize(enc.features(x).float()).cpu())
