@@ -23,7 +23,7 @@ POSITIVE_PREFIXES = ("lr", "tau")  # learning rates (lr, lr_value, lr_embedding 
 NON_NEGATIVE = frozenset({"checkpoint_every", "preview_every", "num_class_images", "weight_decay", "prior_loss_weight",
                           "max_grad_norm", "guidance", "class_guidance", "rank", "validate_every", "validation_every", "keep_tags",
                           "bucket_step", "bucket_min", "bucket_max",
-                          "save_every", "lr_warmup_steps",
+                          "save_every", "lr_warmup_steps", "workers",
                           "beta", "beta_train", "beta_global"})  # Perfusion's gate threshold on s (s = 1 at the concept)
 #: in [0, 1]
 UNIT = frozenset({"flip_p", "ema", "caption_dropout"})

@@ -293,3 +293,148 @@ def test_preprocessed_batches_are_the_in_process_decode_in_file_order(tmp_path, 
     for k, t in enumerate(transforms):
         expected = torch.stack([t(load_image(p)) for p in paths])
         assert torch.equal(torch.cat([b[k] for b in batches]), expected)
+
+
+
+def _pngs(folder, n, seed):
+    """PNG files of different sizes and aspect ratios (both resize paths, several crops)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = folder / f"{seed}_{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (30 + 7 * i, 41 + 3 * (i % 3), 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+class _TinyEncoder:
+    """An encoder as the evaluator's (``preprocess``, ``transform``, ``features``, ``batch_size``, ``device``;
+    ``encode_images`` is the real one) with a random linear map of every pixel for a network: fast, and any pixel
+    decoded or normalised differently, or a batch cut differently, changes its features."""
+
+    def __init__(self, preprocess, batch_size, seed):
+        from personalize.evaluation.models import make_transform
+
+        g = torch.Generator().manual_seed(seed)
+        self.preprocess, self.batch_size, self.device = preprocess, batch_size, torch.device("cpu")
+        self.transform = make_transform(*preprocess)
+        self.weight = torch.randn(3 * preprocess[1] ** 2, 16, generator=g)
+
+    def features(self, x):
+        return x.flatten(1) @ self.weight
+
+    def encode_images(self, images):
+        from personalize.evaluation.models import _encode_in_batches
+
+        return _encode_in_batches(self, images)
+
+    def encode_texts(self, texts):
+        return np.stack([_unit(np.random.default_rng(len(t)).normal(size=16)).astype(np.float32) for t in texts])
+
+
+@pytest.fixture
+def tiny():
+    """CLIP-like and DINO-like (resize, crop) with batches that differ per encoder and straddle the groups."""
+    from personalize.evaluation.models import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+
+    return _TinyEncoder((24, 24, CLIP_MEAN, CLIP_STD), 4, 0), _TinyEncoder((28, 20, IMAGENET_MEAN, IMAGENET_STD), 3, 1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_score_concept_file_path_is_the_per_encoder_path_to_the_bit(tiny, tmp_path, monkeypatch, workers):
+    """Files decoded once for both encoders (in worker processes or here) score exactly as each encoder decoding
+    every file itself, per image and in order, single concept and composition; each file is decoded once."""
+    from personalize.evaluation import models, score_concept
+
+    clip, dino = tiny
+    gen, cat, dog = _pngs(tmp_path, 9, 1), _pngs(tmp_path, 5, 2), _pngs(tmp_path, 2, 3)
+    prompts = [f"a <new1> cat {'very ' * i}far away" for i in range(len(gen))]
+    opened = []
+    real = models.load_image
+    monkeypatch.setattr(models, "load_image", lambda item: opened.append(item) or real(item))
+    for refs in (cat, {"cat": cat, "dog": dog}):
+        today = score_concept(clip, dino, gen, prompts, refs, token="<new1>")
+        assert len(opened) == 3 * len(gen) + 2 * (len(cat) + (len(dog) if refs is not cat else 0))  # for contrast
+        opened.clear()
+        files = score_concept(clip, dino, gen, prompts, refs, token="<new1>", workers=workers)
+        assert files == today  # every score and every per-image sample, bit for bit
+        per_image = files["samples"]["clip_image"]
+        per_image = per_image if refs is cat else per_image["cat"]
+        assert len(set(per_image)) == len(gen)  # distinct per image: an order change shows
+        if workers == 0:  # decoding in this process: count it
+            assert sorted(opened) == sorted(gen + cat + (dog if refs is not cat else []))  # once each
+        opened.clear()
+    back = score_concept(clip, dino, gen[::-1], prompts[::-1], {"cat": cat, "dog": dog}, workers=workers)
+    # other batches: the same values to float rounding, in the new order
+    for key, name in (("clip_text", None), ("clip_image", "cat"), ("dino_image", "dog")):
+        got, want = back["samples"][key], today["samples"][key]
+        got, want = (got, want) if name is None else (got[name], want[name])
+        assert got == pytest.approx(want[::-1], abs=1e-5)
+
+
+def test_encode_files_is_encode_images_on_clip_and_dino(clip, dino, tmp_path, monkeypatch):
+    """The real networks (random weights): ``encode_files`` gives ``encode_images``'s features exactly (which the
+    tests above check against an independent computation), with batches that straddle groups."""
+    from personalize.evaluation.decode import encode_files
+
+    monkeypatch.setattr(clip, "batch_size", 2)
+    monkeypatch.setattr(dino, "batch_size", 3)
+    groups = [_pngs(tmp_path, 3, 4), [], _pngs(tmp_path, 1, 5)]
+    out = encode_files((clip, dino), groups, workers=2)
+    for group, (c, d) in zip(groups, out):
+        for encoder, got in ((clip, c), (dino, d)):
+            want = encoder.encode_images(group)
+            assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+
+
+def test_score_concept_images_in_memory_keep_the_encoders_path(tiny, tmp_path, monkeypatch):
+    from personalize.evaluation import decode, score_concept
+
+    clip, dino = tiny
+    gen, refs = _images(3, 7), _pngs(tmp_path, 2, 8)
+    today = score_concept(clip, dino, gen, "a cat", refs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("images in memory went to the file path")
+
+    monkeypatch.setattr(decode, "encode_files", refuse)
+    assert score_concept(clip, dino, gen, "a cat", refs, workers=2) == today
+
+
+def _same(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == pytest.approx(b, abs=1e-5)
+
+
+def test_score_concept_file_path_uses_and_fills_the_benchmark_feature_cache(tiny, tmp_path, monkeypatch):
+    """The benchmark runner's FeatureCache: files it has encoded are not decoded again; the rest are decoded once
+    and remembered; the scores are the uncached ones."""
+    from personalize.benchmark.work import FeatureCache
+    from personalize.evaluation import decode, score_concept
+
+    clip, dino = tiny
+    gen, refs = _pngs(tmp_path, 4, 9), _pngs(tmp_path, 3, 10)
+    want = score_concept(clip, dino, gen, "a cat", refs)
+    cclip, cdino = FeatureCache(clip), FeatureCache(dino)
+    cdino.encode_images(refs[:1])  # one photo known to DINO only: still decoded, for CLIP
+    cclip.encode_images(gen[1:2])
+    cdino.encode_images(gen[1:2])  # known to both: not decoded
+    asked = []
+    real = decode.encode_files
+    monkeypatch.setattr(decode, "encode_files", lambda enc, groups, workers: asked.append(groups) or
+                        real(enc, groups, workers))
+    first = score_concept(cclip, cdino, gen, "a cat", refs, workers=0)
+    assert asked == [[[gen[0], *gen[2:]], refs]]
+    assert _same(first, want)  # to float rounding: the files decoded together are other batches
+    assert score_concept(cclip, cdino, gen, "a cat", refs, workers=0) == first
+    assert len(asked) == 1  # everything cached: nothing decoded
+
+
+def test_default_workers_leave_the_cpu_to_the_networks():
+    from personalize.evaluation.decode import default_workers
+
+    assert default_workers("cpu") == default_workers(torch.device("cpu")) == 0
+    assert 0 <= default_workers("cuda") == default_workers() <= 8

@@ -23,7 +23,7 @@ CLIP_I = {0: [0.8, 0.6], 1: [0.2, 0.2], 2: [0.7, 0.5]}  # the method's per-image
 @pytest.fixture
 def fake_scores(monkeypatch, tmp_path):
     """``score_concept`` looked up from the tables above by image name (``<who>_p<i>_<k>.png``)."""
-    def score_concept(clip, dino, paths, prompts, reference, token=None):
+    def score_concept(clip, dino, paths, prompts, reference, token=None, workers=None):
         who = [p.name.split("_") for p in paths]
         text = [PROMPTS[int(i[1:])][1 if w == "base" else 2][int(k[0])] for w, i, k in who]
         image = [CLIP_I[int(i[1:])][int(k[0])] for _, i, k in who]
@@ -48,7 +48,7 @@ def fake_scores(monkeypatch, tmp_path):
     monkeypatch.setattr(scoring, "score_concept", score_concept)
     monkeypatch.setattr(scoring, "list_images", lambda folder: ["photo.png"])
     monkeypatch.setattr(scoring, "LeakageScore", Leak)
-    return SimpleNamespace(root=tmp_path, encoders=lambda: (None, None), photos=lambda concept: tmp_path)
+    return SimpleNamespace(root=tmp_path, device="cpu", encoders=lambda: (None, None), photos=lambda concept: tmp_path)
 
 
 def _gens(who: str) -> list[dict]:

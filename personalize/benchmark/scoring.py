@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..evaluation import LeakageScore, harmonic_mean, list_images, normalized_text_similarity, score_concept
+from ..evaluation.decode import default_workers
 from ..evaluation.protocol import shape_preserving
 from .plan import BASE, concept_from_payload
 
@@ -111,7 +112,8 @@ def _text_by_prompt(out: dict, rows: list[dict]) -> dict[str, float]:
 def _clip_base(worker, concept, gens: list[dict]) -> dict:
     clip, dino = worker.encoders()
     paths, prompts = _images(worker, gens)
-    out = score_concept(clip, dino, paths, prompts, reference=list_images(worker.photos(concept)), token=None)
+    out = score_concept(clip, dino, paths, prompts, reference=list_images(worker.photos(concept)), token=None,
+                       workers=default_workers(worker.device))
     _label(out, _stems_of(gens), ("clip_text", "clip_image", "dino_image"))
     out["clip_text_by_prompt"] = _text_by_prompt(out, gens)
     return _shape_preserving(out, concept, gens)
@@ -156,7 +158,7 @@ def _clip_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
     clip, dino = worker.encoders()
     paths, _ = _images(worker, gens)
     out = score_concept(clip, dino, paths, _class_texts(concept, gens), reference=list_images(worker.photos(concept)),
-                        token=None)
+                        token=None, workers=default_workers(worker.device))
     _label(out, _stems_of(gens), ("clip_text", "clip_image", "dino_image"))
     _normalised_text(out, base, gens, keep=[shape_preserving(concept.templates[i]) for i in _prompt_indices(gens)])
     leak = LeakageScore(dino)
@@ -189,7 +191,7 @@ def score_composition(worker, row: dict) -> dict:
     a, b = members  # each member's superclass in its slot: the composed prompt without its tokens (see _class_texts)
     texts = [info["templates"][r["prompt_index"]].replace("{0}", a.superclass).replace("{1}", b.superclass)
              for r in gens for _ in r["outputs"]]
-    out = score_concept(clip, dino, paths, texts, reference=refs, token=None)
+    out = score_concept(clip, dino, paths, texts, reference=refs, token=None, workers=default_workers(worker.device))
     out["composition"] = list(info["names"])
     if row["method"] == BASE:
         out["clip_text_by_prompt"] = _text_by_prompt(out, gens)

@@ -206,6 +206,17 @@ class FeatureCache:
             return str(Path(item).resolve()), st.st_size, st.st_mtime_ns
         return None
 
+    def cached(self, item):
+        """``item``'s features if this process encoded that file already, else None (``score_concept``'s file
+        path asks before it decodes)."""
+        key = self._key(item)
+        return None if key is None else self._features.get(key)
+
+    def remember(self, item, features) -> None:
+        key = self._key(item)
+        if key is not None:
+            self._features[key] = features
+
     def encode_images(self, images):
         import numpy as np
 

@@ -31,6 +31,7 @@ def evaluate(
     dino_weights: Optional[Path] = typer.Option(None, "--dino-weights", help="Local DINO ViT-S/16 weights file \\[default: timm's vit_small_patch16_224.dino from the hub]."),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps; a device this machine lacks is refused \\[default: cuda if available]."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes that decode and resize the image files, each file once for both CLIP and DINO (decoding and resizing, ~11 ms a 512-px PNG on one core, is what bounds the evaluator's rate; docs/PERFORMANCE.md); 0 decodes in this process \\[default: the usable cores - 1, at most 8, with a GPU; 0 on the CPU, where the two networks take the time and every core]."),
 ):
     """Score generated images the CustomConcept101 way: CLIP-T (2.5 x max(cos, 0) with the prompt minus the token),
     CLIP-I and DINO-I (all-pairs mean cosine against the reference photos).
@@ -44,7 +45,12 @@ def evaluate(
     from ..devices import resolve_device
     from ..evaluation import ClipEncoder, DinoEncoder, list_images, score_concept
 
+    from ..evaluation.decode import default_workers
+    from ..settings import check_options
+
+    check_options(workers=workers)
     device = str(resolve_device(device))  # a device this machine lacks: one line, before any work
+    workers = default_workers(device) if workers is None else workers
     images, prompts = _samples(samples)
     if not reference.is_dir():
         raise BadInputError(f"--reference '{reference}' is not a folder; pass the folder of the concept's photos")
@@ -54,7 +60,8 @@ def evaluate(
     clip_weights, dino_weights = _weights("--clip-weights", clip_weights), _weights("--dino-weights", dino_weights)
     clip = ClipEncoder(weights=clip_weights, device=device)
     dino = DinoEncoder(weights=dino_weights, device=device)
-    scores = score_concept(clip, dino, images, prompts, references, token=token)
+    scores = score_concept(clip, dino, images, prompts, references, token=token,
+                           workers=workers)
     if as_json:
         print_json({**scores, "samples": str(samples), "reference": str(reference)})
         return

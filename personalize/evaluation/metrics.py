@@ -79,7 +79,8 @@ class ClipTextScore(_MeanOfScores):
         self.reset()
 
     def update(self, images: Sequence[ImageLike], prompts: Union[str, Sequence[str]],
-               token: Union[None, str, Sequence[str]] = None) -> np.ndarray:
+               token: Union[None, str, Sequence[str]] = None, features: Optional[np.ndarray] = None) -> np.ndarray:
+        """``features``: the images' CLIP features when the caller has them (``score_concept``'s file path)."""
         images = list(images)
         if isinstance(prompts, str):
             prompts = [prompts] * len(images)
@@ -90,7 +91,7 @@ class ClipTextScore(_MeanOfScores):
         texts = [remove_token(p, token) for p in prompts]
         unique = sorted(set(texts))
         tfeat = dict(zip(unique, self.clip.encode_texts(unique)))
-        ifeat = self.clip.encode_images(images)
+        ifeat = self.clip.encode_images(images) if features is None else features
         cos = np.array([float(ifeat[i] @ tfeat[t]) for i, t in enumerate(texts)])
         scores = self.factor * np.maximum(cos, 0.0)
         self.scores.extend(scores.tolist())
@@ -202,29 +203,63 @@ def toyworld_metrics(**options) -> dict:
     return {key: ToyWorldScore(key) for key in ("alignment", "fidelity", "leakage")}
 
 
+def _is_file(item) -> bool:
+    return isinstance(item, (str, Path))
+
+
+def _file_features(encoders, groups: list[list], workers: int) -> list[list[np.ndarray]]:
+    """``encode_files`` for the files an encoder has not cached (``cached``/``remember``: the benchmark runner's
+    ``FeatureCache``); cached features are reused, the rest decoded once for all encoders."""
+    from .decode import encode_files
+
+    def cached(enc, item):
+        look = getattr(enc, "cached", None)
+        return None if look is None else look(item)
+
+    known = [[[cached(e, item) for e in encoders] for item in g] for g in groups]
+    todo = [[i for i, feats in enumerate(kg) if any(f is None for f in feats)] for kg in known]
+    fresh = encode_files(encoders, [[g[i] for i in t] for g, t in zip(groups, todo)], workers) if any(todo) else []
+    for g, (group, t) in enumerate(zip(groups, todo)):
+        for k, enc in enumerate(encoders):
+            for row, i in enumerate(t):
+                known[g][i][k] = fresh[g][k][row]
+                if hasattr(enc, "remember"):
+                    enc.remember(group[i], fresh[g][k][row])
+    return [[np.stack([feats[k] for feats in kg]) for k in range(len(encoders))] for kg in known]
+
+
 def score_concept(clip, dino, generated: Sequence[ImageLike], prompts: Union[str, Sequence[str]],
-                  reference, token: Union[None, str, Sequence[str]] = None) -> dict:
+                  reference, token: Union[None, str, Sequence[str]] = None, workers: Optional[int] = None) -> dict:
     """CC101's three scores for one concept's generated images.
 
     ``reference``: the concept's reference images, or for a composition a dict name -> images; image
     scores are then computed against each concept's references separately ({"clip_image": {name: ...}}).
     ``samples`` keeps the per-image values, in the order of ``generated`` (for bootstrap intervals): CLIP-T
     per image, and per image its mean cosine over all references (their mean is the all-pairs mean).
+    ``workers``: when every image is a file, each is decoded once for both encoders, in that many worker
+    processes (0: in this one; :func:`.decode.encode_files`; the same features to the bit); None, or images in
+    memory: each encoder's ``encode_images``.
     """
     generated = list(generated)
-    ct = ClipTextScore(clip)
-    text = ct.update(generated, prompts, token=token)
-    out: dict = {"clip_text": ct.compute(), "n_images": len(generated)}
     refs = reference if isinstance(reference, dict) else {None: reference}
-    gen_clip, gen_dino = clip.encode_images(generated), dino.encode_images(generated)
-    per: dict = {"clip_image": {}, "dino_image": {}}
-    rows: dict = {"clip_image": {}, "dino_image": {}}
+    refs = {name: list(images) for name, images in refs.items()}
     for name, images in refs.items():
-        images = list(images)
         if not images:
             raise BadInputError(f"score_concept: no reference images{'' if name is None else ' for ' + name}")
-        for key, feat, encoder in (("clip_image", gen_clip, clip), ("dino_image", gen_dino, dino)):
-            row_means = (feat @ encoder.encode_images(images).T).mean(axis=1)  # each image against every reference
+    files = workers is not None and generated and all(_is_file(i) for g in (generated, *refs.values()) for i in g)
+    if files:
+        (gen_clip, gen_dino), *ref_feats = _file_features((clip, dino), [generated, *refs.values()], workers)
+    ct = ClipTextScore(clip)
+    text = ct.update(generated, prompts, token=token, features=gen_clip if files else None)
+    out: dict = {"clip_text": ct.compute(), "n_images": len(generated)}
+    if not files:
+        gen_clip, gen_dino = clip.encode_images(generated), dino.encode_images(generated)
+        ref_feats = [(clip.encode_images(images), dino.encode_images(images)) for images in refs.values()]
+    per: dict = {"clip_image": {}, "dino_image": {}}
+    rows: dict = {"clip_image": {}, "dino_image": {}}
+    for name, (ref_clip, ref_dino) in zip(refs, ref_feats):
+        for key, feat, ref in (("clip_image", gen_clip, ref_clip), ("dino_image", gen_dino, ref_dino)):
+            row_means = (feat @ ref.T).mean(axis=1)  # each image against every reference
             rows[key][name] = [float(v) for v in row_means]
             per[key][name] = float(row_means.mean())  # = the all-pairs mean
     out["samples"] = {"clip_text": [float(v) for v in text]}

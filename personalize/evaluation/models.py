@@ -71,12 +71,18 @@ def make_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[
     ])
 
 
+#: (resize, crop, mean, std) of each encoder: :func:`make_transform`'s arguments; the file path
+#: (:func:`.decode.encode_files`) splits them into :func:`pixel_transform` in workers and :func:`normalize_pixels`
+CLIP_PREPROCESS = (224, 224, CLIP_MEAN, CLIP_STD)
+DINO_PREPROCESS = (256, 224, IMAGENET_MEAN, IMAGENET_STD)
+
+
 def clip_transform():
-    return make_transform(224, 224, CLIP_MEAN, CLIP_STD)
+    return make_transform(*CLIP_PREPROCESS)
 
 
 def dino_transform():
-    return make_transform(256, 224, IMAGENET_MEAN, IMAGENET_STD)
+    return make_transform(*DINO_PREPROCESS)
 
 
 def pixel_transform(resize: int, crop: int):
@@ -161,10 +167,12 @@ class ClipEncoder:
             _load_state(model, weights)
         self.model = model.eval().to(self.device)
         self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.transform = clip_transform()
+        self.preprocess = CLIP_PREPROCESS
+        self.transform = make_transform(*self.preprocess)
+        self.features = self.model.encode_image
 
     def encode_images(self, images: Iterable[ImageLike]) -> np.ndarray:
-        return _encode_in_batches(self, images, self.model.encode_image)
+        return _encode_in_batches(self, images)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -173,13 +181,14 @@ class ClipEncoder:
 
 
 @torch.no_grad()
-def _encode_in_batches(encoder, images: Iterable[ImageLike], features) -> np.ndarray:
-    """Unit-norm ``features(batch)`` of ``images`` after ``encoder.transform``, ``encoder.batch_size`` at a time."""
+def _encode_in_batches(encoder, images: Iterable[ImageLike]) -> np.ndarray:
+    """Unit-norm ``encoder.features(batch)`` of ``images`` after ``encoder.transform``, ``encoder.batch_size`` at a
+    time (the file path, :func:`.decode.encode_files`, cuts the same batches)."""
     pics = [load_image(i) for i in images]
     out = []
     for s in range(0, len(pics), encoder.batch_size):
         batch = torch.stack([encoder.transform(p) for p in pics[s:s + encoder.batch_size]]).to(encoder.device)
-        out.append(_normalize(features(batch).float()).cpu())
+        out.append(_normalize(encoder.features(batch).float()).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
@@ -201,7 +210,9 @@ class DinoEncoder:
         if weights is not None:
             _load_state(model, weights)
         self.model = model.eval().to(self.device)
-        self.transform = dino_transform()
+        self.preprocess = DINO_PREPROCESS
+        self.transform = make_transform(*self.preprocess)
+        self.features = self.cls_features
 
     @torch.no_grad()
     def cls_features(self, batch: torch.Tensor) -> torch.Tensor:
@@ -209,4 +220,4 @@ class DinoEncoder:
         return tokens[:, 0]
 
     def encode_images(self, images: Iterable[ImageLike]) -> np.ndarray:
-        return _encode_in_batches(self, images, self.cls_features)
+        return _encode_in_batches(self, images)
