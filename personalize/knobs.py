@@ -172,8 +172,15 @@ class KnobTensor:
             tensor.fill_(self.value)
 
     def on(self, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The tensor for ``device``/``dtype``, made on first use (eagerly: call it before compiling)."""
         key = (str(device), dtype)
         tensor = self._tensors.get(key)
         if tensor is None:
             tensor = self._tensors[key] = torch.full((), self.value, dtype=dtype, device=device)
         return tensor
+
+    def traced(self, device, dtype: torch.dtype = torch.float32) -> "torch.Tensor | float":
+        """What traced code reads: the prepared tensor, or the float when none was prepared (a UNet the user
+        compiled themselves): dynamo then guards on the value, so a change recompiles instead of going
+        unseen, as a tensor made inside the trace (a constant of the graph) would."""
+        return self._tensors.get((str(device), dtype), self.value)

@@ -27,6 +27,20 @@ def lora_concept(tmp_path_factory, _tiny_master):
                  progress=False)
 
 
+@pytest.fixture(autouse=True)
+def _keep_compile_settings(monkeypatch):
+    """Compiling points torch's caches at the package cache (``use_compile_cache``): undone after each test
+    (torch's ``config.patch``: monkeypatch's undo would delete the options, which torch then hides)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    with inductor_config.patch(fx_graph_cache=inductor_config.fx_graph_cache), \
+            functorch_config.patch(enable_autograd_cache=functorch_config.enable_autograd_cache):
+        yield
+
+
 def counting_backend():
     """A torch.compile backend: the traced graph itself (torch's ``eager`` backend), counting the frames compiled
     in its ``frames`` list (a plain function: dynamo runs a callable object's graphs far slower on CPU)."""
@@ -89,6 +103,23 @@ def test_knobs_reach_the_compiled_unet_without_recompiling(tiny, trained_concept
         assert tiny.unet._compiled_call_impl is None  # eager again after the call
 
 
+def test_a_unet_compiled_by_the_user_follows_knob_changes(tiny, trained_concept):
+    """``pipe.unet.compile()`` without :func:`compiled_denoiser` (no tensors prepared): a knob change retraces
+    with the new values instead of reading the old gate (the compiled samples equal the eager ones)."""
+    torch._dynamo.reset()
+    try:
+        with attach(tiny, trained_concept) as handle:
+            eager = [_sample(tiny), handle.set(beta=0.4) and _sample(tiny)]
+            handle.set(beta=None)
+            tiny.unet.compile(backend=counting_backend())
+            compiled = [_sample(tiny), handle.set(beta=0.4) and _sample(tiny)]
+        assert not torch.equal(eager[0], eager[1])
+        for a, b in zip(compiled, eager):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_lag_is_compiled_once_per_state(tiny, trained_residuals):
     """Residuals' ``lag`` switches the attention-map capture on or off (hooks, not a value): each state is traced
     once, switching back and forth after that reuses dynamo's cached graphs, and both equal eager sampling."""
@@ -117,11 +148,8 @@ def test_compile_cache_lives_in_the_package_cache(monkeypatch, tmp_path):
 
     from personalize.paths import cache_dir, use_compile_cache
 
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    monkeypatch.delenv("TORCHINDUCTOR_FX_GRAPH_CACHE", raising=False)
-    monkeypatch.delenv("TORCHINDUCTOR_AUTOGRAD_CACHE", raising=False)
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
+    inductor_config.fx_graph_cache = False  # put back by _keep_compile_settings
+    functorch_config.enable_autograd_cache = False
     folder = use_compile_cache()
     assert folder == cache_dir("torch-compile") and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
     from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir

@@ -80,7 +80,7 @@ class _LoraSite:
 
     def __call__(self, wrapper, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         # compiled: the scale as a tensor input, so handle.set(scale=...) never recompiles; eager: the float
-        scale = self.method.scale_knob.on(x.device) if torch.compiler.is_compiling() else self.method.scale
+        scale = self.method.scale_knob.traced(x.device) if torch.compiler.is_compiling() else self.method.scale
         return out + (scale * self.bank.bank.delta(self.name, x)).to(out.dtype)
 
     def prepare_compiled(self, dtypes, device) -> None:

@@ -186,7 +186,10 @@ class PerfusionGroup(SiteGroup):
 
     def _sync_knob_gates(self) -> None:
         """After a knob change or a join/leave: the tensor gates take the new values in place (the compiled
-        graph keeps reading the same tensors); a changed number of target rows makes new ones."""
+        graph keeps reading the same tensors); a changed number of target rows makes new ones. The eager gate
+        is dropped, so a UNet compiled without :meth:`prepare_compiled` retraces with the new values rather
+        than keep reading the old gate."""
+        self._gate = None
         for (device, dtype), old in list(self._knob_gates.items()):
             new = self._knob_gate(dtype, device)
             if new.beta.shape == old.beta.shape:
