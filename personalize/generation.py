@@ -54,7 +54,6 @@ def generate(pipe, prompt: str, num_images: int = 1, steps: int = 50, guidance: 
         ).images
 
 
-
 @contextlib.contextmanager
 def compiled_denoiser(pipe, backend: str | Callable = "inductor", mode: str | None = None):
     """Inside the block, the pipeline's denoiser (UNet or transformer) runs ``torch.compile``d, with whatever
@@ -63,8 +62,8 @@ def compiled_denoiser(pipe, backend: str | Callable = "inductor", mode: str | No
     Knob changes do not recompile: before compiling, every attached edit makes the tensors its compiled form
     reads (``edits.sites.prepare_compiled``: Perfusion's projection and its beta/tau/gate as tensors,
     DreamBooth-LoRA's scale), which ``handle.set()`` then updates in place. What changes the graph's structure
-    does recompile: attaching or detaching a concept, Perfusion's ``lock`` (global key-locking adds a text
-    hook), Residuals' ``lag`` (LAG adds the attention-map capture), another batch size or resolution.
+    does recompile: attaching or detaching a concept, Perfusion's ``lock`` (global key-locking adds a hook at
+    the K projections), Residuals' ``lag`` (LAG adds the attention-map capture), another batch size or resolution.
     The compiled function is made once per denoiser and backend and kept (so dynamo's cache of it is reused by
     later blocks), and torch's compile caches are kept across runs (:func:`personalize.paths.use_compile_cache`).
     ``backend``/``mode``: ``torch.compile``'s (e.g. ``backend="eager"`` in tests: traced, no code generated)."""
