@@ -142,6 +142,24 @@ def test_lag_is_compiled_once_per_state(tiny, trained_residuals):
         torch._dynamo.reset()
 
 
+def test_generate_compile_flag_samples_compiled(capsys, tmp_path, monkeypatch):
+    """``personalize generate --compile`` samples inside :func:`compiled_denoiser` (recorded here, no trace)."""
+    import contextlib
+
+    import personalize.generation as generation
+    from test_bad_input import run_cli
+
+    entered = []
+    monkeypatch.setattr(generation, "compiled_denoiser",
+                        lambda pipe: entered.append(pipe) or contextlib.nullcontext())
+    args = ["generate", "--base", "tiny", "--prompt", "a ball", "--num-images", "1", "--steps", "1",
+            "--resolution", "32", "--device", "cpu"]
+    code, _, err = run_cli(capsys, [*args, "--out", tmp_path / "eager"])
+    assert code == 0 and not entered, err
+    code, _, err = run_cli(capsys, [*args, "--out", tmp_path / "compiled", "--compile"])
+    assert code == 0 and len(entered) == 1, err
+
+
 def test_compile_cache_lives_in_the_package_cache(monkeypatch, tmp_path):
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
