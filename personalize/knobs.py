@@ -19,6 +19,8 @@ import re
 import typing
 from typing import Any
 
+import torch
+
 from .errors import BadInputError
 from .settings import coerce
 
@@ -150,3 +152,35 @@ def split_concept_arg(text: str) -> tuple[str, dict[str, str]]:
         if c == ":" and os.path.isfile(text[:i]):
             raise BadInputError(f"--concept {text!r}: knobs must look like FILE:beta=0.6,tau=0.15, each given once")
     return text, {}
+
+
+class KnobTensor:
+    """A number knob as 0-dim tensors, one per (device, dtype) asked for, which :meth:`set` updates in place.
+
+    A compiled denoiser reads the knob through :meth:`on`: the tensor is a graph input, so a new value
+    (``handle.set(scale=0.5)``) reaches the compiled graph without a recompile, where a Python float would be
+    specialised on. Eager code keeps reading :attr:`value`. The tensors are made eagerly, before compiling
+    (``edits.sites.prepare_compiled``); :meth:`on` then only looks them up."""
+
+    def __init__(self, value: float):
+        self.value = float(value)
+        self._tensors: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+        for tensor in self._tensors.values():
+            tensor.fill_(self.value)
+
+    def on(self, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The tensor for ``device``/``dtype``, made on first use (eagerly: call it before compiling)."""
+        key = (str(device), dtype)
+        tensor = self._tensors.get(key)
+        if tensor is None:
+            tensor = self._tensors[key] = torch.full((), self.value, dtype=dtype, device=device)
+        return tensor
+
+    def traced(self, device, dtype: torch.dtype = torch.float32) -> "torch.Tensor | float":
+        """What traced code reads: the prepared tensor, or the float when none was prepared (a UNet the user
+        compiled themselves): dynamo then guards on the value, so a change recompiles instead of going
+        unseen, as a tensor made inside the trace (a constant of the graph) would."""
+        return self._tensors.get((str(device), dtype), self.value)

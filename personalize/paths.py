@@ -22,6 +22,28 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+def use_compile_cache() -> Path:
+    """Keep ``torch.compile``'s artifacts across runs, in ``cache_dir("torch-compile")``, and return the folder.
+
+    Inductor's FX graph cache and the AOT autograd cache (keyed by torch itself: the graph, its inputs' shapes
+    and dtypes, the torch version and the inductor config) are turned on and kept under the package cache, so
+    a second ``--compile`` run of the same model skips most of the compiling. A ``TORCHINDUCTOR_CACHE_DIR``,
+    ``TORCHINDUCTOR_FX_GRAPH_CACHE`` or ``TORCHINDUCTOR_AUTOGRAD_CACHE`` the user set is left as it is."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not folder or folder == default_cache_dir():  # unset, or inductor's own default (it writes it back)
+        folder = str(cache_dir("torch-compile"))
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    if "TORCHINDUCTOR_FX_GRAPH_CACHE" not in os.environ:
+        inductor_config.fx_graph_cache = True
+    if "TORCHINDUCTOR_AUTOGRAD_CACHE" not in os.environ:
+        functorch_config.enable_autograd_cache = True
+    return Path(folder)
+
+
 def inside(folder: str | os.PathLike, *parts: str) -> Path:
     """``folder / parts...``, refused (one-line BadInputError) when it would land outside ``folder``.
 

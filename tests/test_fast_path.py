@@ -109,11 +109,11 @@ def test_compiled_perfusion_training_never_recompiles(tiny, photos, tmp_path, mo
     import torch._dynamo
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # trace, no codegen
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     torch._dynamo.reset()
-    try:
-        train(tiny, photos, token="<disc>", superclass="ball", out=tmp_path / "c.safetensors",
-              settings={**FAST, "steps": 3, "compile": True}, progress=False, device="cpu")
+    try:  # config.patch, not monkeypatch: monkeypatch's undo deletes the option (torch then hides it)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            train(tiny, photos, token="<disc>", superclass="ball", out=tmp_path / "c.safetensors",
+                  settings={**FAST, "steps": 3, "compile": True}, progress=False, device="cpu")
     finally:
         torch._dynamo.reset()
     assert (tmp_path / "c.safetensors").is_file()

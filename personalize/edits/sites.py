@@ -147,3 +147,15 @@ def occupy_all(root: nn.Module, occupants: dict[str, Callable], key: str) -> Non
 def vacate_all(root: nn.Module, names, key: str) -> None:
     for name in names:
         vacate(root, name, key)
+
+
+def prepare_compiled(root: nn.Module, dtypes, device) -> None:
+    """Before ``root`` runs compiled: every occupant that has ``prepare_compiled(dtypes, device)`` makes, eagerly,
+    the tensors its compiled form reads (its knob values as tensors that ``handle.set()`` updates in place, and
+    any cached projection), so the traced graph takes them as inputs instead of baking Python values in."""
+    for module in root.modules():
+        if isinstance(module, SiteWrapper):
+            for occupant in module.occupants():
+                prepare = getattr(occupant, "prepare_compiled", None)
+                if prepare is not None:
+                    prepare(tuple(dtypes), torch.device(device))

@@ -30,6 +30,7 @@ from ..edits.lora_bank import ADAPTER, LoraBank
 from ..edits.placement import site_names
 from .. import families, text_stack
 from ..errors import BadInputError
+from ..knobs import KnobTensor
 from .base import Method
 from .cards import DreamBoothLoraCard, DreamBoothLoraConfig, DreamBoothLoraKnobs  # noqa: F401 (the method's declaration)
 from .identifier import IdentifierToken
@@ -78,7 +79,12 @@ class _LoraSite:
         self.method, self.bank, self.name = method, bank, name
 
     def __call__(self, wrapper, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return out + (self.method.scale * self.bank.bank.delta(self.name, x)).to(out.dtype)
+        # compiled: the scale as a tensor input, so handle.set(scale=...) never recompiles; eager: the float
+        scale = self.method.scale_knob.traced(x.device) if torch.compiler.is_compiling() else self.method.scale
+        return out + (scale * self.bank.bank.delta(self.name, x)).to(out.dtype)
+
+    def prepare_compiled(self, dtypes, device) -> None:
+        self.method.scale_knob.on(device)
 
 
 class DreamBoothLora(DreamBoothLoraCard, IdentifierToken, Method):
@@ -102,7 +108,15 @@ class DreamBoothLora(DreamBoothLoraCard, IdentifierToken, Method):
             ranks = {part: {n: config.rank for n in names}
                      for part, names in lora_sites(pipe, config.train_text_encoder).items()}
         self.banks = {part: _Bank(part, getattr(pipe, part), r) for part, r in ranks.items() if r}
-        self.scale = 1.0
+        self.scale_knob = KnobTensor(1.0)  # the ``scale`` knob; its tensors are what a compiled UNet reads
+
+    @property
+    def scale(self) -> float:
+        return self.scale_knob.value
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self.scale_knob.set(value)
 
     @classmethod
     def for_import(cls, pipe, found: dict, config) -> "DreamBoothLora":

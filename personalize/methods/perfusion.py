@@ -89,6 +89,7 @@ class PerfusionGroup(SiteGroup):
         self._cache: dict = {}  # layer (None: every layer, SD) -> (key, projection)
         self._factors: dict = {}  # (device, layer) -> (C^-1, its Cholesky U)
         self._gate: tuple | None = None
+        self._knob_gates: dict[tuple[str, torch.dtype], Gate] = {}  # (device, dtype) -> the compiled UNet's gate
         self.key_lock: KeyLock | None = None
         self.pooled: list[PooledSuperclass] = []  # the pooled text vectors read the superclass (SDXL, SD3, Flux)
 
@@ -118,6 +119,7 @@ class PerfusionGroup(SiteGroup):
             for hook in self.pooled:
                 hook.remove()
             self.pooled = []
+        self._sync_knob_gates()
 
     def lock_replacements(self) -> dict[int, list[int]]:
         """Token id -> the superclass phrase's token ids, for every globally locked concept."""
@@ -156,15 +158,54 @@ class PerfusionGroup(SiteGroup):
 
     def gate(self, dtype, device) -> Gate | None:
         """The concepts' gate (betas, taus; each concept's once per target row), rebuilt only when a knob
-        changed."""
-        if torch.compiler.is_compiling() and self._gate is not None:
-            return self._gate[1]  # refreshed eagerly, like the projection
-        beta = tuple(c.beta for c in self.members for _ in range(c.targets))
-        tau = tuple(0.1 if c.tau is None else c.tau for c in self.members for _ in range(c.targets))
+        changed. Compiled with :meth:`prepare_compiled` done: the tensor gate the knobs update in place."""
+        if torch.compiler.is_compiling():
+            knob_gate = self._knob_gates.get((str(device), dtype))
+            if knob_gate is not None:
+                return knob_gate
+            if self._gate is not None:
+                return self._gate[1]  # refreshed eagerly, like the projection (training: fixed knobs)
+        beta, tau = self._gate_values()
         key = (beta, tau, dtype, device)
         if self._gate is None or self._gate[0] != key:
             self._gate = (key, None if all(b is None for b in beta) else Gate.of(list(beta), list(tau), dtype, device))
         return self._gate[1]
+
+    def _gate_values(self) -> tuple[tuple, tuple]:
+        beta = tuple(c.beta for c in self.members for _ in range(c.targets))
+        tau = tuple(0.1 if c.tau is None else c.tau for c in self.members for _ in range(c.targets))
+        return beta, tau
+
+    def _knob_gate(self, dtype, device) -> Gate:
+        """The gate as tensors a compiled UNet takes as inputs: beta, tau and which rows are ungated (gate off:
+        ``where(ungated, s, sigmoid(..))`` gives s itself, as the eager path's missing gate does)."""
+        beta, tau = self._gate_values()
+        return Gate(torch.as_tensor([0.0 if b is None else b for b in beta], dtype=dtype).to(device),
+                    torch.as_tensor(list(tau), dtype=dtype).to(device),
+                    torch.tensor([b is None for b in beta]).to(device))
+
+    def _sync_knob_gates(self) -> None:
+        """After a knob change or a join/leave: the tensor gates take the new values in place (the compiled
+        graph keeps reading the same tensors); a changed number of target rows makes new ones. The eager gate
+        is dropped, so a UNet compiled without :meth:`prepare_compiled` retraces with the new values rather
+        than keep reading the old gate."""
+        self._gate = None
+        for (device, dtype), old in list(self._knob_gates.items()):
+            new = self._knob_gate(dtype, device)
+            if new.beta.shape == old.beta.shape:
+                for mine, value in zip((old.beta, old.tau, old.ungated), (new.beta, new.tau, new.ungated)):
+                    mine.copy_(value)
+            else:
+                self._knob_gates[(device, dtype)] = new
+
+    @torch.no_grad()
+    def prepare_compiled(self, dtypes, device) -> None:
+        """Eagerly, before the UNet runs compiled: the projection of every site and the tensor gate per dtype."""
+        for dtype in dtypes:
+            for layer in (self.layers if self.per_site else [None]):
+                self.projection(dtype, device, layer)
+            if (str(device), dtype) not in self._knob_gates:
+                self._knob_gates[(str(device), dtype)] = self._knob_gate(dtype, device)
 
 
 class PerfusionSite:
@@ -185,6 +226,9 @@ class PerfusionSite:
         proj = self.group.projection(e.dtype, e.device, layer)
         return proj.apply(e, out, self._weight_basis(wrapper, proj, e.dtype), self._targets(e.dtype),
                           self.group.gate(e.dtype, e.device))
+
+    def prepare_compiled(self, dtypes, device) -> None:
+        self.group.prepare_compiled(dtypes, device)
 
     def _weight_basis(self, wrapper: nn.Module, proj: Rank1Projection, dtype) -> torch.Tensor:
         """W U_b, kept while the projection and the (frozen) weight are the same."""

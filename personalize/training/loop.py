@@ -21,7 +21,7 @@ from ..images import file_sha256, list_images, load_captions, load_images, stack
 from ..devices import resolve_device
 from ..parallel import DataParallel, join
 from ..segment import mask_files
-from ..paths import atomic_path, check_output
+from ..paths import atomic_path, check_output, use_compile_cache
 from ..prompts import check_captions, check_prompt_length, check_prompt_text
 from ..templates import check_new_token, check_phrases_without_tokens, check_template, check_token, phrase_ids
 from .best import _BestKeeper, _Progress
@@ -179,6 +179,8 @@ def train(
         frozen = FrozenInComputeDtype(pipe, params, cfg.mixed_precision)
         texts = TextCache() if trainable.text_path_frozen() else None
         denoiser = family.denoiser_of(pipe)  # DreamBooth's trained copy once installed
+        if cfg.compile:
+            use_compile_cache()  # compiled artifacts kept across runs, under the package cache
         unet = torch.compile(denoiser) if cfg.compile else denoiser  # the pipeline keeps its own module
         generator = torch.Generator().manual_seed(cfg.seed)
         base_fp = fingerprint(pipe)
