@@ -19,7 +19,6 @@ import re
 import typing
 from typing import Any
 
-import torch
 
 from .errors import BadInputError
 from .settings import coerce
@@ -171,16 +170,22 @@ class KnobTensor:
         for tensor in self._tensors.values():
             tensor.fill_(self.value)
 
-    def on(self, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The tensor for ``device``/``dtype``, made on first use (eagerly: call it before compiling)."""
+    def on(self, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor for ``device``/``dtype`` (default float32), made on first use (eagerly: call it before
+        compiling)."""
+        import torch  # here, not at the top: the CLI's --help imports this module and must not load torch
+
+        dtype = torch.float32 if dtype is None else dtype
         key = (str(device), dtype)
         tensor = self._tensors.get(key)
         if tensor is None:
             tensor = self._tensors[key] = torch.full((), self.value, dtype=dtype, device=device)
         return tensor
 
-    def traced(self, device, dtype: torch.dtype = torch.float32) -> "torch.Tensor | float":
+    def traced(self, device, dtype: torch.dtype | None = None) -> "torch.Tensor | float":
         """What traced code reads: the prepared tensor, or the float when none was prepared (a UNet the user
         compiled themselves): dynamo then guards on the value, so a change recompiles instead of going
         unseen, as a tensor made inside the trace (a constant of the graph) would."""
-        return self._tensors.get((str(device), dtype), self.value)
+        import torch
+
+        return self._tensors.get((str(device), torch.float32 if dtype is None else dtype), self.value)
