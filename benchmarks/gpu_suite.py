@@ -28,11 +28,13 @@ Writes one JSON line per measurement to stdout and to ``OUT/gpu_suite.jsonl``:
   ``diffusers-examples/`` (copy it there unmodified; the suite says so where it
   is missing), run with the same step timer (``sitecustomize.py``).
 
-On a diffusion transformer a method the family refuses (Perfusion) gets a
-``skipped`` row; sampling uses the family's stock scheduler (flow matching, 28
-steps as the stock pipelines' default) with Flux.1-dev's guidance embedding at
-3.5 (one pass per step) or SD3's CFG at 7.0, and DreamBooth-LoRA stands in for
-Perfusion as the attached concept.
+A method a family refuses gets a ``skipped`` row with the family's reason (none
+is refused today). On a diffusion transformer sampling uses the family's stock
+scheduler (flow matching, 28 steps as the stock pipelines' default) with
+Flux.1-dev's guidance embedding at 3.5 (one pass per step) or SD3's CFG at 7.0,
+and the attached concept of the sampling rows is DreamBooth-LoRA: a Perfusion
+concept there first needs its per-block covariance, transformer passes over the
+caption corpus (docs/PERFUSION_DIT.md), which the training rows pay instead.
 
 ``--budget-s`` (default 420) skips what would start after that many seconds, so
 a run on a lent machine always ends inside its limit with what it measured.
