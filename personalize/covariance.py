@@ -185,9 +185,7 @@ def compute_site_covariance(pipe, captions: Sequence[str], batch_size: int = 16,
         seen = site_inputs(pipe, text_stack.encode_ids(pipe, ids), sites, steps[k % len(steps)], seed=k)
         mask = segment_masks(pipe, batch, den.device)
         vectors = torch.stack([seen[s][mask].double() for s in sites])  # (blocks, N, d)
-        outer = vectors.mT @ vectors
-        total = outer if total is None else total + outer
-        count += vectors.shape[1]
+        total, count = _accumulate(total, count, vectors)
         if on_batch is not None:
             on_batch(len(batch))
     return (total / count).cpu()
@@ -211,13 +209,17 @@ def compute_covariance(
                                    truncation=True, return_tensors="pt") for tok, _ in text_stack.pairs(pipe)]
         hidden = text_stack.encode_ids(pipe, [e.input_ids for e in encs]).context.double()  # SDXL: both, side by side
         mask = encs[0].attention_mask.to(device).bool()
-        vectors = hidden[mask]
-        outer = vectors.T @ vectors
-        total = outer if total is None else total + outer
-        count += vectors.shape[0]
+        total, count = _accumulate(total, count, hidden[mask])
         if on_batch is not None:
             on_batch(len(batch))
     return (total / count).cpu()
+
+
+def _accumulate(total: torch.Tensor | None, count: int, vectors: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The running sum of ``x x^T`` over the rows of ``vectors`` ((N, d), or (blocks, N, d) per block) and the row
+    count."""
+    outer = vectors.mT @ vectors
+    return (outer if total is None else total + outer), count + vectors.shape[-2]
 
 
 def covariance_path(pipe, corpus: str) -> Path:
