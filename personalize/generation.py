@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import text_stack
 from .base import resolution as resolution_of
 from .errors import BadInputError
 from .families import denoiser
@@ -69,11 +70,8 @@ def compiled_denoiser(pipe, backend: str | Callable = "inductor", mode: str | No
     ``backend``/``mode``: ``torch.compile``'s (e.g. ``backend="eager"`` in tests: traced, no code generated)."""
     use_compile_cache()
     module = denoiser(pipe)
-    dtypes = {module.dtype}
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # K/V sites read the text encoders' dtype
-        encoder = getattr(pipe, name, None)
-        if encoder is not None:
-            dtypes.add(encoder.dtype)
+    # K/V sites read the text encoders' dtype
+    dtypes = {module.dtype, *(encoder.dtype for encoder in text_stack.encoders(pipe))}
     prepare_compiled(module, sorted(dtypes, key=str), module.device)
     kept = getattr(module, "_personalize_compiled", None)  # ((backend, mode), compiled call), kept on the module
     if kept is None or kept[0] != (backend, mode):
