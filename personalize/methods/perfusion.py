@@ -138,8 +138,9 @@ class PerfusionGroup(SiteGroup):
 
     def projection(self, dtype, device, layer: str | None = None) -> Rank1Projection:
         """The shared projection (of one joint block's site on a diffusion transformer: ``layer``), recomputed
-        only when an i* changed (every step in training), where the i* live (no copy to the host and back);
-        C^-1's Cholesky factor is computed once per device."""
+        only when an i* changed (every step in training), where the i* live (no copy to the host and back), and
+        written into the tensors it had (so a compiled training step, CUDA graphs included, reads the new values
+        without recompiling or capturing again); C^-1's Cholesky factor is computed once per device."""
         cached = self._cache.get(layer)
         if torch.compiler.is_compiling() and cached is not None:  # traced: no cache logic (it would
             return cached[1]  # recompile every step); refreshed eagerly by Perfusion.on_text_encoded
@@ -152,8 +153,10 @@ class PerfusionGroup(SiteGroup):
                 C_inv = (self.C_inv if layer is None else self.C_inv[self.layers.index(layer)]).to(i_stars.device)
                 self._factors[where] = (C_inv, torch.linalg.cholesky(C_inv).mT)
             C_inv, upper = self._factors[where]
-            projection = Rank1Projection.from_targets(i_stars, C_inv, upper, dual=self.per_site)
-            cached = self._cache[layer] = (key, projection.to(dtype, device))
+            projection = Rank1Projection.from_targets(i_stars, C_inv, upper, dual=self.per_site).to(dtype, device)
+            if cached is not None and cached[0][1:] == key[1:] and cached[1].same_shapes(projection):
+                projection = cached[1].copy_(projection)  # in place: a compiled step keeps reading the same tensors
+            cached = self._cache[layer] = (key, projection)
         return cached[1]
 
     def gate(self, dtype, device) -> Gate | None:
@@ -486,6 +489,13 @@ class Perfusion(PerfusionCard, Method):
             updated = self.config.ema * old + (1 - self.config.ema) * e_concept
         self.i_star[layer] = torch.where(found[:, None] > 0, updated, old)
         self.i_star_versions[layer] += 1
+
+    def compile_refusal(self) -> str | None:
+        if self.per_site:  # the i*_l update reads each block's input inside the transformer's forward
+            return ("Perfusion on a diffusion transformer trains eagerly: its i* follows each joint block's input "
+                    "during the forward pass (docs/PERFUSION_DIT.md), which a compiled step would capture as "
+                    "Python state and recompile every step")
+        return None
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"embedding": self.embedding.detach()}

@@ -42,7 +42,20 @@ class Rank1Projection:
         return cls(basis=basis, coeff_map=C_inv @ basis, sim_map=c_i / energy)
 
     def to(self, dtype: torch.dtype, device=None) -> "Rank1Projection":
-        return Rank1Projection(*(t.to(device=device, dtype=dtype) for t in (self.basis, self.coeff_map, self.sim_map)))
+        return Rank1Projection(*(t.to(device=device, dtype=dtype) for t in self.tensors()))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.basis, self.coeff_map, self.sim_map
+
+    def same_shapes(self, other: "Rank1Projection") -> bool:
+        return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                   for a, b in zip(self.tensors(), other.tensors()))
+
+    def copy_(self, other: "Rank1Projection") -> "Rank1Projection":
+        """``other``'s values written into this projection's own tensors (returns self)."""
+        for mine, value in zip(self.tensors(), other.tensors()):
+            mine.copy_(value)
+        return self
 
     def similarity(self, e: torch.Tensor) -> torch.Tensor:
         return e @ self.sim_map

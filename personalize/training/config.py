@@ -32,8 +32,14 @@ class TrainConfig:
         "help": "clip the gradient's global norm at this value; 0 or None = no clipping (each method sets its "
                 "reference's: the diffusers DreamBooth / Custom Diffusion scripts clip at 1.0, textual_inversion.py "
                 "does not)"})
-    compile: bool = dataclasses.field(default=False, metadata={
-        "help": "torch.compile the UNet: minutes of compiling first, faster steps after (long GPU runs)", "flag": True})
+    compile: bool | None = dataclasses.field(default=None, metadata={
+        "help": "torch.compile the denoiser's training step (forward and backward) with --compile-mode; unset = "
+                "on for a CUDA run whose shapes are static (no --buckets), where the eager step is bound by the "
+                "host's kernel launches, off elsewhere; the compiled artifacts are cached across runs", "flag": True})
+    compile_mode: str = dataclasses.field(default="reduce-overhead", metadata={
+        "help": "torch.compile's mode: reduce-overhead (CUDA graphs: the step's kernels replayed, no per-kernel "
+                "launch cost; on a CPU the same as default), default, max-autotune or max-autotune-no-cudagraphs",
+        "flag": True})
     resolution: int = dataclasses.field(default=0, metadata={
         "help": "train at this image size in pixels, a multiple of the UNet's stride (0 = the base's native size: "
                 "512 SD 1.5, 768 SD 2.1, 1024 SDXL)", "flag": True})

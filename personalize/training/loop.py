@@ -21,13 +21,14 @@ from ..images import file_sha256, list_images, load_captions, load_images, stack
 from ..devices import resolve_device
 from ..parallel import DataParallel, join
 from ..segment import mask_files
-from ..paths import atomic_path, check_output, use_compile_cache
+from ..paths import atomic_path, check_output
 from ..prompts import check_captions, check_prompt_length, check_prompt_text
 from ..templates import check_new_token, check_phrases_without_tokens, check_template, check_token, phrase_ids
 from .best import _BestKeeper, _Progress
 from .buckets import bucket_sizes, bucketed_cache
 from .buckets import settings as bucket_settings
 from .cache import CaptionOptions, LatentCache, PriorData, draw_batch
+from .compiled import check_mode, compile_mode, mark_step_begin, training_denoiser
 from .config import TrainConfig, resolve_settings
 from .fast_path import FrozenInComputeDtype, TextCache, _adamw
 from .lr_schedule import check_schedule, make_lr_scheduler
@@ -163,6 +164,8 @@ def train(
 
     trainable = method_cls.for_training(pipe, token, superclass, mcfg)
     try:
+        # before any sampling or training: a compiled step this method cannot take is refused here
+        mode = compile_mode(cfg.compile, cfg.compile_mode, device, frames is None, trainable.compile_refusal())
         check_captions(pipe, captions, image_paths, trainable.placeholders(), labels.tolist(),  # tokens added now
                        (*trainable.templates(), *([cfg.preview_prompt] if cfg.preview_every else [])))
         with parallel.main_first():  # class images are sampled (and cached) once
@@ -179,9 +182,7 @@ def train(
         frozen = FrozenInComputeDtype(pipe, params, cfg.mixed_precision)
         texts = TextCache() if trainable.text_path_frozen() else None
         denoiser = family.denoiser_of(pipe)  # DreamBooth's trained copy once installed
-        if cfg.compile:
-            use_compile_cache()  # compiled artifacts kept across runs, under the package cache
-        unet = torch.compile(denoiser) if cfg.compile else denoiser  # the pipeline keeps its own module
+        unet = training_denoiser(denoiser, mode)  # the pipeline keeps its own (eager) module
         generator = torch.Generator().manual_seed(cfg.seed)
         base_fp = fingerprint(pipe)
         image_hashes = [file_sha256(p) for p in image_paths]
@@ -250,6 +251,7 @@ def train(
                 prior_batch = None if prior is None else draw_batch(
                     prior.cache, cfg.batch_size, cfg.flip_p, family.num_train_steps(scheduler), prior.prompts,
                     generator, device, ("{}",))
+                mark_step_begin(mode)
                 with accelerator.autocast():
                     loss = denoising_step(pipe, scheduler, trainable, batch, prior_batch,
                                           prior.weight if prior else 0.0, unet=unet, texts=texts,
@@ -458,6 +460,7 @@ def _check_run(cfg: TrainConfig, out: Path, resume: bool, validation=None) -> tu
         raise BadInputError(f"--mixed-precision must be no, fp16 or bf16, not '{cfg.mixed_precision}'")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise BadInputError("fp16 mixed precision needs a GPU; use --mixed-precision bf16 (or no) on a CPU")
+    check_mode(cfg.compile_mode)
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise BadInputError("--steps and --batch-size must be at least 1")
     check_template(cfg.preview_prompt, "setting 'preview_prompt'")  # formatted at every preview, after training began
