@@ -118,3 +118,31 @@ def test_gradient_checkpointing_gives_the_same_step(tiny, photos, tmp_path):
     ckpt = _run_one_step(tiny, photos, tmp_path / "b", gradient_checkpointing=True)["state"]
     for k in plain:
         assert torch.allclose(plain[k], ckpt[k], atol=1e-6), k
+
+
+def test_the_edit_follows_i_star_when_the_projection_is_rewritten_in_place(tiny):
+    """Training rewrites the shared projection's tensors in place each step (a compiled step keeps reading them);
+    the site's cached W U_b must follow: after i* moves, the site's output is the rank-1 edit of the new i*."""
+    from personalize.methods.rank1 import rank1_edit
+
+    C_inv = torch.eye(32, dtype=torch.float64) + 0.1
+    method = Perfusion.for_training(tiny, "<disc>", "ball", PerfusionConfig(), C_inv=C_inv)
+    try:
+        ids = tiny.tokenizer(["a photo of a <disc>"] * 2, padding="max_length", max_length=77,
+                             return_tensors="pt").input_ids
+        attn = tiny.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+        layer = "down_blocks/0/attentions/0/transformer_blocks/0/attn2"
+        e = torch.randn(3, 32)
+        outputs = []
+        for _ in range(2):
+            method.on_text_encoded(ids, torch.randn(2, 77, 32))
+            projection = method.group.projection(torch.float32, torch.device("cpu"))
+            with torch.no_grad():
+                outputs.append(attn.to_v(e))
+            expected = rank1_edit(e, attn.to_v.base_layer.weight, method.i_star, method.target_output(layer, "v"),
+                                  C_inv, method.beta, 0.1 if method.tau is None else method.tau)
+            torch.testing.assert_close(outputs[-1], expected.float(), rtol=1e-4, atol=1e-5)
+        assert method.group.projection(torch.float32, torch.device("cpu")) is projection  # rewritten in place
+        assert not torch.allclose(outputs[0], outputs[1])
+    finally:
+        method.remove()

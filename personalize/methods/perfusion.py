@@ -238,7 +238,8 @@ class PerfusionSite:
         weight = wrapper.base_layer.weight
         if torch.compiler.is_compiling():
             return weight.to(dtype) @ proj.basis.to(dtype)
-        ident = (weight.data_ptr(), weight._version, weight.dtype)
+        # the projection is rewritten in place when an i* moves (training): its version is part of the key
+        ident = (weight.data_ptr(), weight._version, weight.dtype, proj.basis._version)
         if self._w_basis is None or self._w_basis[0] is not proj or self._w_basis[1] != ident:
             self._w_basis = (proj, ident, weight.to(dtype) @ proj.basis)
         return self._w_basis[2]
