@@ -400,7 +400,9 @@ def run_dit_script(anchors: Path, script: Path, model: Path, batch: int, steps: 
 def run_script(anchors: Path, model: Path, name: str, batch: int, steps: int, res: int, precision: str) -> dict:
     """One diffusers example script, unmodified, through the perf-anchors harness: its median s/step (steps 5..),
     peak GPU memory and wall time, or ``error``."""
-    env = {**os.environ, "ONLY": name, "BATCH": str(batch), "STEPS": str(steps), "RES": str(res), "MP": precision}
+    env = {**os.environ, "ONLY": name, "BATCH": str(batch), "STEPS": str(steps), "RES": str(res), "MP": precision,
+           # the harness calls python3: this interpreter's (its venv's) even when the venv is not activated
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     outd = Path(tempfile.mkdtemp(prefix=f"script_{name}_"))
     try:
         proc = subprocess.run(["bash", str(anchors / "run_diffusers_scripts.sh"), str(model),

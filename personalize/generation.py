@@ -17,7 +17,7 @@ from . import text_stack
 from .base import resolution as resolution_of
 from .errors import BadInputError
 from .families import denoiser
-from .edits.sites import prepare_compiled
+from .edits.sites import prepare_compiled, release_compiled
 from .paths import atomic_path, inside, use_compile_cache
 from .prompts import check_prompt_length, check_prompt_text, read_prompts
 
@@ -62,9 +62,11 @@ def compiled_denoiser(pipe, backend: str | Callable = "inductor", mode: str | No
 
     Knob changes do not recompile: before compiling, every attached edit makes the tensors its compiled form
     reads (``edits.sites.prepare_compiled``: Perfusion's projection and its beta/tau/gate as tensors,
-    DreamBooth-LoRA's scale), which ``handle.set()`` then updates in place. What changes the graph's structure
-    does recompile: attaching or detaching a concept, Perfusion's ``lock`` (global key-locking adds a hook at
-    the K projections), Residuals' ``lag`` (LAG adds the attention-map capture), another batch size or resolution.
+    DreamBooth-LoRA's scale, Residuals' lag as 0/1), which ``handle.set()`` then updates in place. A compiled
+    denoiser captures every Residuals concept's attention maps, LAG on or off, so switching LAG changes no
+    graph (what that costs with LAG off is in docs/PERFORMANCE.md); on leaving the block the capture follows
+    ``lag`` again. What changes the graph's structure does recompile: attaching or detaching a concept,
+    Perfusion's ``lock`` (global key-locking adds a hook at the K projections), another batch size or resolution.
     The compiled function is made once per denoiser and backend and kept (so dynamo's cache of it is reused by
     later blocks), and torch's compile caches are kept across runs (:func:`personalize.paths.use_compile_cache`).
     ``backend``/``mode``: ``torch.compile``'s (e.g. ``backend="eager"`` in tests: traced, no code generated)."""
@@ -73,16 +75,22 @@ def compiled_denoiser(pipe, backend: str | Callable = "inductor", mode: str | No
     # K/V sites read the text encoders' dtype
     dtypes = {module.dtype, *(encoder.dtype for encoder in text_stack.encoders(pipe))}
     prepare_compiled(module, sorted(dtypes, key=str), module.device)
-    kept = getattr(module, "_personalize_compiled", None)  # ((backend, mode), compiled call), kept on the module
+    kept = getattr(module, "_personalize_compiled", None)  # ((backend, mode), compiled forward), kept on the module
     if kept is None or kept[0] != (backend, mode):
-        kept = ((backend, mode), torch.compile(module._call_impl, backend=backend, mode=mode))
+        kept = ((backend, mode), torch.compile(type(module).forward.__get__(module), backend=backend, mode=mode))
         module._personalize_compiled = kept
-    before = getattr(module, "_compiled_call_impl", None)
-    module._compiled_call_impl = kept[1]  # what nn.Module.compile() sets: module(...) now runs compiled
+    # forward compiled, the denoiser's own hooks eager: what they do per call (LAG's prompt plan, the global key
+    # lock's token rows) reads token ids on the host, which a trace would bake in or break on
+    before = module.__dict__.get("forward")
+    module.forward = kept[1]
     try:
         yield module
     finally:
-        module._compiled_call_impl = before
+        if before is None:
+            del module.forward
+        else:
+            module.forward = before
+        release_compiled(module)
 
 
 def check_steps(pipe, steps: int, flag: str = "--steps") -> int:

@@ -182,6 +182,12 @@ class KnobTensor:
             tensor = self._tensors[key] = torch.full((), self.value, dtype=dtype, device=device)
         return tensor
 
+    def prepared(self, device, dtype: "torch.dtype | None" = None) -> bool:
+        """Whether :meth:`on` has made the tensor for ``device``/``dtype`` (before compiling)."""
+        import torch
+
+        return (str(device), torch.float32 if dtype is None else dtype) in self._tensors
+
     def traced(self, device, dtype: torch.dtype | None = None) -> "torch.Tensor | float":
         """What traced code reads: the prepared tensor, or the float when none was prepared (a UNet the user
         compiled themselves): dynamo then guards on the value, so a change recompiles instead of going

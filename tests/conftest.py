@@ -281,3 +281,17 @@ def residuals_copy(tmp_path, trained_residuals) -> Path:
     path.parent.mkdir(exist_ok=True)
     shutil.copyfile(trained_residuals, path)
     return path
+
+
+@pytest.fixture
+def keep_compile_settings(monkeypatch):
+    """Compiling points torch's caches at the package cache (``use_compile_cache``): undone after each test
+    (torch's ``config.patch``: monkeypatch's undo would delete the options, which torch then hides)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    with inductor_config.patch(fx_graph_cache=inductor_config.fx_graph_cache), \
+            functorch_config.patch(enable_autograd_cache=functorch_config.enable_autograd_cache):
+        yield

@@ -17,6 +17,8 @@ from conftest import FAST, make_photos
 from personalize import attach, train
 from personalize.generation import compiled_denoiser, generate
 
+pytestmark = pytest.mark.usefixtures("keep_compile_settings")
+
 
 @pytest.fixture
 def lora_concept(tmp_path_factory, _tiny_master):
@@ -25,20 +27,6 @@ def lora_concept(tmp_path_factory, _tiny_master):
     return train(copy.deepcopy(_tiny_master), make_photos(root / "photos"), token="<disc>", superclass="ball",
                  out=root / "lora.safetensors", method="dreambooth-lora", settings={**FAST, "steps": 1, "lr": 5e-2},
                  progress=False)
-
-
-@pytest.fixture(autouse=True)
-def _keep_compile_settings(monkeypatch):
-    """Compiling points torch's caches at the package cache (``use_compile_cache``): undone after each test
-    (torch's ``config.patch``: monkeypatch's undo would delete the options, which torch then hides)."""
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
-    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
-        monkeypatch.delenv(name, raising=False)
-    with inductor_config.patch(fx_graph_cache=inductor_config.fx_graph_cache), \
-            functorch_config.patch(enable_autograd_cache=functorch_config.enable_autograd_cache):
-        yield
 
 
 def counting_backend():
@@ -97,10 +85,10 @@ def test_knobs_reach_the_compiled_unet_without_recompiling(tiny, trained_concept
         compiled_during = []
         eager_images = generate(tiny, "a photo of a <disc>", steps=1, resolution=32)
         images = generate(tiny, "a photo of a <disc>", steps=1, resolution=32, compile=True,
-                          on_step=lambda n: compiled_during.append(tiny.unet._compiled_call_impl is not None))
+                          on_step=lambda n: compiled_during.append("forward" in vars(tiny.unet)))
         assert compiled_during == [True] and len(counter.frames) == frames
         assert [img.tobytes() for img in images] == [img.tobytes() for img in eager_images]
-        assert tiny.unet._compiled_call_impl is None  # eager again after the call
+        assert "forward" not in vars(tiny.unet)  # eager again after the call
 
 
 def test_a_unet_compiled_by_the_user_follows_knob_changes(tiny, trained_concept):
@@ -120,26 +108,45 @@ def test_a_unet_compiled_by_the_user_follows_knob_changes(tiny, trained_concept)
         torch._dynamo.reset()
 
 
-def test_lag_is_compiled_once_per_state(tiny, trained_residuals):
-    """Residuals' ``lag`` switches the attention-map capture on or off (hooks, not a value): each state is traced
-    once, switching back after that reuses dynamo's cached graph, and both equal eager sampling."""
+def test_lag_switches_without_recompiling_and_equals_eager(tiny, trained_residuals, no_recompiles):
+    """Residuals' ``lag`` is a 0/1 tensor in the compiled graph (the maps are captured either way): on, off, on
+    is traced once and each state equals eager sampling bit for bit; leaving the block stops the capture LAG off
+    does not need."""
     counter = counting_backend()
-    torch._dynamo.reset()
-    try:
-        with attach(tiny, trained_residuals) as handle:
-            counts, outputs = [], []
-            for lag in (True, False, True):
-                handle.set(lag=lag)
-                eager = _sample(tiny, "a photo of a <disc> ball")
-                with compiled_denoiser(tiny, backend=counter):
-                    compiled = _sample(tiny, "a photo of a <disc> ball")
-                torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
-                counts.append(len(counter.frames))
-                outputs.append(compiled)
-            assert not torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
-            assert 0 < counts[0] < counts[1] == counts[2], counts
-    finally:
-        torch._dynamo.reset()
+    from personalize.edits.attention_maps import attention_maps
+
+    with attach(tiny, trained_residuals) as handle:
+        outputs = []
+        for lag in (True, False, True):
+            handle.set(lag=lag)
+            eager = _sample(tiny, "a photo of a <disc> ball")
+            with compiled_denoiser(tiny, backend=counter):
+                compiled = _sample(tiny, "a photo of a <disc> ball")
+            torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+            outputs.append(compiled)
+        assert not torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+        handle.set(lag=False)
+        assert not attention_maps(tiny).watchers
+    assert len(counter.frames) == 1
+
+
+def test_a_concept_with_lag_off_takes_no_pixel_from_one_with_lag_on(tiny, trained_residuals, no_recompiles):
+    """Compiled, both concepts' maps are captured; the one with LAG off must not take part in the pixel contest
+    (eager never computes its map), so the samples equal eager for every on/off pair without recompiling."""
+    counter = counting_backend()
+    from personalize.concept import load_concept
+
+    second = load_concept(trained_residuals).with_token("<disc2>")
+    prompt = "a photo of a <disc> ball next to a <disc2> ball"
+    with attach(tiny, trained_residuals) as first, attach(tiny, second) as other:
+        for lags in ((True, True), (True, False), (False, True)):
+            first.set(lag=lags[0])
+            other.set(lag=lags[1])
+            eager = _sample(tiny, prompt)
+            with compiled_denoiser(tiny, backend=counter):
+                compiled = _sample(tiny, prompt)
+            torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert len(counter.frames) == 1
 
 
 def test_generate_compile_flag_samples_compiled(capsys, tmp_path, monkeypatch):

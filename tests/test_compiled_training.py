@@ -10,6 +10,8 @@ from personalize import train
 from personalize.errors import BadInputError
 from personalize.training.compiled import compile_mode
 
+pytestmark = pytest.mark.usefixtures("keep_compile_settings")
+
 FAST = {"steps": 3, "batch_size": 2, "checkpoint_every": 0, "masks": "none", "flip_p": 0.0}
 EXTRA = {"dreambooth": {"prior_loss_weight": 0.0}, "dreambooth-lora": {"prior_loss_weight": 0.0},
          "custom-diffusion": {"prior_loss_weight": 0.0}}
@@ -94,8 +96,6 @@ def test_every_method_trains_compiled_without_recompiling_and_equal_to_eager(tin
 def test_dit_perfusion_trains_eagerly_by_default_and_refuses_an_explicit_compile(tmp_path, photos):
     """Its i*_l follows each joint block's input inside the forward (Python state a compiled step would recompile
     on): automatic compile leaves it eager; --compile is refused in one line before any training."""
-    from personalize.training.compiled import compile_mode
-
     with pytest.raises(BadInputError, match="--compile: Perfusion on a diffusion transformer trains eagerly"):
         train("tiny-sd3", photos, token="<disc>", superclass="ball", out=tmp_path / "c.safetensors",
               settings={**FAST, "compile": True}, progress=False, device="cpu")

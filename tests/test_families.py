@@ -357,10 +357,10 @@ def test_lag_on_sdxl_runs_through_stock_pipe_in_both_cfg_halves(xl, strong_xl, n
             for mask in block.values():
                 assert torch.equal(mask[0], mask[1]) and 0 < mask[1].float().mean() < 1
     assert not np.array_equal(personal, base) and not np.array_equal(localized, personal)
-    monkeypatch.setattr("personalize.edits.lag.exclusive_masks", lambda a: torch.zeros_like(a, dtype=torch.bool))
+    monkeypatch.setattr("personalize.edits.lag.exclusive_masks", lambda a, active=None: torch.zeros_like(a, dtype=torch.bool))
     with attach(xl, strong_xl, lag=True):
         assert np.array_equal(image(xl, **kw), base)  # masks off: the base model exactly
-    monkeypatch.setattr("personalize.edits.lag.exclusive_masks", lambda a: torch.ones_like(a, dtype=torch.bool))
+    monkeypatch.setattr("personalize.edits.lag.exclusive_masks", lambda a, active=None: torch.ones_like(a, dtype=torch.bool))
     with attach(xl, strong_xl, lag=True):
         assert np.array_equal(image(xl, **kw), personal)  # masks on everywhere: the residuals without LAG
     assert pipeline_state(xl, create=False) is None

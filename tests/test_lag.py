@@ -51,7 +51,7 @@ def test_all_zero_masks_give_the_base_output_exactly(tiny, strong, monkeypatch):
     with attach(tiny, strong):
         personal = image(tiny)
     assert not np.array_equal(personal, base)
-    monkeypatch.setattr("personalize.edits.lag.exclusive_masks", lambda a: torch.zeros_like(a, dtype=torch.bool))
+    monkeypatch.setattr("personalize.edits.lag.exclusive_masks", lambda a, active=None: torch.zeros_like(a, dtype=torch.bool))
     with attach(tiny, strong, lag=True):
         nowhere = image(tiny)
     assert np.array_equal(nowhere, base)
@@ -63,7 +63,7 @@ def test_all_one_masks_give_the_non_lag_output_exactly(tiny, strong, monkeypatch
     with attach(tiny, strong, lag=True):
         localized = image(tiny)
     assert not np.array_equal(localized, personal)  # real LAG masks change the image
-    monkeypatch.setattr("personalize.edits.lag.exclusive_masks", lambda a: torch.ones_like(a, dtype=torch.bool))
+    monkeypatch.setattr("personalize.edits.lag.exclusive_masks", lambda a, active=None: torch.ones_like(a, dtype=torch.bool))
     with attach(tiny, strong, lag=True):
         everywhere = image(tiny)
     assert np.array_equal(everywhere, personal)

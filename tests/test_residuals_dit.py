@@ -141,7 +141,7 @@ def test_masks_all_on_give_the_image_without_lag(tmp_path_factory, monkeypatch, 
         plain = _image(pipe)
         handle.set(lag=True)
         lagged = _image(pipe)
-        monkeypatch.setattr(lag, "exclusive_masks", lambda attention: torch.ones_like(attention, dtype=torch.bool))
+        monkeypatch.setattr(lag, "exclusive_masks", lambda attention, active=None: torch.ones_like(attention, dtype=torch.bool))
         all_on = _image(pipe)
     assert np.array_equal(all_on, plain)
     assert np.abs(lagged - plain).max() > 1e-3 and np.abs(plain - base).max() > 1e-2

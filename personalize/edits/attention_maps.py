@@ -104,6 +104,8 @@ class AttentionMaps:
         self.plan: Plan | None = None
         self._plan_key: tuple | None = None
         self._captured: dict[str, dict[int, list]] = {}
+        self._keys: list[str] = []  # the watchers, in the order of the plan's tensors
+        self._plan_tensors: tuple = ()  # Plan.tensors(self._keys, ...) of the current plan
         self._handles: list = []
         self._sites: list[str] = []
         self.family = families.of(pipe)
@@ -137,6 +139,7 @@ class AttentionMaps:
                 self._handles.append(block.attn.register_forward_pre_hook(self._rotary_hook, with_kwargs=True))
             return
         for name, block in transformer_blocks(unet):
+            self.sizes[name] = (0, 0)  # every block's entry from the start: a compiled denoiser sees one dict shape
             self._handles.append(block.register_forward_pre_hook(self._size_hook(name), with_kwargs=True))
             for attn in block_cross_attentions(block):
                 attn_name = names[id(attn)]
@@ -152,6 +155,7 @@ class AttentionMaps:
             vacate(denoiser(self.pipe), site, _KEY)
         self._handles, self._sites = [], []
         self._captured, self.plan, self._plan_key, self._rotary = {}, None, None, {}
+        self._keys, self._plan_tensors = [], ()
         prompt_rows(self.pipe).unsubscribe(_KEY)
         state = pipeline_state(self.pipe, create=False)
         if state is not None and state.attention_maps is self:
@@ -173,7 +177,8 @@ class AttentionMaps:
     @torch.no_grad()
     def _on_unet(self, module, args, kwargs) -> None:
         sample, context = self.family.denoiser_inputs(args, kwargs)
-        self._captured = {}
+        self._captured.clear()  # the same dicts, emptied: a compiled denoiser (this hook runs outside it) fills them
+        self._rotary.clear()
         if self._joint:
             grid = self.family.token_grid(module, args, kwargs)
             self.sizes = {name: grid for name, _ in dit_blocks(module)}
@@ -184,6 +189,9 @@ class AttentionMaps:
         if self.plan is None or self._plan_key is None or not _same_key(self._plan_key, reuse):
             self.plan = self._make_plan(sample, context)
             self._plan_key = reuse
+            # the plan as tensors for every watcher, made here (eagerly): what the maps read, compiled or not
+            self._keys = sorted(self.watchers)
+            self._plan_tensors = self.plan.tensors(self._keys, context.device, int(context.shape[1]))
 
     def _make_plan(self, sample: torch.Tensor, context: torch.Tensor) -> Plan:
         n = context.shape[0]
@@ -220,17 +228,17 @@ class AttentionMaps:
         if self.plan is None or block not in self.sizes or not entries:
             raise RuntimeError(f"no cross-attention was captured for {block} in this forward")
         h, w = self.sizes[block]
-        plan = self.plan
-        n = len(plan.source)
+        rows, every_column, assign = self._plan_tensors
+        n = assign.shape[0]
         device = entries[0][1].device
-        if not plan.sources():
+        if rows.numel() == 0:  # no row holds a watched token
             return torch.zeros(len(keys), n, h, w, device=device)
         text = self._text_len if self._joint else entries[0][2].shape[1]
         lengths = (h * w, h * w + text) if self._joint else (h * w,)  # a Flux single block: text + image rows
         for _, q, k in entries:
             if q is None or k is None or q.shape[1] not in lengths:
                 raise RuntimeError(f"{block}: captured queries do not match the block's {h}x{w} grid")
-        rows, columns, assign = plan.tensors(keys, device, text)
+        columns = every_column[[self._keys.index(key) for key in keys]]  # (K, S, text)
         mass = None
         for attn, q, k in entries:
             if self._joint:

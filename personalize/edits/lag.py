@@ -39,15 +39,19 @@ def concept_columns(ids: list[int], token_id: int, macro_ids: list[int]) -> list
     return cols
 
 
-def exclusive_masks(attention: torch.Tensor) -> torch.Tensor:
+def exclusive_masks(attention: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
     """(K, ..., P) attention of K concepts over P positions -> (K, ..., P) boolean masks.
 
     Each concept is on where its attention is above its own median (so about
     half the positions); where several are on, only the largest attention wins
     (ties go to the lower index). A concept with no attention anywhere is off.
+    ``active`` (K,) bool: concepts that take part (the others are off and claim
+    nothing), so the masks are those of the active concepts' maps alone.
     """
     median = attention.median(dim=-1, keepdim=True).values
     on = attention > median
+    if active is not None:
+        on = on & active.view(-1, *([1] * (attention.ndim - 1)))
     if attention.shape[0] == 1:
         return on
     score = attention.masked_fill(~on, float("-inf"))
@@ -56,7 +60,8 @@ def exclusive_masks(attention: torch.Tensor) -> torch.Tensor:
     return on & (winner == index)
 
 
-def block_masks(pipe, block: str, keys: list[str], like: torch.Tensor) -> dict[str, torch.Tensor]:
+def block_masks(pipe, block: str, keys: list[str], like: torch.Tensor,
+                active: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Each watched concept's LAG mask in ``block`` for this forward, shaped to multiply ``like``.
 
     ``like`` is the input of the block's ``proj_out``: ``(N, C, H, W)`` (SD 1.x
@@ -65,15 +70,16 @@ def block_masks(pipe, block: str, keys: list[str], like: torch.Tensor) -> dict[s
     ``proj_out`` over the text rows and then the image rows, where the text rows
     keep the residual (mask 1: LAG places a concept in the image; the text
     stream carries it there, as it did in training). The latest maps and masks
-    are also kept, as (N, H, W) tensors, in ``attention_maps(pipe).maps[block]``
-    and ``.masks[block]``.
+    of eager sampling are also kept, as (N, H, W) tensors, in
+    ``attention_maps(pipe).maps[block]`` and ``.masks[block]``. ``active``: as in :func:`exclusive_masks`.
     """
     store = attention_maps(pipe)
     maps = store.token_maps(block, keys)  # (K, N, H, W)
     k, n, h, w = maps.shape
-    masks = exclusive_masks(maps.flatten(2)).view(k, n, h, w)
-    store.maps[block] = {key: maps[i] for i, key in enumerate(keys)}
-    store.masks[block] = {key: masks[i] for i, key in enumerate(keys)}
+    masks = exclusive_masks(maps.flatten(2), active).view(k, n, h, w)
+    if not torch.compiler.is_compiling():  # kept for inspection by eager sampling (a trace would guard on them)
+        store.maps[block] = {key: maps[i] for i, key in enumerate(keys)}
+        store.masks[block] = {key: masks[i] for i, key in enumerate(keys)}
     if like.ndim == 4:
         if tuple(like.shape[-2:]) != (h, w):
             raise RuntimeError(f"{block}: proj_out input is {tuple(like.shape[-2:])}, the block recorded {h}x{w}")

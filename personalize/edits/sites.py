@@ -159,3 +159,14 @@ def prepare_compiled(root: nn.Module, dtypes, device) -> None:
                 prepare = getattr(occupant, "prepare_compiled", None)
                 if prepare is not None:
                     prepare(tuple(dtypes), torch.device(device))
+
+
+def release_compiled(root: nn.Module) -> None:
+    """After ``root`` ran compiled: every occupant that has ``release_compiled()`` goes back to its eager state
+    (Residuals: the attention maps captured only while LAG is on)."""
+    for module in root.modules():
+        if isinstance(module, SiteWrapper):
+            for occupant in module.occupants():
+                release = getattr(occupant, "release_compiled", None)
+                if release is not None:
+                    release()

@@ -45,6 +45,7 @@ from ..edits.lora_bank import PREFIX, LoraBank, lora_config
 from ..edits.placement import site_names
 from ..edits.tokens import base_tokenizer, token_site
 from ..errors import BadInputError, ConceptFileError
+from ..knobs import KnobTensor
 from .base import Method
 from .cards import ResidualsCard, ResidualsConfig, ResidualsKnobs  # noqa: F401 (the method's declaration)
 from .shared import word_vector
@@ -98,12 +99,36 @@ class ResidualSite:
         from ..edits.lag import block_masks
 
         concepts = self.group.members  # sorted by token: attach order never matters
+        if torch.compiler.is_compiling() and all(c.lag_switch.prepared(x.device, out.dtype) for c in concepts):
+            return self._compiled(x, out, concepts)
         lagged = [c.key for c in concepts if c.lag]
         masks = block_masks(self.group.pipe, self.block, lagged, x) if lagged else {}
         for c in concepts:
             delta = c.bank.delta(self.layer, x).to(out.dtype)
             out = out + (delta * masks[c.key] if c.lag else delta)
         return out
+
+    def _compiled(self, x: torch.Tensor, out: torch.Tensor, concepts: list) -> torch.Tensor:
+        """The compiled form: every concept's map is captured and ``lag`` is a 0/1 tensor, so switching LAG never
+        changes the graph. ``M_c * lag + (1 - lag)`` is M_c or exactly 1; a concept with LAG off takes part in no
+        pixel contest (``active``), so the masks equal the eager path's bit for bit."""
+        from ..edits.lag import block_masks
+
+        switches = [c.lag_switch.on(x.device, out.dtype) for c in concepts]
+        masks = block_masks(self.group.pipe, self.block, [c.key for c in concepts], x,
+                            active=torch.stack(switches) > 0)
+        for c, lag in zip(concepts, switches):
+            delta = c.bank.delta(self.layer, x).to(out.dtype)
+            out = out + delta * (masks[c.key] * lag + (1 - lag))
+        return out
+
+    def prepare_compiled(self, dtypes, device) -> None:
+        for c in self.group.members:
+            c.prepare_compiled(dtypes, device)
+
+    def release_compiled(self) -> None:
+        for c in self.group.members:
+            c.release_compiled()
 
 
 # ----------------------------------------------------------------------------- the method
@@ -139,6 +164,8 @@ class Residuals(ResidualsCard, Method):
         vector = word_vector(pipe, config.init_token, single=True, what="init_token", clip_only=True).to(unet.device)
         self.embedding = nn.Parameter(vector.unsqueeze(0), requires_grad=config.train_token)
         self.lag = False
+        self.lag_switch = KnobTensor(0.0)  # lag as 0/1 tensors: what a compiled denoiser reads
+        self.compiled_watch = False  # the maps captured for a compiled denoiser, whatever lag is
 
     # -- construction
     @classmethod
@@ -157,12 +184,33 @@ class Residuals(ResidualsCard, Method):
         """``lag`` on or off, also while attached (the attention-map capture starts or stops watching)."""
         lag = self.knob_values.lag
         lag = bool(self.concept_defaults.get("lag", False)) if lag is None else lag
-        if lag != self.lag and self.installed:
-            if lag:
-                attention_maps(self.pipe).watch(self.key, self.lag_columns)
-            else:
-                attention_maps(self.pipe).unwatch(self.key)
+        before = self.watched()
         self.lag = lag
+        self.lag_switch.set(float(lag))
+        if self.installed:
+            self._follow_watch(before)
+
+    def watched(self) -> bool:
+        """Whether the attention maps this concept's LAG reads are captured: LAG on, or a compiled denoiser."""
+        return self.lag or self.compiled_watch
+
+    def _follow_watch(self, before: bool) -> None:
+        if self.watched() and not before:
+            attention_maps(self.pipe).watch(self.key, self.lag_columns)
+        elif before and not self.watched():
+            attention_maps(self.pipe).unwatch(self.key)
+
+    def prepare_compiled(self, dtypes, device) -> None:
+        """Before a compiled denoiser runs: the lag tensors, and the maps captured whatever lag is."""
+        for dtype in dtypes:
+            self.lag_switch.on(device, dtype)
+        before, self.compiled_watch = self.watched(), True
+        self._follow_watch(before)
+
+    def release_compiled(self) -> None:
+        """Back to eager: the maps captured only while LAG is on."""
+        before, self.compiled_watch = self.watched(), False
+        self._follow_watch(before)
 
     # -- training hooks
     def templates(self) -> tuple[str, ...]:
@@ -211,12 +259,12 @@ class Residuals(ResidualsCard, Method):
         return cols
 
     def on_install(self) -> None:
-        if self.lag:
-            attention_maps(self.pipe).watch(self.key, self.lag_columns)
+        self._follow_watch(False)
 
     def on_remove(self) -> None:
-        if self.lag:
+        if self.watched():
             attention_maps(self.pipe).unwatch(self.key)
+        self.compiled_watch = False
 
 
     # -- interop
