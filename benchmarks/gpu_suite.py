@@ -15,11 +15,19 @@ Writes one JSON line per measurement to stdout and to ``OUT/gpu_suite.jsonl``:
   GPU memory, FLOPs of one real step counted with ``FlopCounterMode``, MFU
   against the datasheet's dense bf16 peak and against a bf16 matmul measured
   here; Perfusion's time to a concept at the paper's 210 steps x batch 16.
+  Each method steps eager and then compiled (``--train-steps``: CUDA graphs,
+  the trainer's GPU default), the compiled row with its speed-up over eager
+  and its compile seconds; the compile cache starts empty (cold), and
+  Perfusion runs once more from the warm cache (dynamo reset, torch's
+  on-disk FX graph and AOT autograd caches kept).
 - ``sample``: DDIM 50 with classifier-free guidance, batch 1 and 8 (latents
   out), bare vs with a Perfusion concept vs with a Residuals concept and LAG,
-  runs alternating; overhead ratios.
+  runs alternating; overhead ratios; with the eager denoiser and compiled
+  (``--sample-modes``: ``generate --compile`` in reduce-overhead mode).
 - ``eval``: CLIP ViT-B/32 + DINO ViT-S/16 (random weights) throughput from
-  preprocessed tensors in memory and from PNG files decoded by worker processes.
+  preprocessed tensors in memory and from PNG files decoded by worker
+  processes, beside the machine's own decode limit measured in the same run
+  (one process's decode + resize rate x workers).
 - ``scripts``: the diffusers example scripts (``--anchors``, the
   ``perf-anchors`` folder), unmodified, on the same pipeline saved to disk, the
   same batch and precision, and the ratio of their median step to ours. On
@@ -69,8 +77,10 @@ DIT = ("flux", "sd3")
 
 
 class Suite:
-    def __init__(self, out: Path, dry_run: bool, budget_s: float, compile_unet: bool = False, base: str = "sd15"):
-        self.out, self.dry, self.compile, self.base = out, dry_run, compile_unet, base
+    def __init__(self, out: Path, dry_run: bool, budget_s: float, modes: tuple[str, ...] = ("eager", "graphs"),
+                 base: str = "sd15"):
+        self.out, self.dry, self.modes, self.base = out, dry_run, modes, base
+        self.compile = False  # the step being timed is compiled (train_one)
         self.res = 32 if dry_run else {"sd15": 512, "sd21": 768, "sdxl": 1024, "flux": 512, "sd3": 512}[base]
         self.device = "cpu" if dry_run or not torch.cuda.is_available() else "cuda"
         self.began, self.budget = time.perf_counter(), budget_s
@@ -151,10 +161,30 @@ class Suite:
             cls = get(method)
             batch = 2 if self.dry else cls.train_defaults.get("batch_size", TrainConfig.batch_size)
             prior_off = {"prior_loss_weight": 0.0} if issubclass(cls.Config, PriorConfig) else {}
-            rows[method] = self.train_one(train, method, batch, steps, prior_off)
+            rows[method] = self.train_modes(train, method, batch, steps, prior_off)
         return rows
 
-    def train_one(self, train, method: str, batch: int, steps: int, extra: dict) -> dict:
+    def train_modes(self, train, method: str, batch: int, steps: int, extra: dict) -> dict:
+        """The method eager (FLOPs counted), then with the compiled step (CUDA graphs: the trainer's default on a
+        GPU) from a cold compile cache, and for Perfusion once more from the warm cache (dynamo reset, the FX graph
+        and AOT autograd caches on disk kept): s/step, speed-up over eager, MFU from the eager row's FLOPs (the
+        same work), and cold / warm compile seconds (step 1 beyond eager's). Returns the fastest row."""
+        rows = {}
+        for mode in self.modes:
+            runs = ["cold", "warm"] if mode == "graphs" and method == "perfusion" else ["cold"]
+            for cache in runs if mode == "graphs" else [None]:
+                if not self.in_budget(f"train {method} {mode}"):
+                    break
+                self.compile = mode == "graphs"
+                torch._dynamo.reset()
+                row = self.train_one(train, method, batch, steps, extra, eager=rows.get("eager"), cache=cache)
+                rows[mode if cache in (None, "cold") else "warm"] = row
+        self.compile = False
+        timed = [r for r in rows.values() if r.get("step_s")]
+        return min(timed, key=lambda r: r["step_s"]) if timed else next(iter(rows.values()), {})
+
+    def train_one(self, train, method: str, batch: int, steps: int, extra: dict, eager: dict | None = None,
+                  cache: str | None = None) -> dict:
         from torch.utils.flop_counter import FlopCounterMode
 
         pipe = self.pipeline()
@@ -185,13 +215,16 @@ class Suite:
                 error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             end = time.perf_counter()
         row = {"bench": "train", "method": method, "batch": batch, "res": self.res,
-               "precision": "bf16-mixed", "prior": False, "compile": self.compile}
+               "precision": "bf16-mixed", "prior": False,
+               "step": "graphs" if self.compile else "eager", **({"compile_cache": cache} if cache else {})}
         if error or len(stamps) < 5:
             del pipe
             return self.emit(**row, error=error or f"only {len(stamps)} steps")
         deltas = [b - a for a, b in zip(stamps, stamps[1:])][2:]  # steps 4.. (1-3: warm-up, 2: FLOP count)
         step_s = statistics.median(deltas)
         flops = counter.get_total_flops() if not self.compile else 0
+        if self.compile and eager and eager.get("tflop_per_step"):  # the same work as the eager step
+            flops = eager["tflop_per_step"] * 1e12
         row.update(step_s=round(step_s, 4), samples_per_s=round(batch / step_s, 2), steps_timed=len(deltas),
                    setup_s=round(stamps[0] - start - deltas[0], 2), finish_s=round(end - stamps[-1], 2),
                    tflop_per_step=round(flops / 1e12, 3), achieved_tflops=round(flops / step_s / 1e12, 1),
@@ -203,14 +236,19 @@ class Suite:
             row["mfu"] = round(flops / step_s / 1e12 / datasheet, 4)
         if self.peak_tflops and flops:
             row["of_matmul_ceiling"] = round(flops / step_s / 1e12 / self.peak_tflops, 4)
+        if self.compile and eager and eager.get("step_s"):
+            row["speedup_vs_eager"] = round(eager["step_s"] / step_s, 3)
+            # step 1 beyond the eager run's: compiling (and capturing the graphs)
+            row["compile_s"] = round((stamps[0] - start) - (eager["setup_s"] + eager["step_s"]), 1)
         if method == "perfusion" and batch == PAPER_BATCH:
             row["time_to_concept_210x16_s"] = round(row["setup_s"] + PAPER_STEPS * step_s + row["finish_s"], 1)
         del pipe
         return self.emit(**row)
 
     # -- sampling
-    def sample(self, steps: int, batches: tuple[int, ...], reps: int) -> None:
+    def sample(self, steps: int, batches: tuple[int, ...], reps: int, modes: tuple[str, ...] = ("eager",)) -> None:
         from personalize import attach, families, train
+        from personalize.generation import compiled_denoiser
 
         if not self.in_budget("sample"):
             return
@@ -232,14 +270,15 @@ class Suite:
             settings = {"bare": (None, {}, "a photo of a dog on the beach"),
                         edit: (concepts[edit], {}, f"a photo of a <{edit[:4]}> on the beach"),
                         "residuals_lag": (concepts["residuals"], {"lag": True}, "a photo of a <resi> dog on the beach")}
-            for nb in batches:
-                if not self.in_budget(f"sample batch {nb}"):
+            for nb, mode in [(nb, mode) for mode in modes for nb in batches]:
+                if not self.in_budget(f"sample batch {nb} {mode}"):
                     break
                 times: dict[str, list[float]] = {k: [] for k in settings}
-                for rep in range(reps + 1):  # the first round warms up
+                for rep in range(reps + 1):  # the first round warms up (and compiles: one graph per setting)
                     for name, (concept, knobs, prompt) in settings.items():
                         ctx = attach(pipe, concept, **knobs) if concept is not None else contextlib.nullcontext()
-                        with ctx:
+                        with ctx, (compiled_denoiser(pipe, mode="reduce-overhead") if mode == "compiled"
+                                   else contextlib.nullcontext()):
                             t = _time_once(lambda: pipe([prompt] * nb, num_inference_steps=steps, guidance_scale=guidance,
                                                         output_type="latent", height=self.res, width=self.res,
                                                         generator=torch.Generator(self.device).manual_seed(0)),
@@ -248,7 +287,7 @@ class Suite:
                             times[name].append(t)
                 med = {k: statistics.median(v) for k, v in times.items()}
                 sampler = f"{type(pipe.scheduler).__name__.replace('Scheduler', '').lower()}{steps}"
-                self.emit(bench="sample", sampler=sampler, cfg=guidance, batch=nb,
+                self.emit(bench="sample", sampler=sampler, cfg=guidance, batch=nb, denoiser=mode,
                           dtype=str(families.denoiser(pipe).dtype), reps=reps,
                           **{f"{k.replace('-', '_')}_s": round(v, 4) for k, v in med.items()},
                           images_per_s_bare=round(nb / med["bare"], 2),
@@ -282,6 +321,11 @@ class Suite:
         with tempfile.TemporaryDirectory() as tmp:
             paths = _random_pngs(Path(tmp), n_files, 512 if not self.dry else 64, workers)
             dtype = dtypes[-1]
+            # the machine's own limit, in this run: one process decoding + resizing as the workers do, x workers
+            from eval_decode import single_process_rate
+
+            single = single_process_rate(paths[:max(16, min(256, n_files // 8))],
+                                         (pixel_transform(224, 224), pixel_transform(256, 224)))
             for nw in sorted({0, workers}) if self.dry else (workers,):
                 start = time.perf_counter()
                 count = 0
@@ -296,9 +340,11 @@ class Suite:
                         count += c.shape[0]
                 self.sync()
                 s = time.perf_counter() - start
+                limit = single * max(1, nw)
                 self.emit(bench="eval_files", models="clip_vitb32+dino_vits16", dtype=str(dtype).split(".")[-1],
                           files=count, png_px=512 if not self.dry else 64, workers=nw, batch=batch,
-                          images_per_s=round(count / s, 1))
+                          images_per_s=round(count / s, 1), single_process_decode_per_s=round(single, 1),
+                          decode_limit_per_s=round(limit, 1), of_decode_limit=round(count / s / limit, 3))
 
     # -- the diffusers scripts
     def scripts(self, anchors: Path, ours: dict[str, dict], steps: int, only: list[str]) -> None:
@@ -492,11 +538,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="real-size shape (random weights): SD 1.5, SD 2.1, SDXL base 1.0, Flux.1-dev, "
                              "SD3.5-medium (the last two at 512 px)")
     parser.add_argument("--budget-s", type=float, default=420.0)
-    parser.add_argument("--compile", action="store_true", help="train with torch.compile of the UNet (step 1 compiles)")
+    parser.add_argument("--train-steps", default="eager,graphs",
+                        help="how the training rows step: eager, graphs (the compiled step, CUDA graphs, the "
+                             "trainer's GPU default; Perfusion also from the warm compile cache), or both")
+    parser.add_argument("--sample-modes", default="eager,compiled",
+                        help="sampling rows with the eager denoiser, the compiled one (generate --compile, CUDA "
+                             "graphs; concepts' knobs as tensors), or both")
+    parser.add_argument("--compile-cache", type=Path, default=None,
+                        help="torch's compile cache folder (default: a fresh one, so the first compile is cold)")
     parser.add_argument("--workers", type=int, default=max(1, min(15, (os.cpu_count() or 2) - 1)))
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
-    suite = Suite(args.out, args.dry_run, args.budget_s, args.compile, args.base)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.compile_cache or tempfile.mkdtemp(prefix="compile-cache-"))
+    if args.dry_run:  # the CPU checks the compiled paths by tracing them (AOT autograd), not by minutes of codegen
+        real_compile = torch.compile
+        torch.compile = lambda fn, **kw: real_compile(fn, **{**kw, "backend": "aot_eager", "mode": None})
+    suite = Suite(args.out, args.dry_run, args.budget_s, tuple(args.train_steps.split(",")), args.base)
     if suite.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -510,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
                       only=[m for m in args.scripts.split(",") if m in SCRIPTS])
     if "sample" in parts:
         suite.sample(steps=2 if args.dry_run else 50, batches=(1, 2) if args.dry_run else (1, 8),
-                     reps=1 if args.dry_run else 2)
+                     reps=1 if args.dry_run else 2, modes=tuple(args.sample_modes.split(",")))
     if "eval" in parts:
         suite.evaluate(n_files=16 if args.dry_run else 4096, workers=2 if args.dry_run else args.workers)
     suite.emit(bench="done", seconds=round(time.perf_counter() - suite.began, 1))

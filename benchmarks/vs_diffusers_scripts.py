@@ -6,7 +6,7 @@
 
 Every side trains on the same random SD 1.5-shaped pipeline folder (built once,
 ``unet.sample_size`` set so it trains at ``--res``), the same five photos, batch
-and precision, prior preservation off. Runs alternate (ours, compiled, script,
+and precision, prior preservation and loss masks off. Runs alternate (ours, compiled, script,
 ours ..., ``--repeats`` rounds) so a busy machine slows every side alike, and
 each side's best and worst s/step are reported: a busy machine shows as spread,
 not as a ratio. ``compiled`` is ``train --compile`` (torch.compile of the step,
@@ -70,7 +70,7 @@ def ours(model: Path, method: str, precision: str, steps: int, batch: int, compi
               out=Path(tmp) / "c.safetensors", method=method, progress=False, device="cpu",
               callbacks=[lambda s, loss, m: stamps.append(time.perf_counter())],
               settings={"steps": steps, "batch_size": batch, "checkpoint_every": 0, "mixed_precision": precision,
-                        "compile": compiled, **extra})
+                        "compile": compiled, "masks": "none", **extra})
     deltas = [b - a for a, b in zip(stamps, stamps[1:])][1:]
     return {"step_s": round(statistics.median(deltas), 3), "first_step_s": round(stamps[0] - began, 2)}
 
@@ -95,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--res", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=0, help="images per step (0: each method's default)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds; best and worst of each side shown")
     parser.add_argument("--sides", default="ours,compiled,script",
                         help="ours (eager), compiled (train --compile; its first run compiles cold), script")
@@ -114,7 +115,7 @@ def main() -> None:
     wanted = args.sides.split(",")
     compile_cache = tempfile.mkdtemp(prefix="compile-cache-")  # empty: the first compiled run of each method is cold
     for method in args.methods.split(","):
-        batch = get(method).train_defaults.get("batch_size", 1)
+        batch = args.batch or get(method).train_defaults.get("batch_size", 1)
         for precision in args.precisions.split(","):
             sides = [(side, None) for side in ("ours", "compiled") if side in wanted]
             if "script" in wanted and method in SCRIPTS and (method != "dreambooth" or big_enough):

@@ -58,22 +58,25 @@ def test_frozen_weights_untouched_without_mixed_precision(tiny):
 def test_gpu_suite_dry_run_writes_every_part(tmp_path):
     out = tmp_path / "suite"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--dry-run", "--out", str(out),
-           "--parts", "train,sample,eval", "--methods", "perfusion,residuals"]
+           "--parts", "train,sample,eval", "--methods", "perfusion", "--sample-modes", "compiled"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "gpu_suite.jsonl").read_text().splitlines()]
     by = {}
     for row in rows:
         by.setdefault(row["bench"], []).append(row)
-    assert {r["method"] for r in by["train"]} == {"perfusion", "residuals"}
+    steps = sorted((r["method"], r["step"], r.get("compile_cache")) for r in by["train"])
+    assert steps == [("perfusion", "eager", None), ("perfusion", "graphs", "cold"), ("perfusion", "graphs", "warm")]
     for row in by["train"]:
         assert "error" not in row, row
-        assert row["step_s"] > 0 and row["tflop_per_step"] > 0  # FLOPs counted on a real step
-    assert {r["batch"] for r in by["sample"]} == {1, 2}
+        assert row["step_s"] > 0 and row["tflop_per_step"] > 0  # FLOPs counted on a real (eager) step
+        assert row["step"] == "eager" or row["speedup_vs_eager"] > 0
+    assert sorted((r["batch"], r["denoiser"]) for r in by["sample"]) == [(1, "compiled"), (2, "compiled")]
     for row in by["sample"]:
         assert row["bare_s"] > 0 and row["perfusion_s"] > 0 and row["residuals_lag_s"] > 0
     assert by["eval_tensors"][0]["images_per_s"] > 0
     assert {r["workers"] for r in by["eval_files"]} == {0, 2} and all(r["files"] == 16 for r in by["eval_files"])
+    assert all(r["decode_limit_per_s"] > 0 and r["of_decode_limit"] > 0 for r in by["eval_files"])
     assert by["done"]
 
 
@@ -174,7 +177,7 @@ def test_gpu_suite_dry_run_on_flux_skips_refused_methods_and_times_the_familys_s
         "json.dump({'stamps': [0.5 * i for i in range(10)], 'peak_gib': None}, open(os.environ['STEP_LOG'], 'w'))\n")
     out = tmp_path / "suite"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--dry-run", "--base", "flux", "--out", str(out),
-           "--parts", "train,scripts", "--methods", "dreambooth-lora", "--anchors", str(anchors)]
+           "--parts", "train,scripts", "--methods", "dreambooth-lora", "--anchors", str(anchors), "--train-steps", "eager"]
     env = {**os.environ, "ARGS_OUT": str(tmp_path / "args.json")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -50,7 +50,7 @@ def train(
 
       torchrun --nproc_per_node 4 -m personalize.cli train ... --batch-size 16   # data parallel: 4 processes (GPUs, or CPU cores), 4 rows each
 
-      personalize train ... --mixed-precision bf16 --compile   # GPU: bf16, and torch.compile the UNet (minutes to compile)
+      personalize train ... --mixed-precision bf16   # GPU: bf16; the step compiled with CUDA graphs (--no-compile: eager)
 
       personalize train --method residuals --base ./my-sd15/ --images photos/ --superclass teddy --token "<my-teddy>" --out teddy.safetensors
 
