@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from personalize import train
+from personalize.base import load_base
 from personalize.errors import BadInputError
 from personalize.training.compiled import compile_mode
 
@@ -63,17 +64,20 @@ def _assert_equal_within_rounding(compiled, eager):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * float(e.abs().max()))
 
 
-@pytest.mark.parametrize("method", ["perfusion", "residuals", "textual-inversion", "dreambooth", "dreambooth-lora",
-                                    "custom-diffusion"])
-def test_every_method_trains_compiled_without_recompiling_and_equal_to_eager(tiny, photos, tmp_path, monkeypatch,
+@pytest.mark.parametrize("base,method", [("tiny", m) for m in ("perfusion", "residuals", "textual-inversion",
+                                                                 "dreambooth", "dreambooth-lora", "custom-diffusion")]
+                         + [("tiny-sd3", "perfusion"), ("tiny-flux", "perfusion")])
+def test_every_method_trains_compiled_without_recompiling_and_equal_to_eager(photos, tmp_path, monkeypatch, base,
                                                                              method):
     """AOT autograd traces the forward and the backward as inductor would (no code generated): three steps with
-    ``error_on_recompile`` (Perfusion's i* moves every step and its projection is rewritten in place), and the
+    ``error_on_recompile`` (Perfusion's i* moves every step and its projection is rewritten in place; on a
+    diffusion transformer i*_l moves inside the forward, and the projection is computed in the graph), and the
     losses and gradients equal the eager run's within float32 rounding."""
     import copy
 
     import torch._dynamo
 
+    tiny = load_base(base)
     eager = _train(copy.deepcopy(tiny), photos, tmp_path / "eager.safetensors", method, {"compile": False})
     traced = []
     real_compile = torch.compile
@@ -91,13 +95,3 @@ def test_every_method_trains_compiled_without_recompiling_and_equal_to_eager(tin
         torch._dynamo.reset()
     assert traced == [{"mode": "reduce-overhead", "dynamic": False}]
     _assert_equal_within_rounding(compiled, eager)
-
-
-def test_dit_perfusion_trains_eagerly_by_default_and_refuses_an_explicit_compile(tmp_path, photos):
-    """Its i*_l follows each joint block's input inside the forward (Python state a compiled step would recompile
-    on): automatic compile leaves it eager; --compile is refused in one line before any training."""
-    with pytest.raises(BadInputError, match="--compile: Perfusion on a diffusion transformer trains eagerly"):
-        train("tiny-sd3", photos, token="<disc>", superclass="ball", out=tmp_path / "c.safetensors",
-              settings={**FAST, "compile": True}, progress=False, device="cpu")
-    assert not any(tmp_path.glob("c.*"))
-    assert compile_mode(None, "reduce-overhead", torch.device("cuda"), True, "a reason") is None

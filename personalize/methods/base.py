@@ -170,11 +170,6 @@ class Method(MethodCard):
         encoder weight): the trainer then encodes each distinct prompt once and reuses it."""
         return False
 
-    def compile_refusal(self) -> str | None:
-        """Why this method's training step cannot run compiled here (None: it can). A run that would compile by
-        default then trains eagerly; one that asks for ``--compile`` is refused with this reason."""
-        return None
-
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything needed to resume or save the concept (trainable and running state)."""
         raise NotImplementedError

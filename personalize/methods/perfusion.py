@@ -140,24 +140,38 @@ class PerfusionGroup(SiteGroup):
         """The shared projection (of one joint block's site on a diffusion transformer: ``layer``), recomputed
         only when an i* changed (every step in training), where the i* live (no copy to the host and back), and
         written into the tensors it had (so a compiled training step, CUDA graphs included, reads the new values
-        without recompiling or capturing again); C^-1's Cholesky factor is computed once per device."""
+        without recompiling or capturing again); C^-1's Cholesky factor is computed once per device.
+
+        Traced (a compiled denoiser): no cache logic, which would recompile every step. On SD the projection
+        refreshed eagerly by ``Perfusion.on_text_encoded``; on a diffusion transformer the projection of the i*
+        this forward's :meth:`Perfusion.observe` just moved, computed in the graph (as eager training does)."""
         cached = self._cache.get(layer)
-        if torch.compiler.is_compiling() and cached is not None:  # traced: no cache logic (it would
-            return cached[1]  # recompile every step); refreshed eagerly by Perfusion.on_text_encoded
+        if torch.compiler.is_compiling() and layer is not None:
+            return self._computed(layer, dtype, device)
+        if torch.compiler.is_compiling() and cached is not None:
+            return cached[1]
         key = (tuple((id(c), c.version_of(layer)) for c in self.members), dtype, device)
         if cached is None or cached[0] != key:
-            # every concept's targets (J on SD; J x segments on a diffusion transformer, Eq. 4 over all)
-            i_stars = torch.cat([c.input_target(layer).detach().double().reshape(-1, c.width) for c in self.members])
-            where = (str(i_stars.device), layer)
-            if where not in self._factors:
-                C_inv = (self.C_inv if layer is None else self.C_inv[self.layers.index(layer)]).to(i_stars.device)
-                self._factors[where] = (C_inv, torch.linalg.cholesky(C_inv).mT)
-            C_inv, upper = self._factors[where]
-            projection = Rank1Projection.from_targets(i_stars, C_inv, upper, dual=self.per_site).to(dtype, device)
+            projection = self._computed(layer, dtype, device)
             if cached is not None and cached[0][1:] == key[1:] and cached[1].same_shapes(projection):
                 projection = cached[1].copy_(projection)  # in place: a compiled step keeps reading the same tensors
             cached = self._cache[layer] = (key, projection)
         return cached[1]
+
+    def _computed(self, layer: str | None, dtype, device) -> Rank1Projection:
+        """The projection of every concept's targets now (J on SD; J x segments on a diffusion transformer, Eq. 4
+        over all)."""
+        i_stars = torch.cat([c.input_target(layer).detach().double().reshape(-1, c.width) for c in self.members])
+        C_inv, upper = self.factors(i_stars.device, layer)
+        return Rank1Projection.from_targets(i_stars, C_inv, upper, dual=self.per_site).to(dtype, device)
+
+    def factors(self, device, layer: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """C^-1 (of ``layer``'s block on a diffusion transformer) and its Cholesky factor, once per device."""
+        where = (str(device), layer)
+        if where not in self._factors:
+            C_inv = (self.C_inv if layer is None else self.C_inv[self.layers.index(layer)]).to(device)
+            self._factors[where] = (C_inv, torch.linalg.cholesky(C_inv).mT)
+        return self._factors[where]
 
     def gate(self, dtype, device) -> Gate | None:
         """The concepts' gate (betas, taus; each concept's once per target row), rebuilt only when a knob
@@ -290,7 +304,9 @@ class Perfusion(PerfusionCard, Method):
                             {layer: torch.zeros(self.targets, self.width) for layer in self.layers})
             self.i_star = {layer: e.clone() for layer, e in self.e_super.items()}  # (S, d) per block
             self.i_star_versions = dict.fromkeys(self.layers, 0)
-            self.i_star_set = dict.fromkeys(self.layers, False)
+            # whether i*_l was set from training inputs yet: a tensor, so a compiled step reads it without
+            # specialising on it
+            self.i_star_set = {layer: torch.tensor(False) for layer in self.layers}
             self._observing: tuple | None = None  # training: (first rows (S, B), present (S, B), layers left)
         else:
             self.targets = 1
@@ -313,6 +329,7 @@ class Perfusion(PerfusionCard, Method):
         self.o_v.to(device)
         if self.per_site:
             self.i_star = {k: v.to(device) for k, v in self.i_star.items()}
+            self.i_star_set = {k: v.to(device) for k, v in self.i_star_set.items()}
         else:
             self.i_star = self.i_star.to(device)
         for k, v in self.o_k.items():
@@ -441,6 +458,12 @@ class Perfusion(PerfusionCard, Method):
                 firsts.append(hits.int().argmax(dim=1) + start)
                 present.append(hits.any(dim=1))
             self._observing = (torch.stack(firsts), torch.stack(present), set(self.layers))
+            for layer in self.layers:  # i*_l moves in the forward that follows (compiled or not)
+                self.i_star_versions[layer] += 1
+                if self.installed:  # what a compiled forward reads but must not build: factors, gate
+                    self.group.factors(hidden.device, layer)
+            if self.installed:
+                self.group.gate(hidden.dtype, hidden.device)
             return
         (token_id,) = token_site(self.pipe).ids(self.key)
         hits = input_ids == token_id
@@ -468,7 +491,10 @@ class Perfusion(PerfusionCard, Method):
     @torch.no_grad()
     def observe(self, layer: str, x: torch.Tensor) -> None:
         """Training, diffusion transformer: i*_l <- EMA of block ``layer``'s add_k_proj input ``x`` (B, L, d) at
-        the concept token's first row of each segment, once per step (the first of the block's two sites)."""
+        the concept token's first row of each segment, once per step (the first of the block's two sites).
+
+        Tensor operations only, written in place (the first training input sets i*_l, ``i_star_set``), so a
+        compiled step traces it without a graph break and without recompiling as i* moves."""
         if self._observing is None or layer not in self._observing[2]:
             return
         firsts, present, left = self._observing
@@ -480,28 +506,19 @@ class Perfusion(PerfusionCard, Method):
         weight = present.to(x.device).float()
         found = weight.sum(1)  # (S,)
         e_concept = (picked * weight[..., None]).sum(1) / found.clamp_min(1.0)[:, None]
-        old = self.i_star[layer].to(x.device)
-        if not self.i_star_set[layer]:
-            if not bool(present.any()):
-                return
-            updated = e_concept
-            self.i_star_set[layer] = True
-        else:
-            updated = self.config.ema * old + (1 - self.config.ema) * e_concept
-        self.i_star[layer] = torch.where(found[:, None] > 0, updated, old)
-        self.i_star_versions[layer] += 1
-
-    def compile_refusal(self) -> str | None:
-        if self.per_site:  # the i*_l update reads each block's input inside the transformer's forward
-            return ("Perfusion on a diffusion transformer trains eagerly: its i* follows each joint block's input "
-                    "during the forward pass (docs/PERFUSION_DIT.md), which a compiled step would capture as "
-                    "Python state and recompile every step")
-        return None
+        old, was_set = self.i_star[layer], self.i_star_set[layer]
+        updated = torch.where(was_set, self.config.ema * old + (1 - self.config.ema) * e_concept, e_concept)
+        new = torch.where(found[:, None] > 0, updated, old)
+        old.copy_(new)
+        was_set.copy_(was_set | present.to(was_set.device).any())
+        if not torch.compiler.is_compiling():  # traced: Perfusion.on_text_encoded counts the step instead
+            self.i_star_versions[layer] += 1
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"embedding": self.embedding.detach()}
         if self.per_site:  # o*_K is stored: the superclass inputs need forward passes of the transformer
-            tensors.update({f"i_star.{_key(k)}": v.detach() for k, v in self.i_star.items()})
+            # copies: training writes i*_l in place (observe)
+            tensors.update({f"i_star.{_key(k)}": v.detach().clone() for k, v in self.i_star.items()})
             tensors.update({f"o_k.{k}": v.detach() for k, v in self.o_k.items()})
         else:
             tensors["i_star"] = self.i_star.detach()
@@ -526,7 +543,7 @@ class Perfusion(PerfusionCard, Method):
                 for layer in self.layers:
                     self.i_star[layer] = tensors[f"i_star.{_key(layer)}"].to(device).float().clone()
                     self.i_star_versions[layer] += 1
-                    self.i_star_set[layer] = True
+                    self.i_star_set[layer].fill_(True)
             else:
                 self.i_star = tensors["i_star"].to(device).float().clone()
             self.i_star_initialized = True

@@ -7,7 +7,8 @@ the backward's kernels with one launch each. Replay needs static shapes, which t
 ``--buckets`` is on (one batch size, one resolution); so a CUDA run without buckets compiles by default, and
 ``--no-compile`` turns it off. The state a method changes between steps (Perfusion's i* projection, the gate)
 is updated in place, so the compiled graph keeps reading the same tensors: nothing recompiles and nothing is
-captured again (``tests/test_compiled_training.py`` trains every method with ``error_on_recompile``).
+captured again (``tests/test_compiled_training.py`` trains every method, on SD and on the diffusion transformers,
+with ``error_on_recompile``).
 """
 from __future__ import annotations
 
@@ -24,17 +25,13 @@ def check_mode(mode: str) -> None:
         raise BadInputError(f"--compile-mode {mode!r}: use one of {', '.join(MODES)}")
 
 
-def compile_mode(setting: bool | None, mode: str, device: torch.device, static_shapes: bool,
-                 refusal: str | None = None) -> str | None:
+def compile_mode(setting: bool | None, mode: str, device: torch.device, static_shapes: bool) -> str | None:
     """The ``torch.compile`` mode this run's step uses, or None (eager).
 
-    ``setting``: the ``compile`` setting (None: automatic, on for CUDA with ``static_shapes``); ``refusal``: why
-    the method cannot train compiled here (automatic: eager; asked for: a one-line error)."""
+    ``setting``: the ``compile`` setting (None: automatic, on for CUDA with ``static_shapes``)."""
     check_mode(mode)
     if setting is None:
-        setting = torch.device(device).type == "cuda" and static_shapes and refusal is None
-    if setting and refusal is not None:
-        raise BadInputError(f"--compile: {refusal}; train without --compile")
+        setting = torch.device(device).type == "cuda" and static_shapes
     return mode if setting else None
 
 

@@ -164,8 +164,6 @@ def train(
 
     trainable = method_cls.for_training(pipe, token, superclass, mcfg)
     try:
-        # before any sampling or training: a compiled step this method cannot take is refused here
-        mode = compile_mode(cfg.compile, cfg.compile_mode, device, frames is None, trainable.compile_refusal())
         check_captions(pipe, captions, image_paths, trainable.placeholders(), labels.tolist(),  # tokens added now
                        (*trainable.templates(), *([cfg.preview_prompt] if cfg.preview_every else [])))
         with parallel.main_first():  # class images are sampled (and cached) once
@@ -182,6 +180,7 @@ def train(
         frozen = FrozenInComputeDtype(pipe, params, cfg.mixed_precision)
         texts = TextCache() if trainable.text_path_frozen() else None
         denoiser = family.denoiser_of(pipe)  # DreamBooth's trained copy once installed
+        mode = compile_mode(cfg.compile, cfg.compile_mode, device, static_shapes=frames is None)
         unet = training_denoiser(denoiser, mode)  # the pipeline keeps its own (eager) module
         generator = torch.Generator().manual_seed(cfg.seed)
         base_fp = fingerprint(pipe)
