@@ -297,9 +297,8 @@ class Suite:
 
     # -- evaluator
     def evaluate(self, n_files: int, workers: int) -> None:
-        from personalize.evaluation.decode import preprocessed_batches
-        from personalize.evaluation.models import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ClipEncoder,
-                                                   DinoEncoder, normalize_pixels, pixel_transform)
+        from personalize.evaluation.decode import encode_files
+        from personalize.evaluation.models import ClipEncoder, DinoEncoder, pixel_transform
 
         if not self.in_budget("eval"):
             return
@@ -326,20 +325,16 @@ class Suite:
 
             single = single_process_rate(paths[:max(16, min(256, n_files // 8))],
                                          (pixel_transform(224, 224), pixel_transform(256, 224)))
+            clip.batch_size = dino.batch_size = batch
             for nw in sorted({0, workers}) if self.dry else (workers,):
                 start = time.perf_counter()
-                count = 0
                 with torch.inference_mode(), torch.autocast(self.device, dtype=dtype, enabled=dtype != torch.float32):
-                    # uint8 from the workers (a quarter of the bytes), normalised on the device
-                    for c, d in preprocessed_batches(paths, (pixel_transform(224, 224), pixel_transform(256, 224)),
-                                                     batch, nw):
-                        c = normalize_pixels(c.to(self.device, non_blocking=True), CLIP_MEAN, CLIP_STD)
-                        d = normalize_pixels(d.to(self.device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
-                        clip.model.encode_image(c)
-                        dino.cls_features(d)
-                        count += c.shape[0]
+                    # the evaluator's own file path (score_concept, personalize evaluate): each file decoded once
+                    # for both encoders in the workers, sent as uint8, normalised on the device
+                    ((c, d),) = encode_files((clip, dino), [paths], nw)
                 self.sync()
                 s = time.perf_counter() - start
+                count = c.shape[0]
                 limit = single * max(1, nw)
                 self.emit(bench="eval_files", models="clip_vitb32+dino_vits16", dtype=str(dtype).split(".")[-1],
                           files=count, png_px=512 if not self.dry else 64, workers=nw, batch=batch,

@@ -372,6 +372,22 @@ def test_score_concept_file_path_is_the_per_encoder_path_to_the_bit(tiny, tmp_pa
         assert got == pytest.approx(want[::-1], abs=1e-5)
 
 
+def test_leakage_from_files_decodes_each_once_and_scores_to_the_bit(tiny, tmp_path, monkeypatch):
+    """The benchmark's leakage pairs are files: with ``workers`` each is decoded once (encode_files), and the
+    scores are the per-encoder path's exactly."""
+    from personalize.evaluation import models
+
+    _, dino = tiny
+    a, b = _pngs(tmp_path, 4, 11), _pngs(tmp_path, 4, 12)
+    today = LeakageScore(dino).update(a, b)
+    opened = []
+    real = models.load_image
+    monkeypatch.setattr(models, "load_image", lambda item: opened.append(item) or real(item))
+    files = LeakageScore(dino).update(a, b, workers=0)
+    assert np.array_equal(files, today) and len(set(today.tolist())) == 4
+    assert sorted(opened) == sorted(a + b)
+
+
 def test_encode_files_is_encode_images_on_clip_and_dino(clip, dino, tmp_path, monkeypatch):
     """The real networks (random weights): ``encode_files`` gives ``encode_images``'s features exactly (which the
     tests above check against an independent computation), with batches that straddle groups."""

@@ -162,7 +162,8 @@ def _clip_method(worker, concept, gens, leaks, base_leaks, base: dict) -> dict:
     _label(out, _stems_of(gens), ("clip_text", "clip_image", "dino_image"))
     _normalised_text(out, base, gens, keep=[shape_preserving(concept.templates[i]) for i in _prompt_indices(gens)])
     leak = LeakageScore(dino)
-    out["samples"]["leakage_dino"] = [float(v) for v in leak.update(*_pairs(worker, leaks, base_leaks))]
+    out["samples"]["leakage_dino"] = [float(v) for v in leak.update(*_pairs(worker, leaks, base_leaks),
+                                                                     workers=default_workers(worker.device))]
     out["leakage_dino"] = leak.compute()
     _label(out, _stems_of(leaks), ("leakage_dino",))
     text = out["clip_text_norm"] if out["clip_text_norm"] is not None else out["clip_text"]

@@ -144,13 +144,20 @@ class LeakageScore(_MeanOfScores):
         self.dino = dino
         self.reset()
 
-    def update(self, with_concept: Sequence[ImageLike], without_concept: Sequence[ImageLike]) -> np.ndarray:
+    def update(self, with_concept: Sequence[ImageLike], without_concept: Sequence[ImageLike],
+               workers: int | None = None) -> np.ndarray:
+        """``workers``: when every image is a file, decode them in that many worker processes (0: in this one),
+        as :func:`score_concept` does (:func:`.decode.encode_files`: the same features to the bit)."""
         a, b = list(with_concept), list(without_concept)
         if len(a) != len(b):
             raise BadInputError(f"leakage: {len(a)} images with the concept but {len(b)} without; pair them by seed")
         if not a:
             return np.zeros(0)
-        sims = np.sum(self.dino.encode_images(a) * self.dino.encode_images(b), axis=1)
+        if workers is not None and all(_is_file(i) for i in (*a, *b)):
+            (fa,), (fb,) = _file_features((self.dino,), [a, b], workers)
+        else:
+            fa, fb = self.dino.encode_images(a), self.dino.encode_images(b)
+        sims = np.sum(fa * fb, axis=1)
         self.scores.extend(sims.tolist())
         return sims
 
