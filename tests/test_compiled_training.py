@@ -37,6 +37,11 @@ def test_a_bad_compile_mode_is_refused_before_any_work(tiny, photos, tmp_path):
     assert not any(tmp_path.glob("c.*"))
 
 
+def _steps(method: str) -> int:
+    """Perfusion's state moves every step (i* set at step 1, then averaged): three steps; two for the others."""
+    return 3 if method == "perfusion" else 2
+
+
 def _train(pipe, photos, out, method, settings) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
     """Train; returns each step's loss and each step's gradients (as the optimizer saw them)."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -46,8 +51,8 @@ def _train(pipe, photos, out, method, settings) -> tuple[list[torch.Tensor], lis
         [p.grad.detach().clone() for g in opt.param_groups for p in g["params"] if p.grad is not None]))
     try:
         train(pipe, photos, token="<disc>", superclass="ball", out=out, method=method,
-              settings={**FAST, **EXTRA.get(method, {}), **settings}, progress=False, device="cpu",
-              callbacks=[lambda step, loss, m: losses.append(loss.clone())])
+              settings={**FAST, "steps": _steps(method), **EXTRA.get(method, {}), **settings}, progress=False,
+              device="cpu", callbacks=[lambda step, loss, m: losses.append(loss.clone())])
     finally:
         record.remove()
     return losses, grads
@@ -57,7 +62,7 @@ def _assert_equal_within_rounding(compiled, eager):
     """The same losses at every step, and the same first-step gradients (both runs start from one state and
     batch; later steps' parameters differ by the rounding that Adam's normalised first steps amplify)."""
     (losses, grads), (eager_losses, eager_grads) = compiled, eager
-    assert len(losses) == len(eager_losses) == FAST["steps"]
+    assert len(losses) == len(eager_losses) >= 2
     torch.testing.assert_close(torch.stack(losses), torch.stack(eager_losses), rtol=1e-3, atol=1e-6)
     assert len(grads[0]) == len(eager_grads[0]) > 0
     for g, e in zip(grads[0], eager_grads[0]):
@@ -69,7 +74,7 @@ def _assert_equal_within_rounding(compiled, eager):
                          + [("tiny-sd3", "perfusion"), ("tiny-flux", "perfusion")])
 def test_every_method_trains_compiled_without_recompiling_and_equal_to_eager(photos, tmp_path, monkeypatch, base,
                                                                              method):
-    """AOT autograd traces the forward and the backward as inductor would (no code generated): three steps with
+    """AOT autograd traces the forward and the backward as inductor would (no code generated): 2-3 steps with
     ``error_on_recompile`` (Perfusion's i* moves every step and its projection is rewritten in place; on a
     diffusion transformer i*_l moves inside the forward, and the projection is computed in the graph), and the
     losses and gradients equal the eager run's within float32 rounding."""

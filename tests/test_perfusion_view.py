@@ -39,7 +39,7 @@ def fake_scores(monkeypatch, tmp_path):
         def __init__(self, dino):
             pass
 
-        def update(self, a, b):
+        def update(self, a, b, workers=None):
             return []
 
         def compute(self):
