@@ -80,7 +80,6 @@ class Suite:
     def __init__(self, out: Path, dry_run: bool, budget_s: float, modes: tuple[str, ...] = ("eager", "graphs"),
                  base: str = "sd15"):
         self.out, self.dry, self.modes, self.base = out, dry_run, modes, base
-        self.compile = False  # the step being timed is compiled (train_one)
         self.res = 32 if dry_run else {"sd15": 512, "sd21": 768, "sdxl": 1024, "flux": 512, "sd3": 512}[base]
         self.device = "cpu" if dry_run or not torch.cuda.is_available() else "cuda"
         self.began, self.budget = time.perf_counter(), budget_s
@@ -175,16 +174,15 @@ class Suite:
             for cache in runs if mode == "graphs" else [None]:
                 if not self.in_budget(f"train {method} {mode}"):
                     break
-                self.compile = mode == "graphs"
                 torch._dynamo.reset()
-                row = self.train_one(train, method, batch, steps, extra, eager=rows.get("eager"), cache=cache)
+                row = self.train_one(train, method, batch, steps, extra, compiled=mode == "graphs",
+                                     eager=rows.get("eager"), cache=cache)
                 rows[mode if cache in (None, "cold") else "warm"] = row
-        self.compile = False
         timed = [r for r in rows.values() if r.get("step_s")]
         return min(timed, key=lambda r: r["step_s"]) if timed else next(iter(rows.values()), {})
 
-    def train_one(self, train, method: str, batch: int, steps: int, extra: dict, eager: dict | None = None,
-                  cache: str | None = None) -> dict:
+    def train_one(self, train, method: str, batch: int, steps: int, extra: dict, compiled: bool = False,
+                  eager: dict | None = None, cache: str | None = None) -> dict:
         from torch.utils.flop_counter import FlopCounterMode
 
         pipe = self.pipeline()
@@ -195,7 +193,7 @@ class Suite:
         def tick(step, loss, m):
             self.sync()
             stamps.append(time.perf_counter())
-            if self.compile:  # a dispatch mode around a compiled module would recompile it: count eager runs only
+            if compiled:  # a dispatch mode around a compiled module would recompile it: count eager runs only
                 return
             if step == 1:  # count the FLOPs of step 2 exactly, as the trainer runs it (not timed)
                 counter.__enter__()
@@ -210,20 +208,20 @@ class Suite:
                 train(pipe, photos, token="<bench>", superclass="dog", out=Path(tmp) / "c.safetensors",
                       method=method, progress=False, callbacks=[tick], device=self.device, masks="none",
                       settings={"steps": steps, "batch_size": batch, "checkpoint_every": 0,
-                                "mixed_precision": "bf16", "compile": self.compile, **extra})
+                                "mixed_precision": "bf16", "compile": compiled, **extra})
             except Exception as exc:  # one method failing must not end the suite
                 error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             end = time.perf_counter()
         row = {"bench": "train", "method": method, "batch": batch, "res": self.res,
                "precision": "bf16-mixed", "prior": False,
-               "step": "graphs" if self.compile else "eager", **({"compile_cache": cache} if cache else {})}
+               "step": "graphs" if compiled else "eager", **({"compile_cache": cache} if cache else {})}
         if error or len(stamps) < 5:
             del pipe
             return self.emit(**row, error=error or f"only {len(stamps)} steps")
         deltas = [b - a for a, b in zip(stamps, stamps[1:])][2:]  # steps 4.. (1-3: warm-up, 2: FLOP count)
         step_s = statistics.median(deltas)
-        flops = counter.get_total_flops() if not self.compile else 0
-        if self.compile and eager and eager.get("tflop_per_step"):  # the same work as the eager step
+        flops = counter.get_total_flops() if not compiled else 0
+        if compiled and eager and eager.get("tflop_per_step"):  # the same work as the eager step
             flops = eager["tflop_per_step"] * 1e12
         row.update(step_s=round(step_s, 4), samples_per_s=round(batch / step_s, 2), steps_timed=len(deltas),
                    setup_s=round(stamps[0] - start - deltas[0], 2), finish_s=round(end - stamps[-1], 2),
@@ -236,7 +234,7 @@ class Suite:
             row["mfu"] = round(flops / step_s / 1e12 / datasheet, 4)
         if self.peak_tflops and flops:
             row["of_matmul_ceiling"] = round(flops / step_s / 1e12 / self.peak_tflops, 4)
-        if self.compile and eager and eager.get("step_s"):
+        if compiled and eager and eager.get("step_s"):
             row["speedup_vs_eager"] = round(eager["step_s"] / step_s, 3)
             # step 1 beyond the eager run's: compiling (and capturing the graphs)
             row["compile_s"] = round((stamps[0] - start) - (eager["setup_s"] + eager["step_s"]), 1)
